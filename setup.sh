@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up a development environment in .venv: the runtime, the PyTorch model, test tools.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# The CPU build first: an unpinned torch would pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[dev]"
+echo "ready: .venv ($(.venv/bin/python -c 'import torch, trace_rt; print("trace-rt", trace_rt.__version__, "torch", torch.__version__)'))"

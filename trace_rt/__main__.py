@@ -1,0 +1,3 @@
+from trace_rt.cli import main
+
+raise SystemExit(main())

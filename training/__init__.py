@@ -1,0 +1,1 @@
+"""Training-side tools for TRACE checkpoints (``python -m training --help``)."""
