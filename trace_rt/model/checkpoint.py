@@ -71,18 +71,14 @@ def weight_files(path: Path) -> list[Path]:
 def iter_tensors(files: Iterable[Path], prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
+            for name in sf.keys():  # noqa: SIM118 (safe_open is no dict)
                 yield prefix + name, sf.get_tensor(name)
 
 
 def read_state_dict(path: str | Path, cfg: TraceConfig) -> dict[str, torch.Tensor]:
     """All weights of a checkpoint under release names, the CLIP directory's included."""
     path = Path(path)
-    sd = {
-        k: v
-        for k, v in iter_tensors(weight_files(path))
-        if not k.endswith(_IGNORED_SUFFIXES)
-    }
+    sd = {k: v for k, v in iter_tensors(weight_files(path)) if not k.endswith(_IGNORED_SUFFIXES)}
     if not any(k.startswith(VISION_PREFIX) for k in sd):
         clip_dir = resolve_vision_tower_dir(cfg.mm_vision_tower, path)
         if clip_dir is None or not (clip_dir / WEIGHTS_FILE).is_file():

@@ -30,7 +30,8 @@ class RMSNorm(nn.Module):
 def rope_tables(head_dim: int, positions: Tensor, theta: float) -> tuple[Tensor, Tensor]:
     """cos/sin of rotate-half RoPE for *positions*: each [len, head_dim], fp32."""
     inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device) / head_dim)
+        theta
+        ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device) / head_dim)
     )
     freqs = torch.outer(positions.float(), inv_freq.float())  # [len, head_dim/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [len, head_dim]
@@ -67,7 +68,11 @@ class Attention(nn.Module):
     def __init__(self, cfg: TraceConfig):
         super().__init__()
         hd = cfg.attn_head_dim
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.n_heads, self.n_kv, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            hd,
+        )
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * hd, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * hd, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * hd, bias=False)
@@ -85,7 +90,9 @@ class Attention(nn.Module):
         # Causal over absolute positions: query at p sees keys 0..p.
         key_pos = torch.arange(k.shape[2], device=x.device)
         mask = key_pos[None, :] <= input_pos[:, None]  # [L, end]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads
+        )
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 

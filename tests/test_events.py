@@ -1,0 +1,205 @@
+"""The event parser on hand-written id streams."""
+
+from __future__ import annotations
+
+import pytest
+
+from trace_rt.config import IdSpace
+from trace_rt.events import Event, first_span, highlights, parse_events, parse_result
+from trace_rt.tokenizer import TextTokenizer, default_tokenizer_model
+from trace_rt.tokens import (
+    LOCAL_VOCAB,
+    SCORE_FORMAT,
+    TIME_FORMAT,
+    Head,
+    encode_values,
+    head_base,
+)
+
+IDS = IdSpace(32000, 13, 13)
+TS, SS, XS = IDS.time_sync, IDS.score_sync, IDS.text_sync  # 32001, 32014, 32000
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def tok() -> TextTokenizer:
+    return TextTokenizer.from_file(default_tokenizer_model())
+
+
+def times(*values: float) -> list[int]:
+    return [head_base(IDS, Head.TIME) + i for i in encode_values(list(values), TIME_FORMAT)]
+
+
+def scores_(*values: float) -> list[int]:
+    return [head_base(IDS, Head.SCORE) + i for i in encode_values(list(values), SCORE_FORMAT)]
+
+
+def raw(head: Head, text: str) -> list[int]:
+    """Local tokens spelled out: '<sep>', '<sync>', digits and '.'."""
+    out, i = [], 0
+    while i < len(text):
+        for n, piece in enumerate(LOCAL_VOCAB):
+            if text.startswith(piece, i):
+                out.append(head_base(IDS, head) + n)
+                i += len(piece)
+                break
+        else:
+            raise ValueError(text[i:])
+    return out
+
+
+def caption(tok: TextTokenizer, text: str) -> list[int]:
+    return [*tok.encode(text), XS]
+
+
+def test_stream_helpers() -> None:
+    assert times(12.3, 18.0) == raw(Head.TIME, "0012.3<sep>0018.0<sync>")
+    assert times(12.3)[-1] == 32001 and scores_(4.0) == [32020, 32026, 32016, 32014]
+
+
+def test_dense_captioning_stream(tok) -> None:
+    stream = [
+        *times(0.0, 12.5), *scores_(4.0), *caption(tok, "a man walks in"),
+        *times(12.5, 30.1), *scores_(3.5), *caption(tok, "he slices onions."),
+        *times(30.1, 45.0), *scores_(2.0), *tok.encode(" he cooks"), EOS,
+    ]  # fmt: skip
+    events = parse_events(stream, tok, IDS)
+    assert [e.to_dict() for e in events] == [
+        {"timestamps": [0.0, 12.5], "scores": [4.0], "caption": "a man walks in"},
+        {"timestamps": [12.5, 30.1], "scores": [3.5], "caption": "he slices onions."},
+        {"timestamps": [30.1, 45.0], "scores": [2.0], "caption": "he cooks"},
+    ]
+
+
+def test_moment_retrieval_stream(tok) -> None:
+    stream = [*times(18.0, 7.5), *scores_(5.0), *caption(tok, "the dog jumps"), EOS]
+    events = parse_events(stream, tok, IDS)
+    assert first_span(events) == (7.5, 18.0)
+    assert parse_result(stream, tok, IDS, task="mr")["span"] == [7.5, 18.0]
+
+
+def test_highlight_stream(tok) -> None:
+    stream = [*times(2.0), *scores_(4.0), XS, *times(6.0, 8.0), *scores_(2.5, 3.0), XS, EOS]
+    events = parse_events(stream, tok, IDS)
+    assert [e.caption for e in events] == ["", ""]
+    assert highlights(events) == [(2.0, 4.0), (6.0, 2.5), (8.0, 3.0)]
+    out = parse_result(stream, tok, IDS, task="vhd")
+    assert out["highlights"][0] == {"timestamp": 2.0, "score": 4.0}
+    assert "span" not in parse_result(stream, tok, IDS, task="dvc")
+
+
+def test_eos_ends_stream(tok) -> None:
+    stream = [*times(1.0, 2.0), *scores_(1.0), *tok.encode("x"), EOS, *times(3.0, 4.0), EOS]
+    events = parse_events(stream, tok, IDS)
+    assert [e.to_dict() for e in events] == [
+        {"timestamps": [1.0, 2.0], "scores": [1.0], "caption": "x"}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("cut", "timestamps", "scores"),
+    [
+        (6, [1.5], []),  # "0001.5": complete though unclosed
+        (7, [1.5], []),
+        (10, [1.5], []),  # "002" of "0020.0" is cut off: dropped
+        (14, [1.5, 20.0], []),
+        (16, [1.5, 20.0], []),  # "4." cut off
+        (17, [1.5, 20.0], [4.5]),  # "4.5" complete
+    ],
+)
+def test_truncated_streams_keep_partial_event(tok, cut, timestamps, scores) -> None:
+    stream = [*times(1.5, 20.0), *scores_(4.5), *tok.encode("a cat")]
+    events = parse_events(stream[:cut], tok, IDS)
+    assert events == [Event(timestamps, scores, "")]
+
+
+def test_truncated_first_number_gives_no_event(tok) -> None:
+    assert parse_events(times(1.5)[:3], tok, IDS) == []
+
+
+def test_truncated_in_caption(tok) -> None:
+    stream = [*times(1.5, 20.0), *scores_(4.5), *tok.encode("a cat sits")]
+    events = parse_events(stream, tok, IDS)
+    assert events == [Event([1.5, 20.0], [4.5], "a cat sits")]
+
+
+def test_malformed_numbers_are_dropped(tok) -> None:
+    stream = [
+        *raw(Head.TIME, "00.1.2<sep>0012.3<sep>.<sep>12<sync>"),
+        *raw(Head.SCORE, "4..0<sep>3.0<sync>"),
+        *caption(tok, "ok"),
+    ]
+    assert parse_events(stream, tok, IDS) == [Event([12.3, 12.0], [3.0], "ok")]
+
+
+def test_empty_segments_and_stray_sep(tok) -> None:
+    stream = [
+        *raw(Head.TIME, "<sep><sep>0001.0<sep><sep>0002.0<sep><sync>"),
+        *raw(Head.SCORE, "<sync>"),
+        *caption(tok, "stray"),
+        *raw(Head.TIME, "<sync>"),
+        *raw(Head.SCORE, "<sep><sync>"),
+        *caption(tok, "nothing timed"),
+    ]
+    assert parse_events(stream, tok, IDS) == [
+        Event([1.0, 2.0], [], "stray"),
+        Event([], [], "nothing timed"),
+    ]
+
+
+def test_empty_events_are_dropped(tok) -> None:
+    assert parse_events([], tok, IDS) == []
+    assert parse_events([XS, XS, EOS], tok, IDS) == []
+    assert parse_events([*raw(Head.TIME, "<sync>"), *raw(Head.SCORE, "<sync>"), XS], tok, IDS) == []
+    assert first_span([]) is None and highlights([]) == []
+
+
+def test_unexpected_heads_are_routed_by_id(tok) -> None:
+    # A text id inside the time segment joins the caption; a score id inside the time
+    # segment joins the scores; the event stays one event.
+    stream = [
+        *raw(Head.TIME, "0001.0"), *tok.encode("hello"), *raw(Head.SCORE, "2.0<sep>"),
+        *raw(Head.TIME, "<sep>0002.0<sync>"), *caption(tok, "world"),
+    ]  # fmt: skip
+    assert parse_events(stream, tok, IDS) == [Event([1.0, 2.0], [2.0], "hello world")]
+
+
+def test_time_after_closed_time_segment_starts_new_event(tok) -> None:
+    stream = [*times(1.0, 2.0), *scores_(3.0), *times(5.0, 6.0), *scores_(4.0), *caption(tok, "b")]
+    assert parse_events(stream, tok, IDS) == [
+        Event([1.0, 2.0], [3.0], ""),
+        Event([5.0, 6.0], [4.0], "b"),
+    ]
+    stream = [*times(1.0), *times(2.0), *caption(tok, "c")]
+    assert parse_events(stream, tok, IDS) == [Event([1.0], [], ""), Event([2.0], [], "c")]
+
+
+def test_text_only_stream_and_specials(tok) -> None:
+    stream = [1, *tok.encode("just text"), 0, *caption(tok, "more ")]
+    assert parse_events(stream, tok, IDS) == [Event([], [], "just text more")]
+
+
+def test_out_of_range_ids_ignored(tok) -> None:
+    stream = [-201, -1, *times(3.0), IDS.size, 10**9, *scores_(1.0), *caption(tok, "z")]
+    assert parse_events(stream, tok, IDS) == [Event([3.0], [1.0], "z")]
+
+
+def test_numpy_ids(tok) -> None:
+    np = pytest.importorskip("numpy")
+    stream = np.array([*times(3.0, 4.0), *scores_(1.0), *caption(tok, "z")], dtype=np.int64)
+    assert parse_events(stream, tok, IDS) == [Event([3.0, 4.0], [1.0], "z")]
+
+
+def test_first_span_skips_events_without_two_timestamps(tok) -> None:
+    events = [Event([5.0], [1.0], "a"), Event([9.0, 3.0, 1.0], [], "b")]
+    assert first_span(events) == (3.0, 9.0)
+    assert first_span([Event([5.0], [], "a")]) is None
+
+
+def test_other_id_spaces(tok) -> None:
+    """A checkpoint with another text vocab size moves every head's range."""
+    ids = IdSpace(100, 13, 13)
+    stream = [ids.time_base + 2 + 1, ids.time_base + 12, ids.time_base + 2 + 5, ids.time_sync]
+    stream += [ids.score_base + 2 + 3, ids.score_sync, 50, ids.text_sync]
+    events = parse_events(stream, tok, ids)
+    assert [(e.timestamps, e.scores) for e in events] == [([1.5], [3.0])]
