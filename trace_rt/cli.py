@@ -1,0 +1,133 @@
+"""The ``trace-rt`` command line: one entry, subcommands mapped to typed functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from trace_rt.errors import TraceError
+
+TASK_HELP = (
+    "dvc: dense video captioning; mr: moment retrieval (needs --query); "
+    "vhd: highlight detection (needs --query)"
+)
+
+
+def run(
+    video: str,
+    model: Path,
+    *,
+    task: str | None = "dvc",
+    query: str | None = None,
+    question: str | None = None,
+    frames: int | None = None,
+    max_new_tokens: int = 512,
+    backend: str = "torch",
+    device: str = "cpu",
+    dtype: str | None = None,
+    constrained: bool = False,
+    seed: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    template: str = "llama_2",
+    prompts: Path | None = None,
+) -> dict:
+    """``trace-rt run``: one video, one request, the result as a JSON-ready dict."""
+    from trace_rt.generate import GenerationConfig
+    from trace_rt.pipeline import Pipeline
+
+    # The artifact fixes an onnxruntime model's dtype; --device picks its execution provider.
+    options = {"device": device, "dtype": dtype} if backend == "torch" else {"device": device}
+    pipe = Pipeline.from_dir(model, backend, prompts_file=prompts, template=template, **options)
+    gen = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        constrained=constrained,
+    )
+    return pipe.run(video, task, query=query, question=question, frames=frames, gen=gen)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from trace_rt import __version__
+    from trace_rt.backends import BACKENDS
+
+    parser = argparse.ArgumentParser(
+        prog="trace-rt",
+        description="Run TRACE, a video LLM that finds when things happen in a video.",
+    )
+    parser.add_argument("--version", action="version", version=f"trace-rt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "run",
+        help="answer one request on one video and print the result as JSON",
+        description="Decode and sample the video, run TRACE's interleaved time/score/text "
+        "decoding and print one JSON object with the events, ids and timings.",
+    )
+    p.add_argument("video", help="video file (anything PyAV/FFmpeg can open)")
+    p.add_argument("--model", required=True, type=Path, help="checkpoint or artifact directory")
+    p.add_argument("--task", choices=["dvc", "mr", "vhd"], help=TASK_HELP)
+    p.add_argument("--query", help="the sentence to localise (mr, vhd)")
+    p.add_argument("--question", help="a free question instead of a task")
+    p.add_argument("--frames", type=int, help="frames to sample (default: the model's num_frames)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="token budget (default 512)")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default="torch")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda[:N] (torch device; onnxruntime: CPU or CUDA execution provider, or auto)",
+    )
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="torch compute dtype")
+    p.add_argument(
+        "--constrained",
+        action="store_true",
+        help="time/score heads may only emit well-formed numbers within the video",
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument(
+        "--template",
+        choices=["llama_2", "mistral_instruct"],
+        default="llama_2",
+        help="chat template (llama_2: the release's evaluation prompt)",
+    )
+    p.add_argument("--prompts", type=Path, help="JSON file overriding system text and questions")
+    p.add_argument("--indent", type=int, default=None, help="indent the JSON output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            task = args.task if args.question is None or args.task else None
+            if task is None and args.question is None:
+                task = "dvc"
+            result = run(
+                args.video,
+                args.model,
+                task=task,
+                query=args.query,
+                question=args.question,
+                frames=args.frames,
+                max_new_tokens=args.max_new_tokens,
+                backend=args.backend,
+                device=args.device,
+                dtype=args.dtype,
+                constrained=args.constrained,
+                seed=args.seed,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                template=args.template,
+                prompts=args.prompts,
+            )
+            print(json.dumps(result, indent=args.indent))
+    except TraceError as e:
+        print(f"trace-rt: error: {e}", file=sys.stderr)
+        return 2
+    return 0
