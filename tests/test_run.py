@@ -9,13 +9,13 @@ import sys
 
 import pytest
 import torch
-from trace_rt.video import load_video
 
 from benchmarks.reference import ReferenceTrace
 from trace_rt.errors import InputError, PromptTooLongError, VideoNotFoundError
 from trace_rt.generate import GenerationConfig
 from trace_rt.pipeline import Pipeline
 from trace_rt.preprocess import preprocess_frames
+from trace_rt.video import load_video
 
 QUERY = "a red circle moves left"
 BUDGET = 48

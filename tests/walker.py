@@ -9,6 +9,7 @@ real model and every layer, ``0123.4 <sync> | 4.5 <sync> | a dog <sync> | 0123.4
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ def make_walker(src: Path, out: Path, *, end_with_eos: bool, seed: int = 0) -> P
             unit[uid] = v / v.norm()
             name, row = _row(sd, uid, head=False)
             sd[name][row] = unit[uid] * 8.0  # ~50x a random embedding's norm
-    for prev, nxt in zip(path, path[1:]):
+    for prev, nxt in itertools.pairwise(path):
         name, row = _row(sd, nxt, head=True)
         sd[name][row] = unit[prev] * 5.0
     model.load_state_dict(sd)

@@ -38,9 +38,7 @@ def run(
     from trace_rt.generate import GenerationConfig
     from trace_rt.pipeline import Pipeline
 
-    # The artifact fixes an onnxruntime model's dtype; --device picks its execution provider.
-    options = {"device": device, "dtype": dtype} if backend == "torch" else {"device": device}
-    pipe = Pipeline.from_dir(model, backend, prompts_file=prompts, template=template, **options)
+    # Settings are checked before the (slow) model load, so a typo fails fast.
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -48,6 +46,9 @@ def run(
         seed=seed,
         constrained=constrained,
     )
+    # The artifact fixes an onnxruntime model's dtype; --device picks its execution provider.
+    options = {"device": device, "dtype": dtype} if backend == "torch" else {"device": device}
+    pipe = Pipeline.from_dir(model, backend, prompts_file=prompts, template=template, **options)
     return pipe.run(video, task, query=query, question=question, frames=frames, gen=gen)
 
 
@@ -105,9 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            task = args.task if args.question is None or args.task else None
-            if task is None and args.question is None:
-                task = "dvc"
+            # No task: a free --question if given, else dense captioning.
+            task = args.task or (None if args.question else "dvc")
             result = run(
                 args.video,
                 args.model,

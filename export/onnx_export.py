@@ -1,0 +1,224 @@
+"""``python -m export onnx``: a checkpoint -> an artifact directory of ONNX graphs.
+
+The artifact directory holds everything the torch-free runtime needs::
+
+    vision_encoder.onnx  projector.onnx  decoder.onnx  [decoder.onnx.data]
+    embeddings.npy       unified embedding table [ids, hidden] (see trace_rt/graphs.py)
+    config.json  clip_vision/{config,preprocessor_config}.json  tokenizer.model
+    manifest.json        specs, config, id space, export settings, sha256 of every file
+
+Re-exporting the same checkpoint with the same settings and library versions gives
+byte-identical files (TorchScript-based exporter, fixed example inputs, no timestamps).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+import trace_rt
+from export.wrappers import WRAPPERS, example_inputs
+from trace_rt.config import save_vision_tower_config
+from trace_rt.graphs import (
+    EMBEDDINGS_FILE,
+    FLOAT_DTYPES,
+    GRAPH_NAMES,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    GraphSpec,
+    graph_specs,
+    sha256_file,
+)
+from trace_rt.model.checkpoint import TOKENIZER_FILE, load_model
+from trace_rt.model.trace import TraceModel
+
+DEFAULT_OPSET = 17  # LayerNormalization is native from 17; TensorRT 10 parses opsets 9..20
+# Protobuf caps a message at 2 GiB; stay well below it and move weights to a .data file.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+CLIP_DIR = "clip_vision"
+
+
+def export_onnx(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    progress: bool = True,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> Path:
+    """Export *checkpoint* to the artifact directory *out*; returns *out*.
+
+    Args:
+        checkpoint: HF-format TRACE checkpoint directory.
+        out: artifact directory (created; files of a previous export are replaced).
+        dtype: ``fp32`` or ``fp16`` weights and activations; pixels in and logits out
+            stay f32.
+        opset: ONNX opset (TensorRT 10 accepts 9..20).
+        progress: show a progress display.
+        external_data_threshold: graphs whose serialised size exceeds this many bytes keep
+            their weights in ``<graph>.onnx.data`` (protobuf's 2 GiB limit).
+    """
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"unsupported export dtype {dtype!r}; use one of {list(FLOAT_DTYPES)}")
+    checkpoint, out = Path(checkpoint), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = ["hash checkpoint", "load model", *GRAPH_NAMES, "embeddings", "manifest"]
+    with Progress(
+        TextColumn(f"[bold]export onnx {checkpoint.name} ({dtype}, opset {opset})[/bold]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        disable=not progress,
+    ) as bar:
+        task = bar.add_task(steps[0], total=len(steps))
+
+        def step(i: int) -> None:
+            bar.update(task, completed=i, description=steps[i] if i < len(steps) else "done")
+
+        source = _hash_tree(checkpoint)
+        step(1)
+        model = load_model(checkpoint, dtype=dtype)
+        cfg = model.config
+        specs = graph_specs(cfg, dtype)
+        graphs: dict[str, dict[str, Any]] = {}
+        for i, spec in enumerate(specs.values()):
+            step(2 + i)
+            graphs[spec.name] = spec.to_dict() | {
+                "files": _export_graph(model, spec, out, opset, external_data_threshold)
+            }
+        step(2 + len(specs))
+        emb = unified_embeddings(model).numpy()  # [ids, H]
+        np.save(out / EMBEDDINGS_FILE, emb, allow_pickle=False)
+        step(3 + len(specs))
+        _write_support_files(model, checkpoint, out, dtype)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "config": cfg.replace(mm_vision_tower=CLIP_DIR).to_dict()
+            | {"torch_dtype": FLOAT_DTYPES[dtype]},
+            "id_space": _id_space(model),
+            "export": {
+                "dtype": dtype,
+                "opset": opset,
+                "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
+                "torch": torch.__version__.split("+")[0],
+                "onnx": onnx.__version__,
+                "trace_rt": trace_rt.__version__,
+                "kv_cache": "concat",  # past in, past+new out (see trace_rt/graphs.py)
+            },
+            "source": {"name": checkpoint.name, "files": source},
+            "graphs": graphs,
+            "embeddings": {
+                "file": EMBEDDINGS_FILE,
+                "dtype": str(emb.dtype),
+                "shape": list(emb.shape),
+            },
+            "files": {
+                str(p.relative_to(out)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                for p in sorted(out.rglob("*"))
+                if p.is_file() and p.name != MANIFEST_FILE and not _hidden(p.relative_to(out))
+            },
+        }
+        (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        step(len(steps))
+    return out
+
+
+def unified_embeddings(model: TraceModel) -> torch.Tensor:
+    """Every id's embedding in unified id order [ids, H]: text, text <sync>, time, score."""
+    m = model.model
+    table = torch.cat(
+        [
+            m.embed_tokens.weight,  # [32000, H]
+            m.sync_tower.embed_tokens.weight,  # [1, H]
+            m.time_tower.embed_tokens.weight,  # [13, H]
+            m.score_tower.embed_tokens.weight,  # [13, H]
+        ]
+    ).detach()
+    assert table.shape[0] == model.config.ids.size
+    return table.contiguous()
+
+
+def _export_graph(
+    model: TraceModel, spec: GraphSpec, out: Path, opset: int, threshold: int
+) -> dict[str, str]:
+    """Trace one wrapper to ONNX; returns {file: role} of what it wrote."""
+    wrapper = WRAPPERS[spec.name](model).eval()
+    args = example_inputs(spec, model)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_file = Path(tmp) / spec.file
+        with warnings.catch_warnings(), torch.no_grad():
+            # The tracer warns about Python ints taken from shapes; the graphs are checked
+            # against PyTorch at other sizes than the example ones instead.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper,
+                args,
+                str(tmp_file),
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamic_axes=spec.dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        proto = onnx.load(str(tmp_file))  # pulls in any external data torch wrote
+    proto.doc_string = f"trace-rt {spec.name}"
+    data_file = f"{spec.file}.data"
+    (out / data_file).unlink(missing_ok=True)
+    if proto.ByteSize() > threshold:
+        onnx.save_model(
+            proto,
+            str(out / spec.file),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_file,
+            size_threshold=1024,
+        )
+        return {spec.file: "graph", data_file: "external_data"}
+    buf = io.BytesIO()
+    onnx.save_model(proto, buf)
+    (out / spec.file).write_bytes(buf.getvalue())
+    return {spec.file: "graph"}
+
+
+def _write_support_files(model: TraceModel, checkpoint: Path, out: Path, dtype: str) -> None:
+    """config.json + clip_vision/ (so TraceConfig.from_dir(out) works) and tokenizer.model."""
+    cfg = model.config.replace(mm_vision_tower=CLIP_DIR, torch_dtype=FLOAT_DTYPES[dtype])
+    cfg.save(out)
+    save_vision_tower_config(cfg, out / CLIP_DIR)
+    shutil.copyfile(checkpoint / TOKENIZER_FILE, out / TOKENIZER_FILE)
+
+
+def _id_space(model: TraceModel) -> dict[str, int]:
+    ids = model.config.ids
+    return {
+        "text_vocab": ids.text_vocab,
+        "text_sync": ids.text_sync,
+        "time_base": ids.time_base,
+        "score_base": ids.score_base,
+        "size": ids.size,
+    }
+
+
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def _hash_tree(root: Path) -> dict[str, str]:
+    """sha256 of every (non-hidden) file under *root*, by relative path."""
+    files = (p for p in sorted(root.rglob("*")) if p.is_file())
+    return {
+        str(p.relative_to(root)): sha256_file(p) for p in files if not _hidden(p.relative_to(root))
+    }

@@ -1,0 +1,252 @@
+"""ONNX export and the onnxruntime backend on `tiny`: graph parity, token parity, artifacts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export import export_onnx
+from export.onnx_export import EXTERNAL_DATA_THRESHOLD
+from trace_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
+from trace_rt.errors import CheckpointError
+from trace_rt.generate import GenerationConfig
+from trace_rt.graphs import DECODER, GRAPH_NAMES, MANIFEST_FILE, PROJECTOR, VISION_ENCODER
+from trace_rt.model import load_model
+from trace_rt.pipeline import Pipeline
+from trace_rt.tokens import Head
+
+QUERY = "a red circle moves left"
+BUDGET = 48
+TRT_OPS = Path(__file__).parents[1] / "export" / "trt_ops.txt"
+# fp16 graphs vs the fp32 PyTorch stages (onnxruntime CPU runs fp16 kernels or upcasts).
+RTOL_FP16 = {VISION_ENCODER: 5e-3, PROJECTOR: 5e-3, DECODER: 2e-2}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("artifacts")
+    return {
+        dt: export_onnx(tiny_ckpt, root / f"tiny-{dt}", dtype=dt, progress=False)
+        for dt in ("fp32", "fp16")
+    }
+
+
+@pytest.fixture(scope="module")
+def torch_model(tiny_ckpt):
+    return load_model(tiny_ckpt, dtype="fp32")
+
+
+def _backend(path: Path) -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend(path, cache_dir=False)
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
+
+
+def _graph_outputs(backend: OnnxRuntimeBackend, model, frames: int = 3):
+    """Each graph and its PyTorch stage on the same inputs, at sizes unlike the export's."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(7)
+    px = torch.randn(frames, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    tid = torch.randint(0, cfg.time_vocab_size, (frames, 6), generator=g)
+    pairs = {}
+    with torch.no_grad():
+        feats = model.encode_frames(px)
+        (got,) = backend.sessions[VISION_ENCODER].run(None, {"pixel_values": px.numpy()})
+        pairs[VISION_ENCODER] = (got, feats.numpy())
+        video = model.project(feats, tid)
+        f_in = feats.numpy().astype(backend.dtype)
+        (got,) = backend.sessions[PROJECTOR].run(None, {"features": f_in, "time_ids": tid.numpy()})
+        pairs[PROJECTOR] = (got, video.numpy())
+        # Decoder: a 9-position prefill from an empty cache, then 2 single-id steps.
+        x = torch.randn(1, 9, cfg.hidden_size, generator=g)
+        model.setup_caches(32)
+        want = [model.all_logits(model.prefill(x))]
+        backend._pos, backend._kv = 0, []
+        logits = [backend.prefill([-201], x[0].numpy(), Head.TEXT)]
+        for step, token in enumerate([32005, 1234]):
+            hidden = model.decode_step(torch.tensor([[token]]), torch.tensor([9 + step]))
+            want.append(model.all_logits(hidden))
+            logits.append(backend.decode_step(token, Head.TEXT))
+        text = cfg.ids.text_vocab + 1
+        pairs[DECODER] = (np.stack(logits), torch.cat(want)[:, :text].numpy())
+    return pairs
+
+
+def test_graphs_match_torch_fp32(artifacts, torch_model):
+    backend = _backend(artifacts["fp32"])
+    for name, (got, want) in _graph_outputs(backend, torch_model).items():
+        assert got.shape == want.shape, name
+        rtol = backend.specs[name].rtol_fp32
+        assert _rel(got, want) <= rtol, f"{name}: rel. error {_rel(got, want):.2e} > {rtol}"
+
+
+def test_graphs_match_torch_fp16(artifacts, torch_model):
+    backend = _backend(artifacts["fp16"])
+    assert backend.dtype == np.float16
+    for name, (got, want) in _graph_outputs(backend, torch_model).items():
+        err = _rel(got, want)
+        assert err <= RTOL_FP16[name], f"{name}: fp16 rel. error {err:.2e}"
+
+
+@pytest.fixture(scope="module")
+def seed_artifacts(tiny_ckpts, tmp_path_factory) -> dict[int, Path]:
+    root = tmp_path_factory.mktemp("seed-artifacts")
+    return {s: export_onnx(tiny_ckpts[s], root / f"a{s}", progress=False) for s in (1, 2)}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_tokens_equal_torch(tiny_ckpts, seed_artifacts, clip_video, seed):
+    ort_pipe = Pipeline.from_dir(seed_artifacts[seed], "onnxruntime", cache_dir=False)
+    torch_pipe = Pipeline.from_dir(tiny_ckpts[seed], "torch")
+    # Greedy (the paper's decoding) and sampled: random `tiny` weights make greedy loop in
+    # the time head, while sampling walks through all three heads and the text vocabulary.
+    gens = [
+        GenerationConfig(max_new_tokens=BUDGET),
+        GenerationConfig(max_new_tokens=BUDGET, temperature=1.0, seed=3),
+        GenerationConfig(max_new_tokens=BUDGET, temperature=1.0, seed=4, constrained=True),
+    ]
+    for task in ("dvc", "mr", "vhd"):
+        query = None if task == "dvc" else QUERY
+        for gen in gens:
+            got = ort_pipe.run(clip_video, task, query=query, gen=gen)
+            want = torch_pipe.run(clip_video, task, query=query, gen=gen)
+            assert got["token_ids"] == want["token_ids"], (task, gen)
+            assert got["events"] == want["events"] and got["prompt_ids"] == want["prompt_ids"]
+
+
+def test_cli_run_onnxruntime(tiny_ckpts, seed_artifacts, clip_video):
+    def run(model: Path, backend: str) -> dict:
+        cmd = [sys.executable, "-m", "trace_rt", "run", str(clip_video), "--model", str(model)]
+        cmd += ["--task", "mr", "--query", QUERY, "--max-new-tokens", "24", "--backend", backend]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    got, want = run(seed_artifacts[1], "onnxruntime"), run(tiny_ckpts[1], "torch")
+    assert got["token_ids"] == want["token_ids"]
+    assert set(got) == set(want)
+
+
+def test_reexport_is_deterministic(tiny_ckpt, artifacts, tmp_path):
+    # Through the CLI, to cover `python -m export onnx` too.
+    again = tmp_path / "again"
+    cmd = [sys.executable, "-m", "export", "onnx", str(tiny_ckpt), str(again), "--no-progress"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    first = artifacts["fp32"]
+    assert (again / MANIFEST_FILE).read_bytes() == (first / MANIFEST_FILE).read_bytes()
+    manifest = json.loads((first / MANIFEST_FILE).read_text())
+    for name in GRAPH_NAMES:
+        f = manifest["graphs"][name]["file"]
+        assert (again / f).read_bytes() == (first / f).read_bytes(), f
+
+
+def test_manifest_contents(artifacts, tiny_ckpt):
+    m = json.loads((artifacts["fp32"] / MANIFEST_FILE).read_text())
+    assert set(m["graphs"]) == set(GRAPH_NAMES)
+    assert m["id_space"]["size"] == 32027 and m["export"]["dtype"] == "fp32"
+    assert set(m["source"]["files"]) >= {"config.json", "model.safetensors", "tokenizer.model"}
+    assert {"decoder.onnx", "embeddings.npy", "config.json", "tokenizer.model"} <= set(m["files"])
+    dec = m["graphs"][DECODER]
+    assert [t["name"] for t in dec["inputs"]][:4] == [
+        "inputs_embeds", "position_ids", "past_key.0", "past_value.0",
+    ]  # fmt: skip
+    assert dec["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": [1, 32027]}
+
+
+def test_external_data(tiny_ckpt, torch_model, tmp_path):
+    # Force the >2 GB path on a small model: weights go to <graph>.onnx.data.
+    assert EXTERNAL_DATA_THRESHOLD < 2**31
+    out = export_onnx(tiny_ckpt, tmp_path / "ext", progress=False, external_data_threshold=0)
+    assert (out / "decoder.onnx.data").is_file()
+    m = json.loads((out / MANIFEST_FILE).read_text())
+    assert "decoder.onnx.data" in m["files"]
+    backend = _backend(out)
+    for name, (got, want) in _graph_outputs(backend, torch_model).items():
+        assert _rel(got, want) <= 1e-4, name
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    return Path(shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".*")))
+
+
+def test_missing_or_mismatched_file(artifacts, tmp_path):
+    art = _copy(artifacts["fp32"], tmp_path / "a")
+    (art / "projector.onnx").unlink()
+    with pytest.raises(CheckpointError, match=r"projector\.onnx is missing"):
+        OnnxRuntimeBackend(art)
+
+    art = _copy(artifacts["fp32"], tmp_path / "b")
+    data = bytearray((art / "decoder.onnx").read_bytes())
+    data[-100] ^= 0xFF  # same size, different content
+    (art / "decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"decoder\.onnx does not match its sha256"):
+        OnnxRuntimeBackend(art)
+
+    art = _copy(artifacts["fp32"], tmp_path / "c")
+    with open(art / "embeddings.npy", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(CheckpointError, match=r"embeddings\.npy has \d+ bytes"):
+        OnnxRuntimeBackend(art, verify="size")
+
+    art = _copy(artifacts["fp32"], tmp_path / "d")
+    (art / MANIFEST_FILE).unlink()
+    with pytest.raises(CheckpointError, match=r"no manifest\.json"):
+        OnnxRuntimeBackend(art)
+
+
+def test_optimised_graph_cache(artifacts, tmp_path):
+    cache = tmp_path / "cache"
+    first = OnnxRuntimeBackend(artifacts["fp32"], cache_dir=cache)
+    files = sorted(p.name for p in cache.iterdir())
+    assert len(files) == 3 and all(f.endswith(".onnx") for f in files)
+    second = OnnxRuntimeBackend(artifacts["fp32"], cache_dir=cache)
+    assert sorted(p.name for p in cache.iterdir()) == files
+    video = np.zeros((1, 8 * 14, first.config.hidden_size), np.float32)[0]
+    a = first.prefill([1, -201, 2], video, Head.TIME)
+    b = second.prefill([1, -201, 2], video, Head.TIME)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_onnxruntime_backend_runs_without_torch(artifacts):
+    # The serving image has no torch: block it and run every stage.
+    code = f"""
+import sys
+sys.modules["torch"] = None
+sys.modules["transformers"] = None
+import numpy as np
+from trace_rt.backends import load_backend
+from trace_rt.tokens import Head
+b = load_backend("onnxruntime", {str(artifacts["fp32"])!r}, cache_dir=False)
+c = b.config
+px = np.zeros((2, 3, c.vision.image_size, c.vision.image_size), np.float32)
+video = b.encode_video(px, np.full((2, 6), 2, np.int64))
+logits = b.prefill([1, 733, -201, 28705], video, Head.TIME)
+logits = b.decode_step(32001, Head.SCORE)
+print(video.shape, logits.shape)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["(28,", "64)", "(13,)"]
+
+
+def test_ops_supported_by_tensorrt(artifacts):
+    allowed = {
+        line.strip()
+        for line in TRT_OPS.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for dt, art in artifacts.items():
+        for name in GRAPH_NAMES:
+            graph = onnx.load(str(art / f"{name}.onnx"), load_external_data=False).graph
+            ops = {(n.domain or "ai.onnx", n.op_type) for n in graph.node}
+            bad = sorted(f"{d}::{op}" for d, op in ops if d != "ai.onnx" or op not in allowed)
+            assert not bad, f"{name} ({dt}) uses ops TensorRT 10 lacks: {bad}"

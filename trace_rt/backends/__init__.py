@@ -1,0 +1,32 @@
+"""Backends behind one interface (:class:`~trace_rt.backends.base.Backend`).
+
+Each is imported only when asked for, so ``import trace_rt`` needs neither torch nor
+onnxruntime nor TensorRT.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from trace_rt.backends.base import Backend
+
+# name -> "module:class"
+BACKENDS = {
+    "torch": "trace_rt.backends.torch_backend:TorchBackend",
+    "onnxruntime": "trace_rt.backends.onnxruntime_backend:OnnxRuntimeBackend",
+}
+
+
+def load_backend(name: str, model_dir: str | Path, **options: Any) -> Backend:
+    """Instantiate backend *name* for *model_dir* (options go to its constructor)."""
+    try:
+        target = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}") from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)(model_dir, **options)
+
+
+__all__ = ["BACKENDS", "Backend", "load_backend"]

@@ -1,0 +1,250 @@
+"""I/O specs of the exported graphs: one source of truth for export and every runtime.
+
+Each :class:`GraphSpec` names a graph's file, its inputs and outputs (name, dtype, shape
+with symbolic dimensions) and the fp32 tolerance its parity test holds it to. The ONNX
+exporter (``export/``) takes input/output names and dynamic axes from here, writes the
+specs into ``manifest.json``, and the onnxruntime backend reads them back from there; the
+TensorRT profiles and Triton configs are meant to come from the same objects.
+
+Torch-free on purpose: the serving image imports this module.
+
+The three graphs (sizes for the 7B release in brackets):
+
+- ``vision_encoder``: ``pixel_values`` f32 [frames, 3, H, W] -> ``features``
+  [frames, P, D] (selected CLIP layer, CLS dropped) [frames, 576, 1024].
+- ``projector``: ``features`` [frames, P, D] + ``time_ids`` i64 [frames, 6] ->
+  ``video_embeds`` [frames * (S + 6), hidden] [frames * 14, 4096].
+- ``decoder``: ``inputs_embeds`` [1, T, hidden] + ``position_ids`` i64 [1, T] + per layer
+  ``past_key.{i}`` / ``past_value.{i}`` [1, kv, past, hd] -> ``logits`` f32 [1, 32027]
+  (the last position, every head side by side in the unified id order) + per layer
+  ``present_key.{i}`` / ``present_value.{i}`` [1, kv, past + T, hd].
+
+KV-cache design (first version): the standard onnxruntime pattern, where the graph
+concatenates past and new K/V and returns the whole cache. It is simple and exact, but
+copies the cache once per step. The next step (issue 3) is a preallocated-buffer variant:
+``past`` buffers of fixed length updated in place (ScatterND / TensorRT's KV-cache
+update) with ``position_ids`` selecting the write slot; ``position_ids`` is already an
+input so that variant keeps this interface.
+
+Decode-step ids: the decoder takes embeddings, not ids. The runtime looks ids up in
+``embeddings.npy``, the four embedding tables (text, text ``<sync>``, time, score) stacked
+in the unified id order [32027, hidden], so row *i* is exactly what ``TraceModel.embed``
+gives id *i*. Why not ids in the graph: prefill has to splice the video block between
+text embeddings anyway, so one embeddings input serves prefill and decode with a single
+graph; the host-side lookup of one row per step is 8 KiB (fp16, 7B); and the 262 MB
+table is not stored twice (it would otherwise be a graph initializer next to the video
+path's inputs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from trace_rt.config import TraceConfig
+from trace_rt.errors import CheckpointError
+
+Dim = int | str  # a fixed size or a symbolic (dynamic) dimension's name
+
+VISION_ENCODER = "vision_encoder"
+PROJECTOR = "projector"
+DECODER = "decoder"
+GRAPH_NAMES = (VISION_ENCODER, PROJECTOR, DECODER)
+EMBEDDINGS_FILE = "embeddings.npy"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "trace-rt-artifact/1"
+
+# numpy dtype names; fp16 exports keep f32 at the runtime's boundaries (pixels, logits).
+FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output."""
+
+    name: str
+    dtype: str  # numpy name: float32, float16, int64
+    shape: tuple[Dim, ...]
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        """Axis -> symbolic name, for ``torch.onnx.export(dynamic_axes=...)``."""
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph: file, ordered inputs and outputs, parity tolerance."""
+
+    name: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    rtol_fp32: float = 1e-4  # max |onnx - torch| / max |torch| at fp32
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: t.dynamic_axes for t in (*self.inputs, *self.outputs) if t.dynamic_axes}
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["inputs"] = [t.to_dict() for t in self.inputs]
+        d["outputs"] = [t.to_dict() for t in self.outputs]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GraphSpec:
+        return cls(
+            name=d["name"],
+            file=d["file"],
+            inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+            rtol_fp32=d.get("rtol_fp32", 1e-4),
+        )
+
+
+def kv_names(layer: int) -> tuple[str, str, str, str]:
+    """(past_key, past_value, present_key, present_value) names of decoder *layer*."""
+    return (
+        f"past_key.{layer}",
+        f"past_value.{layer}",
+        f"present_key.{layer}",
+        f"present_value.{layer}",
+    )
+
+
+def vision_encoder_spec(cfg: TraceConfig, dtype: str = "fp32") -> GraphSpec:
+    v = cfg.vision
+    return GraphSpec(
+        VISION_ENCODER,
+        f"{VISION_ENCODER}.onnx",
+        inputs=(
+            # The runtime's preprocessing always yields f32; the graph casts.
+            TensorSpec("pixel_values", "float32", ("frames", v.num_channels, *_hw(cfg))),
+        ),
+        outputs=(
+            TensorSpec("features", FLOAT_DTYPES[dtype], ("frames", v.num_patches, v.hidden_size)),
+        ),
+    )
+
+
+def projector_spec(cfg: TraceConfig, dtype: str = "fp32") -> GraphSpec:
+    fd = FLOAT_DTYPES[dtype]
+    return GraphSpec(
+        PROJECTOR,
+        f"{PROJECTOR}.onnx",
+        inputs=(
+            TensorSpec("features", fd, ("frames", cfg.vision.num_patches, cfg.mm_hidden_size)),
+            TensorSpec("time_ids", "int64", ("frames", cfg.time_tokens_per_frame)),
+        ),
+        outputs=(TensorSpec("video_embeds", fd, ("video_len", cfg.hidden_size)),),
+    )
+
+
+def decoder_spec(cfg: TraceConfig, dtype: str = "fp32") -> GraphSpec:
+    fd = FLOAT_DTYPES[dtype]
+    kv, hd = cfg.num_key_value_heads, cfg.attn_head_dim
+    inputs = [
+        TensorSpec("inputs_embeds", fd, (1, "seq", cfg.hidden_size)),
+        TensorSpec("position_ids", "int64", (1, "seq")),
+    ]
+    outputs = [TensorSpec("logits", "float32", (1, cfg.ids.size))]
+    for i in range(cfg.num_hidden_layers):
+        pk, pv, ok, ov = kv_names(i)
+        inputs += [TensorSpec(n, fd, (1, kv, "past", hd)) for n in (pk, pv)]
+        outputs += [TensorSpec(n, fd, (1, kv, "total", hd)) for n in (ok, ov)]
+    return GraphSpec(DECODER, f"{DECODER}.onnx", tuple(inputs), tuple(outputs))
+
+
+def graph_specs(cfg: TraceConfig, dtype: str = "fp32") -> dict[str, GraphSpec]:
+    """All three graphs' specs for *cfg* at export dtype *dtype* (fp32 or fp16)."""
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"unsupported export dtype {dtype!r}; use one of {list(FLOAT_DTYPES)}")
+    return {
+        VISION_ENCODER: vision_encoder_spec(cfg, dtype),
+        PROJECTOR: projector_spec(cfg, dtype),
+        DECODER: decoder_spec(cfg, dtype),
+    }
+
+
+def _hw(cfg: TraceConfig) -> tuple[int, int]:
+    # The CLIP position table is fixed-size, so H and W are static (the tower's input size).
+    return cfg.vision.image_size, cfg.vision.image_size
+
+
+# ---- artifact directory ---------------------------------------------------------------
+def load_manifest(model_dir: str | Path, verify: str = "sha256") -> dict[str, Any]:
+    """Read and check ``manifest.json`` of an artifact directory.
+
+    Every file the manifest lists must exist with its recorded size and, with
+    ``verify="sha256"`` (the default), its recorded sha256; ``verify="size"`` skips the
+    hashing (seconds per GB) for trusted, read-only deployments.
+
+    Raises:
+        CheckpointError: naming the missing, mis-sized or mismatched file.
+    """
+    if verify not in ("sha256", "size"):
+        raise ValueError(f"verify must be 'sha256' or 'size', got {verify!r}")
+    root = Path(model_dir)
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{root}: no {MANIFEST_FILE}; is this an artifact directory written by "
+            "`python -m export onnx`?"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(
+            f"{path}: format {manifest.get('format')!r}, this runtime reads {MANIFEST_FORMAT!r}"
+        )
+    for rel, rec in manifest["files"].items():
+        f = root / rel
+        if not f.is_file():
+            raise CheckpointError(f"{root}: {rel} is missing (listed in {MANIFEST_FILE})")
+        if f.stat().st_size != rec["bytes"]:
+            raise CheckpointError(
+                f"{root}: {rel} has {f.stat().st_size} bytes, {MANIFEST_FILE} says "
+                f"{rec['bytes']}; the artifact directory is inconsistent (re-export it)"
+            )
+        if verify == "sha256" and sha256_file(f) != rec["sha256"]:
+            raise CheckpointError(
+                f"{root}: {rel} does not match its sha256 in {MANIFEST_FILE}; the artifact "
+                "directory is inconsistent (re-export it)"
+            )
+    return manifest
+
+
+def manifest_specs(manifest: dict[str, Any]) -> dict[str, GraphSpec]:
+    return {name: GraphSpec.from_dict(d) for name, d in manifest["graphs"].items()}
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
