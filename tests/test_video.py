@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -29,8 +31,6 @@ from trace_rt.errors import (
 )
 from trace_rt.tokens import MAX_TIMESTAMP
 from trace_rt.video import _decode, _probe, _Retry, _Source, load_video
-
-av.logging.set_level(av.logging.PANIC)  # the corrupt-file tests make FFmpeg chatty
 
 
 def indices(v) -> list[int]:
@@ -201,6 +201,31 @@ def test_falls_back_when_seeking_or_timestamps_fail(monkeypatch, tmp_path, failu
     assert indices(v) == linspace_idx(120, 6)
     np.testing.assert_allclose(v.times, np.array(linspace_idx(120, 6)) / 10, atol=1e-9)
     assert calls == {1: [True, True], 2: [True, True, False]}[failures]  # by pts, by pts, rank
+
+
+def test_no_deadlock_with_pyav_logging_on(tmp_path):
+    """PyAV's log callback takes the GIL from FFmpeg's frame threads; stopping a decode
+    early with logging on once hung within a few hundred calls. Run it in a child."""
+    p = write_video(tmp_path / "gop.mp4", n_frames=60, gop=10)
+    script = (
+        "import sys, av\n"
+        "from trace_rt.video import _decode, _probe, _Retry, _Source, load_video\n"
+        "av.logging.set_level(av.logging.PANIC)\n"
+        "src = _Source(sys.argv[1])\n"
+        "pts, keys, _, _ = _probe(src)\n"
+        "for i in range(300):\n"
+        "    try:\n"
+        "        _decode(src, pts[:3], keys, False, pts + 1)  # stops after one frame\n"
+        "    except _Retry:\n"
+        "        pass\n"
+        "    if i % 100 == 0:\n"
+        "        load_video(src.path, 3)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", script, p], cwd=root, timeout=60, capture_output=True
+    )
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
 
 
 def test_undecodable_frames_replaced_by_nearest(tmp_path):

@@ -46,6 +46,8 @@ DEFAULT_FPS = 25.0  # FFmpeg's assumption for raw streams that state no rate
 
 @dataclass(frozen=True)
 class SampledVideo:
+    """The frames chosen from a video and when they are shown."""
+
     frames: np.ndarray  # [N, H, W, 3] uint8 RGB
     times: np.ndarray  # [N] float64, seconds from the first frame's presentation time
     duration: float  # seconds (span of presentation times + one frame's duration)
@@ -187,7 +189,9 @@ def _decode(
 
     with src.open() as c:
         s = _video_stream(c, src.name)
-        s.thread_type = "AUTO"
+        # Frame threads call PyAV's Python log callback, which takes the GIL: with PyAV
+        # logging on, closing a decoder mid-stream can deadlock. Slices only, then.
+        s.thread_type = "AUTO" if av.logging.get_level() is None else "SLICE"
         while i < len(wanted):
             target = None
             if keys is not None and far(int(wanted[i])):
