@@ -25,7 +25,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="graph dtype")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
+
+    q = sub.add_parser(
+        "quantize",
+        help="add weight-only int4/int8 decoder variants to an artifact directory",
+        description="Write decoder.int{4,8}.onnx (onnxruntime MatMulNBits) and "
+        "decoder.int{4,8}.qdq.onnx (DequantizeLinear+MatMul, for TensorRT) into OUT and record "
+        "them in its manifest; run one with `trace-rt run ... --backend onnxruntime --quant int4`.",
+    )
+    q.add_argument("out", type=Path, help="artifact directory written by `python -m export onnx`")
+    bits = q.add_mutually_exclusive_group(required=True)
+    bits.add_argument("--int4", dest="bits", action="store_const", const=4, help="4-bit weights")
+    bits.add_argument("--int8", dest="bits", action="store_const", const=8, help="8-bit weights")
+    q.add_argument(
+        "--block-size", type=int, choices=[16, 32, 64, 128, 256], default=32, help="default 32"
+    )
+    q.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=[0, 1, 2, 3, 4],
+        default=4,
+        help="MatMulNBits compute type (4: int8 activations, fastest on CPU; 0: unset)",
+    )
+    q.add_argument("--lm-head", action="store_true", help="quantise lm_head too (default: keep)")
+    q.add_argument(
+        "--forms",
+        default="nbits,qdq",
+        help="comma-separated: nbits (onnxruntime), qdq (TensorRT), dynamic (int8 only)",
+    )
+    _add_trt_parser(sub)
+    from export.atc import add_atc_parser  # Ascend ATC variants (export/atc.py)
+
+    add_atc_parser(sub)
     return parser
+
+
+def _add_trt_parser(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser(
+        "trt",
+        help="build TensorRT engines (one per graph) from an artifact directory's ONNX graphs",
+        description="Build OUT's graphs into TensorRT engines on this GPU (profiles from the "
+        "graph specs, a timing cache kept in OUT, metadata in manifest.json); run them with "
+        "`trace-rt run VIDEO --model OUT --backend tensorrt --device cuda`.",
+    )
+    t.add_argument("out", type=Path, help="artifact directory written by `python -m export onnx`")
+    prec = t.add_mutually_exclusive_group()
+    for p in ("fp32", "fp16", "bf16", "fp8", "int8", "int4"):
+        prec.add_argument(
+            f"--{p}", dest="precision", action="store_const", const=p, help=f"{p} engines"
+        )
+    t.add_argument(
+        "--max-frames", type=int, default=None, help="most frames (default: the model's num_frames)"
+    )
+    t.add_argument(
+        "--max-seq", type=int, default=None, help="decoder context (default: min(4096, model's))"
+    )
+    t.add_argument("--workspace-gb", type=float, default=None, help="builder workspace limit")
+    t.add_argument("--decoder-variant", help="a QDQ decoder from `python -m export quantize`")
+    t.add_argument("--no-progress", action="store_true", help="no progress display")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +99,37 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.no_progress,
             )
             print(f"wrote {out}")
+        elif args.command == "quantize":
+            from export.quantize import quantize_artifact
+
+            records = quantize_artifact(
+                args.out,
+                args.bits,
+                block_size=args.block_size,
+                accuracy_level=args.accuracy_level,
+                lm_head=args.lm_head,
+                forms=[f.strip() for f in args.forms.split(",") if f.strip()],
+            )
+            for name, rec in records.items():
+                print(f"wrote {args.out / rec['file']} (variant {name}: {rec['scheme']})")
+        elif args.command == "trt":
+            from export.trt import build_engines
+
+            section = build_engines(
+                args.out,
+                precision=args.precision,
+                max_frames=args.max_frames,
+                max_seq=args.max_seq,
+                workspace_gb=args.workspace_gb,
+                decoder_variant=args.decoder_variant,
+                progress=not args.no_progress,
+            )
+            for graph, rec in section["engines"].items():
+                print(f"wrote {args.out / rec['file']} ({graph}, {rec['build_s']} s)")
+        elif args.command == "atc":
+            from export.atc import run_atc
+
+            run_atc(args)
     except TraceError as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2

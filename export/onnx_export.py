@@ -33,6 +33,7 @@ from trace_rt.graphs import (
     EMBEDDINGS_FILE,
     FLOAT_DTYPES,
     GRAPH_NAMES,
+    KV_CACHE,
     MANIFEST_FILE,
     MANIFEST_FORMAT,
     GraphSpec,
@@ -115,7 +116,7 @@ def export_onnx(
                 "torch": torch.__version__.split("+")[0],
                 "onnx": onnx.__version__,
                 "trace_rt": trace_rt.__version__,
-                "kv_cache": "concat",  # past in, past+new out (see trace_rt/graphs.py)
+                "kv_cache": KV_CACHE,  # the decoder's cache contract (trace_rt/graphs.py)
             },
             "source": {"name": checkpoint.name, "files": source},
             "graphs": graphs,

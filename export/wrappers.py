@@ -39,12 +39,19 @@ class ProjectorGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """inputs_embeds [1, T, H] + position_ids [1, T] + past K/V -> logits [1, V] + present K/V.
+    """inputs_embeds [1, T, H] + position_ids [1, T] + past K/V -> logits [1, V] + new K/V.
 
-    The same layer weights as :func:`trace_rt.model.mistral.run_decoder`, but the cache is
-    explicit: past K/V [1, kv, past, hd] come in, present = concat(past, new) goes out. Key
-    *j* of the concatenation sits at absolute position *j*, so the causal mask is
-    ``key_pos <= position_ids`` as in the model's own attention.
+    The same layer weights as :func:`trace_rt.model.mistral.run_decoder`, with the cache
+    explicit and seq-major (why: trace_rt/graphs.py): ``past_key.{i}`` / ``past_value.{i}``
+    [1, P, kv, hd] are the filled prefix of the backend's buffers; the graph returns only
+    the T new positions' (post-RoPE) ``key.{i}`` / ``value.{i}`` [1, T, kv, hd], which the
+    backend writes straight into the buffers at offset P. Past and new K/V are never
+    concatenated: attention scores are taken against each separately and only the (small)
+    score rows are joined for one softmax.
+
+    The new tokens sit at positions P..P+T-1 (``position_ids`` only feeds RoPE), so the
+    mask is "every past key, and new key j <= new query t": the model's own
+    ``key_pos <= position`` rule for contiguous positions.
     """
 
     def __init__(self, model: TraceModel):
@@ -56,48 +63,65 @@ class DecoderGraph(nn.Module):
         cfg = self.cfg
         pos = position_ids[0]  # [T]
         cos, sin = rope_tables(cfg.attn_head_dim, pos, cfg.rope_theta)  # [T, hd] each
+        t = inputs_embeds.shape[1]
+        idx = torch.arange(t, device=inputs_embeds.device)
+        causal = idx[:, None] >= idx[None, :]  # [T, T]: new query t sees new key j <= t
         x = inputs_embeds  # [1, T, H]
-        presents: list[Tensor] = []
+        new_kv: list[Tensor] = []
         for i, layer in enumerate(self.model.model.layers):
-            a, k, v = self._attention(layer, x, cos, sin, pos, past[2 * i], past[2 * i + 1])
-            presents += [k, v]
+            a, k, v = _attention(layer, x, cos, sin, causal, past[2 * i], past[2 * i + 1])
+            new_kv += [k, v]
             x = x + a
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         hidden = self.model.model.norm(x)[:, -1]  # [1, H]: only the last position is read
-        return (self.model.all_logits(hidden), *presents)  # [1, V] f32, then K/V pairs
+        return (self.model.all_logits(hidden), *new_kv)  # [1, V] f32, then K/V pairs
 
-    @staticmethod
-    def _attention(
-        layer: DecoderLayer,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        pos: Tensor,
-        past_k: Tensor,
-        past_v: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        attn: Attention = layer.self_attn
-        h = layer.input_layernorm(x)
-        b, t, _ = h.shape
-        hd, nh, nkv = attn.head_dim, attn.n_heads, attn.n_kv
-        q = attn.q_proj(h).view(b, t, nh, hd).transpose(1, 2)  # [1, h, T, hd]
-        k = attn.k_proj(h).view(b, t, nkv, hd).transpose(1, 2)  # [1, kv, T, hd]
-        v = attn.v_proj(h).view(b, t, nkv, hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k = torch.cat([past_k, k], dim=2)  # [1, kv, past+T, hd]
-        v = torch.cat([past_v, v], dim=2)
-        # GQA by Unsqueeze/Expand/Reshape (TensorRT-friendly; no repeat_interleave).
-        rep = nh // nkv
-        kk = k[:, :, None].expand(b, nkv, rep, k.shape[2], hd).reshape(b, nh, k.shape[2], hd)
-        vv = v[:, :, None].expand(b, nkv, rep, v.shape[2], hd).reshape(b, nh, v.shape[2], hd)
-        # Plain MatMul/Softmax attention rather than SDPA: an explicit, portable op set.
-        scores = (q @ kk.transpose(-1, -2)).float() * (hd**-0.5)  # [1, h, T, past+T] f32
-        key_pos = torch.arange(k.shape[2], device=x.device)
-        allowed = key_pos[None, :] <= pos[:, None]  # [T, past+T]
-        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-        y = scores.softmax(-1).to(q.dtype) @ vv  # [1, h, T, hd]
-        out = attn.o_proj(y.transpose(1, 2).reshape(b, t, nh * hd))  # [1, T, H]
-        return out, k, v
+
+def _attention(
+    layer: DecoderLayer,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    causal: Tensor,
+    past_k: Tensor,
+    past_v: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer's attention over past [1, P, kv, hd] and new keys; returns (out, k, v).
+
+    GQA without repeating K/V: q is grouped as [kv, T*rep, hd] (query head g*rep + r
+    reads KV head g, as ``enable_gqa``), so each KV head is read once per step.
+    """
+    attn: Attention = layer.self_attn
+    h = layer.input_layernorm(x)
+    _, t, _ = h.shape
+    hd, nh, nkv = attn.head_dim, attn.n_heads, attn.n_kv
+    rep = nh // nkv
+    # Seq-major straight out of the projections: no transpose for the new K/V outputs.
+    q = attn.q_proj(h).view(t, nkv, rep, hd)  # [T, kv, rep, hd]
+    k = attn.k_proj(h).view(1, t, nkv, hd)  # [1, T, kv, hd]
+    v = attn.v_proj(h).view(1, t, nkv, hd)
+    q = apply_rope(q, cos[:, None, None], sin[:, None, None])
+    k = apply_rope(k, cos[:, None], sin[:, None])
+    qg = q.permute(1, 0, 2, 3).reshape(nkv, t * rep, hd)  # [kv, T*rep, hd]: small
+    scale = hd**-0.5
+    # Squeeze, not [0]: Gather would copy the whole past; Squeeze aliases it in onnxruntime,
+    # whose MatMul transpose fusion then reads the [P, kv, hd] prefix in place.
+    pk, pv = past_k.squeeze(0), past_v.squeeze(0)  # [P, kv, hd]
+    nk, nv = k.squeeze(0), v.squeeze(0)  # [T, kv, hd]
+    # Scores against the past and the new keys separately (no K concatenation), in f32.
+    s_past = (qg @ pk.permute(1, 2, 0)).float() * scale  # [kv, T*rep, P]
+    s_new = (qg @ nk.permute(1, 2, 0)).float() * scale  # [kv, T*rep, T]
+    s_new = s_new.view(nkv, t, rep, t).masked_fill(
+        ~causal[:, None, :], torch.finfo(torch.float32).min
+    )
+    # One softmax over the joined score rows ([kv, T*rep, P+T]: small at decode, and at
+    # prefill P = 0 so it is the ordinary attention matrix).
+    probs = torch.cat([s_past, s_new.view(nkv, t * rep, t)], dim=-1).softmax(-1).to(q.dtype)
+    n_past = pk.shape[0]
+    y = probs[..., :n_past] @ pv.permute(1, 0, 2)  # [kv, T*rep, hd]
+    y = y + probs[..., n_past:] @ nv.permute(1, 0, 2)
+    y = y.view(nkv, t, rep, hd).permute(1, 0, 2, 3).reshape(1, t, nh * hd)  # [1, T, h*hd]
+    return attn.o_proj(y), k, v  # [1, T, H], new K/V [1, T, kv, hd]
 
 
 WRAPPERS: dict[str, type[nn.Module]] = {

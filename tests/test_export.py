@@ -1,4 +1,4 @@
-"""ONNX export and the onnxruntime backend on `tiny`: graph parity, token parity, artifacts."""
+"""ONNX export and the onnxruntime backend: graph parity (tiny, small), tokens, artifacts."""
 
 from __future__ import annotations
 
@@ -15,10 +15,18 @@ import torch
 
 from export import export_onnx
 from export.onnx_export import EXTERNAL_DATA_THRESHOLD
+from trace_rt.backends import onnxruntime_backend as ort_backend
 from trace_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
 from trace_rt.errors import CheckpointError
 from trace_rt.generate import GenerationConfig
-from trace_rt.graphs import DECODER, GRAPH_NAMES, MANIFEST_FILE, PROJECTOR, VISION_ENCODER
+from trace_rt.graphs import (
+    DECODER,
+    GRAPH_NAMES,
+    KV_CACHE,
+    MANIFEST_FILE,
+    PROJECTOR,
+    VISION_ENCODER,
+)
 from trace_rt.model import load_model
 from trace_rt.pipeline import Pipeline
 from trace_rt.tokens import Head
@@ -28,6 +36,8 @@ BUDGET = 48
 TRT_OPS = Path(__file__).parents[1] / "export" / "trt_ops.txt"
 # fp16 graphs vs the fp32 PyTorch stages (onnxruntime CPU runs fp16 kernels or upcasts).
 RTOL_FP16 = {VISION_ENCODER: 5e-3, PROJECTOR: 5e-3, DECODER: 2e-2}
+# Decode-step ids for the graph parity checks: time, text, text <sync>, score.
+DECODE_IDS = [32005, 1234, 32000, 32020]
 
 
 @pytest.fixture(scope="module")
@@ -67,27 +77,80 @@ def _graph_outputs(backend: OnnxRuntimeBackend, model, frames: int = 3):
         f_in = feats.numpy().astype(backend.dtype)
         (got,) = backend.sessions[PROJECTOR].run(None, {"features": f_in, "time_ids": tid.numpy()})
         pairs[PROJECTOR] = (got, video.numpy())
-        # Decoder: a 9-position prefill from an empty cache, then 2 single-id steps.
+        # Decoder through the backend's preallocated cache: a 9-position prefill from an
+        # empty cache (zero-size past), then single-id steps through all three heads.
         x = torch.randn(1, 9, cfg.hidden_size, generator=g)
         model.setup_caches(32)
         want = [model.all_logits(model.prefill(x))]
-        backend._pos, backend._kv = 0, []
         logits = [backend.prefill([-201], x[0].numpy(), Head.TEXT)]
-        for step, token in enumerate([32005, 1234]):
+        for step, token in enumerate(DECODE_IDS):
             hidden = model.decode_step(torch.tensor([[token]]), torch.tensor([9 + step]))
             want.append(model.all_logits(hidden))
             logits.append(backend.decode_step(token, Head.TEXT))
         text = cfg.ids.text_vocab + 1
         pairs[DECODER] = (np.stack(logits), torch.cat(want)[:, :text].numpy())
+        # The graph's key.{i}/value.{i} outputs, as written into the buffers: the model's
+        # cache (post-RoPE K, and V), which is head-major [1, kv, seq, hd].
+        n = backend.kv.length
+        got_kv, want_kv = [], []
+        for i, layer in enumerate(model.model.layers):
+            cache = layer.self_attn.kv_cache
+            got_kv += backend.kv.numpy(i)
+            want_kv += [c[:, :, :n].transpose(1, 2).numpy() for c in (cache.k, cache.v)]
+        pairs[f"{DECODER}:kv"] = (np.stack(got_kv), np.stack(want_kv))
     return pairs
+
+
+def _spec(backend: OnnxRuntimeBackend, pair_name: str):
+    return backend.specs[pair_name.partition(":")[0]]
 
 
 def test_graphs_match_torch_fp32(artifacts, torch_model):
     backend = _backend(artifacts["fp32"])
     for name, (got, want) in _graph_outputs(backend, torch_model).items():
         assert got.shape == want.shape, name
-        rtol = backend.specs[name].rtol_fp32
+        rtol = _spec(backend, name).rtol_fp32
         assert _rel(got, want) <= rtol, f"{name}: rel. error {_rel(got, want):.2e} > {rtol}"
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[Path, Path]:
+    """A random-weight `small` checkpoint and its fp32 export (about 20 s on 2 cores)."""
+    from training.make_checkpoint import make_checkpoint
+
+    root = tmp_path_factory.mktemp("small")
+    ckpt = make_checkpoint(root / "ckpt", "small", seed=0, progress=False)
+    return ckpt, export_onnx(ckpt, root / "artifact", progress=False)
+
+
+@pytest.mark.slow
+def test_small_graphs_match_torch_fp32(small):
+    ckpt, art = small
+    backend = _backend(art)
+    for name, (got, want) in _graph_outputs(
+        backend, load_model(ckpt, dtype="fp32"), frames=2
+    ).items():
+        assert got.shape == want.shape, name
+        rtol = _spec(backend, name).rtol_fp32
+        assert _rel(got, want) <= rtol, f"{name}: rel. error {_rel(got, want):.2e} > {rtol}"
+
+
+@pytest.mark.slow
+def test_small_tokens_equal_torch(small, clip_video):
+    # Kept short (2 frames, 8 tokens, two requests: ~10 s) so `small` stays cheap in CI;
+    # the tiny tests above cover every task, seeds, sampling and constrained decoding.
+    ckpt, art = small
+    ort_pipe = Pipeline.from_dir(art, "onnxruntime", cache_dir=False)
+    torch_pipe = Pipeline.from_dir(ckpt, "torch")
+    greedy, sampled = (
+        GenerationConfig(max_new_tokens=8),
+        GenerationConfig(max_new_tokens=8, temperature=1.0, seed=5),
+    )
+    for task, gen in (("dvc", greedy), ("vhd", sampled)):
+        query = None if task == "dvc" else QUERY
+        got = ort_pipe.run(clip_video, task, query=query, gen=gen, frames=2)
+        want = torch_pipe.run(clip_video, task, query=query, gen=gen, frames=2)
+        assert got["token_ids"] == want["token_ids"], (task, gen)
 
 
 def test_graphs_match_torch_fp16(artifacts, torch_model):
@@ -95,7 +158,7 @@ def test_graphs_match_torch_fp16(artifacts, torch_model):
     assert backend.dtype == np.float16
     for name, (got, want) in _graph_outputs(backend, torch_model).items():
         err = _rel(got, want)
-        assert err <= RTOL_FP16[name], f"{name}: fp16 rel. error {err:.2e}"
+        assert err <= RTOL_FP16[_spec(backend, name).name], f"{name}: fp16 rel. error {err:.2e}"
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +218,74 @@ def test_manifest_contents(artifacts, tiny_ckpt):
     assert m["id_space"]["size"] == 32027 and m["export"]["dtype"] == "fp32"
     assert set(m["source"]["files"]) >= {"config.json", "model.safetensors", "tokenizer.model"}
     assert {"decoder.onnx", "embeddings.npy", "config.json", "tokenizer.model"} <= set(m["files"])
+    assert m["export"]["kv_cache"] == KV_CACHE
     dec = m["graphs"][DECODER]
     assert [t["name"] for t in dec["inputs"]][:4] == [
         "inputs_embeds", "position_ids", "past_key.0", "past_value.0",
     ]  # fmt: skip
+    assert dec["inputs"][2]["shape"] == [1, "past", 2, 16]  # seq-major [1, P, kv, hd]
     assert dec["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": [1, 32027]}
+    # Only the new positions come out, in the buffers' layout.
+    assert dec["outputs"][1] == {"name": "key.0", "dtype": "float32", "shape": [1, "seq", 2, 16]}
+
+
+def test_kv_cache_grows_and_is_reused(artifacts, torch_model, monkeypatch):
+    # Headroom 2: the 5-position prompt gets 7 slots, so decoding 6 ids grows the buffers
+    # (keeping the prefix); a second request must then reuse them from an empty cache.
+    monkeypatch.setattr(ort_backend, "PREFILL_HEADROOM", 2)
+    backend = _backend(artifacts["fp32"])
+    cfg = torch_model.config
+    x = torch.randn(1, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    ids = [32003, 32001, 32016, 32014, 733, 32000]
+    with torch.no_grad():
+        torch_model.setup_caches(16)
+        want = [torch_model.all_logits(torch_model.prefill(x))]
+        for step, token in enumerate(ids):
+            pos = torch.tensor([5 + step])
+            want.append(
+                torch_model.all_logits(torch_model.decode_step(torch.tensor([[token]]), pos))
+            )
+    got = [backend.prefill([-201], x[0].numpy(), Head.TEXT)]
+    assert backend.kv.capacity == 7
+    got += [backend.decode_step(token, Head.TEXT) for token in ids]
+    assert backend.kv.capacity == 14 and backend.kv.length == 11
+    text = cfg.ids.text_vocab + 1
+    assert _rel(np.stack(got), torch.cat(want)[:, :text].numpy()) <= 1e-4
+    np.testing.assert_array_equal(backend.prefill([-201], x[0].numpy(), Head.TEXT), got[0])
+    assert backend.kv.capacity == 14 and backend.kv.length == 5
+
+
+def test_decoder_reads_past_in_place(artifacts, tmp_path):
+    # After onnxruntime's fusions, each past K/V input may only be squeezed (an alias) and
+    # read by MatMuls whose transposes are folded in (FusedMatMul with transBatchB): any
+    # Transpose, Gather or Concat on it would copy the whole cache every step again.
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(artifacts["fp32"] / "decoder.onnx"), so)
+    graph = onnx.load(str(tmp_path / "opt.onnx")).graph
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    past = [t.name for t in graph.input if t.name.startswith("past_")]
+    assert len(past) == 4
+    for name in past:
+        (squeeze,) = readers[name]
+        assert squeeze.op_type == "Squeeze", name
+        ops = {n.op_type for n in readers[squeeze.output[0]]}
+        assert ops <= {"FusedMatMul", "Shape"} and "FusedMatMul" in ops, (name, ops)
+
+
+def test_old_kv_scheme_is_rejected(artifacts, tmp_path):
+    art = _copy(artifacts["fp32"], tmp_path / "old")
+    m = json.loads((art / MANIFEST_FILE).read_text())
+    m["export"]["kv_cache"] = "concat"
+    (art / MANIFEST_FILE).write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match=r"KV-cache scheme 'concat'.*re-export"):
+        OnnxRuntimeBackend(art)
 
 
 def test_external_data(tiny_ckpt, torch_model, tmp_path):

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from trace_rt.errors import TraceError
+from trace_rt.errors import InputError, TraceError
 
 TASK_HELP = (
     "dvc: dense video captioning; mr: moment retrieval (needs --query); "
@@ -33,6 +33,7 @@ def run(
     top_p: float = 1.0,
     template: str = "llama_2",
     prompts: Path | None = None,
+    quant: str | None = None,
 ) -> dict:
     """``trace-rt run``: one video, one request, the result as a JSON-ready dict."""
     from trace_rt.generate import GenerationConfig
@@ -48,6 +49,10 @@ def run(
     )
     # The artifact fixes an onnxruntime model's dtype; --device picks its execution provider.
     options = {"device": device, "dtype": dtype} if backend == "torch" else {"device": device}
+    if quant is not None:
+        if not backend.startswith("onnxruntime"):
+            raise InputError(f"--quant picks an onnxruntime decoder variant; not for {backend!r}")
+        options["decoder_variant"] = quant
     pipe = Pipeline.from_dir(model, backend, prompts_file=prompts, template=template, **options)
     return pipe.run(video, task, query=query, question=question, frames=frames, gen=gen)
 
@@ -77,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, help="frames to sample (default: the model's num_frames)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="token budget (default 512)")
     p.add_argument("--backend", choices=sorted(BACKENDS), default="torch")
+    p.add_argument(
+        "--quant",
+        metavar="VARIANT",
+        help="onnxruntime: run a quantised decoder made by `python -m export quantize` "
+        "(int4, int8, int4-qdq, int8-qdq)",
+    )
     p.add_argument(
         "--device",
         default="cpu",
@@ -125,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 top_p=args.top_p,
                 template=args.template,
                 prompts=args.prompts,
+                quant=args.quant,
             )
             print(json.dumps(result, indent=args.indent))
     except TraceError as e:

@@ -15,16 +15,26 @@ The three graphs (sizes for the 7B release in brackets):
 - ``projector``: ``features`` [frames, P, D] + ``time_ids`` i64 [frames, 6] ->
   ``video_embeds`` [frames * (S + 6), hidden] [frames * 14, 4096].
 - ``decoder``: ``inputs_embeds`` [1, T, hidden] + ``position_ids`` i64 [1, T] + per layer
-  ``past_key.{i}`` / ``past_value.{i}`` [1, kv, past, hd] -> ``logits`` f32 [1, 32027]
+  ``past_key.{i}`` / ``past_value.{i}`` [1, past, kv, hd] -> ``logits`` f32 [1, 32027]
   (the last position, every head side by side in the unified id order) + per layer
-  ``present_key.{i}`` / ``present_value.{i}`` [1, kv, past + T, hd].
+  ``key.{i}`` / ``value.{i}`` [1, T, kv, hd]: the T new positions' K (after RoPE) and V.
 
-KV-cache design (first version): the standard onnxruntime pattern, where the graph
-concatenates past and new K/V and returns the whole cache. It is simple and exact, but
-copies the cache once per step. The next step (issue 3) is a preallocated-buffer variant:
-``past`` buffers of fixed length updated in place (ScatterND / TensorRT's KV-cache
-update) with ``position_ids`` selecting the write slot; ``position_ids`` is already an
-input so that variant keeps this interface.
+KV cache (``KV_CACHE`` in the manifest): preallocated, seq-major. The backend owns, per
+layer, K and V buffers [1, capacity, kv, hd]. With P positions filled, it passes the
+prefix ``buf[:, :P]`` as ``past_*`` and receives the new K/V into ``buf[:, P:P+T]``; both
+are contiguous in this layout (in the usual [1, kv, seq, hd] they would be strided), so a
+backend binds them as pointers into its buffers and nothing is copied or concatenated. The
+graph never concatenates K/V either: it scores the queries against past and new keys
+separately and joins only the score rows for the softmax. onnxruntime folds the
+[P, kv, hd] -> [kv, hd, P] transposes of the past into strided MatMuls (FusedMatMul), so
+the past is read in place (tested for fp32 on the CPU EP; the CPU EP has no fp16
+FusedMatMul, so fp16 graphs there still transpose-copy the past each step; the CUDA EP's
+fp16 kernel should fold it, untested). Prefill is the same graph with P = 0: zero-size
+``past_*``, which onnxruntime runs (tested); TensorRT documents empty-tensor support
+(MatMul over an empty dimension gives zeros), not yet run here; static-shape targets such
+as ATC, which reject empty tensors, use a prefill variant without past inputs
+(export/atc_decoder.py). The new tokens sit at positions P..P+T-1; ``position_ids`` feeds
+RoPE only.
 
 Decode-step ids: the decoder takes embeddings, not ids. The runtime looks ids up in
 ``embeddings.npy``, the four embedding tables (text, text ``<sync>``, time, score) stacked
@@ -56,6 +66,8 @@ GRAPH_NAMES = (VISION_ENCODER, PROJECTOR, DECODER)
 EMBEDDINGS_FILE = "embeddings.npy"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "trace-rt-artifact/1"
+# The decoder's KV-cache contract (manifest ``export.kv_cache``); see the module docstring.
+KV_CACHE = "preallocated-seq-major"
 
 # numpy dtype names; fp16 exports keep f32 at the runtime's boundaries (pixels, logits).
 FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16"}
@@ -125,13 +137,8 @@ class GraphSpec:
 
 
 def kv_names(layer: int) -> tuple[str, str, str, str]:
-    """(past_key, past_value, present_key, present_value) names of decoder *layer*."""
-    return (
-        f"past_key.{layer}",
-        f"past_value.{layer}",
-        f"present_key.{layer}",
-        f"present_value.{layer}",
-    )
+    """(past_key, past_value, key, value) names of decoder *layer*: inputs, then outputs."""
+    return (f"past_key.{layer}", f"past_value.{layer}", f"key.{layer}", f"value.{layer}")
 
 
 def vision_encoder_spec(cfg: TraceConfig, dtype: str = "fp32") -> GraphSpec:
@@ -171,9 +178,9 @@ def decoder_spec(cfg: TraceConfig, dtype: str = "fp32") -> GraphSpec:
     ]
     outputs = [TensorSpec("logits", "float32", (1, cfg.ids.size))]
     for i in range(cfg.num_hidden_layers):
-        pk, pv, ok, ov = kv_names(i)
-        inputs += [TensorSpec(n, fd, (1, kv, "past", hd)) for n in (pk, pv)]
-        outputs += [TensorSpec(n, fd, (1, kv, "total", hd)) for n in (ok, ov)]
+        pk, pv, nk, nv = kv_names(i)
+        inputs += [TensorSpec(n, fd, (1, "past", kv, hd)) for n in (pk, pv)]
+        outputs += [TensorSpec(n, fd, (1, "seq", kv, hd)) for n in (nk, nv)]
     return GraphSpec(DECODER, f"{DECODER}.onnx", tuple(inputs), tuple(outputs))
 
 

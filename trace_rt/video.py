@@ -142,6 +142,9 @@ def _probe(src: _Source) -> tuple[np.ndarray | None, np.ndarray, Fraction, float
     """Pass 1: (sorted unique pts or None, keyframe pts, time base, stated frame rate)."""
     with src.open() as c:
         s = _video_stream(c, src.name)
+        # Read while the container is open: a stream's fields are freed with it (reading
+        # time_base after close intermittently gave None).
+        tb = s.time_base
         rate = s.guessed_rate or s.average_rate
         pts: list[int] = []
         keys: list[int] = []
@@ -149,14 +152,14 @@ def _probe(src: _Source) -> tuple[np.ndarray | None, np.ndarray, Fraction, float
             for p in c.demux(s):
                 if not p.size:
                     continue
-                if p.pts is None:
-                    return None, np.empty(0, np.int64), s.time_base, rate and float(rate)
+                if p.pts is None or tb is None:  # no usable timestamps: count frames
+                    return None, np.empty(0, np.int64), tb, rate and float(rate)
                 pts.append(p.pts)
                 if p.is_keyframe:
                     keys.append(p.pts)
         except av.error.FFmpegError:
             pass  # a truncated file: count what was there
-    return np.unique(pts).astype(np.int64), np.unique(keys), s.time_base, rate and float(rate)
+    return np.unique(pts).astype(np.int64), np.unique(keys), tb, rate and float(rate)
 
 
 def _rgb(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:

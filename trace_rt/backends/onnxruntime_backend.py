@@ -4,15 +4,17 @@ No torch: the serving image has numpy and onnxruntime only. The three graphs and
 I/O come from ``manifest.json`` (specs from :mod:`trace_rt.graphs`); decode-step ids are
 embedded on the host from ``embeddings.npy`` (one row per step; why: trace_rt/graphs.py).
 
-The decoder runs through IO binding: present K/V stay as OrtValues wherever the execution
-provider put them (GPU memory with the CUDA EP) and are bound as the next step's past, so
-the cache never round-trips through numpy. The graph itself still concatenates past and
-new K/V each step (the export's ``kv_cache: concat`` design); the preallocated-buffer
-graph is the next step.
+KV cache (the export's ``kv_cache: preallocated-seq-major`` contract, trace_rt/graphs.py):
+:class:`KVBuffers` holds per-layer K and V buffers [1, capacity, kv, hd] on the execution
+provider's device. Each decoder run binds the filled prefix as ``past_*`` and the slot
+right after it as the ``key.*``/``value.*`` outputs, both by pointer, so onnxruntime reads
+the cache in place and writes the new positions straight into it: no per-step copy or
+concatenation of the cache, and it never round-trips through host memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 from collections.abc import Sequence
@@ -29,16 +31,21 @@ from trace_rt.graphs import (
     DECODER,
     EMBEDDINGS_FILE,
     GRAPH_NAMES,
+    KV_CACHE,
     PROJECTOR,
     VISION_ENCODER,
     GraphSpec,
+    kv_names,
     load_manifest,
     manifest_specs,
 )
 from trace_rt.tokens import VIDEO_PLACEHOLDER_ID, Head, head_base, head_size
+from trace_rt.variants import load_variant
 
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
+# Cache positions reserved past the prompt at prefill (grown by doubling beyond that).
+PREFILL_HEADROOM = 1024
 
 
 class OnnxRuntimeBackend:
@@ -54,6 +61,9 @@ class OnnxRuntimeBackend:
             when writable, else ``~/.cache/trace-rt/ort``); ``False`` disables the cache.
         verify: ``sha256`` (default) or ``size``: how thoroughly the files are checked
             against the manifest at load.
+        decoder_variant: run a quantised decoder from ``python -m export quantize``
+            (``int4``, ``int8``, ``int4-qdq``, ...: the manifest's ``variants``) instead
+            of ``decoder.onnx``.
     """
 
     name = "onnxruntime"
@@ -65,6 +75,7 @@ class OnnxRuntimeBackend:
         threads: int | None = None,
         cache_dir: str | Path | bool | None = None,
         verify: str = "sha256",
+        decoder_variant: str | None = None,
     ):
         self.model_dir = Path(model_dir)
         self.manifest = load_manifest(self.model_dir, verify=verify)
@@ -73,6 +84,15 @@ class OnnxRuntimeBackend:
         missing = [g for g in GRAPH_NAMES if g not in self.specs]
         if missing:
             raise CheckpointError(f"{self.model_dir}: manifest lists no graph {missing}")
+        self.decoder_variant = decoder_variant
+        if decoder_variant is not None:
+            self._use_decoder_variant(decoder_variant, verify)
+        scheme = self.manifest["export"].get("kv_cache")
+        if scheme != KV_CACHE:
+            raise CheckpointError(
+                f"{self.model_dir}: decoder KV-cache scheme {scheme!r}, this runtime needs "
+                f"{KV_CACHE!r}; re-export the checkpoint with `python -m export onnx`"
+            )
         self.providers, self.device_type, self.device_id = _providers(device)
         self.threads = threads
         self._cache_dir = _cache_dir(self.model_dir, cache_dir)
@@ -85,16 +105,31 @@ class OnnxRuntimeBackend:
                 f"expected {(self.config.ids.size, self.config.hidden_size)}"
             )
         self.dtype = self.embeddings.dtype  # the graphs' float dtype
-        self._kv_names = [t.name for t in self.specs[DECODER].inputs[2:]]
-        self._kv: list[ort.OrtValue] = []
-        self._pos = 0
+        cfg = self.config
+        self.kv = KVBuffers(
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads,
+            cfg.attn_head_dim,
+            self.dtype,
+            self.device_type,
+            self.device_id,
+        )
+        self._logits = np.empty((1, cfg.ids.size), np.float32)  # the decoder's host output
 
     # ---- Backend protocol ----------------------------------------------------------
     def encode_video(self, pixel_values: np.ndarray, time_ids: np.ndarray) -> np.ndarray:
+        return self.project(self.encode_frames(pixel_values), time_ids)  # [F*(S+6), H]
+
+    # encode_frames/project: the two halves of encode_video (StagedVideoEncoder), so the
+    # benchmark can time the two graphs apart.
+    def encode_frames(self, pixel_values: np.ndarray) -> ort.OrtValue:
         px = np.ascontiguousarray(pixel_values, dtype=np.float32)  # [F, 3, H, W]
-        tid = np.ascontiguousarray(time_ids, dtype=np.int64)  # [F, 6]
         # Features stay on the device between the two graphs.
         (features,) = self._run(VISION_ENCODER, {"pixel_values": px}, host_outputs=())
+        return features
+
+    def project(self, features: ort.OrtValue, time_ids: np.ndarray) -> np.ndarray:
+        tid = np.ascontiguousarray(time_ids, dtype=np.int64)  # [F, 6]
         (video,) = self._run(PROJECTOR, {"features": features, "time_ids": tid})
         return video.numpy()  # [F*(S+6), H]
 
@@ -105,16 +140,16 @@ class OnnxRuntimeBackend:
         limit = self.config.max_position_embeddings
         if n > limit:
             raise PromptTooLongError(f"prompt of {n} positions exceeds the model's {limit}")
-        cfg = self.config
-        empty = np.zeros((1, cfg.num_key_value_heads, 0, cfg.attn_head_dim), self.dtype)
-        self._kv = [self._ortvalue(empty) for _ in self._kv_names]
-        self._pos = 0
+        # Room for the prompt and a generous answer (as the torch backend); grown on demand.
+        self.kv.reset(n, min(n + PREFILL_HEADROOM, limit))
         return self._decode(x[None], head)  # [1, L, H]
 
     def decode_step(self, token_id: int, head: Head) -> np.ndarray:
         limit = self.config.max_position_embeddings
-        if self._pos >= limit:
+        if self.kv.length >= limit:
             raise PromptTooLongError(f"generation reached the model's context of {limit}")
+        if self.kv.length >= self.kv.capacity:
+            self.kv.grow(min(2 * self.kv.capacity, limit))
         return self._decode(self._embed([token_id])[None], head)  # [1, 1, H]
 
     def synchronize(self) -> None:
@@ -130,17 +165,19 @@ class OnnxRuntimeBackend:
         return np.asarray(self.embeddings[idx])  # [n, H]
 
     def _decode(self, embeds: np.ndarray, head: Head) -> np.ndarray:
+        """Run the decoder on *embeds* [1, T, H] at the next T positions."""
         t = embeds.shape[1]
-        pos = np.arange(self._pos, self._pos + t, dtype=np.int64)[None]  # [1, T]
-        feeds: dict[str, Any] = {"inputs_embeds": embeds, "position_ids": pos}
-        feeds.update(zip(self._kv_names, self._kv, strict=True))
-        logits, *self._kv = self._run(DECODER, feeds, host_outputs=("logits",))
-        self._pos += t
+        p = self.kv.length
+        pos = np.arange(p, p + t, dtype=np.int64)[None]  # [1, T]
+        binding = self.sessions[DECODER].io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
+        binding.bind_cpu_input("position_ids", pos)
+        self.kv.bind(binding, t)
+        binding.bind_output("logits", "cpu", 0, np.float32, self._logits.shape, _ptr(self._logits))
+        self.sessions[DECODER].run_with_iobinding(binding)
+        self.kv.length = p + t
         base, size = head_base(self.config.ids, head), head_size(self.config.ids, head)
-        return logits.numpy()[0, base : base + size].astype(np.float32)
-
-    def _ortvalue(self, arr: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(arr, self.device_type, self.device_id)
+        return self._logits[0, base : base + size].copy()
 
     def _run(
         self, graph: str, feeds: dict[str, Any], host_outputs: Sequence[str] | None = None
@@ -200,6 +237,21 @@ class OnnxRuntimeBackend:
         so.log_severity_level = 3  # errors only; fusion notices are noise here
         return so
 
+    def _use_decoder_variant(self, name: str, verify: str) -> None:
+        """Load the decoder from variant *name*'s file (same I/O as ``decoder.onnx``).
+
+        The variant's files are merged into this backend's copy of the manifest, so the
+        session and graph-cache code see the variant as the decoder it runs.
+        """
+        rec = load_variant(self.manifest, self.model_dir, name, DECODER, verify)
+        self.specs[DECODER] = dataclasses.replace(self.specs[DECODER], file=rec["file"])
+        self.manifest["graphs"][DECODER] = self.manifest["graphs"][DECODER] | {
+            "file": rec["file"],
+            "files": {f: r["role"] for f, r in rec["files"].items()},
+        }
+        for f, r in rec["files"].items():
+            self.manifest["files"][f] = {"sha256": r["sha256"], "bytes": r["bytes"]}
+
     def _cached_graph(self, spec: GraphSpec) -> Path | None:
         """Cache path of *spec*'s optimised graph, keyed by content and runtime."""
         if self._cache_dir is None:
@@ -212,6 +264,83 @@ class OnnxRuntimeBackend:
         ep = self.providers[0] if isinstance(self.providers[0], str) else self.providers[0][0]
         key = f"{spec.name}-{sha}-{ep}-ort{ort.__version__}-{platform.machine()}.onnx"
         return self._cache_dir / key
+
+
+class KVBuffers:
+    """Per-layer K and V buffers [1, capacity, kv, hd] on the EP's device, seq-major.
+
+    ``length`` positions are filled. :meth:`bind` binds, for a run adding T positions,
+    each layer's ``buf[:, :length]`` as ``past_key.{i}``/``past_value.{i}`` and
+    ``buf[:, length:length+T]`` as the ``key.{i}``/``value.{i}`` outputs, by pointer:
+    both ranges are contiguous in this layout, so onnxruntime reads the cache in place
+    and writes the new K/V into it. No fallback copy is needed: the CPU and CUDA EPs take
+    the same pointer bindings (the CUDA path is untested here: no GPU).
+    """
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, device: str, dev_id: int):
+        self.layers, self.row = layers, (kv_heads, head_dim)
+        self.dtype = np.dtype(dtype)
+        self.device, self.device_id = device, dev_id
+        self.row_bytes = kv_heads * head_dim * self.dtype.itemsize  # one position
+        self.names = [kv_names(i) for i in range(layers)]
+        self.capacity = 0
+        self.length = 0
+        self._bufs: list[ort.OrtValue] = []  # K0, V0, K1, V1, ...
+
+    def reset(self, needed: int, capacity: int) -> None:
+        """Empty the cache, keeping the buffers when they fit *needed* without waste."""
+        self.length = 0
+        if not needed <= self.capacity <= 4 * capacity:
+            self._allocate(capacity, keep=False)
+
+    def grow(self, capacity: int) -> None:
+        """Enlarge to *capacity* positions, keeping the filled prefix."""
+        if capacity > self.capacity:
+            self._allocate(capacity, keep=True)
+
+    def bind(self, binding: ort.IOBinding, t: int) -> None:
+        """Bind past (the filled prefix) and the outputs for *t* new positions."""
+        p = self.length
+        if p + t > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} positions cannot take {p}+{t}")
+        for i, (pk, pv, nk, nv) in enumerate(self.names):
+            for buf, past, new in ((self._bufs[2 * i], pk, nk), (self._bufs[2 * i + 1], pv, nv)):
+                base = buf.data_ptr()
+                binding.bind_input(
+                    past, self.device, self.device_id, self.dtype, [1, p, *self.row], base
+                )
+                out = base + p * self.row_bytes
+                binding.bind_output(
+                    new, self.device, self.device_id, self.dtype, [1, t, *self.row], out
+                )
+
+    def numpy(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies of *layer*'s filled K and V [1, length, kv, hd] (tests, debugging)."""
+        k, v = self._bufs[2 * layer], self._bufs[2 * layer + 1]
+        return k.numpy()[:, : self.length], v.numpy()[:, : self.length]
+
+    def _allocate(self, capacity: int, keep: bool) -> None:
+        shape = [1, capacity, *self.row]
+        n = self.length if keep else 0
+        old, self._bufs = (self._bufs if n else []), []  # unkept buffers are freed first
+        for j in range(2 * self.layers):
+            if n:
+                # Growth is rare (only past prompt + PREFILL_HEADROOM positions): go through
+                # host memory, as onnxruntime's Python API has no device-to-device copy.
+                host = np.empty(shape, self.dtype)
+                host[:, :n] = old[j].numpy()[:, :n]
+                buf = ort.OrtValue.ortvalue_from_numpy(host, self.device, self.device_id)
+            else:
+                buf = ort.OrtValue.ortvalue_from_shape_and_type(
+                    shape, self.dtype, self.device, self.device_id
+                )
+            self._bufs.append(buf)
+        self.capacity = capacity
+
+
+def _ptr(arr: np.ndarray) -> int:
+    assert arr.flags.c_contiguous
+    return arr.ctypes.data
 
 
 def _providers(device: str) -> tuple[list[Any], str, int]:

@@ -1,0 +1,179 @@
+"""Static-shape decoder graphs for ATC, re-exported from the checkpoint.
+
+Why re-export instead of fixing the dims of the artifact's ``decoder.onnx``: its
+semantics need changing, not only its shapes.
+
+- Prefill runs with an empty past (P = 0 in the dynamic graph), but ATC rejects
+  zero-size dims on every non-constant tensor, so the prefill variant must have no past
+  inputs at all.
+- The dynamic decoder attends to *every* past row it is given (the caller passes the
+  filled prefix). A static past of fixed capacity also holds unfilled slots, so the
+  decode variant needs a validity mask; it is derived from ``position_ids`` (slot j
+  holds position j, so slot j is valid iff j < the first new position), which keeps the
+  graph's inputs exactly the spec's.
+- ``--dynamic_dims`` gears over the unmasked past would need one gear per past length
+  (hundreds; ATC allows at most 100) because an unmasked graph cannot be padded.
+
+The graphs here reuse the loaded model's weights and stage methods like
+``export/wrappers.py`` does; their I/O names, dtypes and layouts come from the
+artifact's decoder spec (:func:`export.atc_runtime.decoder_roles`), and
+``tests/test_atc.py`` checks them against the artifact's dynamic decoder.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from export.atc_runtime import DecoderRoles
+from trace_rt.model.mistral import DecoderLayer, apply_rope, rope_tables
+from trace_rt.model.trace import TraceModel
+
+_MIN = torch.finfo(torch.float32).min
+
+
+class StaticDecoderGraph(nn.Module):
+    """Decoder over a fixed-capacity, position-masked past (or none, for prefill).
+
+    forward(inputs_embeds [1, T, H], position_ids [1, T], *past) -> (logits [1, V], new
+    K/V per layer), with past and new K/V in the spec's layouts (``roles``).
+    """
+
+    def __init__(self, model: TraceModel, roles: DecoderRoles, with_past: bool):
+        super().__init__()
+        self.model = model
+        self.roles = roles
+        self.with_past = with_past
+
+    def forward(self, inputs_embeds: Tensor, position_ids: Tensor, *past: Tensor):
+        cfg = self.model.config
+        pos = position_ids[0]  # [T]
+        cos, sin = rope_tables(cfg.attn_head_dim, pos, cfg.rope_theta)
+        t = inputs_embeds.shape[1]
+        idx = torch.arange(t, device=inputs_embeds.device)
+        causal = idx[:, None] >= idx[None, :]  # [T, T]: right pads never reach real rows
+        seq_major = [self._seq_major(p, self.roles.past_axis) for p in past]
+        valid = None
+        if self.with_past:
+            slots = torch.arange(seq_major[0].shape[0], device=inputs_embeds.device)
+            valid = slots < pos[0]  # [L]: slot j holds position j; later slots are stale
+        x = inputs_embeds
+        new: list[Tensor] = []
+        for i, layer in enumerate(self.model.model.layers):
+            pk, pv = (seq_major[2 * i], seq_major[2 * i + 1]) if self.with_past else (None, None)
+            a, k, v = _attention(layer, x, cos, sin, causal, pk, pv, valid)
+            new += [self._spec_layout(k), self._spec_layout(v)]
+            x = x + a
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        hidden = self.model.model.norm(x)[:, -1]
+        return (self.model.all_logits(hidden), *new)
+
+    @staticmethod
+    def _seq_major(p: Tensor, axis: int) -> Tensor:
+        """[1, ..., L at *axis*, ...] -> [L, kv, hd]."""
+        return p[0] if axis == 1 else p[0].transpose(0, axis - 1)
+
+    def _spec_layout(self, kv: Tensor) -> Tensor:
+        """[T, kv, hd] -> the spec's output layout [1, ...]."""
+        axis = self.roles.new_axis
+        return kv[None] if axis == 1 else kv.transpose(0, axis - 1)[None]
+
+
+def _attention(
+    layer: DecoderLayer,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    causal: Tensor,
+    pk: Tensor | None,
+    pv: Tensor | None,
+    valid: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer's attention; returns (out [1, T, H], new k, new v [T, kv, hd])."""
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    t = h.shape[1]
+    hd, nh, nkv = attn.head_dim, attn.n_heads, attn.n_kv
+    rep = nh // nkv
+    q = attn.q_proj(h).view(t, nkv, rep, hd)
+    k = attn.k_proj(h).view(t, nkv, hd)
+    v = attn.v_proj(h).view(t, nkv, hd)
+    q = apply_rope(q, cos[:, None, None], sin[:, None, None])
+    k = apply_rope(k, cos[:, None], sin[:, None])
+    qg = q.permute(1, 0, 2, 3).reshape(nkv, t * rep, hd)  # GQA: query head g*rep+r -> kv g
+    scale = hd**-0.5
+    s_new = (qg @ k.permute(1, 2, 0)).float() * scale  # [kv, T*rep, T] f32, as the artifact
+    s_new = s_new.view(nkv, t, rep, t).masked_fill(~causal[:, None, :], _MIN)
+    s_new = s_new.view(nkv, t * rep, t)
+    if pk is None or pv is None or valid is None:
+        y = s_new.softmax(-1).to(q.dtype) @ v.permute(1, 0, 2)
+    else:
+        s_past = (qg @ pk.permute(1, 2, 0)).float() * scale  # [kv, T*rep, L]
+        s_past = s_past.masked_fill(~valid, _MIN)
+        probs = torch.cat([s_past, s_new], dim=-1).softmax(-1).to(q.dtype)
+        n_past = pk.shape[0]
+        y = probs[..., :n_past] @ pv.permute(1, 0, 2) + probs[..., n_past:] @ v.permute(1, 0, 2)
+    y = y.view(nkv, t, rep, hd).permute(1, 0, 2, 3).reshape(1, t, nh * hd)
+    return attn.o_proj(y), k, v
+
+
+# Tracing sizes: small, so tracing a 7B prefill does not run a 2k-token forward on the CPU,
+# and unlike the sizes the variants get, so a size baked in by the tracer fails the tests.
+_EXAMPLE_SEQ, _EXAMPLE_PAST = 3, 5
+
+
+def export_static_decoder(
+    model: TraceModel, roles: DecoderRoles, *, with_past: bool, opset: int
+) -> onnx.ModelProto:
+    """Trace the prefill (``with_past=False``) or decode-step variant; returns its proto.
+
+    The variable dim stays symbolic (the spec's seq dim for prefill, its past dim for
+    the decode step, whose seq is 1); the caller fixes it, or keeps it for
+    ``--dynamic_dims`` gears.
+    """
+    cfg = model.config
+    dt = next(model.parameters()).dtype
+    g = torch.Generator().manual_seed(0)
+    seq = 1 if with_past else _EXAMPLE_SEQ
+    start = _EXAMPLE_PAST if with_past else 0  # a step right after a full example past
+    args: list[Tensor] = [
+        torch.randn(1, seq, cfg.hidden_size, generator=g).to(dt),
+        torch.arange(start, start + seq)[None],
+    ]
+    inputs = [roles.embeds.name, roles.positions.name]
+    outputs = [roles.logits.name, *(t.name for pair in roles.new for t in pair)]
+    if with_past:
+        axes = {}
+        for k_spec, v_spec in roles.past:
+            for spec in (k_spec, v_spec):
+                shape = [1, *spec.shape[1:]]
+                shape[roles.past_axis] = _EXAMPLE_PAST
+                args.append(torch.randn(shape, generator=g).to(dt))
+                inputs.append(spec.name)
+                axes[spec.name] = {roles.past_axis: roles.past_dim}
+    else:
+        axes = {name: {1: roles.seq_dim} for name in inputs}
+        axes |= {name: {roles.new_axis: roles.seq_dim} for name in outputs[1:]}
+    wrapper = StaticDecoderGraph(model, roles, with_past=with_past).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_file = Path(tmp) / "decoder.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer notes on Python ints from shapes
+            torch.onnx.export(
+                wrapper,
+                tuple(args),
+                str(tmp_file),
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        proto = onnx.load(str(tmp_file))  # pulls in any external data torch wrote
+    return proto

@@ -1,0 +1,460 @@
+"""``python -m export quantize``: weight-only int4/int8 variants of an artifact's decoder.
+
+Each run reads ``decoder.onnx`` of an artifact directory (written by ``python -m export
+onnx``) and writes two variants next to it, recorded under
+``manifest["variants"]["decoder"][name]``:
+
+=============  =========================  ===============================================
+name           file                       form
+=============  =========================  ===============================================
+``int4``       ``decoder.int4.onnx``      ``com.microsoft::MatMulNBits`` (onnxruntime CPU
+``int8``       ``decoder.int8.onnx``      and CUDA EPs), blocked along K
+``int4-qdq``   ``decoder.int4.qdq.onnx``  int4/int8 weight initializers ->
+``int8-qdq``   ``decoder.int8.qdq.onnx``  ``DequantizeLinear`` -> ``MatMul`` (TensorRT 10's
+                                          weight-only pattern; onnxruntime runs it too)
+=============  =========================  ===============================================
+
+Choices, and why:
+
+- **Which weights.** Every MatMul whose B input is a constant 2-D float weight, found
+  structurally rather than by name (the decoder's I/O and node names are not a stable
+  interface): the *heads* are the weighted MatMuls reached walking back from the
+  ``logits`` output; everything else weighted is a decoder linear layer (q, k, v, o,
+  gate, up, down). Heads stay in full precision by default: the time/score/sync heads
+  are tiny (13 rows) and pick the digits of every timestamp and score, so they are never
+  quantised; ``lm_head`` (the text head, ~3% of the 7B's weights) is quantised only with
+  ``lm_head=True``, because errors there land directly on the token choice with no later
+  layer to absorb them.
+- **Symmetric, round-to-nearest.** TensorRT's DequantizeLinear rejects non-zero zero
+  points, so the QDQ forms must be symmetric; the MatMulNBits forms use the same scheme so
+  that both runtimes' variants carry (nearly) the same quantisation error and compare
+  like for like. LLM weight blocks are close to zero-mean, so an asymmetric zero point
+  buys little. RTN needs no calibration data (none exists for random test weights).
+- **Accuracy level 4** (MatMulNBits computes with int8 activations, quantised per block
+  of K at run time; weights are what is stored quantised): on the 2-core AVX-512 CPU an
+  int4 decode step of `small` took 15 ms at level 4 vs 32 ms at level 0 (fp32 compute),
+  and int8 29 ms vs 376 ms (no fast fp32 kernel for 8 bits). ``--accuracy-level 0``
+  trades that speed for float activations.
+- **int8 for onnxruntime** is MatMulNBits with ``bits=8``. ``quantize_dynamic``'s
+  MatMulInteger (form ``dynamic``, opt-in) measured ~10% faster per decode step and ~1.6x
+  faster at prefill on that CPU, but quantises activations per tensor (larger logit
+  error: 5.8e-2 vs 3.6e-2 relative on `small`) and is a CPU-oriented path, while
+  MatMulNBits is the same int4/int8 op on the CPU and CUDA EPs. Numbers:
+  benchmarks/results/quant-agreement-small-cpu.md.
+- **QDQ granularity.** int4 is blocked along K (``axis=0, block_size``: ONNX opset 21,
+  which is also where the INT4 tensor type appears, so that variant is converted to
+  opset 21); int8 is per output channel (``axis=1``), the granularity TensorRT's int8
+  weight-only path takes; an fp32 graph keeps its export opset for it (per-axis
+  DequantizeLinear is opset 13), an fp16 one goes to 21 too (fp16 scales need 19).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper, version_converter
+
+from trace_rt.errors import InputError
+from trace_rt.graphs import DECODER, MANIFEST_FILE, load_manifest, sha256_file
+
+# Protobuf caps a message at 2 GiB: same rule as export/onnx_export.py (not imported from
+# there: that module imports torch, and quantising needs none).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Smaller blocks: less error for a little more scale storage (32 is llama.cpp's Q4_0 block).
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations x int4/int8 weights (see above)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+QDQ_INT4_OPSET = 21  # DequantizeLinear's block_size attribute and the INT4 type
+FORMS = ("nbits", "qdq", "dynamic")
+DEFAULT_FORMS = ("nbits", "qdq")
+LOGITS = "logits"
+
+
+def variant_name(bits: int, form: str) -> str:
+    return f"int{bits}" if form == "nbits" else f"int{bits}-{form}"
+
+
+def variant_file(bits: int, form: str) -> str:
+    return f"{DECODER}.int{bits}.onnx" if form == "nbits" else f"{DECODER}.int{bits}.{form}.onnx"
+
+
+def quantize_artifact(
+    artifact: str | Path,
+    bits: int,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+    lm_head: bool = False,
+    forms: Iterable[str] = DEFAULT_FORMS,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> dict[str, dict[str, Any]]:
+    """Write *artifact*'s weight-only *bits*-bit decoder variants; returns {name: record}.
+
+    Args:
+        artifact: artifact directory written by ``python -m export onnx``.
+        bits: 4 or 8.
+        block_size: weights per quantisation block along K (int4 and MatMulNBits int8).
+        accuracy_level: MatMulNBits compute precision (0 = unset, 1 fp32, 2 fp16, 3 bf16,
+            4 int8 activations).
+        lm_head: quantise the text head too (default: keep every head in full precision).
+        forms: ``nbits`` (MatMulNBits, onnxruntime), ``qdq`` (TensorRT) and, int8 only,
+            ``dynamic`` (``quantize_dynamic``'s MatMulInteger, for comparison).
+    """
+    if bits not in (4, 8):
+        raise InputError(f"bits must be 4 or 8, got {bits}")
+    if block_size not in BLOCK_SIZES:
+        raise InputError(f"block size must be one of {BLOCK_SIZES}, got {block_size}")
+    forms = tuple(forms)
+    if unknown := set(forms) - set(FORMS):
+        raise InputError(f"unknown forms {sorted(unknown)}; use {FORMS}")
+    if bits == 4 and "dynamic" in forms:
+        raise InputError("the dynamic (MatMulInteger) form is int8 only")
+    root = Path(artifact)
+    manifest = load_manifest(root)
+    src_file = manifest["graphs"][DECODER]["file"]
+    source = {"file": src_file, "sha256": manifest["files"][src_file]["sha256"]}
+    records: dict[str, dict[str, Any]] = {}
+    for form in forms:
+        model = onnx.load(str(root / src_file))  # each form rewrites its own copy in place
+        chosen, kept, lm = select_weights(model, lm_head=lm_head)
+        if form == "nbits":
+            model = _to_matmulnbits(model, chosen, bits, block_size, accuracy_level)
+            done, level = chosen, accuracy_level or None
+        elif form == "dynamic":
+            model = _to_dynamic(model, kept)
+            done, level = chosen, None
+        else:
+            model, done = _to_qdq(model, chosen, bits, block_size)
+            kept, level = sorted({*kept, *(set(chosen) - set(done))}), None
+        name, file = variant_name(bits, form), variant_file(bits, form)
+        files = _save(model, root, file, external_data_threshold)
+        records[name] = {
+            "file": file,
+            "files": files,
+            "source": source,
+            "form": form,
+            **_describe(form, bits, block_size),
+            "bits": bits,
+            "accuracy_level": level,
+            "opset": _opset(model),
+            "weights": {
+                "rule": "MatMuls with a constant 2-D weight, except the heads feeding logits"
+                + (" other than lm_head" if lm_head else ""),
+                "lm_head": lm,
+                "quantized": sorted(done),
+                "kept": sorted(kept),
+            },
+            "tools": {"onnxruntime": ort.__version__, "onnx": onnx.__version__},
+        }
+    _update_manifest(root, records)
+    return records
+
+
+def _describe(form: str, bits: int, block_size: int) -> dict[str, Any]:
+    """The manifest's description of one form's scheme."""
+    if form == "nbits":
+        return {
+            "scheme": "MatMulNBits",
+            "op": "com.microsoft::MatMulNBits",
+            "runtime": "onnxruntime",
+            "also_runs_on": [],
+            "granularity": "block",
+            "block_size": block_size,
+            "axis": "K",
+            "symmetric": True,
+            "algorithm": "rtn",
+        }
+    if form == "dynamic":
+        return {
+            "scheme": "dynamic",
+            "op": "DynamicQuantizeLinear+MatMulInteger",
+            "runtime": "onnxruntime",
+            "also_runs_on": [],
+            "granularity": "channel",
+            "block_size": None,
+            "axis": "N",
+            "symmetric": True,
+            "algorithm": "rtn (weights); activations quantised per tensor at run time",
+        }
+    return {
+        "scheme": "QDQ",
+        "op": "DequantizeLinear+MatMul",
+        "runtime": "tensorrt",
+        "also_runs_on": ["onnxruntime"],
+        "granularity": "block" if bits == 4 else "channel",
+        "block_size": block_size if bits == 4 else None,
+        "axis": "K" if bits == 4 else "N",
+        "symmetric": True,
+        "algorithm": "rtn",
+    }
+
+
+# ---- which weights -------------------------------------------------------------------
+def select_weights(model: onnx.ModelProto, *, lm_head: bool) -> tuple[list[str], list[str], bool]:
+    """(MatMul nodes to quantise, weighted MatMuls kept, whether lm_head is quantised).
+
+    Unnamed MatMuls get a name (the quantiser addresses nodes by name).
+    """
+    g = model.graph
+    weights = {t.name: t for t in g.initializer}
+    weighted: dict[str, onnx.NodeProto] = {}
+    for i, node in enumerate(g.node):
+        if node.op_type != "MatMul":
+            continue
+        w = weights.get(node.input[1])
+        if w is None or len(w.dims) != 2 or w.data_type not in _FLOATS:
+            continue  # activations x activations (attention) or nothing to quantise
+        if not node.name or node.name in weighted:
+            node.name = f"{node.name or 'MatMul'}__{i}"
+        weighted[node.name] = node
+    heads = _heads(g, weighted)
+    lm = None
+    if heads:
+        # The text head is the widest one (32001 outputs vs 13 for time/score).
+        lm = max(heads, key=lambda n: weights[weighted[n].input[1]].dims[1])
+    chosen = [n for n in weighted if n not in heads or (lm_head and n == lm)]
+    kept = [n for n in weighted if n not in chosen]
+    return chosen, kept, bool(lm_head and lm)
+
+
+def _heads(g: onnx.GraphProto, weighted: dict[str, onnx.NodeProto]) -> set[str]:
+    """Weighted MatMuls on the path back from the logits output (stopping at each)."""
+    outputs = [o.name for o in g.output]
+    target = LOGITS if LOGITS in outputs else outputs[0]  # the spec puts logits first
+    producer = {out: n for n in g.node for out in n.output}
+    heads: set[str] = set()
+    seen: set[str] = set()
+    stack = [target]
+    while stack:
+        t = stack.pop()
+        node = producer.get(t)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.name in weighted and weighted[node.name] is node:
+            heads.add(node.name)
+            continue  # what feeds a head is the decoder body, not another head
+        stack.extend(node.input)
+    return heads
+
+
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+# ---- onnxruntime MatMulNBits ---------------------------------------------------------
+def _to_matmulnbits(
+    model: onnx.ModelProto, chosen: list[str], bits: int, block_size: int, level: int
+) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    # Its per-node INFO lines would flood the console for a 7B graph.
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    keep = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in chosen]
+    q = MatMulNBitsQuantizer(
+        model,
+        bits=bits,
+        block_size=block_size,
+        is_symmetric=True,
+        accuracy_level=level or None,
+        nodes_to_exclude=keep,
+        op_types_to_quantize=("MatMul",),
+    )
+    q.process()
+    return q.model.model
+
+
+def _to_dynamic(model: onnx.ModelProto, kept: list[str]) -> onnx.ModelProto:
+    """int8 weights per output channel, activations quantised per tensor at run time."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # quantize_dynamic logs every node (INFO) and a pre-processing hint (WARNING) on the
+    # root logger; neither is actionable here.
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:  # quantize_dynamic works on files only
+            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+            onnx.save_model(model, str(src), save_as_external_data=True, location="in.onnx.data")
+            quantize_dynamic(
+                src,
+                dst,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=["MatMul"],
+                nodes_to_exclude=kept,
+                use_external_data_format=True,
+            )
+            return onnx.load(str(dst))
+    finally:
+        root_logger.setLevel(level)
+
+
+# ---- QDQ (TensorRT) ------------------------------------------------------------------
+def _to_qdq(
+    model: onnx.ModelProto, chosen: list[str], bits: int, block_size: int
+) -> tuple[onnx.ModelProto, list[str]]:
+    """Replace each chosen MatMul's weight by int weights + DequantizeLinear.
+
+    The opset is raised first (the converter would otherwise type the new nodes by the
+    old opset's rules): to 21 for int4, and for fp16/bf16 weights, whose scales
+    DequantizeLinear takes from opset 19 on.
+    """
+    floats = {t.data_type for t in model.graph.initializer if t.name in _weights_of(model, chosen)}
+    if bits == 4 or floats - {TensorProto.FLOAT}:
+        model = _convert_opset(model, QDQ_INT4_OPSET)
+    g = model.graph
+    weights = {t.name: t for t in g.initializer}
+    users: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    nodes: list[onnx.NodeProto] = []
+    new_inits: list[TensorProto] = []
+    drop: set[str] = set()
+    done: list[str] = []
+    todo = set(chosen)
+    for node in g.node:
+        if node.name in todo:
+            w_name = node.input[1]
+            w = numpy_helper.to_array(weights[w_name])
+            if bits == 8 or w.shape[0] % block_size == 0:
+                q_t, s_t, attrs = _qdq_tensors(w, w_name, bits, block_size)
+                dq_out = f"{w_name}_DQ"
+                nodes.append(
+                    helper.make_node(
+                        "DequantizeLinear",
+                        [q_t.name, s_t.name],
+                        [dq_out],
+                        name=f"{node.name}_DQ_int{bits}",
+                        **attrs,
+                    )
+                )
+                new_inits += [q_t, s_t]
+                node.input[1] = dq_out
+                users[w_name] -= 1
+                if users[w_name] == 0:
+                    drop.add(w_name)
+                done.append(node.name)
+            # else: K is not a multiple of the block (TensorRT wants whole blocks): kept.
+        nodes.append(node)
+    kept_inits = [t for t in g.initializer if t.name not in drop]
+    g.ClearField("node")
+    g.node.extend(nodes)
+    g.ClearField("initializer")
+    g.initializer.extend(kept_inits + new_inits)
+    return model, done
+
+
+def _weights_of(model: onnx.ModelProto, nodes: list[str]) -> set[str]:
+    names = set(nodes)
+    return {n.input[1] for n in model.graph.node if n.name in names}
+
+
+def _qdq_tensors(
+    w: np.ndarray, name: str, bits: int, block_size: int
+) -> tuple[TensorProto, TensorProto, dict[str, int]]:
+    """Symmetric RTN: int weights [K, N] + scales (blocked along K for int4, per column
+    for int8) and the DequantizeLinear attributes that go with them."""
+    k, n = w.shape
+    wf = w.astype(np.float32)
+    qmax = 7 if bits == 4 else 127  # symmetric range: -8 / -128 stay unused
+    if bits == 4:
+        amax = np.abs(wf.reshape(k // block_size, block_size, n)).max(axis=1)  # [K/B, N]
+    else:
+        amax = np.abs(wf).max(axis=0)  # [N]
+    # Scales are stored in the weight's dtype; round with the stored value so that
+    # dequantisation reproduces exactly what was rounded.
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(w.dtype)
+    s32 = scale.astype(np.float32)
+    full = np.repeat(s32, block_size, axis=0) if bits == 4 else s32[None, :]
+    q = np.clip(np.rint(wf / full), -qmax, qmax).astype(np.int8)  # [K, N]
+    if bits == 4:
+        q_t = helper.make_tensor(f"{name}_int4", TensorProto.INT4, [k, n], _pack_int4(q), True)
+        attrs = {"axis": 0, "block_size": block_size}
+    else:
+        q_t = numpy_helper.from_array(q, f"{name}_int8")
+        attrs = {"axis": 1}
+    return q_t, numpy_helper.from_array(scale, f"{name}_scale"), attrs
+
+
+def _pack_int4(q: np.ndarray) -> bytes:
+    """Two int4 values per byte, first element in the low nibble (ONNX's INT4 layout)."""
+    flat = (q.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
+
+
+def _convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """Upgrade the default-domain opset, leaving the weights out of the converter's copy
+    (it serialises the model, which fails past protobuf's 2 GiB)."""
+    inits = list(model.graph.initializer)
+    model.graph.ClearField("initializer")
+    # The converter wants every input typed; initializers double as typed graph inputs.
+    stubs = [
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in inits
+        if t.name not in {i.name for i in model.graph.input}
+    ]
+    model.graph.input.extend(stubs)
+    out = version_converter.convert_version(model, opset)
+    stub_names = {s.name for s in stubs}
+    kept = [i for i in out.graph.input if i.name not in stub_names]
+    out.graph.ClearField("input")
+    out.graph.input.extend(kept)
+    out.graph.initializer.extend(inits)
+    return out
+
+
+# ---- files and manifest --------------------------------------------------------------
+def _opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _save(model: onnx.ModelProto, root: Path, file: str, threshold: int) -> dict[str, Any]:
+    """Write *file* (and ``<file>.data`` past *threshold*); returns {file: record}."""
+    data = f"{file}.data"
+    (root / data).unlink(missing_ok=True)
+    if model.ByteSize() > threshold:
+        onnx.save_model(
+            model,
+            str(root / file),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data,
+            size_threshold=1024,
+        )
+        roles = {file: "graph", data: "external_data"}
+    else:
+        buf = io.BytesIO()
+        onnx.save_model(model, buf)
+        (root / file).write_bytes(buf.getvalue())
+        roles = {file: "graph"}
+    return {
+        f: {"role": r, "sha256": sha256_file(root / f), "bytes": (root / f).stat().st_size}
+        for f, r in roles.items()
+    }
+
+
+def _update_manifest(root: Path, records: dict[str, dict[str, Any]]) -> None:
+    path = root / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    variants = manifest.setdefault("variants", {}).setdefault(DECODER, {})
+    variants.update(records)
+    # Variant files are verified when a variant is picked, not at every load (a 7B's
+    # variants are GBs to hash); a re-export may have swept them into "files".
+    for rec in records.values():
+        for f in rec["files"]:
+            manifest["files"].pop(f, None)
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,227 @@
+"""``python -m export quantize`` on `tiny`: variant files, manifest, accuracy, runtime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from export import export_onnx
+from export.quantize import quantize_artifact
+from trace_rt.backends import load_backend
+from trace_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
+from trace_rt.errors import CheckpointError
+from trace_rt.generate import GenerationConfig
+from trace_rt.graphs import DECODER, MANIFEST_FILE, load_manifest, sha256_file
+from trace_rt.pipeline import Pipeline
+from trace_rt.tokens import Head
+
+TRT_OPS = Path(__file__).parents[1] / "export" / "trt_ops.txt"
+QUERY = "a red circle moves left"
+VARIANTS = {  # name -> (file, scheme, bits)
+    "int4": ("decoder.int4.onnx", "MatMulNBits", 4),
+    "int8": ("decoder.int8.onnx", "MatMulNBits", 8),
+    "int4-qdq": ("decoder.int4.qdq.onnx", "QDQ", 4),
+    "int8-qdq": ("decoder.int8.qdq.onnx", "QDQ", 8),
+    "int8-dynamic": ("decoder.int8.dynamic.onnx", "dynamic", 8),
+}
+# max |variant - fp32| / max |fp32| of the text head's logits on random inputs, tiny's
+# random weights. Measured ~0.05-0.10 (int4, block 32) and ~0.005 (int8); the bounds
+# leave room for other CPUs' kernels (accuracy level 4 quantises activations too).
+RTOL = {4: 0.25, 8: 0.03}
+
+
+@pytest.fixture(scope="module")
+def art(tiny_ckpt, tmp_path_factory) -> Path:
+    out = export_onnx(tiny_ckpt, tmp_path_factory.mktemp("quant") / "tiny", progress=False)
+    quantize_artifact(out, 4)
+    quantize_artifact(out, 8, forms=("nbits", "qdq", "dynamic"))
+    return out
+
+
+def _manifest(art: Path) -> dict:
+    return json.loads((art / MANIFEST_FILE).read_text())
+
+
+def _graph(art: Path, file: str) -> onnx.GraphProto:
+    return onnx.load(str(art / file)).graph
+
+
+def test_variants_written_and_recorded(art):
+    m = _manifest(art)
+    layers = m["config"]["num_hidden_layers"]
+    variants = m["variants"][DECODER]
+    assert set(variants) == set(VARIANTS)
+    for name, (file, scheme, bits) in VARIANTS.items():
+        rec = variants[name]
+        got = (rec["file"], rec["scheme"], rec["bits"], rec["symmetric"])
+        assert got == (file, scheme, bits, True), name
+        assert rec["files"][file]["sha256"] == sha256_file(art / file)
+        assert file not in m["files"]  # checked when picked, not at every load
+        assert rec["source"] == {
+            "file": "decoder.onnx",
+            "sha256": m["files"]["decoder.onnx"]["sha256"],
+        }
+        # q, k, v, o, gate, up, down per layer; the four heads stay in fp32.
+        assert len(rec["weights"]["quantized"]) == 7 * layers, name
+        assert len(rec["weights"]["kept"]) == 4 and rec["weights"]["lm_head"] is False
+    assert variants["int4"]["block_size"] == 32 and variants["int4"]["accuracy_level"] == 4
+    assert variants["int4-qdq"]["opset"] == 21 and variants["int8-qdq"]["block_size"] is None
+    load_manifest(art)  # the base artifact is still consistent
+
+
+def test_quantised_logits_close_to_fp32(art):
+    g = np.random.default_rng(0)
+    base = OnnxRuntimeBackend(art, cache_dir=False)
+    x = g.standard_normal((9, base.config.hidden_size)).astype(np.float32)
+    steps = [32005, 1234, 17]
+
+    def logits(b: OnnxRuntimeBackend) -> np.ndarray:
+        out = [b.prefill([-201], x, Head.TEXT)]
+        out += [b.decode_step(t, Head.TEXT) for t in steps]
+        return np.stack(out)
+
+    want = logits(base)
+    for name, (_, _, bits) in VARIANTS.items():
+        got = logits(OnnxRuntimeBackend(art, cache_dir=False, decoder_variant=name))
+        err = float(np.abs(got - want).max() / np.abs(want).max())
+        assert 0 < err <= RTOL[bits], f"{name}: rel. error {err:.3e} > {RTOL[bits]}"
+
+
+@pytest.mark.parametrize("variant", ["int4", "int8", "int4-qdq", "int8-qdq"])
+def test_pipeline_runs_variant(art, clip_video, variant):
+    pipe = Pipeline.from_dir(art, "onnxruntime", cache_dir=False, decoder_variant=variant)
+    assert pipe.backend.specs[DECODER].file == VARIANTS[variant][0]
+    out = pipe.run(clip_video, "mr", query=QUERY, gen=GenerationConfig(max_new_tokens=12))
+    assert len(out["token_ids"]) == 12 and isinstance(out["events"], list)
+
+
+def test_convenience_backend_names(art):
+    for name, variant in (("onnxruntime-int4", "int4"), ("onnxruntime-int8", "int8")):
+        b = load_backend(name, art, cache_dir=False)
+        assert b.decoder_variant == variant
+        assert b.specs[DECODER].file == VARIANTS[variant][0]
+
+
+def test_qdq_form(art):
+    for name, bits in (("int4-qdq", 4), ("int8-qdq", 8)):
+        g = _graph(art, VARIANTS[name][0])
+        assert not [n for n in g.node if n.op_type == "MatMulNBits" or n.domain]
+        inits = {t.name: t for t in g.initializer}
+        dqs = [n for n in g.node if n.op_type == "DequantizeLinear"]
+        assert dqs, name
+        want = onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8
+        consumers = {i for n in g.node if n.op_type == "MatMul" for i in n.input}
+        for dq in dqs:
+            assert inits[dq.input[0]].data_type == want
+            assert len(dq.input) == 2  # no zero point: symmetric (TensorRT needs it)
+            assert dq.output[0] in consumers
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
+            assert attrs == ({"axis": 0, "block_size": 32} if bits == 4 else {"axis": 1})
+    for name in ("int4", "int8"):
+        ops = {n.op_type for n in _graph(art, VARIANTS[name][0]).node}
+        assert "MatMulNBits" in ops and "DequantizeLinear" not in ops
+
+
+def test_qdq_ops_supported_by_tensorrt(art):
+    allowed = {
+        line.strip()
+        for line in TRT_OPS.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for name in ("int4-qdq", "int8-qdq"):
+        g = _graph(art, VARIANTS[name][0])
+        ops = {(n.domain or "ai.onnx", n.op_type) for n in g.node}
+        bad = sorted(f"{d}::{op}" for d, op in ops if d != "ai.onnx" or op not in allowed)
+        assert not bad, f"{name} uses ops TensorRT 10 lacks: {bad}"
+
+
+def test_lm_head_option(tiny_ckpt, tmp_path):
+    out = export_onnx(tiny_ckpt, tmp_path / "a", progress=False)
+    rec = quantize_artifact(out, 8, forms=("qdq",), lm_head=True)["int8-qdq"]
+    assert rec["weights"]["lm_head"] is True and len(rec["weights"]["kept"]) == 3
+    g = _graph(out, rec["file"])
+    widths = {tuple(t.dims) for t in g.initializer if t.data_type == onnx.TensorProto.INT8}
+    assert any(32000 in d for d in widths)  # the text head is int8 now
+
+
+def test_fp16_artifact(tiny_ckpt, tmp_path):
+    out = export_onnx(tiny_ckpt, tmp_path / "a", dtype="fp16", progress=False)
+    quantize_artifact(out, 4)
+    quantize_artifact(out, 8, forms=("qdq",))
+    base = OnnxRuntimeBackend(out, cache_dir=False)
+    x = np.random.default_rng(1).standard_normal((5, base.config.hidden_size))
+    want = base.prefill([-201], x.astype(np.float16), Head.TEXT)
+    for name in ("int4", "int4-qdq", "int8-qdq"):
+        b = OnnxRuntimeBackend(out, cache_dir=False, decoder_variant=name)
+        got = b.prefill([-201], x.astype(np.float16), Head.TEXT)
+        bound = RTOL[VARIANTS[name][2]] + 2e-2  # + the fp16 graph's own error
+        assert np.abs(got - want).max() / np.abs(want).max() <= bound, name
+
+
+def test_external_data(art, tmp_path):
+    # The >2 GB path (a 7B's variants) forced on tiny: weights go to <file>.data.
+    a = _copy(art, tmp_path / "a")
+    rec = quantize_artifact(a, 4, forms=("nbits",), external_data_threshold=0)["int4"]
+    assert set(rec["files"]) == {"decoder.int4.onnx", "decoder.int4.onnx.data"}
+    b = OnnxRuntimeBackend(a, cache_dir=False, decoder_variant="int4")
+    x = np.zeros((3, b.config.hidden_size), np.float32)
+    assert np.isfinite(b.prefill([-201], x, Head.TIME)).all()
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    return Path(shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".*")))
+
+
+def test_missing_or_unknown_variant(art, tmp_path):
+    a = _copy(art, tmp_path / "a")
+    (a / "decoder.int4.onnx").unlink()
+    with pytest.raises(CheckpointError, match=r"decoder\.int4\.onnx is missing .*int4"):
+        OnnxRuntimeBackend(a, cache_dir=False, decoder_variant="int4")
+    OnnxRuntimeBackend(a, cache_dir=False)  # fp32 and other variants still load
+    OnnxRuntimeBackend(a, cache_dir=False, decoder_variant="int8")
+    with pytest.raises(CheckpointError, match=r"no decoder variant 'int3'.*available: int4"):
+        OnnxRuntimeBackend(a, cache_dir=False, decoder_variant="int3")
+    data = bytearray((a / "decoder.int8.onnx").read_bytes())
+    data[-50] ^= 0xFF
+    (a / "decoder.int8.onnx").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"decoder\.int8\.onnx does not match"):
+        OnnxRuntimeBackend(a, cache_dir=False, decoder_variant="int8")
+
+
+def test_cli(art, tmp_path, clip_video):
+    a = _copy(art, tmp_path / "a")
+    cmd = [sys.executable, "-m", "export", "quantize", str(a), "--int4", "--forms", "qdq"]
+    cmd += ["--block-size", "64"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert _manifest(a)["variants"][DECODER]["int4-qdq"]["block_size"] == 64
+
+    run = [sys.executable, "-m", "trace_rt", "run", str(clip_video), "--model", str(a)]
+    run += ["--task", "mr", "--query", QUERY, "--max-new-tokens", "8"]
+    out = subprocess.run([*run, "--backend", "onnxruntime", "--quant", "int4-qdq"], **_text)
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["token_ids"]) == 8
+    out = subprocess.run([*run, "--backend", "torch", "--quant", "int4"], **_text)
+    assert out.returncode == 2 and "--quant" in out.stderr
+
+
+_text = {"capture_output": True, "text": True}
+
+
+def test_variant_runs_without_torch(art):
+    code = f"""
+import sys
+sys.modules["torch"] = None
+from trace_rt.backends import load_backend
+b = load_backend("onnxruntime-int4", {str(art)!r}, cache_dir=False)
+print(b.specs["decoder"].file)
+"""
+    out = subprocess.run([sys.executable, "-c", code], **_text)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "decoder.int4.onnx"

@@ -1,0 +1,503 @@
+"""TensorRT export and backend.
+
+CPU (always): optimisation profiles from the graph specs, the manifest's ``tensorrt``
+section and its compatibility rules, and that nothing else needs tensorrt or CUDA.
+GPU (``@pytest.mark.gpu``, skipped without one; also skipped without the ``tensorrt``
+package): engines for ``tiny``, graph parity with PyTorch, tokens equal to torch and
+onnxruntime, CUDA-graph replay equal to plain runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.trt import Limits, Profile, profiles_from_spec
+from trace_rt.backends import tensorrt_manifest as tm
+from trace_rt.errors import CheckpointError
+from trace_rt.graphs import (
+    DECODER,
+    GRAPH_NAMES,
+    MANIFEST_FILE,
+    PROJECTOR,
+    VISION_ENCODER,
+    GraphSpec,
+    TensorSpec,
+    graph_specs,
+)
+from training.presets import load_preset
+
+QUERY = "a red circle moves left"
+# fp16 engines vs the fp32 PyTorch stages (same bounds as the fp16 ONNX graphs).
+RTOL_FP16 = {VISION_ENCODER: 5e-3, PROJECTOR: 5e-3, DECODER: 2e-2}
+
+
+# ---- profiles ------------------------------------------------------------------------
+def _check_profile(spec: GraphSpec, prof: Profile, ranges: dict[str, tuple[int, int, int]]):
+    """Every input has min <= opt <= max, static dims as in the spec, symbolic from ranges."""
+    assert list(prof.shapes) == spec.input_names
+    for t in spec.inputs:
+        lo, opt, hi = prof.shapes[t.name]
+        for axis, d in enumerate(t.shape):
+            want = ranges[d] if isinstance(d, str) else (d, d, d)
+            assert (lo[axis], opt[axis], hi[axis]) == want, (t.name, axis)
+
+
+def test_profiles_tiny():
+    cfg = load_preset("tiny")
+    specs = graph_specs(cfg, "fp32")
+    limits = Limits(max_frames=8, max_seq=256, tokens_per_frame=cfg.tokens_per_frame)
+    for name in (VISION_ENCODER, PROJECTOR):
+        (prof,) = profiles_from_spec(specs[name], limits)
+        assert prof.name == "default"
+        _check_profile(specs[name], prof, limits.ranges("default"))
+        lo, opt, hi = prof.shapes[specs[name].inputs[0].name]
+        assert (lo[0], opt[0], hi[0]) == (1, 4, 8)  # frames: 1 / N/2 / N
+    prefill, decode = profiles_from_spec(specs[DECODER], limits)
+    assert (prefill.name, decode.name) == ("prefill", "decode")
+    _check_profile(specs[DECODER], prefill, limits.ranges("prefill"))
+    _check_profile(specs[DECODER], decode, limits.ranges("decode"))
+    assert limits.ranges("decode")["seq"] == (1, 1, 1)
+    assert limits.ranges("prefill")["past"] == (0, 0, 255)
+    assert limits.ranges("decode")["past"] == (0, 128, 255)
+    # opt prefill = the video block of N/2 frames + a short prompt
+    assert limits.ranges("prefill")["seq"] == (1, 4 * cfg.tokens_per_frame + 64, 256)
+
+
+def test_profiles_7b():
+    cfg = load_preset("trace-7b")
+    specs = graph_specs(cfg, "fp16")
+    limits = Limits(max_frames=128, max_seq=4096, tokens_per_frame=cfg.tokens_per_frame)
+    (vis,) = profiles_from_spec(specs[VISION_ENCODER], limits)
+    assert vis.shapes["pixel_values"] == ((1, 3, 336, 336), (64, 3, 336, 336), (128, 3, 336, 336))
+    profiles = profiles_from_spec(specs[DECODER], limits)
+    assert [p.name for p in profiles] == ["prefill", "decode"]
+    for p, phase in zip(profiles, ("prefill", "decode"), strict=True):
+        _check_profile(specs[DECODER], p, limits.ranges(phase))
+        assert len(p.shapes) == 2 + 2 * cfg.num_hidden_layers
+    # KV inputs: the cache can hold max_seq positions, so past <= max_seq - 1
+    kv = [t for t in specs[DECODER].inputs if t.name.startswith("past_")]
+    axis = next(i for i, d in enumerate(kv[0].shape) if d == "past")
+    assert profiles[1].shapes[kv[0].name][2][axis] == 4095
+    assert profiles[0].to_dict()["shapes"]["inputs_embeds"] == {
+        "min": [1, 1, 4096], "opt": [1, 64 * 14 + 64, 4096], "max": [1, 4096, 4096],
+    }  # fmt: skip
+
+
+def test_profiles_unknown_dim():
+    spec = GraphSpec("g", "g.onnx", (TensorSpec("x", "float32", ("batch", 3)),), ())
+    with pytest.raises(ValueError, match="batch"):
+        profiles_from_spec(spec, Limits())
+
+
+# ---- manifest section ----------------------------------------------------------------
+GPU = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+
+
+def _fake_artifact(root: Path) -> dict:
+    """A manifest plus fake engine files and the section `export trt` would write."""
+    root.mkdir()
+    (root / MANIFEST_FILE).write_text(json.dumps({"format": "x", "files": {}, "graphs": {}}))
+    (root / tm.ENGINE_DIR).mkdir()
+    cfg = load_preset("tiny")
+    specs = graph_specs(cfg, "fp16")
+    limits = Limits(8, 256, cfg.tokens_per_frame)
+    engines = {}
+    for i, name in enumerate(GRAPH_NAMES):
+        rel = f"{tm.ENGINE_DIR}/{name}.fp16.engine"
+        (root / rel).write_bytes(bytes([i]) * (100 + i))
+        engines[name] = {
+            "file": rel,
+            "bytes": 100 + i,
+            "sha256": tm.sha256_file(root / rel),
+            "onnx": f"{name}.onnx",
+            "strongly_typed": True,
+            "flags": [],
+            "variant": None,
+            "profiles": [p.to_dict() for p in profiles_from_spec(specs[name], limits)],
+            "build_s": 1.0,
+        }
+    return {
+        "format": tm.FORMAT,
+        "version": "10.9.0.34",
+        "gpu": GPU,
+        "precision": "fp16",
+        "limits": {"max_frames": 8, "max_seq": 256},
+        "engines": engines,
+    }
+
+
+def test_manifest_section_round_trip(tmp_path):
+    root = tmp_path / "a"
+    section = _fake_artifact(root)
+    with pytest.raises(CheckpointError, match="python -m export trt"):
+        tm.read_section(json.loads((root / MANIFEST_FILE).read_text()), root)
+    tm.write_section(root, section)
+    manifest = json.loads((root / MANIFEST_FILE).read_text())
+    assert manifest["format"] == "x"  # the rest of the manifest is kept
+    back = tm.read_section(manifest, root)
+    assert back == section
+    tm.verify_engines(back, root)
+    dec = back["engines"][DECODER]
+    assert tm.profile_index(dec, "decode") == 1
+    assert tm.profile_max(dec, 0, "inputs_embeds") == [1, 256, 64]
+
+    tm.check_compatible(back, "10.9.0.34", GPU)
+    with pytest.raises(CheckpointError, match=r"TensorRT 10\.9\.0\.34.*TensorRT 10\.13"):
+        tm.check_compatible(back, "10.13.0.35", GPU)
+    with pytest.raises(CheckpointError, match=r"compute capability 9\.0.*8\.9"):
+        tm.check_compatible(back, "10.9.0.34", {"name": "NVIDIA L40S", "compute_capability": "8.9"})
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        pcie = {"name": "NVIDIA H100 PCIe", "compute_capability": "9.0"}
+        tm.check_compatible(back, "10.9.0.34", pcie)
+    assert any("H100 PCIe" in str(x.message) for x in w)
+
+    (root / dec["file"]).write_bytes(b"\x07" * dec["bytes"])  # same size, other content
+    tm.verify_engines(back, root, verify="size")
+    with pytest.raises(CheckpointError, match="sha256"):
+        tm.verify_engines(back, root)
+    (root / dec["file"]).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        tm.verify_engines(back, root)
+
+
+def test_onnxruntime_ignores_engines(tiny_ckpt, tmp_path):
+    # A tensorrt section (engines not in manifest["files"]) must not change what the
+    # onnxruntime backend loads or hashes.
+    from export import export_onnx
+    from trace_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    art = export_onnx(tiny_ckpt, tmp_path / "art", progress=False)
+    section = _fake_artifact(tmp_path / "fake")
+    for rec in section["engines"].values():
+        (art / tm.ENGINE_DIR).mkdir(exist_ok=True)
+        (art / rec["file"]).write_bytes((tmp_path / "fake" / rec["file"]).read_bytes())
+    tm.write_section(art, section)
+    OnnxRuntimeBackend(art, cache_dir=False)
+
+
+# ---- no tensorrt / no CUDA -------------------------------------------------------------
+BLOCK = "import sys; sys.modules['tensorrt'] = None; sys.modules['cuda'] = None\n"
+
+
+def _py(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK + code], capture_output=True, text=True)
+
+
+def test_runtime_imports_without_tensorrt():
+    out = _py(
+        "import trace_rt, trace_rt.backends, trace_rt.cli, trace_rt.pipeline\n"
+        "import trace_rt.backends.tensorrt_manifest, export.trt\n"
+        "from trace_rt.backends import BACKENDS\n"
+        "assert 'tensorrt' in BACKENDS\n"
+        "bad = [m for m in ('tensorrt', 'cuda', 'cuda.bindings') if sys.modules.get(m)]\n"
+        "print(bad)"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"]])
+def test_cli_help_without_tensorrt(argv):
+    out = _py(f"sys.argv = ['trace-rt', *{argv!r}]\nfrom trace_rt.cli import main\nmain()")
+    assert out.returncode == 0, out.stderr
+    assert "usage: trace-rt" in out.stdout
+    if argv == ["run", "--help"]:
+        assert "tensorrt" in out.stdout  # listed as a --backend choice
+
+
+def test_backend_names_missing_tensorrt():
+    out = _py("import trace_rt.backends.tensorrt_backend")
+    assert out.returncode != 0
+    assert "ImportError" in out.stderr and "`tensorrt` package" in out.stderr
+    out = _py("from trace_rt.backends import load_backend\nload_backend('tensorrt', '.')")
+    assert "`tensorrt` package" in out.stderr
+
+
+def test_backend_names_missing_cuda_python():
+    # tensorrt present (a stand-in module), cuda-python absent: the error names cuda-python.
+    code = "import types\nsys.modules['tensorrt'] = types.ModuleType('tensorrt')\n"
+    out = _py(code + "import trace_rt.backends.tensorrt_backend")
+    assert out.returncode != 0
+    assert "`cuda-python` package" in out.stderr
+
+
+def test_export_trt_names_missing_tensorrt(tiny_ckpt, tmp_path):
+    from export import export_onnx
+
+    art = export_onnx(tiny_ckpt, tmp_path / "art", progress=False)
+    out = _py(f"from export.cli import main\nsys.exit(main(['trt', {str(art)!r}]))")
+    assert out.returncode == 2
+    assert "needs the `tensorrt` package" in out.stderr
+
+
+# ---- the backend's bookkeeping on CPU (tests/fake_tensorrt.py) ----------------------------
+@pytest.fixture(scope="module")
+def fake_art(tiny_ckpt, tmp_path_factory) -> Path:
+    from export import export_onnx
+    from tests.fake_tensorrt import fake_engines
+
+    art = export_onnx(tiny_ckpt, tmp_path_factory.mktemp("fake") / "art", progress=False)
+    fake_engines(art, max_frames=8, max_seq=512)
+    return art
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    """tensorrt and cuda-python replaced by the CPU fakes while the test runs."""
+    import trace_rt.backends as pkg
+    from tests.fake_tensorrt import make_modules
+
+    fresh = ("tensorrt_backend", "cuda_rt")
+    # Both the sys.modules entries and the package attributes: `from trace_rt.backends
+    # import cuda_rt` would otherwise pick up a module bound to another test's fakes.
+    for m in fresh:
+        monkeypatch.delitem(sys.modules, f"{pkg.__name__}.{m}", raising=False)
+        monkeypatch.delattr(pkg, m, raising=False)
+    mods = make_modules()
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    yield mods["cuda.bindings.runtime"]
+    for m in fresh:  # drop the fake-bound modules (monkeypatch restores earlier ones)
+        sys.modules.pop(f"{pkg.__name__}.{m}", None)
+        if hasattr(pkg, m):
+            delattr(pkg, m)
+
+
+def test_fake_build_then_run(fake_trt, tiny_ckpt, tmp_path, clip_video):
+    # build_engines end to end against the stand-in builder (which checks every profile
+    # against the parsed network's inputs), then the backend on what it wrote.
+    import tensorrt
+
+    from export import export_onnx
+    from export.trt import TensorRTBuildError, build_engines
+    from trace_rt.generate import GenerationConfig
+    from trace_rt.pipeline import Pipeline
+
+    art = export_onnx(tiny_ckpt, tmp_path / "art", progress=False)
+    section = build_engines(art, max_seq=512, progress=False)
+    assert section["limits"] == {"max_frames": 8, "max_seq": 512}  # tiny's num_frames
+    assert section["precision"] == "fp32" and section["gpu"]["name"] == "Fake GPU"
+    built = tensorrt.Builder.built
+    assert len(built) == 3 and all("TF32" not in b["flags"] and b["network_flags"] for b in built)
+    cache = art / section["timing_cache"]
+    assert cache.read_bytes() == b"+++"  # one cache, passed from build to build
+    again = build_engines(art, max_seq=512, graphs=["decoder"], progress=False)
+    assert cache.read_bytes() == b"++++"  # reused, not restarted
+    assert again["engines"]["vision_encoder"] == section["engines"]["vision_encoder"]
+
+    gen = GenerationConfig(max_new_tokens=16)
+    got = Pipeline.from_dir(art, "tensorrt", device="cuda").run(
+        clip_video, "mr", query=QUERY, gen=gen
+    )
+    want = Pipeline.from_dir(art, "onnxruntime", cache_dir=False).run(
+        clip_video, "mr", query=QUERY, gen=gen
+    )
+    assert got["token_ids"] == want["token_ids"]
+
+    # fp16 on an fp32 export: TensorRT 10's weak typing; TensorRT 11 has none.
+    weak = build_engines(art, precision="fp16", max_seq=512, progress=False)
+    assert weak["engines"]["decoder"]["flags"] == ["FP16"]
+    assert not weak["engines"]["decoder"]["strongly_typed"]
+    del tensorrt.BuilderFlag.FP16
+    with pytest.raises(TensorRTBuildError, match="weak typing"):
+        build_engines(art, precision="fp16", max_seq=512, progress=False)
+    with pytest.raises(TensorRTBuildError, match="export quantize"):
+        build_engines(art, precision="int8", max_seq=512, progress=False)
+    with pytest.raises(TensorRTBuildError, match="exceeds the model's context"):
+        build_engines(art, max_seq=10**6, progress=False)
+
+
+def test_fake_backend_matches_onnxruntime(fake_trt, fake_art, clip_video):
+    from trace_rt.backends import load_backend
+    from trace_rt.generate import GenerationConfig
+    from trace_rt.pipeline import Pipeline
+    from trace_rt.tokens import Head
+
+    # Same graph, same inputs: the logits must be identical, so any mis-bound buffer,
+    # wrong KV slot or stale prefix shows up exactly.
+    trt_b = load_backend("tensorrt", fake_art, device="cuda", cuda_graphs=0)
+    ort_b = load_backend("onnxruntime", fake_art, cache_dir=False)
+    c = trt_b.config
+    px = np.random.default_rng(0).standard_normal((3, 3, *[c.vision.image_size] * 2), np.float32)
+    tid = np.full((3, 6), 4, np.int64)
+    video = trt_b.encode_video(px, tid)
+    np.testing.assert_array_equal(trt_b.video_to_host(video), ort_b.encode_video(px, tid))
+    prompt = [1, 733, -201, 28705, 13]
+    ort_video = ort_b.encode_video(px, tid)
+    np.testing.assert_array_equal(
+        trt_b.prefill(prompt, video, Head.TEXT), ort_b.prefill(prompt, ort_video, Head.TEXT)
+    )
+    for token, head in [(32005, Head.TIME), (1234, Head.SCORE), (32016, Head.TEXT)]:
+        np.testing.assert_array_equal(
+            trt_b.decode_step(token, head), ort_b.decode_step(token, head)
+        )
+
+    pipes = {
+        b: Pipeline.from_dir(fake_art, b, **opts)
+        for b, opts in [("tensorrt", {"device": "cuda"}), ("onnxruntime", {"cache_dir": False})]
+    }
+    gens = [
+        GenerationConfig(max_new_tokens=24),
+        GenerationConfig(max_new_tokens=24, temperature=1.0, seed=3),
+    ]
+    for task in ("dvc", "mr"):
+        query = None if task == "dvc" else QUERY
+        for gen in gens:
+            got = pipes["tensorrt"].run(clip_video, task, query=query, gen=gen)
+            want = pipes["onnxruntime"].run(clip_video, task, query=query, gen=gen)
+            assert got["token_ids"] == want["token_ids"], (task, gen)
+
+
+def test_fake_backend_cuda_graphs(fake_trt, fake_art, clip_video):
+    from trace_rt.generate import GenerationConfig
+    from trace_rt.pipeline import Pipeline
+
+    gen = GenerationConfig(max_new_tokens=16)
+    plain = Pipeline.from_dir(fake_art, "tensorrt", device="cuda", cuda_graphs=0)
+    want = plain.run(clip_video, "dvc", gen=gen)["token_ids"]
+    graphs = Pipeline.from_dir(fake_art, "tensorrt", device="cuda", cuda_graphs=8)
+    got = [graphs.run(clip_video, "dvc", gen=gen)["token_ids"] for _ in range(3)]
+    assert got == [want] * 3
+    # Run 1 sees each past length, run 2 captures the first 8 (the cap), run 3 replays them.
+    assert len(graphs.backend._graphs) == 8 and fake_trt.launches == 8
+    graphs.backend.clear_cuda_graphs()
+    assert graphs.run(clip_video, "dvc", gen=gen)["token_ids"] == want
+
+
+def test_fake_backend_errors(fake_trt, fake_art, tmp_path):
+    import shutil
+
+    from trace_rt.backends import load_backend
+    from trace_rt.errors import InputError, PromptTooLongError
+    from trace_rt.tokens import Head
+
+    with pytest.raises(InputError, match="--device cuda"):
+        load_backend("tensorrt", fake_art, device="cpu")
+    b = load_backend("tensorrt", fake_art, device="cuda", verify="size")
+    c = b.config
+    with pytest.raises(InputError, match="--max-frames"):
+        b.encode_video(np.zeros((9, 3, *[c.vision.image_size] * 2), np.float32), np.zeros((9, 6)))
+    with pytest.raises(PromptTooLongError, match="--max-seq 512"):
+        b.prefill([1] * 400 + [-201], np.zeros((200, c.hidden_size), np.float32), Head.TEXT)
+
+    art = Path(shutil.copytree(fake_art, tmp_path / "v"))
+    manifest = json.loads((art / MANIFEST_FILE).read_text())
+    manifest["tensorrt"]["version"] = "10.0.0"
+    (art / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"built with TensorRT 10\.0\.0"):
+        load_backend("tensorrt", art, device="cuda")
+    del manifest["tensorrt"]
+    (art / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="export trt"):
+        load_backend("tensorrt", art, device="cuda")
+
+
+# ---- GPU -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trt_artifacts(tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("tensorrt")
+    pytest.importorskip("cuda")
+    from export import export_onnx
+    from export.trt import build_engines
+
+    root = tmp_path_factory.mktemp("trt")
+    arts = {}
+    for dt in ("fp32", "fp16"):
+        art = export_onnx(tiny_ckpt, root / dt, dtype=dt, progress=False)
+        build_engines(art, max_frames=8, max_seq=256, progress=False)
+        arts[dt] = art
+    return arts
+
+
+@pytest.mark.gpu
+def test_engine_build_tiny(trt_artifacts):
+    art = trt_artifacts["fp32"]
+    manifest = json.loads((art / MANIFEST_FILE).read_text())
+    section = tm.read_section(manifest, art)
+    tm.verify_engines(section, art)
+    assert section["precision"] == "fp32" and section["limits"] == {"max_frames": 8, "max_seq": 256}
+    assert [p["name"] for p in section["engines"][DECODER]["profiles"]] == ["prefill", "decode"]
+    cache = art / section["timing_cache"]
+    size = cache.stat().st_size
+    from export.trt import build_engines
+
+    again = build_engines(art, max_frames=8, max_seq=256, progress=False)  # reuses the cache
+    assert again["timing_cache"] == section["timing_cache"] and cache.stat().st_size >= size
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_graph_parity_vs_torch(trt_artifacts, tiny_ckpt, dtype):
+    import torch
+
+    from trace_rt.backends.tensorrt_backend import TensorRTBackend
+    from trace_rt.model import load_model
+    from trace_rt.tokens import Head
+
+    model = load_model(tiny_ckpt, dtype="fp32")
+    backend = TensorRTBackend(trt_artifacts[dtype])
+    cfg = model.config
+    g = torch.Generator().manual_seed(7)
+    px = torch.randn(3, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    tid = torch.randint(0, cfg.time_vocab_size, (3, 6), generator=g)
+    with torch.no_grad():
+        want_video = model.project(model.encode_frames(px), tid).numpy()
+        got_video = backend.video_to_host(backend.encode_video(px.numpy(), tid.numpy()))
+        x = torch.randn(1, 9, cfg.hidden_size, generator=g)
+        model.setup_caches(32)
+        want = [model.all_logits(model.prefill(x))]
+        got = [backend.prefill([-201], x[0].numpy(), Head.TEXT)]
+        for step, token in enumerate([32005, 1234]):
+            hidden = model.decode_step(torch.tensor([[token]]), torch.tensor([9 + step]))
+            want.append(model.all_logits(hidden))
+            got.append(backend.decode_step(token, Head.TEXT))
+    text = cfg.ids.text_vocab + 1
+    bounds = {"fp32": {PROJECTOR: 1e-4, DECODER: 1e-4}, "fp16": RTOL_FP16}[dtype]
+    assert _rel(got_video, want_video) <= bounds[PROJECTOR]
+    assert _rel(np.stack(got), torch.cat(want)[:, :text].numpy()) <= bounds[DECODER]
+
+
+@pytest.mark.gpu
+def test_tokens_equal_torch_and_onnxruntime(trt_artifacts, tiny_ckpt, clip_video):
+    from trace_rt.generate import GenerationConfig
+    from trace_rt.pipeline import Pipeline
+
+    pipes = {
+        "tensorrt": Pipeline.from_dir(trt_artifacts["fp32"], "tensorrt", device="cuda"),
+        "onnxruntime": Pipeline.from_dir(trt_artifacts["fp32"], "onnxruntime", cache_dir=False),
+        "torch": Pipeline.from_dir(tiny_ckpt, "torch"),
+    }
+    gen = GenerationConfig(max_new_tokens=32)
+    for task in ("dvc", "mr", "vhd"):
+        query = None if task == "dvc" else QUERY
+        ids = {
+            k: p.run(clip_video, task, query=query, gen=gen)["token_ids"] for k, p in pipes.items()
+        }
+        assert ids["tensorrt"] == ids["torch"] == ids["onnxruntime"], task
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_plain_runs(trt_artifacts, clip_video):
+    from trace_rt.generate import GenerationConfig
+    from trace_rt.pipeline import Pipeline
+
+    gen = GenerationConfig(max_new_tokens=24)
+    plain = Pipeline.from_dir(trt_artifacts["fp16"], "tensorrt", device="cuda", cuda_graphs=0)
+    graphs = Pipeline.from_dir(trt_artifacts["fp16"], "tensorrt", device="cuda", cuda_graphs=64)
+    want = plain.run(clip_video, "dvc", gen=gen)["token_ids"]
+    # Runs 1: seen, 2: captured, 3: replayed (same prompt length every time).
+    for _ in range(3):
+        assert graphs.run(clip_video, "dvc", gen=gen)["token_ids"] == want
+    assert len(graphs.backend._graphs) > 0

@@ -1,0 +1,67 @@
+"""Graph variants of an artifact directory (quantised decoders), as the manifest lists them.
+
+``python -m export quantize`` records each variant under
+``manifest["variants"][graph][name]`` with its files' sha256, the scheme and the
+``decoder.onnx`` it was made from. Variant files are not in ``manifest["files"]``: they
+are checked here, when a runtime picks one, so loading the fp32 graphs does not hash
+gigabytes of variants it will not use.
+
+Torch-free (the serving image imports it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trace_rt.errors import CheckpointError
+from trace_rt.graphs import DECODER, MANIFEST_FILE, sha256_file
+
+
+def variant_names(manifest: dict[str, Any], graph: str = DECODER) -> list[str]:
+    return sorted(manifest.get("variants", {}).get(graph, {}))
+
+
+def load_variant(
+    manifest: dict[str, Any],
+    model_dir: str | Path,
+    name: str,
+    graph: str = DECODER,
+    verify: str = "sha256",
+) -> dict[str, Any]:
+    """The manifest record of *graph*'s variant *name*, its files checked.
+
+    Raises:
+        CheckpointError: unknown variant, made from another graph than the artifact's,
+            or a missing, mis-sized or mismatched file.
+    """
+    root = Path(model_dir)
+    variants = manifest.get("variants", {}).get(graph, {})
+    if name not in variants:
+        have = ", ".join(variant_names(manifest, graph)) or "none"
+        raise CheckpointError(
+            f"{root}: no {graph} variant {name!r} in {MANIFEST_FILE} (available: {have}); "
+            f"make it with `python -m export quantize {root} --int4` (or --int8)"
+        )
+    rec = variants[name]
+    src = rec["source"]
+    if manifest["files"].get(src["file"], {}).get("sha256") != src["sha256"]:
+        raise CheckpointError(
+            f"{root}: {rec['file']} was made from another {src['file']} than this "
+            f"artifact's (re-run `python -m export quantize {root}`)"
+        )
+    for rel, f in rec["files"].items():
+        path = root / rel
+        if not path.is_file():
+            raise CheckpointError(
+                f"{root}: {rel} is missing ({graph} variant {name!r} in {MANIFEST_FILE}); "
+                f"re-run `python -m export quantize {root}`"
+            )
+        if path.stat().st_size != f["bytes"] or (
+            verify == "sha256" and sha256_file(path) != f["sha256"]
+        ):
+            raise CheckpointError(
+                f"{root}: {rel} does not match its record in {MANIFEST_FILE} ({graph} "
+                f"variant {name!r}); re-run `python -m export quantize {root}`"
+            )
+    return rec
