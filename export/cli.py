@@ -22,21 +22,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", type=Path, help="HF-format TRACE checkpoint directory")
     p.add_argument("out", type=Path, help="artifact directory to write")
-    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="graph dtype")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="graph dtype (bf16: for TensorRT/CUDA; the onnxruntime backend refuses it)",
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
 
     q = sub.add_parser(
         "quantize",
-        help="add weight-only int4/int8 decoder variants to an artifact directory",
+        help="add weight-only int4/int8/fp8 decoder variants to an artifact directory",
         description="Write decoder.int{4,8}.onnx (onnxruntime MatMulNBits) and "
-        "decoder.int{4,8}.qdq.onnx (DequantizeLinear+MatMul, for TensorRT) into OUT and record "
-        "them in its manifest; run one with `trace-rt run ... --backend onnxruntime --quant int4`.",
+        "decoder.int{4,8}.qdq.onnx (DequantizeLinear+MatMul, for TensorRT), or with --fp8 "
+        "decoder.fp8.qdq.onnx (float8 E4M3FN weights, for `export trt --fp8`), into OUT and "
+        "record them in its manifest; run one with "
+        "`trace-rt run ... --backend onnxruntime --quant int4`.",
     )
     q.add_argument("out", type=Path, help="artifact directory written by `python -m export onnx`")
     bits = q.add_mutually_exclusive_group(required=True)
     bits.add_argument("--int4", dest="bits", action="store_const", const=4, help="4-bit weights")
     bits.add_argument("--int8", dest="bits", action="store_const", const=8, help="8-bit weights")
+    bits.add_argument(
+        "--fp8",
+        dest="bits",
+        action="store_const",
+        const="fp8",
+        help="float8 E4M3FN weights per output channel (QDQ form only, for TensorRT)",
+    )
     q.add_argument(
         "--block-size", type=int, choices=[16, 32, 64, 128, 256], default=32, help="default 32"
     )
@@ -50,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lm-head", action="store_true", help="quantise lm_head too (default: keep)")
     q.add_argument(
         "--forms",
-        default="nbits,qdq",
-        help="comma-separated: nbits (onnxruntime), qdq (TensorRT), dynamic (int8 only)",
+        default=None,
+        help="comma-separated: nbits (onnxruntime), qdq (TensorRT), dynamic (int8 only); "
+        "default nbits,qdq (qdq for --fp8)",
     )
     _add_trt_parser(sub)
     from export.atc import add_atc_parser  # Ascend ATC variants (export/atc.py)
@@ -108,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                 block_size=args.block_size,
                 accuracy_level=args.accuracy_level,
                 lm_head=args.lm_head,
-                forms=[f.strip() for f in args.forms.split(",") if f.strip()],
+                forms=(
+                    [f.strip() for f in args.forms.split(",") if f.strip()]
+                    if args.forms is not None
+                    else None
+                ),
             )
             for name, rec in records.items():
                 print(f"wrote {args.out / rec['file']} (variant {name}: {rec['scheme']})")

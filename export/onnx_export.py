@@ -30,6 +30,7 @@ import trace_rt
 from export.wrappers import WRAPPERS, example_inputs
 from trace_rt.config import save_vision_tower_config
 from trace_rt.graphs import (
+    BF16,
     EMBEDDINGS_FILE,
     FLOAT_DTYPES,
     GRAPH_NAMES,
@@ -63,8 +64,10 @@ def export_onnx(
     Args:
         checkpoint: HF-format TRACE checkpoint directory.
         out: artifact directory (created; files of a previous export are replaced).
-        dtype: ``fp32`` or ``fp16`` weights and activations; pixels in and logits out
-            stay f32.
+        dtype: ``fp32``, ``fp16`` or ``bf16`` weights and activations; pixels in and
+            logits out stay f32. bf16 artifacts are for TensorRT/CUDA: their
+            ``embeddings.npy`` holds bf16 bit patterns as uint16 (numpy has no bfloat16),
+            and the onnxruntime backend refuses them (its CPU EP lacks bf16 kernels).
         opset: ONNX opset (TensorRT 10 accepts 9..20).
         progress: show a progress display.
         external_data_threshold: graphs whose serialised size exceeds this many bytes keep
@@ -100,7 +103,7 @@ def export_onnx(
                 "files": _export_graph(model, spec, out, opset, external_data_threshold)
             }
         step(2 + len(specs))
-        emb = unified_embeddings(model).numpy()  # [ids, H]
+        emb = embeddings_array(model)  # [ids, H]
         np.save(out / EMBEDDINGS_FILE, emb, allow_pickle=False)
         step(3 + len(specs))
         _write_support_files(model, checkpoint, out, dtype)
@@ -122,9 +125,10 @@ def export_onnx(
             "graphs": graphs,
             "embeddings": {
                 "file": EMBEDDINGS_FILE,
-                "dtype": str(emb.dtype),
+                "dtype": FLOAT_DTYPES[dtype],
                 "shape": list(emb.shape),
-            },
+            }
+            | ({"storage": "uint16"} if dtype == BF16 else {}),
             "files": {
                 str(p.relative_to(out)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                 for p in sorted(out.rglob("*"))
@@ -149,6 +153,14 @@ def unified_embeddings(model: TraceModel) -> torch.Tensor:
     ).detach()
     assert table.shape[0] == model.config.ids.size
     return table.contiguous()
+
+
+def embeddings_array(model: TraceModel) -> np.ndarray:
+    """:func:`unified_embeddings` as numpy; bf16 as its bit patterns in uint16."""
+    table = unified_embeddings(model)
+    if table.dtype == torch.bfloat16:
+        return table.view(torch.int16).numpy().view(np.uint16)
+    return table.numpy()
 
 
 def _export_graph(

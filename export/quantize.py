@@ -1,7 +1,7 @@
-"""``python -m export quantize``: weight-only int4/int8 variants of an artifact's decoder.
+"""``python -m export quantize``: weight-only int4/int8/fp8 variants of an artifact's decoder.
 
 Each run reads ``decoder.onnx`` of an artifact directory (written by ``python -m export
-onnx``) and writes two variants next to it, recorded under
+onnx``) and writes two variants next to it (one for ``--fp8``), recorded under
 ``manifest["variants"]["decoder"][name]``:
 
 =============  =========================  ===============================================
@@ -12,6 +12,10 @@ name           file                       form
 ``int4-qdq``   ``decoder.int4.qdq.onnx``  int4/int8 weight initializers ->
 ``int8-qdq``   ``decoder.int8.qdq.onnx``  ``DequantizeLinear`` -> ``MatMul`` (TensorRT 10's
                                           weight-only pattern; onnxruntime runs it too)
+``fp8-qdq``    ``decoder.fp8.qdq.onnx``   FLOAT8E4M3FN weight initializers, per output
+                                          channel -> ``DequantizeLinear`` -> ``MatMul``
+                                          (``export trt --fp8``; onnxruntime's CPU EP runs
+                                          it too, dequantising to the graph's float type)
 =============  =========================  ===============================================
 
 Choices, and why:
@@ -46,6 +50,13 @@ Choices, and why:
   opset 21); int8 is per output channel (``axis=1``), the granularity TensorRT's int8
   weight-only path takes; an fp32 graph keeps its export opset for it (per-axis
   DequantizeLinear is opset 13), an fp16 one goes to 21 too (fp16 scales need 19).
+- **fp8** (``--fp8``, QDQ form only): E4M3FN weights (max 448, 3 mantissa bits), one scale
+  per output channel (``axis=1``, amax / 448, symmetric, round-to-nearest-even); float8
+  DequantizeLinear needs opset 19, to which the variant is converted. Heads are kept as
+  for int8. Only weights are fp8: activations stay in the graph's float type, so TensorRT
+  (strongly typed) dequantises into fp32/fp16 MatMuls, i.e. this saves weight memory
+  and bandwidth, not fp8 tensor-core math (that would need activation Q/DQ with
+  calibrated scales). Not built with TensorRT here (no GPU).
 """
 
 from __future__ import annotations
@@ -73,46 +84,60 @@ DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations x int4/int8 weights (see above)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 QDQ_INT4_OPSET = 21  # DequantizeLinear's block_size attribute and the INT4 type
+FP8_OPSET = 19  # DequantizeLinear with float8 inputs
+FP8 = "fp8"
+FP8_MAX = 448.0  # largest finite E4M3FN value
 FORMS = ("nbits", "qdq", "dynamic")
 DEFAULT_FORMS = ("nbits", "qdq")
 LOGITS = "logits"
 
 
-def variant_name(bits: int, form: str) -> str:
-    return f"int{bits}" if form == "nbits" else f"int{bits}-{form}"
+Bits = int | str  # 4, 8 or "fp8"
 
 
-def variant_file(bits: int, form: str) -> str:
-    return f"{DECODER}.int{bits}.onnx" if form == "nbits" else f"{DECODER}.int{bits}.{form}.onnx"
+def _tag(bits: Bits) -> str:
+    return FP8 if bits == FP8 else f"int{bits}"
+
+
+def variant_name(bits: Bits, form: str) -> str:
+    return _tag(bits) if form == "nbits" else f"{_tag(bits)}-{form}"
+
+
+def variant_file(bits: Bits, form: str) -> str:
+    tag = _tag(bits)
+    return f"{DECODER}.{tag}.onnx" if form == "nbits" else f"{DECODER}.{tag}.{form}.onnx"
 
 
 def quantize_artifact(
     artifact: str | Path,
-    bits: int,
+    bits: Bits,
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     lm_head: bool = False,
-    forms: Iterable[str] = DEFAULT_FORMS,
+    forms: Iterable[str] | None = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> dict[str, dict[str, Any]]:
     """Write *artifact*'s weight-only *bits*-bit decoder variants; returns {name: record}.
 
     Args:
         artifact: artifact directory written by ``python -m export onnx``.
-        bits: 4 or 8.
+        bits: 4, 8 or ``"fp8"`` (QDQ form only: E4M3FN weights per output channel).
         block_size: weights per quantisation block along K (int4 and MatMulNBits int8).
         accuracy_level: MatMulNBits compute precision (0 = unset, 1 fp32, 2 fp16, 3 bf16,
             4 int8 activations).
         lm_head: quantise the text head too (default: keep every head in full precision).
         forms: ``nbits`` (MatMulNBits, onnxruntime), ``qdq`` (TensorRT) and, int8 only,
-            ``dynamic`` (``quantize_dynamic``'s MatMulInteger, for comparison).
+            ``dynamic`` (``quantize_dynamic``'s MatMulInteger, for comparison); default
+            ``nbits`` and ``qdq`` (``qdq`` for fp8).
     """
-    if bits not in (4, 8):
-        raise InputError(f"bits must be 4 or 8, got {bits}")
+    if bits not in (4, 8, FP8):
+        raise InputError(f"bits must be 4, 8 or {FP8!r}, got {bits!r}")
     if block_size not in BLOCK_SIZES:
         raise InputError(f"block size must be one of {BLOCK_SIZES}, got {block_size}")
-    forms = tuple(forms)
+    forms = tuple(forms) if forms is not None else (("qdq",) if bits == FP8 else DEFAULT_FORMS)
+    if bits == FP8 and forms != ("qdq",):
+        raise InputError(f"fp8 has the qdq form only (TensorRT), not {list(forms)}")
     if unknown := set(forms) - set(FORMS):
         raise InputError(f"unknown forms {sorted(unknown)}; use {FORMS}")
     if bits == 4 and "dynamic" in forms:
@@ -142,7 +167,8 @@ def quantize_artifact(
             "source": source,
             "form": form,
             **_describe(form, bits, block_size),
-            "bits": bits,
+            "bits": 8 if bits == FP8 else bits,
+            "weight_type": "float8e4m3fn" if bits == FP8 else f"int{bits}",
             "accuracy_level": level,
             "opset": _opset(model),
             "weights": {
@@ -158,7 +184,7 @@ def quantize_artifact(
     return records
 
 
-def _describe(form: str, bits: int, block_size: int) -> dict[str, Any]:
+def _describe(form: str, bits: Bits, block_size: int) -> dict[str, Any]:
     """The manifest's description of one form's scheme."""
     if form == "nbits":
         return {
@@ -189,11 +215,11 @@ def _describe(form: str, bits: int, block_size: int) -> dict[str, Any]:
         "op": "DequantizeLinear+MatMul",
         "runtime": "tensorrt",
         "also_runs_on": ["onnxruntime"],
-        "granularity": "block" if bits == 4 else "channel",
+        "granularity": "block" if bits == 4 else "channel",  # int8, fp8: per channel
         "block_size": block_size if bits == 4 else None,
         "axis": "K" if bits == 4 else "N",
         "symmetric": True,
-        "algorithm": "rtn",
+        "algorithm": "rtn-even (cast to float8e4m3fn)" if bits == FP8 else "rtn",
     }
 
 
@@ -302,16 +328,19 @@ def _to_dynamic(model: onnx.ModelProto, kept: list[str]) -> onnx.ModelProto:
 
 # ---- QDQ (TensorRT) ------------------------------------------------------------------
 def _to_qdq(
-    model: onnx.ModelProto, chosen: list[str], bits: int, block_size: int
+    model: onnx.ModelProto, chosen: list[str], bits: Bits, block_size: int
 ) -> tuple[onnx.ModelProto, list[str]]:
-    """Replace each chosen MatMul's weight by int weights + DequantizeLinear.
+    """Replace each chosen MatMul's weight by int (or fp8) weights + DequantizeLinear.
 
     The opset is raised first (the converter would otherwise type the new nodes by the
     old opset's rules): to 21 for int4, and for fp16/bf16 weights, whose scales
-    DequantizeLinear takes from opset 19 on.
+    DequantizeLinear takes from opset 19 on; to 19 for fp8 (float8 inputs).
     """
     floats = {t.data_type for t in model.graph.initializer if t.name in _weights_of(model, chosen)}
-    if bits == 4 or floats - {TensorProto.FLOAT}:
+    if bits == FP8:
+        if _opset(model) < FP8_OPSET:
+            model = _convert_opset(model, FP8_OPSET)
+    elif bits == 4 or floats - {TensorProto.FLOAT}:
         model = _convert_opset(model, QDQ_INT4_OPSET)
     g = model.graph
     weights = {t.name: t for t in g.initializer}
@@ -328,7 +357,7 @@ def _to_qdq(
         if node.name in todo:
             w_name = node.input[1]
             w = numpy_helper.to_array(weights[w_name])
-            if bits == 8 or w.shape[0] % block_size == 0:
+            if bits != 4 or w.shape[0] % block_size == 0:
                 q_t, s_t, attrs = _qdq_tensors(w, w_name, bits, block_size)
                 dq_out = f"{w_name}_DQ"
                 nodes.append(
@@ -336,7 +365,7 @@ def _to_qdq(
                         "DequantizeLinear",
                         [q_t.name, s_t.name],
                         [dq_out],
-                        name=f"{node.name}_DQ_int{bits}",
+                        name=f"{node.name}_DQ_{_tag(bits)}",
                         **attrs,
                     )
                 )
@@ -362,12 +391,22 @@ def _weights_of(model: onnx.ModelProto, nodes: list[str]) -> set[str]:
 
 
 def _qdq_tensors(
-    w: np.ndarray, name: str, bits: int, block_size: int
+    w: np.ndarray, name: str, bits: Bits, block_size: int
 ) -> tuple[TensorProto, TensorProto, dict[str, int]]:
     """Symmetric RTN: int weights [K, N] + scales (blocked along K for int4, per column
-    for int8) and the DequantizeLinear attributes that go with them."""
+    for int8 and fp8) and the DequantizeLinear attributes that go with them."""
     k, n = w.shape
     wf = w.astype(np.float32)
+    if bits == FP8:
+        import ml_dtypes  # an onnx dependency: numpy's float8 types
+
+        amax = np.abs(wf).max(axis=0)  # [N]
+        scale = np.where(amax > 0, amax / FP8_MAX, 1.0).astype(w.dtype)
+        # Clip: the scale's rounding may push |w / s| a hair past 448, which would cast
+        # to NaN (E4M3FN has no infinity).
+        scaled = np.clip(wf / scale.astype(np.float32)[None, :], -FP8_MAX, FP8_MAX)
+        q_t = numpy_helper.from_array(scaled.astype(ml_dtypes.float8_e4m3fn), f"{name}_fp8")
+        return q_t, numpy_helper.from_array(scale, f"{name}_scale"), {"axis": 1}
     qmax = 7 if bits == 4 else 127  # symmetric range: -8 / -128 stay unused
     if bits == 4:
         amax = np.abs(wf.reshape(k // block_size, block_size, n)).max(axis=1)  # [K/B, N]

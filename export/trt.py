@@ -11,9 +11,10 @@ with fp32 softmax and logits), so engines are built as *strongly typed* networks
 keeps exactly the exported precisions. That is the only mode TensorRT 11 has, and it makes
 the engines numerically the graphs onnxruntime was tested with. A precision different from
 the export's (``--fp16``/``--bf16`` on an fp32 export) falls back to TensorRT 10's weak
-typing (builder flags), which TensorRT 11 removed. ``--fp8``/``--int8`` need a quantised
-QDQ decoder variant (``python -m export quantize``); the vision encoder and projector stay
-at the export dtype.
+typing (builder flags), which TensorRT 11 removed. ``--fp8``/``--int8``/``--int4`` need a
+quantised QDQ decoder variant (``python -m export quantize --fp8|--int8|--int4``: fp8 is
+weight-only E4M3FN, per output channel); the vision encoder and projector stay at the
+export dtype. No fp8 (or any) engine has been built here: no GPU, no TensorRT.
 
 ``tensorrt`` is imported inside the functions that build, so profiles can be computed and
 tested on machines without TensorRT.
@@ -321,8 +322,8 @@ def _variant(
         if len(qdq) != 1:
             make = (
                 f"make one with `python -m export quantize {out} --{precision}`"
-                if precision in ("int4", "int8")
-                else "`python -m export quantize` makes int4/int8 only"
+                if precision in QUANTISED
+                else "`python -m export quantize` makes int4/int8/fp8 only"
             )
             raise TensorRTBuildError(
                 f"--{precision} builds a quantised (QDQ) decoder variant: {make}, then pass "

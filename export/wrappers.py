@@ -17,14 +17,39 @@ from trace_rt.model.trace import TraceModel
 
 
 class VisionEncoderGraph(nn.Module):
-    """pixel_values [F, 3, H, W] f32 -> features [F, P, D]."""
+    """pixel_values [F, 3, H, W] f32 -> features [F, P, D].
+
+    bf16: ONNX's Conv takes bfloat16 only from opset 22 (the TorchScript exporter stops at
+    20), so a bf16 model's patch-embedding convolutions run in f32 here (bf16 weights widen
+    exactly; the output is rounded back to bf16): a Cast either side of one small Conv.
+    """
 
     def __init__(self, model: TraceModel):
         super().__init__()
         self.model = model
+        for parent in model.modules():
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Conv2d) and child.weight.dtype == torch.bfloat16:
+                    setattr(parent, name, _Fp32Conv(child))
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         return self.model.encode_frames(pixel_values)  # [F, P, D]
+
+
+class _Fp32Conv(nn.Module):
+    """A bf16 Conv2d computed in f32 (see :class:`VisionEncoderGraph`)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv.float()  # the model is loaded for this export only
+
+    @property
+    def weight(self) -> Tensor:
+        # The CLIP embeddings read the conv's dtype to cast the pixels (to bf16, kept).
+        return torch.empty(0, dtype=torch.bfloat16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x.float()).to(torch.bfloat16)
 
 
 class ProjectorGraph(nn.Module):

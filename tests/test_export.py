@@ -26,6 +26,7 @@ from trace_rt.graphs import (
     MANIFEST_FILE,
     PROJECTOR,
     VISION_ENCODER,
+    kv_names,
 )
 from trace_rt.model import load_model
 from trace_rt.pipeline import Pipeline
@@ -36,6 +37,9 @@ BUDGET = 48
 TRT_OPS = Path(__file__).parents[1] / "export" / "trt_ops.txt"
 # fp16 graphs vs the fp32 PyTorch stages (onnxruntime CPU runs fp16 kernels or upcasts).
 RTOL_FP16 = {VISION_ENCODER: 5e-3, PROJECTOR: 5e-3, DECODER: 2e-2}
+# bf16 graphs (run by onnx's reference evaluator: onnxruntime's CPU EP has no bf16
+# kernels) vs the fp32 PyTorch stages. Measured on tiny: 8e-3, 1.7e-2, 4e-3.
+RTOL_BF16 = {VISION_ENCODER: 3e-2, PROJECTOR: 5e-2, DECODER: 3e-2}
 # Decode-step ids for the graph parity checks: time, text, text <sync>, score.
 DECODE_IDS = [32005, 1234, 32000, 32020]
 
@@ -137,20 +141,28 @@ def test_small_graphs_match_torch_fp32(small):
 
 @pytest.mark.slow
 def test_small_tokens_equal_torch(small, clip_video):
-    # Kept short (2 frames, 8 tokens, two requests: ~10 s) so `small` stays cheap in CI;
-    # the tiny tests above cover every task, seeds, sampling and constrained decoding.
+    # All three tasks x two sampling seeds (temperature 1.0, which walks through all three
+    # heads; seed 6 constrained too) plus greedy dvc, kept short (2 frames, 10 tokens:
+    # ~15 s single-threaded) so `small` stays cheap in CI; the tiny tests run 48 tokens.
     ckpt, art = small
     ort_pipe = Pipeline.from_dir(art, "onnxruntime", cache_dir=False)
     torch_pipe = Pipeline.from_dir(ckpt, "torch")
-    greedy, sampled = (
-        GenerationConfig(max_new_tokens=8),
-        GenerationConfig(max_new_tokens=8, temperature=1.0, seed=5),
-    )
-    for task, gen in (("dvc", greedy), ("vhd", sampled)):
+    runs = [("dvc", GenerationConfig(max_new_tokens=10))]
+    for task in ("dvc", "mr", "vhd"):
+        runs += [
+            (task, GenerationConfig(max_new_tokens=10, temperature=1.0, seed=5)),
+            (task, GenerationConfig(max_new_tokens=10, temperature=1.0, seed=6, constrained=True)),
+        ]
+    ids = torch_pipe.backend.config.ids
+    heads = set()
+    for task, gen in runs:
         query = None if task == "dvc" else QUERY
         got = ort_pipe.run(clip_video, task, query=query, gen=gen, frames=2)
         want = torch_pipe.run(clip_video, task, query=query, gen=gen, frames=2)
         assert got["token_ids"] == want["token_ids"], (task, gen)
+        assert got["events"] == want["events"], (task, gen)
+        heads |= {(t >= ids.time_base) + (t >= ids.score_base) for t in got["token_ids"]}
+    assert heads == {0, 1, 2}  # text, time and score tokens were all generated
 
 
 def test_graphs_match_torch_fp16(artifacts, torch_model):
@@ -364,13 +376,115 @@ print(video.shape, logits.shape)
     assert out.stdout.split() == ["(28,", "64)", "(13,)"]
 
 
-def test_ops_supported_by_tensorrt(artifacts):
+@pytest.fixture(scope="module")
+def bf16_artifact(tiny_ckpt, tmp_path_factory) -> Path:
+    # Through the CLI, to cover `python -m export onnx --dtype bf16`.
+    out = tmp_path_factory.mktemp("bf16") / "tiny-bf16"
+    cmd = [sys.executable, "-m", "export", "onnx", str(tiny_ckpt), str(out), "--no-progress"]
+    subprocess.run([*cmd, "--dtype", "bf16"], check=True, capture_output=True)
+    return out
+
+
+def test_bf16_export(bf16_artifact, tiny_ckpt):
+    art = bf16_artifact
+    m = json.loads((art / MANIFEST_FILE).read_text())
+    assert m["export"]["dtype"] == "bf16" and m["config"]["torch_dtype"] == "bfloat16"
+    assert m["embeddings"] == {
+        "file": "embeddings.npy", "dtype": "bfloat16", "storage": "uint16",
+        "shape": [32027, 64],
+    }  # fmt: skip
+    elem = {"bfloat16": onnx.TensorProto.BFLOAT16, "float32": onnx.TensorProto.FLOAT}
+    elem["int64"] = onnx.TensorProto.INT64
+    for name in GRAPH_NAMES:
+        spec = m["graphs"][name]
+        model = onnx.load(str(art / spec["file"]))
+        onnx.checker.check_model(model, full_check=True)
+        g = model.graph
+        # I/O as the spec says: bf16 throughout, f32 pixels in and logits out.
+        io = [*spec["inputs"], *spec["outputs"]]
+        for got, want in zip([*g.input, *g.output], io, strict=True):
+            assert got.name == want["name"]
+            assert got.type.tensor_type.elem_type == elem[want["dtype"]], got.name
+        kinds = {t.data_type for t in g.initializer if t.data_type != onnx.TensorProto.INT64}
+        # The patch-embedding Conv stays f32 (ONNX Conv takes bf16 from opset 22 only).
+        want = {onnx.TensorProto.BFLOAT16}
+        if name == VISION_ENCODER:
+            want.add(onnx.TensorProto.FLOAT)
+        assert kinds == want, name
+    vision = onnx.load(str(art / "vision_encoder.onnx")).graph
+    f32 = [t for t in vision.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    assert len(f32) == 1 and len(f32[0].dims) == 4  # the conv weight only
+    # embeddings.npy: the bf16 table's bit patterns.
+    model = load_model(tiny_ckpt, dtype="bf16")
+    from export.onnx_export import unified_embeddings
+
+    bits = unified_embeddings(model).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(np.load(art / "embeddings.npy"), bits)
+
+
+def test_bf16_graphs_match_torch(bf16_artifact, torch_model):
+    # onnx's reference evaluator computes bf16 ops (ml_dtypes); this checks the graphs'
+    # numbers, not TensorRT's kernels (which have not run here).
+    import ml_dtypes
+    from onnx.reference import ReferenceEvaluator
+
+    def run(name: str, feeds: dict) -> list[np.ndarray]:
+        ev = ReferenceEvaluator(str(bf16_artifact / f"{name}.onnx"))
+        return [np.asarray(o).astype(np.float32) for o in ev.run(None, feeds)]
+
+    bf16 = ml_dtypes.bfloat16
+    cfg = torch_model.config
+    g = torch.Generator().manual_seed(7)
+    px = torch.randn(3, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    tid = torch.randint(0, cfg.time_vocab_size, (3, 6), generator=g)
+    x = torch.randn(1, 9, cfg.hidden_size, generator=g)
+    with torch.no_grad():
+        feats = torch_model.encode_frames(px)
+        video = torch_model.project(feats, tid)
+        torch_model.setup_caches(32)
+        want_dec = [torch_model.all_logits(torch_model.prefill(x))]
+        hidden = torch_model.decode_step(torch.tensor([[32005]]), torch.tensor([9]))
+        want_dec.append(torch_model.all_logits(hidden))
+    pairs = {
+        VISION_ENCODER: (run(VISION_ENCODER, {"pixel_values": px.numpy()})[0], feats),
+        PROJECTOR: (
+            run(PROJECTOR, {"features": feats.numpy().astype(bf16), "time_ids": tid.numpy()})[0],
+            video,
+        ),
+    }
+    kv = (1, 0, cfg.num_key_value_heads, cfg.attn_head_dim)
+    past = {n: np.zeros(kv, bf16) for i in range(cfg.num_hidden_layers) for n in kv_names(i)[:2]}
+    embeds = x.numpy().astype(bf16)
+    logits, *new = run(
+        DECODER, {"inputs_embeds": embeds, "position_ids": np.arange(9)[None]} | past
+    )
+    # One decode step on the prefill's K/V (the time id 32005's embedding row).
+    emb = np.load(bf16_artifact / "embeddings.npy")[32005].view(bf16)[None, None]
+    past = {n: new[j].astype(bf16) for j, n in enumerate(past)}
+    step, *_ = run(DECODER, {"inputs_embeds": emb, "position_ids": np.array([[9]])} | past)
+    pairs[DECODER] = (np.concatenate([logits, step]), torch.cat(want_dec))
+    for name, (got, want) in pairs.items():
+        assert got.shape == tuple(want.shape), name
+        err = _rel(got, want.numpy())
+        assert err <= RTOL_BF16[name], f"{name}: bf16 rel. error {err:.2e}"
+
+
+def test_bf16_refused_by_onnxruntime(bf16_artifact, clip_video):
+    with pytest.raises(CheckpointError, match=r"bf16 artifacts are for TensorRT/CUDA"):
+        OnnxRuntimeBackend(bf16_artifact, cache_dir=False)
+    cmd = [sys.executable, "-m", "trace_rt", "run", str(clip_video), "--model"]
+    cmd += [str(bf16_artifact), "--backend", "onnxruntime", "--max-new-tokens", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 2 and "bf16 artifacts are for TensorRT/CUDA" in out.stderr
+
+
+def test_ops_supported_by_tensorrt(artifacts, bf16_artifact):
     allowed = {
         line.strip()
         for line in TRT_OPS.read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    for dt, art in artifacts.items():
+    for dt, art in {**artifacts, "bf16": bf16_artifact}.items():
         for name in GRAPH_NAMES:
             graph = onnx.load(str(art / f"{name}.onnx"), load_external_data=False).graph
             ops = {(n.domain or "ai.onnx", n.op_type) for n in graph.node}

@@ -311,6 +311,22 @@ def test_fake_build_then_run(fake_trt, tiny_ckpt, tmp_path, clip_video):
         build_engines(art, precision="fp16", max_seq=512, progress=False)
     with pytest.raises(TensorRTBuildError, match="export quantize"):
         build_engines(art, precision="int8", max_seq=512, progress=False)
+    with pytest.raises(TensorRTBuildError, match=r"export quantize .* --fp8"):
+        build_engines(art, precision="fp8", max_seq=512, progress=False)
+    # --fp8 builds the decoder from the fp8 QDQ variant; the other graphs stay fp32.
+    from export.quantize import quantize_artifact
+
+    quantize_artifact(art, "fp8")
+    fp8 = build_engines(art, precision="fp8", max_seq=512, progress=False)
+    dec = fp8["engines"]["decoder"]
+    assert (dec["onnx"], dec["variant"]) == ("decoder.fp8.qdq.onnx", "fp8-qdq")
+    assert dec["strongly_typed"] and dec["file"].endswith("decoder.fp8-qdq.engine")
+    assert fp8["engines"]["projector"]["onnx"] == "projector.onnx"
+    got = Pipeline.from_dir(art, "tensorrt", device="cuda").run(
+        clip_video, "mr", query=QUERY, gen=gen
+    )
+    want = Pipeline.from_dir(art, "onnxruntime", cache_dir=False, decoder_variant="fp8-qdq")
+    assert got["token_ids"] == want.run(clip_video, "mr", query=QUERY, gen=gen)["token_ids"]
     with pytest.raises(TensorRTBuildError, match="exceeds the model's context"):
         build_engines(art, max_seq=10**6, progress=False)
 

@@ -69,8 +69,21 @@ MANIFEST_FORMAT = "trace-rt-artifact/1"
 # The decoder's KV-cache contract (manifest ``export.kv_cache``); see the module docstring.
 KV_CACHE = "preallocated-seq-major"
 
-# numpy dtype names; fp16 exports keep f32 at the runtime's boundaries (pixels, logits).
-FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16"}
+# Element type names (numpy's, and ml_dtypes'/torch's "bfloat16"); fp16 and bf16 exports
+# keep f32 at the runtime's boundaries (pixels in, logits out).
+FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# bf16 artifacts are for TensorRT (and CUDA): numpy has no bfloat16, so their
+# embeddings.npy holds the bf16 bit patterns as uint16 (manifest ``embeddings.storage``),
+# and onnxruntime's CPU EP lacks bf16 kernels for most of the graphs' ops (MatMul, ...),
+# so the onnxruntime backend refuses them.
+BF16 = "bf16"
+
+
+def dtype_itemsize(name: str) -> int:
+    """Bytes per element of a spec dtype (numpy's names, and bfloat16 without ml_dtypes)."""
+    import numpy as np
+
+    return 2 if name == "bfloat16" else np.dtype(name).itemsize
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,7 @@ class TensorSpec:
     """One graph input or output."""
 
     name: str
-    dtype: str  # numpy name: float32, float16, int64
+    dtype: str  # numpy name (float32, float16, int64) or bfloat16
     shape: tuple[Dim, ...]
 
     @property
@@ -185,7 +198,7 @@ def decoder_spec(cfg: TraceConfig, dtype: str = "fp32") -> GraphSpec:
 
 
 def graph_specs(cfg: TraceConfig, dtype: str = "fp32") -> dict[str, GraphSpec]:
-    """All three graphs' specs for *cfg* at export dtype *dtype* (fp32 or fp16)."""
+    """All three graphs' specs for *cfg* at export dtype *dtype* (fp32, fp16 or bf16)."""
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"unsupported export dtype {dtype!r}; use one of {list(FLOAT_DTYPES)}")
     return {

@@ -41,7 +41,7 @@ def load_variant(
         have = ", ".join(variant_names(manifest, graph)) or "none"
         raise CheckpointError(
             f"{root}: no {graph} variant {name!r} in {MANIFEST_FILE} (available: {have}); "
-            f"make it with `python -m export quantize {root} --int4` (or --int8)"
+            f"make it with `python -m export quantize {root} --int4` (or --int8, --fp8)"
         )
     rec = variants[name]
     src = rec["source"]

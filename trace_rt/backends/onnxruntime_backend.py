@@ -28,6 +28,7 @@ from trace_rt.backends.base import split_prompt
 from trace_rt.config import TraceConfig
 from trace_rt.errors import CheckpointError, PromptTooLongError
 from trace_rt.graphs import (
+    BF16,
     DECODER,
     EMBEDDINGS_FILE,
     GRAPH_NAMES,
@@ -80,6 +81,13 @@ class OnnxRuntimeBackend:
         self.model_dir = Path(model_dir)
         self.manifest = load_manifest(self.model_dir, verify=verify)
         self.config = TraceConfig.from_dir(self.model_dir)
+        if self.manifest["export"].get("dtype") == BF16:
+            raise CheckpointError(
+                f"{self.model_dir}: a bf16 export; bf16 artifacts are for TensorRT/CUDA "
+                "(`python -m export trt`, `--backend tensorrt`): onnxruntime's CPU EP has no "
+                "bf16 kernels for most of the graphs' ops. For onnxruntime export with "
+                "`python -m export onnx CKPT OUT --dtype fp16` (or fp32)"
+            )
         self.specs: dict[str, GraphSpec] = manifest_specs(self.manifest)
         missing = [g for g in GRAPH_NAMES if g not in self.specs]
         if missing:

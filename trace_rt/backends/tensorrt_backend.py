@@ -66,6 +66,7 @@ from trace_rt.graphs import (
     VISION_ENCODER,
     GraphSpec,
     TensorSpec,
+    dtype_itemsize,
     manifest_specs,
     sha256_file,
 )
@@ -315,7 +316,7 @@ class TensorRTBackend:
             if any(d != 1 for d in t.shape[: axes[0]]):  # else the prefix is strided
                 raise CheckpointError(f"{t.name} {t.shape} is not sequence-major")
             row = int(np.prod([d for d in t.shape if not isinstance(d, str)]))
-            row *= np.dtype(t.dtype).itemsize
+            row *= dtype_itemsize(t.dtype)  # bf16 specs: "bfloat16", not a numpy name
             self._kv.append(_KV(t.name, stem, t, row, self._alloc(self.max_seq * row)))
         max_seq = self.max_seq
         self._buffers[self._embeds] = self._alloc(max_seq * self._row_bytes)
