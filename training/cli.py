@@ -1,14 +1,23 @@
-"""``python -m training``: make checkpoints (training recipes arrive with their issue)."""
+"""``python -m training``: checkpoints, data and training for TRACE.
+
+Sub-commands: ``make-checkpoint`` (random weights), ``synth-data`` (a synthetic
+temporal-grounding set), ``convert`` (VTG-IT-style annotations -> training format),
+``train`` (a recipe on a data set) and ``eval`` (moment retrieval through the serving
+pipeline). Heavy imports happen inside each command.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import sys
 
 from training.presets import preset_names
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training", description="Produce TRACE checkpoints (HF format)."
     )
@@ -31,7 +40,71 @@ def main(argv: list[str] | None = None) -> int:
         help="store the CLIP weights in clip_vision/ instead of the checkpoint",
     )
     mk.add_argument("--max-shard-gb", type=float, default=4.0, help="shard size limit (GiB)")
-    args = parser.parse_args(argv)
+
+    sd = sub.add_parser(
+        "synth-data",
+        help="write a synthetic temporal-grounding set (mp4 videos + train/val JSON)",
+        description="Coloured shapes appear, move and vanish in known windows; captions, "
+        "moment-retrieval queries and per-clip saliency in the training format.",
+    )
+    sd.add_argument("out", help="output directory")
+    sd.add_argument("--videos", type=int, default=200)
+    sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--val-fraction", type=float, default=0.2)
+    sd.add_argument("--max-shapes", type=int, default=2, help="shapes per video: 1..N")
+    sd.add_argument("--fps", type=int, default=8)
+    sd.add_argument("--size", type=int, default=64, help="frame side in pixels")
+    sd.add_argument("--min-duration", type=float, default=8.0)
+    sd.add_argument("--max-duration", type=float, default=12.0)
+    sd.add_argument("--tasks", default="mr,dvc,vhd", help="comma-separated: mr,dvc,vhd")
+
+    cv = sub.add_parser("convert", help="convert VTG-IT-style annotations to the training format")
+    cv.add_argument("src", help="annotation JSON (dense captions, moment retrieval, highlights)")
+    cv.add_argument("dst", help="output split file (e.g. data/train.json)")
+    cv.add_argument("--kind", choices=["auto", "dvc", "mr", "vhd"], default="auto")
+    cv.add_argument("--video-root", default=".", help="directory of the videos")
+    cv.add_argument("--video-ext", default=".mp4", help="appended to ids without extension")
+    cv.add_argument("--on-bad-sample", choices=["fail", "skip"], default="fail")
+
+    tr = sub.add_parser(
+        "train",
+        help="train a recipe (torchrun for several processes)",
+        description="Train TRACE with the sum of the three heads' cross-entropies; writes a "
+        "release-format checkpoint to OUT and resumable checkpoints to OUT/.train/.",
+    )
+    tr.add_argument("--config", required=True, help="recipe YAML (training/recipes/*.yaml)")
+    tr.add_argument("--data", required=True, help="data directory (train.json) or split file")
+    tr.add_argument("--out", required=True, help="output checkpoint directory")
+    init = tr.add_mutually_exclusive_group()
+    init.add_argument("--init", help="start from this checkpoint")
+    init.add_argument("--preset", choices=preset_names(), help="start from random weights")
+    tr.add_argument("--max-steps", type=int, help="override the recipe's max_steps")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
+    tr.add_argument("--device", choices=["auto", "cpu", "cuda", "npu"], help="override device")
+    tr.add_argument("--dtype", choices=["fp32", "bf16"], help="override the recipe's dtype")
+    tr.add_argument(
+        "--on-bad-sample",
+        choices=["fail", "skip"],
+        help="a bad sample (missing video, malformed targets, timestamps past the end) stops "
+        "training (fail, the default) or is reported and skipped (skip)",
+    )
+    tr.add_argument("--seed", type=int, help="override the recipe's seed")
+    tr.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
+
+    ev = sub.add_parser("eval", help="moment-retrieval R@0.3/0.5/0.7 and mIoU on a split")
+    ev.add_argument("model", help="checkpoint or exported artifact directory")
+    ev.add_argument("--data", required=True, help="split file (e.g. DATA/val.json)")
+    ev.add_argument("--backend", default="onnxruntime")
+    ev.add_argument("--constrained", action="store_true", help="well-formed numbers only")
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--limit", type=int)
+    ev.add_argument("--out", help="also write the full report (predictions) as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     if args.command == "make-checkpoint":
         from training.make_checkpoint import make_checkpoint
@@ -46,4 +119,81 @@ def main(argv: list[str] | None = None) -> int:
             progress=sys.stderr.isatty(),
         )
         print(out)
+    elif args.command == "synth-data":
+        from training.synth import SynthConfig, make_synth_data
+
+        cfg = SynthConfig(
+            videos=args.videos,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            size=args.size,
+            fps=args.fps,
+            min_duration=args.min_duration,
+            max_duration=args.max_duration,
+            max_shapes=args.max_shapes,
+            tasks=tuple(t for t in args.tasks.split(",") if t),
+        )
+        print(json.dumps({"out": args.out, "samples": make_synth_data(args.out, cfg)}))
+    elif args.command == "convert":
+        from training.convert import convert
+
+        n = convert(
+            args.src,
+            args.dst,
+            kind=args.kind,
+            video_root=args.video_root,
+            video_ext=args.video_ext,
+            on_bad=args.on_bad_sample,
+        )
+        print(json.dumps({"out": args.dst, "samples": n}))
+    elif args.command == "train":
+        from training.data import BadSampleError
+        from training.recipe import TrainConfig
+        from training.trainer import train
+
+        if args.init is None and args.preset is None and not args.resume:
+            print("error: give --init CKPT or --preset NAME (or --resume)", file=sys.stderr)
+            return 2
+        rc = TrainConfig.load(
+            args.config,
+            max_steps=args.max_steps,
+            device=args.device,
+            dtype=args.dtype,
+            on_bad_sample=args.on_bad_sample,
+            seed=args.seed,
+        )
+        try:
+            summary = train(
+                rc,
+                args.data,
+                args.out,
+                init=args.init,
+                preset=args.preset,
+                resume=args.resume,
+                progress=False if args.no_progress else None,
+            )
+        except (BadSampleError, FileExistsError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        losses = summary.pop("losses")
+        if losses:
+            summary.update(first_loss=losses[0], last_loss=losses[-1])
+        if os.environ.get("RANK", "0") == "0":  # one summary per run, not per process
+            print(json.dumps({"out": args.out, **summary}))
+    elif args.command == "eval":
+        from training.evaluate import evaluate_mr
+
+        report = evaluate_mr(
+            args.model,
+            args.data,
+            backend=args.backend,
+            constrained=args.constrained,
+            max_new_tokens=args.max_new_tokens,
+            limit=args.limit,
+        )
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+        report.pop("predictions")
+        print(json.dumps(report))
     return 0

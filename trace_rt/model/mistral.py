@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from trace_rt.config import TraceConfig
 
@@ -121,11 +122,25 @@ class DecoderLayer(nn.Module):
 
 
 def run_decoder(
-    layers: nn.ModuleList, norm: RMSNorm, cfg: TraceConfig, embeds: Tensor, input_pos: Tensor
+    layers: nn.ModuleList,
+    norm: RMSNorm,
+    cfg: TraceConfig,
+    embeds: Tensor,
+    input_pos: Tensor,
+    *,
+    grad_checkpoint: bool = False,
 ) -> Tensor:
-    """Decoder body: embeddings [B, L, H] at absolute *input_pos* [L] -> normed hidden."""
+    """Decoder body: embeddings [B, L, H] at absolute *input_pos* [L] -> normed hidden.
+
+    *grad_checkpoint* (training) recomputes each layer in the backward pass instead of
+    keeping its activations: memory for compute. It has no effect without grad.
+    """
     cos, sin = rope_tables(cfg.attn_head_dim, input_pos, cfg.rope_theta)  # [L, hd] each
     x = embeds
+    recompute = grad_checkpoint and torch.is_grad_enabled()
     for layer in layers:
-        x = layer(x, cos, sin, input_pos)
+        if recompute:
+            x = checkpoint(layer, x, cos, sin, input_pos, use_reentrant=False)
+        else:
+            x = layer(x, cos, sin, input_pos)
     return norm(x)  # [B, L, H]

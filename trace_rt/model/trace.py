@@ -103,9 +103,22 @@ class TraceModel(nn.Module):
             out = torch.where(inside, tower(local.clamp(0, size - 1)), out)
         return out
 
-    def forward_embeds(self, embeds: Tensor, input_pos: Tensor) -> Tensor:
-        """Embeddings [B, L, H] at positions [L] -> normed hidden [B, L, H] (caches filled)."""
-        return run_decoder(self.model.layers, self.model.norm, self.config, embeds, input_pos)
+    def forward_embeds(
+        self, embeds: Tensor, input_pos: Tensor, *, grad_checkpoint: bool = False
+    ) -> Tensor:
+        """Embeddings [B, L, H] at positions [L] -> normed hidden [B, L, H] (caches filled).
+
+        Without caches (training: never call :meth:`setup_caches`) attention is causal over
+        the *input_pos* given, i.e. full-sequence teacher forcing.
+        """
+        return run_decoder(
+            self.model.layers,
+            self.model.norm,
+            self.config,
+            embeds,
+            input_pos,
+            grad_checkpoint=grad_checkpoint,
+        )
 
     def prefill(self, embeds: Tensor) -> Tensor:
         """Whole prompt [B, L, H] from position 0 -> last position's hidden [B, H]."""

@@ -1,0 +1,177 @@
+"""Training: the loss goes down, resume is exact, torchrun writes one checkpoint, and a
+trained checkpoint serves through ``trace-rt run`` (torch and exported onnxruntime)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from training.cli import main as training_main
+from training.recipe import TrainConfig
+from training.synth import SynthConfig, make_synth_data
+from training.trainer import STATE_DIR, train
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = {
+    "trainable": ["vision", "projector", "towers", "heads", "llm", "embed"],
+    "lr": 3.0e-3,
+    "warmup_steps": 1,
+    "max_steps": 8,
+    "batch_size": 2,
+    "num_frames": 4,
+    "tasks": ["mr"],
+    "device": "cpu",
+    "log_every": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tdata")
+    make_synth_data(root, SynthConfig(videos=3, seed=5, min_duration=4.0, max_duration=5.0,
+                                      min_window=1.5, max_window=2.5, max_shapes=1,
+                                      tasks=("mr",)))  # fmt: skip
+    # Two samples and batch 2: every step sees the same batch, so the loss must fall.
+    doc = json.loads((root / "train.json").read_text())
+    doc["samples"] = doc["samples"][:2]
+    (root / "train.json").write_text(json.dumps(doc))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "ckpt"
+    summary = train(TrainConfig.from_dict(RECIPE), data, out, preset="tiny", progress=False)
+    return out, summary
+
+
+def test_loss_goes_down(trained):
+    out, summary = trained
+    losses = summary["losses"]
+    assert len(losses) == RECIPE["max_steps"]
+    assert losses[-1] < 0.7 * losses[0], losses
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert {"loss_text", "loss_time", "loss_score", "samples_per_s"} <= set(log[0])
+    # The release-format checkpoint in OUT, and one resumable checkpoint under .train.
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["num_frames"] == 4
+    assert (out / STATE_DIR / "latest").read_text().strip() == "step-0000008"
+
+
+def test_resume_gives_the_same_next_step_loss(data, tmp_path):
+    rc = TrainConfig.from_dict({**RECIPE, "max_steps": 4, "save_every": 2, "sampling": "jitter"})
+    full = train(rc, data, tmp_path / "a", preset="tiny", progress=False)["losses"]
+    # Roll the run back to its step-2 checkpoint and continue.
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / STATE_DIR / "latest").write_text("step-0000002\n")
+    resumed = train(rc, data, tmp_path / "b", resume=True, progress=False)
+    assert resumed["start_step"] == 2
+    assert resumed["losses"] == pytest.approx(full[2:], rel=1e-6, abs=1e-6)
+    with pytest.raises(FileExistsError, match="--resume"):  # a fresh run would mix the two
+        train(rc, data, tmp_path / "a", preset="tiny", progress=False)
+
+
+def test_trained_checkpoint_runs_through_trace_rt(trained, data, tmp_path):
+    from export import export_onnx
+
+    out, _ = trained
+    art = export_onnx(out, tmp_path / "art", progress=False)
+    sample = json.loads((data / "val.json").read_text())["samples"][0]
+    video = str(data / sample["video"])
+    results = []
+    for model, backend in ((out, "torch"), (art, "onnxruntime")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "trace_rt", "run", video, "--model", str(model), "--backend",
+             backend, "--task", "mr", "--query", sample["query"], "--max-new-tokens", "24"],
+            capture_output=True, text=True, cwd=ROOT,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        res = json.loads(proc.stdout)
+        assert res["frames"] == 4 and res["token_ids"]
+        results.append(res["token_ids"])
+    assert results[0] == results[1]
+
+
+def test_bad_data_stops_training_with_the_sample_id(data, tmp_path, capsys):
+    doc = json.loads((data / "train.json").read_text())
+    bad = {**doc["samples"][0], "id": "broken-one", "video": str(tmp_path / "missing.mp4")}
+    doc["samples"] = [doc["samples"][0], bad]
+    split = tmp_path / "train.json"
+    split.write_text(json.dumps(doc).replace('"videos/', f'"{data}/videos/'))
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump({**RECIPE, "max_steps": 1}))
+    args = ["train", "--config", str(cfg), "--data", str(split), "--preset", "tiny",
+            "--no-progress"]  # fmt: skip
+    assert training_main([*args, "--out", str(tmp_path / "o1")]) == 2
+    assert "broken-one" in capsys.readouterr().err
+    assert training_main([*args, "--out", str(tmp_path / "o2"), "--on-bad-sample", "skip"]) == 0
+    assert (tmp_path / "o2" / "model.safetensors").is_file()
+
+
+def test_torchrun_two_processes_write_one_checkpoint(data, tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump({**RECIPE, "max_steps": 2, "batch_size": 1}))
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--standalone", "-m", "training", "train", "--config", str(cfg), "--data",
+         str(data), "--out", str(out), "--preset", "tiny", "--no-progress"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes on cpu" in proc.stderr
+    steps = sorted(p.name for p in (out / STATE_DIR).iterdir() if p.name.startswith("step-"))
+    assert steps == ["step-0000002"]
+    assert not list(out.glob(".final-tmp*")) and (out / "model.safetensors").is_file()
+    log = (out / "train_log.jsonl").read_text().splitlines()
+    assert len(log) == 2  # written by rank 0 only
+
+
+def test_gradient_checkpointing_and_bf16(data):
+    import torch
+
+    from trace_rt.tokenizer import TextTokenizer
+    from training.data import load_split
+    from training.dataset import GroundingDataset, collate
+    from training.loss import TraceLoss
+    from training.trainer import build_model
+
+    model, tok_file = build_model(None, "tiny", 4, seed=0)
+    ds = GroundingDataset(load_split(data), model.config, TextTokenizer.from_file(tok_file))
+    batch = collate([ds.get(0), ds.get(1)])
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        loss, _ = TraceLoss(model, grad_checkpoint=ckpt)(batch)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    # Recomputing layers in the backward pass changes memory, not gradients.
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16 = TraceLoss(model, grad_checkpoint=True)(batch)[0].detach()
+    loss = float(loss.detach())
+    assert torch.isfinite(loss16) and abs(float(loss16) - loss) < 0.1 * loss
+
+
+def test_processes_share_each_global_batch():
+    from training.trainer import Dist, micro_batches
+
+    rc = TrainConfig.from_dict({**RECIPE, "batch_size": 2, "grad_accum": 2})
+    seen = []
+    for step in range(3):  # 3 steps x 2 micro-batches x 2 ranks x 2 = 24 = two epochs of 12
+        for rank in (0, 1):
+            for mb in micro_batches(12, rc, Dist(rank, 2), step):
+                seen.extend(mb)
+    by_epoch = {e: sorted(i for i, ep in seen if ep == e) for e in (0, 1)}
+    assert by_epoch == {0: list(range(12)), 1: list(range(12))}

@@ -1,0 +1,153 @@
+"""Training recipes: a frozen dataclass read from a YAML file (``training/recipes/*.yaml``).
+
+Unknown keys are errors (a typo must not silently fall back to a default). Parameter
+groups name parts of the model by their release weight names:
+
+| group       | weights                                                        |
+|-------------|----------------------------------------------------------------|
+| `vision`    | `model.vision_tower.*` (CLIP)                                  |
+| `projector` | `model.mm_projector.*`                                         |
+| `towers`    | `model.{time,score,sync}_tower.*`                              |
+| `heads`     | `time_head`, `score_head`, `sync_head`                         |
+| `llm`       | `model.layers.*`, `model.norm`                                 |
+| `embed`     | `model.embed_tokens`, `lm_head` (the text vocabulary)          |
+
+The release's stage 1 trains `projector`, `towers`, `heads`; stage 2 adds `llm` and
+`embed` (``tune_lm_embed_head``) at a lower rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GROUPS = ("vision", "projector", "towers", "heads", "llm", "embed")
+DEVICES = ("auto", "cpu", "cuda", "npu")
+
+
+def param_group(name: str) -> str:
+    """The recipe group of a release weight name."""
+    if name.startswith("model.vision_tower."):
+        return "vision"
+    if name.startswith("model.mm_projector."):
+        return "projector"
+    if name.startswith(("model.time_tower.", "model.score_tower.", "model.sync_tower.")):
+        return "towers"
+    if name.startswith(("time_head.", "score_head.", "sync_head.")):
+        return "heads"
+    if name.startswith(("model.embed_tokens.", "lm_head.")):
+        return "embed"
+    if name.startswith(("model.layers.", "model.norm.")):
+        return "llm"
+    raise ValueError(f"weight {name!r} belongs to no parameter group")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training recipe.
+
+    Attributes:
+        trainable: parameter groups that learn (the rest are frozen).
+        lr: peak learning rate; ``lr_scale`` multiplies it per group.
+        warmup_ratio / warmup_steps: linear warm-up (steps win when > 0), then cosine
+            decay to ``min_lr_ratio * lr`` at ``max_steps``.
+        batch_size: samples per process per micro-step; ``grad_accum`` micro-steps per
+            optimiser step. Global batch = batch_size * grad_accum * processes.
+        dtype: ``fp32`` or ``bf16`` (autocast; master weights and optimiser stay fp32).
+        num_frames: frames per video (None: the checkpoint's ``num_frames``).
+        sampling: ``uniform`` (the runtime's rule) or ``jitter``.
+        snap_times: ``nearest`` (the release: each target timestamp to the closest
+            sampled frame), ``cover`` (a span to the frames bracketing it) or ``none``.
+        tasks: keep only samples of these tasks (None: all).
+        on_bad_sample: ``fail`` or ``skip`` (reported with the sample id either way).
+        save_every: steps between resumable checkpoints (0: only at the end).
+        keep_checkpoints: how many step checkpoints to keep (the newest).
+        save_dtype: dtype of the release-format weights written (None: the init's).
+    """
+
+    trainable: tuple[str, ...] = ("projector", "towers", "heads")
+    lr: float = 1e-3
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = 0.03
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_steps: int = 1000
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    dtype: str = "fp32"
+    gradient_checkpointing: bool = False
+    num_frames: int | None = None
+    sampling: str = "uniform"
+    snap_times: str = "nearest"
+    template: str = "llama_2"
+    prompts_file: str | None = None
+    tasks: tuple[str, ...] | None = None
+    on_bad_sample: str = "fail"
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    save_dtype: str | None = None
+    lora: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        bad = set(self.trainable) - set(GROUPS)
+        if bad or not self.trainable:
+            raise ValueError(f"trainable groups must be among {GROUPS}, got {self.trainable}")
+        bad = set(self.lr_scale) - set(GROUPS)
+        if bad:
+            raise ValueError(f"lr_scale names unknown groups {sorted(bad)}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ValueError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.snap_times not in ("nearest", "cover", "none"):
+            raise ValueError(f"snap_times must be nearest, cover or none: {self.snap_times!r}")
+        if self.on_bad_sample not in ("fail", "skip"):
+            raise ValueError(f"on_bad_sample must be fail or skip, got {self.on_bad_sample!r}")
+        for k in ("max_steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be at least 1")
+        if self.lora is not None:
+            raise NotImplementedError(
+                "LoRA is not implemented yet; train the 'llm' group fully or leave it frozen"
+            )
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "recipe") -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known - {"about"})
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+        kw = {k: v for k, v in raw.items() if k in known}
+        for k in ("trainable", "betas", "tasks"):
+            if kw.get(k) is not None:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        import yaml
+
+        path = Path(path)
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a recipe is a mapping of settings")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(raw, str(path))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("trainable", "betas", "tasks"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
