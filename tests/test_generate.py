@@ -166,3 +166,14 @@ def test_low_temperature_approaches_greedy():
 def test_bad_generation_settings(kwargs):
     with pytest.raises(InputError):
         GenerationConfig(**kwargs)
+
+
+def test_ignore_eos_runs_the_whole_budget():
+    # Benchmarks need a fixed number of steps: EOS from the text head is fed back like any id.
+    script = [*t("<sync>"), *sc("<sync>"), 330, 2, 331, 2]
+    b = ScriptedBackend(script)
+    gen = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    res = generate(b, [1, -201, 32000], None, gen)
+    assert res.token_ids == script
+    assert res.stop_reason == "max_new_tokens"
+    assert b.fed == res.token_ids[:-1]

@@ -3,7 +3,7 @@
 Generation starts in the time head (the prompt ends with a text ``<sync>``). Each step
 the active head's logits are turned into one id of the unified id space, fed back, and
 the head switches on ``<sync>``: time -> score -> text -> time. EOS from the text head or
-the token budget ends it.
+the token budget ends it (only the budget with ``ignore_eos``, for benchmarks).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class GenerationConfig:
         seed: seed of the sampler's generator (sampling only).
         constrained: let the time and score heads emit only well-formed numbers, with
             timestamps inside the video.
+        ignore_eos: keep decoding past EOS until ``max_new_tokens`` (benchmarks: every
+            backend then does the same number of steps, whatever its weights emit).
     """
 
     max_new_tokens: int = 512
@@ -39,6 +41,7 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int | None = 0
     constrained: bool = False
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -125,7 +128,7 @@ def generate(
         out.append(token)
         if on_token is not None:
             on_token(token)
-        if head == Head.TEXT and token == eos:
+        if head == Head.TEXT and token == eos and not gen.ignore_eos:
             stop = "eos"
             break
         if len(out) >= gen.max_new_tokens:

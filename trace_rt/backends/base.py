@@ -52,6 +52,24 @@ class Backend(Protocol):
         ...
 
 
+@runtime_checkable
+class StagedVideoEncoder(Protocol):
+    """Optional: a backend whose ``encode_video`` is ``project(encode_frames(...))``.
+
+    Lets benchmarks time the vision encoder and the projector apart with the backend's
+    own code; backends without it are timed as one ``encode_video`` call.
+    """
+
+    def encode_frames(self, pixel_values: np.ndarray) -> Any:
+        """Frames ``[F, 3, H, W]`` -> selected-layer patch features (opaque, may stay on
+        the device)."""
+        ...
+
+    def project(self, features: Any, time_ids: np.ndarray) -> Any:
+        """Features + time ids ``[F, 6]`` -> the video handle :meth:`Backend.prefill` takes."""
+        ...
+
+
 def video_block_len(cfg: TraceConfig, frames: int) -> int:
     """Embeddings the video block of *frames* frames occupies in the sequence."""
     return frames * cfg.tokens_per_frame

@@ -39,9 +39,19 @@ class TorchBackend:
 
     @torch.inference_mode()
     def encode_video(self, pixel_values: np.ndarray, time_ids: np.ndarray) -> torch.Tensor:
+        return self.project(self.encode_frames(pixel_values), time_ids)  # [F*(S+6), H]
+
+    # encode_frames/project: the two halves of encode_video (StagedVideoEncoder), so the
+    # benchmark can time the vision tower and the projector apart.
+    @torch.inference_mode()
+    def encode_frames(self, pixel_values: np.ndarray) -> torch.Tensor:
         px = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self.device, self.dtype)
+        return self.model.encode_frames(px)  # [F, P, D]
+
+    @torch.inference_mode()
+    def project(self, features: torch.Tensor, time_ids: np.ndarray) -> torch.Tensor:
         tid = torch.from_numpy(np.asarray(time_ids, dtype=np.int64)).to(self.device)
-        return self.model.project(self.model.encode_frames(px), tid)  # [F*(S+6), H]
+        return self.model.project(features, tid)  # [F*(S+6), H]
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: Sequence[int], video: torch.Tensor, head: Head) -> np.ndarray:

@@ -1,0 +1,205 @@
+"""``python -m trace_rt.bench``: percentile and floor arithmetic, backend resolution, and one
+real run on ``tiny`` (torch, the reference oracle, onnxruntime) checked against the JSON
+contract of issue 5."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trace_rt.bench import floor, plugins, stats
+from trace_rt.bench.stats import STAGES, percentile
+from training.presets import load_preset
+
+REF_PLUGIN = plugins.REFERENCE_SPEC
+
+
+# ---- percentiles ---------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 101])
+@pytest.mark.parametrize("q", [0, 1, 50, 90, 99, 100])
+def test_percentile_matches_numpy_linear(n, q):
+    xs = list(np.random.default_rng(n).exponential(10.0, n))
+    assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)), rel=1e-12)
+
+
+def test_percentile_by_hand():
+    xs = [4.0, 1.0, 3.0, 2.0]  # unsorted on purpose
+    assert percentile(xs, 50) == 2.5  # halfway between ranks 1 and 2 of 0..3
+    assert percentile(xs, 90) == pytest.approx(3.7)  # rank 2.7
+    assert percentile(xs, 100) == 4.0 and percentile(xs, 0) == 1.0
+    assert percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_summary_speedup_throughput():
+    s = stats.summarize([1.0, 2.0, 3.0])
+    assert (s["p50_ms"], s["mean_ms"], s["n"], s["samples_ms"]) == (2.0, 2.0, 3, [1.0, 2.0, 3.0])
+    empty = stats.summarize([])
+    assert empty["p50_ms"] is None and empty["samples_ms"] == []
+    assert stats.speedup(100.0, 25.0) == 4.0
+    assert stats.speedup(None, 25.0) is None
+    assert stats.tokens_per_s([10.0, 30.0]) == 50.0  # 2 steps in 40 ms
+    assert stats.per_position([[1.0, 5.0, 9.0], [3.0, 7.0]]) == [2.0, 6.0]
+
+
+# ---- floor -----------------------------------------------------------------------------------
+def test_roofline_takes_the_slower_of_compute_and_memory():
+    peaks = floor.Peaks(gbps=10.0, tflops=1.0, source="given")
+    assert floor.Cost(flops=2e9, bytes=1e6).floor_ms(peaks) == pytest.approx(2.0)  # compute
+    assert floor.Cost(flops=1e6, bytes=5e8).floor_ms(peaks) == pytest.approx(50.0)  # memory
+
+
+def test_floor_reproduces_the_design_doc_for_7b():
+    # ../shared/docs/trace-model.md, "Cost of one 128-frame request".
+    cfg = load_preset("trace-7b")
+    assert floor.kv_bytes_per_position(cfg, 2) == 128 * 1024  # 128 KiB/token in fp16
+    weights = floor.decoder_params(cfg) * 2
+    assert 14.0e9 < weights < 14.5e9  # "~14.5 GB of fp16 weights" (we skip the embeddings)
+    h100 = floor.Peaks(gbps=3350.0, tflops=989.0, source="given")
+    step = floor.decode_cost(cfg, past=0, itemsize=2, weight_bytes=None).floor_ms(h100)
+    assert step == pytest.approx(4.3, abs=0.1)  # "a floor of ~4.3 ms per token"
+    assert floor.vision_cost(cfg, 128, 2).flops / 1e12 == pytest.approx(45, rel=0.1)
+    assert floor.prefill_cost(cfg, 1900, 2).flops / 1e12 == pytest.approx(27, rel=0.1)
+
+
+def test_decode_floor_counts_weights_and_kv_by_hand():
+    cfg = load_preset("tiny")  # 64 wide, 2 layers, 4 heads / 2 KV of 16, MLP 128
+    layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    heads = 64 * (32000 + 1 + 13 + 13)
+    assert floor.decoder_params(cfg) == 2 * layer + 64 + heads
+    kv = 2 * 2 * 2 * 16 * 4  # K+V, layers, kv heads, head dim, fp32
+    assert floor.kv_bytes_per_position(cfg, 4) == kv
+    peaks = floor.Peaks(gbps=1.0, tflops=1e6, source="given")  # memory-bound on purpose
+    f = floor.stage_floors(cfg, peaks, frames=8, prompt_positions=100, decode_steps=3)
+    w = floor.decoder_params(cfg) * 4
+    expected = [(w + (100 + i + 1) * kv) / 1e9 * 1e3 for i in range(3)]
+    assert f["decode_step"] == pytest.approx(sum(expected) / 3)
+    assert f["end_to_end"] == pytest.approx(f["ttft"] + sum(expected))
+    assert f["ttft"] == pytest.approx(f["vision"] + f["projector"] + f["prefill"])
+    assert f["video"] is None
+    # A quantised decoder's file size replaces params x itemsize.
+    q = floor.stage_floors(
+        cfg, peaks, frames=8, prompt_positions=100, decode_steps=1, weight_bytes=1000.0
+    )
+    assert q["decode_step"] == pytest.approx((1000.0 + 101 * kv) / 1e9 * 1e3)
+
+
+def test_measured_peaks_are_positive():
+    p = floor.resolve_peaks(None, None, "cpu", quick=True)
+    assert p.source == "measured" and p.gbps > 0.1 and p.tflops > 1e-4
+    assert floor.resolve_peaks(13.0, 0.2).to_dict()["source"] == "given"
+
+
+# ---- backend resolution -------------------------------------------------------------------
+def test_plugins_and_model_dirs(tmp_path, monkeypatch):
+    monkeypatch.delenv(plugins.ENV_VAR, raising=False)
+    specs, skipped = plugins.resolve(["torch", "reference", "triton"], [])
+    assert [s.name for s in specs] == ["torch"]
+    assert REF_PLUGIN in skipped["reference"] and "not available" in skipped["triton"]
+    monkeypatch.setenv(plugins.ENV_VAR, REF_PLUGIN)
+    specs, skipped = plugins.resolve(["reference", "onnxruntime-int4"], [])
+    assert specs[0].plugin and specs[0].target.endswith(":ReferenceBackend")
+    assert specs[1].options == {"decoder_variant": "int4"}
+    assert not skipped
+    with pytest.raises(ValueError, match="unknown backend"):
+        plugins.resolve(["nope"], [])
+    with pytest.raises(ValueError, match="NAME=module:Class"):
+        plugins.parse_plugins(["reference"])
+
+    ckpt, art = tmp_path / "ckpt", tmp_path / "art"
+    ckpt.mkdir(), art.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (art / "manifest.json").write_text("{}")
+    assert plugins.model_dir_for("checkpoint", ckpt, art) == (ckpt, None)
+    assert plugins.model_dir_for("artifact", ckpt, art) == (art, None)
+    assert plugins.model_dir_for("artifact", ckpt, None)[1].startswith("needs an artifact")
+    assert "needs a checkpoint" in plugins.model_dir_for("checkpoint", art, None)[1]
+
+
+def test_bench_imports_no_torch():
+    code = (
+        "import sys, trace_rt.bench.cli, trace_rt.bench.runner; "
+        "print(','.join(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+# ---- a real run ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny_ckpt, tmp_path_factory) -> Path:
+    from export import export_onnx
+
+    return export_onnx(tiny_ckpt, tmp_path_factory.mktemp("art") / "tiny", progress=False)
+
+
+def test_bench_on_tiny_writes_json_markdown_png(tiny_ckpt, tiny_artifact, tmp_path):
+    from trace_rt.bench.cli import main
+
+    out = tmp_path / "out"
+    argv = [
+        *("--model", str(tiny_ckpt), "--artifacts", str(tiny_artifact)),
+        *("--plugin", REF_PLUGIN, "--backends", "reference,torch,onnxruntime,triton"),
+        *("--frames", "4", "--decode-steps", "6", "--warmup", "1", "--runs", "3"),
+        *("--peak-gbps", "13", "--peak-tflops", "0.1"),
+        *("--json", str(out / "b.json"), "--markdown", str(out / "b.md")),
+        *("--plot", str(out / "b.png")),
+    ]
+    t = time.perf_counter()
+    assert main(argv) == 0
+    assert time.perf_counter() - t < 60  # issue 5: the bench on tiny in under a minute
+
+    doc = json.loads((out / "b.json").read_text())
+    assert {"machine", "config", "backends"} <= doc.keys()
+    m = doc["machine"]
+    assert m["cpu_model"] and m["threads"] >= 1 and "numpy" in m["libraries"]
+    assert "commit" in m["git"]
+    assert doc["config"]["decode_steps"] == 6 and doc["config"]["frames"] == 4
+    assert set(doc["backends"]) == {"reference", "torch", "onnxruntime"}
+    assert "triton" in doc["skipped"]
+    for name, b in doc["backends"].items():
+        assert set(b["stages"]) == set(STAGES), name
+        for stage, s in b["stages"].items():
+            assert {"p50_ms", "p90_ms", "p99_ms", "samples_ms"} <= s.keys()
+            want = 3 * 6 if stage == "decode_step" else 3  # every sample, per run / per step
+            assert len(s["samples_ms"]) == want, (name, stage)
+            assert s["p50_ms"] == pytest.approx(np.percentile(s["samples_ms"], 50), abs=1e-3)
+            assert s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"]
+        st = b["stages"]
+        assert st["ttft"]["p50_ms"] < st["end_to_end"]["p50_ms"]
+        assert b["decode_tokens_per_s"] > 0 and b["peak_rss_mb"] > 0
+        assert set(b["speedup_vs_reference"]) == {"end_to_end", "decode_step"}
+        assert b["speedup_vs_reference"]["end_to_end"] > 0
+        assert len(b["token_ids"]) == 7  # the prefill's token + 6 decode steps, EOS ignored
+        assert len(b["decode_step_by_position_ms"]) == 6
+        assert st["decode_step"]["floor_ms"] > 0 and st["video"]["floor_ms"] is None
+    assert doc["backends"]["reference"]["speedup_vs_reference"]["decode_step"] == 1.0
+
+    md = (out / "b.md").read_text()
+    assert "| reference |" in md and "| onnxruntime |" in md and "`triton`" in md
+    assert (out / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_reports_unavailable_backends_and_bad_args(tiny_ckpt, tmp_path, monkeypatch):
+    from trace_rt.bench.cli import main
+
+    monkeypatch.delenv(plugins.ENV_VAR, raising=False)
+    out = tmp_path / "s.json"
+    argv = ["--model", str(tiny_ckpt), "--backends", "torch,onnxruntime,reference"]
+    argv += ["--frames", "2", "--decode-steps", "2", "--warmup", "0", "--runs", "1"]
+    argv += ["--peak-gbps", "10", "--peak-tflops", "0.1", "--json", str(out)]
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert list(doc["backends"]) == ["torch"]
+    assert "--artifacts" in doc["skipped"]["onnxruntime"]  # checkpoint only: no artifact
+    assert "--plugin" in doc["skipped"]["reference"]
+    assert main(["--model", str(tiny_ckpt), "--runs", "0"]) == 2

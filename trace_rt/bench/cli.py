@@ -1,0 +1,271 @@
+"""``python -m trace_rt.bench``: every backend on the same request, stage by stage.
+
+Example (CPU, the recorded ``small`` result; see benchmarks/README.md)::
+
+    python -m trace_rt.bench --model ckpt-small --artifacts art-small \\
+        --plugin reference=benchmarks.reference.backend:ReferenceBackend \\
+        --backends reference,torch,onnxruntime,onnxruntime-int4 \\
+        --frames 16 --decode-steps 64 --warmup 2 --runs 10 \\
+        --json out.json --markdown out.md --plot out.png
+
+Backends load one at a time (each freed before the next), so peak memory is per backend
+and one backend's caches cannot slow another's. torch/transformers are imported only by
+the backends that need them; this module and the rest of ``trace_rt.bench`` need numpy and
+rich only (matplotlib for ``--plot``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from trace_rt.bench import floor as floor_mod
+from trace_rt.bench import machine, plugins, report
+from trace_rt.bench.runner import Request, run_backend
+from trace_rt.bench.video import DESCRIPTION, synthetic_video
+from trace_rt.config import TraceConfig
+from trace_rt.errors import TraceError
+
+DEFAULT_BACKENDS = "reference,torch,onnxruntime"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trace_rt.bench",
+        description="Per-stage latency of TRACE backends side by side, against the floor.",
+    )
+    p.add_argument("--model", required=True, type=Path, help="checkpoint or artifact directory")
+    p.add_argument(
+        "--artifacts",
+        type=Path,
+        help="artifact directory (python -m export onnx) for onnxruntime*/tensorrt when "
+        "--model is a checkpoint",
+    )
+    p.add_argument(
+        "--backends",
+        default=DEFAULT_BACKENDS,
+        help="comma-separated: reference, torch, onnxruntime, onnxruntime-int4, "
+        "onnxruntime-int8, tensorrt, triton, or a --plugin name (default: %(default)s)",
+    )
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="NAME=module:Class",
+        help=f"an out-of-tree backend, e.g. {plugins.REFERENCE_SPEC} "
+        f"(repeatable; also ${plugins.ENV_VAR}, comma-separated)",
+    )
+    p.add_argument("--frames", type=int, help="frames sampled (default: the model's num_frames)")
+    p.add_argument("--decode-steps", type=int, default=64, help="decode steps, EOS ignored")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured requests per backend")
+    p.add_argument("--runs", type=int, default=5, help="measured requests per backend")
+    p.add_argument(
+        "--video", help="input video (default: a synthetic 8 s 320x240 25 fps H.264 clip)"
+    )
+    p.add_argument("--task", default="dvc", choices=("dvc", "mr", "vhd"))
+    p.add_argument("--query", help="query for mr/vhd")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="torch/reference dtype")
+    p.add_argument("--peak-gbps", type=float, help="device memory bandwidth, GB/s")
+    p.add_argument("--peak-tflops", type=float, help="device peak compute, TFLOP/s")
+    p.add_argument("--url", help="Triton server (triton backend; not available yet)")
+    p.add_argument("--concurrency", default="1,2,4,8", help="Triton client concurrencies")
+    p.add_argument("--json", type=Path, help="write every sample and the summary here")
+    p.add_argument("--markdown", type=Path, help="write a markdown report here")
+    p.add_argument("--plot", type=Path, help="write a PNG (stage breakdown, per-token latency)")
+    p.add_argument("--note", help="free text recorded with the result (conditions, purpose)")
+    p.add_argument("--quick-peaks", action="store_true", help=argparse.SUPPRESS)  # tests
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True)
+    if not console.is_terminal:  # logs and CI: don't squeeze the table into 80 columns
+        console = Console(stderr=True, width=180)
+    try:
+        return _main(args, console, argv if argv is not None else sys.argv[1:])
+    except (TraceError, ValueError) as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        return 2
+
+
+def _main(args: argparse.Namespace, console: Console, argv: list[str]) -> int:
+    for flag in ("decode_steps", "runs"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        raise ValueError("--warmup must be >= 0")
+    names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    specs, skipped = plugins.resolve(names, args.plugin)
+    cfg = TraceConfig.from_dir(args.model)
+    frames = cfg.num_frames if args.frames is None else args.frames
+
+    with tempfile.TemporaryDirectory(prefix="trace-rt-bench-") as tmp:
+        video = args.video or synthetic_video(Path(tmp) / "synthetic.mp4")
+        request = Request(str(video), args.task, args.query, frames, args.decode_steps)
+        console.print("[bold]trace-rt bench[/bold]: measuring the device's peaks …")
+        peaks = floor_mod.resolve_peaks(
+            args.peak_gbps, args.peak_tflops, args.device, quick=args.quick_peaks
+        )
+        console.print(f"peaks ({peaks.source}): {peaks.gbps} GB/s, {peaks.tflops} TFLOP/s")
+        info = machine.machine_info()
+        entries = _run_all(specs, skipped, args, cfg, request, peaks, console)
+    info["load_average_end"] = list(os.getloadavg())
+    config = _config(args, argv, cfg, frames, peaks, names)
+    config["video"] = DESCRIPTION if args.video is None else args.video
+    doc = report.build_report(info, config, entries, skipped)
+    console.print(report.console_table(doc["backends"], _title(config)))
+    for name, why in skipped.items():
+        console.print(f"[yellow]skipped {name}[/yellow]: {escape(why)}")
+    for t in doc["targets"]:
+        if t["value"] is not None:
+            colour = "green" if t["met"] else "red"
+            console.print(
+                f"target {t['backend']} {t['metric']} {t['target']}: "
+                f"[{colour}]{t['value']:.2f} ({t['gap']})[/{colour}]"
+            )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(report.markdown(doc))
+    if args.plot:
+        from trace_rt.bench.plot import plot  # matplotlib only when asked for
+
+        plot(doc, args.plot)
+    return 0
+
+
+def _run_all(
+    specs: list[plugins.BackendSpec],
+    skipped: dict[str, str],
+    args: argparse.Namespace,
+    cfg: TraceConfig,
+    request: Request,
+    peaks: floor_mod.Peaks,
+    console: Console,
+) -> dict[str, dict[str, Any]]:
+    """Each backend in turn, with a live table of the finished ones and a progress bar."""
+    entries: dict[str, dict[str, Any]] = {}
+    progress = Progress(
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    tasks = {
+        s.name: progress.add_task(f"{s.name}: waiting", total=args.warmup + args.runs)
+        for s in specs
+    }
+
+    def view() -> Group:
+        return Group(report.console_table(entries, "finished (p50)"), progress)
+
+    with Live(view(), console=console, refresh_per_second=4, transient=True) as live:
+        for spec in specs:
+            task = tasks[spec.name]
+            try:
+                cls = spec.load_class()
+            except ImportError as e:
+                skipped[spec.name] = f"cannot import {spec.target}: {e}"
+                progress.update(task, description=f"{spec.name}: skipped")
+                continue
+            model_dir, why = plugins.model_dir_for(
+                spec.model_format(cls), args.model, args.artifacts
+            )
+            if model_dir is None:
+                skipped[spec.name] = why or "no model directory"
+                progress.update(task, description=f"{spec.name}: skipped")
+                continue
+
+            def note(
+                phase: str, done: int, total: int, task: Any = task, name: str = spec.name
+            ) -> None:
+                progress.update(task, completed=done, description=f"{name}: {phase}")
+                live.update(view())
+
+            try:
+                run = run_backend(
+                    spec,
+                    cls,
+                    model_dir,
+                    request,
+                    warmup=args.warmup,
+                    runs=args.runs,
+                    device=args.device,
+                    dtype=args.dtype,
+                    progress=note,
+                )
+            except (ImportError, RuntimeError, TraceError, OSError) as e:
+                # Unavailable here (no GPU, no engines, no int4 variant, ...): say why, go on.
+                skipped[spec.name] = f"{type(e).__name__}: {e}"
+                progress.update(task, description=f"{spec.name}: skipped")
+                continue
+            entries[spec.name] = report.backend_entry(run, cfg, peaks, args.decode_steps)
+            progress.update(task, description=f"{spec.name}: done")
+            live.update(view())
+    return entries
+
+
+def _config(
+    args: argparse.Namespace,
+    argv: list[str],
+    cfg: TraceConfig,
+    frames: int,
+    peaks: floor_mod.Peaks,
+    names: list[str],
+) -> dict[str, Any]:
+    return {
+        "command": "python -m trace_rt.bench " + shlex.join(argv),
+        "note": args.note,
+        "model": str(args.model),
+        "model_name": args.model.name,
+        "artifacts": str(args.artifacts) if args.artifacts else None,
+        "backends": names,
+        "plugins": args.plugin,
+        "frames": frames,
+        "decode_steps": args.decode_steps,
+        "warmup": args.warmup,
+        "runs": args.runs,
+        "task": args.task,
+        "query": args.query,
+        "device": args.device,
+        "dtype": args.dtype,
+        "peaks": peaks.to_dict(),
+        "triton": {"url": args.url, "concurrency": args.concurrency},
+        "model_config": {
+            "hidden_size": cfg.hidden_size,
+            "num_hidden_layers": cfg.num_hidden_layers,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_key_value_heads,
+            "intermediate_size": cfg.intermediate_size,
+            "vocab_size": cfg.vocab_size,
+            "vision_hidden_size": cfg.vision.hidden_size,
+            "vision_layers_used": cfg.vision_layers_used,
+            "image_size": cfg.vision.image_size,
+            "tokens_per_frame": cfg.tokens_per_frame,
+            "decoder_params": floor_mod.decoder_params(cfg),
+            "vision_params": floor_mod.vision_params(cfg),
+        },
+    }
+
+
+def _title(config: dict[str, Any]) -> str:
+    return (
+        f"{config['model_name']}: {config['frames']} frames, {config['decode_steps']} decode "
+        f"steps, {config['runs']} runs after {config['warmup']} warmup ({config['device']}); p50 ms"
+    )

@@ -1,0 +1,273 @@
+"""The physical floor: the least time each stage could take on this device.
+
+From the model config alone: FLOPs and bytes that a stage must move, against the device's
+peak FLOP rate and memory bandwidth (a roofline: ``max(FLOPs / peak, bytes / bandwidth)``).
+Vision and prefill are compute-bound, a decode step is bandwidth-bound (every weight is read
+once per token, plus the KV cache so far). The peaks are measured once (a multi-threaded
+streaming read of a large array; a float32 matmul through numpy's BLAS) or given with
+``--peak-gbps/--peak-tflops``. Measured peaks are what this machine achieves, not its data
+sheet, so the floor is one a real program could touch.
+
+Counting conventions (documented in benchmarks/README.md):
+
+- a multiply-add is 2 FLOPs; norms, activations, softmax and RoPE are not counted;
+- attention is counted (QK^T and AV); prefill attention is causal (half the square);
+- decode reads every decoder weight (all layers, the final norm and all four heads: the
+  exported decoder computes every head, as the release does) plus K and V of every
+  position already in the cache; embedding tables are not counted (one row per token);
+- vision runs the CLIP layers up to the selected one (``vision_layers_used``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from trace_rt.config import TraceConfig
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """The device's achievable peaks: memory bandwidth (GB/s = 1e9 B/s) and TFLOP/s."""
+
+    gbps: float
+    tflops: float
+    source: str  # "measured" or "given"
+    details: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Work of one stage: FLOPs and bytes of memory traffic."""
+
+    flops: float
+    bytes: float
+
+    def floor_ms(self, peaks: Peaks) -> float:
+        """Roofline minimum in ms: the larger of compute time and memory time."""
+        return 1e3 * max(self.flops / (peaks.tflops * 1e12), self.bytes / (peaks.gbps * 1e9))
+
+
+# ---- parameter counts ----------------------------------------------------------------
+def decoder_layer_params(cfg: TraceConfig) -> int:
+    """Weights of one Mistral layer (attention, MLP, two RMSNorms)."""
+    h, hd = cfg.hidden_size, cfg.attn_head_dim
+    q = cfg.num_attention_heads * hd
+    kv = cfg.num_key_value_heads * hd
+    return h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size + 2 * h
+
+
+def head_params(cfg: TraceConfig) -> int:
+    """lm_head + the sync, time and score heads (all computed every step)."""
+    return cfg.hidden_size * (cfg.vocab_size + 1 + cfg.time_vocab_size + cfg.score_vocab_size)
+
+
+def decoder_params(cfg: TraceConfig) -> int:
+    """Every weight a decode step reads: layers, final norm, heads (no embedding tables)."""
+    return cfg.num_hidden_layers * decoder_layer_params(cfg) + cfg.hidden_size + head_params(cfg)
+
+
+def kv_bytes_per_position(cfg: TraceConfig, itemsize: int) -> int:
+    """K and V of one position, all layers (the doc's 128 KiB/token for 7B fp16)."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.attn_head_dim * itemsize
+
+
+def vision_params(cfg: TraceConfig) -> int:
+    v = cfg.vision
+    d, i, p = v.hidden_size, v.intermediate_size, v.patch_size
+    layer = 4 * (d * d + d) + 2 * d * i + i + d + 4 * d  # qkvo, MLP, 2 LayerNorms
+    embed = v.num_channels * p * p * d + (v.num_patches + 1) * d + d
+    return cfg.vision_layers_used * layer + embed
+
+
+# ---- per-stage costs -------------------------------------------------------------------
+def vision_cost(cfg: TraceConfig, frames: int, itemsize: int) -> Cost:
+    v = cfg.vision
+    d, i, p = v.hidden_size, v.intermediate_size, v.patch_size
+    n_patch = v.num_patches
+    t = n_patch + 1  # + CLS
+    per_layer = 2 * t * (4 * d * d + 2 * d * i) + 2 * 2 * t * t * d
+    patch_embed = 2 * n_patch * v.num_channels * p * p * d
+    flops = frames * (cfg.vision_layers_used * per_layer + patch_embed)
+    pixels = frames * v.num_channels * v.image_size**2 * 4  # float32 in
+    feats = frames * n_patch * d * itemsize  # selected layer out
+    return Cost(flops, vision_params(cfg) * itemsize + pixels + feats)
+
+
+def projector_cost(cfg: TraceConfig, frames: int, itemsize: int) -> Cost:
+    d, h, s = cfg.mm_hidden_size, cfg.hidden_size, cfg.mm_num_slots
+    n_patch = cfg.vision.num_patches
+    flops = frames * (2 * n_patch * d * s * 2 + 2 * s * d * h)  # scores, pooling, readout
+    weights = d * s + d * h + 2 * d
+    moved = frames * (n_patch * d + cfg.tokens_per_frame * h)  # features in, block out
+    return Cost(flops, (weights + moved) * itemsize)
+
+
+def prefill_cost(cfg: TraceConfig, positions: int, itemsize: int) -> Cost:
+    """*positions* tokens from an empty cache; heads for the last position only."""
+    n, layers = positions, cfg.num_hidden_layers
+    q = cfg.num_attention_heads * cfg.attn_head_dim
+    linear = 2 * n * layers * decoder_layer_params(cfg)
+    attention = layers * 2 * 2 * q * n * (n + 1) / 2  # causal: half of QK^T and AV
+    flops = linear + attention + 2 * head_params(cfg)
+    moved = decoder_params(cfg) * itemsize + n * kv_bytes_per_position(cfg, itemsize)
+    return Cost(flops, moved)
+
+
+def decode_cost(cfg: TraceConfig, past: int, itemsize: int, weight_bytes: float | None) -> Cost:
+    """One token with *past* positions cached; *weight_bytes* overrides params x itemsize
+    (a quantised decoder's real size)."""
+    q = cfg.num_attention_heads * cfg.attn_head_dim
+    flops = 2 * decoder_params(cfg) + cfg.num_hidden_layers * 2 * 2 * q * (past + 1)
+    weights = decoder_params(cfg) * itemsize if weight_bytes is None else weight_bytes
+    return Cost(flops, weights + (past + 1) * kv_bytes_per_position(cfg, itemsize))
+
+
+def stage_floors(
+    cfg: TraceConfig,
+    peaks: Peaks,
+    *,
+    frames: int,
+    prompt_positions: int,
+    decode_steps: int,
+    itemsize: int = 4,
+    weight_bytes: float | None = None,
+) -> dict[str, Any]:
+    """Floor in ms of every stage (None for ``video``: decoding has no model-derived floor).
+
+    Args:
+        prompt_positions: prefill length (text ids + the video block).
+        decode_steps: decode_step calls; the first runs with ``prompt_positions + 1``
+            positions cached (the prefill's, and the first token).
+        itemsize: bytes per weight/activation of the backend's compute dtype.
+        weight_bytes: bytes of decoder weights if not params x itemsize (quantised).
+    """
+    vision = vision_cost(cfg, frames, itemsize).floor_ms(peaks)
+    projector = projector_cost(cfg, frames, itemsize).floor_ms(peaks)
+    prefill = prefill_cost(cfg, prompt_positions, itemsize).floor_ms(peaks)
+    steps = [
+        decode_cost(cfg, prompt_positions + i, itemsize, weight_bytes).floor_ms(peaks)
+        for i in range(decode_steps)
+    ]
+    step = sum(steps) / len(steps) if steps else 0.0
+    ttft = vision + projector + prefill
+    wb = decoder_params(cfg) * itemsize if weight_bytes is None else weight_bytes
+    return {
+        "video": None,
+        "vision": vision,
+        "projector": projector,
+        "prefill": prefill,
+        "ttft": ttft,
+        "decode_step": step,
+        "end_to_end": ttft + sum(steps),
+        "inputs": {
+            "decoder_weight_bytes": int(wb),
+            "kv_bytes_per_position": kv_bytes_per_position(cfg, itemsize),
+            "prompt_positions": prompt_positions,
+            "itemsize": itemsize,
+            "vision_gflop": vision_cost(cfg, frames, itemsize).flops / 1e9,
+            "prefill_gflop": prefill_cost(cfg, prompt_positions, itemsize).flops / 1e9,
+        },
+    }
+
+
+# ---- measuring the peaks ---------------------------------------------------------------
+def cpu_threads() -> int:
+    """CPUs this process may run on (the container's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def measure_host_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
+    """Best-of-*repeats* read bandwidth in GB/s: every CPU sums its own slice of an array
+    much larger than the caches (numpy's reductions release the GIL, so threads run in
+    parallel; decode is likewise a read of every weight by every core)."""
+    a = np.ones(mbytes * 2**20 // 4, np.float32)
+    chunks = np.array_split(a, cpu_threads())
+    best = float("inf")
+    with ThreadPoolExecutor(len(chunks)) as pool:
+        list(pool.map(np.add.reduce, chunks))  # fault the pages in, wake the threads
+        for _ in range(repeats):
+            t = time.perf_counter()
+            list(pool.map(np.add.reduce, chunks))
+            best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9
+
+
+def measure_host_tflops(n: int = 2048, repeats: int = 3) -> float:
+    """Best-of-*repeats* float32 matmul rate of numpy's BLAS (all its threads), TFLOP/s."""
+    rng = np.random.default_rng(0)
+    a = rng.random((n, n), dtype=np.float32)
+    b = rng.random((n, n), dtype=np.float32)
+    a @ b  # warm the BLAS threads
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e12
+
+
+def measure_cuda_peaks(device: str = "cuda", dtype: str = "fp16") -> tuple[float, float]:
+    """(GB/s, TFLOP/s) of a CUDA device through torch: a large device-to-device copy
+    (read + write counted) and an 8192^3 half-precision matmul. Imports torch lazily."""
+    import torch
+
+    dev = torch.device(device)
+    dt = torch.float16 if dtype == "fp16" else torch.bfloat16
+    x = torch.empty(2**28, dtype=torch.uint8, device=dev)  # 256 MiB
+    y = torch.empty_like(x)
+    m = torch.randn(8192, 8192, dtype=dt, device=dev)
+    best_bw = best_mm = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        y.copy_(x)
+        torch.cuda.synchronize(dev)
+        best_bw = min(best_bw, time.perf_counter() - t)
+        t = time.perf_counter()
+        m @ m
+        torch.cuda.synchronize(dev)
+        best_mm = min(best_mm, time.perf_counter() - t)
+    return 2 * x.numel() / best_bw / 1e9, 2 * 8192**3 / best_mm / 1e12
+
+
+def resolve_peaks(
+    gbps: float | None, tflops: float | None, device: str = "cpu", quick: bool = False
+) -> Peaks:
+    """Given peaks win; missing ones are measured on *device* (``quick``: smaller arrays,
+    for tests)."""
+    if gbps is not None and tflops is not None:
+        return Peaks(gbps, tflops, "given")
+    if device.startswith("cuda"):
+        try:
+            m_gbps, m_tflops = measure_cuda_peaks(device)
+        except (ImportError, RuntimeError) as e:  # no torch, or torch without CUDA
+            raise ValueError(
+                f"cannot measure {device}'s peaks ({e}); pass --peak-gbps and --peak-tflops"
+            ) from e
+        how = {"bandwidth": "device copy, 256 MiB", "compute": "fp16 matmul 8192^3 (torch)"}
+    else:
+        m_gbps = measure_host_bandwidth(64 if quick else 512)
+        m_tflops = measure_host_tflops(512 if quick else 2048)
+        how = {
+            "bandwidth": f"numpy streaming read, {cpu_threads()} threads",
+            "compute": "numpy float32 matmul (BLAS)",
+        }
+    source = "measured" if gbps is None and tflops is None else "given+measured"
+    return Peaks(
+        gbps if gbps is not None else round(m_gbps, 3),
+        tflops if tflops is not None else round(m_tflops, 4),
+        source,
+        how,
+    )
