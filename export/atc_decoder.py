@@ -31,10 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from export.atc_runtime import DecoderRoles
-from trace_rt.model.mistral import DecoderLayer, apply_rope, rope_tables
+from export.wrappers import decoder_attention
+from trace_rt.model.mistral import rope_tables
 from trace_rt.model.trace import TraceModel
-
-_MIN = torch.finfo(torch.float32).min
 
 
 class StaticDecoderGraph(nn.Module):
@@ -60,13 +59,13 @@ class StaticDecoderGraph(nn.Module):
         seq_major = [self._seq_major(p, self.roles.past_axis) for p in past]
         valid = None
         if self.with_past:
-            slots = torch.arange(seq_major[0].shape[0], device=inputs_embeds.device)
+            slots = torch.arange(seq_major[0].shape[1], device=inputs_embeds.device)
             valid = slots < pos[0]  # [L]: slot j holds position j; later slots are stale
         x = inputs_embeds
         new: list[Tensor] = []
         for i, layer in enumerate(self.model.model.layers):
             pk, pv = (seq_major[2 * i], seq_major[2 * i + 1]) if self.with_past else (None, None)
-            a, k, v = _attention(layer, x, cos, sin, causal, pk, pv, valid)
+            a, k, v = decoder_attention(layer, x, cos, sin, causal, pk, pv, valid)
             new += [self._spec_layout(k), self._spec_layout(v)]
             x = x + a
             x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -75,51 +74,13 @@ class StaticDecoderGraph(nn.Module):
 
     @staticmethod
     def _seq_major(p: Tensor, axis: int) -> Tensor:
-        """[1, ..., L at *axis*, ...] -> [L, kv, hd]."""
-        return p[0] if axis == 1 else p[0].transpose(0, axis - 1)
+        """[1, ..., L at *axis*, ...] -> [1, L, kv, hd]."""
+        return p if axis == 1 else p.transpose(1, axis)
 
     def _spec_layout(self, kv: Tensor) -> Tensor:
-        """[T, kv, hd] -> the spec's output layout [1, ...]."""
+        """[1, T, kv, hd] -> the spec's output layout [1, ...]."""
         axis = self.roles.new_axis
-        return kv[None] if axis == 1 else kv.transpose(0, axis - 1)[None]
-
-
-def _attention(
-    layer: DecoderLayer,
-    x: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    causal: Tensor,
-    pk: Tensor | None,
-    pv: Tensor | None,
-    valid: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer's attention; returns (out [1, T, H], new k, new v [T, kv, hd])."""
-    attn = layer.self_attn
-    h = layer.input_layernorm(x)
-    t = h.shape[1]
-    hd, nh, nkv = attn.head_dim, attn.n_heads, attn.n_kv
-    rep = nh // nkv
-    q = attn.q_proj(h).view(t, nkv, rep, hd)
-    k = attn.k_proj(h).view(t, nkv, hd)
-    v = attn.v_proj(h).view(t, nkv, hd)
-    q = apply_rope(q, cos[:, None, None], sin[:, None, None])
-    k = apply_rope(k, cos[:, None], sin[:, None])
-    qg = q.permute(1, 0, 2, 3).reshape(nkv, t * rep, hd)  # GQA: query head g*rep+r -> kv g
-    scale = hd**-0.5
-    s_new = (qg @ k.permute(1, 2, 0)).float() * scale  # [kv, T*rep, T] f32, as the artifact
-    s_new = s_new.view(nkv, t, rep, t).masked_fill(~causal[:, None, :], _MIN)
-    s_new = s_new.view(nkv, t * rep, t)
-    if pk is None or pv is None or valid is None:
-        y = s_new.softmax(-1).to(q.dtype) @ v.permute(1, 0, 2)
-    else:
-        s_past = (qg @ pk.permute(1, 2, 0)).float() * scale  # [kv, T*rep, L]
-        s_past = s_past.masked_fill(~valid, _MIN)
-        probs = torch.cat([s_past, s_new], dim=-1).softmax(-1).to(q.dtype)
-        n_past = pk.shape[0]
-        y = probs[..., :n_past] @ pv.permute(1, 0, 2) + probs[..., n_past:] @ v.permute(1, 0, 2)
-    y = y.view(nkv, t, rep, hd).permute(1, 0, 2, 3).reshape(1, t, nh * hd)
-    return attn.o_proj(y), k, v
+        return kv if axis == 1 else kv.transpose(1, axis)
 
 
 # Tracing sizes: small, so tracing a 7B prefill does not run a 2k-token forward on the CPU,

@@ -94,7 +94,7 @@ class DecoderGraph(nn.Module):
         x = inputs_embeds  # [1, T, H]
         new_kv: list[Tensor] = []
         for i, layer in enumerate(self.model.model.layers):
-            a, k, v = _attention(layer, x, cos, sin, causal, past[2 * i], past[2 * i + 1])
+            a, k, v = decoder_attention(layer, x, cos, sin, causal, past[2 * i], past[2 * i + 1])
             new_kv += [k, v]
             x = x + a
             x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -102,19 +102,25 @@ class DecoderGraph(nn.Module):
         return (self.model.all_logits(hidden), *new_kv)  # [1, V] f32, then K/V pairs
 
 
-def _attention(
+_MIN = torch.finfo(torch.float32).min
+
+
+def decoder_attention(
     layer: DecoderLayer,
     x: Tensor,
     cos: Tensor,
     sin: Tensor,
     causal: Tensor,
-    past_k: Tensor,
-    past_v: Tensor,
+    past_k: Tensor | None,
+    past_v: Tensor | None,
+    valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer's attention over past [1, P, kv, hd] and new keys; returns (out, k, v).
 
     GQA without repeating K/V: q is grouped as [kv, T*rep, hd] (query head g*rep + r
-    reads KV head g, as ``enable_gqa``), so each KV head is read once per step.
+    reads KV head g, as ``enable_gqa``), so each KV head is read once per step. No past
+    (None) attends to the new keys only; *valid* [P] masks past slots that hold nothing
+    yet (the fixed-capacity past of the static Ascend variants).
     """
     attn: Attention = layer.self_attn
     h = layer.input_layernorm(x)
@@ -129,22 +135,27 @@ def _attention(
     k = apply_rope(k, cos[:, None], sin[:, None])
     qg = q.permute(1, 0, 2, 3).reshape(nkv, t * rep, hd)  # [kv, T*rep, hd]: small
     scale = hd**-0.5
-    # Squeeze, not [0]: Gather would copy the whole past; Squeeze aliases it in onnxruntime,
-    # whose MatMul transpose fusion then reads the [P, kv, hd] prefix in place.
-    pk, pv = past_k.squeeze(0), past_v.squeeze(0)  # [P, kv, hd]
     nk, nv = k.squeeze(0), v.squeeze(0)  # [T, kv, hd]
     # Scores against the past and the new keys separately (no K concatenation), in f32.
-    s_past = (qg @ pk.permute(1, 2, 0)).float() * scale  # [kv, T*rep, P]
     s_new = (qg @ nk.permute(1, 2, 0)).float() * scale  # [kv, T*rep, T]
-    s_new = s_new.view(nkv, t, rep, t).masked_fill(
-        ~causal[:, None, :], torch.finfo(torch.float32).min
-    )
-    # One softmax over the joined score rows ([kv, T*rep, P+T]: small at decode, and at
-    # prefill P = 0 so it is the ordinary attention matrix).
-    probs = torch.cat([s_past, s_new.view(nkv, t * rep, t)], dim=-1).softmax(-1).to(q.dtype)
-    n_past = pk.shape[0]
-    y = probs[..., :n_past] @ pv.permute(1, 0, 2)  # [kv, T*rep, hd]
-    y = y + probs[..., n_past:] @ nv.permute(1, 0, 2)
+    s_new = s_new.view(nkv, t, rep, t).masked_fill(~causal[:, None, :], _MIN)
+    s_new = s_new.view(nkv, t * rep, t)
+    if past_k is None or past_v is None:
+        y = s_new.softmax(-1).to(q.dtype) @ nv.permute(1, 0, 2)  # [kv, T*rep, hd]
+    else:
+        # Squeeze, not [0]: Gather would copy the whole past; Squeeze aliases it in
+        # onnxruntime, whose MatMul transpose fusion then reads the [P, kv, hd] prefix in
+        # place.
+        pk, pv = past_k.squeeze(0), past_v.squeeze(0)  # [P, kv, hd]
+        s_past = (qg @ pk.permute(1, 2, 0)).float() * scale  # [kv, T*rep, P]
+        if valid is not None:
+            s_past = s_past.masked_fill(~valid, _MIN)
+        # One softmax over the joined score rows ([kv, T*rep, P+T]: small at decode, and
+        # at prefill P = 0 so it is the ordinary attention matrix).
+        probs = torch.cat([s_past, s_new], dim=-1).softmax(-1).to(q.dtype)
+        n_past = pk.shape[0]
+        y = probs[..., :n_past] @ pv.permute(1, 0, 2)  # [kv, T*rep, hd]
+        y = y + probs[..., n_past:] @ nv.permute(1, 0, 2)
     y = y.view(nkv, t, rep, hd).permute(1, 0, 2, 3).reshape(1, t, nh * hd)  # [1, T, h*hd]
     return attn.o_proj(y), k, v  # [1, T, H], new K/V [1, T, kv, hd]
 
