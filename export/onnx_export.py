@@ -27,7 +27,9 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import trace_rt
+from export.atc import ATC_DIR
 from export.wrappers import WRAPPERS, example_inputs
+from trace_rt.backends.tensorrt_manifest import ENGINE_DIR
 from trace_rt.config import save_vision_tower_config
 from trace_rt.graphs import (
     BF16,
@@ -77,6 +79,7 @@ def export_onnx(
         raise ValueError(f"unsupported export dtype {dtype!r}; use one of {list(FLOAT_DTYPES)}")
     checkpoint, out = Path(checkpoint), Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_derived(out)
     steps = ["hash checkpoint", "load model", *GRAPH_NAMES, "embeddings", "manifest"]
     with Progress(
         TextColumn(f"[bold]export onnx {checkpoint.name} ({dtype}, opset {opset})[/bold]"),
@@ -223,6 +226,19 @@ def _id_space(model: TraceModel) -> dict[str, int]:
         "score_base": ids.score_base,
         "size": ids.size,
     }
+
+
+def _remove_derived(out: Path) -> None:
+    """Drop what an earlier export's graphs were turned into: quantised decoder variants,
+    TensorRT engines and ATC variants would be stale next to the new graphs and the new
+    manifest no longer records them (re-run quantize/trt/atc). TensorRT timing caches stay:
+    they depend on the GPU and TensorRT version, not on the graphs.
+    """
+    for p in out.glob("decoder.*.onnx*"):
+        p.unlink()
+    for p in (out / ENGINE_DIR).glob("*.engine"):
+        p.unlink()
+    shutil.rmtree(out / ATC_DIR, ignore_errors=True)
 
 
 def _hidden(rel: Path) -> bool:

@@ -285,3 +285,15 @@ def test_fp8_cli_and_errors(art, tmp_path):
     assert "fp8-qdq" in out.stdout and (a / "decoder.fp8.qdq.onnx").is_file()
     with pytest.raises(InputError, match="fp8 has the qdq form only"):
         quantize_artifact(a, "fp8", forms=("nbits", "qdq"))
+
+
+def test_reexport_drops_stale_variants(tiny_ckpt, tmp_path):
+    out = export_onnx(tiny_ckpt, tmp_path / "re", progress=False)
+    quantize_artifact(out, 8, forms=("qdq",))
+    assert (out / "decoder.int8.qdq.onnx").is_file()
+    export_onnx(tiny_ckpt, out, progress=False)
+    # The variant was made from the replaced graph: gone, and not listed as a plain file.
+    assert not list(out.glob("decoder.*.onnx"))
+    manifest = _manifest(out)
+    assert "variants" not in manifest
+    assert not any(f.startswith("decoder.") and f != "decoder.onnx" for f in manifest["files"])
