@@ -50,9 +50,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from trace_rt.config import TraceConfig
 from trace_rt.errors import CheckpointError
@@ -268,3 +271,24 @@ def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def load_embeddings(model_dir: str | Path, cfg: TraceConfig) -> np.ndarray:
+    """The artifact's unified embedding table ``[ids, H]``, memory-mapped (only the rows
+    used are read), its shape checked against the config."""
+    table = np.load(Path(model_dir) / EMBEDDINGS_FILE, mmap_mode="r")
+    want = (cfg.ids.size, cfg.hidden_size)
+    if table.shape != want:
+        raise CheckpointError(
+            f"{model_dir}: {EMBEDDINGS_FILE} has shape {table.shape}, expected {want}"
+        )
+    return table
+
+
+def embed_ids(table: np.ndarray, ids: Sequence[int]) -> np.ndarray:
+    """Rows of *table* for unified *ids*, as a contiguous ``[n, H]`` array."""
+    idx = np.asarray(ids, dtype=np.int64)
+    size = table.shape[0]
+    if idx.size and (idx.min() < 0 or idx.max() >= size):
+        raise ValueError(f"token ids {ids} fall outside the id space 0..{size - 1}")
+    return np.ascontiguousarray(table[idx])  # [n, H]

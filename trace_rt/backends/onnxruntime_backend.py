@@ -30,13 +30,14 @@ from trace_rt.errors import CheckpointError, PromptTooLongError
 from trace_rt.graphs import (
     BF16,
     DECODER,
-    EMBEDDINGS_FILE,
     GRAPH_NAMES,
     KV_CACHE,
     PROJECTOR,
     VISION_ENCODER,
     GraphSpec,
+    embed_ids,
     kv_names,
+    load_embeddings,
     load_manifest,
     manifest_specs,
 )
@@ -106,12 +107,7 @@ class OnnxRuntimeBackend:
         self._cache_dir = _cache_dir(self.model_dir, cache_dir)
         self.sessions = {g: self._session(self.specs[g]) for g in GRAPH_NAMES}
         # [ids, H] in unified id order; memory-mapped, so only rows used are read.
-        self.embeddings = np.load(self.model_dir / EMBEDDINGS_FILE, mmap_mode="r")
-        if self.embeddings.shape != (self.config.ids.size, self.config.hidden_size):
-            raise CheckpointError(
-                f"{self.model_dir}: {EMBEDDINGS_FILE} has shape {self.embeddings.shape}, "
-                f"expected {(self.config.ids.size, self.config.hidden_size)}"
-            )
+        self.embeddings = load_embeddings(self.model_dir, self.config)
         self.dtype = self.embeddings.dtype  # the graphs' float dtype
         cfg = self.config
         self.kv = KVBuffers(
@@ -166,11 +162,7 @@ class OnnxRuntimeBackend:
 
     # ---- internals -------------------------------------------------------------------
     def _embed(self, ids: Sequence[int]) -> np.ndarray:
-        idx = np.asarray(ids, dtype=np.int64)
-        size = self.config.ids.size
-        if idx.size and (idx.min() < 0 or idx.max() >= size):
-            raise ValueError(f"token ids {ids} fall outside the id space 0..{size - 1}")
-        return np.asarray(self.embeddings[idx])  # [n, H]
+        return embed_ids(self.embeddings, ids)  # [n, H]
 
     def _decode(self, embeds: np.ndarray, head: Head) -> np.ndarray:
         """Run the decoder on *embeds* [1, T, H] at the next T positions."""

@@ -57,7 +57,6 @@ from trace_rt.config import TraceConfig
 from trace_rt.errors import CheckpointError, InputError, PromptTooLongError
 from trace_rt.graphs import (
     DECODER,
-    EMBEDDINGS_FILE,
     GRAPH_NAMES,
     KV_CACHE,
     MANIFEST_FILE,
@@ -67,6 +66,8 @@ from trace_rt.graphs import (
     GraphSpec,
     TensorSpec,
     dtype_itemsize,
+    embed_ids,
+    load_embeddings,
     manifest_specs,
     sha256_file,
 )
@@ -130,7 +131,7 @@ class TensorRTBackend:
         self.specs: dict[str, GraphSpec] = manifest_specs(self.manifest)
         self.max_frames = int(self.section["limits"]["max_frames"])
         self.max_seq = int(self.section["limits"]["max_seq"])
-        self.embeddings = np.load(self.model_dir / EMBEDDINGS_FILE, mmap_mode="r")
+        self.embeddings = load_embeddings(self.model_dir, self.config)
         self.dtype = self.embeddings.dtype
 
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -411,11 +412,7 @@ class TensorRTBackend:
         cuda_rt.copy_htod(ptr, arr.ctypes.data, arr.nbytes, self.stream)
 
     def _embed(self, ids: Sequence[int]) -> np.ndarray:
-        idx = np.asarray(ids, dtype=np.int64)
-        size = self.config.ids.size
-        if idx.size and (idx.min() < 0 or idx.max() >= size):
-            raise ValueError(f"token ids {ids} fall outside the id space 0..{size - 1}")
-        return np.ascontiguousarray(self.embeddings[idx])  # [n, H]
+        return embed_ids(self.embeddings, ids)  # [n, H]
 
 
 def _shape(t: TensorSpec, dims: dict[str, int]) -> tuple[int, ...]:
