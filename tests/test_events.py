@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trace_rt.config import IdSpace
-from trace_rt.events import Event, first_span, highlights, parse_events, parse_result
+from trace_rt.events import Event, EventParser, first_span, highlights, parse_events, parse_result
 from trace_rt.tokenizer import TextTokenizer, default_tokenizer_model
 from trace_rt.tokens import (
     LOCAL_VOCAB,
@@ -203,3 +205,31 @@ def test_other_id_spaces(tok) -> None:
     stream += [ids.score_base + 2 + 3, ids.score_sync, 50, ids.text_sync]
     events = parse_events(stream, tok, ids)
     assert [(e.timestamps, e.scores) for e in events] == [([1.5], [3.0])]
+
+
+# Ids that make structure: every sync, EOS, digits, dots, separators, text, out of range.
+_STRUCTURAL = sorted(
+    {TS, SS, XS, EOS, -1, IDS.size, 415, 3914}
+    | {head_base(IDS, h) + i for h in (Head.TIME, Head.SCORE) for i in range(13)}
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(stream=st.lists(st.sampled_from(_STRUCTURAL), max_size=80))
+def test_streaming_parser_equals_batch(tok, stream):
+    parser = EventParser(tok, IDS)
+    streamed = []
+    for t in stream:
+        done = parser.feed(t)
+        assert len(done) <= 1
+        streamed += done
+    streamed += parser.finish()
+    assert [e.to_dict() for e in streamed] == [e.to_dict() for e in parse_events(stream, tok, IDS)]
+
+
+def test_streaming_parser_emits_at_text_sync(tok):
+    parser = EventParser(tok, IDS)
+    stream = times(1.5) + scores_(3.0) + tok.encode("a dog") + [XS]
+    emitted = [parser.feed(t) for t in stream]
+    assert not any(emitted[:-1]) and emitted[-1][0].caption == "a dog"
+    assert parser.finish() == []

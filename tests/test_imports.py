@@ -20,6 +20,11 @@ TORCH_FREE = [
     "trace_rt.generate",
     "trace_rt.pipeline",
     "trace_rt.backends",
+    "trace_rt.backends.onnxruntime_backend",
+    "trace_rt.serving.protocol",
+    "trace_rt.serving.server",
+    "trace_rt.serving.client",
+    "triton_repo.build",
 ]
 
 

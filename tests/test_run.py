@@ -50,8 +50,9 @@ def test_json_contract(pipelines, clip_video):
     res = pipelines[1].run(clip_video, "mr", query=QUERY, gen=GenerationConfig(max_new_tokens=24))
     assert set(res) == {
         "video", "task", "duration", "frames", "events", "token_ids", "prompt_ids",
-        "frame_times", "timing_ms",
+        "frame_times", "stop_reason", "timing_ms",
     }  # fmt: skip
+    assert res["stop_reason"] in ("eos", "max_new_tokens")
     assert set(res["timing_ms"]) == {"video", "vision", "prefill", "decode", "total"}
     assert res["frames"] == 8  # tiny's num_frames is the default
     assert res["duration"] == pytest.approx(4.0, abs=0.11)

@@ -57,6 +57,87 @@ def run(
     return pipe.run(video, task, query=query, question=question, frames=frames, gen=gen)
 
 
+def serve(
+    repo: Path,
+    *,
+    host: str = "127.0.0.1",
+    grpc_port: int = 8001,
+    http_port: int = 8000,
+    metrics_port: int = 8002,
+    log_file: Path | None = None,
+    timeout: float = 300.0,
+) -> int:
+    """``trace-rt serve``: run tritonserver on *repo* until Ctrl-C (or SIGTERM)."""
+    import signal
+
+    from trace_rt.serving.server import ServerError, TritonServer
+
+    server = TritonServer(
+        repo,
+        host=host,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
+        log_file=log_file,
+    )
+    # SIGTERM (docker stop, systemd) stops the server as cleanly as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        print(f"starting tritonserver on {repo} (log: {server.log_file}) ...", file=sys.stderr)
+        server.start(timeout=timeout)
+        print(
+            f"ready: gRPC {server.grpc_url}  HTTP {server.http_url}  "
+            f"metrics {server.metrics_url}\nCtrl-C stops the server.",
+            file=sys.stderr,
+            flush=True,
+        )
+        code = server.proc.wait() if server.proc is not None else 1
+        raise ServerError(f"tritonserver exited with code {code}:\n{server.log_tail()}")
+    except KeyboardInterrupt:
+        print("stopping tritonserver ...", file=sys.stderr)
+        return 0
+    finally:
+        server.close()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def client(
+    video: str,
+    url: str,
+    *,
+    task: str | None = "dvc",
+    query: str | None = None,
+    question: str | None = None,
+    stream: bool = False,
+    indent: int | None = None,
+    **params: object,
+) -> dict:
+    """``trace-rt client``: send *video* to a server over gRPC; returns the final result.
+
+    With *stream*, each event is printed (one JSON line) as soon as it arrives.
+    """
+    from trace_rt.serving.client import TraceClient, check_url
+
+    def show(event: dict) -> None:
+        print(json.dumps({"event": event}), flush=True)
+
+    path = Path(video)
+    if not path.is_file():
+        raise InputError(f"video file not found: {video}")
+    with TraceClient(check_url(url)) as c:
+        return c.infer(
+            path,
+            task=task,
+            query=query,
+            question=question,
+            on_event=show if stream else None,
+            **params,
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from trace_rt import __version__
     from trace_rt.backends import BACKENDS
@@ -110,6 +191,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompts", type=Path, help="JSON file overriding system text and questions")
     p.add_argument("--indent", type=int, default=None, help="indent the JSON output")
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a model repository with Triton Inference Server (gRPC, HTTP, metrics)",
+        description="Start tritonserver (the binary bundled in nvidia-pytriton) on a "
+        "repository from `python -m triton_repo build`, wait until every model is ready, "
+        "print the endpoints and serve until Ctrl-C.",
+    )
+    p.add_argument("--repo", required=True, type=Path, help="the model repository")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="metrics port (default 8002)")
+    p.add_argument("--log-file", type=Path, help="tritonserver's log (default: a temp file)")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for readiness (300)"
+    )
+
+    p = sub.add_parser(
+        "client",
+        help="send a video to a `trace-rt serve` server over gRPC and print the result",
+        description="Send the video's bytes to the server's trace_pipeline model over "
+        "gRPC; prints the final `trace-rt run` JSON (with --stream, each event first, as "
+        "it arrives).",
+    )
+    p.add_argument("video", help="local video file (its bytes are sent)")
+    p.add_argument("--url", default="127.0.0.1:8001", help="gRPC endpoint HOST:PORT")
+    p.add_argument("--task", choices=["dvc", "mr", "vhd"], help=TASK_HELP)
+    p.add_argument("--query", help="the sentence to localise (mr, vhd)")
+    p.add_argument("--question", help="a free question instead of a task")
+    p.add_argument("--stream", action="store_true", help="print events as they stream in")
+    p.add_argument("--max-new-tokens", type=int, help="token budget (server default if unset)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--constrained", action="store_true", help="well-formed numbers only")
+    p.add_argument("--indent", type=int, default=None, help="indent the JSON output")
     return parser
 
 
@@ -137,6 +255,31 @@ def main(argv: list[str] | None = None) -> int:
                 template=args.template,
                 prompts=args.prompts,
                 quant=args.quant,
+            )
+            print(json.dumps(result, indent=args.indent))
+        elif args.command == "serve":
+            return serve(
+                args.repo,
+                host=args.host,
+                grpc_port=args.grpc_port,
+                http_port=args.http_port,
+                metrics_port=args.metrics_port,
+                log_file=args.log_file,
+                timeout=args.timeout,
+            )
+        elif args.command == "client":
+            result = client(
+                args.video,
+                args.url,
+                task=args.task or (None if args.question else "dvc"),
+                query=args.query,
+                question=args.question,
+                stream=args.stream,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+                constrained=args.constrained or None,
             )
             print(json.dumps(result, indent=args.indent))
     except TraceError as e:

@@ -110,38 +110,59 @@ class _EventBuilder:
         return ev if ev.timestamps or ev.scores or ev.caption else None
 
 
-def parse_events(token_ids: Iterable[int], tok: TextTokenizer, ids: IdSpace) -> list[Event]:
-    """Events of a generated stream (the ids after the prompt), per the module rules."""
-    events: list[Event] = []
-    cur = _EventBuilder()
+class EventParser:
+    """The module's rules, one id at a time: :meth:`feed` returns each event as soon as
+    it is complete, so a server can stream events while decoding goes on.
 
-    def close() -> None:
-        nonlocal cur
-        ev = cur.finish(tok)
-        if ev is not None:
-            events.append(ev)
-        cur = _EventBuilder()
+    ``[*p.feed(t) for t in ids] + p.finish()`` is exactly :func:`parse_events` of *ids*.
+    """
 
-    for raw in token_ids:
-        t = int(raw)
-        if not 0 <= t < ids.size:
-            continue
+    def __init__(self, tok: TextTokenizer, ids: IdSpace) -> None:
+        self.tok = tok
+        self.ids = ids
+        self.done = False  # EOS seen: later ids are ignored
+        self._cur = _EventBuilder()
+
+    def _close(self) -> list[Event]:
+        ev = self._cur.finish(self.tok)
+        self._cur = _EventBuilder()
+        return [ev] if ev is not None else []
+
+    def feed(self, token_id: int) -> list[Event]:
+        """Take one generated id; returns the events it completed (zero or one)."""
+        t = int(token_id)
+        ids = self.ids
+        if self.done or not 0 <= t < ids.size:
+            return []
         head = head_of(ids, t)
         if head is Head.TEXT:
             if t == ids.text_sync:
-                close()
-            elif t == tok.eos_id:
-                break
-            else:
-                cur.text.append(t)
-        elif head is Head.TIME:
-            if cur.times.closed:
-                close()
-            cur.times.feed(t - ids.time_base)
-        else:
-            cur.scores.feed(t - ids.score_base)
-    close()
-    return events
+                return self._close()
+            if t == self.tok.eos_id:
+                self.done = True
+                return self._close()
+            self._cur.text.append(t)
+            return []
+        if head is Head.TIME:
+            closed = self._close() if self._cur.times.closed else []
+            self._cur.times.feed(t - ids.time_base)
+            return closed
+        self._cur.scores.feed(t - ids.score_base)
+        return []
+
+    def finish(self) -> list[Event]:
+        """End of the stream: the event still open, if it holds anything."""
+        if self.done:
+            return []
+        self.done = True
+        return self._close()
+
+
+def parse_events(token_ids: Iterable[int], tok: TextTokenizer, ids: IdSpace) -> list[Event]:
+    """Events of a generated stream (the ids after the prompt), per the module rules."""
+    parser = EventParser(tok, ids)
+    events = [ev for t in token_ids for ev in parser.feed(t)]
+    return events + parser.finish()
 
 
 def first_span(events: Sequence[Event]) -> tuple[float, float] | None:

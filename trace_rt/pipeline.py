@@ -17,13 +17,13 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from trace_rt.backends import Backend, load_backend
-from trace_rt.errors import PromptTooLongError
-from trace_rt.events import parse_events
+from trace_rt.errors import InputError, PromptTooLongError
+from trace_rt.events import Event, EventParser
 from trace_rt.generate import GenerationConfig, generate
 from trace_rt.preprocess import preprocess_frames
 from trace_rt.prompts import PromptSet, prompt_ids
 from trace_rt.tokenizer import TextTokenizer
-from trace_rt.tokens import encode_timestamp
+from trace_rt.tokens import MAX_TIMESTAMP, encode_timestamp
 from trace_rt.video import SampledVideo, load_video
 
 VideoSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
@@ -90,34 +90,70 @@ class Pipeline:
         frames: int | None = None,
         gen: GenerationConfig | None = None,
         on_token: Callable[[int], None] | None = None,
+        on_event: Callable[[Event], None] | None = None,
     ) -> dict[str, Any]:
-        """Answer one request; returns the ``trace-rt run`` JSON object."""
+        """Answer one request; returns the ``trace-rt run`` JSON object.
+
+        Args:
+            on_token: called with each generated id as soon as it is chosen.
+            on_event: called with each event as soon as its last id is generated (the
+                events passed are exactly the result's ``events``, in order).
+        """
         gen = gen or GenerationConfig()
         t0 = time.perf_counter()
         req = self.prepare(video, task, query=query, question=question, frames=frames, gen=gen)
+        video_ms = (time.perf_counter() - t0) * 1e3
+        out = self.run_prepared(req, gen, on_token=on_token, on_event=on_event)
+        out["timing_ms"]["video"] = video_ms
+        out["timing_ms"]["total"] += video_ms
+        return {"video": _describe(video), "task": task, **out}
+
+    def run_prepared(
+        self,
+        req: Prepared,
+        gen: GenerationConfig,
+        *,
+        on_token: Callable[[int], None] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> dict[str, Any]:
+        """The model's part of :meth:`run` for a :meth:`prepare` d request (what a server
+        runs after it has decoded the video itself or was sent frames)."""
         ids, clip = req.prompt_ids, req.clip
+        parser = EventParser(self.tokenizer, self.config.ids)
+        events: list[Event] = []
+
+        def token_cb(token: int) -> None:
+            if on_token is not None:
+                on_token(token)
+            for ev in parser.feed(token):
+                events.append(ev)
+                if on_event is not None:
+                    on_event(ev)
+
         t1 = time.perf_counter()
         handle = self.backend.encode_video(req.pixel_values, req.time_ids)
         self.backend.synchronize()
         t2 = time.perf_counter()
-        result = generate(self.backend, ids, handle, gen, duration=clip.duration, on_token=on_token)
+        result = generate(self.backend, ids, handle, gen, duration=clip.duration, on_token=token_cb)
+        for ev in parser.finish():
+            events.append(ev)
+            if on_event is not None:
+                on_event(ev)
         t3 = time.perf_counter()
-        events = parse_events(result.token_ids, self.tokenizer, self.config.ids)
         return {
-            "video": _describe(video),
-            "task": task,
             "duration": round(clip.duration, 3),
             "frames": len(clip.times),
             "events": [e.to_dict() for e in events],
             "token_ids": result.token_ids,
             "prompt_ids": ids,
             "frame_times": [round(float(t), 6) for t in clip.times],
+            "stop_reason": result.stop_reason,
             "timing_ms": {
-                "video": (t1 - t0) * 1e3,
+                "video": 0.0,
                 "vision": (t2 - t1) * 1e3,
                 "prefill": result.timing_ms["prefill"],
                 "decode": result.timing_ms["decode"],
-                "total": (t3 - t0) * 1e3,
+                "total": (t3 - t1) * 1e3,
             },
         }
 
@@ -136,9 +172,71 @@ class Pipeline:
         Split out of :meth:`run` so that ``trace_rt.bench`` times exactly this work as
         its ``video`` stage and then drives the backend stage by stage itself.
         """
-        gen = gen or GenerationConfig()
+        n_frames = self.config.num_frames if frames is None else frames
+        ids = self._prompt(task, query, question, n_frames, gen or GenerationConfig())
+        clip = load_video(video, n_frames)
+        pixels = preprocess_frames(clip.frames, self.config.preprocess)  # [F, 3, H, W]
+        return Prepared(ids, clip, pixels, _time_ids(clip.times))
+
+    def prepare_frames(
+        self,
+        pixel_values: np.ndarray,
+        timestamps: np.ndarray,
+        task: str | None = "dvc",
+        *,
+        query: str | None = None,
+        question: str | None = None,
+        duration: float | None = None,
+        gen: GenerationConfig | None = None,
+    ) -> Prepared:
+        """:meth:`prepare` for a client that decoded and preprocessed the video itself.
+
+        Args:
+            pixel_values: float32 ``[F, 3, H, W]``, already CLIP-preprocessed.
+            timestamps: each frame's time in seconds ``[F]``, non-decreasing.
+            duration: the video's length (default: the last timestamp); bounds the
+                timestamps of constrained decoding.
+        """
+        pp = self.config.preprocess
+        px = np.asarray(pixel_values)
+        want = (3, pp.crop_height, pp.crop_width)
+        if px.ndim != 4 or px.shape[1:] != want or px.shape[0] < 1:
+            raise InputError(
+                f"frames must be [frames, {want[0]}, {want[1]}, {want[2]}] (this model's "
+                f"preprocessed size), got {list(px.shape)}"
+            )
+        if not np.issubdtype(px.dtype, np.floating) or not np.isfinite(px).all():
+            raise InputError(f"frames must be finite floats, got {px.dtype}")
+        ts = np.asarray(timestamps, dtype=np.float64).reshape(-1)
+        if ts.shape[0] != px.shape[0]:
+            raise InputError(f"{px.shape[0]} frames but {ts.shape[0]} timestamps")
+        if not np.isfinite(ts).all() or (ts < 0).any() or (np.diff(ts) < 0).any():
+            raise InputError("timestamps must be finite, >= 0 and non-decreasing")
+        dur = float(ts[-1]) if duration is None else float(duration)
+        if not np.isfinite(dur) or dur < ts[-1] or dur > MAX_TIMESTAMP:
+            raise InputError(
+                f"duration must lie in [last timestamp ({ts[-1]:.3f}), {MAX_TIMESTAMP}] s, "
+                f"got {dur}"
+            )
+        ids = self._prompt(task, query, question, px.shape[0], gen or GenerationConfig())
+        clip = SampledVideo(
+            frames=np.zeros((0, 0, 0, 3), np.uint8),
+            times=ts,
+            duration=dur,
+            fps=(len(ts) - 1) / ts[-1] if ts[-1] > 0 else 0.0,
+            total_frames=len(ts),
+        )
+        return Prepared(ids, clip, np.ascontiguousarray(px, dtype=np.float32), _time_ids(ts))
+
+    def _prompt(
+        self,
+        task: str | None,
+        query: str | None,
+        question: str | None,
+        n_frames: int,
+        gen: GenerationConfig,
+    ) -> list[int]:
         cfg = self.config
-        n_frames = cfg.num_frames if frames is None else frames
         ids = prompt_ids(
             task,
             query=query,
@@ -155,10 +253,11 @@ class Pipeline:
                 f"{cfg.tokens_per_frame}) + max_new_tokens ({gen.max_new_tokens}) = {need} "
                 f"positions exceeds the model's context of {cfg.max_position_embeddings}"
             )
-        clip = load_video(video, n_frames)
-        pixels = preprocess_frames(clip.frames, cfg.preprocess)  # [F, 3, H, W]
-        time_ids = np.array([encode_timestamp(float(t)) for t in clip.times], dtype=np.int64)
-        return Prepared(ids, clip, pixels, time_ids)
+        return ids
+
+
+def _time_ids(times: np.ndarray) -> np.ndarray:
+    return np.array([encode_timestamp(float(t)) for t in times], dtype=np.int64)  # [F, 6]
 
 
 def _describe(video: VideoSource) -> str:

@@ -66,6 +66,8 @@ class OnnxRuntimeBackend:
         decoder_variant: run a quantised decoder from ``python -m export quantize``
             (``int4``, ``int8``, ``int4-qdq``, ...: the manifest's ``variants``) instead
             of ``decoder.onnx``.
+        video_graphs: load the vision encoder and projector too (False: decoder only,
+            for a server whose encoders run as their own models).
     """
 
     name = "onnxruntime"
@@ -78,6 +80,7 @@ class OnnxRuntimeBackend:
         cache_dir: str | Path | bool | None = None,
         verify: str = "sha256",
         decoder_variant: str | None = None,
+        video_graphs: bool = True,
     ):
         self.model_dir = Path(model_dir)
         self.manifest = load_manifest(self.model_dir, verify=verify)
@@ -105,7 +108,8 @@ class OnnxRuntimeBackend:
         self.providers, self.device_type, self.device_id = _providers(device)
         self.threads = threads
         self._cache_dir = _cache_dir(self.model_dir, cache_dir)
-        self.sessions = {g: self._session(self.specs[g]) for g in GRAPH_NAMES}
+        graphs = GRAPH_NAMES if video_graphs else (DECODER,)
+        self.sessions = {g: self._session(self.specs[g]) for g in graphs}
         # [ids, H] in unified id order; memory-mapped, so only rows used are read.
         self.embeddings = load_embeddings(self.model_dir, self.config)
         self.dtype = self.embeddings.dtype  # the graphs' float dtype
@@ -186,7 +190,9 @@ class OnnxRuntimeBackend:
 
         host_outputs=None brings every output to host memory.
         """
-        sess = self.sessions[graph]
+        sess = self.sessions.get(graph)
+        if sess is None:
+            raise RuntimeError(f"the {graph} graph was not loaded (video_graphs=False)")
         binding = sess.io_binding()
         for name, value in feeds.items():
             if isinstance(value, ort.OrtValue):

@@ -1,0 +1,247 @@
+"""Start and stop a real ``tritonserver`` for a generated model repository.
+
+Here (no GPU, no container) the server is the genuine ``tritonserver`` binary bundled in
+the ``nvidia-pytriton`` wheel, with its Python backend; :func:`find_bundled` locates it
+without importing ``pytriton``. On a GPU host the same repository is served by NVIDIA's
+Triton container instead (``triton_repo/README.md`` has the command).
+
+The bundled Python backend's stub embeds the system's ``libpython`` in isolated mode: it
+ignores ``PYTHONPATH`` and sees only the system's site-packages. :class:`TritonServer`
+therefore passes this interpreter's package directories in ``TRACE_RT_SITE_DIRS``, and the
+generated ``model.py`` files add them to ``sys.path`` before importing ``trace_rt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import os
+import shutil
+import signal
+import site
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from trace_rt.errors import TraceError
+
+SITE_DIRS_ENV = "TRACE_RT_SITE_DIRS"
+
+
+class ServerError(TraceError):
+    """tritonserver could not be found, started, or did not become ready."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """The parts of the ``nvidia-pytriton`` wheel that make a working server."""
+
+    binary: Path
+    python_backend: Path  # libtriton_python.so + triton_python_backend_utils.py
+    stub: Path  # triton_python_backend_stub for this Python version
+    libs: Path  # shared libraries the binary and the stub link against
+
+
+def find_bundled() -> Bundle:
+    """Locate tritonserver in the installed ``nvidia-pytriton`` wheel."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError(
+            "tritonserver not found: install the serving extra (`pip install "
+            "'trace-rt[serve]'`, which brings nvidia-pytriton's bundled tritonserver), or "
+            "on a GPU host run NVIDIA's Triton container (triton_repo/README.md)"
+        )
+    pkg = Path(next(iter(spec.submodule_search_locations)))
+    root = pkg / "tritonserver"
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    bundle = Bundle(
+        binary=root / "bin" / "tritonserver",
+        python_backend=root / "backends" / "python",
+        stub=root / "python_backend_stubs" / py / "triton_python_backend_stub",
+        libs=pkg.parent / "nvidia_pytriton.libs",
+    )
+    for what, path in [
+        ("tritonserver binary", bundle.binary),
+        ("Python backend", bundle.python_backend / "libtriton_python.so"),
+        (f"Python {py} backend stub", bundle.stub),
+    ]:
+        if not path.exists():
+            raise ServerError(f"nvidia-pytriton is installed but has no {what} at {path}")
+    return bundle
+
+
+def backend_dir(bundle: Bundle, dest: Path) -> Path:
+    """A ``--backend-directory`` holding the Python backend and this Python's stub."""
+    python = dest / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for src in [
+        bundle.python_backend / "libtriton_python.so",
+        bundle.python_backend / "triton_python_backend_utils.py",
+        bundle.stub,
+    ]:
+        target = python / src.name
+        if not target.exists():
+            shutil.copy2(src, target)
+    return dest
+
+
+def site_dirs() -> list[str]:
+    """This interpreter's package directories (site-packages, and trace_rt's own root
+    for a source checkout), for the Python backend's stub."""
+    dirs = [*site.getsitepackages()]
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    root = Path(__file__).resolve().parents[2]  # .../trace_rt/serving/server.py
+    dirs.append(str(root))
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def _die_with_parent() -> None:
+    # Linux: SIGKILL the server when the process that started it dies, however it dies
+    # (a killed test run must not leave a server holding ports).
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class TritonServer:
+    """A ``tritonserver`` process serving *repo*; use as a context manager.
+
+    Args:
+        repo: the model repository (``python -m triton_repo build``).
+        host: address the three endpoints listen on.
+        grpc_port, http_port, metrics_port: their ports.
+        log_file: where the server's output goes (default: a temporary file).
+        verbose: tritonserver's ``--log-verbose`` level.
+    """
+
+    def __init__(
+        self,
+        repo: str | Path,
+        *,
+        host: str = "127.0.0.1",
+        grpc_port: int = 8001,
+        http_port: int = 8000,
+        metrics_port: int = 8002,
+        log_file: str | Path | None = None,
+        verbose: int = 0,
+    ):
+        self.repo = Path(repo).resolve()
+        if not (self.repo.is_dir() and any(self.repo.glob("*/config.pbtxt"))):
+            raise ServerError(
+                f"{self.repo} is not a model repository (no */config.pbtxt); make one with "
+                "`python -m triton_repo build ARTIFACTS OUT`"
+            )
+        self.host = host
+        self.grpc_port, self.http_port, self.metrics_port = grpc_port, http_port, metrics_port
+        self.verbose = verbose
+        self._tmp = tempfile.TemporaryDirectory(prefix="trace-rt-triton-")
+        self.log_file = Path(log_file) if log_file else Path(self._tmp.name) / "tritonserver.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{_client_host(self.host)}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{_client_host(self.host)}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_client_host(self.host)}:{self.metrics_port}/metrics"
+
+    def command(self, bundle: Bundle) -> list[str]:
+        backends = backend_dir(bundle, Path(self._tmp.name) / "backends")
+        return [
+            str(bundle.binary),
+            f"--model-repository={self.repo}",
+            f"--backend-directory={backends}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--exit-timeout-secs=10",
+            f"--log-verbose={self.verbose}",
+        ]
+
+    def start(self, timeout: float = 180.0) -> TritonServer:
+        """Start the server and wait until it and every model are ready."""
+        bundle = find_bundled()
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(bundle.libs), env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        env[SITE_DIRS_ENV] = os.pathsep.join(site_dirs())
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_file, "wb")  # noqa: SIM115 - the server writes it until stop()
+        self.proc = subprocess.Popen(
+            self.command(bundle),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches us, and we stop the server in order
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(
+                    f"tritonserver exited with code {self.proc.returncode} while starting:\n"
+                    + self.log_tail()
+                )
+            if self.ready():
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def ready(self) -> bool:
+        """The server answers and all its models are ready (HTTP health endpoint)."""
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the server (SIGTERM: in-flight requests finish; SIGKILL after *timeout*)."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def close(self) -> None:
+        self.stop()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> TritonServer:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host

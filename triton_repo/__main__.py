@@ -1,0 +1,93 @@
+"""``python -m triton_repo build ARTIFACTS OUT``: see :mod:`triton_repo.build`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from trace_rt.errors import TraceError
+from trace_rt.serving.protocol import ServingSettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m triton_repo",
+        description="Generate a Triton Inference Server model repository for TRACE.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser(
+        "build",
+        help="write a model repository (vision_encoder, projector, trace_pipeline)",
+        description="Write a ready model repository from an export artifact directory; "
+        "serve it with `trace-rt serve --repo OUT`. A rebuild replaces OUT.",
+    )
+    p.add_argument("artifacts", type=Path, help="artifact directory from `python -m export onnx`")
+    p.add_argument("out", type=Path, help="the model repository to write")
+    p.add_argument(
+        "--backend",
+        choices=["onnxruntime", "tensorrt"],
+        default="onnxruntime",
+        help="onnxruntime: Python-backend models (CPU); tensorrt: tensorrt_plan encoders and "
+        "a TensorRT decoder (needs `python -m export trt` engines)",
+    )
+    p.add_argument("--instances", type=int, default=1, help="instances of each model (default 1)")
+    p.add_argument(
+        "--max-batch-frames",
+        type=int,
+        help="the vision encoder's largest batch of frames (default: the model's num_frames)",
+    )
+    p.add_argument(
+        "--encoders",
+        choices=["in-process", "bls"],
+        default="in-process",
+        help="trace_pipeline runs the encoders itself (default: measured faster, "
+        "benchmarks/results/triton-encoders-cpu.md) or calls the encoder models by BLS",
+    )
+    d = ServingSettings()
+    p.add_argument(
+        "--max-video-bytes",
+        type=int,
+        default=d.max_video_bytes,
+        help=f"largest video a request may send (default {d.max_video_bytes})",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=d.max_new_tokens,
+        help=f"largest token budget a request may ask for (default {d.max_new_tokens})",
+    )
+    p.add_argument(
+        "--default-max-new-tokens",
+        type=int,
+        default=d.default_max_new_tokens,
+        help=f"budget of requests that name none (default {d.default_max_new_tokens})",
+    )
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads per session")
+    p.add_argument("--no-progress", action="store_true", help="print nothing while building")
+    args = parser.parse_args(argv)
+    from triton_repo.build import build_repository
+
+    try:
+        out = build_repository(
+            args.artifacts,
+            args.out,
+            backend=args.backend,
+            instances=args.instances,
+            max_batch_frames=args.max_batch_frames,
+            encoders=args.encoders,
+            max_video_bytes=args.max_video_bytes,
+            max_new_tokens=args.max_new_tokens,
+            default_max_new_tokens=args.default_max_new_tokens,
+            threads=args.threads,
+            progress=not args.no_progress,
+        )
+    except TraceError as e:
+        print(f"python -m triton_repo: error: {e}", file=sys.stderr)
+        return 2
+    print(f"model repository ready: {out}\nserve it with: trace-rt serve --repo {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

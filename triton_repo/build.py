@@ -1,0 +1,254 @@
+"""``python -m triton_repo build``: a ready Triton model repository from an artifact dir.
+
+Layout written (tensor names from the artifact manifest and trace_rt.serving.protocol)::
+
+    OUT/
+      vision_encoder/config.pbtxt   dynamic batching over frames
+      vision_encoder/1/             CPU: model.py (onnxruntime) + the graph + graph.json
+                                    GPU: model.plan (the TensorRT engine)
+      projector/config.pbtxt, 1/    the same, without batching
+      trace_pipeline/config.pbtxt   Python backend, decoupled
+      trace_pipeline/1/model.py     the decoding loop (trace_rt.generate)
+      trace_pipeline/1/serving.json limits and modes (ServingSettings)
+      trace_pipeline/1/artifacts/   the artifact directory (hard links where possible)
+
+Every size comes from the artifact's manifest and config; nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from trace_rt.config import TraceConfig
+from trace_rt.errors import CheckpointError, InputError
+from trace_rt.graphs import (
+    DECODER,
+    MANIFEST_FILE,
+    PROJECTOR,
+    VISION_ENCODER,
+    GraphSpec,
+    TensorSpec,
+    load_manifest,
+    manifest_specs,
+)
+from trace_rt.serving.protocol import (
+    PIPELINE_OUTPUTS,
+    TRACE_PIPELINE,
+    TRITON_TYPES,
+    ServingSettings,
+    ServingTensor,
+    pipeline_inputs,
+)
+
+MODELS_DIR = Path(__file__).parent / "models"
+ARTIFACTS = "artifacts"
+GRAPH_JSON = "graph.json"
+MARKER = ".trace-rt-repository"  # lets a rebuild replace OUT, and nothing else
+# Frames waiting this long for others to join the vision encoder's batch.
+QUEUE_DELAY_US = 2000
+
+
+def build_repository(
+    artifacts: str | Path,
+    out: str | Path,
+    *,
+    backend: str = "onnxruntime",
+    instances: int = 1,
+    max_batch_frames: int | None = None,
+    encoders: str = "in-process",
+    max_video_bytes: int = ServingSettings.max_video_bytes,
+    max_new_tokens: int = ServingSettings.max_new_tokens,
+    default_max_new_tokens: int = ServingSettings.default_max_new_tokens,
+    threads: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Write the model repository for *artifacts* to *out* (replacing an earlier build).
+
+    Args:
+        artifacts: directory from ``python -m export onnx`` (plus ``export trt`` engines
+            for ``backend="tensorrt"``).
+        out: the repository to write.
+        backend: ``onnxruntime`` (CPU, or CUDA with onnxruntime-gpu: encoders are Python
+            models) or ``tensorrt`` (encoders are ``tensorrt_plan`` models).
+        instances: model instances of each model (parallel requests).
+        max_batch_frames: the vision encoder's largest batch (default: the model's
+            ``num_frames``, or the TensorRT engine's frame limit).
+        encoders: how ``trace_pipeline`` runs the vision encoder and projector:
+            ``in-process`` or ``bls`` (through the repository's models).
+        max_video_bytes, max_new_tokens, default_max_new_tokens: request limits.
+        threads: onnxruntime intra-op threads per session (0: onnxruntime's default).
+    """
+    src, out = Path(artifacts).resolve(), Path(out).resolve()
+    if instances < 1:
+        raise InputError(f"--instances must be at least 1, got {instances}")
+    manifest = load_manifest(src, verify="size")
+    cfg = TraceConfig.from_dir(src)
+    specs = manifest_specs(manifest)
+    engines = _engines(manifest, src) if backend == "tensorrt" else {}
+    frame_limit = engines[VISION_ENCODER]["max_frames"] if engines else None
+    if max_batch_frames is None:
+        max_batch_frames = min(cfg.num_frames, frame_limit or cfg.num_frames)
+    if max_batch_frames < 1 or (frame_limit and max_batch_frames > frame_limit):
+        raise InputError(
+            f"--max-batch-frames must be in [1, {frame_limit or 'inf'}], got {max_batch_frames}"
+        )
+    settings = ServingSettings(
+        backend=backend,
+        encoders=encoders,
+        max_video_bytes=max_video_bytes,
+        max_new_tokens=max_new_tokens,
+        default_max_new_tokens=min(default_max_new_tokens, max_new_tokens),
+        threads=threads,
+    )
+    _prepare_out(out)
+    steps = [
+        ("vision_encoder", lambda: _graph_model(out, src, specs[VISION_ENCODER], engines,
+                                                 instances, max_batch_frames, threads)),
+        ("projector", lambda: _graph_model(out, src, specs[PROJECTOR], engines,
+                                            instances, 0, threads)),
+        ("trace_pipeline", lambda: _pipeline_model(out, src, cfg, settings, instances,
+                                                    max_batch_frames)),
+    ]  # fmt: skip
+    for name, step in steps:
+        step()
+        if progress:
+            print(f"{name}: written to {out / name}", flush=True)
+    (out / MARKER).write_text(json.dumps({"artifacts": str(src), "backend": backend}) + "\n")
+    return out
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"{out} exists and is not a directory")
+        if any(out.iterdir()) and not (out / MARKER).exists():
+            raise InputError(
+                f"{out} is not empty and not a repository built by triton_repo; "
+                "pick an empty or new directory"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+def _engines(manifest: dict, src: Path) -> dict[str, dict]:
+    """TensorRT engines of the vision encoder and projector, with their frame limit."""
+    from trace_rt.backends import tensorrt_manifest as tm
+
+    section = tm.read_section(manifest, src)
+    out = {}
+    for graph in (VISION_ENCODER, PROJECTOR, DECODER):
+        rec = section["engines"].get(graph)
+        if rec is None:
+            raise CheckpointError(f"{src}: no TensorRT engine for {graph}; run `export trt`")
+        out[graph] = {"file": rec["file"], "max_frames": section["limits"]["max_frames"]}
+    return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # same file system: no second copy of GBs of weights
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _graph_files(manifest_files: Iterable[str], spec: GraphSpec) -> list[str]:
+    # The graph and its external-data files (decoder.onnx, decoder.onnx.data, ...).
+    return [f for f in manifest_files if f == spec.file or f.startswith(spec.file + ".")]
+
+
+def _graph_model(
+    out: Path,
+    src: Path,
+    spec: GraphSpec,
+    engines: dict[str, dict],
+    instances: int,
+    max_batch: int,
+    threads: int,
+) -> None:
+    version = out / spec.name / "1"
+    version.mkdir(parents=True)
+    if engines:
+        _link_or_copy(src / engines[spec.name]["file"], version / "model.plan")
+        head = 'platform: "tensorrt_plan"'
+        kind = "KIND_GPU"
+    else:
+        files = json.loads((src / MANIFEST_FILE).read_text())["files"]
+        for rel in _graph_files(files, spec):
+            _link_or_copy(src / rel, version / rel)
+        shutil.copy2(MODELS_DIR / "onnx_graph.py", version / "model.py")
+        (version / GRAPH_JSON).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+        head = 'backend: "python"'
+        kind = "KIND_CPU"
+    batched = max_batch > 0
+    lines = [f'name: "{spec.name}"', head, f"max_batch_size: {max_batch}"]
+    lines += _tensors("input", [_graph_tensor(t, batched) for t in spec.inputs])
+    lines += _tensors("output", [_graph_tensor(t, batched) for t in spec.outputs])
+    if batched:
+        lines.append(
+            "dynamic_batching {\n"
+            f"  preferred_batch_size: [ {max_batch} ]\n"
+            f"  max_queue_delay_microseconds: {QUEUE_DELAY_US}\n}}"
+        )
+    lines.append(f"instance_group [ {{ count: {instances} kind: {kind} }} ]")
+    if not engines and threads:
+        lines.append(_parameters({"threads": threads}))
+    (out / spec.name / "config.pbtxt").write_text("\n".join(lines) + "\n")
+
+
+def _graph_tensor(t: TensorSpec, batched: bool) -> tuple[str, str, list[int], bool]:
+    dims = [d if isinstance(d, int) else -1 for d in t.shape]
+    if batched:
+        dims = dims[1:]  # the frames axis is Triton's batch axis
+    return t.name, TRITON_TYPES[t.dtype], dims, False
+
+
+def _pipeline_model(
+    out: Path,
+    src: Path,
+    cfg: TraceConfig,
+    settings: ServingSettings,
+    instances: int,
+    max_batch_frames: int,
+) -> None:
+    version = out / TRACE_PIPELINE / "1"
+    version.mkdir(parents=True)
+    for f in sorted(src.rglob("*")):
+        rel = f.relative_to(src)
+        if f.is_file() and not rel.parts[0].startswith("."):  # no .ort_cache
+            _link_or_copy(f, version / ARTIFACTS / rel)
+    shutil.copy2(MODELS_DIR / "trace_pipeline.py", version / "model.py")
+    settings.save(version)
+    kind = "KIND_GPU" if settings.backend == "tensorrt" else "KIND_CPU"
+
+    def tensor(t: ServingTensor) -> tuple[str, str, list[int], bool]:
+        return t.name, t.triton_type, list(t.shape), t.optional
+
+    lines = [
+        f'name: "{TRACE_PIPELINE}"',
+        'backend: "python"',
+        "max_batch_size: 0",
+        "model_transaction_policy { decoupled: true }",
+        *_tensors("input", [tensor(t) for t in pipeline_inputs(cfg)]),
+        *_tensors("output", [tensor(t) for t in PIPELINE_OUTPUTS]),
+        f"instance_group [ {{ count: {instances} kind: {kind} }} ]",
+        _parameters({"max_batch_frames": max_batch_frames}),
+    ]
+    (out / TRACE_PIPELINE / "config.pbtxt").write_text("\n".join(lines) + "\n")
+
+
+def _tensors(kind: str, tensors: list[tuple[str, str, list[int], bool]]) -> list[str]:
+    body = []
+    for name, dtype, dims, optional in tensors:
+        opt = " optional: true" if optional else ""
+        body.append(f'  {{ name: "{name}" data_type: {dtype} dims: {dims}{opt} }}')
+    return [f"{kind} [", ",\n".join(body), "]"]
+
+
+def _parameters(params: dict[str, object]) -> str:
+    items = [f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items()]
+    return "parameters [\n" + ",\n".join(items) + "\n]"
