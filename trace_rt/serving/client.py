@@ -66,6 +66,7 @@ class TraceClient:
         top_p: float | None = None,
         seed: int | None = None,
         constrained: bool | None = None,
+        ignore_eos: bool | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         timeout: float = 600.0,
     ) -> dict[str, Any]:
@@ -74,6 +75,9 @@ class TraceClient:
         Args:
             video: a local file (read here and sent as bytes) or the file's bytes.
             frames, timestamps, duration: preprocessed frames instead of *video*.
+            max_new_tokens, temperature, top_p, seed, constrained: generation settings
+                (None: the server's default); ignore_eos decodes the whole budget past EOS
+                (benchmarks).
             on_event: called with each event (``{"index", "timestamps", "scores",
                 "caption"}``) as it streams in, before the final result.
             timeout: seconds to wait for the final response.
@@ -106,6 +110,7 @@ class TraceClient:
             ("top_p", top_p, np.float32, "FP32"),
             ("seed", seed, np.int64, "INT64"),
             ("constrained", constrained, np.bool_, "BOOL"),
+            ("ignore_eos", ignore_eos, np.bool_, "BOOL"),
         ]
         for name, value, dtype, triton_type in scalars:
             if value is not None:

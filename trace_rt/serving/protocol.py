@@ -78,6 +78,7 @@ def pipeline_inputs(cfg: TraceConfig) -> tuple[ServingTensor, ...]:
         ServingTensor("top_p", "float32", (1,), True, "nucleus sampling mass"),
         ServingTensor("seed", "int64", (1,), True, "sampling seed"),
         ServingTensor("constrained", "bool", (1,), True, "well-formed numbers only"),
+        ServingTensor("ignore_eos", "bool", (1,), True, "benchmarks: decode the whole budget"),
     )
 
 
@@ -188,12 +189,14 @@ def parse_request(
     if seed is not None and not 0 <= seed < 2**63:
         raise InputError(f"seed must be in [0, 2^63), got {seed}")
     constrained = _scalar(get("constrained"), "constrained", bool)
+    ignore_eos = _scalar(get("ignore_eos"), "ignore_eos", bool)
     gen = GenerationConfig(
         max_new_tokens=max_new,
         temperature=0.0 if temperature is None else temperature,
         top_p=1.0 if top_p is None else top_p,
         seed=0 if seed is None else seed,
         constrained=bool(constrained),
+        ignore_eos=bool(ignore_eos),
     )  # checks temperature and top_p ranges
     video, frames = get("video"), get("frames")
     if video is not None and frames is not None:
