@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -163,3 +164,67 @@ def test_frames_tensor_streams_too(server, walker_artifact, clip_video):
             on_event=got.append,
         )
     assert len(got) == len(res["events"]) >= 3
+
+
+def test_serve_command_ready_then_ctrl_c(repo, clip_video):
+    from trace_rt.serving.server import free_ports
+
+    g, h, m = free_ports(3)
+    cmd = [sys.executable, "-m", "trace_rt", "serve", "--repo", str(repo)]
+    ports = ["--grpc-port", str(g), "--http-port", str(h), "--metrics-port", str(m)]
+    proc = subprocess.Popen([*cmd, *ports], stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:  # blocks until serve prints; a failed start ends the stream
+            lines.append(line)
+            if line.startswith("ready:"):
+                break
+        assert lines and lines[-1].startswith("ready:"), "".join(lines)
+        assert f"gRPC 127.0.0.1:{g}" in lines[-1] and f":{m}/metrics" in lines[-1]
+        with TraceClient(f"127.0.0.1:{g}") as c:
+            assert c.infer(clip_video, task="dvc", max_new_tokens=13)["events"]
+        server_pids = subprocess.run(
+            ["pgrep", "-f", f"tritonserver.*--grpc-port={g}"], capture_output=True, text=True
+        ).stdout.split()
+        assert len(server_pids) == 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert _is_gone(int(server_pids[0]), within=1.0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cancelled_request_stops_decoding(server, clip_video):
+    # The client closes its stream while a long request decodes: the model notices at the
+    # next token, stops, and counts the request as cancelled; the server goes on.
+    import urllib.request
+
+    import tritonclient.grpc as g
+
+    def cancelled() -> float:
+        text = urllib.request.urlopen(server.metrics_url).read().decode()
+        hits = [ln for ln in text.splitlines() if 'outcome="cancelled"' in ln]
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in hits)
+
+    before = cancelled()
+    first_event = threading.Event()
+    client = g.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: first_event.set())
+    video = g.InferInput("video", [clip_video.stat().st_size], "UINT8")
+    video.set_data_from_numpy(np.frombuffer(clip_video.read_bytes(), np.uint8))
+    task = g.InferInput("task", [1], "BYTES")
+    task.set_data_from_numpy(np.array([b"dvc"], dtype=np.object_))
+    budget = g.InferInput("max_new_tokens", [1], "INT32")
+    budget.set_data_from_numpy(np.array([1024], np.int32))
+    client.async_stream_infer("trace_pipeline", [video, task, budget])
+    assert first_event.wait(60)
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    deadline = time.monotonic() + 30
+    while cancelled() < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cancelled() == before + 1
+    with TraceClient(server.grpc_url) as c:
+        assert c.infer(clip_video, task="dvc", max_new_tokens=13)["events"]

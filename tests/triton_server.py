@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from trace_rt.serving.server import TritonServer
+from trace_rt.serving.server import TritonServer, free_ports
 
-
-def free_ports(n: int) -> list[int]:
-    """*n* distinct ports free right now on 127.0.0.1."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+__all__ = ["free_ports", "running_server"]
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import site
+import socket
 import subprocess
 import sys
 import tempfile
@@ -241,6 +242,20 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """*n* distinct ports free on *host* right now (for tests and benchmarks)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _client_host(host: str) -> str:
