@@ -253,3 +253,39 @@ def test_cli_client_reports_errors(server, tmp_path):
         text=True,
     )
     assert cli.returncode == 2 and re.search(r"error: .*NotAVideoError", cli.stderr)
+
+
+def test_vision_encoder_batches_concurrent_requests(server, artifact):
+    # Frames of concurrent requests share a batch (dynamic batching), and each request
+    # still gets exactly its own features back.
+    import onnxruntime as ort
+    import tritonclient.grpc as g
+
+    session = ort.InferenceSession(str(artifact / "vision_encoder.onnx"))
+    rng = np.random.default_rng(0)
+    shape = session.get_inputs()[0].shape
+    pixels = [rng.standard_normal((2, *shape[1:])).astype(np.float32) for _ in range(12)]
+    got: dict[int, np.ndarray] = {}
+    clients = [g.InferenceServerClient(server.grpc_url) for _ in range(12)]
+    start = threading.Barrier(12)  # all requests leave together
+
+    def one(i: int) -> None:
+        inp = g.InferInput("pixel_values", list(pixels[i].shape), "FP32")
+        inp.set_data_from_numpy(pixels[i])
+        start.wait()
+        got[i] = clients[i].infer("vision_encoder", [inp]).as_numpy("features")
+
+    stats = g.InferenceServerClient(server.grpc_url).get_inference_statistics("vision_encoder")
+    before = stats.model_stats[0]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for i in range(12):
+        want = session.run(None, {"pixel_values": pixels[i]})[0]
+        np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-5)
+    after = g.InferenceServerClient(server.grpc_url).get_inference_statistics("vision_encoder")
+    runs = after.model_stats[0].execution_count - before.execution_count
+    frames = after.model_stats[0].inference_count - before.inference_count
+    assert frames == 24 and runs < 12  # fewer model runs than requests: batches were shared
