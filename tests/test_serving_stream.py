@@ -197,8 +197,8 @@ def test_serve_command_ready_then_ctrl_c(repo, clip_video):
 
 
 def test_cancelled_request_stops_decoding(server, clip_video):
-    # The client closes its stream while a long request decodes: the model notices at the
-    # next token, stops, and counts the request as cancelled; the server goes on.
+    # The client closes its stream while a long request decodes: the model notices within
+    # 50 ms, stops, and counts the request as cancelled; the server goes on.
     import urllib.request
 
     import tritonclient.grpc as g
