@@ -57,14 +57,17 @@ def local(artifact) -> Pipeline:
     return Pipeline.from_dir(artifact, "onnxruntime", cache_dir=False)
 
 
-@pytest.fixture(scope="module", params=["in-process", "bls"])
+# BLS with two instances of each model: requests then really run in parallel.
+@pytest.fixture(scope="module", params=[("in-process", 1), ("bls", 2)], ids=["in-process", "bls"])
 def server(request, artifact, tmp_path_factory):
     from triton_repo.build import build_repository
 
+    encoders, instances = request.param
     repo = build_repository(
         artifact,
-        tmp_path_factory.mktemp("repo") / request.param,
-        encoders=request.param,
+        tmp_path_factory.mktemp("repo") / encoders,
+        encoders=encoders,
+        instances=instances,
         max_video_bytes=MAX_VIDEO,
         max_new_tokens=256,
         progress=False,

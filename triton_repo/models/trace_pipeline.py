@@ -121,6 +121,13 @@ class SplitBackend:
         self.decoder.synchronize()
 
 
+def _share_of_cores(config: dict[str, Any]) -> int | None:
+    """Intra-op threads per instance when several CPU instances share the cores (None:
+    onnxruntime's default, one thread per core, for a single instance)."""
+    count = sum(int(g.get("count", 1)) for g in config.get("instance_group", []))
+    return max(1, (os.cpu_count() or 1) // count) if count > 1 else None
+
+
 def _task_of(value: np.ndarray | None) -> str | None:
     """The task a request names, for metric labels only (validation comes after)."""
     if value is None or value.size != 1:
@@ -135,10 +142,12 @@ class TritonPythonModel:
         self.settings = s = ServingSettings.from_dir(version_dir)
         artifacts = version_dir / ARTIFACTS
         bls = s.encoders == "bls"
+        config = json.loads(args["model_config"])
         if s.backend == "onnxruntime":
+            cpu = args.get("model_instance_kind") == "CPU"
             options: dict[str, Any] = {
-                "device": "cpu" if args.get("model_instance_kind") == "CPU" else "auto",
-                "threads": s.threads or None,
+                "device": "cpu" if cpu else "auto",
+                "threads": s.threads or (_share_of_cores(config) if cpu else None),
                 "video_graphs": not bls,
             }
         else:
@@ -146,7 +155,6 @@ class TritonPythonModel:
         self.pipe = Pipeline.from_dir(artifacts, s.backend, **options)
         if bls:
             specs = manifest_specs(json.loads((artifacts / "manifest.json").read_text()))
-            config = json.loads(args["model_config"])
             max_batch = int(config["parameters"]["max_batch_frames"]["string_value"])
             self.pipe.backend = SplitBackend(self.pipe.backend, BlsEncoders(specs, max_batch))
         self.input_names = [t.name for t in pipeline_inputs(self.pipe.config)]
