@@ -8,6 +8,13 @@ Example (CPU, the recorded ``small`` result; see benchmarks/README.md)::
         --frames 16 --decode-steps 64 --warmup 2 --runs 10 \\
         --json out.json --markdown out.md --plot out.png
 
+With ``triton`` among the backends, ``--url HOST:PORT`` names a running ``trace-rt serve``
+(gRPC); after the in-process backends, the bench measures it from C concurrent clients for
+each C in ``--concurrency`` (:mod:`trace_rt.bench.triton`)::
+
+    python -m trace_rt.bench --model ckpt-small --artifacts art-small \\
+        --backends onnxruntime,triton --url 127.0.0.1:8001 --concurrency 1,2,4
+
 Backends load one at a time (each freed before the next), so peak memory is per backend
 and one backend's caches cannot slow another's. torch/transformers are imported only by
 the backends that need them; this module and the rest of ``trace_rt.bench`` need numpy and
@@ -32,6 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from trace_rt.bench import floor as floor_mod
 from trace_rt.bench import machine, plugins, report
+from trace_rt.bench import triton as triton_mod
 from trace_rt.bench.runner import Request, run_backend
 from trace_rt.bench.video import DESCRIPTION, synthetic_video
 from trace_rt.config import TraceConfig
@@ -79,8 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="torch/reference dtype")
     p.add_argument("--peak-gbps", type=float, help="device memory bandwidth, GB/s")
     p.add_argument("--peak-tflops", type=float, help="device peak compute, TFLOP/s")
-    p.add_argument("--url", help="Triton server (triton backend; not available yet)")
-    p.add_argument("--concurrency", default="1,2,4,8", help="Triton client concurrencies")
+    p.add_argument(
+        "--url",
+        help="the triton backend's server: gRPC HOST:PORT of a running `trace-rt serve` "
+        "(required with --backends ...,triton)",
+    )
+    p.add_argument(
+        "--concurrency",
+        default="1,2,4,8",
+        help="triton backend: concurrent clients per level, comma-separated; each level "
+        "runs --warmup + --runs rounds of that many simultaneous requests (default: "
+        "%(default)s)",
+    )
     p.add_argument("--json", type=Path, help="write every sample and the summary here")
     p.add_argument("--markdown", type=Path, help="write a markdown report here")
     p.add_argument("--plot", type=Path, help="write a PNG (stage breakdown, per-token latency)")
@@ -111,6 +129,12 @@ def _main(args: argparse.Namespace, console: Console, argv: list[str]) -> int:
     specs, skipped = plugins.resolve(names, args.plugin)
     cfg = TraceConfig.from_dir(args.model)
     frames = cfg.num_frames if args.frames is None else args.frames
+    server: dict[str, Any] | None = None
+    if triton_mod.NAME in names and not any(s.name == triton_mod.NAME for s in specs):
+        concurrency = triton_mod.parse_concurrency(args.concurrency)
+        console.print(f"[bold]trace-rt bench[/bold]: checking the Triton server {args.url} …")
+        server = triton_mod.check_server(args.url)  # fails fast, before any measuring
+        server["concurrency"] = concurrency
 
     with tempfile.TemporaryDirectory(prefix="trace-rt-bench-") as tmp:
         video = args.video or synthetic_video(Path(tmp) / "synthetic.mp4")
@@ -121,12 +145,15 @@ def _main(args: argparse.Namespace, console: Console, argv: list[str]) -> int:
         )
         console.print(f"peaks ({peaks.source}): {peaks.gbps} GB/s, {peaks.tflops} TFLOP/s")
         info = machine.machine_info()
-        entries = _run_all(specs, skipped, args, cfg, request, peaks, console)
+        entries = _run_all(specs, skipped, args, cfg, request, peaks, console, server)
     info["load_average_end"] = list(os.getloadavg())
     config = _config(args, argv, cfg, frames, peaks, names)
     config["video"] = DESCRIPTION if args.video is None else args.video
-    doc = report.build_report(info, config, entries, skipped)
+    section = server.get("section") if server else None
+    doc = report.build_report(info, config, entries, skipped, section)
     console.print(report.console_table(doc["backends"], _title(config)))
+    if section:
+        console.print(report.triton_table(section))
     for name, why in skipped.items():
         console.print(f"[yellow]skipped {name}[/yellow]: {escape(why)}")
     for t in doc["targets"]:
@@ -157,8 +184,11 @@ def _run_all(
     request: Request,
     peaks: floor_mod.Peaks,
     console: Console,
+    server: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Each backend in turn, with a live table of the finished ones and a progress bar."""
+    """Each backend in turn, with a live table of the finished ones and a progress bar;
+    then the Triton *server* (checked ready by the caller) if ``triton`` was asked for:
+    its levels go to ``server["section"]``, its concurrency-1 row to the entries."""
     entries: dict[str, dict[str, Any]] = {}
     progress = Progress(
         TextColumn("{task.description:<28}"),
@@ -171,6 +201,9 @@ def _run_all(
         s.name: progress.add_task(f"{s.name}: waiting", total=args.warmup + args.runs)
         for s in specs
     }
+    if server is not None:
+        levels = len(server["concurrency"]) * (args.warmup + args.runs)
+        tasks[triton_mod.NAME] = progress.add_task(f"{triton_mod.NAME}: waiting", total=levels)
 
     def view() -> Group:
         return Group(report.console_table(entries, "finished (p50)"), progress)
@@ -218,7 +251,62 @@ def _run_all(
             entries[spec.name] = report.backend_entry(run, cfg, peaks, args.decode_steps)
             progress.update(task, description=f"{spec.name}: done")
             live.update(view())
+        if server is not None:
+            _run_triton(server, args, cfg, request, peaks, entries, skipped, progress, tasks)
+            live.update(view())
     return entries
+
+
+def _run_triton(
+    server: dict[str, Any],
+    args: argparse.Namespace,
+    cfg: TraceConfig,
+    request: Request,
+    peaks: floor_mod.Peaks,
+    entries: dict[str, dict[str, Any]],
+    skipped: dict[str, str],
+    progress: Progress,
+    tasks: dict[str, Any],
+) -> None:
+    """Every --concurrency level against the server; a failure mid-way skips triton."""
+    name, task = triton_mod.NAME, tasks[triton_mod.NAME]
+    req = triton_mod.TritonRequest(request.video, request.task, request.query, args.decode_steps)
+
+    def note(phase: str, done: int, total: int) -> None:
+        progress.update(task, completed=done, description=f"{name}: {phase}")
+
+    try:
+        levels = triton_mod.measure(
+            server["url"], req, server["concurrency"], warmup=args.warmup, runs=args.runs,
+            progress=note,
+        )  # fmt: skip
+    except Exception as e:  # a remote service: ServingError, tritonclient's, a dropped link
+        skipped[name] = f"{type(e).__name__} from {server['url']}: {e}"
+        progress.update(task, description=f"{name}: skipped")
+        return
+    server["section"] = {
+        "url": server["url"],
+        "model": server["model"],
+        "server_version": server.get("server_version"),
+        "request": {
+            "task": req.task,
+            "query": req.query,
+            "max_new_tokens": req.decode_steps + 1,
+            "ignore_eos": True,
+        },
+        "warmup": args.warmup,
+        "runs": args.runs,
+        "levels": levels,
+        "notes": triton_mod.NOTES,
+    }
+    first = min(levels, key=lambda lv: lv["concurrency"])  # main table: 1 client (default)
+    run = triton_mod.backend_run(first, server["url"], cfg.tokens_per_frame)
+    steps = max(1, args.decode_steps - 1)  # one prefill token, then decode steps
+    entries[name] = report.backend_entry(run, cfg, peaks, steps)
+    entries[name]["load_s"] = None  # loaded by the server, not here
+    entries[name]["concurrency"] = first["concurrency"]
+    entries[name]["note"] = triton_mod.NOTES
+    progress.update(task, description=f"{name}: done")
 
 
 def _config(

@@ -36,7 +36,10 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
         st = entries[name]["stages"]
         left = 0.0
         parts = {p: st[p]["p50_ms"] or 0.0 for p in PARTS}
-        parts["decode"] = sum(entries[name]["decode_step_by_position_ms"])
+        by_pos = entries[name]["decode_step_by_position_ms"]
+        # A server backend (triton) reports no per-position steps: p50 step x its steps.
+        steps = max(0, len(entries[name].get("token_ids", [])) - 1)
+        parts["decode"] = sum(by_pos) if by_pos else (st["decode_step"]["p50_ms"] or 0) * steps
         parts["other"] = max(0.0, (st["end_to_end"]["p50_ms"] or 0.0) - sum(parts.values()))
         for part, ms in parts.items():
             ax1.barh(row, ms, left=left, color=COLORS[part], label=part if row == 0 else None)

@@ -18,7 +18,8 @@ distribution, which ``benchmarks/`` is not.) The documented spec for the oracle 
 Model directories: a backend runs either a checkpoint (``torch``, the oracle) or an
 artifact directory from ``python -m export onnx`` (``onnxruntime*``, ``tensorrt``). A
 plugin class says which with ``model_format = "checkpoint" | "artifact"`` (default:
-checkpoint).
+checkpoint). ``triton`` takes neither: it is a running server (``--url``), measured by
+:mod:`trace_rt.bench.triton`.
 """
 
 from __future__ import annotations
@@ -35,13 +36,10 @@ ENV_VAR = "TRACE_RT_BENCH_PLUGINS"
 REFERENCE_SPEC = "reference=benchmarks.reference.backend:ReferenceBackend"
 CHECKPOINT_BACKENDS = frozenset({"torch"})
 # Names the bench knows of but cannot run yet (reported as skipped, with why).
-NOT_AVAILABLE = {
-    "triton": (
-        "not available: the Triton model repository and server are not built yet "
-        "(triton_repo/ is planned), so there is no server to measure client latency at "
-        "--concurrency against"
-    ),
-}
+NOT_AVAILABLE: dict[str, str] = {}
+# Backends measured through a server rather than loaded in-process (trace_rt.bench.triton):
+# resolve() leaves them to the CLI, which needs --url for them.
+SERVER_BACKENDS = frozenset({"triton"})
 
 
 @dataclass
@@ -87,6 +85,8 @@ def resolve(names: list[str], plugin_specs: list[str]) -> tuple[list[BackendSpec
             specs.append(BackendSpec(name, plugins[name], plugin=True))
         elif name in BACKENDS:
             specs.append(BackendSpec(name, BACKENDS[name], dict(BACKEND_OPTIONS.get(name, {}))))
+        elif name in SERVER_BACKENDS:
+            continue  # measured by the CLI against --url, not loaded here
         elif name in NOT_AVAILABLE:
             skipped[name] = NOT_AVAILABLE[name]
         elif name == "reference":
@@ -95,7 +95,7 @@ def resolve(names: list[str], plugin_specs: list[str]) -> tuple[list[BackendSpec
                 f"--plugin {REFERENCE_SPEC} (or set {ENV_VAR})"
             )
         else:
-            known = sorted({*BACKENDS, *plugins, *NOT_AVAILABLE})
+            known = sorted({*BACKENDS, *plugins, *NOT_AVAILABLE, *SERVER_BACKENDS})
             raise ValueError(f"unknown backend {name!r}; known: {', '.join(known)}")
     return specs, skipped
 

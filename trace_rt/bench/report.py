@@ -6,10 +6,15 @@ JSON core shape (scripts rely on it; add keys, never rename these)::
      "backends": {NAME: {"stages": {STAGE: {"p50_ms", "p90_ms", "p99_ms", "samples_ms", ...}},
                          "decode_tokens_per_s", "peak_rss_mb",
                          "speedup_vs_reference": {"end_to_end", "decode_step"}, ...}},
-     "skipped": {NAME: reason}, "targets": [...]}
+     "skipped": {NAME: reason}, "targets": [...],
+     "triton": null | {"url", "model", "levels": [{"concurrency", "end_to_end",
+                       "first_response", "server": {STAGE: {...}}, "overhead",
+                       "requests_per_s", "tokens_per_s", "samples": [...], ...}], "notes"}}
 
 STAGE is each of :data:`~trace_rt.bench.stats.STAGES`; every backend has every stage (a
 stage a backend cannot time apart has ``samples_ms: []``, null percentiles and a ``note``).
+The ``triton`` backend (a server, :mod:`trace_rt.bench.triton`) is in ``backends`` with its
+concurrency-1 figures and has its own ``triton`` section, one level per ``--concurrency``.
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ def build_report(
     config: dict[str, Any],
     entries: dict[str, dict[str, Any]],
     skipped: dict[str, str],
+    triton: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     ref = entries.get(REFERENCE)
     for entry in entries.values():
@@ -99,6 +105,7 @@ def build_report(
             )
     report = {"machine": machine, "config": config, "backends": entries, "skipped": skipped}
     report["targets"] = check_targets(report) if targets_apply(config) else []
+    report["triton"] = triton
     return report
 
 
@@ -183,6 +190,60 @@ def console_table(entries: dict[str, dict[str, Any]], title: str) -> Table:
     return table
 
 
+def triton_table(section: dict[str, Any]) -> Table:
+    """The Triton server per concurrency: client latency, server stages, throughput."""
+    table = Table(
+        title=f"triton concurrency ({section['url']}, {section['model']}); ms, p50 unless noted",
+        title_justify="left",
+        header_style="bold",
+    )
+    for col in TRITON_COLUMNS:
+        table.add_column(col.replace(" ", "\n", 1), justify="right")
+    for row in triton_rows(section):
+        table.add_row(*row)
+    return table
+
+
+TRITON_COLUMNS = (
+    "clients",
+    "requests",
+    "e2e p50",
+    "e2e p90",
+    "first response",
+    "server video",
+    "server vision",
+    "server prefill",
+    "server decode",
+    "server ms/token",
+    "server total",
+    "overhead",
+    "req/s",
+    "tok/s",
+)
+
+
+def triton_rows(section: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for lv in section["levels"]:
+        sv = lv["server"]
+        rows.append(
+            [
+                str(lv["concurrency"]),
+                str(lv["requests"]),
+                _ms(lv["end_to_end"]["p50_ms"]),
+                _ms(lv["end_to_end"]["p90_ms"]),
+                _ms(lv["first_response"]["p50_ms"]),
+                *(_ms(sv[s]["p50_ms"]) for s in ("video", "vision", "prefill", "decode")),
+                _ms(sv["decode_per_token"]["p50_ms"]),
+                _ms(sv["total"]["p50_ms"]),
+                _ms(lv["overhead"]["p50_ms"]),
+                "-" if lv["requests_per_s"] is None else f"{lv['requests_per_s']:.2f}",
+                "-" if lv["tokens_per_s"] is None else f"{lv['tokens_per_s']:.1f}",
+            ]
+        )
+    return rows
+
+
 # ---- markdown -----------------------------------------------------------------------------
 def markdown(report: dict[str, Any]) -> str:
     m, c, entries = report["machine"], report["config"], report["backends"]
@@ -240,10 +301,14 @@ def markdown(report: dict[str, Any]) -> str:
     for name, e in entries.items():
         sp = e["speedup_vs_reference"]
         lines.append(
-            f"| {name} | {e['decode_tokens_per_s']} | {e['peak_rss_mb']} | "
-            f"{e['peak_gpu_mb'] if e['peak_gpu_mb'] is not None else '-'} | {e['load_s']} | "
+            f"| {name} | {e['decode_tokens_per_s']} | "
+            f"{e['peak_rss_mb'] if e['peak_rss_mb'] is not None else '-'} | "
+            f"{e['peak_gpu_mb'] if e['peak_gpu_mb'] is not None else '-'} | "
+            f"{e['load_s'] if e['load_s'] is not None else '-'} | "
             f"{_x(sp['end_to_end'])} | {_x(sp['decode_step'])} |"
         )
+    if report.get("triton"):
+        lines += _triton_markdown(report["triton"])
     if report["targets"]:
         lines += ["", "## CPU targets (issue 5)", "", "| backend | metric | target | value | |"]
         lines.append("|---|---|---|---:|---|")
@@ -254,3 +319,27 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Skipped", ""]
         lines += [f"- `{k}`: {v}" for k, v in report["skipped"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _triton_markdown(section: dict[str, Any]) -> list[str]:
+    req = section["request"]
+    lines = [
+        "",
+        "## Triton server by concurrency",
+        "",
+        f"Server `{section['url']}` (model `{section['model']}`"
+        f"{', tritonserver ' + section['server_version'] if section.get('server_version') else ''}"
+        f"): each round, *clients* threads (one gRPC client each) send the same request at "
+        f"once (task `{req['task']}`, max_new_tokens {req['max_new_tokens']}, EOS ignored); "
+        f"{section['warmup']} warmup + {section['runs']} measured rounds per level. "
+        "e2e, first response (first streamed event, else the final result) and overhead "
+        "(e2e - server total: client, gRPC, queueing) are client clocks; `server *` are "
+        "trace_pipeline's own timing_ms; req/s and tok/s: requests and generated tokens per "
+        "second of round wall time.",
+        "",
+        "| " + " | ".join(TRITON_COLUMNS) + " |",
+        "|" + "---:|" * len(TRITON_COLUMNS),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in triton_rows(section)]
+    lines += ["", f"- {section['notes']}"]
+    return lines
