@@ -80,8 +80,10 @@ def serve(
         metrics_port=metrics_port,
         log_file=log_file,
     )
-    # SIGTERM (docker stop, systemd) stops the server as cleanly as Ctrl-C does.
+    # SIGTERM (docker stop, systemd) stops the server as cleanly as Ctrl-C does; SIGINT is
+    # set explicitly because a shell starts background jobs with it ignored.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         print(f"starting tritonserver on {repo} (log: {server.log_file}) ...", file=sys.stderr)
         server.start(timeout=timeout)

@@ -16,6 +16,7 @@ the ``trace-rt run`` JSON object with timings).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -255,6 +256,13 @@ def _scalar(value: np.ndarray | None, name: str, kind: type) -> Any:
         if not np.isfinite(item):
             raise InputError(f"'{name}' must be finite, got {item}")
     return kind(item)
+
+
+def threads_per_instance(model_config: Mapping[str, Any]) -> int | None:
+    """onnxruntime intra-op threads for one instance of a Triton CPU model: the cores split
+    between the model's instances (None, onnxruntime's one-per-core default, for one)."""
+    count = sum(int(g.get("count", 1)) for g in model_config.get("instance_group", []))
+    return max(1, (os.cpu_count() or 1) // count) if count > 1 else None
 
 
 def event_json(event: Mapping[str, Any], index: int) -> str:

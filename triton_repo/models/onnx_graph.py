@@ -35,6 +35,7 @@ import onnxruntime as ort  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from trace_rt.graphs import GraphSpec  # noqa: E402
+from trace_rt.serving.protocol import threads_per_instance  # noqa: E402
 
 
 class TritonPythonModel:
@@ -44,6 +45,7 @@ class TritonPythonModel:
         self.spec = GraphSpec.from_dict(json.loads((version_dir / "graph.json").read_text()))
         self.batched = int(config.get("max_batch_size", 0)) > 0
         threads = int(config.get("parameters", {}).get("threads", {}).get("string_value", 0))
+        threads = threads or threads_per_instance(config) or 0
         opts = ort.SessionOptions()
         if threads > 0:
             opts.intra_op_num_threads = threads

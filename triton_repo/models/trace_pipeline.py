@@ -51,6 +51,7 @@ from trace_rt.serving.protocol import (  # noqa: E402
     event_json,
     parse_request,
     pipeline_inputs,
+    threads_per_instance,
 )
 from trace_rt.tokens import Head  # noqa: E402
 
@@ -121,13 +122,6 @@ class SplitBackend:
         self.decoder.synchronize()
 
 
-def _share_of_cores(config: dict[str, Any]) -> int | None:
-    """Intra-op threads per instance when several CPU instances share the cores (None:
-    onnxruntime's default, one thread per core, for a single instance)."""
-    count = sum(int(g.get("count", 1)) for g in config.get("instance_group", []))
-    return max(1, (os.cpu_count() or 1) // count) if count > 1 else None
-
-
 def _task_of(value: np.ndarray | None) -> str | None:
     """The task a request names, for metric labels only (validation comes after)."""
     if value is None or value.size != 1:
@@ -147,7 +141,7 @@ class TritonPythonModel:
             cpu = args.get("model_instance_kind") == "CPU"
             options: dict[str, Any] = {
                 "device": "cpu" if cpu else "auto",
-                "threads": s.threads or (_share_of_cores(config) if cpu else None),
+                "threads": s.threads or (threads_per_instance(config) if cpu else None),
                 "video_graphs": not bls,
             }
         else:
