@@ -172,7 +172,14 @@ def test_serve_command_ready_then_ctrl_c(repo, clip_video):
     g, h, m = free_ports(3)
     cmd = [sys.executable, "-m", "trace_rt", "serve", "--repo", str(repo)]
     ports = ["--grpc-port", str(g), "--http-port", str(h), "--metrics-port", str(m)]
-    proc = subprocess.Popen([*cmd, *ports], stderr=subprocess.PIPE, text=True)
+    # Started with SIGINT ignored, as a shell starts a background job (`trace-rt serve &`):
+    # Ctrl-C / kill -INT must stop it all the same.
+    proc = subprocess.Popen(
+        [*cmd, *ports],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     try:
         lines = []
         for line in proc.stderr:  # blocks until serve prints; a failed start ends the stream
