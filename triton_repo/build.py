@@ -36,6 +36,7 @@ from trace_rt.graphs import (
     manifest_specs,
 )
 from trace_rt.serving.protocol import (
+    ARTIFACTS_DIR,
     PIPELINE_OUTPUTS,
     TRACE_PIPELINE,
     TRITON_TYPES,
@@ -45,7 +46,6 @@ from trace_rt.serving.protocol import (
 )
 
 MODELS_DIR = Path(__file__).parent / "models"
-ARTIFACTS = "artifacts"
 GRAPH_JSON = "graph.json"
 MARKER = ".trace-rt-repository"  # lets a rebuild replace OUT, and nothing else
 # Frames waiting this long for others to join the vision encoder's batch.
@@ -220,7 +220,7 @@ def _pipeline_model(
     for f in sorted(src.rglob("*")):
         rel = f.relative_to(src)
         if f.is_file() and not rel.parts[0].startswith("."):  # no .ort_cache
-            _link_or_copy(f, version / ARTIFACTS / rel)
+            _link_or_copy(f, version / ARTIFACTS_DIR / rel)
     shutil.copy2(MODELS_DIR / "trace_pipeline.py", version / "model.py")
     settings.save(version)
     kind = "KIND_GPU" if settings.backend == "tensorrt" else "KIND_CPU"

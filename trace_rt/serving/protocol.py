@@ -30,6 +30,8 @@ from trace_rt.generate import GenerationConfig
 
 TRACE_PIPELINE = "trace_pipeline"
 SETTINGS_FILE = "serving.json"
+# trace_pipeline's version directory holds the export here, next to SETTINGS_FILE.
+ARTIFACTS_DIR = "artifacts"
 # Triton's name for the bytes type; numpy arrays of it are dtype object.
 BYTES = "BYTES"
 
