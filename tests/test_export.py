@@ -27,6 +27,7 @@ from trace_rt.graphs import (
     PROJECTOR,
     VISION_ENCODER,
     kv_names,
+    load_manifest,
 )
 from trace_rt.model import load_model
 from trace_rt.pipeline import Pipeline
@@ -321,6 +322,11 @@ def test_missing_or_mismatched_file(artifacts, tmp_path):
     (art / "projector.onnx").unlink()
     with pytest.raises(CheckpointError, match=r"projector\.onnx is missing"):
         OnnxRuntimeBackend(art)
+    # A TensorRT deployment (engines instead of graphs) checks everything but the graphs.
+    assert load_manifest(art, graphs=False)["graphs"]
+    (art / "embeddings.npy").unlink()
+    with pytest.raises(CheckpointError, match=r"embeddings\.npy is missing"):
+        load_manifest(art, graphs=False)
 
     art = _copy(artifacts["fp32"], tmp_path / "b")
     data = bytearray((art / "decoder.onnx").read_bytes())

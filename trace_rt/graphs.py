@@ -217,12 +217,16 @@ def _hw(cfg: TraceConfig) -> tuple[int, int]:
 
 
 # ---- artifact directory ---------------------------------------------------------------
-def load_manifest(model_dir: str | Path, verify: str = "sha256") -> dict[str, Any]:
+def load_manifest(
+    model_dir: str | Path, verify: str = "sha256", *, graphs: bool = True
+) -> dict[str, Any]:
     """Read and check ``manifest.json`` of an artifact directory.
 
     Every file the manifest lists must exist with its recorded size and, with
     ``verify="sha256"`` (the default), its recorded sha256; ``verify="size"`` skips the
-    hashing (seconds per GB) for trusted, read-only deployments.
+    hashing (seconds per GB) for trusted, read-only deployments. ``graphs=False`` leaves
+    out the ONNX graphs and their external data: TensorRT engines replace them, and a
+    deployment may drop them.
 
     Raises:
         CheckpointError: naming the missing, mis-sized or mismatched file.
@@ -244,7 +248,12 @@ def load_manifest(model_dir: str | Path, verify: str = "sha256") -> dict[str, An
         raise CheckpointError(
             f"{path}: format {manifest.get('format')!r}, this runtime reads {MANIFEST_FORMAT!r}"
         )
+    graph_files = {g["file"] for g in manifest.get("graphs", {}).values()}
     for rel, rec in manifest["files"].items():
+        if not graphs and (
+            rel in graph_files or rel.endswith((".onnx", ".onnx.data", ".onnx_data"))
+        ):
+            continue
         f = root / rel
         if not f.is_file():
             raise CheckpointError(f"{root}: {rel} is missing (listed in {MANIFEST_FILE})")

@@ -85,7 +85,8 @@ def build_repository(
     src, out = Path(artifacts).resolve(), Path(out).resolve()
     if instances < 1:
         raise InputError(f"--instances must be at least 1, got {instances}")
-    manifest = load_manifest(src, verify="size")
+    # A TensorRT deployment may have dropped the ONNX graphs that its engines replace.
+    manifest = load_manifest(src, verify="size", graphs=backend != "tensorrt")
     cfg = TraceConfig.from_dir(src)
     specs = manifest_specs(manifest)
     engines = _engines(manifest, src) if backend == "tensorrt" else {}

@@ -33,7 +33,6 @@ warns and runs without graphs from then on.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,8 +58,6 @@ from trace_rt.graphs import (
     DECODER,
     GRAPH_NAMES,
     KV_CACHE,
-    MANIFEST_FILE,
-    MANIFEST_FORMAT,
     PROJECTOR,
     VISION_ENCODER,
     GraphSpec,
@@ -68,8 +65,8 @@ from trace_rt.graphs import (
     dtype_itemsize,
     embed_ids,
     load_embeddings,
+    load_manifest,
     manifest_specs,
-    sha256_file,
 )
 from trace_rt.tokens import VIDEO_PLACEHOLDER_ID, Head, head_base, head_size
 
@@ -121,7 +118,8 @@ class TensorRTBackend:
                 f"the tensorrt backend runs on a CUDA GPU: pass --device cuda, not {device!r}"
             )
         self.device_id = int(index or 0)
-        self.manifest = _read_manifest(self.model_dir, verify)
+        # Engines replace the ONNX graphs: only the other files are checked.
+        self.manifest = load_manifest(self.model_dir, verify, graphs=False)
         self.section = tm.read_section(self.manifest, self.model_dir)
         tm.verify_engines(self.section, self.model_dir, verify)
         cuda_rt.set_device(self.device_id)
@@ -417,25 +415,3 @@ class TensorRTBackend:
 
 def _shape(t: TensorSpec, dims: dict[str, int]) -> tuple[int, ...]:
     return tuple(dims[d] if isinstance(d, str) else d for d in t.shape)
-
-
-def _read_manifest(root: Path, verify: str) -> dict[str, Any]:
-    """manifest.json, checking only the files this backend reads (not the ONNX graphs)."""
-    path = root / MANIFEST_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{root}: no {MANIFEST_FILE}; is this an artifact directory?")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise CheckpointError(
-            f"{path}: format {manifest.get('format')!r}, this runtime reads {MANIFEST_FORMAT!r}"
-        )
-    graph_files = {f for g in manifest.get("graphs", {}).values() for f in g.get("files", {})}
-    for rel, rec in manifest["files"].items():
-        if rel in graph_files or rel.endswith((".onnx", ".onnx.data")):
-            continue  # the engines replace the graphs; a deployment may drop them
-        f = root / rel
-        if not f.is_file() or f.stat().st_size != rec["bytes"]:
-            raise CheckpointError(f"{root}: {rel} is missing or has the wrong size")
-        if verify == "sha256" and sha256_file(f) != rec["sha256"]:
-            raise CheckpointError(f"{root}: {rel} does not match its sha256 in {MANIFEST_FILE}")
-    return manifest
