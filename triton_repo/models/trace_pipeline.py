@@ -106,6 +106,8 @@ def _bls(model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         model_name=model,
         inputs=[pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in feeds.items()],
         requested_output_names=[],
+        # tensorrt_plan models answer in GPU memory; the host loop wants numpy.
+        preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
     )
     response = request.exec()
     if response.has_error():
