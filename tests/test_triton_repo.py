@@ -133,6 +133,11 @@ def test_tensorrt_repository(artifact, tmp_path):
     pipeline = _config(repo / "trace_pipeline" / "config.pbtxt")
     assert "KIND_GPU" in pipeline
     assert ServingSettings.from_dir(repo / "trace_pipeline" / "1").backend == "tensorrt"
+    # The CPU server cannot run engines: said before anything starts.
+    from trace_rt.serving.server import ServerError, TritonServer
+
+    with pytest.raises(ServerError, match="projector, vision_encoder are tensorrt_plan"):
+        TritonServer(repo).start()
 
 
 def test_cli_build(artifact, tmp_path):

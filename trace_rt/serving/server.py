@@ -177,6 +177,18 @@ class TritonServer:
     def start(self, timeout: float = 180.0) -> TritonServer:
         """Start the server and wait until it and every model are ready."""
         bundle = find_bundled()
+        plans = sorted(
+            c.parent.name
+            for c in self.repo.glob("*/config.pbtxt")
+            if 'platform: "tensorrt_plan"' in c.read_text()
+        )
+        if plans:
+            raise ServerError(
+                f"{self.repo}: {', '.join(plans)} are tensorrt_plan models, and the "
+                "tritonserver bundled in nvidia-pytriton has no TensorRT backend; serve a "
+                "--backend tensorrt repository with NVIDIA's Triton container "
+                "(triton_repo/README.md)"
+            )
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (str(bundle.libs), env.get("LD_LIBRARY_PATH", "")) if p
