@@ -271,6 +271,31 @@ def fake_trt(monkeypatch):
             delattr(pkg, m)
 
 
+def test_decoder_only_backend(fake_trt, fake_art):
+    # A Triton pipeline with tensorrt_plan encoders loads the decoder engine alone and
+    # prefills from the video block the encoder models computed (a host array).
+    from trace_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from trace_rt.backends.tensorrt_backend import TensorRTBackend
+    from trace_rt.tokens import Head
+
+    full = TensorRTBackend(fake_art, device="cuda")
+    lean = TensorRTBackend(fake_art, device="cuda", video_graphs=False)
+    assert set(lean.engines) == {"decoder"}
+    rng = np.random.default_rng(0)
+    cfg = full.config
+    px = rng.standard_normal((3, 3, cfg.vision.image_size, cfg.vision.image_size), np.float32)
+    tid = np.tile(np.array([[3, 3, 3, 3, 12, 3]], np.int64), (3, 1))
+    video = OnnxRuntimeBackend(fake_art, cache_dir=False).encode_video(px, tid)
+    ids = [1, 733, -201, 28705, 32000]
+    np.testing.assert_allclose(
+        lean.prefill(ids, video, Head.TIME),
+        full.prefill(ids, full.encode_video(px, tid), Head.TIME),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="video_graphs=False"):
+        lean.encode_video(px, tid)
+
+
 def test_fake_build_then_run(fake_trt, tiny_ckpt, tmp_path, clip_video):
     # build_engines end to end against the stand-in builder (which checks every profile
     # against the parsed network's inputs), then the backend on what it wrote.

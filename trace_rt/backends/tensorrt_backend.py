@@ -100,6 +100,9 @@ class TensorRTBackend:
         device: ``cuda`` or ``cuda:N`` (``auto`` means ``cuda``).
         verify: ``sha256`` (default) or ``size``: how engines and support files are checked.
         cuda_graphs: most decode-step CUDA graphs kept (one per past length); 0: none.
+        video_graphs: load the vision encoder and projector engines too (False: decoder
+            only, for a Triton pipeline whose encoders are their own tensorrt_plan models;
+            prefill then takes the video block as a host array).
     """
 
     name = "tensorrt"
@@ -110,6 +113,7 @@ class TensorRTBackend:
         device: str = "cuda",
         verify: str = "sha256",
         cuda_graphs: int = 256,
+        video_graphs: bool = True,
     ):
         self.model_dir = Path(model_dir)
         kind, _, index = device.partition(":")
@@ -134,10 +138,13 @@ class TensorRTBackend:
 
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self.engines = {g: self._engine(g) for g in GRAPH_NAMES}
+        graphs = GRAPH_NAMES if video_graphs else (DECODER,)
+        self.engines = {g: self._engine(g) for g in graphs}
         self.stream = cuda_rt.Stream()
         self._buffers: dict[str, cuda_rt.DeviceBuffer] = {}
-        self._setup_video()
+        self._contexts: dict[str, Any] = {}
+        if video_graphs:
+            self._setup_video()
         self._setup_decoder()
         self._graph_capacity = max(0, int(cuda_graphs))
         self._graphs: dict[int, tuple[Any, cuda_rt.Graph]] = {}
@@ -147,6 +154,8 @@ class TensorRTBackend:
 
     # ---- Backend protocol ----------------------------------------------------------
     def encode_video(self, pixel_values: np.ndarray, time_ids: np.ndarray) -> DeviceVideo:
+        if VISION_ENCODER not in self.engines:
+            raise RuntimeError("the video engines were not loaded (video_graphs=False)")
         frames = pixel_values.shape[0]
         if frames > self.max_frames:
             raise InputError(
@@ -358,7 +367,6 @@ class TensorRTBackend:
     # ---- vision encoder + projector ----------------------------------------------------
     def _setup_video(self) -> None:
         """Buffers for the largest video, shared by name between the two engines."""
-        self._contexts: dict[str, Any] = {}
         vis, proj = self.specs[VISION_ENCODER], self.specs[PROJECTOR]
         produced = set(vis.output_names)
         self._video_inputs = (vis.inputs[0], next(t for t in proj.inputs if t.name not in produced))

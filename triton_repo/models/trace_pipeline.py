@@ -158,7 +158,10 @@ class TritonPythonModel:
                 "video_graphs": not bls,
             }
         else:
-            options = {"device": f"cuda:{args.get('model_instance_device_id', '0')}"}
+            options = {
+                "device": f"cuda:{args.get('model_instance_device_id', '0')}",
+                "video_graphs": not bls,
+            }
         self.pipe = Pipeline.from_dir(artifacts, s.backend, **options)
         if bls:
             specs = manifest_specs(json.loads((artifacts / "manifest.json").read_text()))
