@@ -292,3 +292,17 @@ def test_vision_encoder_batches_concurrent_requests(server, artifact):
     runs = after.model_stats[0].execution_count - before.execution_count
     frames = after.model_stats[0].inference_count - before.inference_count
     assert frames == 24 and runs < 12  # fewer model runs than requests: batches were shared
+
+
+def test_cli_client_without_a_server(videos):
+    from trace_rt.serving.server import free_ports
+
+    (port,) = free_ports(1)
+    cli = subprocess.run(
+        [sys.executable, "-m", "trace_rt", "client", str(videos[0]), "--url", f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2
+    assert f"cannot reach the Triton server at 127.0.0.1:{port}" in cli.stderr
+    assert "Traceback" not in cli.stderr

@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         "it arrives).",
     )
     p.add_argument("video", help="local video file (its bytes are sent)")
-    p.add_argument("--url", default="127.0.0.1:8001", help="gRPC endpoint HOST:PORT")
+    p.add_argument(
+        "--url", default="127.0.0.1:8001", help="gRPC endpoint HOST:PORT (default %(default)s)"
+    )
     p.add_argument("--task", choices=["dvc", "mr", "vhd"], help=TASK_HELP)
     p.add_argument("--query", help="the sentence to localise (mr, vhd)")
     p.add_argument("--question", help="a free question instead of a task")

@@ -41,7 +41,10 @@ class TraceClient:
             raise TraceError(
                 "trace-rt client needs tritonclient: pip install 'trace-rt[serve]'"
             ) from e
+        from tritonclient.utils import InferenceServerException
+
         self._grpc = grpcclient
+        self._errors = (InferenceServerException,)
         self.url, self.model = url, model
         self.client = grpcclient.InferenceServerClient(url)
 
@@ -120,14 +123,21 @@ class TraceClient:
         request_id = uuid.uuid4().hex
         self.client.start_stream(callback=lambda result, error: responses.put((result, error)))
         try:
-            self.client.async_stream_infer(self.model, inputs, request_id=request_id)
+            try:
+                self.client.async_stream_infer(self.model, inputs, request_id=request_id)
+            except self._errors as e:  # a broken stream; its callback holds the reason
+                try:
+                    _, why = responses.get(timeout=5)
+                except queue.Empty:
+                    why = e
+                raise ServingError(self._describe(why)) from None
             while True:
                 try:
                     result, error = responses.get(timeout=timeout)
                 except queue.Empty:
                     raise ServingError(f"no final response within {timeout:.0f} s") from None
                 if error is not None:
-                    raise ServingError(_message(error))
+                    raise ServingError(self._describe(error))
                 got = result.get_response().id
                 if got != request_id:  # one stream per call, so this would be a server bug
                     raise ServingError(f"response for request {got!r}, expected {request_id!r}")
@@ -139,6 +149,13 @@ class TraceClient:
                     on_event(json.loads(event.reshape(-1)[0]))
         finally:
             self.client.stop_stream()
+
+    def _describe(self, error: Exception) -> str:
+        """The server's message; for a server that cannot be reached, which one."""
+        status = str(error.status()) if hasattr(error, "status") else ""
+        if "UNAVAILABLE" in status:
+            return f"cannot reach the Triton server at {self.url}: {_message(error)}"
+        return _message(error)
 
     def close(self) -> None:
         self.client.close()
