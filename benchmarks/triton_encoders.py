@@ -21,34 +21,15 @@ import json
 import platform
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from trace_rt.bench.triton import TritonRequest, one_round
 from trace_rt.serving.client import TraceClient
 from trace_rt.serving.server import TritonServer, free_ports
 from triton_repo.build import build_repository
 
 MODES = ("in-process", "bls")
-
-
-def _round(url: str, video: bytes, clients: int, steps: int) -> list[dict]:
-    out: list[dict] = [{} for _ in range(clients)]
-
-    def one(i: int) -> None:
-        with TraceClient(url) as c:
-            t0 = time.perf_counter()
-            res = c.infer(video, task="dvc", max_new_tokens=steps, ignore_eos=True)
-            out[i] = {"e2e": (time.perf_counter() - t0) * 1e3, **res["timing_ms"]}
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if any(not r for r in out):
-        raise RuntimeError("a request failed")
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,22 +64,32 @@ def main(argv: list[str] | None = None) -> int:
             servers[m] = TritonServer(repos[m], grpc_port=g, http_port=h, metrics_port=x)
         with servers["in-process"] as a, servers["bls"] as b:
             urls = {"in-process": a.grpc_url, "bls": b.grpc_url}
+            req = TritonRequest(str(video_path), "dvc", None, args.decode_steps)
+
+            def measure(mode: str, clients: int) -> list[dict]:
+                conns = [TraceClient(urls[mode]) for _ in range(clients)]
+                try:
+                    return one_round(conns, video, req, time.perf_counter)[0]
+                finally:
+                    for conn in conns:
+                        conn.close()
+
             for m in MODES:  # warm-up: first requests pay for onnxruntime's first runs
-                _round(urls[m], video, max(levels), args.decode_steps)
+                measure(m, max(levels))
             for c in levels:
                 for r in range(args.rounds):
                     order = MODES if r % 2 == 0 else MODES[::-1]
                     for m in order:
-                        samples[m][c] += _round(urls[m], video, c, args.decode_steps)
+                        samples[m][c] += measure(m, c)
     rows = []
     for c in levels:
         for m in MODES:
             s = samples[m][c]
             rows.append({
                 "concurrency": c, "encoders": m,
-                "e2e_p50_ms": statistics.median(x["e2e"] for x in s),
-                "vision_p50_ms": statistics.median(x["vision"] for x in s),
-                "video_p50_ms": statistics.median(x["video"] for x in s),
+                "e2e_p50_ms": statistics.median(x["end_to_end_ms"] for x in s),
+                "vision_p50_ms": statistics.median(x["server_ms"]["vision"] for x in s),
+                "video_p50_ms": statistics.median(x["server_ms"]["video"] for x in s),
                 "n": len(s),
             })  # fmt: skip
     _write(args, rows, samples)

@@ -38,6 +38,7 @@ from typing import Any
 from trace_rt.bench.runner import BackendRun
 from trace_rt.bench.stats import summarize
 from trace_rt.errors import TraceError
+from trace_rt.serving.client import TraceClient, check_url  # tritonclient: at TraceClient()
 
 NAME = "triton"
 SERVER_STAGES = ("video", "vision", "prefill", "decode", "total")
@@ -74,12 +75,6 @@ def parse_concurrency(text: str) -> list[int]:
     return out
 
 
-def _client(url: str, model: str | None = None) -> Any:
-    from trace_rt.serving.client import TraceClient  # tritonclient comes in here only
-
-    return TraceClient(url) if model is None else TraceClient(url, model)
-
-
 def check_server(url: str | None, timeout: float = 10.0) -> dict[str, Any]:
     """Check *url* serves a ready ``trace_pipeline`` model; returns what it serves.
 
@@ -87,8 +82,6 @@ def check_server(url: str | None, timeout: float = 10.0) -> dict[str, Any]:
         TritonBenchError: no URL, not HOST:PORT, the server does not answer, or the model
             is not ready (the message names the URL).
     """
-    from trace_rt.serving.client import check_url
-
     if not url:
         raise TritonBenchError(
             "the triton backend needs --url HOST:PORT, the gRPC endpoint of a running "
@@ -98,7 +91,7 @@ def check_server(url: str | None, timeout: float = 10.0) -> dict[str, Any]:
         check_url(url)
     except TraceError as e:
         raise TritonBenchError(str(e)) from None
-    client = _client(url)
+    client = TraceClient(url)
     try:
         model = client.model
         try:
@@ -137,7 +130,7 @@ def _reason(e: BaseException) -> str:
     return " ".join(str(msg or type(e).__name__).split())[:300]
 
 
-def _one_round(
+def one_round(
     clients: list[Any], data: bytes, req: TritonRequest, clock: Callable[[], float]
 ) -> tuple[list[dict[str, Any]], float]:
     """All clients send the request at once; per-request records and the round's wall ms."""
@@ -221,11 +214,11 @@ def measure(
     done = 0
     levels = []
     for c in concurrency:
-        clients = [_client(url) for _ in range(c)]
+        clients = [TraceClient(url) for _ in range(c)]
         try:
             rounds: list[tuple[list[dict[str, Any]], float]] = []
             for i in range(warmup + runs):
-                records, wall_ms = _one_round(clients, data, req, clock)
+                records, wall_ms = one_round(clients, data, req, clock)
                 if i >= warmup:
                     rounds.append((records, wall_ms))
                 done += 1
