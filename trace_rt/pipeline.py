@@ -122,23 +122,23 @@ class Pipeline:
         parser = EventParser(self.tokenizer, self.config.ids)
         events: list[Event] = []
 
+        def emit(done: list[Event]) -> None:
+            events.extend(done)
+            if on_event is not None:
+                for ev in done:
+                    on_event(ev)
+
         def token_cb(token: int) -> None:
             if on_token is not None:
                 on_token(token)
-            for ev in parser.feed(token):
-                events.append(ev)
-                if on_event is not None:
-                    on_event(ev)
+            emit(parser.feed(token))
 
         t1 = time.perf_counter()
         handle = self.backend.encode_video(req.pixel_values, req.time_ids)
         self.backend.synchronize()
         t2 = time.perf_counter()
         result = generate(self.backend, ids, handle, gen, duration=clip.duration, on_token=token_cb)
-        for ev in parser.finish():
-            events.append(ev)
-            if on_event is not None:
-                on_event(ev)
+        emit(parser.finish())
         t3 = time.perf_counter()
         return {
             "duration": round(clip.duration, 3),

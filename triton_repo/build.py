@@ -27,7 +27,6 @@ from trace_rt.config import TraceConfig
 from trace_rt.errors import CheckpointError, InputError
 from trace_rt.graphs import (
     DECODER,
-    MANIFEST_FILE,
     PROJECTOR,
     VISION_ENCODER,
     GraphSpec,
@@ -89,8 +88,7 @@ def build_repository(
     manifest = load_manifest(src, verify="size", graphs=backend != "tensorrt")
     cfg = TraceConfig.from_dir(src)
     specs = manifest_specs(manifest)
-    engines = _engines(manifest, src) if backend == "tensorrt" else {}
-    frame_limit = engines[VISION_ENCODER]["max_frames"] if engines else None
+    engines, frame_limit = _engines(manifest, src) if backend == "tensorrt" else ({}, None)
     if max_batch_frames is None:
         max_batch_frames = min(cfg.num_frames, frame_limit or cfg.num_frames)
     if max_batch_frames < 1 or (frame_limit and max_batch_frames > frame_limit):
@@ -106,20 +104,19 @@ def build_repository(
         threads=threads,
     )
     _prepare_out(out)
-    steps = [
-        ("vision_encoder", lambda: _graph_model(out, src, specs[VISION_ENCODER], engines,
-                                                 instances, max_batch_frames, threads)),
-        ("projector", lambda: _graph_model(out, src, specs[PROJECTOR], engines,
-                                            instances, 0, threads)),
-        ("trace_pipeline", lambda: _pipeline_model(out, src, cfg, settings, instances,
-                                                    max_batch_frames)),
-    ]  # fmt: skip
-    for name, step in steps:
-        step()
-        if progress:
-            print(f"{name}: written to {out / name}", flush=True)
+    files = list(manifest["files"])
+    for spec, max_batch in ((specs[VISION_ENCODER], max_batch_frames), (specs[PROJECTOR], 0)):
+        _graph_model(out, src, spec, files, engines, instances, max_batch, threads)
+        _written(out / spec.name, progress)
+    _pipeline_model(out, src, cfg, settings, instances, max_batch_frames)
+    _written(out / TRACE_PIPELINE, progress)
     (out / MARKER).write_text(json.dumps({"artifacts": str(src), "backend": backend}) + "\n")
     return out
+
+
+def _written(model: Path, progress: bool) -> None:
+    if progress:
+        print(f"{model.name}: written to {model}", flush=True)
 
 
 def _prepare_out(out: Path) -> None:
@@ -135,18 +132,18 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True)
 
 
-def _engines(manifest: dict, src: Path) -> dict[str, dict]:
-    """TensorRT engines of the vision encoder and projector, with their frame limit."""
+def _engines(manifest: dict, src: Path) -> tuple[dict[str, str], int]:
+    """Each graph's TensorRT engine file, and the engines' frame limit."""
     from trace_rt.backends import tensorrt_manifest as tm
 
     section = tm.read_section(manifest, src)
-    out = {}
+    files = {}
     for graph in (VISION_ENCODER, PROJECTOR, DECODER):
         rec = section["engines"].get(graph)
         if rec is None:
             raise CheckpointError(f"{src}: no TensorRT engine for {graph}; run `export trt`")
-        out[graph] = {"file": rec["file"], "max_frames": section["limits"]["max_frames"]}
-    return out
+        files[graph] = rec["file"]
+    return files, int(section["limits"]["max_frames"])
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -166,7 +163,8 @@ def _graph_model(
     out: Path,
     src: Path,
     spec: GraphSpec,
-    engines: dict[str, dict],
+    files: list[str],
+    engines: dict[str, str],
     instances: int,
     max_batch: int,
     threads: int,
@@ -174,11 +172,10 @@ def _graph_model(
     version = out / spec.name / "1"
     version.mkdir(parents=True)
     if engines:
-        _link_or_copy(src / engines[spec.name]["file"], version / "model.plan")
+        _link_or_copy(src / engines[spec.name], version / "model.plan")
         head = 'platform: "tensorrt_plan"'
         kind = "KIND_GPU"
     else:
-        files = json.loads((src / MANIFEST_FILE).read_text())["files"]
         for rel in _graph_files(files, spec):
             _link_or_copy(src / rel, version / rel)
         shutil.copy2(MODELS_DIR / "onnx_graph.py", version / "model.py")

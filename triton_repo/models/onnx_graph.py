@@ -55,13 +55,14 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> list[Any]:
         try:
+            names = self.spec.input_names
             feeds = [
-                {n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self._inputs}
+                {n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in names}
                 for r in requests
             ]
             if self.batched and len(requests) > 1:
                 sizes = [len(next(iter(f.values()))) for f in feeds]
-                batch = {n: np.concatenate([f[n] for f in feeds]) for n in self._inputs}
+                batch = {n: np.concatenate([f[n] for f in feeds]) for n in names}
                 outs = self.session.run(self.spec.output_names, batch)
                 cuts = np.cumsum(sizes)[:-1]
                 split = [np.split(o, cuts) for o in outs]  # per output: per request
@@ -81,7 +82,3 @@ class TritonPythonModel:
             )
             for outs in per_request
         ]
-
-    @property
-    def _inputs(self) -> list[str]:
-        return self.spec.input_names

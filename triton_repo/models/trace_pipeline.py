@@ -41,7 +41,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from trace_rt.errors import TraceError  # noqa: E402
 from trace_rt.events import Event  # noqa: E402
-from trace_rt.graphs import PROJECTOR, VISION_ENCODER, manifest_specs  # noqa: E402
+from trace_rt.graphs import PROJECTOR, VISION_ENCODER  # noqa: E402
 from trace_rt.pipeline import Pipeline  # noqa: E402
 from trace_rt.prompts import TASKS  # noqa: E402
 from trace_rt.serving.protocol import (  # noqa: E402
@@ -164,7 +164,7 @@ class TritonPythonModel:
             }
         self.pipe = Pipeline.from_dir(artifacts, s.backend, **options)
         if bls:
-            specs = manifest_specs(json.loads((artifacts / "manifest.json").read_text()))
+            specs = self.pipe.backend.specs  # the graphs' I/O, from the manifest it loaded
             max_batch = int(config["parameters"]["max_batch_frames"]["string_value"])
             self.pipe.backend = SplitBackend(self.pipe.backend, BlsEncoders(specs, max_batch))
         self.input_names = [t.name for t in pipeline_inputs(self.pipe.config)]
