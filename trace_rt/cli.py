@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompts", type=Path, help="JSON file overriding system text and questions")
     p.add_argument("--indent", type=int, default=None, help="indent the JSON output")
+    _report_args(p)
 
     p = sub.add_parser(
         "serve",
@@ -232,7 +233,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--constrained", action="store_true", help="well-formed numbers only")
     p.add_argument("--indent", type=int, default=None, help="indent the JSON output")
+    _report_args(p)
     return parser
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="HTML",
+        help="also write a self-contained HTML timeline of the answer (frames, events, "
+        "player) to this file",
+    )
+    p.add_argument(
+        "--embed-video",
+        action="store_true",
+        help="with --report: put the video inside the page (files up to 16 MiB); by "
+        "default the page plays the video only when it sits next to the page",
+    )
+
+
+def _write_report(args: argparse.Namespace, result: dict, backend: str) -> None:
+    """--report: the timeline page of *result* (thumbnails decoded from the local video)."""
+    if args.report is None:
+        return
+    from trace_rt.timeline import write_report
+
+    request = {
+        "task": result.get("task"),
+        "query": args.query,
+        "question": args.question,
+        "model": str(getattr(args, "model", "") or ""),
+        "backend": backend,
+    }
+    out = write_report(
+        args.report, result, video=args.video, request=request, embed_video=args.embed_video
+    )
+    print(f"trace-rt: report written to {out}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 quant=args.quant,
             )
             print(json.dumps(result, indent=args.indent))
+            _write_report(args, result, args.backend)
         elif args.command == "serve":
             return serve(
                 args.repo,
@@ -286,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                 constrained=args.constrained or None,
             )
             print(json.dumps(result, indent=args.indent))
+            _write_report(args, result, f"trace-rt serve at {args.url}")
     except TraceError as e:
         print(f"trace-rt: error: {e}", file=sys.stderr)
         return 2
