@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -132,6 +134,20 @@ def test_bad_video_is_recorded_and_retried(art, videos, tmp_path):
 def test_concurrency_needs_a_server(art, videos, tmp_path):
     with pytest.raises(InputError, match="--url"):
         runner.run_eval(_settings(tmp_path, art, videos, concurrency=2))
+    with pytest.raises(InputError, match="server's model"):
+        runner.run_eval(_settings(tmp_path, art, videos, url="127.0.0.1:1"))
+
+
+def test_onnxruntime_eval_does_not_import_torch(art, videos, tmp_path):
+    ann_file = fx.write_charades(tmp_path / "c.txt")
+    code = (
+        "import sys; from trace_rt.cli import main; "
+        f"rc = main(['eval', 'charades-sta', '--annotations', {str(ann_file)!r}, "
+        f"'--videos', {str(videos)!r}, '--model', {str(art)!r}, '--out', {str(tmp_path / 'o')!r}, "
+        "'--frames', '2', '--max-new-tokens', '4', '--no-progress']); "
+        "assert rc == 0 and 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
 def _score(capsys, *args):

@@ -213,6 +213,8 @@ def run_eval(s: EvalSettings, log: Callable[[str], None] | None = None) -> dict[
         raise InputError("--concurrency must be >= 1")
     if s.concurrency > 1 and s.url is None:
         raise InputError("--concurrency > 1 needs --url (a local backend answers one at a time)")
+    if s.url is not None and (s.frames is not None or s.backend is not None):
+        raise InputError("with --url the server's model sets --frames and --backend")
     if s.rules not in rf.RULES:
         raise InputError(f"--rules must be one of {rf.RULES}")
     task, items, work, missing = plan(s)
