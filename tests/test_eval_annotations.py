@@ -66,6 +66,9 @@ def test_bad_json_and_wrong_schema(tmp_path):
     with pytest.raises(ann.AnnotationError) as e:
         ann.read_activitynet([p])
     assert "['v_a']: 2 timestamps but 1 sentences" in str(e.value) and "'v_b'" in str(e.value)
+    p.write_text("[" * 100_000)
+    with pytest.raises(ann.AnnotationError, match="nested too deeply"):
+        ann.read_activitynet([p])
     p.write_text(json.dumps([1, 2]))
     with pytest.raises(ann.AnnotationError, match="expected"):
         ann.read_youcook2(p)

@@ -60,6 +60,9 @@ def test_each_benchmark_end_to_end(case, art, videos, tmp_path, capsys):
     assert len(lines) == n_pred
     rec = json.loads(lines[0])
     assert rec["token_ids"] and {"release", "events", "stop_reason"} <= set(rec)
+    # The original's prompts: dvc-anet.txt for ActivityNet captions, queries stripped.
+    assert rec["task"] == {"activitynet-captions": "dvc_activitynet"}.get(case, rec["task"])
+    assert rec["query"] is None or rec["query"] == rec["query"].strip()
     doc = json.loads((out / "metrics.json").read_text())
     task = doc["task"]
     headline = {"mr": "mIoU", "vhd": "HIT@1", "dvc": "CIDEr"}[task]

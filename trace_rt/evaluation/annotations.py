@@ -117,6 +117,8 @@ def load_json(path: str | Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise AnnotationError([f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})"]) from None
+    except RecursionError:
+        raise AnnotationError([f"{path}: JSON nested too deeply"]) from None
 
 
 def _number(v: Any) -> float | None:
@@ -175,6 +177,9 @@ def read_qvhighlights(path: str | Path) -> list[HighlightQuery]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             bad.add(where, f"not valid JSON ({e.msg})")
+            continue
+        except RecursionError:
+            bad.add(where, "JSON nested too deeply")
             continue
         try:
             out.append(_highlight(rec))

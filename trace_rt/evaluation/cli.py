@@ -92,6 +92,9 @@ def main(argv: list[str]) -> int:
     except (NotADirectoryError, FileNotFoundError, PermissionError) as e:
         print(f"trace-rt eval: error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:  # a backend whose extra is not installed
+        print(f"trace-rt eval: error: {e} (install the backend's extra)", file=sys.stderr)
+        return 2
 
 
 def _run(a: argparse.Namespace) -> int:
