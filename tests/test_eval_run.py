@@ -81,11 +81,12 @@ def test_each_benchmark_end_to_end(case, art, videos, tmp_path, capsys):
 
 
 def _settings(tmp_path, art, videos, **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     items = [*fx.CHARADES[:2], MomentQuery("2", "CCC", "the colour changes", (0.0, 1.0))]
     ann_file = fx.write_charades(tmp_path / "c.txt", items)
+    kw = {"frames": 2, "max_new_tokens": 8, "progress": False} | kw
     return runner.EvalSettings("charades-sta", [str(ann_file)], str(videos), str(art),
-                               out=str(tmp_path / "out"), frames=2, max_new_tokens=8,
-                               progress=False, **kw)  # fmt: skip
+                               out=str(tmp_path / "out"), **kw)  # fmt: skip
 
 
 def test_resume_after_interruption(art, videos, tmp_path, monkeypatch):
@@ -238,3 +239,23 @@ def test_training_convert_reads_the_official_files(videos, tmp_path):
     (ccc, _) = load_split(out / "yc.json")
     assert ccc.video == (videos / "validation" / "101" / "CCC.mp4").resolve()
     assert [e.caption for e in ccc.events] == ["crack the eggs", "whisk them"]
+
+
+def test_url_mode_equals_local_run(art, videos, tmp_path):
+    """--url against a real tritonserver (trace-rt serve's), two requests in flight: the
+    same generations as the local onnxruntime run."""
+    from tests.triton_server import running_server
+    from triton_repo.build import build_repository
+
+    repo = build_repository(art, tmp_path / "repo", max_new_tokens=64, progress=False)
+    local = runner.run_eval(_settings(tmp_path / "local", art, videos, frames=None))
+    with running_server(repo) as server:
+        s = _settings(tmp_path / "remote", art, videos, frames=None, url=server.grpc_url)
+        remote = runner.run_eval(dataclasses.replace(s, concurrency=2))
+    assert remote == local and remote["errors"] == 0
+
+    def ids(d):
+        lines = (d / "out" / "predictions.jsonl").read_text().splitlines()
+        return {r["key"]: r["token_ids"] for r in map(json.loads, lines)}
+
+    assert ids(tmp_path / "remote") == ids(tmp_path / "local") and len(ids(tmp_path / "local")) == 3
