@@ -184,6 +184,9 @@ def test_score_the_originals_prediction_files(tmp_path, capsys):
     m = _score(capsys, *args)
     assert m["Precision"] == 100.0 and m["Recall"] == 50.0 and m["videos"] == 1
     assert json.loads((out / "metrics.json").read_text())["metrics"]["METEOR"] is None
+    args = ["youcook2", "--annotations", str(yc), "--predictions", str(tmp_path / "no.jsonl")]
+    assert cli_main(["eval", "score", *args]) == 2
+    assert "predictions file not found" in capsys.readouterr().err
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys, art, videos):

@@ -44,7 +44,8 @@ def markdown(benchmark: str, task: str, metrics: dict[str, Any]) -> str:
     lines += ["", NOTES[task], ""]
     lines.append(
         f"Queries/videos annotated: {metrics.get('queries')}; with a prediction: "
-        f"{metrics.get('predictions')}; missing videos: {metrics.get('missing_videos', 0)}; "
+        f"{metrics.get('predictions')}; missing videos: {metrics.get('missing_videos', 0)} "
+        f"({metrics.get('items_without_video', 0)} items); "
         f"failed requests: {metrics.get('errors', 0)}; reformat rules: {metrics.get('rules')}."
     )
     for name, why in (metrics.get("unavailable") or {}).items():

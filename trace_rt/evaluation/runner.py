@@ -11,8 +11,8 @@
   lists, :func:`~trace_rt.evaluation.reformat.release_output`) and ``events`` (our
   parser's). A request that failed (an undecodable video) is recorded with ``error`` and
   retried by the next run; a line torn by an interruption is dropped on resume.
-* ``missing_videos.txt``: annotation ids without a video file (or with an id that is not
-  a plain file name), one per line with the reason.
+* ``missing_videos.txt``: video ids without a video file (or that are not plain file
+  names), one per line with the reason and the number of queries they take with them.
 * ``refmt_<task>.json`` (the original's prediction file), ``metrics.json``, ``metrics.md``.
 """
 
@@ -24,7 +24,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,6 @@ class EvalSettings:
     rules: str = "original"
     use_java: bool | None = None
     progress: bool | None = None  # None: when stderr is a terminal
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def infer_backend(model_dir: str | Path) -> str:
@@ -183,23 +182,28 @@ def _check_resume(out: Path, header: dict[str, Any]) -> None:
         path.write_text(json.dumps(header, indent=1) + "\n")
 
 
-def plan(s: EvalSettings) -> tuple[str, list[Any], list[Work], list[str]]:
-    """Read the annotations and find the videos: ``(task, items, work, missing)``."""
+def plan(s: EvalSettings) -> tuple[str, list[Any], list[Work], dict[str, list]]:
+    """Read the annotations and find the videos: ``(task, items, work, missing)``, with
+    *missing* = video id -> [reason, number of items without a video]."""
     bench = bm.get_benchmark(s.benchmark)
     task, items = bm.load(bench, s.annotations, s.task)
     if s.limit is not None:
         items = items[: s.limit]
     index = VideoIndex(s.videos)
     prompt_task = bench.prompt_task(task)
-    work, missing = [], []
+    work: list[Work] = []
+    missing: dict[str, list] = {}
     for it in items:
+        if it.video in missing:
+            missing[it.video][1] += 1
+            continue
         try:
             path = index.find(it.video)
         except InvalidVideoIdError as e:
-            missing.append(f"{it.video}\t{e}")
+            missing[it.video] = [str(e), 1]
             continue
         if path is None:
-            missing.append(f"{it.video}\tno video file under {s.videos}")
+            missing[it.video] = [f"no video file under {s.videos}", 1]
             continue
         query = None if task == "dvc" else it.query
         work.append(Work(bm.item_key(it), it.video, path, prompt_task, query))
@@ -221,9 +225,13 @@ def run_eval(s: EvalSettings, log: Callable[[str], None] | None = None) -> dict[
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_resume(out, _run_header(s, task))
-    (out / "missing_videos.txt").write_text("".join(m + "\n" for m in missing))
+    lost = sum(n for _, n in missing.values())
+    (out / "missing_videos.txt").write_text(
+        "".join(f"{v}\t{why}\t{n} item(s)\n" for v, (why, n) in missing.items())
+    )
     if missing:
-        log(f"{len(missing)} of {len(items)} annotated videos are missing (see missing_videos.txt)")
+        log(f"{len(missing)} videos missing, {lost} of {len(items)} items without a video "
+            "(see missing_videos.txt)")  # fmt: skip
     records = _load_done(out / PREDICTIONS)
     todo = [w for w in work if w.key not in records]
     if len(todo) < len(work):
@@ -232,7 +240,8 @@ def run_eval(s: EvalSettings, log: Callable[[str], None] | None = None) -> dict[
     if todo:
         engine = _Engine(s)
         with (out / PREDICTIONS).open("a", encoding="utf-8") as f:
-            for w, rec in _progress(_answers(engine, todo, s.concurrency), len(todo), s.progress):
+            answers = _answers(engine, todo, s.concurrency)
+            for w, rec in _progress(answers, len(todo), s.progress, s.benchmark):
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
                 if "error" in rec:
@@ -241,11 +250,10 @@ def run_eval(s: EvalSettings, log: Callable[[str], None] | None = None) -> dict[
                 else:
                     records[w.key] = rec
     metrics = score(task, items, records, rules=s.rules, use_java=s.use_java)
-    metrics.update(missing_videos=len(missing), errors=errors)
+    metrics.update(missing_videos=len(missing), items_without_video=lost, errors=errors)
     refmt = to_original_format(task, items, records, s.rules)
     (out / f"refmt_{task}.json").write_text(json.dumps(refmt) + "\n")
-    settings = {k: v for k, v in asdict(s).items() if k != "extra"}
-    write_report(out, s.benchmark, task, metrics, settings)
+    write_report(out, s.benchmark, task, metrics, asdict(s))
     return metrics
 
 
@@ -273,7 +281,7 @@ def _answers(engine: _Engine, todo: list[Work], concurrency: int) -> Iterator[tu
             yield futures[fut], fut.result()
 
 
-def _progress(it: Iterator[Any], total: int, show: bool | None) -> Iterator[Any]:
+def _progress(it: Iterator[Any], total: int, show: bool | None, label: str) -> Iterator[Any]:
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -286,7 +294,7 @@ def _progress(it: Iterator[Any], total: int, show: bool | None) -> Iterator[Any]
 
     show = sys.stderr.isatty() if show is None else show
     cols = (
-        TextColumn("eval"),
+        TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -294,7 +302,7 @@ def _progress(it: Iterator[Any], total: int, show: bool | None) -> Iterator[Any]
         TimeRemainingColumn(),
     )
     with Progress(*cols, console=Console(stderr=True), disable=not show) as bar:
-        task = bar.add_task("eval", total=total)
+        task = bar.add_task(label, total=total)
         for x in it:
             yield x
             bar.advance(task)

@@ -51,6 +51,8 @@ def load_predictions(path: str | Path, task: str) -> tuple[str, dict[str, Any]]:
     ``"records"`` (ours or the original's raw results: rules still to apply) or
     ``"refmt"`` (the original's reformatted predictions)."""
     path = Path(path)
+    if not path.is_file():
+        raise ann.AnnotationError([f"{path}: predictions file not found"])
     if path.suffix == ".jsonl":
         recs, _ = read_jsonl(path)
         return "records", {str(r["key"]): r for r in recs if "release" in r and "key" in r}
