@@ -52,10 +52,12 @@ def test_moment_metrics_lenient_and_ties():
 
 
 def test_moment_metrics_empty_and_unparsed():
+    # Nothing parsed: the original's denominator is 0 (it would divide by zero) -> None.
     empty = moment_metrics(GTS, {})
-    assert empty["R@0.3"] == 0.0 and empty["mIoU"] == 0.0 and empty["parsed"] == 0
+    assert empty["R@0.3"] is None and empty["mIoU"] is None and empty["parsed"] == 0
+    assert empty["mIoU (all)"] == 0.0
     none = moment_metrics(GTS, dict.fromkeys(GTS))  # every query without a span
-    assert none["mIoU"] == 0.0 and none["R@0.3 (all)"] == 0.0 and none["predictions"] == 5
+    assert none["mIoU"] is None and none["R@0.3 (all)"] == 0.0 and none["predictions"] == 5
     zero = moment_metrics({"z": (2.0, 2.0)}, {"z": (2.0, 2.0)}, sort_spans=True)
     assert zero["R@0.7"] == 100.0
 
@@ -157,7 +159,9 @@ def test_dense_metrics_without_java_reports_unavailable():
     assert m["CIDEr"] == pytest.approx(1000.0)
     empty = dense_metrics(gts, {"v": []}, use_java=False)
     assert empty["CIDEr"] == 0.0 and empty["F1"] == 0.0 and empty["videos"] == 1
-    assert dense_metrics(gts, {}, use_java=False)["videos"] == 0  # only predicted videos
+    nothing = dense_metrics(gts, {}, use_java=False)  # only predicted videos are scored
+    assert nothing["videos"] == 0 and nothing["CIDEr"] is None and nothing["F1"] is None
+    assert highlight_metrics({}, {})["VeryGood"]["mAP"] is None
 
 
 @pytest.mark.slow

@@ -66,10 +66,12 @@ def test_each_benchmark_end_to_end(case, art, videos, tmp_path, capsys):
     doc = json.loads((out / "metrics.json").read_text())
     task = doc["task"]
     headline = {"mr": "mIoU", "vhd": "HIT@1", "dvc": "CIDEr"}[task]
-    assert (
-        isinstance(doc["metrics"][headline], float)
-        and doc["metrics"]["missing_videos"] == n_missing
-    )
+    m = doc["metrics"]
+    # Random weights: most generations hold no usable event; the original's averages then
+    # have nothing to average and are None ("n/a"), never a made-up 0.
+    empty = m["predictions"] == 0 or m.get("parsed") == 0
+    assert headline in m and (m[headline] is None) == empty
+    assert m["missing_videos"] == n_missing
     assert doc["published"] is not None or bench == "coco-format"
     assert len((out / "missing_videos.txt").read_text().splitlines()) == n_missing
     assert (out / f"refmt_{task}.json").is_file()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import random
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -56,13 +55,6 @@ def best_matching_score(scores: np.ndarray) -> float:
         for j in range(n):
             dp[i + 1, j + 1] = max(dp[i, j + 1], dp[i + 1, j], dp[i, j] + scores[i, j])
     return float(dp[m, n])
-
-
-@dataclass
-class DensePrediction:
-    video: str
-    segments: list[tuple[float, float]]
-    captions: list[str]
 
 
 def detection_scores(
@@ -120,9 +112,9 @@ def dense_metrics(
     out: dict[str, Any] = {"videos": len(keys)}
     names = ["CIDEr", "METEOR", "SODA_c", "F1", "Precision", "Recall"]
     names += [f"{m}@{t:g}" for t in thresholds for m in ("Precision", "Recall")]
-    for name in names:
+    for name in names:  # None: no video to average over
         vals = [v[name] for v in per_video if v.get(name) is not None]
-        out[name] = 100 * float(np.mean(vals)) if vals else 0.0
+        out[name] = 100 * float(np.mean(vals)) if vals else None
     out["tokenizer"] = "PTBTokenizer (Java)" if sc.java else "Python approximation of PTB"
     if sc.java is None:
         out["METEOR"] = out["SODA_c"] = None

@@ -7,6 +7,7 @@ original prints as a fraction and the paper as a percentage: here both are perce
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,7 @@ def moment_metrics(
     *,
     sort_spans: bool = False,
     thresholds: Sequence[float] = MR_THRESHOLDS,
-) -> dict[str, float | int]:
+) -> dict[str, float | int | None]:
     """R@θ and mIoU the way ``eval_tvg.py`` computes them, plus the all-queries variant.
 
     Args:
@@ -54,8 +55,9 @@ def moment_metrics(
 
     Returns:
         ``R@θ`` and ``mIoU`` divided by the number of parsed predictions (the original's
-        ``num``: predictions that have a span), and ``R@θ (all)`` / ``mIoU (all)`` divided
-        by the number of ground-truth queries (every query without a span counts 0).
+        ``num``: predictions that have a span; None when there is none, where the original
+        divides by zero), and ``R@θ (all)`` / ``mIoU (all)`` divided by the number of
+        ground-truth queries (every query without a span counts 0).
     """
     iou = iou_sorted if sort_spans else iou_original
     parsed = sum(1 for p in preds.values() if p is not None)
@@ -69,10 +71,10 @@ def moment_metrics(
         for t in thresholds:
             hits[t] += v >= t
         total += v
-    out: dict[str, float | int] = {}
+    out: dict[str, float | int | None] = {}
     for t in thresholds:
-        out[f"R@{t:g}"] = 100 * hits[t] / parsed if parsed else 0.0
-    out["mIoU"] = 100 * total / parsed if parsed else 0.0
+        out[f"R@{t:g}"] = 100 * hits[t] / parsed if parsed else None
+    out["mIoU"] = 100 * total / parsed if parsed else None
     n = len(gts)
     for t in thresholds:
         out[f"R@{t:g} (all)"] = 100 * hits[t] / n if n else 0.0
@@ -129,7 +131,7 @@ def gt_clip_scores(n_clips: int, clip_ids: Sequence[int], scores: Sequence[Seque
 
 def highlight_metrics(
     gts: Mapping[str, np.ndarray], preds: Mapping[str, Sequence[float]]
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """mAP and HIT@1 at each saliency level (``eval_highlight``), over the queries in
     both *gts* (query id -> (clips, 3) saliency) and *preds* (query id -> clip scores).
 
@@ -148,9 +150,9 @@ def highlight_metrics(
             hits.append(float(binary[top].max()) if 0 <= top < len(binary) else 0.0)
             fitted = _fit(pred, len(binary))
             aps.extend(average_precision(binary[:, w], fitted) for w in range(3))
-        out[name] = {
-            "mAP": 100 * float(np.mean(aps)) if aps else 0.0,
-            "HIT@1": 100 * float(np.mean(hits)) if hits else 0.0,
+        out[name] = {  # None: no query to average over
+            "mAP": 100 * float(np.mean(aps)) if aps else None,
+            "HIT@1": 100 * float(np.mean(hits)) if hits else None,
             "queries": len(qids),
         }
     return out
