@@ -99,7 +99,7 @@ def test_dvc_iou_detection_and_matching():
     assert dvc_iou((6.0, 2.0), (2.0, 6.0)) == pytest.approx(1.0, abs=1e-6)  # sorted
     assert dvc_iou((1.0, 1.0), (1.0, 1.0)) == 0.0  # zero length: 0 / (0 + 1e-8)
     gt = CaptionedVideo("v", 10.0, ((0.0, 4.0), (5.0, 9.0)), ("a", "b"), (1, 1))
-    # (0, 2) has IoU exactly 0.5 with (0, 4): not a hit at 0.5 (strictly greater).
+    # (0, 2) vs (0, 4): IoU 2 / (4 + 1e-8), just under 0.5: not a hit at 0.5.
     p, r = detection_scores([(0.0, 2.0), (5.0, 9.0), (9.5, 10.0)], gt, (0.3, 0.5))
     assert p == pytest.approx([2 / 3, 1 / 3]) and r == pytest.approx([1.0, 0.5])
     assert detection_scores([], gt, (0.5,)) == ([0.0], [0.0])
