@@ -8,4 +8,6 @@ PYTHON=${PYTHON:-python3}
 # The CPU build first: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
+# METEOR/SODA_c in `trace-rt eval` also need Java; without it they are reported unavailable.
+command -v java >/dev/null || echo "note: no Java runtime; for METEOR/SODA_c: sudo apt-get install -y default-jre-headless"
 echo "ready: .venv ($(.venv/bin/python -c 'import torch, trace_rt; print("trace-rt", trace_rt.__version__, "torch", torch.__version__)'))"

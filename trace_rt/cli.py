@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--constrained", action="store_true", help="well-formed numbers only")
     p.add_argument("--indent", type=int, default=None, help="indent the JSON output")
     _report_args(p)
+    _add_eval_parser(sub)
     return parser
 
 
@@ -272,7 +273,26 @@ def _write_report(args: argparse.Namespace, result: dict, backend: str) -> None:
     print(f"trace-rt: report written to {out}", file=sys.stderr)
 
 
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    # Listed here for `trace-rt --help`; main() hands `eval ...` to its own parser.
+    sub.add_parser(
+        "eval",
+        help="run a benchmark (charades-sta, qvhighlights, youcook2, activitynet-captions, "
+        "coco-format) and score it with the original's metrics; `eval score` scores only",
+        add_help=False,
+    )
+
+
+def _eval(argv: list[str]) -> int:
+    from trace_rt.evaluation.cli import main as eval_main
+
+    return eval_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:
+        return _eval(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":

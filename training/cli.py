@@ -58,8 +58,22 @@ def _parser() -> argparse.ArgumentParser:
     sd.add_argument("--max-duration", type=float, default=12.0)
     sd.add_argument("--tasks", default="mr,dvc,vhd", help="comma-separated: mr,dvc,vhd")
 
-    cv = sub.add_parser("convert", help="convert VTG-IT-style annotations to the training format")
-    cv.add_argument("src", help="annotation JSON (dense captions, moment retrieval, highlights)")
+    cv = sub.add_parser(
+        "convert", help="convert official or VTG-IT-style annotations to the training format"
+    )
+    cv.add_argument(
+        "src", help="annotation file (charades_sta_*.txt, QVHighlights *.jsonl, YouCook2, "
+        "ActivityNet Captions, coco-format json, or VTG-IT-style json)"
+    )  # fmt: skip
+    cv.add_argument(
+        "--format",
+        dest="fmt",
+        default="auto",
+        choices=["auto", "vtg-it", "charades-sta", "qvhighlights", "youcook2",
+                 "activitynet-captions", "coco-format"],
+        help="the file's format (auto: by name and layout)",
+    )  # fmt: skip
+    cv.add_argument("--subset", default="training", help="youcook2: the subset (training)")
     cv.add_argument("dst", help="output split file (e.g. data/train.json)")
     cv.add_argument("--kind", choices=["auto", "dvc", "mr", "vhd"], default="auto")
     cv.add_argument("--video-root", default=".", help="directory of the videos")
@@ -91,15 +105,60 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, help="override the recipe's seed")
     tr.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
 
-    ev = sub.add_parser("eval", help="moment-retrieval R@0.3/0.5/0.7 and mIoU on a split")
+    _add_eval_parser(sub)
+    return parser
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="moment-retrieval R@0.3/0.5/0.7 and mIoU on a split (trace-rt eval's metrics)",
+    )
     ev.add_argument("model", help="checkpoint or exported artifact directory")
     ev.add_argument("--data", required=True, help="split file (e.g. DATA/val.json)")
-    ev.add_argument("--backend", default="onnxruntime")
+    ev.add_argument(
+        "--backend",
+        help="default: onnxruntime for an artifact directory (manifest.json), else torch",
+    )
     ev.add_argument("--constrained", action="store_true", help="well-formed numbers only")
-    ev.add_argument("--max-new-tokens", type=int, default=32)
-    ev.add_argument("--limit", type=int)
+    ev.add_argument("--max-new-tokens", type=int, default=32, help="token budget (32)")
+    ev.add_argument("--limit", type=int, help="only the first N queries")
+    ev.add_argument(
+        "--rules",
+        choices=["original", "lenient"],
+        default="original",
+        help="generation -> span: the original's reformat rules (default) or lenient "
+        "(trace_rt/evaluation/reformat.py)",
+    )
     ev.add_argument("--out", help="also write the full report (predictions) as JSON here")
-    return parser
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from trace_rt.errors import TraceError
+    from training.evaluate import evaluate_mr
+
+    if not os.path.exists(args.data):
+        print(f"error: --data {args.data} does not exist", file=sys.stderr)
+        return 2
+    try:
+        report = evaluate_mr(
+            args.model,
+            args.data,
+            backend=args.backend,
+            constrained=args.constrained,
+            max_new_tokens=args.max_new_tokens,
+            limit=args.limit,
+            rules=args.rules,
+        )
+    except (TraceError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    report.pop("predictions")
+    print(json.dumps(report))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,16 +194,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(json.dumps({"out": args.out, "samples": make_synth_data(args.out, cfg)}))
     elif args.command == "convert":
+        from trace_rt.errors import TraceError
         from training.convert import convert
 
-        n = convert(
-            args.src,
-            args.dst,
-            kind=args.kind,
-            video_root=args.video_root,
-            video_ext=args.video_ext,
-            on_bad=args.on_bad_sample,
-        )
+        try:
+            n = convert(
+                args.src,
+                args.dst,
+                kind=args.kind,
+                video_root=args.video_root,
+                video_ext=args.video_ext,
+                on_bad=args.on_bad_sample,
+                fmt=args.fmt,
+                subset=args.subset,
+            )
+        except (TraceError, ValueError) as e:  # BadSampleError is a ValueError
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(json.dumps({"out": args.dst, "samples": n}))
     elif args.command == "train":
         from training.data import BadSampleError
@@ -181,19 +247,5 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # one summary per run, not per process
             print(json.dumps({"out": args.out, **summary}))
     elif args.command == "eval":
-        from training.evaluate import evaluate_mr
-
-        report = evaluate_mr(
-            args.model,
-            args.data,
-            backend=args.backend,
-            constrained=args.constrained,
-            max_new_tokens=args.max_new_tokens,
-            limit=args.limit,
-        )
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
-        report.pop("predictions")
-        print(json.dumps(report))
+        return _eval(args)
     return 0

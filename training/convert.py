@@ -1,7 +1,13 @@
-"""``python -m training convert``: public VTG-IT-style annotations -> the training format.
+"""``python -m training convert``: public annotations -> the training format.
 
-Three annotation styles are read (each file holds one kind; ``--kind auto`` tells them
-apart by their keys):
+The official files ``trace-rt eval`` reads are read by the same readers
+(:mod:`trace_rt.evaluation.annotations`), with ``--format`` (default ``auto``: by name
+and layout): ``charades-sta`` (``charades_sta_train.txt``), ``qvhighlights``
+(``highlight_train_release.jsonl``), ``youcook2`` (``youcookii_annotations_trainval.json``,
+the ``--subset``, default ``training``), ``activitynet-captions`` (``train.json``) and
+``coco-format`` (TimeIT/VTG-IT ``*.caption_coco_format.json``). Anything else is read as
+``vtg-it``, three looser annotation styles (each file holds one kind; ``--kind auto``
+tells them apart by their keys):
 
 * dense captioning (ActivityNet Captions / YouCook2 / VTG-IT ``dvc``): per video
   ``timestamps`` (a list of ``[start, end]``) and ``sentences`` (or ``captions``), either
@@ -15,20 +21,81 @@ apart by their keys):
   (default 2). Each salient clip becomes an event at the clip's centre with score
   mean + 1, i.e. on the 1..5 scale TRACE's prompt asks for.
 
-Videos are ``--video-root``/``<id>`` (``--video-ext`` appended when the id has no
-extension). Malformed records are reported with their id and skipped or fatal per
-``--on-bad-sample``.
+Videos are found under ``--video-root`` by id as ``trace-rt eval`` finds them
+(:class:`trace_rt.evaluation.videos.VideoIndex`: ``<id>``, ``<id>.<ext>``, or anywhere
+below); an id that is not found becomes ``--video-root``/``<id>`` (``--video-ext``
+appended when the id has no extension), which training then reports as missing. Ids that
+are not plain file names are refused. Malformed records are reported with their id and
+skipped or fatal per ``--on-bad-sample``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from trace_rt.evaluation import annotations as ann
+from trace_rt.evaluation.videos import InvalidVideoIdError, VideoIndex
 from training.data import BadSampleError, parse_sample, report_bad, write_split
 
 KINDS = ("auto", "dvc", "mr", "vhd")
+FORMATS = (
+    "auto", "vtg-it", "charades-sta", "qvhighlights", "youcook2", "activitynet-captions",
+    "coco-format",
+)  # fmt: skip
+
+
+def detect_format(src: str | Path) -> str:
+    """The official format of *src*, by its name and layout; ``vtg-it`` otherwise."""
+    src = Path(src)
+    if src.suffix == ".txt":
+        return "charades-sta"
+    if src.suffix == ".jsonl":
+        return "qvhighlights"
+    raw = ann.load_json(src)
+    if isinstance(raw, dict) and isinstance(raw.get("database"), dict):
+        return "youcook2"
+    if isinstance(raw, dict) and isinstance(raw.get("annotations"), list):
+        return "coco-format"
+    if (
+        isinstance(raw, dict)
+        and raw
+        and all(
+            isinstance(v, dict) and "timestamps" in v and "sentences" in v for v in raw.values()
+        )
+    ):
+        return "activitynet-captions"
+    return "vtg-it"
+
+
+def official_records(src: str | Path, fmt: str, subset: str = "training") -> list[dict]:
+    """Records of an official file (read by ``trace-rt eval``'s readers) in the
+    ``vtg-it`` shapes :func:`convert_record` takes."""
+    if fmt == "charades-sta":
+        items: list = ann.read_charades_txt(src)
+    elif fmt == "qvhighlights":
+        items = ann.read_qvhighlights(src)
+    elif fmt == "youcook2":
+        items = ann.read_youcook2(src, subset)
+    elif fmt == "activitynet-captions":
+        items = ann.read_activitynet([src])
+    else:
+        items = ann.read_coco_format(src)
+    out = []
+    for it in items:
+        if isinstance(it, ann.MomentQuery):
+            rec = {"id": f"{it.video}-mr-{it.qid}", "video": it.video, "query": it.query,
+                   "timestamp": list(it.span), "duration": it.duration}  # fmt: skip
+        elif isinstance(it, ann.HighlightQuery):
+            rec = {"qid": it.qid, "video": it.video, "query": it.query, "duration": it.duration,
+                   "relevant_clip_ids": list(it.relevant_clip_ids),
+                   "saliency_scores": [list(s) for s in it.saliency_scores]}  # fmt: skip
+        else:
+            rec = {"video": it.video, "duration": it.duration,
+                   "timestamps": [list(s) for s in it.segments],
+                   "sentences": list(it.captions)}  # fmt: skip
+        out.append({k: v for k, v in rec.items() if v is not None})
+    return out
 
 
 def _records(raw: Any) -> list[dict[str, Any]]:
@@ -58,16 +125,24 @@ def guess_kind(rec: dict[str, Any]) -> str:
     return "mr"
 
 
-def _video(rec: dict[str, Any], root: Path, ext: str) -> tuple[str, Path]:
+def _video(rec: dict[str, Any], root: Path, ext: str, index: VideoIndex | None) -> tuple[str, Path]:
     vid = rec.get("video") or rec.get("vid") or rec.get("video_id")
     if not isinstance(vid, str) or not vid:
         raise BadSampleError(str(rec.get("qid", "?")), "record names no video")
+    try:
+        found = index.find(vid) if index is not None else None
+    except InvalidVideoIdError as e:
+        raise BadSampleError(str(rec.get("qid", vid)), str(e)) from None
+    if found is not None:
+        return vid, found
     name = vid if Path(vid).suffix else vid + ext
     return vid, root / name
 
 
-def convert_record(rec: dict[str, Any], kind: str, root: Path, ext: str, n: int) -> dict:
-    vid, path = _video(rec, root, ext)
+def convert_record(
+    rec: dict[str, Any], kind: str, root: Path, ext: str, n: int, index: VideoIndex | None = None
+) -> dict:
+    vid, path = _video(rec, root, ext, index)
     kind = guess_kind(rec) if kind == "auto" else kind
     sid = str(rec.get("id") or rec.get("qid") or f"{Path(vid).stem}-{kind}-{n}")
     out: dict[str, Any] = {"id": sid, "video": str(path), "task": kind}
@@ -109,20 +184,27 @@ def convert_record(rec: dict[str, Any], kind: str, root: Path, ext: str, n: int)
 
 def convert(
     src: str | Path, dst: str | Path, *, kind: str = "auto", video_root: str | Path = ".",
-    video_ext: str = ".mp4", on_bad: str = "fail",
+    video_ext: str = ".mp4", on_bad: str = "fail", fmt: str = "auto", subset: str = "training",
 ) -> int:  # fmt: skip
     """Convert *src* into the split file *dst*; returns the number of samples written."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
-    raw = json.loads(Path(src).read_text(encoding="utf-8"))
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}")
+    fmt = detect_format(src) if fmt == "auto" else fmt
+    if fmt == "vtg-it":
+        records = _records(ann.load_json(src))
+    else:
+        records = official_records(src, fmt, subset)
     dst = Path(dst)
     root = Path(video_root).resolve()
+    index = VideoIndex(root) if root.is_dir() else None
     samples = []
-    for n, rec in enumerate(_records(raw)):
+    for n, rec in enumerate(records):
         try:
             if not isinstance(rec, dict):
                 raise BadSampleError(f"#{n}", "a record must be an object")
-            d = convert_record(rec, kind, root, video_ext, n)
+            d = convert_record(rec, kind, root, video_ext, n, index)
             samples.append(parse_sample(d, dst.parent, n))
         except BadSampleError as e:
             report_bad(e, on_bad)

@@ -1,0 +1,99 @@
+"""The benchmarks ``trace-rt eval`` knows: their files, their task, the release's numbers.
+
+Evaluation settings are the original's (``trace/eval/eval.sh``, ``evaluate.py``): the
+``llama_2`` template, the task prompts of ``trace/prompts`` (``dvc-anet.txt`` for
+ActivityNet dense captioning), queries stripped of surrounding whitespace, greedy
+decoding, 512 new tokens, the checkpoint's frame count (128 for the release).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trace_rt.evaluation import annotations as ann
+
+# The release's published zero-shot results (the TRACE paper), in percent.
+PUBLISHED: dict[tuple[str, str], dict[str, float]] = {
+    ("youcook2", "dvc"): {"CIDEr": 8.1, "METEOR": 2.8, "SODA_c": 2.2, "F1": 22.4},
+    ("charades-sta", "mr"): {"R@0.3": 58.6, "R@0.5": 40.3, "R@0.7": 19.4, "mIoU": 38.7},
+    ("qvhighlights", "vhd"): {"mAP": 26.8, "HIT@1": 42.7},
+    ("activitynet-captions", "dvc"): {"CIDEr": 25.9, "METEOR": 6.0, "SODA_c": 6.4, "F1": 39.3},
+    ("activitynet-captions", "mr"): {"R@0.3": 53.0, "R@0.5": 37.7, "R@0.7": 24.0, "mIoU": 39.0},
+}
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    tasks: tuple[str, ...]  # the first is the default
+    files: str  # what --annotations takes, for help and errors
+
+    def prompt_task(self, task: str) -> str:
+        """The prompt the original evaluates *task* with on this benchmark."""
+        return "dvc_activitynet" if (self.name, task) == ("activitynet-captions", "dvc") else task
+
+
+BENCHMARKS = {
+    b.name: b
+    for b in (
+        Benchmark("charades-sta", ("mr",), "charades_sta_test.txt or a coco-format json"),
+        Benchmark("qvhighlights", ("vhd",), "highlight_val_release.jsonl"),
+        Benchmark("youcook2", ("dvc",), "youcookii_annotations_trainval.json"),
+        Benchmark("activitynet-captions", ("dvc", "mr"), "val_1.json and/or val_2.json"),
+        Benchmark("coco-format", ("mr", "dvc"), "a TimeIT/VTG-IT *.caption_coco_format.json"),
+    )
+}
+
+
+def get_benchmark(name: str) -> Benchmark:
+    try:
+        return BENCHMARKS[name]
+    except KeyError:
+        raise ann.AnnotationError(
+            [f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}"]
+        ) from None
+
+
+def load(bench: Benchmark, files: Sequence[str | Path], task: str | None = None):
+    """Read *files* for *bench*; returns ``(task, items)``: a list of
+    :class:`~trace_rt.evaluation.annotations.MomentQuery`,
+    :class:`~trace_rt.evaluation.annotations.HighlightQuery` or
+    :class:`~trace_rt.evaluation.annotations.CaptionedVideo`."""
+    files = [Path(f) for f in files]
+    if not files:
+        raise ann.AnnotationError(["no annotation file given (--annotations FILE)"])
+    if task is not None and task not in bench.tasks:
+        raise ann.AnnotationError([f"{bench.name} has no task {task!r} (tasks: {bench.tasks})"])
+    if len(files) > 1 and bench.name != "activitynet-captions":
+        raise ann.AnnotationError([f"{bench.name} takes one annotation file ({bench.files})"])
+    path = files[0]
+    items: list[Any]
+    if bench.name == "charades-sta":
+        items = ann.read_charades_txt(path) if path.suffix == ".txt" else ann.read_coco_format(path)
+        if items and not isinstance(items[0], ann.MomentQuery):
+            raise ann.AnnotationError([f"{path}: dense-captioning records, not Charades-STA"])
+        return "mr", items
+    if bench.name == "qvhighlights":
+        return "vhd", ann.read_qvhighlights(path)
+    if bench.name == "youcook2":
+        if path.name.endswith("caption_coco_format.json"):
+            return "dvc", ann.read_coco_format(path)
+        return "dvc", ann.read_youcook2(path)
+    if bench.name == "activitynet-captions":
+        videos = ann.read_activitynet(files)
+        task = task or "dvc"
+        return task, (ann.activitynet_queries(videos) if task == "mr" else videos)
+    items = ann.read_coco_format(path)
+    found = "dvc" if items and isinstance(items[0], ann.CaptionedVideo) else "mr"
+    if task is not None and task != found:
+        raise ann.AnnotationError([f"{path}: holds {found} records, not {task}"])
+    return found, items
+
+
+def item_key(item: Any) -> str:
+    """The key a prediction is stored and scored under: the query id, or for dense
+    captioning the video id."""
+    return item.video if isinstance(item, ann.CaptionedVideo) else item.qid
