@@ -17,7 +17,7 @@ import pytest
 from tests.browser import Browser, find_chromium
 from tests.media import write_video
 from trace_rt.timeline import MAX_EMBED_BYTES, player_source, write_report
-from trace_rt.timeline.render import Page, iou, render, salience, spans, tick_step
+from trace_rt.timeline.render import Page, render, salience, spans, tick_step
 
 CHROMIUM = find_chromium()
 needs_browser = pytest.mark.skipif(
@@ -86,10 +86,7 @@ def test_salience_pairs_each_timestamp_with_its_score():
     assert salience([{"timestamps": [2.0, 1.0], "scores": [4.0]}]) == [(1.0, 4.0), (2.0, 4.0)]
 
 
-def test_iou_and_ticks():
-    assert iou((1.0, 3.0), (2.0, 4.0)) == pytest.approx(1 / 3)
-    assert iou((1.0, 2.0), (3.0, 4.0)) == 0.0
-    assert iou((2.0, 2.0), (2.0, 2.0)) == 0.0
+def test_ticks():
     assert tick_step(4.0) == 0.5
     assert tick_step(600.0) == 60
     assert tick_step(7200.0) == 900
@@ -208,16 +205,16 @@ def test_page_in_chromium(browser, webm, task, events):
 
 
 @needs_browser
-def test_ground_truth_span_with_iou(browser, webm):
+def test_ground_truth_track(browser, webm):
     out = webm.parent / "gt.html"
-    write_report(out, result("mr", MR), video=webm, ground_truth=(1.5, 3.0))
+    write_report(out, result("mr", MR), video=webm, ground_truth=[(1.5, 3.0, "")], gt_iou=0.58)
     _open(browser, out)
     gt = browser.eval(
-        "(() => { const g = document.querySelector('.gt');"
-        " return [g.dataset.start, g.dataset.end, g.dataset.iou, g.textContent]; })()"
+        "(() => { const g = document.querySelector('.gt-track .gt');"
+        " return [g.dataset.start, g.dataset.end, g.parentElement.dataset.iou,"
+        " g.textContent]; })()"
     )
-    assert gt[:3] == ["1.500", "3.000", f"{iou((1.1, 2.6), (1.5, 3.0)):.3f}"]
-    assert "IoU 0.58" in gt[3]
+    assert gt == ["1.500", "3.000", "0.580", "ground truth · IoU 0.58"]
 
 
 @needs_browser
@@ -260,3 +257,99 @@ def test_trace_rt_run_report_end_to_end(browser, tiny_ckpt, tmp_path):
         assert n == len(res["frame_times"]) == 8
         assert browser.eval("document.getElementById('player').src.startsWith('data:video/')")
         _assert_offline(browser)
+
+
+# --- trace-rt eval's report.html -----------------------------------------------------
+
+
+def _mr_record(key: str, video: Path, span: list[float] | None, caption: str = "it") -> dict:
+    release = {
+        "timestamps": [span] if span else [],
+        "scores": [[3.0]] if span else [],
+        "captions": [caption],
+        "kept": True,
+        "malformed": 0,
+    }
+    return {
+        "key": key,
+        "video_id": video.stem,
+        "video": str(video),
+        "task": "mr",
+        "duration": 4.0,
+        "frames": 4,
+        "release": release,
+        "events": [{"timestamps": span or [], "scores": [3.0], "caption": caption}],
+    }
+
+
+@pytest.fixture(scope="module")
+def eval_report(webm):
+    from trace_rt.evaluation.annotations import MomentQuery
+    from trace_rt.timeline.evalpage import write_eval_report
+
+    out = webm.parent / "eval"
+    items = [
+        MomentQuery("q1", "clip", "exact", (1.0, 2.0), 4.0),
+        MomentQuery("q2", "clip", "half", (1.0, 3.0), 4.0),
+        MomentQuery("q3", "clip", "reversed <b>span</b>", (1.0, 2.0), 4.0),
+        MomentQuery("q4", "clip", "no span", (0.0, 1.0), 4.0),
+        MomentQuery("q5", "clip", "not answered", (0.0, 1.0), 4.0),
+    ]
+    records = {
+        "q1": _mr_record("q1", webm, [1.0, 2.0]),
+        "q2": _mr_record("q2", webm, [2.0, 3.0]),
+        "q3": _mr_record("q3", webm, [2.0, 1.0]),  # the original scores a reversed span 0
+        "q4": _mr_record("q4", webm, None),
+    }
+    metrics = {"R@0.5": 66.7, "mIoU": 50.0, "queries": 5, "predictions": 4, "rules": "original"}
+    settings = {"model": "ckpt", "rules": "original"}
+    bench_md = out / "bench.md"
+    out.mkdir(parents=True, exist_ok=True)
+    bench_md.write_text("# bench\n")
+    page = write_eval_report(
+        out, "charades-sta", "mr", items, records, metrics, settings, n=2, links=[bench_md]
+    )
+    return page
+
+
+def test_eval_report_scores_items_by_the_benchmark_rules(eval_report):
+    from trace_rt.evaluation.annotations import MomentQuery
+    from trace_rt.timeline.evalpage import score_items
+
+    items = [MomentQuery("a", "v", "q", (1.0, 2.0)), MomentQuery("b", "v", "q", (1.0, 2.0))]
+    recs = {"a": _mr_record("a", Path("v.mp4"), [2.0, 1.0])}
+    original = {s.key: s.score for s in score_items("mr", items, recs, "original")}
+    lenient = {s.key: s.score for s in score_items("mr", items, recs, "lenient")}
+    assert original == {"a": 0.0, "b": 0.0}  # reversed: 0 by the original's rule
+    assert lenient == {"a": 1.0, "b": 0.0}  # sorted first by the lenient rule
+    text = eval_report.read_text()
+    assert "reversed &lt;b&gt;span&lt;/b&gt;" in text and "<b>span" not in text
+
+
+@needs_browser
+def test_eval_report_in_chromium(browser, eval_report):
+    _open(browser, eval_report)
+    metrics = browser.eval(
+        "[...document.querySelectorAll('tr.metric')].map(r => [r.dataset.name,"
+        " r.children[1].textContent, r.children[2].textContent])"
+    )
+    assert ["R@0.5", "66.7", "40.3"] in metrics and ["mIoU", "50.0", "38.7"] in metrics
+    bars = browser.eval("[...document.querySelectorAll('.hist .bar')].map(b => +b.dataset.count)")
+    assert bars == [3, 0, 0, 0, 0, 1, 0, 0, 0, 1]  # IoU 0, 0, 0, 0.5, 1
+    rows = browser.eval(
+        "[...document.querySelectorAll('tr.item')].map(r => [r.dataset.key, +r.dataset.score])"
+    )
+    assert rows[:2] == [["q1", 1.0], ["q2", 0.5]]  # best 2
+    assert [k for k, _ in rows[2:]] == ["q3", "q4"]  # worst 2 (ties by key)
+    links = browser.eval("[...document.querySelectorAll('a')].map(a => a.getAttribute('href'))")
+    assert "bench.md" in links
+    item_links = [h for h in links if h.startswith("items/")]
+    assert len(item_links) == 4  # q1 q2 q3 q4 have a page; q5 had no prediction
+    _assert_offline(browser)
+    # The best item's own page: its frames, the reference span and the same IoU.
+    _open(browser, eval_report.parent / item_links[0])
+    gt = browser.eval("document.querySelector('.gt-track').dataset.iou")
+    assert gt == "1.000"
+    assert browser.eval("document.querySelectorAll('.thumb').length") == 4
+    assert browser.eval("document.getElementById('player') !== null")
+    _assert_offline(browser)

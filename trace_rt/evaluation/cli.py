@@ -66,6 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="torch dtype (cuda: fp16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--report-items",
+        choices=["best-worst", "all", "none"],
+        default="best-worst",
+        help="report.html: which items get a timeline page under items/ (best-worst)",
+    )
+    p.add_argument(
+        "--report-n", type=int, default=5, help="report.html: best and worst items shown (5)"
+    )
+    p.add_argument(
+        "--link",
+        action="append",
+        default=[],
+        help="link this report (e.g. a bench's markdown or PNG) from report.html; repeatable",
+    )
     return p
 
 
@@ -118,6 +133,9 @@ def _run(a: argparse.Namespace) -> int:
         rules=a.rules,
         use_java=False if a.no_java else None,
         progress=False if a.no_progress else None,
+        report_items=a.report_items,
+        report_n=a.report_n,
+        links=tuple(a.link),
     )
     metrics = run_eval(s)
     print((Path(a.out) / "metrics.md").read_text(), end="")

@@ -60,6 +60,9 @@ class EvalSettings:
     rules: str = "original"
     use_java: bool | None = None
     progress: bool | None = None  # None: when stderr is a terminal
+    report_items: str = "best-worst"  # report.html: which items get a timeline page
+    report_n: int = 5  # report.html: how many best and worst items it shows
+    links: tuple[str, ...] = ()  # report.html: other reports to link (bench markdown/PNG)
 
 
 def infer_backend(model_dir: str | Path) -> str:
@@ -138,6 +141,7 @@ class _Engine:
             "duration": res.get("duration"),
             "frames": res.get("frames"),
             "stop_reason": res.get("stop_reason"),
+            "frame_times": res.get("frame_times"),
             "token_ids": ids,
             "release": rf.release_output(ids, self.tok, self.ids).to_dict(),
             "events": rf.lenient_events(ids, self.tok, self.ids),
@@ -254,6 +258,12 @@ def run_eval(s: EvalSettings, log: Callable[[str], None] | None = None) -> dict[
     refmt = to_original_format(task, items, records, s.rules)
     (out / f"refmt_{task}.json").write_text(json.dumps(refmt) + "\n")
     write_report(out, s.benchmark, task, metrics, asdict(s))
+    from trace_rt.timeline.evalpage import write_eval_report
+
+    write_eval_report(
+        out, s.benchmark, task, items, records, metrics, asdict(s),
+        n=s.report_n, pages=s.report_items, links=s.links,
+    )  # fmt: skip
     return metrics
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import os
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +35,24 @@ _MIME = {
 }
 
 
-def frame_thumbnails(video: str | os.PathLike | bytes, n_frames: int) -> list[bytes]:
+def frame_thumbnails(
+    video: str | os.PathLike | bytes, n_frames: int
+) -> tuple[list[bytes], list[float]]:
     """JPEG thumbnails of the ``n_frames`` frames a request samples from *video* (the same
-    frames: sampling is deterministic), decoded through the runtime's own video loader."""
+    frames: sampling is deterministic) and their times, decoded through the runtime's own
+    video loader and its limits."""
     from trace_rt.video import load_video
 
     clip = load_video(video, n_frames)
-    return jpegs(shrink(f) for f in clip.frames)
+    return jpegs(shrink(f) for f in clip.frames), [float(t) for t in clip.times]
 
 
-def player_source(video: str | os.PathLike, page: Path, embed: bool = False) -> str | None:
+def player_source(
+    video: str | os.PathLike, page: Path, embed: bool = False, anywhere: bool = False
+) -> str | None:
     """The ``<video src>`` for *video* seen from *page*: a relative URL when the video sits
-    in the page's folder (or below it), a ``data:`` URI with *embed*, else None."""
+    in the page's folder (or below it, or *anywhere*), a ``data:`` URI with *embed*, else
+    None."""
     path = Path(video).resolve()
     if embed:
         size = path.stat().st_size
@@ -59,7 +65,7 @@ def player_source(video: str | os.PathLike, page: Path, embed: bool = False) -> 
         mime = _MIME.get(path.suffix.lower(), "video/mp4")
         return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
     rel = os.path.relpath(path, page.resolve().parent)
-    if rel.startswith(".."):
+    if rel.startswith("..") and not anywhere:
         return None
     return urllib.parse.quote(Path(rel).as_posix())
 
@@ -71,8 +77,10 @@ def write_report(
     video: str | os.PathLike | None = None,
     request: Mapping[str, Any] | None = None,
     embed_video: bool = False,
-    ground_truth: tuple[float, float] | None = None,
+    ground_truth: Sequence[tuple[float, float, str]] = (),
+    gt_iou: float | None = None,
     title: str | None = None,
+    link_video: bool = False,
 ) -> Path:
     """Write the timeline page of *result* to *out*; returns its path.
 
@@ -80,16 +88,21 @@ def write_report(
         video: the local video file the result is about: thumbnails are decoded from it
             and the player plays it (from beside the page, or embedded).
         request: task, query/question, frames, model, backend (shown on the page).
-        ground_truth: an evaluation's reference span, drawn beside the prediction with IoU.
+        ground_truth: an evaluation's reference segments ``(start, end, caption)``.
+        gt_iou: the evaluation's score of the prediction (shown with the reference).
+        link_video: play the video by a relative path even when it lies outside the
+            page's folder (evaluation pages: the videos stay in their own folder).
     """
     out = Path(out)
     thumbs: list[bytes] = []
     src = None
     if video is not None:
-        thumbs = frame_thumbnails(video, len(result.get("frame_times", [])) or 1)
+        n = len(result.get("frame_times") or []) or int(result.get("frames") or 1)
+        thumbs, times = frame_thumbnails(video, n)
+        result = {"frame_times": times, **result} if not result.get("frame_times") else result
         if isinstance(video, (str, os.PathLike)):
-            src = player_source(video, out, embed_video)
-    page = Page(result, dict(request or {}), thumbs, src, ground_truth)
+            src = player_source(video, out, embed_video, link_video)
+    page = Page(result, dict(request or {}), thumbs, src, tuple(ground_truth), gt_iou)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(render(page, title), encoding="utf-8")

@@ -53,14 +53,18 @@ class Page:
         request: what was asked: task, query or question, frames, model, backend.
         thumbnails: one JPEG per sampled frame (same order as ``frame_times``), or none.
         video_src: the player's source (a path relative to the page, or a ``data:`` URI).
-        ground_truth: for evaluation pages, the reference span ``(start, end)``.
+        ground_truth: for evaluation pages, the reference segments ``(start, end,
+            caption)``, drawn on a track of their own.
+        gt_iou: the evaluation's score of the prediction against the reference (moment
+            retrieval: its IoU, by the benchmark's rules), shown beside it.
     """
 
     result: Mapping[str, Any]
     request: Mapping[str, Any] = field(default_factory=dict)
     thumbnails: Sequence[bytes] = ()
     video_src: str | None = None
-    ground_truth: tuple[float, float] | None = None
+    ground_truth: Sequence[tuple[float, float, str]] = ()
+    gt_iou: float | None = None
 
 
 def esc(value: object) -> str:
@@ -92,13 +96,6 @@ def tick_step(duration: float, target: int = 10) -> float:
         if duration / step <= target:
             return step
     return math.ceil(duration / target / 3600) * 3600.0
-
-
-def iou(a: tuple[float, float], b: tuple[float, float]) -> float:
-    """Temporal IoU of two spans (0 for a reversed or empty union)."""
-    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-    union = max(a[1], b[1]) - min(a[0], b[0])
-    return inter / union if union > 0 else 0.0
 
 
 def spans(events: Sequence[Mapping[str, Any]]) -> list[Span]:
@@ -139,10 +136,10 @@ def salience(events: Sequence[Mapping[str, Any]]) -> list[tuple[float, float]]:
 class _Axis:
     """Maps seconds to percent of the timeline's width."""
 
-    def __init__(self, result: Mapping[str, Any], events: Sequence[Span], gt: Any):
+    def __init__(self, result: Mapping[str, Any], events: Sequence[Span], gt: Sequence):
         ends = [float(result.get("duration") or 0.0)]
         ends += [max(s.start, s.end) for s in events if s.start is not None]
-        ends += list(result.get("frame_times", [])) + (list(gt) if gt else [])
+        ends += list(result.get("frame_times", [])) + [max(s, e) for s, e, _ in gt]
         self.length = max(max(ends), 1e-3)
 
     def pct(self, t: float) -> float:
@@ -240,18 +237,18 @@ def _salience_svg(points: list[tuple[float, float]], axis: _Axis) -> str:
     )
 
 
-def _ground_truth(page: Page, axis: _Axis, pred: Span | None) -> str:
-    if page.ground_truth is None:
+def _ground_truth(page: Page, axis: _Axis) -> str:
+    if not page.ground_truth:
         return ""
-    gs, ge = page.ground_truth
-    score = (
-        iou((pred.start, pred.end), (gs, ge)) if pred is not None and pred.start is not None else 0
+    label = "" if page.gt_iou is None else f" · IoU {page.gt_iou:.2f}"
+    segs = "".join(
+        f'<div class="gt" data-start="{s:.3f}" data-end="{e:.3f}" style="{axis.place(s, e)}" '
+        f'title="{esc(fmt_time(s))} – {esc(fmt_time(e))}"><span class="caption">'
+        f"{esc(cap or 'ground truth')}{label if k == 0 else ''}</span></div>"
+        for k, (s, e, cap) in enumerate(page.ground_truth)
     )
-    return (
-        f'<div class="gt" data-start="{gs:.3f}" data-end="{ge:.3f}" data-iou="{score:.3f}" '
-        f'style="{axis.place(gs, ge)}"><span class="caption">ground truth · IoU {score:.2f}'
-        "</span></div>"
-    )
+    iou = "" if page.gt_iou is None else f' data-iou="{page.gt_iou:.3f}"'
+    return f'<div class="gt-track"{iou}><span class="track-label">ground truth</span>{segs}</div>'
 
 
 def _event_list(items: list[Span]) -> str:
@@ -280,8 +277,6 @@ def render(page: Page, title: str | None = None) -> str:
     track = "".join(_event_element(s, axis, task) for s in items)
     if task == "vhd":
         track = _salience_svg(salience(events), axis) + track
-    pred = next((s for s in items if s.start is not None), None)
-    track += _ground_truth(page, axis, pred)
     player = (
         f'<video id="player" controls preload="metadata" src="{esc(page.video_src)}"></video>'
         if page.video_src
@@ -304,7 +299,7 @@ def render(page: Page, title: str | None = None) -> str:
 <main><section class="timeline" aria-label="timeline">
 <div class="axis">{_axis_ticks(axis)}</div>{_filmstrip(page, axis)}
 <div class="track {esc(task)}" style="--rows:{rows}">{track}<div class="cursor" hidden></div></div>
-</section>
+{_ground_truth(page, axis)}</section>
 <section class="player">{player}</section>
 <section class="list">{_event_list(items)}</section></main>
 <script type="application/json" id="trace-data">{script_json(data)}</script>
