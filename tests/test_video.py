@@ -13,7 +13,7 @@ import av
 import numpy as np
 import pytest
 
-import trace_rt.video as tv
+import trace_rt.video.decode as tv
 from tests.media import (
     read_index,
     spoil_packets,
@@ -168,7 +168,7 @@ def test_seeks_past_groups_of_pictures(tmp_path):
     assert indices(v) == linspace_idx(300, 5)
     src = _Source(p)
     pts, keys, _, _ = _probe(src)
-    wanted = pts[linspace_idx(300, 5)]
+    wanted = np.unique(pts)[linspace_idx(300, 5)]
     seek_got, _, seeks = _decode(src, wanted, keys, seek=True)
     lin_got, _, none = _decode(src, wanted, keys, seek=False)
     assert seeks > 0 and none == 0
@@ -180,6 +180,7 @@ def test_seeks_past_groups_of_pictures(tmp_path):
 def test_frame_timestamps_must_match_packets(cfr):
     src = _Source(cfr)
     pts, keys, _, _ = _probe(src)
+    pts = np.unique(pts)
     with pytest.raises(_Retry, match="other timestamps"):
         _decode(src, pts[:3], keys, False, pts + 1)
 
