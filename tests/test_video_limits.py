@@ -72,8 +72,17 @@ def test_preprocess_on_decode_is_bit_exact(gop, tmp_path):
         np.testing.assert_array_equal(each.times, full.times)
 
 
-MEASURE = """
-import resource, sys
+# Peak RSS from /proc/self/status VmHWM: ru_maxrss carries the parent's peak across fork
+# and exec (Linux keeps the larger one), which hid growth below pytest's own size.
+HWM = """
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:"))
+"""
+MEASURE = (
+    HWM
+    + """
+import sys
 import numpy as np
 from tests.test_video_limits import CLIP
 from trace_rt.preprocess import preprocess_frame, preprocess_frames
@@ -82,18 +91,18 @@ from trace_rt.video import load_video
 big, small, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 load_video(small, 2)  # libraries and codecs loaded before the baseline
 preprocess_frames(np.zeros((1, 48, 64, 3), np.uint8), CLIP)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 px = load_video(big, n, transform=lambda f: preprocess_frame(f, CLIP)).frames
-grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
-print(grew * 1024, px.nbytes)
+print(hwm() - base, px.nbytes)
 """
+)
 
 
 def test_memory_is_bounded_by_sampled_frames_at_model_size(tmp_path):
     """4K frames are preprocessed as they are decoded, never stacked at full size.
 
     Stacking 24 sampled 3840x2160 RGB frames (as before) grew the peak RSS by ~1.2 GB;
-    now the growth stays under the model-size frames plus 16 full frames.
+    now it grows ~250 MiB, under the model-size frames plus 16 full frames (411 MiB).
     """
     w, h, n = 3840, 2160, 24
     big = write_video(tmp_path / "4k.mp4", w, h, n_frames=n, gop=6)
@@ -242,3 +251,49 @@ def test_cli_reads_video_from_stdin(tiny_ckpt, gop):
     res = json.loads(run.stdout)
     assert res["video"] == "-" and res["frames"] == 3
     assert res["duration"] == pytest.approx(12.0, abs=0.2)
+
+
+BOMB = (
+    HWM
+    + """
+import sys
+from trace_rt.errors import VideoTooLargeError
+from trace_rt.video import load_video
+
+load_video(sys.argv[2], 2)  # libraries and codecs loaded before the baseline
+base = hwm()
+try:
+    load_video(sys.argv[1], 4)
+except VideoTooLargeError as e:
+    print(e, file=sys.stderr)
+    print(hwm() - base)
+"""
+)
+
+
+def test_bomb_is_refused_without_decoding_a_frame(tmp_path):
+    """One 8192x8192 frame in 130 KB of MPEG-TS: FFmpeg's stream probe used to decode it
+    (157 MiB) before the header check; now the probe's decoder gets the pixel limit too."""
+    import av
+
+    path = tmp_path / "bomb.ts"
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264", rate=1)
+        s.width = s.height = 8192
+        s.pix_fmt, s.options = "yuv420p", {"preset": "ultrafast"}
+        frame = av.VideoFrame(8192, 8192, "yuv420p")
+        for plane in frame.planes:
+            plane.update(bytes(plane.buffer_size))
+        for p in [*s.encode(frame), *s.encode()]:
+            out.mux(p)
+    small = write_video(tmp_path / "small.ts", n_frames=4)
+    run = subprocess.run(
+        [sys.executable, "-c", BOMB, str(path), small],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0 and "8192x8192" in run.stderr, run.stderr[-2000:]
+    grew = int(run.stdout)
+    assert grew < 64 << 20, f"peak RSS grew {grew / 2**20:.0f} MiB"  # one frame is 96 MiB

@@ -206,6 +206,9 @@ class Source:
         opts = {
             "protocol_whitelist": _NO_PROTOCOL,
             "format_whitelist": ",".join(sorted(self.limits.allow_formats)),
+            # Also handed to the decoders FFmpeg's stream probe runs (for formats that
+            # declare their streams in a header), so a bomb is not decoded even there.
+            "max_pixels": str(self.limits.max_pixels),
         }
         self.check()
         own = None
