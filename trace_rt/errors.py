@@ -40,6 +40,24 @@ class VideoTooLongError(VideoError):
     """The video is longer than TRACE's time format can express (9999.9 s)."""
 
 
+class UnsupportedFormatError(NotAVideoError):
+    """The bytes are a format outside the allow-list of media containers (a playlist, a
+    concat script, an SDP description, a URL...): formats that can open other files or
+    sockets are never demuxed."""
+
+
+class VideoTooLargeError(VideoError):
+    """The video's frames are larger than the decode limit (a decompression bomb)."""
+
+
+class VideoTimeoutError(VideoError):
+    """Decoding the video took longer than the request's time budget."""
+
+
+class DecodeCancelledError(TraceError):
+    """The caller cancelled the request while its video was being decoded."""
+
+
 class PromptTooLongError(InputError):
     """Prompt plus video block plus token budget exceeds the model's context."""
 

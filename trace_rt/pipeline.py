@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -20,13 +20,11 @@ from trace_rt.backends import Backend, load_backend
 from trace_rt.errors import InputError, PromptTooLongError
 from trace_rt.events import Event, EventParser
 from trace_rt.generate import GenerationConfig, generate
-from trace_rt.preprocess import preprocess_frames
+from trace_rt.preprocess import preprocess_frame
 from trace_rt.prompts import PromptSet, prompt_ids
 from trace_rt.tokenizer import TextTokenizer
 from trace_rt.tokens import MAX_TIMESTAMP, encode_timestamp
-from trace_rt.video import SampledVideo, load_video
-
-VideoSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
+from trace_rt.video import DecodeLimits, SampledVideo, VideoSource, load_video
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,7 @@ class Prepared:
     """One request's model inputs, made on the host by :meth:`Pipeline.prepare`."""
 
     prompt_ids: list[int]  # -201 where the video block goes
-    clip: SampledVideo
+    clip: SampledVideo  # its frames are the pixel values (frames are preprocessed on decode)
     pixel_values: np.ndarray  # float32 [F, 3, H, W]
     time_ids: np.ndarray  # int64 [F, 6]
 
@@ -91,17 +89,29 @@ class Pipeline:
         gen: GenerationConfig | None = None,
         on_token: Callable[[int], None] | None = None,
         on_event: Callable[[Event], None] | None = None,
+        limits: DecodeLimits | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         """Answer one request; returns the ``trace-rt run`` JSON object.
 
         Args:
+            limits, cancelled: for decoding the video, as in :meth:`prepare`.
             on_token: called with each generated id as soon as it is chosen.
             on_event: called with each event as soon as its last id is generated (the
                 events passed are exactly the result's ``events``, in order).
         """
         gen = gen or GenerationConfig()
         t0 = time.perf_counter()
-        req = self.prepare(video, task, query=query, question=question, frames=frames, gen=gen)
+        req = self.prepare(
+            video,
+            task,
+            query=query,
+            question=question,
+            frames=frames,
+            gen=gen,
+            limits=limits,
+            cancelled=cancelled,
+        )
         video_ms = (time.perf_counter() - t0) * 1e3
         out = self.run_prepared(req, gen, on_token=on_token, on_event=on_event)
         out["timing_ms"]["video"] = video_ms
@@ -166,17 +176,33 @@ class Pipeline:
         question: str | None = None,
         frames: int | None = None,
         gen: GenerationConfig | None = None,
+        limits: DecodeLimits | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Prepared:
         """The host-side work before the model: prompt ids, frames, pixels, time ids.
 
         Split out of :meth:`run` so that ``trace_rt.bench`` times exactly this work as
-        its ``video`` stage and then drives the backend stage by stage itself.
+        its ``video`` stage and then drives the backend stage by stage itself. Each
+        sampled frame is preprocessed as soon as it is decoded, so memory holds frames at
+        model resolution, not at the video's.
+
+        Args:
+            limits: formats, frame size and time budget allowed for decoding (default
+                :data:`trace_rt.video.DEFAULT_LIMITS`).
+            cancelled: asked while the video decodes; True raises
+                :class:`~trace_rt.errors.DecodeCancelledError`.
         """
         n_frames = self.config.num_frames if frames is None else frames
         ids = self._prompt(task, query, question, n_frames, gen or GenerationConfig())
-        clip = load_video(video, n_frames)
-        pixels = preprocess_frames(clip.frames, self.config.preprocess)  # [F, 3, H, W]
-        return Prepared(ids, clip, pixels, _time_ids(clip.times))
+        pp = self.config.preprocess
+        clip = load_video(
+            video,
+            n_frames,
+            limits=limits,
+            cancelled=cancelled,
+            transform=lambda rgb: preprocess_frame(rgb, pp),  # [H, W, 3] -> [3, h, w]
+        )
+        return Prepared(ids, clip, clip.frames, _time_ids(clip.times))
 
     def prepare_frames(
         self,
