@@ -353,3 +353,12 @@ def test_eval_report_in_chromium(browser, eval_report):
     assert browser.eval("document.querySelectorAll('.thumb').length") == 4
     assert browser.eval("document.getElementById('player') !== null")
     _assert_offline(browser)
+
+
+def test_thumbnails_keep_the_first_frames_size():
+    from trace_rt.timeline.thumbs import shrinker
+
+    shrink = shrinker(72)
+    a = shrink(np.zeros((1080, 1920, 3), np.uint8))
+    b = shrink(np.zeros((480, 640, 3), np.uint8))  # the stream changed resolution midway
+    assert a.shape == b.shape == (72, 128, 3)

@@ -282,8 +282,10 @@ def _write_report(args: argparse.Namespace, result: dict, backend: str) -> None:
         "model": str(getattr(args, "model", "") or ""),
         "backend": backend,
     }
+    # Standard input was consumed by the request: that page has no filmstrip or player.
+    video = None if args.video == "-" else args.video
     out = write_report(
-        args.report, result, video=args.video, request=request, embed_video=args.embed_video
+        args.report, result, video=video, request=request, embed_video=args.embed_video
     )
     print(f"trace-rt: report written to {out}", file=sys.stderr)
 

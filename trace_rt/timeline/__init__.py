@@ -19,7 +19,7 @@ from typing import Any
 
 from trace_rt.errors import InputError
 from trace_rt.timeline.render import Page, render
-from trace_rt.timeline.thumbs import jpegs, shrink
+from trace_rt.timeline.thumbs import jpegs, shrinker
 
 __all__ = ["MAX_EMBED_BYTES", "Page", "frame_thumbnails", "render", "write_report"]
 
@@ -43,8 +43,9 @@ def frame_thumbnails(
     video loader and its limits."""
     from trace_rt.video import load_video
 
-    clip = load_video(video, n_frames)
-    return jpegs(shrink(f) for f in clip.frames), [float(t) for t in clip.times]
+    # Each frame is shrunk as soon as it is decoded: memory stays at thumbnail size.
+    clip = load_video(video, n_frames, transform=shrinker())
+    return jpegs(clip.frames), [float(t) for t in clip.times]
 
 
 def player_source(

@@ -6,7 +6,7 @@ image library. Each frame is scaled down with libswscale before it is encoded.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from fractions import Fraction
 
 import av
@@ -22,11 +22,19 @@ def thumb_size(width: int, height: int, target_height: int = THUMB_HEIGHT) -> tu
     return w, h
 
 
-def shrink(frame: np.ndarray, target_height: int = THUMB_HEIGHT) -> np.ndarray:
-    """One RGB frame ``[H, W, 3]`` uint8 scaled to thumbnail size ``[h, w, 3]``."""
-    w, h = thumb_size(frame.shape[1], frame.shape[0], target_height)
-    vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-    return vf.reformat(width=w, height=h, interpolation="AREA").to_ndarray()
+def shrinker(target_height: int = THUMB_HEIGHT) -> Callable[[np.ndarray], np.ndarray]:
+    """A per-frame transform: RGB ``[H, W, 3]`` uint8 -> thumbnail ``[h, w, 3]``. The size
+    is fixed by the first frame, so a stream that changes resolution midway still gives
+    thumbnails that stack."""
+    size: list[int] = []
+
+    def shrink(frame: np.ndarray) -> np.ndarray:
+        if not size:
+            size.extend(thumb_size(frame.shape[1], frame.shape[0], target_height))
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        return vf.reformat(width=size[0], height=size[1], interpolation="AREA").to_ndarray()
+
+    return shrink
 
 
 def jpegs(frames: Iterable[np.ndarray]) -> list[bytes]:
