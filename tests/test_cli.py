@@ -3,7 +3,9 @@ one line naming the problem and an exit code, never a traceback or a usage block
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +199,49 @@ def test_free_question(capsys, tiny_ckpt, clip_video):
     code, out2, _ = _main(capsys, "run", clip_video, "--model", tiny_ckpt, "--task", "custom",
                           "--question", question, "--max-new-tokens", "16")  # fmt: skip
     assert code == 0 and json.loads(out2)["token_ids"] == res["token_ids"]
+
+
+# ---- every command line ----------------------------------------------------------------
+def _parsers():
+    from export.cli import build_parser as export_parser
+    from trace_rt.cli import build_parser as trace_rt_parser
+    from training.cli import _parser as training_parser
+    from triton_repo.__main__ import build_parser as triton_repo_parser
+
+    for parser in (trace_rt_parser(), export_parser(), training_parser(), triton_repo_parser()):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                yield from action.choices.values()
+
+
+def test_every_option_with_a_default_says_it():
+    missing = []
+    for parser in _parsers():
+        assert isinstance(parser, Parser), parser.prog  # one-line errors everywhere
+        for action in parser._actions:
+            if not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+                continue
+            entry = parser._get_formatter()._format_action(action)  # the option's help lines
+            if "default" not in entry:
+                missing.append(f"{parser.prog} {action.option_strings[-1]}")
+    assert not missing, missing
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-m", "export", "onnx", "nope", "out"], "checkpoint directory not found: nope"),
+        (["-m", "export", "onnx", "nope", "out", "--dtype", "fp64"],
+         "unknown dtype 'fp64'; choose fp32, fp16, bf16"),
+        (["-m", "triton_repo", "build", "nope", "out"], "no manifest.json"),
+        (["-m", "training", "make-checkpoint", "c", "--preset", "huge"], "unknown preset 'huge'"),
+        (["-m", "trace_rt", "run", "v.mp4", "--model", "m", "--task", "dcv"], "unknown task"),
+    ],
+)  # fmt: skip
+def test_command_line_errors_are_one_line(tmp_path, argv, message):
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert proc.returncode == EXIT_USAGE
+    assert message in _one_line(proc.stderr)
+    assert not (tmp_path / "out").exists()

@@ -156,17 +156,7 @@ def client(
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from trace_rt import __version__
-    from trace_rt.backends import BACKENDS
-
-    parser = Parser(
-        prog="trace-rt",
-        description="Run TRACE, a video LLM that finds when things happen in a video.",
-    )
-    parser.add_argument("--version", action="version", version=f"trace-rt {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_run_parser(sub: argparse._SubParsersAction, backends: list[str]) -> None:
     p = sub.add_parser(
         "run",
         help="answer one request on one video and print the result as JSON",
@@ -186,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512, help="token budget")
     p.add_argument(
         "--backend",
-        choices=sorted(BACKENDS),
+        choices=backends,
         help="default: from the model directory (artifact directory with manifest.json: "
         "onnxruntime; checkpoint: torch)",
     )
@@ -218,6 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompts", type=Path, help="JSON file overriding system text and questions")
     p.add_argument("--indent", type=int, default=None, help="indent the JSON output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from trace_rt import __version__
+    from trace_rt.backends import BACKENDS
+
+    parser = Parser(
+        prog="trace-rt",
+        description="Run TRACE, a video LLM that finds when things happen in a video.",
+    )
+    parser.add_argument("--version", action="version", version=f"trace-rt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_run_parser(sub, sorted(BACKENDS))
 
     p = sub.add_parser(
         "serve",

@@ -20,6 +20,7 @@ too. ``TRACE_RT_DEBUG=1`` re-raises instead, for a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -108,10 +109,8 @@ def run_command(
     except BrokenPipeError:
         # The reader went away (`| head`): nothing more can be printed, and Python would
         # complain again when it flushes stdout at exit, so point stdout at /dev/null.
-        try:
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # stdout replaced
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (AttributeError, OSError, ValueError):  # stdout replaced (tests)
-            pass
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

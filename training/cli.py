@@ -23,6 +23,12 @@ PROG = "python -m training"
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="Produce TRACE checkpoints (HF format).")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_make_checkpoint, _add_synth_data, _add_convert, _add_train, _add_eval):
+        add(sub)
+    return parser
+
+
+def _add_make_checkpoint(sub: argparse._SubParsersAction) -> None:
     mk = sub.add_parser(
         "make-checkpoint",
         help="write a checkpoint with random weights and the real Mistral tokenizer",
@@ -30,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         "safetensors (sharded when large), tokenizer.model and a clip_vision/ directory.",
     )
     mk.add_argument("out", help="output checkpoint directory")
-    mk.add_argument("--preset", choices=preset_names(), default="tiny")
+    mk.add_argument("--preset", choices=preset_names(), default="tiny", help="model size")
     mk.add_argument("--seed", type=int, default=0, help="weights are a function of the seed")
     mk.add_argument(
         "--dtype", choices=["fp32", "fp16", "bf16"], help="storage dtype (default: the preset's)"
@@ -43,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     mk.add_argument("--max-shard-gb", type=float, default=4.0, help="shard size limit (GiB)")
     mk.add_argument("--force", action="store_true", help="overwrite a checkpoint already in OUT")
 
+
+def _add_synth_data(sub: argparse._SubParsersAction) -> None:
     sd = sub.add_parser(
         "synth-data",
         help="write a synthetic temporal-grounding set (mp4 videos + train/val JSON)",
@@ -60,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     sd.add_argument("--max-duration", type=float, default=12.0, help="longest clip (s)")
     sd.add_argument("--tasks", default="mr,dvc,vhd", help="comma-separated: mr,dvc,vhd")
 
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
     cv = sub.add_parser("convert", help="convert VTG-IT-style annotations to the training format")
     cv.add_argument("src", help="annotation JSON (dense captions, moment retrieval, highlights)")
     cv.add_argument("dst", help="output split file (e.g. data/train.json)")
@@ -75,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
         help="a bad record stops or is skipped",
     )
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     tr = sub.add_parser(
         "train",
         help="train a recipe (torchrun for several processes)",
@@ -104,15 +116,16 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, help="override the recipe's seed")
     tr.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="moment-retrieval R@0.3/0.5/0.7 and mIoU on a split")
     ev.add_argument("model", help="checkpoint or exported artifact directory")
     ev.add_argument("--data", required=True, help="split file (e.g. DATA/val.json)")
-    ev.add_argument("--backend", default="onnxruntime")
+    ev.add_argument("--backend", default="onnxruntime", help="backend of the pipeline")
     ev.add_argument("--constrained", action="store_true", help="well-formed numbers only")
-    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--max-new-tokens", type=int, default=32, help="token budget per query")
     ev.add_argument("--limit", type=int)
     ev.add_argument("--out", help="also write the full report (predictions) as JSON here")
-    return parser
 
 
 def _make_checkpoint(args: argparse.Namespace) -> None:
