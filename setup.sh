@@ -9,3 +9,8 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
 echo "ready: .venv ($(.venv/bin/python -c 'import torch, trace_rt; print("trace-rt", trace_rt.__version__, "torch", torch.__version__)'))"
+# Show it working: a tiny random-weight checkpoint answers all three tasks on a generated
+# clip (seconds; files in demo/). SETUP_DEMO=0 skips it.
+if [ "${SETUP_DEMO:-1}" != 0 ]; then
+  .venv/bin/python -m training demo --out demo
+fi

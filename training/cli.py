@@ -2,8 +2,9 @@
 
 Sub-commands: ``make-checkpoint`` (random weights), ``synth-data`` (a synthetic
 temporal-grounding set), ``convert`` (VTG-IT-style annotations -> training format),
-``train`` (a recipe on a data set) and ``eval`` (moment retrieval through the serving
-pipeline). Heavy imports happen inside each command.
+``train`` (a recipe on a data set), ``eval`` (moment retrieval through the serving
+pipeline) and ``demo`` (all three tasks on a generated clip with random weights: what
+``setup.sh`` shows). Heavy imports happen inside each command.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ PROG = "python -m training"
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="Produce TRACE checkpoints (HF format).")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_make_checkpoint, _add_synth_data, _add_convert, _add_train, _add_eval):
+    adders = (_add_make_checkpoint, _add_synth_data, _add_convert, _add_train, _add_eval, _add_demo)
+    for add in adders:
         add(sub)
     return parser
 
@@ -126,6 +128,24 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--max-new-tokens", type=int, default=32, help="token budget per query")
     ev.add_argument("--limit", type=int)
     ev.add_argument("--out", help="also write the full report (predictions) as JSON here")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser(
+        "demo",
+        help="run all three tasks on a generated clip with a random-weight tiny checkpoint",
+        description="Make a tiny checkpoint (real tokenizer, random weights) and a short "
+        "generated clip in OUT, answer dvc, mr and vhd through the runtime and print the "
+        "events. The weights are random: the events are noise. setup.sh runs this.",
+    )
+    d.add_argument("--out", default="demo", help="where the checkpoint and the clip go")
+    d.add_argument("--max-new-tokens", type=int, default=40, help="token budget per task")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from training.demo import run_demo
+
+    run_demo(args.out, max_new_tokens=args.max_new_tokens)
 
 
 def _make_checkpoint(args: argparse.Namespace) -> None:
@@ -232,6 +252,7 @@ COMMANDS = {
     "convert": _convert,
     "train": _train,
     "eval": _eval,
+    "demo": _demo,
 }
 # Mistakes in a recipe, a data set or a directory raise these; they are the user's to fix
 # (one line, exit code 2), not tracebacks. BadSampleError is a ValueError.
