@@ -173,6 +173,10 @@ def test_backend_follows_the_model_directory(capsys, tiny_ckpt, artifact, clip_v
     code, out, err = _main(capsys, "run", clip_video, "--model", tiny_ckpt, *args)
     assert code == 0, err
     assert inferred["token_ids"] == json.loads(out)["token_ids"]  # ort == torch on tiny
+    from trace_rt.pipeline import Pipeline
+
+    assert Pipeline.from_dir(artifact, cache_dir=False).backend.name == "onnxruntime"
+    assert Pipeline.from_dir(tiny_ckpt).backend.name == "torch"
     # A backend that cannot read the directory says which flag to use.
     code, _, err = _main(capsys, "run", clip_video, "--model", artifact, "--backend", "torch")
     assert code == EXIT_USAGE and "--backend onnxruntime" in _one_line(err)

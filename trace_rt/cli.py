@@ -57,8 +57,7 @@ def run(
         seed=seed,
         constrained=constrained,
     )
-    if backend is None:
-        backend = default_backend(model)
+    backend = backend or default_backend(model)  # --quant needs the name now
     # The artifact fixes an onnxruntime model's dtype; --device picks its execution provider.
     options = {"device": device, "dtype": dtype} if backend == "torch" else {"device": device}
     if quant is not None:
