@@ -64,7 +64,7 @@ def test_choice_typo_is_one_line(capsys):
     with pytest.raises(SystemExit):
         p.parse_args(["go", "--on-bad-sample", "x"])
     assert _one_line(capsys.readouterr().err) == (
-        "tool go: error: unknown on bad sample 'x'; choose fail, skip"
+        "tool go: error: unknown --on-bad-sample value 'x'; choose fail, skip"
     )
 
 

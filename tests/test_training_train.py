@@ -298,3 +298,13 @@ def test_processes_share_each_global_batch():
                 seen.extend(mb)
     by_epoch = {e: sorted(i for i, ep in seen if ep == e) for e in (0, 1)}
     assert by_epoch == {0: list(range(12)), 1: list(range(12))}
+
+
+def test_trim_log_drops_later_steps_and_a_cut_line(tmp_path):
+    from training.trainer import trim_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4))
+                   + '{"step": 5, "lo')  # fmt: skip
+    trim_log(log, 2)
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [1, 2]

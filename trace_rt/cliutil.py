@@ -74,9 +74,11 @@ def one_line_usage_error(message: str) -> str:
     m = _CHOICE.match(message)
     if m is None:
         return message
-    arg = m["arg"].split("/")[-1].strip().lstrip("-")
+    flag = m["arg"].split("/")[-1].strip()
+    name = flag.lstrip("-")
+    what = name if "-" not in name else f"{flag} value"  # "unknown --on-bad-sample value"
     choices = ", ".join(c.strip().strip("'") for c in m["choices"].split(","))
-    return f"unknown {arg.replace('-', ' ')} {m['value']}; choose {choices}"
+    return f"unknown {what} {m['value']}; choose {choices}"
 
 
 def describe_os_error(e: OSError) -> str:

@@ -264,7 +264,13 @@ def trim_log(log_file: Path, step: int) -> None:
     """Drop records after *step*: a resumed run logs those steps again."""
     if not log_file.is_file():
         return
-    keep = [ln for ln in log_file.read_text().splitlines() if json.loads(ln)["step"] <= step]
+    keep = []
+    for line in log_file.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            continue
     _atomic_write(log_file, "".join(ln + "\n" for ln in keep))
 
 
