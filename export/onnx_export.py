@@ -51,6 +51,7 @@ from trace_rt.model.trace import TraceModel
 
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; TensorRT 10 parses opsets 9..20
 CLIP_DIR = "clip_vision"
+STAGING_PREFIX = ".export-"
 
 
 def export_onnx(
@@ -137,7 +138,9 @@ def _steps(title: str, steps: list[str], progress: bool) -> Iterator[Callable[[]
 @contextmanager
 def _staging(out: Path) -> Iterator[Path]:
     """A hidden directory inside *out* (same file system: renames, not copies)."""
-    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    for old in out.glob(f"{STAGING_PREFIX}*"):  # left by a killed export
+        shutil.rmtree(old, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     try:
         yield stage
     finally:

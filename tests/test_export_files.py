@@ -75,3 +75,16 @@ def test_publish_tree_replaces_files(tmp_path):
     assert publish_tree(stage, out) == ["clip_vision/config.json", "config.json"]
     assert (out / "config.json").read_text() == "new"
     assert (tmp_path / "link").read_text() == "old"
+
+
+def test_export_cleans_up_its_staging(tiny_ckpt, tmp_path):
+    from export.onnx_export import STAGING_PREFIX, export_onnx
+
+    out = tmp_path / "art"
+    (out / f"{STAGING_PREFIX}killed").mkdir(parents=True)  # what a killed export leaves
+    (out / f"{STAGING_PREFIX}killed" / "decoder.onnx").write_bytes(b"partial")
+    export_onnx(tiny_ckpt, out, progress=False)
+    assert not list(out.glob(f"{STAGING_PREFIX}*"))
+    with pytest.raises(Exception, match="checkpoint directory not found"):
+        export_onnx(tmp_path / "nope", tmp_path / "other", progress=False)
+    assert not (tmp_path / "other").exists()
