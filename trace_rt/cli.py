@@ -9,8 +9,7 @@ from pathlib import Path
 
 from trace_rt.cliutil import Parser, run_command
 from trace_rt.errors import InputError
-
-CUSTOM_TASK = "custom"  # trace_rt.prompts.CUSTOM_TASK (the CLI imports nothing heavy)
+from trace_rt.prompts import CUSTOM_TASK
 
 TASK_HELP = (
     "dvc: dense video captioning; mr: moment retrieval (needs --query); "
