@@ -31,10 +31,8 @@ graph's dtypes. Our default is ``allow_fp32_to_fp16``: TRACE's digit heads are s
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import re
-import shutil
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -44,6 +42,13 @@ from typing import Any
 import onnx
 
 from export.atc_runtime import AtcError, DecoderRoles, concrete, decoder_roles
+from export.files import (  # the threshold is read from here: tests lower it
+    EXTERNAL_DATA_THRESHOLD,
+    replace_text,
+    replace_with_copy,
+    save_onnx,
+    write_json,
+)
 from trace_rt.backends.base import video_block_len
 from trace_rt.config import TraceConfig
 from trace_rt.errors import CheckpointError, InputError
@@ -73,7 +78,6 @@ PRECISION_MODES = (
     "allow_mix_precision",
 )
 GEARS = 4  # ATC recommends 3-4 gears; 2 is its minimum
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's 2 GiB limit, as in export onnx
 _SOC_RE = re.compile(r"^Ascend[0-9A-Za-z_]+$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")  # names we put unquoted into --input_shape
 
@@ -233,7 +237,7 @@ def export_atc(
             for v, cmd in zip(variants, commands, strict=True)
         },
     }
-    (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_json(root / MANIFEST_FILE, manifest)
     return out
 
 
@@ -329,9 +333,9 @@ def _finish(proto: onnx.ModelProto, path: Path, static: bool) -> onnx.ModelProto
         folded = onnx.load(str(opt), load_external_data=False)
         if static and not _static([*folded.graph.output, *folded.graph.value_info]):
             raise AtcError(f"{path.name}: shapes remain symbolic after folding")
-        for f in (opt, opt.with_name(f"{path.name}.data")):
-            if f.is_file():
-                shutil.move(str(f), str(path.parent / f.name))
+        for f in (opt.with_name(f"{path.name}.data"), opt):
+            if f.is_file():  # copied beside the target, then renamed over it
+                replace_with_copy(f, path.parent / f.name)
     return folded
 
 
@@ -396,22 +400,8 @@ def _decoder_variants(
 
 # ---- files -------------------------------------------------------------------------------
 def _save(proto: onnx.ModelProto, path: Path) -> None:
-    """Save like ``export onnx`` does: external data past the protobuf limit."""
-    data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)
-    if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(
-            proto,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data.name,
-            size_threshold=1024,
-        )
-        return
-    buf = io.BytesIO()
-    onnx.save_model(proto, buf)
-    path.write_bytes(buf.getvalue())
+    """Save like ``export onnx`` does: external data past the protobuf limit, new files."""
+    save_onnx(proto, path, EXTERNAL_DATA_THRESHOLD)
 
 
 def _hashes(out: Path, file: str) -> dict[str, str]:
@@ -437,7 +427,7 @@ def _write_script(path: Path, commands: list[str], soc_version: str) -> None:
         f'echo "wrote $(ls {OM_DIR}/*.om | wc -l) offline models to $(pwd)/{OM_DIR}"',
         "",
     ]
-    path.write_text("\n".join(lines))
+    replace_text(path, "\n".join(lines))
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
 

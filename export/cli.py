@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from trace_rt.errors import TraceError
+from trace_rt.cliutil import Parser, run_command
+
+PROG = "python -m export"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m export", description="Export a TRACE checkpoint to deployable graphs."
-    )
+    parser = Parser(prog=PROG, description="Export a TRACE checkpoint to deployable graphs.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "onnx",
@@ -28,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="graph dtype (bf16: for TensorRT/CUDA; the onnxruntime backend refuses it)",
     )
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    # onnx_export.DEFAULT_OPSET, not imported here: that module loads torch.
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (TensorRT 10 parses 9..20)")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
 
     q = sub.add_parser(
@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="float8 E4M3FN weights per output channel (QDQ form only, for TensorRT)",
     )
     q.add_argument(
-        "--block-size", type=int, choices=[16, 32, 64, 128, 256], default=32, help="default 32"
+        "--block-size",
+        type=int,
+        choices=[16, 32, 64, 128, 256],
+        default=32,
+        help="weights per quantisation block (int4; MatMulNBits and QDQ)",
     )
     q.add_argument(
         "--accuracy-level",
@@ -100,56 +104,62 @@ def _add_trt_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress display")
 
 
+def _onnx(args: argparse.Namespace) -> None:
+    from export.onnx_export import export_onnx
+
+    out = export_onnx(
+        args.checkpoint,
+        args.out,
+        dtype=args.dtype,
+        opset=args.opset,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {out}")
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from export.quantize import quantize_artifact
+
+    forms = None
+    if args.forms is not None:
+        forms = [f.strip() for f in args.forms.split(",") if f.strip()]
+    records = quantize_artifact(
+        args.out,
+        args.bits,
+        block_size=args.block_size,
+        accuracy_level=args.accuracy_level,
+        lm_head=args.lm_head,
+        forms=forms,
+    )
+    for name, rec in records.items():
+        print(f"wrote {args.out / rec['file']} (variant {name}: {rec['scheme']})")
+
+
+def _trt(args: argparse.Namespace) -> None:
+    from export.trt import build_engines
+
+    section = build_engines(
+        args.out,
+        precision=args.precision,
+        max_frames=args.max_frames,
+        max_seq=args.max_seq,
+        workspace_gb=args.workspace_gb,
+        decoder_variant=args.decoder_variant,
+        progress=not args.no_progress,
+    )
+    for graph, rec in section["engines"].items():
+        print(f"wrote {args.out / rec['file']} ({graph}, {rec['build_s']} s)")
+
+
+def _atc(args: argparse.Namespace) -> None:
+    from export.atc import run_atc
+
+    run_atc(args)
+
+
+COMMANDS = {"onnx": _onnx, "quantize": _quantize, "trt": _trt, "atc": _atc}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from export.onnx_export import DEFAULT_OPSET, export_onnx
-
-    try:
-        if args.command == "onnx":
-            out = export_onnx(
-                args.checkpoint,
-                args.out,
-                dtype=args.dtype,
-                opset=args.opset or DEFAULT_OPSET,
-                progress=not args.no_progress,
-            )
-            print(f"wrote {out}")
-        elif args.command == "quantize":
-            from export.quantize import quantize_artifact
-
-            records = quantize_artifact(
-                args.out,
-                args.bits,
-                block_size=args.block_size,
-                accuracy_level=args.accuracy_level,
-                lm_head=args.lm_head,
-                forms=(
-                    [f.strip() for f in args.forms.split(",") if f.strip()]
-                    if args.forms is not None
-                    else None
-                ),
-            )
-            for name, rec in records.items():
-                print(f"wrote {args.out / rec['file']} (variant {name}: {rec['scheme']})")
-        elif args.command == "trt":
-            from export.trt import build_engines
-
-            section = build_engines(
-                args.out,
-                precision=args.precision,
-                max_frames=args.max_frames,
-                max_seq=args.max_seq,
-                workspace_gb=args.workspace_gb,
-                decoder_variant=args.decoder_variant,
-                progress=not args.no_progress,
-            )
-            for graph, rec in section["engines"].items():
-                print(f"wrote {args.out / rec['file']} ({graph}, {rec['build_s']} s)")
-        elif args.command == "atc":
-            from export.atc import run_atc
-
-            run_atc(args)
-    except TraceError as e:
-        print(f"export: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(PROG, lambda: COMMANDS[args.command](args))

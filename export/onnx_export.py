@@ -13,11 +13,12 @@ byte-identical files (TorchScript-based exporter, fixed example inputs, no times
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import trace_rt
 from export.atc import ATC_DIR
+from export.files import EXTERNAL_DATA_THRESHOLD, publish_tree, save_onnx, write_json
 from export.wrappers import WRAPPERS, example_inputs
 from trace_rt.backends.tensorrt_manifest import ENGINE_DIR
 from trace_rt.config import save_vision_tower_config
+from trace_rt.errors import CheckpointError
 from trace_rt.graphs import (
     BF16,
     EMBEDDINGS_FILE,
@@ -47,9 +50,8 @@ from trace_rt.model.checkpoint import TOKENIZER_FILE, load_model
 from trace_rt.model.trace import TraceModel
 
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; TensorRT 10 parses opsets 9..20
-# Protobuf caps a message at 2 GiB; stay well below it and move weights to a .data file.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 CLIP_DIR = "clip_vision"
+STAGING_PREFIX = ".export-"
 
 
 def export_onnx(
@@ -62,6 +64,11 @@ def export_onnx(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> Path:
     """Export *checkpoint* to the artifact directory *out*; returns *out*.
+
+    Everything is written into a hidden staging directory inside *out* first, then renamed
+    into place file by file, ``manifest.json`` last: no published file is modified in
+    place, so a model repository that hard-links the previous export (or a server that
+    memory-maps its ``embeddings.npy``) keeps the previous bytes (``export/files.py``).
 
     Args:
         checkpoint: HF-format TRACE checkpoint directory.
@@ -78,11 +85,40 @@ def export_onnx(
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"unsupported export dtype {dtype!r}; use one of {list(FLOAT_DTYPES)}")
     checkpoint, out = Path(checkpoint), Path(out)
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {checkpoint}")
     out.mkdir(parents=True, exist_ok=True)
-    _remove_derived(out)
     steps = ["hash checkpoint", "load model", *GRAPH_NAMES, "embeddings", "manifest"]
+    title = f"export onnx {checkpoint.name} ({dtype}, opset {opset})"
+    with _steps(title, steps, progress) as step, _staging(out) as stage:
+        step()
+        source = _hash_tree(checkpoint)
+        step()
+        model = load_model(checkpoint, dtype=dtype)
+        graphs: dict[str, dict[str, Any]] = {}
+        for spec in graph_specs(model.config, dtype).values():
+            step()
+            files = _export_graph(model, spec, stage, opset, external_data_threshold)
+            graphs[spec.name] = spec.to_dict() | {"files": files}
+        step()
+        emb = embeddings_array(model)  # [ids, H]
+        np.save(stage / EMBEDDINGS_FILE, emb, allow_pickle=False)
+        _write_support_files(model, checkpoint, stage, dtype)
+        step()
+        _remove_derived(out)
+        _remove_stale(out, stage)
+        publish_tree(stage, out)
+        manifest = _manifest(model, checkpoint.name, source, graphs, emb, dtype, opset, out)
+        write_json(out / MANIFEST_FILE, manifest)
+        step()
+    return out
+
+
+@contextmanager
+def _steps(title: str, steps: list[str], progress: bool) -> Iterator[Callable[[], None]]:
+    """A progress display; each call of the yielded function starts the next step."""
     with Progress(
-        TextColumn(f"[bold]export onnx {checkpoint.name} ({dtype}, opset {opset})[/bold]"),
+        TextColumn(f"[bold]{title}[/bold]"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
@@ -90,57 +126,66 @@ def export_onnx(
         disable=not progress,
     ) as bar:
         task = bar.add_task(steps[0], total=len(steps))
+        done = iter(range(len(steps) + 1))
 
-        def step(i: int) -> None:
+        def step() -> None:
+            i = next(done)
             bar.update(task, completed=i, description=steps[i] if i < len(steps) else "done")
 
-        source = _hash_tree(checkpoint)
-        step(1)
-        model = load_model(checkpoint, dtype=dtype)
-        cfg = model.config
-        specs = graph_specs(cfg, dtype)
-        graphs: dict[str, dict[str, Any]] = {}
-        for i, spec in enumerate(specs.values()):
-            step(2 + i)
-            graphs[spec.name] = spec.to_dict() | {
-                "files": _export_graph(model, spec, out, opset, external_data_threshold)
-            }
-        step(2 + len(specs))
-        emb = embeddings_array(model)  # [ids, H]
-        np.save(out / EMBEDDINGS_FILE, emb, allow_pickle=False)
-        step(3 + len(specs))
-        _write_support_files(model, checkpoint, out, dtype)
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "config": cfg.replace(mm_vision_tower=CLIP_DIR).to_dict()
-            | {"torch_dtype": FLOAT_DTYPES[dtype]},
-            "id_space": _id_space(model),
-            "export": {
-                "dtype": dtype,
-                "opset": opset,
-                "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
-                "torch": torch.__version__.split("+")[0],
-                "onnx": onnx.__version__,
-                "trace_rt": trace_rt.__version__,
-                "kv_cache": KV_CACHE,  # the decoder's cache contract (trace_rt/graphs.py)
-            },
-            "source": {"name": checkpoint.name, "files": source},
-            "graphs": graphs,
-            "embeddings": {
-                "file": EMBEDDINGS_FILE,
-                "dtype": FLOAT_DTYPES[dtype],
-                "shape": list(emb.shape),
-            }
-            | ({"storage": "uint16"} if dtype == BF16 else {}),
-            "files": {
-                str(p.relative_to(out)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                for p in sorted(out.rglob("*"))
-                if p.is_file() and p.name != MANIFEST_FILE and not _hidden(p.relative_to(out))
-            },
+        yield step
+
+
+@contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A hidden directory inside *out* (same file system: renames, not copies)."""
+    for old in out.glob(f"{STAGING_PREFIX}*"):  # left by a killed export
+        shutil.rmtree(old, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _manifest(
+    model: TraceModel,
+    source_name: str,
+    source: dict[str, str],
+    graphs: dict[str, dict[str, Any]],
+    emb: np.ndarray,
+    dtype: str,
+    opset: int,
+    out: Path,
+) -> dict[str, Any]:
+    """``manifest.json``: specs, config, id space, settings and every file's sha256."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "config": model.config.replace(mm_vision_tower=CLIP_DIR).to_dict()
+        | {"torch_dtype": FLOAT_DTYPES[dtype]},
+        "id_space": _id_space(model),
+        "export": {
+            "dtype": dtype,
+            "opset": opset,
+            "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
+            "torch": torch.__version__.split("+")[0],
+            "onnx": onnx.__version__,
+            "trace_rt": trace_rt.__version__,
+            "kv_cache": KV_CACHE,  # the decoder's cache contract (trace_rt/graphs.py)
+        },
+        "source": {"name": source_name, "files": source},
+        "graphs": graphs,
+        "embeddings": {
+            "file": EMBEDDINGS_FILE,
+            "dtype": FLOAT_DTYPES[dtype],
+            "shape": list(emb.shape),
         }
-        (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        step(len(steps))
-    return out
+        | ({"storage": "uint16"} if dtype == BF16 else {}),
+        "files": {
+            str(p.relative_to(out)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != MANIFEST_FILE and not _hidden(p.relative_to(out))
+        },
+    }
 
 
 def unified_embeddings(model: TraceModel) -> torch.Tensor:
@@ -191,22 +236,7 @@ def _export_graph(
             )
         proto = onnx.load(str(tmp_file))  # pulls in any external data torch wrote
     proto.doc_string = f"trace-rt {spec.name}"
-    data_file = f"{spec.file}.data"
-    (out / data_file).unlink(missing_ok=True)
-    if proto.ByteSize() > threshold:
-        onnx.save_model(
-            proto,
-            str(out / spec.file),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data_file,
-            size_threshold=1024,
-        )
-        return {spec.file: "graph", data_file: "external_data"}
-    buf = io.BytesIO()
-    onnx.save_model(proto, buf)
-    (out / spec.file).write_bytes(buf.getvalue())
-    return {spec.file: "graph"}
+    return save_onnx(proto, out / spec.file, threshold)
 
 
 def _write_support_files(model: TraceModel, checkpoint: Path, out: Path, dtype: str) -> None:
@@ -214,7 +244,7 @@ def _write_support_files(model: TraceModel, checkpoint: Path, out: Path, dtype: 
     cfg = model.config.replace(mm_vision_tower=CLIP_DIR, torch_dtype=FLOAT_DTYPES[dtype])
     cfg.save(out)
     save_vision_tower_config(cfg, out / CLIP_DIR)
-    shutil.copyfile(checkpoint / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    shutil.copyfile(checkpoint / TOKENIZER_FILE, out / TOKENIZER_FILE)  # out: the staging dir
 
 
 def _id_space(model: TraceModel) -> dict[str, int]:
@@ -239,6 +269,18 @@ def _remove_derived(out: Path) -> None:
     for p in (out / ENGINE_DIR).glob("*.engine"):
         p.unlink()
     shutil.rmtree(out / ATC_DIR, ignore_errors=True)
+
+
+def _remove_stale(out: Path, stage: Path) -> None:
+    """Unlink files the previous export listed that this one does not write (a
+    ``decoder.onnx.data`` the new, smaller graph does not need)."""
+    try:
+        previous = json.loads((out / MANIFEST_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for rel in previous:
+        if not (stage / rel).is_file() and not _hidden(Path(rel)):
+            (out / rel).unlink(missing_ok=True)
 
 
 def _hidden(rel: Path) -> bool:

@@ -61,7 +61,6 @@ Choices, and why:
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Iterable
@@ -73,12 +72,12 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
+from export.files import EXTERNAL_DATA_THRESHOLD, save_onnx, write_json
 from trace_rt.errors import InputError
 from trace_rt.graphs import DECODER, MANIFEST_FILE, load_manifest, sha256_file
 
 # Protobuf caps a message at 2 GiB: same rule as export/onnx_export.py (not imported from
 # there: that module imports torch, and quantising needs none).
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # Smaller blocks: less error for a little more scale storage (32 is llama.cpp's Q4_0 block).
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations x int4/int8 weights (see above)
@@ -462,24 +461,8 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 def _save(model: onnx.ModelProto, root: Path, file: str, threshold: int) -> dict[str, Any]:
-    """Write *file* (and ``<file>.data`` past *threshold*); returns {file: record}."""
-    data = f"{file}.data"
-    (root / data).unlink(missing_ok=True)
-    if model.ByteSize() > threshold:
-        onnx.save_model(
-            model,
-            str(root / file),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data,
-            size_threshold=1024,
-        )
-        roles = {file: "graph", data: "external_data"}
-    else:
-        buf = io.BytesIO()
-        onnx.save_model(model, buf)
-        (root / file).write_bytes(buf.getvalue())
-        roles = {file: "graph"}
+    """Write *file* (and ``<file>.data`` past *threshold*) as new files; returns {file: record}."""
+    roles = save_onnx(model, root / file, threshold)
     return {
         f: {"role": r, "sha256": sha256_file(root / f), "bytes": (root / f).stat().st_size}
         for f, r in roles.items()
@@ -496,4 +479,4 @@ def _update_manifest(root: Path, records: dict[str, dict[str, Any]]) -> None:
     for rec in records.values():
         for f in rec["files"]:
             manifest["files"].pop(f, None)
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_json(path, manifest)

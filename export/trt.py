@@ -32,6 +32,7 @@ from typing import Any
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from export.files import replace_bytes
 from trace_rt.backends import tensorrt_manifest as tm
 from trace_rt.config import TraceConfig
 from trace_rt.errors import CheckpointError, TraceError
@@ -220,8 +221,8 @@ def build_engines(
             )
             suffix = plan.variant or precision
             rel = f"{tm.ENGINE_DIR}/{name}.{suffix}.engine"
-            (out / rel).write_bytes(blob)
-            cache_file.write_bytes(cache)  # after every graph: a later failure keeps it
+            replace_bytes(out / rel, blob)  # a new file: a repository may link the old one
+            replace_bytes(cache_file, cache)  # after every graph: a later failure keeps it
             engines[name] = {
                 "file": rel,
                 "bytes": (out / rel).stat().st_size,

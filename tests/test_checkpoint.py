@@ -175,3 +175,33 @@ def test_trace_7b_preset_dimensions():
     assert shapes["model.layers.31.self_attn.k_proj.weight"] == (1024, 4096)
     assert shapes["model.mm_projector.readout.weight"] == (4096, 1024)
     assert shapes["sync_head.weight"] == (1, 4096)
+
+
+def test_weights_get_the_same_mode_as_every_other_file(tmp_path):
+    import os
+    import stat
+
+    path = make_checkpoint(
+        tmp_path / "c", "tiny", separate_vision_tower=True, max_shard_gb=0.005, progress=False
+    )
+    mask = os.umask(0)
+    os.umask(mask)
+    want = 0o666 & ~mask
+    files = [p for p in path.rglob("*") if p.is_file()]
+    assert len([p for p in files if p.suffix == ".safetensors"]) >= 3  # shards + clip weights
+    modes = {p.relative_to(path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in files}
+    assert set(modes.values()) == {want}, modes
+
+
+def test_make_checkpoint_refuses_to_overwrite(tmp_path, capsys):
+    from training.cli import main
+
+    out = tmp_path / "c"
+    assert main(["make-checkpoint", str(out), "--seed", "1"]) == 0
+    before = (out / "model.safetensors").read_bytes()
+    assert main(["make-checkpoint", str(out), "--seed", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds a checkpoint" in err and "--force" in err and len(err.splitlines()) == 1
+    assert (out / "model.safetensors").read_bytes() == before
+    assert main(["make-checkpoint", str(out), "--seed", "2", "--force"]) == 0
+    assert (out / "model.safetensors").read_bytes() != before

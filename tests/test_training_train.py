@@ -75,8 +75,131 @@ def test_resume_gives_the_same_next_step_loss(data, tmp_path):
     resumed = train(rc, data, tmp_path / "b", resume=True, progress=False)
     assert resumed["start_step"] == 2
     assert resumed["losses"] == pytest.approx(full[2:], rel=1e-6, abs=1e-6)
+    # The log has each step once: steps 3 and 4 of the rolled-back run are replaced.
+    log = [json.loads(ln) for ln in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert [r["loss"] for r in log[2:]] == pytest.approx(resumed["losses"], rel=1e-9)
     with pytest.raises(FileExistsError, match="--resume"):  # a fresh run would mix the two
         train(rc, data, tmp_path / "a", preset="tiny", progress=False)
+
+
+def _weights(ckpt: Path) -> dict:
+    from trace_rt.model import load_model
+
+    return load_model(ckpt).state_dict()
+
+
+def _same(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_past_a_rotated_checkpoint(data, tmp_path):
+    # keep_checkpoints 1 (the shipped tiny recipe's): the step resumed from is deleted by
+    # the next save, and with it the tokenizer the run used to copy from.
+    rc = {**RECIPE, "save_every": 1, "keep_checkpoints": 1}
+    out = tmp_path / "o"
+    train(TrainConfig.from_dict({**rc, "max_steps": 2}), data, out, preset="tiny", progress=False)
+    summary = train(TrainConfig.from_dict({**rc, "max_steps": 4}), data, out, resume=True,
+                    progress=False)  # fmt: skip
+    assert summary["start_step"] == 2
+    assert sorted(p.name for p in (out / STATE_DIR).glob("step-*")) == ["step-0000004"]
+    assert _same(_weights(out), _weights(out / STATE_DIR / "step-0000004"))
+    assert (out / "tokenizer.model").read_bytes() == (out / STATE_DIR / "step-0000004" /
+                                                      "tokenizer.model").read_bytes()  # fmt: skip
+
+
+KILL_IN_FINAL_SAVE = """
+import os, sys
+from pathlib import Path
+from training.recipe import TrainConfig
+from training.trainer import train
+
+real = os.replace
+def replace(src, dst):  # die like a killed process while OUT's files are renamed in
+    if Path(dst).name == "model.safetensors" and ".final-tmp" in str(src):
+        os._exit(3)
+    return real(src, dst)
+os.replace = replace
+rc, data, out = TrainConfig.from_dict(eval(sys.argv[1])), sys.argv[2], sys.argv[3]
+train(rc, data, out, resume=True, progress=False)
+"""
+
+
+def test_kill_inside_the_final_save(data, tmp_path):
+    from trace_rt.errors import CheckpointError
+
+    out = tmp_path / "o"
+    train(TrainConfig.from_dict({**RECIPE, "max_steps": 2}), data, out, preset="tiny",
+          progress=False)  # fmt: skip
+    rc4 = {**RECIPE, "max_steps": 4}
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_IN_FINAL_SAVE, repr(rc4), str(data), str(out)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert (out / STATE_DIR / "latest").read_text().strip() == "step-0000004"
+    step4 = _weights(out / STATE_DIR / "step-0000004")
+    # OUT must not pass for a model it is not: either it does not load, or it is step 4's.
+    try:
+        stale = not _same(_weights(out), step4)
+    except CheckpointError:
+        stale = False
+    assert not stale, "OUT still loads the step-2 model while latest names step 4"
+    # --resume finishes the job: nothing to train, OUT rewritten from step 4.
+    summary = train(TrainConfig.from_dict(rc4), data, out, resume=True, progress=False)
+    assert summary["start_step"] == 4 and summary["losses"] == []
+    assert _same(_weights(out), step4)
+    assert (out / STATE_DIR / "final").read_text().strip() == "step-0000004"
+    log = [json.loads(ln)["step"] for ln in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]
+
+
+def test_train_cli_errors_are_one_line(data, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "max_steps": 1}))
+    base = ["train", "--out", str(tmp_path / "o"), "--preset", "tiny", "--no-progress"]
+    cases = [
+        (["--config", "nope.yaml", "--data", str(data)], "no recipe file nope.yaml"),
+        (["--config", str(recipe), "--data", str(tmp_path / "nope")], "no training split file"),
+        (["--config", str(recipe), "--data", str(data), "--device", "cuda"], "cuda"),
+    ]
+    import torch
+
+    for extra, message in cases:
+        if "cuda" in extra and torch.cuda.is_available():
+            continue
+        assert training_main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err and message in err.splitlines()[-1], err
+        assert not (tmp_path / "o" / "model.safetensors").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1\n")
+    assert training_main([*base, "--config", str(bad), "--data", str(data)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_readme_training_commands_from_another_cwd(tmp_path):
+    # The README's commands, relative paths and all, run from a directory that is not the
+    # repository (the recipe by its repo path and by its name).
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "-m", "training", *args], cwd=tmp_path,
+                              capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc
+
+    run("synth-data", "data/synth", "--videos", "2", "--seed", "0", "--max-shapes", "1",
+        "--tasks", "mr", "--min-duration", "3", "--max-duration", "4")  # fmt: skip
+    doc = json.loads((tmp_path / "data/synth/train.json").read_text())
+    assert doc["samples"][0]["video"].startswith("videos/")
+    for config in ("training/recipes/tiny-synthetic.yaml", "tiny-synthetic"):
+        out = f"checkpoints/{config.replace('/', '_')}"
+        run("train", "--config", config, "--data", "data/synth", "--out", out, "--preset", "tiny",
+            "--max-steps", "1", "--no-progress")  # fmt: skip
+        assert (tmp_path / out / "model.safetensors").is_file()
 
 
 def test_trained_checkpoint_runs_through_trace_rt(trained, data, tmp_path):
@@ -175,3 +298,13 @@ def test_processes_share_each_global_batch():
                 seen.extend(mb)
     by_epoch = {e: sorted(i for i, ep in seen if ep == e) for e in (0, 1)}
     assert by_epoch == {0: list(range(12)), 1: list(range(12))}
+
+
+def test_trim_log_drops_later_steps_and_a_cut_line(tmp_path):
+    from training.trainer import trim_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4))
+                   + '{"step": 5, "lo')  # fmt: skip
+    trim_log(log, 2)
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [1, 2]

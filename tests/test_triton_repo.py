@@ -104,6 +104,75 @@ def test_bad_build_arguments(artifact, tmp_path):
         build_repository(artifact, tmp_path / "e", backend="tensorrt", progress=False)
 
 
+def _hashes(root: Path) -> dict[str, str]:
+    from trace_rt.graphs import sha256_file
+
+    return {
+        str(p.relative_to(root)): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".ort_cache" not in p.parts
+    }
+
+
+def test_reexport_leaves_a_built_repository_alone(tiny_ckpts, clip_video, tmp_path):
+    # A server built from ART keeps answering with ck1's model after `export onnx ck2 ART`:
+    # the repository links ART's files and the server memory-maps embeddings.npy, so
+    # export must write new files, never rewrite the published ones.
+    from export.onnx_export import export_onnx
+    from trace_rt.generate import GenerationConfig
+    from trace_rt.pipeline import Pipeline
+
+    art = export_onnx(tiny_ckpts[1], tmp_path / "art", progress=False)
+    repo = build_repository(art, tmp_path / "repo", progress=False)
+    served = repo / "trace_pipeline" / "1" / "artifacts"
+    before = _hashes(repo)
+    gen = GenerationConfig(max_new_tokens=16, temperature=1.0, seed=3)
+    running = Pipeline.from_dir(served, "onnxruntime", cache_dir=False)
+    first = running.run(clip_video, "dvc", gen=gen)["token_ids"]
+    old_art = _hashes(art)
+    export_onnx(tiny_ckpts[2], art, progress=False)
+    assert _hashes(art)["decoder.onnx"] != old_art["decoder.onnx"]  # ART did change
+    assert _hashes(repo) == before
+    load_manifest(served)  # sha256 of every file
+    assert running.run(clip_video, "dvc", gen=gen)["token_ids"] == first
+    fresh = Pipeline.from_dir(served, "onnxruntime", cache_dir=False)
+    assert fresh.run(clip_video, "dvc", gen=gen)["token_ids"] == first
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda a: _flip_byte(a / "embeddings.npy"), "embeddings.npy does not match"),
+        (lambda a: _flip_byte(a / "decoder.onnx"), "decoder.onnx does not match"),
+        (lambda a: _flip_byte(a / "vision_encoder.onnx"), "vision_encoder.onnx does not match"),
+        (lambda a: _flip_byte(a / "tokenizer.model"), "tokenizer.model does not match"),
+        (lambda a: _truncate(a / "projector.onnx"), "projector.onnx has"),
+        (lambda a: (a / "tokenizer.model").unlink(), "tokenizer.model is missing"),
+        (lambda a: _truncate(a / "manifest.json"), "not valid JSON"),
+    ],
+    ids=["embeddings", "decoder", "vision", "tokenizer", "truncated", "removed", "manifest"],
+)
+def test_half_written_artifacts_are_refused(artifact, tmp_path, damage, message):
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    damage(art)
+    with pytest.raises(CheckpointError, match=message):
+        build_repository(art, tmp_path / "repo", progress=False)
+    assert not (tmp_path / "repo").exists()  # nothing that looks like a ready repository
+
+
 def test_tensorrt_repository(artifact, tmp_path):
     # Engines cannot be built here; a manifest section pointing at placeholder files
     # checks what the generator writes for a GPU host (platform, batch limits, files).
@@ -118,7 +187,8 @@ def test_tensorrt_repository(artifact, tmp_path):
         f = art / "tensorrt" / f"{g}.fp16.engine"
         f.parent.mkdir(exist_ok=True)
         f.write_bytes(g.encode())
-        engines[g] = {"file": f"tensorrt/{g}.fp16.engine", "profiles": []}
+        engines[g] = {"file": f"tensorrt/{g}.fp16.engine", "profiles": [], "bytes": len(g),
+                      "sha256": tm.sha256_file(f)}  # fmt: skip
     section = {"format": tm.FORMAT, "limits": {"max_frames": 6, "max_seq": 512}, "engines": engines}
     tm.write_section(art, section)
     with pytest.raises(InputError, match="max-batch-frames"):

@@ -7,11 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from trace_rt.errors import InputError, TraceError
+from trace_rt.cliutil import Parser, run_command
+from trace_rt.errors import InputError
+from trace_rt.prompts import CUSTOM_TASK
 
 TASK_HELP = (
     "dvc: dense video captioning; mr: moment retrieval (needs --query); "
-    "vhd: highlight detection (needs --query)"
+    "vhd: highlight detection (needs --query); custom: a free --question "
+    "(default: custom with --question, else dvc)"
 )
 
 
@@ -24,7 +27,7 @@ def run(
     question: str | None = None,
     frames: int | None = None,
     max_new_tokens: int = 512,
-    backend: str = "torch",
+    backend: str | None = None,
     device: str = "cpu",
     dtype: str | None = None,
     constrained: bool = False,
@@ -35,7 +38,13 @@ def run(
     prompts: Path | None = None,
     quant: str | None = None,
 ) -> dict:
-    """``trace-rt run``: one video, one request, the result as a JSON-ready dict."""
+    """``trace-rt run``: one video, one request, the result as a JSON-ready dict.
+
+    *backend* ``None`` picks it from the model directory (an artifact directory with
+    ``manifest.json``: onnxruntime; a checkpoint: torch). A free *question* (task ``None``
+    or ``custom``) adds ``answer``: the first event's caption.
+    """
+    from trace_rt.backends import default_backend
     from trace_rt.generate import GenerationConfig
     from trace_rt.pipeline import Pipeline
 
@@ -47,6 +56,7 @@ def run(
         seed=seed,
         constrained=constrained,
     )
+    backend = backend or default_backend(model)  # --quant needs the name now
     # The artifact fixes an onnxruntime model's dtype; --device picks its execution provider.
     options = {"device": device, "dtype": dtype} if backend == "torch" else {"device": device}
     if quant is not None:
@@ -56,7 +66,11 @@ def run(
     source = _stdin_video() if video == "-" else video  # read before the model loads
     pipe = Pipeline.from_dir(model, backend, prompts_file=prompts, template=template, **options)
     result = pipe.run(source, task, query=query, question=question, frames=frames, gen=gen)
-    return {**result, "video": video}
+    result = {**result, "video": video}
+    if task in (None, CUSTOM_TASK):
+        events = result["events"]
+        result = {**result, "task": CUSTOM_TASK, "answer": events[0]["caption"] if events else ""}
+    return result
 
 
 def _stdin_video() -> bytes:
@@ -151,17 +165,7 @@ def client(
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from trace_rt import __version__
-    from trace_rt.backends import BACKENDS
-
-    parser = argparse.ArgumentParser(
-        prog="trace-rt",
-        description="Run TRACE, a video LLM that finds when things happen in a video.",
-    )
-    parser.add_argument("--version", action="version", version=f"trace-rt {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_run_parser(sub: argparse._SubParsersAction, backends: list[str]) -> None:
     p = sub.add_parser(
         "run",
         help="answer one request on one video and print the result as JSON",
@@ -174,12 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
         "a named pipe, or - to read the video from standard input",
     )
     p.add_argument("--model", required=True, type=Path, help="checkpoint or artifact directory")
-    p.add_argument("--task", choices=["dvc", "mr", "vhd"], help=TASK_HELP)
+    p.add_argument("--task", choices=["dvc", "mr", "vhd", CUSTOM_TASK], help=TASK_HELP)
     p.add_argument("--query", help="the sentence to localise (mr, vhd)")
-    p.add_argument("--question", help="a free question instead of a task")
+    p.add_argument(
+        "--question",
+        help="a free question instead of a task (task custom; the result's `answer` is the "
+        "first event's caption)",
+    )
     p.add_argument("--frames", type=int, help="frames to sample (default: the model's num_frames)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="token budget (default 512)")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default="torch")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="token budget")
+    p.add_argument(
+        "--backend",
+        choices=backends,
+        help="default: from the model directory (artifact directory with manifest.json: "
+        "onnxruntime; checkpoint: torch)",
+    )
     p.add_argument(
         "--quant",
         metavar="VARIANT",
@@ -198,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="time/score heads may only emit well-formed numbers within the video",
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument(
         "--template",
@@ -209,6 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, help="JSON file overriding system text and questions")
     p.add_argument("--indent", type=int, default=None, help="indent the JSON output")
     _report_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from trace_rt import __version__
+    from trace_rt.backends import BACKENDS
+
+    parser = Parser(
+        prog="trace-rt",
+        description="Run TRACE, a video LLM that finds when things happen in a video.",
+    )
+    parser.add_argument("--version", action="version", version=f"trace-rt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_run_parser(sub, sorted(BACKENDS))
 
     p = sub.add_parser(
         "serve",
@@ -306,63 +333,70 @@ def _eval(argv: list[str]) -> int:
     return eval_main(argv)
 
 
+def _run_command(args: argparse.Namespace) -> int:
+    # No task: a free --question if given, else dense captioning.
+    task = args.task or (CUSTOM_TASK if args.question else "dvc")
+    result = run(
+        args.video,
+        args.model,
+        task=task,
+        query=args.query,
+        question=args.question,
+        frames=args.frames,
+        max_new_tokens=args.max_new_tokens,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        constrained=args.constrained,
+        seed=args.seed,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        template=args.template,
+        prompts=args.prompts,
+        quant=args.quant,
+    )
+    print(json.dumps(result, indent=args.indent))
+    _write_report(args, result, args.backend or "from the model directory")
+    return 0
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    return serve(
+        args.repo,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        log_file=args.log_file,
+        timeout=args.timeout,
+    )
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    result = client(
+        args.video,
+        args.url,
+        task=args.task or (None if args.question else "dvc"),
+        query=args.query,
+        question=args.question,
+        stream=args.stream,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        constrained=args.constrained or None,
+    )
+    print(json.dumps(result, indent=args.indent))
+    _write_report(args, result, f"trace-rt serve at {args.url}")
+    return 0
+
+
+COMMANDS = {"run": _run_command, "serve": _serve_command, "client": _client_command}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:
         return _eval(argv[1:])
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "run":
-            # No task: a free --question if given, else dense captioning.
-            task = args.task or (None if args.question else "dvc")
-            result = run(
-                args.video,
-                args.model,
-                task=task,
-                query=args.query,
-                question=args.question,
-                frames=args.frames,
-                max_new_tokens=args.max_new_tokens,
-                backend=args.backend,
-                device=args.device,
-                dtype=args.dtype,
-                constrained=args.constrained,
-                seed=args.seed,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                template=args.template,
-                prompts=args.prompts,
-                quant=args.quant,
-            )
-            print(json.dumps(result, indent=args.indent))
-            _write_report(args, result, args.backend)
-        elif args.command == "serve":
-            return serve(
-                args.repo,
-                host=args.host,
-                grpc_port=args.grpc_port,
-                http_port=args.http_port,
-                metrics_port=args.metrics_port,
-                log_file=args.log_file,
-                timeout=args.timeout,
-            )
-        elif args.command == "client":
-            result = client(
-                args.video,
-                args.url,
-                task=args.task or (None if args.question else "dvc"),
-                query=args.query,
-                question=args.question,
-                stream=args.stream,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                seed=args.seed,
-                constrained=args.constrained or None,
-            )
-            print(json.dumps(result, indent=args.indent))
-            _write_report(args, result, f"trace-rt serve at {args.url}")
-    except TraceError as e:
-        print(f"trace-rt: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("trace-rt", lambda: COMMANDS[args.command](args))

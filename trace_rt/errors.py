@@ -64,3 +64,7 @@ class PromptTooLongError(InputError):
 
 class CheckpointError(TraceError):
     """A checkpoint or artifact directory is missing, incomplete or inconsistent."""
+
+
+class DeviceError(TraceError, RuntimeError):
+    """The requested device (``--device cuda``) or its runtime is not available here."""

@@ -52,6 +52,11 @@ class GenerationConfig:
             raise InputError(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0
+        ):
+            # numpy's generators take only non-negative seeds.
+            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from trace_rt.backends import Backend, load_backend
+from trace_rt.backends import Backend, default_backend, load_backend
 from trace_rt.errors import InputError, PromptTooLongError
 from trace_rt.events import Event, EventParser
 from trace_rt.generate import GenerationConfig, generate
@@ -64,13 +64,16 @@ class Pipeline:
     def from_dir(
         cls,
         model_dir: str | Path,
-        backend: str = "torch",
+        backend: str | None = None,
         *,
         prompts_file: str | Path | None = None,
         template: str = "llama_2",
         **backend_options: Any,
     ) -> Pipeline:
-        """Load *model_dir* (checkpoint or artifact directory) with backend *backend*."""
+        """Load *model_dir* (checkpoint or artifact directory) with backend *backend*
+        (default: from the directory's kind, :func:`trace_rt.backends.default_backend`)."""
+        if backend is None:
+            backend = default_backend(model_dir)
         return cls(
             load_backend(backend, model_dir, **backend_options),
             TextTokenizer.from_dir(model_dir),

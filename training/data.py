@@ -33,7 +33,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,7 +83,7 @@ class Sample:
     duration: float | None = None
 
     def to_dict(self, root: Path | None = None) -> dict[str, Any]:
-        video = self.video
+        video = self.video.resolve()  # relative to root, not to the cwd it was made in
         if root is not None:
             with contextlib.suppress(ValueError):  # outside root: keep it absolute
                 video = video.relative_to(root)
@@ -230,10 +230,3 @@ def write_split(path: str | Path, samples: Iterable[Sample], root: Path | None =
     doc = {"format": FORMAT, "samples": [s.to_dict(root.resolve()) for s in samples]}
     path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     return path
-
-
-def split_stats(samples: Sequence[Sample]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for s in samples:
-        out[s.task] = out.get(s.task, 0) + 1
-    return out

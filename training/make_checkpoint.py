@@ -20,6 +20,7 @@ def make_checkpoint(
     separate_vision_tower: bool = False,
     max_shard_gb: float = 4.0,
     progress: bool = True,
+    force: bool = False,
 ) -> Path:
     """Write a random-weight checkpoint of *preset* to *out*.
 
@@ -27,7 +28,7 @@ def make_checkpoint(
     about one shard of memory (``max_shard_gb``), not the whole model.
 
     Args:
-        out: checkpoint directory to create (existing weight files are replaced).
+        out: checkpoint directory to create.
         preset: ``tiny``, ``small`` or ``trace-7b``.
         seed: weights are a pure function of (seed, weight name).
         dtype: storage dtype (fp32, fp16, bf16); defaults to the preset's ``torch_dtype``.
@@ -35,7 +36,18 @@ def make_checkpoint(
             instead of the checkpoint (the layout of checkpoints saved without the tower).
         max_shard_gb: shard size limit.
         progress: show a progress bar.
+        force: replace a checkpoint already in *out* (refused otherwise).
+
+    Raises:
+        FileExistsError: *out* already holds a checkpoint and *force* is not set.
     """
+    out = Path(out)
+    taken = (out / "config.json").exists() or any(out.glob("model*.safetensors*"))
+    if taken and not force:
+        raise FileExistsError(
+            f"{out} already holds a checkpoint; pass --force to overwrite it, or choose "
+            "another directory"
+        )
     cfg = load_preset(preset)
     dt = torch_dtype(dtype or cfg.torch_dtype)
     total = len(expected_shapes(cfg))

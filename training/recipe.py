@@ -23,8 +23,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+RECIPE_DIR = Path(__file__).parent / "recipes"
 GROUPS = ("vision", "projector", "towers", "heads", "llm", "embed")
 DEVICES = ("auto", "cpu", "cuda", "npu")
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """*path* if it is a file, else the shipped recipe of that name (``tiny-synthetic``,
+    ``tiny-synthetic.yaml`` or ``training/recipes/tiny-synthetic.yaml`` from any cwd)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = RECIPE_DIR / (path.name if path.suffix in (".yaml", ".yml") else path.name + ".yaml")
+    # Only a bare name or the README's repo-relative spelling: a path elsewhere that
+    # happens to share a shipped recipe's name must not silently become that recipe.
+    if shipped.is_file() and path.parent.as_posix() in (".", "training/recipes"):
+        return shipped
+    raise FileNotFoundError(
+        f"no recipe file {path} (shipped recipes, by name: {', '.join(recipe_names())})"
+    )
 
 
 def param_group(name: str) -> str:
@@ -133,10 +154,14 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a recipe file, or a shipped recipe by name (``tiny-synthetic``)."""
         import yaml
 
-        path = Path(path)
-        raw = yaml.safe_load(path.read_text()) or {}
+        path = resolve_recipe(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: a recipe is a mapping of settings")
         raw.update({k: v for k, v in overrides.items() if v is not None})

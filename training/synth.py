@@ -174,7 +174,8 @@ def make_synth_data(out: str | Path, cfg: SynthConfig) -> dict[str, int]:
         raise ValueError(f"max_shapes must be 1..{min(len(COLORS), len(KINDS))}")
     if not cfg.min_window + 0.5 <= cfg.min_duration <= cfg.max_duration:
         raise ValueError("need min_window + 0.5 <= min_duration <= max_duration")
-    root = Path(out)
+    # Absolute: the split files store video paths relative to themselves, whatever the cwd.
+    root = Path(out).resolve()
     (root / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     n_val = max(1, round(cfg.videos * cfg.val_fraction)) if cfg.videos > 1 else 0

@@ -12,6 +12,8 @@ Output directory::
     OUT/.train/step-0000100/                              resumable checkpoints: release-format
                                                           weights + trainer_state.pt
     OUT/.train/latest                                     name of the newest complete one
+    OUT/.train/final                                      the step OUT's model is from
+    OUT/.train/tokenizer.model                            the run's tokenizer (saved from)
 
 Checkpoints are written into a temporary directory and renamed into place, and ``latest``
 is replaced atomically, so a run killed mid-write leaves the previous checkpoint usable.
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trace_rt.config import TraceConfig
+from trace_rt.errors import DeviceError
 from trace_rt.model import TraceModel, load_model, save_model
 from trace_rt.model.checkpoint import random_tensors
 from trace_rt.prompts import PromptSet
@@ -50,6 +52,8 @@ from training.recipe import GROUPS, TrainConfig, param_group
 
 STATE_DIR = ".train"
 STATE_FILE = "trainer_state.pt"
+FINAL_FILE = "final"  # names the step whose model OUT holds
+LOG_FILE = "train_log.jsonl"
 log = logging.getLogger("training")
 
 
@@ -65,11 +69,11 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
                 return torch.device("npu", local_rank)
         except ImportError:
             if name == "npu":
-                raise RuntimeError("device 'npu' needs torch_npu (Ascend CANN)") from None
+                raise DeviceError("device 'npu' needs torch_npu (Ascend CANN)") from None
     if name in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     if name == "cuda":
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+        raise DeviceError("device 'cuda' requested but torch sees no CUDA device")
     return torch.device("cpu")
 
 
@@ -181,6 +185,22 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def keep_tokenizer(out: Path, tok_file: Path) -> Path:
+    """A copy of the tokenizer in ``OUT/.train/`` that the run saves from.
+
+    The source may be a step checkpoint that rotation deletes (``--resume`` with
+    ``keep_checkpoints: 1``), or a user's directory that changes under a long run.
+    """
+    root = out / STATE_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    kept = root / TOKENIZER_FILE
+    if tok_file.resolve() != kept.resolve():
+        tmp = root / f".{TOKENIZER_FILE}.tmp"
+        shutil.copyfile(tok_file, tmp)
+        os.replace(tmp, kept)
+    return kept
+
+
 def save_step(
     out: Path, step: int, model: TraceModel, opt, rc: TrainConfig, tok_file: Path
 ) -> Path:
@@ -215,11 +235,20 @@ def latest_step_dir(out: Path) -> Path | None:
     return d if (d / STATE_FILE).is_file() else None
 
 
-def save_final(out: Path, model: TraceModel, dtype: str | None, tok_file: Path) -> None:
-    """The release-format model in OUT itself; files are renamed in, config.json last."""
+def save_final(
+    out: Path, model: TraceModel, dtype: str | None, tok_file: Path, step: int | None = None
+) -> None:
+    """The release-format model in OUT itself, and ``.train/final`` naming its step.
+
+    ``config.json`` goes first and comes back last: a run killed while the files are
+    renamed in leaves an OUT that does not load (and no ``final`` for this step), never
+    one that silently loads the previous model or a mix; ``--resume`` rewrites it.
+    """
     tmp = out / ".final-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tmp, dtype=dtype, tokenizer_model=tok_file)
+    (out / STATE_DIR / FINAL_FILE).unlink(missing_ok=True)
+    (out / "config.json").unlink(missing_ok=True)
     entries = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
     for p in entries:
         dst = out / p.name
@@ -227,6 +256,22 @@ def save_final(out: Path, model: TraceModel, dtype: str | None, tok_file: Path) 
             shutil.rmtree(dst)
         os.replace(p, dst)
     tmp.rmdir()
+    if step is not None:
+        _atomic_write(out / STATE_DIR / FINAL_FILE, f"step-{step:07d}\n")
+
+
+def trim_log(log_file: Path, step: int) -> None:
+    """Drop records after *step*: a resumed run logs those steps again."""
+    if not log_file.is_file():
+        return
+    keep = []
+    for line in log_file.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            continue
+    _atomic_write(log_file, "".join(ln + "\n" for ln in keep))
 
 
 # ---- the loop ------------------------------------------------------------------------
@@ -264,43 +309,59 @@ def train(
 ) -> dict[str, Any]:
     """Train per *rc*; returns a summary (steps, first/last loss, seconds)."""
     out = Path(out)
+    samples = load_split(data, rc.on_bad_sample)  # a bad --data fails before anything else
+    if rc.tasks is not None:
+        samples = [s for s in samples if s.task in rc.tasks]
     dist, device = init_distributed(rc.device)
     torch.manual_seed(rc.seed)
     try:
-        return _train(rc, Path(data), out, dist, device, init, preset, resume, progress)
+        run = _setup(rc, samples, out, dist, device, init, preset, resume)
+        show = dist.main and (sys.stderr.isatty() if progress is None else progress)
+        return _loop(rc, run, out, dist, device, show)
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _train(rc, data, out, dist, device, init, preset, resume, progress) -> dict[str, Any]:
-    start_step = 0
-    resume_dir = latest_step_dir(out) if resume else None
-    if resume and resume_dir is None:
-        log.warning("--resume: no checkpoint under %s; starting from scratch", out / STATE_DIR)
+@dataclass
+class _Run:
+    """What the loop works on, from :func:`_setup`."""
+
+    model: TraceModel
+    net: nn.Module  # the loss module (DDP-wrapped under torchrun)
+    opt: torch.optim.Optimizer
+    dataset: GroundingDataset
+    tok_file: Path
+    start_step: int
+
+
+def _start_state(out: Path, resume: bool) -> tuple[Path | None, dict | None]:
+    """(step checkpoint to resume from, its trainer state), or (None, None)."""
     if not resume and (out / STATE_DIR / "latest").exists():
         # Mixing two runs' checkpoints and logs in one directory would corrupt both.
         raise FileExistsError(
             f"{out} already holds training checkpoints: pass --resume to continue that run "
             "or choose a new --out"
         )
-    if resume_dir is not None:
-        # The step checkpoint holds the weights; init/preset only matter on a fresh start.
-        state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False)
-        start_step = int(state["step"])
-        model, tok_file = build_model(resume_dir, None, rc.num_frames, rc.seed)
-    else:
-        model, tok_file = build_model(init, preset, rc.num_frames, rc.seed)
-    cfg: TraceConfig = model.config
-    tok = TextTokenizer.from_file(tok_file)
+    resume_dir = latest_step_dir(out) if resume else None
+    if resume and resume_dir is None:
+        log.warning("--resume: no checkpoint under %s; starting from scratch", out / STATE_DIR)
+    if resume_dir is None:
+        return None, None
+    return resume_dir, torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def _setup(rc, samples, out, dist, device, init, preset, resume) -> _Run:
+    """Model, data set, optimiser and loss module; restored from OUT with *resume*."""
+    resume_dir, state = _start_state(out, resume)
+    # The step checkpoint holds the weights; init/preset only matter on a fresh start.
+    model, tok_file = build_model(resume_dir or init, None if resume_dir else preset,
+                                  rc.num_frames, rc.seed)  # fmt: skip
     counts = set_trainable(model, rc.trainable)
-    samples = load_split(data, rc.on_bad_sample)
-    if rc.tasks is not None:
-        samples = [s for s in samples if s.task in rc.tasks]
     dataset = GroundingDataset(
         samples,
-        cfg,
-        tok,
+        model.config,
+        TextTokenizer.from_file(tok_file),
         sampling=rc.sampling,
         snap_times=rc.snap_times,
         template=rc.template,
@@ -310,7 +371,9 @@ def _train(rc, data, out, dist, device, init, preset, resume, progress) -> dict[
     )
     model.to(device)
     opt = make_optimizer(model, rc)
-    if resume_dir is not None:
+    start_step = 0
+    if state is not None:
+        start_step = int(state["step"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
     net: nn.Module = TraceLoss(model, rc.gradient_checkpointing)
@@ -321,86 +384,100 @@ def _train(rc, data, out, dist, device, init, preset, resume, progress) -> dict[
             find_unused_parameters=True,  # e.g. CLIP layers past the selected one
         )
     if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
         import yaml
 
+        out.mkdir(parents=True, exist_ok=True)
+        tok_file = keep_tokenizer(out, tok_file)
+        trim_log(out / LOG_FILE, start_step)
         (out / "train_recipe.yaml").write_text(yaml.safe_dump(rc.to_dict(), sort_keys=False))
         trainable = {g: n for g, n in counts.items() if n}
         log.info(
             "%d samples, %d processes on %s, trainable %s, steps %d..%d",
             len(dataset), dist.world, device, trainable, start_step, rc.max_steps,
         )  # fmt: skip
+    return _Run(model, net, opt, dataset, tok_file, start_step)
+
+
+def _step(rc: TrainConfig, run: _Run, dist: Dist, device: torch.device, step: int) -> dict:
+    """One optimiser step (all its micro-batches); returns the step's log record."""
+    t0 = time.perf_counter()
+    opt, net = run.opt, run.net
+    for g in opt.param_groups:
+        g["lr"] = rc.lr * rc.lr_scale.get(g["name"], 1.0) * lr_factor(step, rc)
+    opt.zero_grad(set_to_none=True)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if rc.dtype == "bf16"
         else contextlib.nullcontext()
     )
-    show = dist.main and (sys.stderr.isatty() if progress is None else progress)
-    log_file = out / "train_log.jsonl"
+    tot, parts_sum, n_samples = 0.0, {}, 0
+    for m, items in enumerate(micro_batches(len(run.dataset), rc, dist, step)):
+        batch: Batch = collate([run.dataset.get(i, e) for i, e in items]).to(device)
+        # DDP all-reduces gradients only on the last micro-batch of a step.
+        sync = m + 1 == rc.grad_accum or dist.world == 1
+        ctx = contextlib.nullcontext() if sync else net.no_sync()
+        with ctx, autocast:
+            loss, parts = net(batch)
+        with ctx:
+            (loss / rc.grad_accum).backward()
+        tot += float(loss.detach()) / rc.grad_accum
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / rc.grad_accum
+        n_samples += batch.size
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    gnorm = torch.nn.utils.clip_grad_norm_(params, rc.max_grad_norm)
+    opt.step()
+    return {
+        "step": step + 1,
+        "loss": _mean_across(tot, dist, device),
+        **{f"loss_{k}": v for k, v in parts_sum.items()},
+        "lr": opt.param_groups[0]["lr"],
+        "grad_norm": float(gnorm),
+        "samples_per_s": n_samples * dist.world / (time.perf_counter() - t0),
+    }
+
+
+def _loop(rc, run: _Run, out: Path, dist: Dist, device, show: bool) -> dict[str, Any]:
+    """Steps start_step..max_steps, step checkpoints, then the final model in OUT."""
     losses: list[float] = []
     t_start = time.perf_counter()
     with _progress(show) as bar:
-        task = bar.add_task("", total=rc.max_steps, completed=start_step, loss=math.nan, sps=0.0)
-        for step in range(start_step, rc.max_steps):
-            t0 = time.perf_counter()
-            for g in opt.param_groups:
-                g["lr"] = rc.lr * rc.lr_scale.get(g["name"], 1.0) * lr_factor(step, rc)
-            opt.zero_grad(set_to_none=True)
-            tot, parts_sum, n_samples = 0.0, {}, 0
-            for m, items in enumerate(micro_batches(len(dataset), rc, dist, step)):
-                batch: Batch = collate([dataset.get(i, e) for i, e in items]).to(device)
-                # DDP all-reduces gradients only on the last micro-batch of a step.
-                sync = m + 1 == rc.grad_accum or dist.world == 1
-                ctx = contextlib.nullcontext() if sync else net.no_sync()
-                with ctx, autocast:
-                    loss, parts = net(batch)
-                with ctx:
-                    (loss / rc.grad_accum).backward()
-                tot += float(loss.detach()) / rc.grad_accum
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / rc.grad_accum
-                n_samples += batch.size
-            params = [p for p in model.parameters() if p.requires_grad]
-            gnorm = torch.nn.utils.clip_grad_norm_(params, rc.max_grad_norm)
-            opt.step()
-            tot = _mean_across(tot, dist, device)
-            losses.append(tot)
-            dt = time.perf_counter() - t0
-            sps = n_samples * dist.world / dt
-            done = step + 1
+        task = bar.add_task("", total=rc.max_steps, completed=run.start_step, loss=math.nan,
+                            sps=0.0)  # fmt: skip
+        for step in range(run.start_step, rc.max_steps):
+            rec = _step(rc, run, dist, device, step)
+            losses.append(rec["loss"])
+            done = rec["step"]
             if dist.main:
-                bar.update(task, completed=done, loss=tot, sps=sps)
-                rec = {
-                    "step": done,
-                    "loss": tot,
-                    **{f"loss_{k}": v for k, v in parts_sum.items()},
-                    "lr": opt.param_groups[0]["lr"],
-                    "grad_norm": float(gnorm),
-                    "samples_per_s": sps,
-                }
-                with log_file.open("a") as f:
+                bar.update(task, completed=done, loss=rec["loss"], sps=rec["samples_per_s"])
+                with (out / LOG_FILE).open("a") as f:
                     f.write(json.dumps(rec) + "\n")
                 if not show and (done % rc.log_every == 0 or done == rc.max_steps):
-                    heads = " ".join(f"{k} {v:.3f}" for k, v in parts_sum.items())
-                    log.info("step %d/%d loss %.4f (%s) %.1f samples/s",
-                             done, rc.max_steps, tot, heads, sps)  # fmt: skip
+                    _log_line(rec, rc.max_steps)
             if rc.save_every and done % rc.save_every == 0 and done < rc.max_steps:
                 _barrier(dist)
                 if dist.main:
-                    save_step(out, done, model, opt, rc, tok_file)
+                    save_step(out, done, run.model, run.opt, rc, run.tok_file)
                 _barrier(dist)
     _barrier(dist)
     if dist.main:
-        save_step(out, rc.max_steps, model, opt, rc, tok_file)
-        save_final(out, model, rc.save_dtype, tok_file)
+        if run.start_step < rc.max_steps:  # else: resumed a finished run, to redo OUT
+            save_step(out, rc.max_steps, run.model, run.opt, rc, run.tok_file)
+        save_final(out, run.model, rc.save_dtype, run.tok_file, rc.max_steps)
     _barrier(dist)
     return {
-        "start_step": start_step,
+        "start_step": run.start_step,
         "steps": rc.max_steps,
         "losses": losses,
         "seconds": time.perf_counter() - t_start,
         "processes": dist.world,
     }
+
+
+def _log_line(rec: dict, max_steps: int) -> None:
+    heads = " ".join(f"{k[5:]} {v:.3f}" for k, v in rec.items() if k.startswith("loss_"))
+    log.info("step %d/%d loss %.4f (%s) %.1f samples/s",
+             rec["step"], max_steps, rec["loss"], heads, rec["samples_per_s"])  # fmt: skip
 
 
 def _mean_across(x: float, dist: Dist, device: torch.device) -> float:

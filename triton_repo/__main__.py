@@ -6,14 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from trace_rt.errors import TraceError
+from trace_rt.cliutil import Parser, run_command
 from trace_rt.serving.protocol import ServingSettings
 
+PROG = "python -m triton_repo"
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m triton_repo",
-        description="Generate a Triton Inference Server model repository for TRACE.",
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog=PROG, description="Generate a Triton Inference Server model repository for TRACE."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         help="onnxruntime: Python-backend models (CPU); tensorrt: tensorrt_plan encoders and "
         "a TensorRT decoder (needs `python -m export trt` engines)",
     )
-    p.add_argument("--instances", type=int, default=1, help="instances of each model (default 1)")
+    p.add_argument("--instances", type=int, default=1, help="instances of each model")
     p.add_argument(
         "--max-batch-frames",
         type=int,
@@ -41,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         "--encoders",
         choices=["in-process", "bls"],
         default="in-process",
-        help="trace_pipeline runs the encoders itself (default: measured faster, "
-        "benchmarks/results/triton-encoders-cpu.md) or calls the encoder models by BLS",
+        help="trace_pipeline runs the encoders itself (in-process, the default: measured "
+        "faster, benchmarks/results/triton-encoders-cpu.md) or calls the encoder models by BLS",
     )
     d = ServingSettings()
     p.add_argument(
@@ -63,30 +64,38 @@ def main(argv: list[str] | None = None) -> int:
         default=d.default_max_new_tokens,
         help=f"budget of requests that name none (default {d.default_max_new_tokens})",
     )
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads per session")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="onnxruntime threads per session (0: onnxruntime's choice)",
+    )
     p.add_argument("--no-progress", action="store_true", help="print nothing while building")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _build(args: argparse.Namespace) -> None:
     from triton_repo.build import build_repository
 
-    try:
-        out = build_repository(
-            args.artifacts,
-            args.out,
-            backend=args.backend,
-            instances=args.instances,
-            max_batch_frames=args.max_batch_frames,
-            encoders=args.encoders,
-            max_video_bytes=args.max_video_bytes,
-            max_new_tokens=args.max_new_tokens,
-            default_max_new_tokens=args.default_max_new_tokens,
-            threads=args.threads,
-            progress=not args.no_progress,
-        )
-    except TraceError as e:
-        print(f"python -m triton_repo: error: {e}", file=sys.stderr)
-        return 2
+    out = build_repository(
+        args.artifacts,
+        args.out,
+        backend=args.backend,
+        instances=args.instances,
+        max_batch_frames=args.max_batch_frames,
+        encoders=args.encoders,
+        max_video_bytes=args.max_video_bytes,
+        max_new_tokens=args.max_new_tokens,
+        default_max_new_tokens=args.default_max_new_tokens,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
     print(f"model repository ready: {out}\nserve it with: trace-rt serve --repo {out}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(PROG, lambda: _build(args))
 
 
 if __name__ == "__main__":

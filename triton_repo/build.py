@@ -10,7 +10,8 @@ Layout written (tensor names from the artifact manifest and trace_rt.serving.pro
       trace_pipeline/config.pbtxt   Python backend, decoupled
       trace_pipeline/1/model.py     the decoding loop (trace_rt.generate)
       trace_pipeline/1/serving.json limits and modes (ServingSettings)
-      trace_pipeline/1/artifacts/   the artifact directory (hard links where possible)
+      trace_pipeline/1/artifacts/   the artifact directory (hard links where possible;
+                                    every file's sha256 checked against the manifest)
 
 Every size comes from the artifact's manifest and config; nothing is guessed.
 """
@@ -27,12 +28,14 @@ from trace_rt.config import TraceConfig
 from trace_rt.errors import CheckpointError, InputError
 from trace_rt.graphs import (
     DECODER,
+    MANIFEST_FILE,
     PROJECTOR,
     VISION_ENCODER,
     GraphSpec,
     TensorSpec,
     load_manifest,
     manifest_specs,
+    sha256_file,
 )
 from trace_rt.serving.protocol import (
     ARTIFACTS_DIR,
@@ -85,6 +88,7 @@ def build_repository(
     if instances < 1:
         raise InputError(f"--instances must be at least 1, got {instances}")
     # A TensorRT deployment may have dropped the ONNX graphs that its engines replace.
+    # Sizes first (fast, names a truncated file); hashes of what was linked, at the end.
     manifest = load_manifest(src, verify="size", graphs=backend != "tensorrt")
     cfg = TraceConfig.from_dir(src)
     specs = manifest_specs(manifest)
@@ -110,8 +114,54 @@ def build_repository(
         _written(out / spec.name, progress)
     _pipeline_model(out, src, cfg, settings, instances, max_batch_frames)
     _written(out / TRACE_PIPELINE, progress)
+    try:
+        _verify_copies(out, specs, files, engines, manifest)
+    except CheckpointError:
+        shutil.rmtree(out, ignore_errors=True)  # no repository that looks ready
+        raise
     (out / MARKER).write_text(json.dumps({"artifacts": str(src), "backend": backend}) + "\n")
     return out
+
+
+def _verify_copies(
+    out: Path,
+    specs: dict[str, GraphSpec],
+    files: list[str],
+    engines: dict[str, str],
+    manifest: dict,
+) -> None:
+    """Check the repository's own copies (links) of the artifact files by sha256.
+
+    Hashing what was linked, after linking, leaves no window in which the artifact
+    directory can change unnoticed (a half-written export, a file edited in place): a
+    file that differs from its manifest record is an error naming it, and the build
+    leaves no repository behind.
+    """
+    from trace_rt.backends import tensorrt_manifest as tm
+
+    art = out / TRACE_PIPELINE / "1" / ARTIFACTS_DIR
+    linked = load_manifest(art, verify="sha256", graphs=not engines)
+    if linked != manifest:
+        raise CheckpointError(f"{art}: {MANIFEST_FILE} changed while the repository was built")
+    section = tm.read_section(manifest, art) if engines else {}
+    if engines:
+        tm.verify_engines(section, art, "sha256")
+    for name in (VISION_ENCODER, PROJECTOR):
+        version = out / name / "1"
+        if engines:
+            rec = section["engines"][name]
+            pairs = [(version / "model.plan", rec["sha256"], rec["file"])]
+        else:
+            pairs = [
+                (version / rel, manifest["files"][rel]["sha256"], rel)
+                for rel in _graph_files(files, specs[name])
+            ]
+        for path, want, rel in pairs:
+            if sha256_file(path) != want:
+                raise CheckpointError(
+                    f"{rel} does not match its sha256 in {MANIFEST_FILE}; the artifact "
+                    "directory is inconsistent (re-export it)"
+                )
 
 
 def _written(model: Path, progress: bool) -> None:
@@ -147,9 +197,15 @@ def _engines(manifest: dict, src: Path) -> tuple[dict[str, str], int]:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (same file system: no second copy of GBs of weights), else a copy.
+
+    Linking is safe because ``export`` never modifies a published file in place: it
+    writes a new file and renames it over the old name, so the repository keeps the old
+    inode (``export/files.py``). The build checks the linked bytes' sha256 at the end.
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(src, dst)  # same file system: no second copy of GBs of weights
+        os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
 

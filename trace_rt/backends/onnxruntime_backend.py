@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from trace_rt.backends.base import split_prompt
 from trace_rt.config import TraceConfig
-from trace_rt.errors import CheckpointError, PromptTooLongError
+from trace_rt.errors import CheckpointError, DeviceError, InputError, PromptTooLongError
 from trace_rt.graphs import (
     BF16,
     DECODER,
@@ -359,13 +359,13 @@ def _providers(device: str) -> tuple[list[Any], str, int]:
         return [CPU_EP], "cpu", 0
     if kind == "cuda":
         if CUDA_EP not in available:
-            raise RuntimeError(
+            raise DeviceError(
                 f"--device {device} needs onnxruntime's CUDA execution provider "
                 f"(pip install onnxruntime-gpu); this onnxruntime has {available}"
             )
         dev = int(index or 0)
         return [(CUDA_EP, {"device_id": dev}), CPU_EP], "cuda", dev
-    raise ValueError(f"unknown device {device!r}; use cpu, cuda[:N] or auto")
+    raise InputError(f"unknown device {device!r}; use cpu, cuda[:N] or auto")
 
 
 def _cache_dir(model_dir: Path, option: str | Path | bool | None) -> Path | None:

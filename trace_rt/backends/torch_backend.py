@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from trace_rt.backends.base import split_prompt
-from trace_rt.errors import PromptTooLongError
+from trace_rt.errors import DeviceError, InputError, PromptTooLongError
 from trace_rt.model import load_model
 from trace_rt.tokens import VIDEO_PLACEHOLDER_ID, Head
 
@@ -27,9 +27,12 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | None = None):
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError:
+            raise InputError(f"unknown device {device!r}; use cpu or cuda[:N]") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+            raise DeviceError(f"--device {device} was asked for, but torch sees no CUDA device")
         if dtype is None and self.device.type == "cpu":
             dtype = "fp32"  # CPU kernels for half types are slow and less exact
         self.model = load_model(model_dir, dtype=dtype, device=self.device)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from trace_rt.errors import TraceError
+from trace_rt.cliutil import Parser, run_command
 from trace_rt.evaluation.benchmarks import BENCHMARKS
 from trace_rt.evaluation.reformat import RULES
 
@@ -41,7 +40,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from trace_rt.backends import BACKENDS
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="trace-rt eval",
         description="Run a TRACE benchmark with the original's settings and score it with "
         "the original's metrics; `trace-rt eval score ...` scores predictions only.",
@@ -85,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_score_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="trace-rt eval score",
         description="Score predictions: our predictions.jsonl, or the original's result "
         "files (fmt_*_result.json, refmt_*_result.json).",
@@ -97,19 +96,11 @@ def build_score_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        if argv[:1] == ["score"]:
-            return _score(build_score_parser().parse_args(argv[1:]))
-        return _run(build_parser().parse_args(argv))
-    except TraceError as e:
-        print(f"trace-rt eval: error: {e}", file=sys.stderr)
-        return 2
-    except (NotADirectoryError, FileNotFoundError, PermissionError) as e:
-        print(f"trace-rt eval: error: {e}", file=sys.stderr)
-        return 2
-    except ImportError as e:  # a backend whose extra is not installed
-        print(f"trace-rt eval: error: {e} (install the backend's extra)", file=sys.stderr)
-        return 2
+    if argv[:1] == ["score"]:
+        args = build_score_parser().parse_args(argv[1:])
+        return run_command("trace-rt eval score", lambda: _score(args))
+    args = build_parser().parse_args(argv)
+    return run_command("trace-rt eval", lambda: _run(args))
 
 
 def _run(a: argparse.Namespace) -> int:

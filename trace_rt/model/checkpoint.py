@@ -12,6 +12,7 @@ Loading is strict: a missing or unknown weight raises :class:`CheckpointError` n
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -188,7 +189,9 @@ def write_checkpoint(
 
     def flush() -> None:
         nonlocal shard, size, n_written
-        save_file(shard, str(path / f"{_TMP_PREFIX}{n_written}.safetensors"), metadata=_META)
+        shard_file = path / f"{_TMP_PREFIX}{n_written}.safetensors"
+        save_file(shard, str(shard_file), metadata=_META)
+        _usual_mode(shard_file)
         shard_of.update(dict.fromkeys(shard, n_written))
         n_written += 1
         shard, size = {}, 0
@@ -218,6 +221,7 @@ def write_checkpoint(
         (path / INDEX_FILE).write_text(json.dumps(index, indent=2))
     if vision:
         save_file(vision, str(clip_dir / WEIGHTS_FILE), metadata=_META)
+        _usual_mode(clip_dir / WEIGHTS_FILE)
     cfg.save(path)
     if tokenizer_model is not None:
         shutil.copyfile(tokenizer_model, path / TOKENIZER_FILE)
@@ -225,6 +229,14 @@ def write_checkpoint(
 
 _TMP_PREFIX = ".partial-shard-"
 _META = {"format": "pt"}
+
+
+def _usual_mode(path: Path) -> None:
+    """safetensors writes through a private (0600) temporary file; give the weights the
+    mode every other file gets (0666 minus the umask), so a checkpoint is readable alike."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod(0o666 & ~mask)
 
 
 def _shard_names(n: int) -> list[str]:
