@@ -49,6 +49,7 @@ from trace_rt.config import TraceConfig
 from trace_rt.errors import CheckpointError, InputError
 from trace_rt.graphs import (
     DECODER,
+    EXTERNAL_DATA_THRESHOLD,
     MANIFEST_FILE,
     PROJECTOR,
     VISION_ENCODER,
@@ -73,7 +74,6 @@ PRECISION_MODES = (
     "allow_mix_precision",
 )
 GEARS = 4  # ATC recommends 3-4 gears; 2 is its minimum
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's 2 GiB limit, as in export onnx
 _SOC_RE = re.compile(r"^Ascend[0-9A-Za-z_]+$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")  # names we put unquoted into --input_shape
 

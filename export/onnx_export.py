@@ -34,6 +34,7 @@ from trace_rt.config import save_vision_tower_config
 from trace_rt.graphs import (
     BF16,
     EMBEDDINGS_FILE,
+    EXTERNAL_DATA_THRESHOLD,
     FLOAT_DTYPES,
     GRAPH_NAMES,
     KV_CACHE,
@@ -47,8 +48,6 @@ from trace_rt.model.checkpoint import TOKENIZER_FILE, load_model
 from trace_rt.model.trace import TraceModel
 
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; TensorRT 10 parses opsets 9..20
-# Protobuf caps a message at 2 GiB; stay well below it and move weights to a .data file.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 CLIP_DIR = "clip_vision"
 
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from export import export_onnx
-from export.onnx_export import EXTERNAL_DATA_THRESHOLD
 from trace_rt.backends import onnxruntime_backend as ort_backend
 from trace_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
 from trace_rt.errors import CheckpointError, InputError
 from trace_rt.generate import GenerationConfig
 from trace_rt.graphs import (
     DECODER,
+    EXTERNAL_DATA_THRESHOLD,
     GRAPH_NAMES,
     KV_CACHE,
     MANIFEST_FILE,
