@@ -41,19 +41,14 @@ from typing import Any
 
 import onnx
 
+from export.atc_plan import Plan
 from export.atc_runtime import AtcError, DecoderRoles, concrete, decoder_roles
-from export.files import (  # the threshold is read from here: tests lower it
-    EXTERNAL_DATA_THRESHOLD,
-    replace_text,
-    replace_with_copy,
-    save_onnx,
-    write_json,
-)
-from trace_rt.backends.base import video_block_len
+from export.files import replace_text, replace_with_copy, save_onnx, write_json
 from trace_rt.config import TraceConfig
 from trace_rt.errors import CheckpointError, InputError
 from trace_rt.graphs import (
     DECODER,
+    EXTERNAL_DATA_THRESHOLD,
     MANIFEST_FILE,
     PROJECTOR,
     VISION_ENCODER,
@@ -68,7 +63,6 @@ ATC_DIR = "atc"
 SCRIPT = "convert.sh"
 OM_DIR = "om"
 DEFAULT_TEXT_BUDGET = 256  # TRACE's prompts are 160-210 text ids plus the query
-DEFAULT_NEW_TOKENS = 512  # GenerationConfig's default budget, for the default max_seq
 DEFAULT_PRECISION = "allow_fp32_to_fp16"
 PRECISION_MODES = (
     "allow_fp32_to_fp16",
@@ -77,7 +71,6 @@ PRECISION_MODES = (
     "force_fp32",
     "allow_mix_precision",
 )
-GEARS = 4  # ATC recommends 3-4 gears; 2 is its minimum
 _SOC_RE = re.compile(r"^Ascend[0-9A-Za-z_]+$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")  # names we put unquoted into --input_shape
 
@@ -159,33 +152,12 @@ def export_atc(
         does not fit (named reason).
     """
     root, checkpoint = Path(artifact), Path(checkpoint)
-    if not _SOC_RE.match(soc_version):
-        raise InputError(
-            f"--soc-version {soc_version!r}: expected the chip name ATC uses, 'Ascend' + the "
-            "Chip Name from `npu-smi info` (e.g. Ascend910B3, Ascend310P3)"
-        )
-    if precision_mode not in PRECISION_MODES:
-        raise InputError(f"--precision-mode {precision_mode!r}: use one of {PRECISION_MODES}")
+    _check_options(soc_version, precision_mode)
     manifest = load_manifest(root, verify="size")
     cfg = TraceConfig.from_dir(root)
     specs = manifest_specs(manifest)
     roles = decoder_roles(specs[DECODER])
-    frames = cfg.num_frames if frames is None else frames
-    if frames < 1 or text_budget < 1:
-        raise InputError("--frames and --text-budget must be positive")
-    video = video_block_len(cfg, frames)
-    prefill_len = video + text_budget
-    limit = cfg.max_position_embeddings
-    max_seq = min(prefill_len + DEFAULT_NEW_TOKENS, limit) if max_seq is None else max_seq
-    if not prefill_len < max_seq <= limit:
-        raise InputError(
-            f"--max-seq {max_seq} must exceed the prefill length {prefill_len} (video block "
-            f"{video} + text budget {text_budget}) and be at most the model's context {limit}"
-        )
-    capacity = max_seq - 1  # past slots; the step at position max_seq - 1 is the last
-    prefill_gears = _gears(video, prefill_len) if dynamic_dims else (prefill_len,)
-    # Every prompt holds the video block, so no step runs with a shorter past.
-    past_gears = _gears(video, capacity) if dynamic_dims else (capacity,)
+    plan = Plan.make(cfg, frames, max_seq, text_budget, dynamic_dims)
     if verify_checkpoint:
         _verify_source(checkpoint, manifest)
 
@@ -195,11 +167,9 @@ def export_atc(
         old.unlink(missing_ok=True)
     opset = int(manifest["export"]["opset"])
     variants = [
-        _fixed_frames(root, out, specs[VISION_ENCODER], frames, "NCHW"),
-        _fixed_frames(root, out, specs[PROJECTOR], frames, "ND"),
-        *_decoder_variants(
-            checkpoint, manifest, roles, out, prefill_gears, past_gears, dynamic_dims, opset
-        ),
+        _fixed_frames(root, out, specs[VISION_ENCODER], plan.frames, "NCHW"),
+        _fixed_frames(root, out, specs[PROJECTOR], plan.frames, "ND"),
+        *_decoder_variants(checkpoint, manifest, roles, out, plan, opset),
     ]
     commands = [v.command(soc_version, precision_mode) for v in variants]
     _write_script(out / SCRIPT, commands, soc_version)
@@ -207,13 +177,7 @@ def export_atc(
     manifest["atc"] = {
         "soc_version": soc_version,
         "precision_mode": precision_mode,
-        "frames": frames,
-        "video_len": video,
-        "text_budget": text_budget,
-        "prefill_len": prefill_len,
-        "max_seq": max_seq,
-        "past_capacity": capacity,
-        "dynamic_dims": dynamic_dims,
+        **plan.to_dict(),
         "opset": opset,
         "script": f"{ATC_DIR}/{SCRIPT}",
         "protocol": "export/atc_runtime.py: right-padded prefill of the first n-1 prompt "
@@ -221,32 +185,37 @@ def export_atc(
         "j < position_ids[0, 0]",
         "converted": False,  # convert.sh was not run here: no CANN toolkit, no NPU
         "variants": {
-            v.name: {
-                "graph": v.graph,
-                "file": f"{ATC_DIR}/{v.file}",
-                "files": _hashes(out, v.file),
-                "sha256": sha256_file(out / v.file),
-                "inputs": [t.to_dict() for t in v.inputs],
-                "outputs": [t.to_dict() for t in v.outputs],
-                "input_format": v.input_format,
-                "gear_dim": v.gear_dim,
-                "gears": list(v.gears),
-                "om": f"{ATC_DIR}/{OM_DIR}/{v.name}.om",
-                "command": cmd,
-            }
-            for v, cmd in zip(variants, commands, strict=True)
+            v.name: _variant_record(out, v, cmd) for v, cmd in zip(variants, commands, strict=True)
         },
     }
     write_json(root / MANIFEST_FILE, manifest)
     return out
 
 
-def _gears(base: int, top: int) -> tuple[int, ...]:
-    """Up to GEARS lengths spaced evenly over (base, top], ending at top."""
-    gears = sorted({base + (top - base) * k // GEARS for k in range(1, GEARS + 1)} - {base})
-    if len(gears) < 2:
-        raise InputError(f"--dynamic-dims needs at least 2 gears between {base} and {top}")
-    return tuple(gears)
+def _check_options(soc_version: str, precision_mode: str) -> None:
+    if not _SOC_RE.match(soc_version):
+        raise InputError(
+            f"--soc-version {soc_version!r}: expected the chip name ATC uses, 'Ascend' + the "
+            "Chip Name from `npu-smi info` (e.g. Ascend910B3, Ascend310P3)"
+        )
+    if precision_mode not in PRECISION_MODES:
+        raise InputError(f"--precision-mode {precision_mode!r}: use one of {PRECISION_MODES}")
+
+
+def _variant_record(out: Path, v: Variant, command: str) -> dict[str, Any]:
+    return {
+        "graph": v.graph,
+        "file": f"{ATC_DIR}/{v.file}",
+        "files": _hashes(out, v.file),
+        "sha256": sha256_file(out / v.file),
+        "inputs": [t.to_dict() for t in v.inputs],
+        "outputs": [t.to_dict() for t in v.outputs],
+        "input_format": v.input_format,
+        "gear_dim": v.gear_dim,
+        "gears": list(v.gears),
+        "om": f"{ATC_DIR}/{OM_DIR}/{v.name}.om",
+        "command": command,
+    }
 
 
 def _verify_source(checkpoint: Path, manifest: dict[str, Any]) -> None:
@@ -354,9 +323,7 @@ def _decoder_variants(
     manifest: dict[str, Any],
     roles: DecoderRoles,
     out: Path,
-    prefill_gears: tuple[int, ...],
-    past_gears: tuple[int, ...],
-    dynamic: bool,
+    plan: Plan,
     opset: int,
 ) -> list[Variant]:
     from export.atc_decoder import export_static_decoder
@@ -367,10 +334,10 @@ def _decoder_variants(
     past = [t for pair in roles.past for t in pair]
     variants = []
     for name, seq, cap, gear_dim, gears in (
-        ("decoder_prefill", prefill_gears[-1], None, roles.seq_dim, prefill_gears),
-        ("decoder_decode", 1, past_gears[-1], roles.past_dim, past_gears),
+        ("decoder_prefill", plan.prefill_gears[-1], None, roles.seq_dim, plan.prefill_gears),
+        ("decoder_decode", 1, plan.past_gears[-1], roles.past_dim, plan.past_gears),
     ):
-        keep = gear_dim if dynamic else None
+        keep = gear_dim if plan.dynamic_dims else None
         dims = {roles.seq_dim: seq, roles.past_dim: cap or 0}
         if keep:
             dims.pop(keep)

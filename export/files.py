@@ -21,8 +21,7 @@ from typing import Any
 
 import onnx
 
-# Protobuf caps a message at 2 GiB; stay well below it and move weights to a .data file.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+from trace_rt.graphs import EXTERNAL_DATA_THRESHOLD  # protobuf's 2 GiB cap, with margin
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import trace_rt
 from export.atc import ATC_DIR
-from export.files import EXTERNAL_DATA_THRESHOLD, publish_tree, save_onnx, write_json
+from export.files import publish_tree, save_onnx, write_json
 from export.wrappers import WRAPPERS, example_inputs
 from trace_rt.backends.tensorrt_manifest import ENGINE_DIR
 from trace_rt.config import save_vision_tower_config
@@ -37,6 +37,7 @@ from trace_rt.errors import CheckpointError
 from trace_rt.graphs import (
     BF16,
     EMBEDDINGS_FILE,
+    EXTERNAL_DATA_THRESHOLD,
     FLOAT_DTYPES,
     GRAPH_NAMES,
     KV_CACHE,

@@ -72,12 +72,16 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
-from export.files import EXTERNAL_DATA_THRESHOLD, save_onnx, write_json
+from export.files import save_onnx, write_json
 from trace_rt.errors import InputError
-from trace_rt.graphs import DECODER, MANIFEST_FILE, load_manifest, sha256_file
+from trace_rt.graphs import (
+    DECODER,
+    EXTERNAL_DATA_THRESHOLD,
+    MANIFEST_FILE,
+    load_manifest,
+    sha256_file,
+)
 
-# Protobuf caps a message at 2 GiB: same rule as export/onnx_export.py (not imported from
-# there: that module imports torch, and quantising needs none).
 # Smaller blocks: less error for a little more scale storage (32 is llama.cpp's Q4_0 block).
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations x int4/int8 weights (see above)

@@ -174,40 +174,22 @@ def build_engines(
     out = Path(out)
     manifest = load_manifest(out, verify="size")
     export_dtype = manifest["export"]["dtype"]
-    if precision is None and decoder_variant:
-        precision = decoder_variant.split("-")[0]  # int8-qdq -> int8
-    precision = precision or export_dtype
-    if precision not in PRECISIONS:
-        raise TensorRTBuildError(f"unknown precision {precision!r}; use one of {PRECISIONS}")
-    trt = _import_tensorrt()
-    specs = manifest_specs(manifest)
-    cfg = TraceConfig.from_dir(out)
-    max_seq = max_seq or min(4096, cfg.max_position_embeddings)
-    if max_seq > cfg.max_position_embeddings:
-        raise TensorRTBuildError(
-            f"--max-seq {max_seq} exceeds the model's context ({cfg.max_position_embeddings})"
-        )
-    limits = Limits(max_frames or cfg.num_frames, max_seq, cfg.tokens_per_frame)
-    plans = _plans(trt, out, manifest, precision, export_dtype, decoder_variant)
-    gpu = _gpu_info()
-    engine_dir = out / tm.ENGINE_DIR
-    engine_dir.mkdir(exist_ok=True)
-    cache_file = engine_dir / f"timing-{_slug(gpu['name'])}-trt{trt.__version__}.cache"
-    cache = cache_file.read_bytes() if cache_file.is_file() else b""
-    logger = trt.Logger(trt.Logger.WARNING)
+    precision = _precision(precision, decoder_variant, export_dtype)
     unknown = sorted(set(graphs) - set(GRAPH_NAMES))
     if unknown:
         raise TensorRTBuildError(f"unknown graphs {unknown}; use {list(GRAPH_NAMES)}")
+    trt = _import_tensorrt()
+    specs = manifest_specs(manifest)
+    limits = _limits(TraceConfig.from_dir(out), max_frames, max_seq)
+    plans = _plans(trt, out, manifest, precision, export_dtype, decoder_variant)
+    gpu = _gpu_info()
+    (out / tm.ENGINE_DIR).mkdir(exist_ok=True)
+    cache_file = out / tm.ENGINE_DIR / f"timing-{_slug(gpu['name'])}-trt{trt.__version__}.cache"
+    cache = cache_file.read_bytes() if cache_file.is_file() else b""
+    logger = trt.Logger(trt.Logger.WARNING)
     engines = _kept_engines(manifest, trt.__version__, gpu, precision, limits, graphs)
     t_all = time.perf_counter()
-    with Progress(
-        TextColumn(f"[bold]export trt {out.name} ({precision}, {gpu['name']})[/bold]"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        disable=not progress,
-    ) as bar:
+    with _progress(f"export trt {out.name} ({precision}, {gpu['name']})", progress) as bar:
         todo = [g for g in GRAPH_NAMES if g in graphs]
         task = bar.add_task("", total=len(todo))
         for i, name in enumerate(todo):
@@ -215,25 +197,13 @@ def build_engines(
             plan, spec = plans[name], specs[name]
             profiles = profiles_from_spec(spec, limits)
             t0 = time.perf_counter()
-            onnx_path = out / plan.onnx
             blob, cache = _build_one(
-                trt, logger, onnx_path, spec, plan, profiles, cache, workspace_gb
+                trt, logger, out / plan.onnx, spec, plan, profiles, cache, workspace_gb
             )
-            suffix = plan.variant or precision
-            rel = f"{tm.ENGINE_DIR}/{name}.{suffix}.engine"
+            rel = f"{tm.ENGINE_DIR}/{name}.{plan.variant or precision}.engine"
             replace_bytes(out / rel, blob)  # a new file: a repository may link the old one
             replace_bytes(cache_file, cache)  # after every graph: a later failure keeps it
-            engines[name] = {
-                "file": rel,
-                "bytes": (out / rel).stat().st_size,
-                "sha256": tm.sha256_file(out / rel),
-                "onnx": plan.onnx,
-                "strongly_typed": plan.strongly_typed,
-                "flags": list(plan.flags),
-                "variant": plan.variant,
-                "profiles": [p.to_dict() for p in profiles],
-                "build_s": round(time.perf_counter() - t0, 1),
-            }
+            engines[name] = _engine_record(out, rel, plan, profiles, time.perf_counter() - t0)
         bar.update(task, completed=len(todo), description="manifest")
         section = {
             "format": tm.FORMAT,
@@ -249,6 +219,55 @@ def build_engines(
         }
         tm.write_section(out, section)
     return section
+
+
+def _precision(precision: str | None, decoder_variant: str | None, export_dtype: str) -> str:
+    """The build precision: as asked, else the QDQ variant's (int8-qdq -> int8), else the
+    export's dtype."""
+    if precision is None and decoder_variant:
+        precision = decoder_variant.split("-")[0]
+    precision = precision or export_dtype
+    if precision not in PRECISIONS:
+        raise TensorRTBuildError(f"unknown precision {precision!r}; use one of {PRECISIONS}")
+    return precision
+
+
+def _limits(cfg: TraceConfig, max_frames: int | None, max_seq: int | None) -> Limits:
+    """The engines' shape limits (default max_seq: the model's context, capped at 4096)."""
+    max_seq = max_seq or min(4096, cfg.max_position_embeddings)
+    if max_seq > cfg.max_position_embeddings:
+        raise TensorRTBuildError(
+            f"--max-seq {max_seq} exceeds the model's context ({cfg.max_position_embeddings})"
+        )
+    return Limits(max_frames or cfg.num_frames, max_seq, cfg.tokens_per_frame)
+
+
+def _progress(title: str, enabled: bool) -> Progress:
+    return Progress(
+        TextColumn(f"[bold]{title}[/bold]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        disable=not enabled,
+    )
+
+
+def _engine_record(
+    out: Path, rel: str, plan: _Plan, profiles: list[Profile], build_s: float
+) -> dict[str, Any]:
+    """The manifest's record of one built engine."""
+    return {
+        "file": rel,
+        "bytes": (out / rel).stat().st_size,
+        "sha256": tm.sha256_file(out / rel),
+        "onnx": plan.onnx,
+        "strongly_typed": plan.strongly_typed,
+        "flags": list(plan.flags),
+        "variant": plan.variant,
+        "profiles": [p.to_dict() for p in profiles],
+        "build_s": round(build_s, 1),
+    }
 
 
 def _kept_engines(

@@ -59,7 +59,7 @@ def test_roofline_takes_the_slower_of_compute_and_memory():
 
 
 def test_floor_reproduces_the_design_doc_for_7b():
-    # ../shared/docs/trace-model.md, "Cost of one 128-frame request".
+    # docs/trace-model.md, "Cost of one 128-frame request".
     cfg = load_preset("trace-7b")
     assert floor.kv_bytes_per_position(cfg, 2) == 128 * 1024  # 128 KiB/token in fp16
     weights = floor.decoder_params(cfg) * 2

@@ -7,11 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trace_rt.config import IdSpace
-from trace_rt.events import Event, EventParser, first_span, highlights, parse_events, parse_result
+from trace_rt.events import Event, EventParser, first_span, highlights, parse_events
 from trace_rt.tokenizer import TextTokenizer, default_tokenizer_model
 from trace_rt.tokens import (
+    DIGIT0,
+    DOT,
     LOCAL_VOCAB,
     SCORE_FORMAT,
+    SEP,
+    SYNC,
     TIME_FORMAT,
     Head,
     encode_values,
@@ -77,7 +81,6 @@ def test_moment_retrieval_stream(tok) -> None:
     stream = [*times(18.0, 7.5), *scores_(5.0), *caption(tok, "the dog jumps"), EOS]
     events = parse_events(stream, tok, IDS)
     assert first_span(events) == (7.5, 18.0)
-    assert parse_result(stream, tok, IDS, task="mr")["span"] == [7.5, 18.0]
 
 
 def test_highlight_stream(tok) -> None:
@@ -85,9 +88,7 @@ def test_highlight_stream(tok) -> None:
     events = parse_events(stream, tok, IDS)
     assert [e.caption for e in events] == ["", ""]
     assert highlights(events) == [(2.0, 4.0), (6.0, 2.5), (8.0, 3.0)]
-    out = parse_result(stream, tok, IDS, task="vhd")
-    assert out["highlights"][0] == {"timestamp": 2.0, "score": 4.0}
-    assert "span" not in parse_result(stream, tok, IDS, task="dvc")
+    assert first_span(events) == (6.0, 8.0)  # the first event with two timestamps
 
 
 def test_eos_ends_stream(tok) -> None:
@@ -214,9 +215,62 @@ _STRUCTURAL = sorted(
 )
 
 
+def _numbers(chars: str, width: int) -> list[float]:
+    """Numbers of one head's characters ('|' for <sep> and <sync>), per the module rules:
+    closed numbers that float() reads; the unclosed tail only at its format's full width."""
+    *closed, tail = chars.split("|")
+    out = []
+    for text in [*closed, tail] if len(tail) == width else closed:
+        try:
+            value = float(text)
+        except ValueError:  # "00.1.2", ".", and "" (a stray <sep>)
+            continue
+        out.append(value)
+    return out
+
+
+def reference_events(stream: list[int], tok: TextTokenizer) -> list[dict]:
+    """events.py's rules re-stated on strings, independently of EventParser: cut at EOS,
+    split into events at text <sync> and where a time id follows a closed time segment,
+    then read each head's characters."""
+    ids = [int(t) for t in stream if 0 <= int(t) < IDS.size]
+    ids = ids[: ids.index(EOS)] if EOS in ids else ids
+    groups: list[list[int]] = [[]]
+    for t in ids:
+        in_time = IDS.time_base <= t < IDS.score_base
+        if t == XS or (in_time and TS in groups[-1]):
+            groups.append([])
+        if t != XS:
+            groups[-1].append(t)
+    char = {SEP: "|", SYNC: "|", DOT: ".", **{DIGIT0 + d: str(d) for d in range(10)}}
+    events = []
+    for g in groups:
+        time_chars = "".join(char[t - IDS.time_base] for t in g if TS <= t < SS)
+        score_chars = "".join(char[t - IDS.score_base] for t in g if SS <= t < IDS.size)
+        ev = {
+            "timestamps": _numbers(time_chars, 6),
+            "scores": _numbers(score_chars, 3),
+            "caption": tok.decode([t for t in g if t < XS]).strip(),
+        }
+        if ev["timestamps"] or ev["scores"] or ev["caption"]:
+            events.append(ev)
+    return events
+
+
+def test_reference_events_on_a_known_stream(tok) -> None:
+    stream = [*times(1.0, 2.0), *scores_(3.0), *caption(tok, "a"), *times(5.0), XS, EOS, XS]
+    assert reference_events(stream, tok) == [
+        {"timestamps": [1.0, 2.0], "scores": [3.0], "caption": "a"},
+        {"timestamps": [5.0], "scores": [], "caption": ""},
+    ]
+
+
 @settings(max_examples=300, deadline=None)
 @given(stream=st.lists(st.sampled_from(_STRUCTURAL), max_size=80))
-def test_streaming_parser_equals_batch(tok, stream):
+def test_parser_matches_independent_reference(tok, stream):
+    """Batch and streaming parses both equal the string-based reference above."""
+    want = reference_events(stream, tok)
+    assert [e.to_dict() for e in parse_events(stream, tok, IDS)] == want
     parser = EventParser(tok, IDS)
     streamed = []
     for t in stream:
@@ -224,7 +278,7 @@ def test_streaming_parser_equals_batch(tok, stream):
         assert len(done) <= 1
         streamed += done
     streamed += parser.finish()
-    assert [e.to_dict() for e in streamed] == [e.to_dict() for e in parse_events(stream, tok, IDS)]
+    assert [e.to_dict() for e in streamed] == want
 
 
 def test_streaming_parser_emits_at_text_sync(tok):

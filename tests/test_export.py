@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,13 @@ import pytest
 import torch
 
 from export import export_onnx
-from export.onnx_export import EXTERNAL_DATA_THRESHOLD
 from trace_rt.backends import onnxruntime_backend as ort_backend
 from trace_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
-from trace_rt.errors import CheckpointError
+from trace_rt.errors import CheckpointError, InputError
 from trace_rt.generate import GenerationConfig
 from trace_rt.graphs import (
     DECODER,
+    EXTERNAL_DATA_THRESHOLD,
     GRAPH_NAMES,
     KV_CACHE,
     MANIFEST_FILE,
@@ -358,6 +359,36 @@ def test_optimised_graph_cache(artifacts, tmp_path):
     a = first.prefill([1, -201, 2], video, Head.TIME)
     b = second.prefill([1, -201, 2], video, Head.TIME)
     np.testing.assert_array_equal(a, b)
+
+
+def test_graph_cache_write_failure(artifacts, tmp_path, monkeypatch):
+    """A cache that cannot be written: an error when the directory was named, else one
+    warning naming the reason, and the graphs optimised in memory."""
+    import trace_rt.backends.onnxruntime_backend as ob
+
+    monkeypatch.setattr(ob, "_WARNED", set())
+    cache = tmp_path / "cache"
+    OnnxRuntimeBackend(artifacts["fp32"], cache_dir=cache)
+    names = sorted(p.name for p in cache.iterdir())
+    blocked = tmp_path / "blocked"
+    for n in names:  # a directory where each cached graph would go: the write fails
+        (blocked / n).mkdir(parents=True)
+    with pytest.raises(InputError, match=r"cache_dir .*blocked: cannot write the optimised"):
+        OnnxRuntimeBackend(artifacts["fp32"], cache_dir=blocked)
+    art = _copy(artifacts["fp32"], tmp_path / "a")
+    shutil.copytree(blocked, art / ".ort_cache")  # the default cache directory
+    with pytest.warns(RuntimeWarning, match=r"cannot write the optimised .* at every load"):
+        b = OnnxRuntimeBackend(art)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: no second warning
+        OnnxRuntimeBackend(art)
+    video = np.zeros((8 * 14, b.config.hidden_size), np.float32)
+    plain = OnnxRuntimeBackend(artifacts["fp32"], cache_dir=False)
+    want = plain.prefill([1, -201, 2], video, Head.TIME)
+    np.testing.assert_array_equal(b.prefill([1, -201, 2], video, Head.TIME), want)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match=r"cache_dir .*: cannot create it"):
+        OnnxRuntimeBackend(artifacts["fp32"], cache_dir=tmp_path / "file" / "sub")
 
 
 def test_onnxruntime_backend_runs_without_torch(artifacts):

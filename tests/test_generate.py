@@ -40,7 +40,14 @@ class ScriptedBackend:
         self.heads.append(head)
         n = head_size(IDS, head)
         if self.rng is not None:
-            return self.rng.normal(size=n).astype(np.float32) * 5
+            logits = self.rng.normal(size=n).astype(np.float32) * 5
+            if head is Head.TEXT:
+                # Captions end: the text <sync> wins about half the text steps (over the
+                # max of 32000 noisy logits, ~20), so 300 tokens hold many events; EOS
+                # never wins, so the budget, not chance, ends the stream.
+                logits[IDS.text_sync] += 21.0
+                logits[self.config.eos_token_id] = -1e9
+            return logits
         logits = np.zeros(n, np.float32)
         want = self.script[len(self.heads) - 1]
         base = {Head.TEXT: 0, Head.TIME: IDS.time_base, Head.SCORE: IDS.score_base}[head]
@@ -103,18 +110,29 @@ def test_eos_only_from_text_head():
 
 @pytest.mark.parametrize("duration", [0.0, 3.7, 125.0, 20000.0])
 def test_constrained_with_noise_is_well_formed(duration):
+    """300 noisy tokens under constraints: many time and score segments, each well formed
+    and in range, and only an unfinished last segment (cut by the budget) left over."""
     for seed in range(5):
         b = ScriptedBackend([], noise_seed=seed)
         gen = GenerationConfig(max_new_tokens=300, constrained=True)
         res = generate(b, [1, -201, 32000], None, gen, duration=duration)
+        assert len(res.token_ids) == 300 and res.stop_reason == "max_new_tokens"
         time_text = "".join(_char(i - IDS.time_base) for i in res.token_ids if _is_time(i))
         score_text = "".join(_char(i - IDS.score_base) for i in res.token_ids if _is_score(i))
-        for seg in re.findall(r".*?<sync>", time_text):
+        time_segs = re.findall(r".*?<sync>", time_text)
+        score_segs = re.findall(r".*?<sync>", score_text)
+        assert len(time_segs) >= 8 and len(score_segs) >= 8, (len(time_segs), len(score_segs))
+        for seg in time_segs:
             assert re.fullmatch(r"\d{4}\.\d(<sep>\d{4}\.\d)*<sync>", seg), seg
             for v in re.findall(r"\d{4}\.\d", seg):
                 assert float(v) <= min(duration, 9999.9) + 1e-9
-        for seg in re.findall(r".*?<sync>", score_text):
+        for seg in score_segs:
             assert re.fullmatch(r"\d\.\d(<sep>\d\.\d)*<sync>", seg), seg
+        # what follows the last <sync> is a prefix of a well-formed segment
+        time_tail = time_text[len("".join(time_segs)) :]
+        score_tail = score_text[len("".join(score_segs)) :]
+        assert re.fullmatch(r"(\d{4}\.\d<sep>)*\d{0,4}\.?\d?", time_tail), time_tail
+        assert re.fullmatch(r"(\d\.\d<sep>)*\d?\.?\d?", score_tail), score_tail
 
 
 def _is_time(i: int) -> bool:

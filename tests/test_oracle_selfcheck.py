@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.reference import ReferenceTrace
-from trace_rt.errors import CheckpointError
+from benchmarks.reference.oracle import CheckpointError
 
 H, LAYERS, HEADS, KV, INTER, VOCAB = 64, 2, 4, 2, 128, 32000
 CLIP_H, CLIP_LAYERS, CLIP_HEADS, CLIP_INTER, IMG, PATCH = 32, 2, 2, 64, 28, 14
@@ -212,6 +214,27 @@ def test_loaded_values_match_checkpoint(oracle, ckpt):
         oracle.clip.encoder.layers[0].self_attn.q_proj.bias,
         w[VISION_PREFIX + "encoder.layers.0.self_attn.q_proj.bias"],
     )
+
+
+def test_oracle_imports_nothing_of_trace_rt():
+    """The oracle shares no code with what it checks (config parsing included)."""
+    code = "import sys, benchmarks.reference; print(sorted(m.split('.')[0] for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "'trace_rt'" not in out.stdout and "'torch'" in out.stdout
+
+
+def test_configs_read_by_transformers(oracle):
+    """Every decoder field comes from config.json through MistralConfig, as written."""
+    llm = oracle.llm.config
+    assert (llm.hidden_size, llm.num_hidden_layers, llm.num_attention_heads) == (H, LAYERS, HEADS)
+    assert llm.num_key_value_heads == KV and llm.head_dim == H // HEADS
+    theta = getattr(llm, "rope_theta", None) or llm.rope_parameters["rope_theta"]
+    assert (theta, llm.rms_norm_eps) == (CONFIG["rope_theta"], CONFIG["rms_norm_eps"])
+    assert oracle.text_config.mm_vision_select_layer == -2
+    assert oracle.clip.config.num_hidden_layers == CLIP_LAYERS
+    assert oracle.processor.crop_size == {"height": IMG, "width": IMG}
+    assert (oracle.text_sync, oracle.time_base, oracle.score_base) == (32000, 32001, 32014)
+    assert oracle.id_space == 32027
 
 
 # ---- (b) vision tower from the CLIP directory -------------------------------------------

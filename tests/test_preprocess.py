@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
+import tests.data.make_pillow12_reference as P12
 import trace_rt.preprocess as pp
 from tests.media import write_video
 from trace_rt.config import _CLIP_L_336, PreprocessConfig
@@ -155,17 +158,35 @@ def test_preprocess_padded_in_small_chunks(monkeypatch, decoded, size):
     np.testing.assert_allclose(got, reference(frames, CLIP, pad=True), atol=1e-4, rtol=0)
 
 
+# Recorded on Pillow 12 + transformers 4.40 (the release's stack; Pillow 13 changed the
+# pass order) by tests/data/make_pillow12_reference.py, which also makes the inputs.
+PILLOW12 = np.load(Path(__file__).parent / "data" / "pillow12_reference.npz")
+
+
+def test_pillow12_record_is_what_it_claims():
+    assert int(str(PILLOW12["pillow_version"]).split(".")[0]) < 13
+    assert str(PILLOW12["transformers_version"]) == "4.40.0"
+
+
+@pytest.mark.parametrize("case", range(len(P12.RESIZES)))
+def test_legacy_order_matches_pillow12(case):
+    h, w, oh, ow = P12.RESIZES[case]
+    img = P12.synthetic_image(h, w, case)
+    want = PILLOW12[f"resize_{h}x{w}_to_{oh}x{ow}"]
+    assert pillow_goes_vertical_first(h, w, oh, ow)  # where the two Pillows differ
+    np.testing.assert_array_equal(resize_bicubic(img, oh, ow, legacy_order=True), want)
+    # The record tells the orders apart: the other order (Pillow 13's) misses it.
+    assert (resize_bicubic(img, oh, ow, legacy_order=False) != want).any()
+
+
 def test_preprocess_tall_unpadded_uses_release_pass_order():
     """Without padding, a frame over twice as tall as wide is where Pillow >= 13 changed
-    its pass order; preprocessing keeps the release's (Pillow < 13) horizontal-first."""
-    frames = RNG.integers(0, 256, (2, 500, 200, 3), dtype=np.uint8)
-    cfg = PreprocessConfig.from_dict(TINY, pad_to_square=False)
-    got = preprocess_frames(frames, cfg)
-    resized = resize_bicubic(frames, 80, 32, legacy_order=True)[:, 24:56]  # centre crop 32
-    levels = (resized.astype(np.float64) / 255).astype(np.float32)
-    mean, std = np.float32(cfg.image_mean), np.float32(cfg.image_std)
-    np.testing.assert_array_equal(got, ((levels - mean) / std).transpose(0, 3, 1, 2))
-    assert pillow_goes_vertical_first(500, 200, 80, 32)
+    its pass order; preprocessing keeps the release's (Pillow < 13): the recorded numbers
+    of the release's CLIPImageProcessor on Pillow 12."""
+    frame = P12.synthetic_image(*P12.FRAME_HW, len(P12.RESIZES))
+    cfg = PreprocessConfig.from_dict(P12.PROCESSOR, pad_to_square=False)
+    got = preprocess_frames(frame[None], cfg)
+    np.testing.assert_array_equal(got, PILLOW12["clip_unpadded_80x20"])
 
 
 def test_preprocess_square_and_tiny_frames():

@@ -163,7 +163,16 @@ def test_frames_tensor_streams_too(server, walker_artifact, clip_video):
             max_new_tokens=40,
             on_event=got.append,
         )
-    assert len(got) == len(res["events"]) >= 3
+    # The stream is exactly the final result's events, which are the walker's events as
+    # the local pipeline makes them from the same frames (40 tokens: 2 whole events and a
+    # third whose caption the budget cuts).
+    assert [e.pop("index") for e in got] == list(range(len(got)))
+    assert got == res["events"]
+    want = pipe.run_prepared(prep, GenerationConfig(max_new_tokens=40))
+    assert res["token_ids"] == want["token_ids"] and res["events"] == want["events"]
+    walker = {"timestamps": [123.4], "scores": [4.5], "caption": "a dog"}
+    assert len(got) == 3 and got[:2] == [walker, walker]
+    assert got[2] | {"caption": "a dog"} == walker and "a dog".startswith(got[2]["caption"])
 
 
 def test_serve_command_ready_then_ctrl_c(repo, clip_video):

@@ -439,6 +439,12 @@ def test_fake_backend_errors(fake_trt, fake_art, tmp_path):
     (art / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="export trt"):
         load_backend("tensorrt", art, device="cuda")
+    # A decoder engine without the decode profile is refused, not run with profile 0.
+    manifest = json.loads((fake_art / MANIFEST_FILE).read_text())
+    manifest["tensorrt"]["engines"][DECODER]["profiles"][1]["name"] = "step"
+    (art / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"no profile 'decode' \(\['prefill', 'step'\]\)"):
+        load_backend("tensorrt", art, device="cuda")
 
 
 # ---- GPU -------------------------------------------------------------------------------

@@ -182,18 +182,3 @@ def highlights(events: Sequence[Event]) -> list[tuple[float, float]]:
     first timestamp with the first score of each event; extra pairs are kept here).
     """
     return [(t, s) for ev in events for t, s in zip(ev.timestamps, ev.scores, strict=False)]
-
-
-def parse_result(
-    token_ids: Iterable[int], tok: TextTokenizer, ids: IdSpace, task: str | None = None
-) -> dict[str, Any]:
-    """A JSON-ready result: ``events`` always, plus ``span`` for ``mr`` and
-    ``highlights`` for ``vhd``."""
-    events = parse_events(token_ids, tok, ids)
-    out: dict[str, Any] = {"events": [e.to_dict() for e in events]}
-    if task == "mr":
-        span = first_span(events)
-        out["span"] = list(span) if span is not None else None
-    elif task == "vhd":
-        out["highlights"] = [{"timestamp": t, "score": s} for t, s in highlights(events)]
-    return out

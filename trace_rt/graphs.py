@@ -69,6 +69,10 @@ GRAPH_NAMES = (VISION_ENCODER, PROJECTOR, DECODER)
 EMBEDDINGS_FILE = "embeddings.npy"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "trace-rt-artifact/1"
+# Protobuf caps a message at 2 GiB: an exported graph larger than this keeps its weights
+# in ``<file>.data`` (role ``external_data`` in the manifest). The one value every
+# exporter (onnx, quantize, atc) uses.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # The decoder's KV-cache contract (manifest ``export.kv_cache``); see the module docstring.
 KV_CACHE = "preallocated-seq-major"
 

@@ -1,4 +1,4 @@
-"""The reference oracle: an independent plain TRACE on HF transformers modules."""
+"""The reference oracle: a plain TRACE on HF transformers modules, importing nothing of trace_rt."""
 
 from benchmarks.reference.oracle import ReferenceTrace, SpatialSlotProjector
 

@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from benchmarks.reference.oracle import ReferenceTrace
+from trace_rt.config import TraceConfig
 from trace_rt.tokens import Head, head_base, head_size
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,7 +47,8 @@ class ReferenceBackend:
         if dtype is None:
             dtype = "fp32" if self.device.type == "cpu" else "fp16"
         self.model = ReferenceTrace.from_pretrained(model_dir, _DTYPES[dtype], self.device)
-        self.config = self.model.cfg
+        # What the bench reads (preprocessing, sizes); the oracle itself parses its own.
+        self.config = TraceConfig.from_dir(model_dir)
         self.dtype = self.model.dtype  # read by the bench for the floor's bytes per weight
         self._cache: DynamicCache | None = None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,8 @@ class OnnxRuntimeBackend:
             physical core.
         cache_dir: where optimised graphs are cached (default ``<model_dir>/.ort_cache``
             when writable, else ``~/.cache/trace-rt/ort``); ``False`` disables the cache.
+            A directory named here must take the cache (:class:`InputError` otherwise);
+            the default one falls back to optimising in memory with a warning, once.
         verify: ``sha256`` (default) or ``size``: how thoroughly the files are checked
             against the manifest at load.
         decoder_variant: run a quantised decoder from ``python -m export quantize``
@@ -108,6 +111,7 @@ class OnnxRuntimeBackend:
         self.providers, self.device_type, self.device_id = _providers(device)
         self.threads = threads
         self._cache_dir = _cache_dir(self.model_dir, cache_dir)
+        self._cache_asked = cache_dir not in (None, True, False)  # a directory was named
         graphs = GRAPH_NAMES if video_graphs else (DECODER,)
         self.sessions = {g: self._session(self.specs[g]) for g in graphs}
         # [ids, H] in unified id order; memory-mapped, so only rows used are read.
@@ -217,9 +221,13 @@ class OnnxRuntimeBackend:
                 first = ort.InferenceSession(str(path), so, providers=self.providers)
                 del first  # free its weights before the real session loads
                 tmp.replace(cached)
-            except Exception:  # onnxruntime's errors derive from Exception only
-                # Unwritable cache or a graph onnxruntime cannot save: optimise in memory.
+            except Exception as e:  # onnxruntime's errors derive from Exception only
                 tmp.unlink(missing_ok=True)
+                reason = f"cannot write the optimised {spec.name} graph to {cached} ({e})"
+                if self._cache_asked:
+                    raise InputError(f"cache_dir {self._cache_dir}: {reason}") from e
+                # The default cache is a convenience: optimise in memory, and say so once.
+                _warn_once(self._cache_dir, f"{reason}; graphs are optimised at every load")
                 cached = None
         # EXTENDED fusions are in the cached file; ALL adds the layout passes, which
         # depend on the CPU and therefore are redone at each load.
@@ -368,22 +376,47 @@ def _providers(device: str) -> tuple[list[Any], str, int]:
     raise InputError(f"unknown device {device!r}; use cpu, cuda[:N] or auto")
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: Path | str | None, message: str) -> None:
+    """A RuntimeWarning for *key* (a cache directory), once per process."""
+    if str(key) not in _WARNED:
+        _WARNED.add(str(key))
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def _cache_dir(model_dir: Path, option: str | Path | bool | None) -> Path | None:
+    """The optimised-graph cache directory: the one named (which must be usable), else the
+    first writable default; None if caching is off or no default is writable (warned)."""
     if option is False:
         return None
-    candidates = (
-        [Path(option)]
-        if option not in (None, True)
-        else [model_dir / ".ort_cache", Path.home() / ".cache" / "trace-rt" / "ort"]
-    )
+    if option not in (None, True):
+        d = Path(option)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cache_dir {d}: cannot create it ({e})") from e
+        if not os.access(d, os.W_OK):
+            raise InputError(f"cache_dir {d}: not writable")
+        return d
+    candidates = [model_dir / ".ort_cache", Path.home() / ".cache" / "trace-rt" / "ort"]
+    problems = []
     for d in candidates:
         try:
             d.mkdir(parents=True, exist_ok=True)
-        except OSError:
+        except OSError as e:
+            problems.append(f"{d}: {e}")
             continue
         if os.access(d, os.W_OK):
             return d
-    return None  # nowhere writable: optimise at every load
+        problems.append(f"{d}: not writable")
+    _warn_once(
+        "no-cache-dir",
+        f"no writable optimised-graph cache ({'; '.join(problems)}); graphs are optimised at "
+        "every load (name a cache_dir, or pass cache_dir=False to silence this)",
+    )
+    return None
 
 
 def _check_io(sess: ort.InferenceSession, spec: GraphSpec, path: Path) -> None:

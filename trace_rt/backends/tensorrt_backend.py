@@ -352,8 +352,7 @@ class TensorRTBackend:
 
     def _new_decoder_context(self, phase: str) -> Any:
         engine, rec = self.engines[DECODER], self.section["engines"][DECODER]
-        names = [p["name"] for p in rec["profiles"]]
-        index = names.index(phase) if phase in names else 0
+        index = tm.profile_index(rec, phase)  # an engine without the phase's profile: an error
         ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if hasattr(ctx, "set_device_memory"):
             ctx.set_device_memory(self._scratch.ptr, self._scratch.nbytes)
