@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"budget of requests that name none (default {d.default_max_new_tokens})",
     )
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads per session")
+    p.add_argument(
+        "--server-tensorrt",
+        metavar="VERSION",
+        help="--backend tensorrt: the serving tritonserver's TensorRT version, checked "
+        "against the engines' (default: the tensorrt importable here)",
+    )
     p.add_argument("--no-progress", action="store_true", help="print nothing while building")
     args = parser.parse_args(argv)
     from triton_repo.build import build_repository
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             encoders=args.encoders,
             max_video_bytes=args.max_video_bytes,
             max_new_tokens=args.max_new_tokens,
+            server_tensorrt=args.server_tensorrt,
             default_max_new_tokens=args.default_max_new_tokens,
             threads=args.threads,
             progress=not args.no_progress,
