@@ -102,10 +102,11 @@ def _add_trt_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from export.onnx_export import DEFAULT_OPSET, export_onnx
-
     try:
         if args.command == "onnx":
+            # Imported here, not for every command: `export trt` runs on torch-free devices.
+            from export.onnx_export import DEFAULT_OPSET, export_onnx
+
             out = export_onnx(
                 args.checkpoint,
                 args.out,
