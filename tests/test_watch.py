@@ -208,3 +208,31 @@ def test_cli_watch_file(art, stream_file):
     assert [x.get("window") for x in lines[:-1]] == [0, 1]
     assert lines[-1] == {"end": "stream ended", "windows": 2, "dropped": 0}
     assert all(len(x["token_ids"]) <= 8 and x["frames"] == 4 for x in lines[:-1])
+
+
+def test_watch_against_a_server_equals_local(art, stream_file, tmp_path):
+    # --url: each window's preprocessed frames go to a real tritonserver (trace-rt serve's
+    # repository); the answers equal the in-process pipeline's.
+    from tests.triton_server import running_server
+    from triton_repo.build import build_repository
+
+    repo = build_repository(art, tmp_path / "repo", progress=False)
+    args = ["--model", str(art), "--window", "3", "--stride", "3", "--frames", "4",
+            "--max-new-tokens", "8", "--task", "mr", "--query", QUERY]  # fmt: skip
+
+    def watch(*extra: str) -> list[dict]:
+        out = subprocess.run(
+            [sys.executable, "-m", "trace_rt", "watch", str(stream_file), *args, *extra],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return [json.loads(x) for x in out.stdout.splitlines()]
+
+    local = watch("--backend", "onnxruntime")
+    with running_server(repo, log_file=tmp_path / "triton.log") as server:
+        remote = watch("--url", server.grpc_url)
+    assert len(remote) == len(local) == 3
+    for got, want in zip(remote[:-1], local[:-1], strict=True):
+        for key in ("window", "stream_start", "stream_end", "token_ids", "events", "frame_times"):
+            assert got[key] == want[key], key
+    assert remote[-1] == local[-1] == {"end": "stream ended", "windows": 2, "dropped": 0}
