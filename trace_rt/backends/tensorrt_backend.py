@@ -1,13 +1,14 @@
 """TensorRT backend: runs the engines ``python -m export trt`` built into an artifact dir.
 
-Needs ``tensorrt`` and ``cuda-python`` (``pip install 'trace-rt[tensorrt]'``); nothing else
+Needs ``tensorrt`` >= 10.3 and ``cuda-python`` (``pip install 'trace-rt[tensorrt]'``, or on a
+Jetson JetPack's ``python3-libnvinfer``: deploy/jetson/); nothing else
 in trace_rt imports this module, so the rest of the runtime works without them.
 
 Memory: every device buffer is allocated once, at load, for the largest request the
 engines admit (``manifest["tensorrt"]["limits"]``), and bound to the engines by address;
 requests only copy their inputs in and the head's logits out. Ids are embedded on the host
-from ``embeddings.npy`` (as in the onnxruntime backend); positions are a device-resident
-``arange(max_seq)`` whose slices are bound directly.
+from ``embeddings.npy`` (as in the onnxruntime backend); positions are sliced from a
+device-resident ``arange(max_seq)`` into an aligned ``position_ids`` buffer.
 
 KV cache (the export's ``kv_cache: preallocated-seq-major`` contract, trace_rt/graphs.py),
 derived from the decoder's I/O spec in the manifest, no names or sizes hard-coded: every
@@ -15,7 +16,8 @@ derived from the decoder's I/O spec in the manifest, no names or sizes hard-code
 ``[1, seq, ...]`` holding only the new positions. The backend allocates one
 ``[max_seq, ...]`` buffer per pair; each run binds the buffer's first ``past`` rows as
 the input and the next ``seq`` rows as the output, so the engine writes its new K/V
-straight into place and nothing is copied or concatenated, ever.
+straight into place and nothing is concatenated (a misaligned row goes through a staging
+row, below).
 
 Addresses: TensorRT requires every tensor address to be 256-byte aligned
 (``IExecutionContext::setTensorAddress``: "The pointer must have at least 256-byte
