@@ -88,13 +88,13 @@ if [ ! -f "$WORK/site/.done" ]; then
 fi
 
 # 4. the same request on both architectures
-if [ ! -f "$WORK/art/manifest.json" ]; then
-  log "x86: tiny checkpoint, ONNX export, test video"
-  PYTHONPATH=$REPO "$PY" -m training make-checkpoint "$WORK/ckpt" --preset tiny >/dev/null
-  PYTHONPATH=$REPO "$PY" -m export onnx "$WORK/ckpt" "$WORK/art" >/dev/null
-  PYTHONPATH=$REPO "$PY" -c "import sys; from tests.media import write_video; \
+# Always afresh: a cached export from an older trace-rt could be refused by this one.
+rm -rf "$WORK/ckpt" "$WORK/art"
+log "x86: tiny checkpoint, ONNX export, test video"
+PYTHONPATH=$REPO "$PY" -m training make-checkpoint "$WORK/ckpt" --preset tiny >/dev/null
+PYTHONPATH=$REPO "$PY" -m export onnx "$WORK/ckpt" "$WORK/art" >/dev/null
+PYTHONPATH=$REPO "$PY" -c "import sys; from tests.media import write_video; \
 write_video(sys.argv[1], width=96, height=64, fps=10, n_frames=40)" "$WORK/clip.mp4"
-fi
 # Three requests: greedy mr, sampled dvc (a varied token stream: any numeric difference
 # between the architectures' kernels that flips a token shows), greedy vhd.
 REQUESTS=(
