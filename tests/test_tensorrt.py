@@ -255,7 +255,7 @@ def fake_trt(monkeypatch):
     import trace_rt.backends as pkg
     from tests.fake_tensorrt import make_modules
 
-    fresh = ("tensorrt_backend", "cuda_rt")
+    fresh = ("tensorrt_backend", "tensorrt_reader", "cuda_rt")
     # Both the sys.modules entries and the package attributes: `from trace_rt.backends
     # import cuda_rt` would otherwise pick up a module bound to another test's fakes.
     for m in fresh:
@@ -663,7 +663,7 @@ def test_fake_backend_tensorrt_version(monkeypatch, fake_art):
     import trace_rt.backends as pkg
     from tests.fake_tensorrt import make_modules
 
-    for m in ("tensorrt_backend", "cuda_rt"):
+    for m in ("tensorrt_backend", "tensorrt_reader", "cuda_rt"):
         monkeypatch.delitem(sys.modules, f"{pkg.__name__}.{m}", raising=False)
         monkeypatch.delattr(pkg, m, raising=False)
     for name, mod in make_modules(version="10.2.0.19").items():
@@ -672,7 +672,7 @@ def test_fake_backend_tensorrt_version(monkeypatch, fake_art):
 
     with pytest.raises(CheckpointError, match=r"TensorRT 10\.2\.0\.19 is too old.*>= 10\.3"):
         TensorRTBackend(fake_art, device="cuda", verify="size")
-    for m in ("tensorrt_backend", "cuda_rt"):
+    for m in ("tensorrt_backend", "tensorrt_reader", "cuda_rt"):
         sys.modules.pop(f"{pkg.__name__}.{m}", None)
         if hasattr(pkg, m):
             delattr(pkg, m)

@@ -54,8 +54,6 @@ enqueue), and the backend warns and runs without graphs from then on.
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,6 +73,7 @@ except ImportError as e:  # the module's one hard requirement, named plainly
 from trace_rt.backends import cuda_rt
 from trace_rt.backends import tensorrt_manifest as tm
 from trace_rt.backends.base import split_prompt
+from trace_rt.backends.tensorrt_reader import EngineReader
 from trace_rt.config import TraceConfig
 from trace_rt.errors import CheckpointError, InputError, PromptTooLongError
 from trace_rt.graphs import (
@@ -437,7 +436,7 @@ class TensorRTBackend:
     # ---- helpers ---------------------------------------------------------------------
     def _engine(self, graph: str) -> Any:
         rec = self.section["engines"][graph]
-        with _EngineReader(self.model_dir / rec["file"]) as reader:
+        with EngineReader(self.model_dir / rec["file"]) as reader:
             engine = self._runtime.deserialize_cuda_engine(reader)
         if engine is None:
             raise CheckpointError(
@@ -493,59 +492,3 @@ def _set_address(ctx: Any, name: str, ptr: int) -> None:
             f"TensorRT refused address {ptr:#x} for tensor {name!r}"
             + (f" (not {ALIGN}-byte aligned)" if ptr % ALIGN else "")
         )
-
-
-_Reader = getattr(trt, "IStreamReaderV2", None) or trt.IStreamReader
-
-
-class _EngineReader(_Reader):
-    """Feeds an engine file to ``deserialize_cuda_engine`` piece by piece from a memory map.
-
-    TensorRT >= 10.7 takes an ``IStreamReaderV2`` (``read(nbytes, stream)`` and ``seek``),
-    10.3-10.6 an ``IStreamReader`` (``read(nbytes)``); the Python bindings copy each
-    returned buffer into TensorRT's destination. Slices of the map are returned, not bytes,
-    so no anonymous copy of the engine is made: what is read is file-backed page cache.
-    """
-
-    def __init__(self, path: Path):
-        _Reader.__init__(self)
-        self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
-        size = path.stat().st_size
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
-        self._pos = 0
-
-    def read(self, nbytes: int, stream: int = 0) -> memoryview:
-        end = min(self._pos + int(nbytes), len(self._view))
-        chunk, self._pos = self._view[self._pos : end], end
-        return chunk
-
-    def seek(self, offset: int, where: Any) -> bool:
-        base = {0: 0, 1: self._pos, 2: len(self._view)}[_whence(where)]
-        if not 0 <= base + offset <= len(self._view):
-            return False
-        self._pos = base + offset
-        return True
-
-    def close(self) -> None:
-        # A slice TensorRT still holds keeps the map open until it is collected.
-        with contextlib.suppress(BufferError):
-            self._view.release()
-            if self._map is not None:
-                self._map.close()
-        self._file.close()
-
-    def __enter__(self) -> _EngineReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _whence(where: Any) -> int:
-    seek = getattr(trt, "SeekPosition", None)
-    if seek is not None:
-        for i, name in enumerate(("SET", "CUR", "END")):
-            if where == getattr(seek, name):
-                return i
-    return int(where)
