@@ -76,6 +76,8 @@ def test_device_table():
     assert not cpu.gpu and cpu.unified and cpu.gbps == 20.0 and 0 < cpu.usable_gb <= cpu.memory_gb
     with pytest.raises(InputError, match="fp32"):
         memory(load_preset("tiny"), H100, Settings(precision="fp32"))
+    with pytest.raises(InputError, match="not fp16"):
+        memory(load_preset("tiny"), cpu, Settings(precision="fp16"))
 
 
 def test_suggestions():

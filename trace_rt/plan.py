@@ -84,6 +84,8 @@ class Settings:
             raise InputError(f"unknown precision {self.precision!r}; use one of {PRECISIONS}")
         if self.precision == "fp32" and device.gpu:
             raise InputError("fp32 is the CPU backend's precision; on a GPU use fp16/int8/int4")
+        if self.precision == "fp16" and not device.gpu:
+            raise InputError("the CPU backend runs fp32, int8 or int4 decoders, not fp16")
         for name in ("frames", "max_new_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1")
