@@ -255,7 +255,7 @@ def fake_trt(monkeypatch):
     import trace_rt.backends as pkg
     from tests.fake_tensorrt import make_modules
 
-    fresh = ("tensorrt_backend", "cuda_rt")
+    fresh = ("tensorrt_backend", "tensorrt_reader", "cuda_rt")
     # Both the sys.modules entries and the package attributes: `from trace_rt.backends
     # import cuda_rt` would otherwise pick up a module bound to another test's fakes.
     for m in fresh:
@@ -548,3 +548,140 @@ def test_cuda_graph_replay_equals_plain_runs(trt_artifacts, clip_video):
     for _ in range(3):
         assert graphs.run(clip_video, "dvc", gen=gen)["token_ids"] == want
     assert len(graphs.backend._graphs) > 0
+
+
+# ---- the strict stand-in: TensorRT's and CUDA's rules, and the backend keeping them -------
+def test_fake_enforces_tensorrt_rules(fake_trt, fake_art):
+    # The rules themselves (tests/fake_tensorrt.py cites them): so a backend that breaks
+    # one fails here on CPU, as it would on a GPU.
+    import ctypes
+
+    import tensorrt
+
+    from tests.fake_tensorrt import ALIGN
+
+    rt = tensorrt.Runtime(None)
+    blob = (fake_art / "tensorrt" / "decoder.fake.engine").read_bytes()
+    engine = rt.deserialize_cuda_engine(blob)
+    ctx = engine.create_execution_context()
+    _, ptr = fake_trt.cudaMalloc(4096)
+    assert ptr % ALIGN == 0
+    assert ctx.set_tensor_address("position_ids", ptr)
+    assert not ctx.set_tensor_address("position_ids", ptr + 8)  # misaligned
+    assert not ctx.set_tensor_address("no_such_tensor", ptr)
+    hidden = engine.get_tensor_profile_shape("inputs_embeds", 0)[2][2]
+    assert ctx.set_input_shape("inputs_embeds", (1, 5, hidden))
+    assert not ctx.set_input_shape("inputs_embeds", (1, 513, hidden))  # past the profile
+    assert not ctx.set_input_shape("inputs_embeds", (5, hidden))  # wrong rank
+    assert ctx.set_optimization_profile_async(1, 0)  # decode: exactly one new position
+    assert not ctx.set_input_shape("inputs_embeds", (1, 2, hidden))
+    assert not ctx.set_optimization_profile_async(2, 0)
+    assert not ctx.execute_async_v3(0)  # shapes and addresses missing
+    # Copies are asynchronous: pinned host memory sees device data only after a sync.
+    _, host = fake_trt.cudaMallocHost(8)
+    ctypes.memmove(ptr, (ctypes.c_int64 * 1)(42), 8)
+    fake_trt.cudaMemcpyAsync(host, ptr, 8, fake_trt.cudaMemcpyKind.cudaMemcpyDeviceToHost, 0)
+    assert ctypes.c_int64.from_address(host).value == 0
+    fake_trt.cudaStreamSynchronize(0)
+    assert ctypes.c_int64.from_address(host).value == 42
+    with pytest.raises(AssertionError, match="outside every allocation"):
+        fake_trt.cudaMemcpyAsync(
+            host, ptr + 4096, 8, fake_trt.cudaMemcpyKind.cudaMemcpyDeviceToHost, 0
+        )
+
+
+def test_fake_backend_alignment_and_streaming(fake_trt, fake_art):
+    # tiny's K/V rows are 128 bytes: every other new-row slot is misaligned, so the backend
+    # must stage them; positions go through an aligned buffer; engines are streamed.
+    import tensorrt
+
+    from trace_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from trace_rt.backends.tensorrt_backend import TensorRTBackend, _set_address
+    from trace_rt.tokens import Head
+
+    b = TensorRTBackend(fake_art, device="cuda", cuda_graphs=0)
+    assert tensorrt.Runtime.loaded == ["stream"] * 3  # never the whole file as bytes
+    assert all(kv.row_bytes % 256 and kv.stage is not None for kv in b._kv)
+    assert [kv.staged(p) for p in range(4) for kv in b._kv[:1]] == [False, True, False, True]
+    ref = OnnxRuntimeBackend(fake_art, cache_dir=False)
+    video = np.random.default_rng(1).standard_normal((30, b.config.hidden_size), np.float32)
+    prompt = [1, 733, -201, 28705]
+    np.testing.assert_array_equal(
+        b.prefill(prompt, video, Head.TEXT), ref.prefill(prompt, video, Head.TEXT)
+    )
+    for token in (5, 6, 7, 8, 9):  # odd and even past lengths: staged and direct rows
+        np.testing.assert_array_equal(
+            b.decode_step(token, Head.TEXT), ref.decode_step(token, Head.TEXT)
+        )
+    ctx = b._contexts["decoder.decode"]
+    with pytest.raises(RuntimeError, match=r"'position_ids'.*not 256-byte aligned"):
+        _set_address(ctx, "position_ids", b._buffers["position_ids"].ptr + 8)
+
+
+def test_fake_backend_refused_shape(fake_trt, fake_art, tmp_path):
+    # An engine whose profile admits less than the manifest's limits: the refused
+    # set_input_shape is an error naming the input, not a silent run with the old shape.
+    import shutil
+
+    from trace_rt.backends.tensorrt_backend import TensorRTBackend
+    from trace_rt.errors import InputError
+    from trace_rt.tokens import Head
+
+    art = Path(shutil.copytree(fake_art, tmp_path / "narrow"))
+    manifest = json.loads((art / MANIFEST_FILE).read_text())
+    rec = manifest["tensorrt"]["engines"][DECODER]
+    blob = json.loads((art / rec["file"]).read_text())
+    for shapes in blob["profiles"][0]["shapes"].values():
+        shapes["max"] = [min(d, 40) if i == 1 else d for i, d in enumerate(shapes["max"])]
+    (art / rec["file"]).write_text(json.dumps(blob))
+    rec["bytes"] = (art / rec["file"]).stat().st_size
+    (art / MANIFEST_FILE).write_text(json.dumps(manifest))
+    b = TensorRTBackend(art, device="cuda", verify="size")
+    video = np.zeros((60, b.config.hidden_size), np.float32)
+    with pytest.raises(InputError, match=r"refused shape \[1, 61, \d+\] for decoder input"):
+        b.prefill([1, -201], video, Head.TEXT)
+
+
+@pytest.mark.parametrize("failure", ["fail_capture", "fail_instantiate"])
+def test_fake_backend_failed_capture(fake_trt, fake_art, clip_video, failure):
+    # A failed capture releases its graph and clears CUDA's error state (else TensorRT's
+    # next enqueue fails), warns once, and decoding goes on without graphs, same tokens.
+    from trace_rt.generate import GenerationConfig
+    from trace_rt.pipeline import Pipeline
+
+    gen = GenerationConfig(max_new_tokens=12)
+    want = Pipeline.from_dir(fake_art, "tensorrt", device="cuda", cuda_graphs=0).run(
+        clip_video, "dvc", gen=gen
+    )["token_ids"]
+    pipe = Pipeline.from_dir(fake_art, "tensorrt", device="cuda", cuda_graphs=8)
+    assert pipe.run(clip_video, "dvc", gen=gen)["token_ids"] == want  # sees each length
+    setattr(fake_trt, failure, True)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        got = pipe.run(clip_video, "dvc", gen=gen)["token_ids"]
+    assert got == want
+    assert fake_trt.live_graphs == set() and fake_trt.last_error == 0
+    assert pipe.backend._graph_capacity == 0 and not pipe.backend._graphs
+    assert pipe.run(clip_video, "dvc", gen=gen)["token_ids"] == want
+
+
+def test_fake_backend_tensorrt_version(monkeypatch, fake_art):
+    # Any TensorRT >= 10.3 is accepted (JetPack 6.1's), older ones are refused by name.
+    import trace_rt.backends as pkg
+    from tests.fake_tensorrt import make_modules
+
+    for m in ("tensorrt_backend", "tensorrt_reader", "cuda_rt"):
+        monkeypatch.delitem(sys.modules, f"{pkg.__name__}.{m}", raising=False)
+        monkeypatch.delattr(pkg, m, raising=False)
+    for name, mod in make_modules(version="10.2.0.19").items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    from trace_rt.backends.tensorrt_backend import TensorRTBackend
+
+    with pytest.raises(CheckpointError, match=r"TensorRT 10\.2\.0\.19 is too old.*>= 10\.3"):
+        TensorRTBackend(fake_art, device="cuda", verify="size")
+    for m in ("tensorrt_backend", "tensorrt_reader", "cuda_rt"):
+        sys.modules.pop(f"{pkg.__name__}.{m}", None)
+        if hasattr(pkg, m):
+            delattr(pkg, m)
+    tm.check_tensorrt_version("10.3.0.30")
+    tm.check_tensorrt_version("11.0.0")
+    assert tm.version_tuple("10.13.3.9") == (10, 13, 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -212,12 +213,19 @@ def test_tensorrt_repository(artifact, tmp_path):
         f.write_bytes(g.encode())
         engines[g] = {"file": f"tensorrt/{g}.fp16.engine", "profiles": [], "bytes": len(g),
                       "sha256": tm.sha256_file(f)}  # fmt: skip
-    section = {"format": tm.FORMAT, "limits": {"max_frames": 6, "max_seq": 512}, "engines": engines}
+    section = {"format": tm.FORMAT, "version": "10.3.0.30",
+               "limits": {"max_frames": 6, "max_seq": 512}, "engines": engines}  # fmt: skip
     tm.write_section(art, section)
+    trt = {"backend": "tensorrt", "server_tensorrt": "10.3.0.30", "progress": False}
     with pytest.raises(InputError, match="max-batch-frames"):
-        build_repository(art, tmp_path / "r0", backend="tensorrt", max_batch_frames=7,
-                         progress=False)  # fmt: skip
-    repo = build_repository(art, tmp_path / "repo", backend="tensorrt", progress=False)
+        build_repository(art, tmp_path / "r0", max_batch_frames=7, **trt)
+    # Engines load only on the TensorRT that built them: the server's must match.
+    with pytest.raises(CheckpointError, match=r"built with TensorRT 10\.3\.0\.30.*10\.8\.0"):
+        build_repository(art, tmp_path / "r1", **{**trt, "server_tensorrt": "10.8.0.43"})
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(InputError, match="--server-tensorrt"):
+            build_repository(art, tmp_path / "r2", backend="tensorrt", progress=False)
+    repo = build_repository(art, tmp_path / "repo", **trt)
     vision = _config(repo / "vision_encoder" / "config.pbtxt")
     assert 'platform: "tensorrt_plan"' in vision and "max_batch_size: 6" in vision
     assert "KIND_GPU" in vision and (repo / "vision_encoder" / "1" / "model.plan").read_bytes()
@@ -334,3 +342,13 @@ def test_settings_file_errors(tmp_path):
     (tmp_path / "serving.json").write_text(json.dumps({"backend": "onnxruntime", "colour": 1}))
     with pytest.raises(CheckpointError, match="colour"):
         ServingSettings.from_dir(tmp_path)
+
+
+def test_bf16_tensors_have_a_triton_type():
+    # bf16 artifacts' specs say "bfloat16": the config writer needs TYPE_BF16 for them
+    # (a KeyError before).
+    from trace_rt.graphs import TensorSpec
+    from triton_repo.build import _graph_tensor
+
+    t = TensorSpec("inputs_embeds", "bfloat16", (1, "seq", 64))
+    assert _graph_tensor(t, batched=False) == ("inputs_embeds", "TYPE_BF16", [1, -1, 64], False)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from trace_rt.cliutil import Parser, run_command
+from trace_rt.edge_cli import add_plan_parser, add_watch_parser, plan_command, watch_command
 from trace_rt.errors import InputError
 from trace_rt.prompts import CUSTOM_TASK
 
@@ -276,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--constrained", action="store_true", help="well-formed numbers only")
     p.add_argument("--indent", type=int, default=None, help="indent the JSON output")
     _report_args(p)
+    add_plan_parser(sub)
+    add_watch_parser(sub)
     _add_eval_parser(sub)
     return parser
 
@@ -391,7 +394,13 @@ def _client_command(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _run_command, "serve": _serve_command, "client": _client_command}
+COMMANDS = {
+    "run": _run_command,
+    "serve": _serve_command,
+    "client": _client_command,
+    "plan": plan_command,
+    "watch": watch_command,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

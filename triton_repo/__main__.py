@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="onnxruntime threads per session (0: onnxruntime's choice)",
     )
+    p.add_argument(
+        "--server-tensorrt",
+        metavar="VERSION",
+        help="--backend tensorrt: the serving tritonserver's TensorRT version, checked "
+        "against the engines' (default: the tensorrt importable here)",
+    )
     p.add_argument("--no-progress", action="store_true", help="print nothing while building")
     return parser
 
@@ -86,6 +92,7 @@ def _build(args: argparse.Namespace) -> None:
         encoders=args.encoders,
         max_video_bytes=args.max_video_bytes,
         max_new_tokens=args.max_new_tokens,
+        server_tensorrt=args.server_tensorrt,
         default_max_new_tokens=args.default_max_new_tokens,
         threads=args.threads,
         progress=not args.no_progress,

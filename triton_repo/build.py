@@ -66,6 +66,7 @@ def build_repository(
     max_new_tokens: int = ServingSettings.max_new_tokens,
     default_max_new_tokens: int = ServingSettings.default_max_new_tokens,
     threads: int = 0,
+    server_tensorrt: str | None = None,
     progress: bool = True,
 ) -> Path:
     """Write the model repository for *artifacts* to *out* (replacing an earlier build).
@@ -83,6 +84,10 @@ def build_repository(
             ``in-process`` or ``bls`` (through the repository's models).
         max_video_bytes, max_new_tokens, default_max_new_tokens: request limits.
         threads: onnxruntime intra-op threads per session (0: onnxruntime's default).
+        server_tensorrt: the TensorRT version of the tritonserver that will load the
+            ``tensorrt_plan`` models (engines load only on the version that built them);
+            default: the ``tensorrt`` importable here, if any (building inside the serving
+            container), else an error asking for it.
     """
     src, out = Path(artifacts).resolve(), Path(out).resolve()
     if instances < 1:
@@ -92,7 +97,9 @@ def build_repository(
     manifest = load_manifest(src, verify="size", graphs=backend != "tensorrt")
     cfg = TraceConfig.from_dir(src)
     specs = manifest_specs(manifest)
-    engines, frame_limit = _engines(manifest, src) if backend == "tensorrt" else ({}, None)
+    engines, frame_limit = ({}, None)
+    if backend == "tensorrt":
+        engines, frame_limit = _engines(manifest, src, server_tensorrt)
     if max_batch_frames is None:
         max_batch_frames = min(cfg.num_frames, frame_limit or cfg.num_frames)
     if max_batch_frames < 1 or (frame_limit and max_batch_frames > frame_limit):
@@ -182,11 +189,31 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True)
 
 
-def _engines(manifest: dict, src: Path) -> tuple[dict[str, str], int]:
-    """Each graph's TensorRT engine file, and the engines' frame limit."""
+def _engines(manifest: dict, src: Path, server_tensorrt: str | None) -> tuple[dict[str, str], int]:
+    """Each graph's TensorRT engine file, and the engines' frame limit.
+
+    Triton's TensorRT backend deserialises ``model.plan`` with the TensorRT it was built
+    with, and a plan loads only on the exact version that built it: a mismatch would
+    surface as a model that fails to load at server start, so it is refused here.
+    """
     from trace_rt.backends import tensorrt_manifest as tm
 
     section = tm.read_section(manifest, src)
+    built = section.get("version")
+    server = server_tensorrt or _local_tensorrt()
+    if server is None:
+        raise InputError(
+            "--backend tensorrt: pass --server-tensorrt VERSION, the TensorRT of the "
+            "tritonserver image that will serve (e.g. `docker run IMAGE python3 -c 'import "
+            "tensorrt; print(tensorrt.__version__)'`; NVIDIA's Frameworks Support Matrix "
+            f"lists it per release); the engines were built with TensorRT {built}"
+        )
+    if built is None or tm.version_tuple(built) != tm.version_tuple(server):
+        raise CheckpointError(
+            f"{src}: the engines were built with TensorRT {built}, the server has TensorRT "
+            f"{server}; engines load only on the version that built them: run `python -m "
+            "export trt` with the server's TensorRT (e.g. inside its container)"
+        )
     files = {}
     for graph in (VISION_ENCODER, PROJECTOR, DECODER):
         rec = section["engines"].get(graph)
@@ -194,6 +221,14 @@ def _engines(manifest: dict, src: Path) -> tuple[dict[str, str], int]:
             raise CheckpointError(f"{src}: no TensorRT engine for {graph}; run `export trt`")
         files[graph] = rec["file"]
     return files, int(section["limits"]["max_frames"])
+
+
+def _local_tensorrt() -> str | None:
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    return str(tensorrt.__version__)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -144,13 +144,25 @@ class Graph:
         # Thread-local mode: only this thread's unsafe calls break the capture, so another
         # thread of a server doing cudaMalloc cannot invalidate it.
         mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        self._graph = self._exec = None
         check(cudart.cudaStreamBeginCapture(stream.obj, mode))
         try:
-            record()
-        finally:
-            graph = check(cudart.cudaStreamEndCapture(stream.obj))
-        self._graph = graph
-        self._exec = check(cudart.cudaGraphInstantiate(graph, 0))
+            try:
+                record()
+            finally:  # always end the capture, or the stream stays in capture mode
+                err, graph = cudart.cudaStreamEndCapture(stream.obj)
+                self._graph = graph if graph is not None and int(graph) else None
+            check((err,))
+            self._exec = check(cudart.cudaGraphInstantiate(self._graph, 0))
+        except Exception:
+            # A failed capture or instantiation: release what was made and clear the error
+            # it left in the CUDA runtime's state, which TensorRT would otherwise report as
+            # the failure of its next, unrelated enqueue.
+            if self._graph is not None:
+                cudart.cudaGraphDestroy(self._graph)
+                self._graph = None
+            cudart.cudaGetLastError()
+            raise
 
     def launch(self, stream: Stream) -> None:
         check(cudart.cudaGraphLaunch(self._exec, stream.obj))
@@ -158,5 +170,6 @@ class Graph:
     def close(self) -> None:
         if self._exec is not None:
             check(cudart.cudaGraphExecDestroy(self._exec))
+        if self._graph is not None:
             check(cudart.cudaGraphDestroy(self._graph))
-            self._exec = self._graph = None
+        self._exec = self._graph = None

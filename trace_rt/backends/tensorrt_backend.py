@@ -1,13 +1,14 @@
 """TensorRT backend: runs the engines ``python -m export trt`` built into an artifact dir.
 
-Needs ``tensorrt`` and ``cuda-python`` (``pip install 'trace-rt[tensorrt]'``); nothing else
+Needs ``tensorrt`` >= 10.3 and ``cuda-python`` (``pip install 'trace-rt[tensorrt]'``, or on a
+Jetson JetPack's ``python3-libnvinfer``: deploy/jetson/); nothing else
 in trace_rt imports this module, so the rest of the runtime works without them.
 
 Memory: every device buffer is allocated once, at load, for the largest request the
 engines admit (``manifest["tensorrt"]["limits"]``), and bound to the engines by address;
 requests only copy their inputs in and the head's logits out. Ids are embedded on the host
-from ``embeddings.npy`` (as in the onnxruntime backend); positions are a device-resident
-``arange(max_seq)`` whose slices are bound directly.
+from ``embeddings.npy`` (as in the onnxruntime backend); positions are sliced from a
+device-resident ``arange(max_seq)`` into an aligned ``position_ids`` buffer.
 
 KV cache (the export's ``kv_cache: preallocated-seq-major`` contract, trace_rt/graphs.py),
 derived from the decoder's I/O spec in the manifest, no names or sizes hard-coded: every
@@ -15,20 +16,40 @@ derived from the decoder's I/O spec in the manifest, no names or sizes hard-code
 ``[1, seq, ...]`` holding only the new positions. The backend allocates one
 ``[max_seq, ...]`` buffer per pair; each run binds the buffer's first ``past`` rows as
 the input and the next ``seq`` rows as the output, so the engine writes its new K/V
-straight into place and nothing is copied or concatenated, ever.
+straight into place and nothing is concatenated (a misaligned row goes through a staging
+row, below).
+
+Addresses: TensorRT requires every tensor address to be 256-byte aligned
+(``IExecutionContext::setTensorAddress``: "The pointer must have at least 256-byte
+alignment", NvInferRuntime.h since TensorRT 10.0) and a setter that is refused returns
+False. So positions are not bound as a slice of a device ``arange`` (``ptr + 8 * past`` is
+aligned for one past length in 32): each run copies its slice into an aligned
+``position_ids`` buffer (one small device-to-device copy). A new K/V slot
+``buf + past * row_bytes`` is aligned only when ``row_bytes % 256 == 0`` (true for the 7B
+model's 2 KiB rows, not for small models): when it is not, the engine writes the step's row
+into an aligned staging row, copied into place right after. Every setter's result is
+checked and a refusal names the tensor.
+
+Engines are deserialised through a stream reader (``IStreamReaderV2`` from TensorRT 10.7,
+``IStreamReader`` before) over a memory map of the file, so the engine is never held as a
+second, anonymous copy in host memory (on a unified-memory Jetson a 4 GB engine's extra
+copy does not fit); the pages it reads are clean page cache the kernel can drop.
 
 CUDA graphs: a decode step's shapes and output addresses depend on its past length P, and
 a captured graph is valid only for the shapes, addresses and execution context it was
 captured with. So graphs are kept per P, each with its own
 execution context (all sharing one activation-memory block): the first decode at a given P
-runs normally, the second captures a graph (TensorRT requires one normal run after a shape
-change before capture), later ones replay it. Within one request P never repeats, so
-graphs pay off across requests of equal prompt length (e.g. ``dvc`` over many videos with
-the same frame count, or benchmarks). ``cuda_graphs=N`` bounds how many are kept; once
+runs normally, the second runs once more (TensorRT requires one normal run after a shape
+change before capture), synchronises, then captures a graph; later ones replay it. Within
+one request P never repeats, so graphs pay off across requests of equal prompt length
+(e.g. ``dvc`` over many videos with the same frame count, or benchmarks); one graph for
+every step needs a fixed-shape decode engine (past length as data, as the ATC decode variant
+does), which the exported decoder is not. ``cuda_graphs=N`` bounds how many are kept; once
 full, no more are captured (the first N are kept: a least-recently-used policy would evict
 exactly the lengths the next request needs first, as every request walks P upwards), and
-:meth:`clear_cuda_graphs` starts over; ``0`` turns them off. If a capture fails the backend
-warns and runs without graphs from then on.
+:meth:`clear_cuda_graphs` starts over; ``0`` turns them off. If a capture fails, its graph is
+released, the CUDA error state it left is cleared (TensorRT would report it at the next
+enqueue), and the backend warns and runs without graphs from then on.
 """
 
 from __future__ import annotations
@@ -52,6 +73,7 @@ except ImportError as e:  # the module's one hard requirement, named plainly
 from trace_rt.backends import cuda_rt
 from trace_rt.backends import tensorrt_manifest as tm
 from trace_rt.backends.base import split_prompt
+from trace_rt.backends.tensorrt_reader import EngineReader
 from trace_rt.config import TraceConfig
 from trace_rt.errors import CheckpointError, InputError, PromptTooLongError
 from trace_rt.graphs import (
@@ -70,6 +92,7 @@ from trace_rt.graphs import (
 )
 from trace_rt.tokens import VIDEO_PLACEHOLDER_ID, Head, head_base, head_size
 
+ALIGN = 256  # TensorRT's tensor address alignment (NvInferRuntime.h, setTensorAddress)
 _ITEMSIZE = {"FLOAT": 4, "HALF": 2, "BF16": 2, "INT64": 8, "INT32": 4, "INT8": 1, "BOOL": 1}
 
 
@@ -82,6 +105,15 @@ class _KV:
     spec: TensorSpec  # the past input's spec
     row_bytes: int  # bytes of one position
     buf: cuda_rt.DeviceBuffer  # [max_seq, ...]
+    stage: cuda_rt.DeviceBuffer | None  # one aligned row, when rows are not 256-aligned
+
+    def slot(self, past: int) -> int:
+        """Address of row *past* in the cache."""
+        return self.buf.ptr + past * self.row_bytes
+
+    def staged(self, past: int) -> bool:
+        """Whether the new row at *past* goes through the staging row (misaligned slot)."""
+        return self.slot(past) % ALIGN != 0
 
 
 @dataclass(frozen=True)
@@ -128,6 +160,7 @@ class TensorRTBackend:
         tm.verify_engines(self.section, self.model_dir, verify)
         cuda_rt.set_device(self.device_id)
         self.gpu = cuda_rt.device_info(self.device_id)
+        tm.check_tensorrt_version(trt.__version__)
         tm.check_compatible(self.section, trt.__version__, self.gpu)
         self.config = TraceConfig.from_dir(self.model_dir)
         self.specs: dict[str, GraphSpec] = manifest_specs(self.manifest)
@@ -169,7 +202,7 @@ class TensorRTBackend:
         for graph in (VISION_ENCODER, PROJECTOR):
             ctx = self._contexts[graph]
             for t in self.specs[graph].inputs:
-                ctx.set_input_shape(t.name, _shape(t, {"frames": frames}))
+                _set_shape(ctx, t.name, _shape(t, {"frames": frames}), graph)
             self._execute(ctx, graph)
         video = self.specs[PROJECTOR].outputs[0].name
         rows = int(self._contexts[PROJECTOR].get_tensor_shape(video)[0])
@@ -241,18 +274,27 @@ class TensorRTBackend:
         for _, graph in self._graphs.values():
             graph.close()
         self._graphs.clear()
-        for buf in [*self._buffers.values(), *(kv.buf for kv in self._kv)]:
+        stages = [kv.stage for kv in self._kv if kv.stage is not None]
+        for buf in [*self._buffers.values(), self._arange, *(kv.buf for kv in self._kv), *stages]:
             buf.free()
 
     # ---- decoder ----------------------------------------------------------------------
     def _decode(self, seq: int, head: Head, phase: str) -> np.ndarray:
         past = self._pos
+        # This run's positions into the aligned position_ids buffer (a slice of the device
+        # arange at ptr + 8 * past would be misaligned for 31 past lengths in 32).
+        cuda_rt.copy_dtod(
+            self._buffers[self._positions].ptr, self._arange.ptr + 8 * past, 8 * seq, self.stream
+        )
         if phase == "decode" and self._graph_capacity:
             self._decode_with_graphs(past)
         else:
             ctx = self._contexts[f"{DECODER}.{phase}"]
             self._bind_decoder(ctx, past, seq)
             self._execute(ctx, DECODER)
+        for kv in self._kv:  # rows written to a staging row go to their slot
+            if kv.staged(past):
+                cuda_rt.copy_dtod(kv.slot(past), kv.stage.ptr, seq * kv.row_bytes, self.stream)
         self._pos += seq
         base, size = head_base(self.config.ids, head), head_size(self.config.ids, head)
         logits = self._buffers[self._logits]
@@ -274,9 +316,12 @@ class TensorRTBackend:
         ctx = self._new_decoder_context("decode")
         self._bind_decoder(ctx, past, 1)
         self._execute(ctx, DECODER)  # this step's result; also settles the new shapes
+        # Capture from an idle stream: the warm-up run (and any lazy work TensorRT did in
+        # it) must be finished, as trtexec does before it captures.
+        self.stream.synchronize()
         try:
             graph = cuda_rt.Graph(self.stream, lambda: self._execute(ctx, DECODER))
-        except (cuda_rt.CudaError, RuntimeError) as e:
+        except (cuda_rt.CudaError, RuntimeError) as e:  # Graph released it, error cleared
             warnings.warn(f"CUDA graph capture failed, running without graphs: {e}", stacklevel=3)
             self._graph_capacity = 0
             return
@@ -286,13 +331,16 @@ class TensorRTBackend:
         """Shapes for (past, seq) and the addresses that depend on them."""
         dims = {"past": past, "seq": seq}
         for t in self._plain_inputs:
-            ctx.set_input_shape(t.name, _shape(t, dims))
-        pos = self._buffers[self._positions]
-        ctx.set_tensor_address(self._positions, pos.ptr + 8 * past)  # arange slice
+            _set_shape(ctx, t.name, _shape(t, dims), DECODER)
         for kv in self._kv:  # the filled prefix in, the next rows out: same buffer
-            ctx.set_input_shape(kv.past, _shape(kv.spec, dims))
-            ctx.set_tensor_address(kv.past, kv.buf.ptr)
-            ctx.set_tensor_address(kv.out, kv.buf.ptr + past * kv.row_bytes)
+            _set_shape(ctx, kv.past, _shape(kv.spec, dims), DECODER)
+            _set_address(ctx, kv.past, kv.buf.ptr)
+            if kv.staged(past):
+                if seq > 1:  # prefill starts at past 0, an aligned slot
+                    raise RuntimeError(f"{seq} new rows at misaligned past {past}")
+                _set_address(ctx, kv.out, kv.stage.ptr)
+            else:
+                _set_address(ctx, kv.out, kv.slot(past))
 
     def _setup_decoder(self) -> None:
         spec = self.specs[DECODER]
@@ -325,12 +373,14 @@ class TensorRTBackend:
                 raise CheckpointError(f"{t.name} {t.shape} is not sequence-major")
             row = int(np.prod([d for d in t.shape if not isinstance(d, str)]))
             row *= dtype_itemsize(t.dtype)  # bf16 specs: "bfloat16", not a numpy name
-            self._kv.append(_KV(t.name, stem, t, row, self._alloc(self.max_seq * row)))
+            stage = self._alloc(row) if row % ALIGN else None
+            self._kv.append(_KV(t.name, stem, t, row, self._alloc(self.max_seq * row), stage))
         max_seq = self.max_seq
         self._buffers[self._embeds] = self._alloc(max_seq * self._row_bytes)
         positions = np.arange(max_seq + 1, dtype=np.int64)
+        self._arange = self._alloc(positions.nbytes)
+        self._htod(self._arange, positions)
         self._buffers[self._positions] = self._alloc(positions.nbytes)
-        self._htod(self._buffers[self._positions], positions)
         self._buffers[self._logits] = self._alloc(4 * self.config.ids.size)
         self._staging = cuda_rt.PinnedArray((1, hidden), self.dtype)
         self._host_logits = cuda_rt.PinnedArray((self.config.ids.size,), np.float32)
@@ -358,9 +408,10 @@ class TensorRTBackend:
             ctx.set_device_memory(self._scratch.ptr, self._scratch.nbytes)
         else:  # TensorRT 10.0
             ctx.device_memory = self._scratch.ptr
-        ctx.set_optimization_profile_async(index, self.stream.handle)
-        ctx.set_tensor_address(self._embeds, self._buffers[self._embeds].ptr)
-        ctx.set_tensor_address(self._logits, self._buffers[self._logits].ptr)
+        if not ctx.set_optimization_profile_async(index, self.stream.handle):
+            raise CheckpointError(f"{rec['file']}: TensorRT refused profile {phase!r} ({index})")
+        for name in (self._embeds, self._positions, self._logits):
+            _set_address(ctx, name, self._buffers[name].ptr)
         return ctx
 
     # ---- vision encoder + projector ----------------------------------------------------
@@ -372,20 +423,21 @@ class TensorRTBackend:
         for graph in (VISION_ENCODER, PROJECTOR):
             ctx = self.engines[graph].create_execution_context()
             for t in self.specs[graph].inputs:
-                ctx.set_input_shape(t.name, _shape(t, {"frames": self.max_frames}))
+                _set_shape(ctx, t.name, _shape(t, {"frames": self.max_frames}), graph)
             for name in [*self.specs[graph].input_names, *self.specs[graph].output_names]:
                 if name not in self._buffers:
                     shape = tuple(ctx.get_tensor_shape(name))  # outputs: inferred at max
                     dtype = self.engines[graph].get_tensor_dtype(name)
                     nbytes = int(np.prod(shape)) * _ITEMSIZE[dtype.name]
                     self._buffers[name] = self._alloc(nbytes)
-                ctx.set_tensor_address(name, self._buffers[name].ptr)
+                _set_address(ctx, name, self._buffers[name].ptr)
             self._contexts[graph] = ctx
 
     # ---- helpers ---------------------------------------------------------------------
     def _engine(self, graph: str) -> Any:
         rec = self.section["engines"][graph]
-        engine = self._runtime.deserialize_cuda_engine((self.model_dir / rec["file"]).read_bytes())
+        with EngineReader(self.model_dir / rec["file"]) as reader:
+            engine = self._runtime.deserialize_cuda_engine(reader)
         if engine is None:
             raise CheckpointError(
                 f"{self.model_dir}: TensorRT {trt.__version__} cannot load {rec['file']}; "
@@ -422,3 +474,21 @@ class TensorRTBackend:
 
 def _shape(t: TensorSpec, dims: dict[str, int]) -> tuple[int, ...]:
     return tuple(dims[d] if isinstance(d, str) else d for d in t.shape)
+
+
+def _set_shape(ctx: Any, name: str, shape: tuple[int, ...], graph: str) -> None:
+    # TensorRT returns False (and logs why) for an unknown input or a shape outside the
+    # active optimisation profile; running on would compute with the previous shape.
+    if not ctx.set_input_shape(name, shape):
+        raise InputError(
+            f"TensorRT refused shape {list(shape)} for {graph} input {name!r} (outside the "
+            "engine's optimisation profile? rebuild with larger `export trt` limits)"
+        )
+
+
+def _set_address(ctx: Any, name: str, ptr: int) -> None:
+    if not ctx.set_tensor_address(name, ptr):
+        raise RuntimeError(
+            f"TensorRT refused address {ptr:#x} for tensor {name!r}"
+            + (f" (not {ALIGN}-byte aligned)" if ptr % ALIGN else "")
+        )

@@ -20,6 +20,7 @@ Layout (one build per artifact directory; rebuilding replaces it)::
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,11 @@ from trace_rt.errors import CheckpointError
 from trace_rt.graphs import GRAPH_NAMES, MANIFEST_FILE, sha256_file
 
 SECTION = "tensorrt"
+# The oldest TensorRT the backend runs on: JetPack 6.1/6.2's (L4T r36.4). The backend relies
+# on 10.x APIs (execute_async_v3, user-managed device memory, IStreamReader) and any
+# importable release from here on is accepted: the system python3-libnvinfer on a Jetson,
+# the tensorrt-cu12 wheels elsewhere.
+MIN_TENSORRT = (10, 3)
 FORMAT = 1
 ENGINE_DIR = "tensorrt"
 
@@ -64,6 +70,21 @@ def read_section(manifest: dict[str, Any], root: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{root}: {MANIFEST_FILE} has no TensorRT engine for {missing}")
     return section
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a TensorRT version string such as ``10.3.0.30``."""
+    return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
+
+
+def check_tensorrt_version(version: str) -> None:
+    """The installed TensorRT is one the backend supports (>= :data:`MIN_TENSORRT`)."""
+    if version_tuple(version)[:2] < MIN_TENSORRT:
+        want = ".".join(map(str, MIN_TENSORRT))
+        raise CheckpointError(
+            f"TensorRT {version} is too old: the tensorrt backend needs TensorRT >= {want} "
+            "(JetPack 6.1+ ships 10.3; elsewhere pip install 'trace-rt[tensorrt]')"
+        )
 
 
 def check_compatible(section: dict[str, Any], trt_version: str, gpu: dict[str, Any]) -> None:

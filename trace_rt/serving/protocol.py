@@ -58,6 +58,7 @@ TRITON_TYPES = {
     "int32": "TYPE_INT32",
     "int64": "TYPE_INT64",
     "float16": "TYPE_FP16",
+    "bfloat16": "TYPE_BF16",  # bf16 artifacts' graph specs (export onnx --dtype bf16)
     "float32": "TYPE_FP32",
     BYTES: "TYPE_STRING",
 }

@@ -1,0 +1,183 @@
+"""``trace-rt plan`` and ``trace-rt watch``: the edge subcommands of the ``trace-rt`` CLI
+(:mod:`trace_rt.cli` maps them; heavy imports happen inside each command)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from trace_rt.errors import InputError
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    """``trace-rt plan``: memory plan, floor latencies and fitting settings for a device."""
+    from trace_rt.config import TraceConfig
+    from trace_rt.devices import get_device
+    from trace_rt.plan import Settings, plan, render
+    from trace_rt.presets import load_preset
+
+    if args.model is not None:
+        cfg = TraceConfig.from_dir(args.model)
+    else:
+        try:
+            cfg = load_preset(args.preset)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    device = get_device(args.device, gbps=args.peak_gbps, tflops=args.peak_tflops)
+    height, _, width = (args.source_size or "720x1280").partition("x")
+    try:
+        source = (int(height), int(width))
+    except ValueError:
+        raise InputError(f"--source-size HxW, e.g. 720x1280; got {args.source_size!r}") from None
+    settings = Settings(
+        precision=args.precision or ("int4" if device.gpu else "fp32"),
+        frames=args.frames or cfg.num_frames,
+        max_new_tokens=args.max_new_tokens,
+        concurrency=args.concurrency,
+        source_size=source,
+    )
+    result = plan(cfg, device, settings)
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0 if result["memory"]["fits"] else 1
+
+
+def add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    from trace_rt.devices import DEVICES
+    from trace_rt.plan import PRECISIONS
+
+    p = sub.add_parser(
+        "plan",
+        help="will a model fit a device: memory plan, floor latency, settings that fit",
+        description="Memory per item (weights per graph, KV cache, activations and TensorRT "
+        "workspace, video buffers, runtime), whether it fits with a 10%% margin, the floor "
+        "latency of each stage from the device's bandwidth and FLOP rate, and the best "
+        "settings that fit. Exit status 0: fits; 1: does not fit.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="checkpoint or artifact directory")
+    src.add_argument("--preset", help="a preset: tiny, small, trace-7b")
+    p.add_argument(
+        "--device",
+        required=True,
+        choices=["cpu", *DEVICES],
+        help="target (cpu: this machine, onnxruntime backend)",
+    )
+    p.add_argument("--frames", type=int, help="frames per request (default: the model's)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="decoder weights (default: int4 on GPUs and Jetsons, fp32 on cpu)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=512, help="token budget (512)")
+    p.add_argument("--concurrency", type=int, default=1, help="pipeline instances (1)")
+    p.add_argument("--source-size", metavar="HxW", help="decoded video size (720x1280)")
+    p.add_argument("--peak-gbps", type=float, help="cpu: bandwidth instead of measuring it")
+    p.add_argument("--peak-tflops", type=float, help="cpu: FLOP rate instead of measuring it")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def watch_command(args: argparse.Namespace) -> int:
+    """``trace-rt watch``: events of each sliding window of a live source, one JSON line each."""
+    from trace_rt.config import TraceConfig
+    from trace_rt.generate import GenerationConfig
+    from trace_rt.preprocess import preprocess_frames
+    from trace_rt.watch import run_watch
+
+    task = args.task or (None if args.question else "dvc")
+    gen = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        constrained=args.constrained,
+    )
+    cfg = TraceConfig.from_dir(args.model)
+    n_frames = args.frames or cfg.num_frames
+    common = {"task": task, "query": args.query, "question": args.question}
+    if args.url:
+        from trace_rt.serving.client import TraceClient, check_url
+
+        client = TraceClient(check_url(args.url))
+
+        def infer(frames, times, duration):
+            pixels = preprocess_frames(frames, cfg.preprocess)
+            return client.infer(
+                frames=pixels,
+                timestamps=times,
+                duration=duration,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                seed=args.seed,
+                constrained=args.constrained or None,
+                **common,
+            )
+    else:
+        from trace_rt.pipeline import Pipeline
+
+        pipe = Pipeline.from_dir(args.model, args.backend, device=args.device)
+
+        def infer(frames, times, duration):
+            pixels = preprocess_frames(frames, cfg.preprocess)
+            req = pipe.prepare_frames(pixels, times, duration=duration, gen=gen, **common)
+            return pipe.run_prepared(req, gen)
+
+    # Check the request once before the source opens, so a missing query fails fast.
+    if task in ("mr", "vhd") and not args.query:
+        raise InputError(f"missing query (task {task!r} needs --query)")
+    status = run_watch(
+        args.source,
+        infer,
+        window=args.window,
+        stride=args.stride,
+        n_frames=n_frames,
+        realtime=args.realtime,
+        drop=None if args.on_behind == "auto" else args.on_behind == "drop",
+        timeout=args.timeout,
+        max_windows=args.max_windows,
+    )
+    return 0 if status["end"] in ("stream ended",) or status["end"].startswith("stopped") else 1
+
+
+def add_watch_parser(sub: argparse._SubParsersAction) -> None:
+    from trace_rt.backends import BACKENDS
+
+    p = sub.add_parser(
+        "watch",
+        help="run TRACE over a camera, a live stream or a file, window by window",
+        description="Cut the source into windows of --window seconds every --stride seconds "
+        "and print each window's events as one JSON line (stream times and wall clock). "
+        "SOURCE: /dev/videoN (V4L2), rtsp:// http(s):// tcp:// udp:// srt:// streams (the "
+        "only place trace-rt reads video from the network), or a file (--realtime plays it "
+        "at its own speed). When inference falls behind a live source, windows are dropped "
+        "and reported, never queued without bound.",
+    )
+    p.add_argument("source", help="camera device, stream URL or video file")
+    p.add_argument("--model", required=True, type=Path, help="checkpoint or artifact directory "
+                   "(with --url: only its preprocessing config is read)")  # fmt: skip
+    p.add_argument(
+        "--task",
+        choices=["dvc", "mr", "vhd"],
+        help="dvc: dense captions; mr, vhd: moment retrieval, highlights (need --query)",
+    )
+    p.add_argument("--query", help="the sentence to localise (mr, vhd)")
+    p.add_argument("--question", help="a free question instead of a task")
+    p.add_argument("--window", type=float, default=10.0, help="window length, s (10)")
+    p.add_argument("--stride", type=float, default=5.0, help="window start spacing, s (5)")
+    p.add_argument("--frames", type=int, help="frames per window (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="token budget (256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--constrained", action="store_true", help="well-formed numbers only")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default="onnxruntime")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--url", help="send windows to a `trace-rt serve` server (HOST:PORT)")
+    p.add_argument("--realtime", action="store_true", help="play a file at its own speed")
+    p.add_argument(
+        "--on-behind",
+        choices=["auto", "drop", "wait"],
+        default="auto",
+        help="when inference is slower than the source: drop windows (auto: for cameras, "
+        "streams and --realtime files) or wait (files)",
+    )
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds a stream may stall (10)")
+    p.add_argument("--max-windows", type=int, help="stop after this many windows")

@@ -1,0 +1,329 @@
+"""``trace-rt plan``: will a model fit a device, with which settings, and how fast at best.
+
+Torch-free arithmetic on the model config alone. Memory, per pipeline instance (``--concurrency
+N`` runs N instances, as ``triton_repo build --instances N`` does: each loads its own
+backend, so everything but the process's runtime is counted N times):
+
+- **weights per graph**: vision encoder and projector at the float precision (fp16 on GPUs,
+  fp32 on the CPU); decoder linear layers at ``--precision`` (int8: 1 byte + a per-channel
+  scale; int4: half a byte + an fp16 scale per block of 32, the ``int4-qdq`` variant); its
+  heads, norms at the float precision (``export quantize`` keeps them); the embedding table
+  in host memory (the backends embed ids on the host).
+- **KV cache**: K and V of every position of the context (prompt + video block + new tokens)
+  at the float precision; the backends preallocate it for the whole context.
+- **activations + TensorRT workspace**: what an engine's execution context holds for its
+  largest profile, estimated as one layer's working set with attention scores materialised
+  (fp32 softmax, as exported): an upper bound where TensorRT fuses attention.
+- **video buffers**: the sampled RGB frames at the source resolution (twice: the list and
+  its stacked copy) and the preprocessed float32 pixels.
+- **runtime**: the process (Python, numpy, PyAV, onnxruntime or TensorRT and CUDA libraries)
+  and, on a GPU, the CUDA context with TensorRT's and cuBLAS's handles.
+
+On a Jetson (unified memory) all of it counts against the memory the OS leaves; on a
+discrete GPU the device part counts against the GPU's memory (host memory is reported);
+on ``cpu`` everything is host memory. A plan fits when it leaves :data:`MARGIN` of the
+usable memory free (allocator slack, fragmentation, page cache of the engine files).
+
+Latency floors per stage come from :mod:`trace_rt.bench.floor` (the same roofline the
+benchmarks report) with the device's data-sheet bandwidth and FLOP rate.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from typing import Any
+
+from trace_rt.bench.floor import (
+    Peaks,
+    decoder_layer_params,
+    head_params,
+    kv_bytes_per_position,
+    projector_cost,
+    stage_floors,
+    vision_params,
+)
+from trace_rt.config import TraceConfig
+from trace_rt.devices import Device
+from trace_rt.errors import InputError
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+INT4_BLOCK = 32  # export quantize's default block size
+MARGIN = 0.10  # of usable memory kept free
+PROMPT_TEXT_TOKENS = 64  # system text + question around the video block (typical)
+# Process baselines, measured on x86-64 (Debian 12, Python 3.11, onnxruntime 1.2x,
+# 2026-11-30) with `tiny`, whose weights are negligible: RSS after importing trace_rt.pipeline
+# with numpy, PyAV, sentencepiece and onnxruntime (75 MB); each onnxruntime CPU session's
+# own overhead (loaded RSS - imports - weights - embeddings, over 3 sessions: ~5.5 MB); and
+# what one request adds beyond its tensors (FFmpeg's decoder state and frame pool, the
+# tokenizer, malloc arenas: ~16 MB). `small` (500x the weights) checks the rest of the sums.
+HOST_RUNTIME_BYTES = 75e6
+ORT_SESSION_BYTES = 5.5e6
+REQUEST_STATE_BYTES = 16e6
+# GPU side: the CUDA context with lazy module loading (CUDA_MODULE_LOADING=LAZY, CUDA 12's
+# default) plus TensorRT's and cuBLAS(Lt)'s handles and kernels; host side: the mapped CUDA,
+# TensorRT and cuBLAS libraries. NVIDIA does not publish these; they are the usual figures
+# reported for TensorRT 10 processes (several hundred MB) and are flagged as estimates.
+GPU_RUNTIME_BYTES = 600e6
+GPU_HOST_RUNTIME_BYTES = 400e6
+SOURCE_SIZE = (720, 1280)  # height, width of the decoded video (720p)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a request needs: precision, frames, new tokens, instances, video size."""
+
+    precision: str = "int4"
+    frames: int = 128
+    max_new_tokens: int = 512
+    concurrency: int = 1
+    source_size: tuple[int, int] = SOURCE_SIZE
+
+    def check(self, device: Device) -> None:
+        if self.precision not in PRECISIONS:
+            raise InputError(f"unknown precision {self.precision!r}; use one of {PRECISIONS}")
+        if self.precision == "fp32" and device.gpu:
+            raise InputError("fp32 is the CPU backend's precision; on a GPU use fp16/int8/int4")
+        if self.precision == "fp16" and not device.gpu:
+            raise InputError("the CPU backend runs fp32, int8 or int4 decoders, not fp16")
+        for name in ("frames", "max_new_tokens", "concurrency"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def float_itemsize(device: Device) -> int:
+    """Bytes of the float tensors: fp16 on GPUs, fp32 on the CPU (onnxruntime's CPU EP)."""
+    return 2 if device.gpu else 4
+
+
+def linear_bytes_per_weight(precision: str) -> float:
+    """Bytes per decoder linear weight, scales included."""
+    return {
+        "fp32": 4.0,
+        "fp16": 2.0,
+        "int8": 1.0,  # one scale per output channel: negligible
+        "int4": 0.5 + 2 / INT4_BLOCK,  # an fp16 scale per block
+    }[precision]
+
+
+def context_positions(cfg: TraceConfig, s: Settings) -> tuple[int, int]:
+    """(prompt positions, whole context) for *s*: the video block, text, new tokens."""
+    prompt = s.frames * cfg.tokens_per_frame + PROMPT_TEXT_TOKENS
+    return prompt, prompt + s.max_new_tokens
+
+
+def kv_positions(cfg: TraceConfig, device: Device, prompt: int, context: int) -> int:
+    """Positions the backend's KV cache holds: TensorRT engines built with ``--max-seq``
+    = the context; onnxruntime reserves prompt + 1024 and doubles when full."""
+    if device.gpu:
+        return context
+    from trace_rt.backends.onnxruntime_backend import PREFILL_HEADROOM
+
+    limit = cfg.max_position_embeddings
+    capacity = min(prompt + PREFILL_HEADROOM, limit)
+    while capacity < min(context, limit):
+        capacity = min(2 * capacity, limit)
+    return capacity
+
+
+def weights(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, float]:
+    """Bytes of each graph's weights, and the host embedding table."""
+    it = float_itemsize(device)
+    layers = cfg.num_hidden_layers * decoder_layer_params(cfg)
+    norms = 2 * cfg.hidden_size * cfg.num_hidden_layers  # RMSNorm weights stay float
+    linear = layers - norms
+    decoder = linear * linear_bytes_per_weight(s.precision)
+    decoder += (norms + cfg.hidden_size + head_params(cfg)) * it
+    return {
+        "vision_encoder": vision_params(cfg) * it,
+        "projector": projector_cost(cfg, 0, it).bytes,  # frames=0: the weights alone
+        "decoder": decoder,
+        "embeddings (host)": cfg.ids.size * cfg.hidden_size * it,
+    }
+
+
+def activations(cfg: TraceConfig, device: Device, frames: int, positions: int) -> dict[str, float]:
+    """Largest working set of each engine (one layer at a time, scores materialised)."""
+    it = float_itemsize(device)
+    v = cfg.vision
+    t = v.num_patches + 1
+    vision = frames * (t * (5 * v.hidden_size + v.intermediate_size) * it)
+    vision += frames * v.num_attention_heads * t * t * (it + 4)  # scores + fp32 softmax
+    p, d, slots = v.num_patches, cfg.mm_hidden_size, cfg.mm_num_slots
+    projector = frames * (
+        2 * p * slots * 4 + p * d * it + cfg.tokens_per_frame * cfg.hidden_size * it
+    )
+    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.attn_head_dim
+    n = positions
+    decoder = n * (4 * h + 2 * kv + 3 * cfg.intermediate_size) * it
+    decoder += cfg.num_attention_heads * n * n * 8  # fp32 scores and softmax
+    decoder += cfg.ids.size * 4  # every head's logits, fp32
+    return {"vision_encoder": vision, "projector": projector, "decoder": decoder}
+
+
+def video_buffers(cfg: TraceConfig, s: Settings) -> float:
+    h, w = s.source_size
+    rgb = 2 * s.frames * h * w * 3  # sampled frames and their stacked copy
+    return rgb + s.frames * 3 * cfg.vision.image_size**2 * 4  # + float32 pixels
+
+
+def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
+    """The memory plan of *s* on *device*: items in bytes, totals, fits, margin."""
+    s.check(device)
+    prompt, context = context_positions(cfg, s)
+    it = float_itemsize(device)
+    w = weights(cfg, device, s)
+    act = activations(cfg, device, s.frames, context)
+    kv = kv_positions(cfg, device, prompt, context) * kv_bytes_per_position(cfg, it)
+    video = video_buffers(cfg, s)
+    n = s.concurrency
+    graphs = w["vision_encoder"] + w["projector"] + w["decoder"]
+    per_instance_device = graphs + kv + sum(act.values())
+    per_instance_host = w["embeddings (host)"] + video
+    if device.gpu:
+        device_bytes = GPU_RUNTIME_BYTES + n * per_instance_device
+        host_bytes = GPU_HOST_RUNTIME_BYTES + HOST_RUNTIME_BYTES
+        host_bytes += n * (per_instance_host + REQUEST_STATE_BYTES)
+    else:  # onnxruntime CPU: one process, three sessions per instance, all host memory
+        device_bytes = 0.0
+        host_bytes = HOST_RUNTIME_BYTES + n * (
+            per_instance_device + per_instance_host + 3 * ORT_SESSION_BYTES + REQUEST_STATE_BYTES
+        )
+    need = device_bytes + host_bytes if device.unified else device_bytes
+    usable = device.usable_gb * 1e9
+    return {
+        "settings": {
+            "precision": s.precision,
+            "frames": s.frames,
+            "max_new_tokens": s.max_new_tokens,
+            "concurrency": n,
+            "source_size": list(s.source_size),
+        },
+        "positions": {"prompt": prompt, "context": context},
+        "items": {
+            **{f"weights: {k}": v for k, v in w.items()},
+            "kv cache": kv,
+            **{f"activations: {k}": v for k, v in act.items()},
+            "video buffers (host)": video,
+            "runtime: device" if device.gpu else "runtime: onnxruntime sessions": (
+                GPU_RUNTIME_BYTES if device.gpu else 3 * ORT_SESSION_BYTES
+            ),
+            "runtime: request state (host)": REQUEST_STATE_BYTES,
+            "runtime: host": HOST_RUNTIME_BYTES + (GPU_HOST_RUNTIME_BYTES if device.gpu else 0),
+        },
+        "per_instance_items_times": n,
+        "device_bytes": device_bytes,
+        "host_bytes": host_bytes,
+        "counted_bytes": need,
+        "usable_bytes": usable,
+        "fits": need <= usable * (1 - MARGIN),
+        "margin_bytes": usable - need,
+        "margin_fraction": (usable - need) / usable,
+    }
+
+
+def floors(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
+    """Roofline floor (ms) of each stage on *device* for *s* (trace_rt.bench.floor)."""
+    prompt, _ = context_positions(cfg, s)
+    it = float_itemsize(device)
+    peaks = Peaks(device.gbps, device.tflops, "data sheet")
+    out = stage_floors(
+        cfg,
+        peaks,
+        frames=s.frames,
+        prompt_positions=prompt,
+        decode_steps=s.max_new_tokens,
+        itemsize=it,
+        weight_bytes=weights(cfg, device, s)["decoder"],
+    )
+    out["decode_tokens_per_s"] = 1e3 / out["decode_step"] if out["decode_step"] else None
+    return out
+
+
+def suggest(cfg: TraceConfig, device: Device, s: Settings) -> list[dict[str, Any]]:
+    """For each precision, the most frames (then tokens) that fit; best first.
+
+    Frames matter most to a temporal-grounding model, precision next (fp16 > int8 > int4),
+    the token budget last (dense captions of a long video need a few hundred).
+    """
+    precisions = ("fp16", "int8", "int4") if device.gpu else ("fp32", "int8", "int4")
+    frames = {f for f in (s.frames, 128, 96, 64, 48, 32, 16, 8, 4) if f <= s.frames}
+    tokens = {t for t in (s.max_new_tokens, 512, 256, 128) if t <= s.max_new_tokens}
+    found = []
+    for rank, precision in enumerate(precisions):
+        for f, t in itertools.product(sorted(frames, reverse=True), sorted(tokens, reverse=True)):
+            cand = replace(s, precision=precision, frames=f, max_new_tokens=t)
+            m = memory(cfg, device, cand)
+            if m["fits"]:
+                found.append(
+                    {
+                        "precision": precision,
+                        "frames": f,
+                        "max_new_tokens": t,
+                        "counted_gb": round(m["counted_bytes"] / 1e9, 2),
+                        "margin_gb": round(m["margin_bytes"] / 1e9, 2),
+                        "decode_tokens_per_s_floor": round(
+                            floors(cfg, device, cand)["decode_tokens_per_s"], 1
+                        ),
+                        "_rank": (-f, rank, -t),
+                    }
+                )
+                break
+    found.sort(key=lambda x: x.pop("_rank"))
+    return found
+
+
+def plan(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
+    """Memory plan, floors and suggestions: what ``trace-rt plan`` prints."""
+    return {
+        "device": device.to_dict(),
+        "memory": memory(cfg, device, s),
+        "floor_ms": floors(cfg, device, s),
+        "suggestions": suggest(cfg, device, s),
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    """The plan as text: memory table, verdict, floors, suggestions."""
+    dev, mem, fl = result["device"], result["memory"], result["floor_ms"]
+    s = mem["settings"]
+    gb = 1e9
+    lines = [
+        f"{dev['name']}: {dev['memory_gb']:g} GB ({dev['usable_gb']:g} GB usable"
+        f"{', unified CPU+GPU memory' if dev['unified'] and dev['gpu'] else ''}), "
+        f"{dev['gbps']:g} GB/s, {dev['tflops']:g} TFLOP/s  [{dev['source']}]",
+        f"{s['precision']}, {s['frames']} frames, {s['max_new_tokens']} new tokens, "
+        f"{s['concurrency']} instance(s): context {mem['positions']['context']} positions "
+        f"(prompt {mem['positions']['prompt']})",
+        "",
+        f"{'memory':<36}{'GB':>10}",
+    ]
+    for name, value in mem["items"].items():
+        lines.append(f"  {name:<34}{value / gb:>10.3f}")
+    if mem["per_instance_items_times"] > 1:
+        lines.append(f"  (all but the process runtime x {mem['per_instance_items_times']})")
+    if dev["gpu"]:
+        lines.append(f"{'device total':<36}{mem['device_bytes'] / gb:>10.3f}")
+        lines.append(f"{'host total':<36}{mem['host_bytes'] / gb:>10.3f}")
+    counted = "device + host (unified)" if dev["unified"] else "device"
+    lines.append(f"{'counted: ' + counted:<36}{mem['counted_bytes'] / gb:>10.3f}")
+    verdict = "FITS" if mem["fits"] else "DOES NOT FIT"
+    lines.append(
+        f"{verdict}: {mem['margin_bytes'] / gb:+.2f} GB left of {mem['usable_bytes'] / gb:.2f} "
+        f"GB usable ({100 * mem['margin_fraction']:.0f}%; a plan fits with >= "
+        f"{100 * MARGIN:.0f}% left)"
+    )
+    lines += ["", "floor latency (roofline, data-sheet peaks; real runs are slower):"]
+    for stage in ("vision", "projector", "prefill", "ttft", "decode_step", "end_to_end"):
+        lines.append(f"  {stage:<14}{fl[stage]:>12.1f} ms")
+    lines.append(f"  {'decode':<14}{fl['decode_tokens_per_s']:>12.1f} tokens/s at most")
+    lines += ["", "settings that fit (per precision, the most frames then tokens; best first):"]
+    if not result["suggestions"]:
+        lines.append("  none: this model does not fit this device at any setting tried")
+    for sug in result["suggestions"]:
+        lines.append(
+            f"  {sug['precision']:<5} {sug['frames']:>4} frames {sug['max_new_tokens']:>5} tokens"
+            f"  {sug['counted_gb']:>7.2f} GB ({sug['margin_gb']:+.2f} left)"
+            f"  <= {sug['decode_tokens_per_s_floor']:.0f} tok/s"
+        )
+    return "\n".join(lines)
