@@ -168,7 +168,11 @@ def add_watch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--constrained", action="store_true", help="well-formed numbers only")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default="onnxruntime")
+    p.add_argument(
+        "--backend",
+        choices=sorted(BACKENDS),
+        help="default: from the model directory (manifest.json: onnxruntime; checkpoint: torch)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--url", help="send windows to a `trace-rt serve` server (HOST:PORT)")
     p.add_argument("--realtime", action="store_true", help="play a file at its own speed")
