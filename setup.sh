@@ -8,8 +8,22 @@ PYTHON=${PYTHON:-python3}
 # The CPU build first: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
-# METEOR/SODA_c in `trace-rt eval` also need Java; without it they are reported unavailable.
-command -v java >/dev/null || echo "note: no Java runtime; for METEOR/SODA_c: sudo apt-get install -y default-jre-headless"
+# System tools some features and tests use: Chromium (the HTML report tests open the pages
+# in it) and Java (METEOR/SODA_c in `trace-rt eval`). Installed from Debian's packages when
+# this runs as root with apt-get (SETUP_SYSTEM=0 skips); otherwise the tests that need them
+# are skipped with the reason, and eval reports those two metrics as unavailable.
+missing=""
+command -v chromium >/dev/null || missing="$missing chromium"
+command -v java >/dev/null || missing="$missing default-jre-headless"
+if [ -n "$missing" ]; then
+  if [ "${SETUP_SYSTEM:-1}" != 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing$missing (Debian packages) ..."
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; } \
+      >/dev/null || echo "note: could not install$missing; the tests that need them are skipped"
+  else
+    echo "note: missing$missing (sudo apt-get install -y$missing); the tests that need them are skipped"
+  fi
+fi
 echo "ready: .venv ($(.venv/bin/python -c 'import torch, trace_rt; print("trace-rt", trace_rt.__version__, "torch", torch.__version__)'))"
 # Show it working: a tiny random-weight checkpoint answers all three tasks on a generated
 # clip (seconds; files in demo/). SETUP_DEMO=0 skips it.

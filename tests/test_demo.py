@@ -19,6 +19,9 @@ def test_demo_runs_every_task_and_says_the_weights_are_random(tmp_path, capsys):
     assert f"query: '{QUERY}'" in out and "WEIGHTS ARE RANDOM" in out
     assert (tmp_path / "d" / "tiny" / "model.safetensors").is_file()
     assert (tmp_path / "d" / "clip.mp4").stat().st_size > 0
+    for task in ("dvc", "mr", "vhd"):  # each answer's timeline, with the clip's 8 frames
+        page = (tmp_path / "d" / f"{task}.html").read_text()
+        assert page.count('class="thumb"') == 8 and 'src="clip.mp4"' in page
     # A second run reuses the checkpoint (make-checkpoint would refuse to overwrite it).
     weights = (tmp_path / "d" / "tiny" / "model.safetensors").stat().st_mtime_ns
     assert main(["demo", "--out", str(tmp_path / "d"), "--max-new-tokens", "4"]) == 0

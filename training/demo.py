@@ -2,8 +2,9 @@
 
 Makes a ``tiny`` checkpoint (the real Mistral tokenizer, **random weights**) and a short
 generated clip (a red circle that appears, moves left and vanishes), then answers all
-three tasks through the runtime's pipeline (the same code as ``trace-rt run``) and prints
-the events. With random weights the events are noise: the demo shows that everything
+three tasks through the runtime's pipeline (the same code as ``trace-rt run``), prints
+the events and writes each answer's HTML timeline (``dvc.html``, ``mr.html``,
+``vhd.html``). With random weights the events are noise: the demo shows that everything
 runs, not what a trained model finds. ``setup.sh`` runs it last.
 """
 
@@ -44,10 +45,14 @@ def run_demo(out: str | Path = "demo", *, max_new_tokens: int = 40) -> list[dict
     pipe = Pipeline.from_dir(ckpt, "torch")
     # Constrained: random weights still write well-formed timestamps inside the clip.
     gen = GenerationConfig(max_new_tokens=max_new_tokens, constrained=True)
+    from trace_rt.timeline import write_report
+
     results = []
     for task in ("dvc", "mr", "vhd"):
         query = QUERY if task != "dvc" else None
         results.append(pipe.run(clip, task, query=query, gen=gen))
+        request = {"task": task, "query": query, "model": str(ckpt), "backend": "torch"}
+        write_report(out / f"{task}.html", results[-1], video=clip, request=request)
     _report(ckpt, clip, results, time.perf_counter() - t0)
     return results
 
@@ -68,6 +73,7 @@ def _report(ckpt: Path, clip: Path, results: list[dict[str, Any]], seconds: floa
         "shows the pipeline running end to end (decode, vision, projector, interleaved "
         "time/score/text decoding); train a checkpoint (README, Training) or load a real "
         "TRACE checkpoint for meaningful answers.\n"
+        f"Timelines to look at: {clip.parent}/dvc.html, mr.html, vhd.html (open in a browser).\n"
         f"Try it yourself: .venv/bin/trace-rt run {clip} --model {ckpt} --task mr "
-        f"--query '{QUERY}'"
+        f"--query '{QUERY}' --report mr.html"
     )
