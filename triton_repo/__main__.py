@@ -64,6 +64,27 @@ def main(argv: list[str] | None = None) -> int:
         help=f"budget of requests that name none (default {d.default_max_new_tokens})",
     )
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads per session")
+    p.add_argument(
+        "--decode-workers",
+        type=int,
+        default=d.decode_workers,
+        help="videos each instance decodes at once, beside the one request its model runs "
+        f"(default {d.decode_workers})",
+    )
+    p.add_argument(
+        "--video-time-budget",
+        type=float,
+        default=d.video_time_budget_s,
+        metavar="SECONDS",
+        help="wall-clock limit on decoding one request's video "
+        f"(default {d.video_time_budget_s:g})",
+    )
+    p.add_argument(
+        "--max-frame-pixels",
+        type=int,
+        default=d.max_frame_pixels,
+        help=f"largest frame (width x height) decoded (default {d.max_frame_pixels}, DCI 8K)",
+    )
     p.add_argument("--no-progress", action="store_true", help="print nothing while building")
     args = parser.parse_args(argv)
     from triton_repo.build import build_repository
@@ -80,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens,
             default_max_new_tokens=args.default_max_new_tokens,
             threads=args.threads,
+            decode_workers=args.decode_workers,
+            video_time_budget_s=args.video_time_budget,
+            max_frame_pixels=args.max_frame_pixels,
             progress=not args.no_progress,
         )
     except TraceError as e:
