@@ -20,6 +20,7 @@ import urllib.request
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.triton_server import running_server
@@ -138,6 +139,40 @@ def test_slow_video_neither_blocks_the_instance_nor_outlives_its_budget(
     # budget (it needs several seconds unbounded).
     assert done["normal"] < done["slow"]
     assert done["slow"] - t0 < BUDGET_S + 2.5
+
+
+def test_client_leaving_stops_the_decode(server, heavy_video, clip_video):
+    # The client closes its stream while its video decodes: the decode stops (counted as
+    # cancelled, not as over budget) and the instance goes on.
+    import tritonclient.grpc as g
+
+    def outcomes() -> dict[str, float]:
+        text = urllib.request.urlopen(server.metrics_url).read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("trace_requests_total{"):
+                kind = line.split('outcome="')[1].split('"')[0]
+                out[kind] = out.get(kind, 0) + float(line.rsplit(" ", 1)[1])
+        return out
+
+    before = outcomes()
+    client = g.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: None)
+    video = g.InferInput("video", [heavy_video.stat().st_size], "UINT8")
+    video.set_data_from_numpy(np.frombuffer(heavy_video.read_bytes(), np.uint8))
+    task = g.InferInput("task", [1], "BYTES")
+    task.set_data_from_numpy(np.array([b"dvc"], dtype=np.object_))
+    client.async_stream_infer("trace_pipeline", [video, task])
+    time.sleep(0.3)  # decoding now
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    deadline = time.monotonic() + 20
+    while outcomes().get("cancelled", 0) < before.get("cancelled", 0) + 1:
+        assert time.monotonic() < deadline, outcomes()
+        time.sleep(0.05)
+    assert outcomes().get("invalid", 0) == before.get("invalid", 0)  # not a timeout
+    with TraceClient(server.grpc_url) as c:
+        assert c.infer(clip_video, task="dvc", max_new_tokens=4)["token_ids"]
 
 
 SDP = (

@@ -241,14 +241,16 @@ class TritonPythonModel:
         self.tps = self.families["tps"].Metric(labels=labels, buckets=TPS_BUCKETS)
         self._labels = labels
         self._request_metrics: dict[tuple[str, str], Any] = {}
+        self._metrics_lock = threading.Lock()  # workers count their requests themselves
 
     def _count_request(self, task: str | None, outcome: str) -> None:
         # Only known names become labels: a client must not grow the metric set.
         key = (task if task in TASKS else "question" if task is None else "other", outcome)
-        if key not in self._request_metrics:
-            labels = {**self._labels, "task": key[0], "outcome": outcome}
-            self._request_metrics[key] = self.families["requests"].Metric(labels=labels)
-        self._request_metrics[key].increment(1)
+        with self._metrics_lock:
+            if key not in self._request_metrics:
+                labels = {**self._labels, "task": key[0], "outcome": outcome}
+                self._request_metrics[key] = self.families["requests"].Metric(labels=labels)
+            self._request_metrics[key].increment(1)
 
     def execute(self, requests: list[Any]) -> None:
         # Decoupled: return at once; workers answer through each request's sender.
