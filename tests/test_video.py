@@ -167,7 +167,7 @@ def test_seeks_past_groups_of_pictures(tmp_path):
     v = load_video(p, 5)
     assert indices(v) == linspace_idx(300, 5)
     src = _Source(p)
-    pts, keys, _, _ = _probe(src)
+    pts, keys, *_ = _probe(src)
     wanted = np.unique(pts)[linspace_idx(300, 5)]
     seek_got, _, seeks = _decode(src, wanted, keys, seek=True)
     lin_got, _, none = _decode(src, wanted, keys, seek=False)
@@ -179,7 +179,7 @@ def test_seeks_past_groups_of_pictures(tmp_path):
 
 def test_frame_timestamps_must_match_packets(cfr):
     src = _Source(cfr)
-    pts, keys, _, _ = _probe(src)
+    pts, keys, *_ = _probe(src)
     pts = np.unique(pts)
     with pytest.raises(_Retry, match="other timestamps"):
         _decode(src, pts[:3], keys, False, pts + 1)
@@ -213,7 +213,7 @@ def test_no_deadlock_with_pyav_logging_on(tmp_path):
         "from trace_rt.video import _decode, _probe, _Retry, _Source, load_video\n"
         "av.logging.set_level(av.logging.PANIC)\n"
         "src = _Source(sys.argv[1])\n"
-        "pts, keys, _, _ = _probe(src)\n"
+        "pts, keys, *_ = _probe(src)\n"
         "for i in range(300):\n"
         "    try:\n"
         "        _decode(src, pts[:3], keys, False, pts + 1)  # stops after one frame\n"

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -52,6 +53,7 @@ from trace_rt.video.source import (
     Source,
     VideoSource,
 )
+from trace_rt.video.timeline import repair_timestamps
 
 _Source = Source  # the name tests and older callers use
 
@@ -120,15 +122,19 @@ def load_video(
     if num_frames < 1:
         raise InputError(f"num_frames must be at least 1; got {num_frames}")
     src = Source(source, limits, cancelled)
+    fn = {"transform": transform}
     try:
-        pts, keys, tb, rate = _dec._probe(src)
-        if pts is not None:
-            pts = np.unique(pts)
-        n = len(pts) if pts is not None else _dec._count_frames(src)
+        probe = _dec._probe(src)
+        tb, repaired = probe.time_base, 0
+        if probe.pts is not None:
+            table, repaired = repair_timestamps(probe.pts, tb, probe.duration)
+            n = len(table)
+        else:
+            table, n = None, _dec._count_frames(src)
         if n == 0:
             raise NoDecodableFramesError(f"{src.name}: the video stream has no frames")
-        span = float(int(pts[-1] - pts[0]) * tb) if pts is not None else 0.0
-        fps = (n - 1) / span if span > 0 else (rate or DEFAULT_FPS)
+        span = _seconds(table[-1] - table[0], tb) if table is not None else 0.0
+        fps = (n - 1) / span if span > 0 else (probe.rate or DEFAULT_FPS)
         duration = n / fps
         if duration > max_duration:
             raise VideoTooLongError(
@@ -137,17 +143,19 @@ def load_video(
                 "trim or split it"
             )
         idx = np.linspace(0, n - 1, num_frames).astype(int)
-        wanted = np.unique(pts[idx] if pts is not None else idx)
-        by_pts = keys if pts is not None else None
-        fn = {"transform": transform}
-        try:
-            got, spare, _ = _dec._decode(src, wanted, by_pts, True, pts, **fn)
-        except _Retry:  # a seek went wrong: decode straight through
+        pts = table if table is not None and not repaired else None  # frames carry these
+        got = spare = None
+        if pts is not None:
+            wanted = pts[idx]
             try:
-                got, spare, _ = _dec._decode(src, wanted, by_pts, False, pts, **fn)
-            except _Retry:  # timestamps are unusable in decoded frames: go by rank
-                got, spare, _ = _dec._decode(src, np.unique(idx), None, False, **fn)
-                pts = None
+                got, spare, _ = _dec._decode(src, wanted, probe.keys, True, pts, **fn)
+            except _Retry:  # a seek went wrong: decode straight through
+                try:
+                    got, spare, _ = _dec._decode(src, wanted, probe.keys, False, pts, **fn)
+                except _Retry:  # timestamps are unusable in decoded frames: go by rank
+                    pts = None
+        if pts is None:  # by rank in presentation order, no seeking
+            got, spare, _ = _dec._decode(src, np.unique(idx), None, False, **fn)
     finally:
         src.rewind()
     if spare is None:
@@ -159,8 +167,15 @@ def load_video(
         if r not in ranks and len(have):  # undecodable: use the nearest chosen frame
             r = int(have[np.argmin(np.abs(have - r))])
         out.append(ranks.get(int(r), spare))
-    if pts is not None:
-        times = np.array([float(int(p - pts[0]) * tb) for p in pts[idx]], np.float64)
+    if table is not None:
+        times = np.array([_seconds(t - table[0], tb) for t in table[idx]], np.float64)
     else:
         times = idx / fps
     return SampledVideo(np.stack(out), times, float(duration), float(fps), n)
+
+
+def _seconds(ticks: np.integer | np.floating, tb: Fraction) -> float:
+    """``ticks * tb`` in seconds; exact (a Fraction) for integer timestamps, as before."""
+    if isinstance(ticks, (int, np.integer)):
+        return float(int(ticks) * tb)
+    return float(ticks) * float(tb)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from fractions import Fraction
+from typing import NamedTuple
 
 import av
 import numpy as np
@@ -69,12 +70,20 @@ def _frames(container: av.container.InputContainer, stream: av.video.VideoStream
         return  # a truncated or corrupt container: keep what came before
 
 
-def _probe(src: Source) -> tuple[np.ndarray | None, np.ndarray, Fraction, float | None]:
-    """Pass 1: (packet pts in file order or None, keyframe pts, time base, stated rate).
+class Probe(NamedTuple):
+    """What pass 1 learns without decoding."""
 
-    None for the pts means the packets carry no usable timestamps: count frames instead.
-    """
+    pts: np.ndarray | None  # packet pts in file order; None: no usable timestamps
+    keys: np.ndarray  # sorted keyframe pts
+    time_base: Fraction
+    rate: float | None  # the stream's stated frame rate
+    duration: float | None  # the container's stated duration, seconds
+
+
+def _probe(src: Source) -> Probe:
+    """Pass 1: demux the video stream's packets (no decoding) for their timestamps."""
     with src.open() as c:
+        stated = c.duration / 1e6 if c.duration else None
         s = _video_stream(c, src)
         # Read while the container is open: a stream's fields are freed with it (reading
         # time_base after close intermittently gave None).
@@ -88,13 +97,13 @@ def _probe(src: Source) -> tuple[np.ndarray | None, np.ndarray, Fraction, float 
                 if not p.size:
                     continue
                 if p.pts is None or tb is None:  # no usable timestamps: count frames
-                    return None, np.empty(0, np.int64), tb, rate and float(rate)
+                    return Probe(None, np.empty(0, np.int64), tb, rate and float(rate), stated)
                 pts.append(p.pts)
                 if p.is_keyframe:
                     keys.append(p.pts)
         except av.error.FFmpegError:
             pass  # a truncated file: count what was there
-    return np.array(pts, np.int64), np.unique(keys), tb, rate and float(rate)
+    return Probe(np.array(pts, np.int64), np.unique(keys), tb, rate and float(rate), stated)
 
 
 def _rgb(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:

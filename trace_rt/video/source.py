@@ -243,7 +243,8 @@ class Source:
             return VideoNotFoundError(f"video file not found: {self.name}")
         if isinstance(e, PermissionError):
             return VideoError(f"{self.name}: permission denied")
-        return NotAVideoError(f"{self.name}: not a video PyAV can read ({e})")
+        why = getattr(e, "strerror", None) or str(e)  # not FFmpeg's errno and file name
+        return NotAVideoError(f"{self.name}: not a video PyAV can read ({why})")
 
     def rewind(self) -> None:
         if self.file is not None:
