@@ -200,6 +200,49 @@ def test_hostile_formats_get_a_named_error(server, clip_video, payload):
         assert c.infer(clip_video, task="dvc", max_new_tokens=4)["token_ids"]
 
 
+# Inputs that reference files or sockets, or bomb the decoder: always refused, by name.
+NOT_MEDIA = ("UnsupportedFormatError", "NotAVideoError")  # the first is a kind of the second
+MUST_REFUSE = {
+    "ffconcat": NOT_MEDIA,
+    "ffconcat_absolute": NOT_MEDIA,
+    "sdp": NOT_MEDIA,
+    "hls": NOT_MEDIA,
+    "concat_protocol_bytes": NOT_MEDIA,
+    "file_url_bytes": NOT_MEDIA,
+    "http_url_bytes": NOT_MEDIA,
+    "huge_dimensions": ("VideoTooLargeError",),
+}
+
+
+def test_hostile_corpus_through_the_server(server, tmp_path, clip_video):
+    # Every probe of tests/hostile_media.py, sent as a request's bytes: a result or an
+    # error naming its class, never an internal error, no stall, and the server goes on.
+    from tests.hostile_media import build
+
+    cases = build(tmp_path)
+    problems = []
+    with TraceClient(server.grpc_url) as c:
+        for name, fname in cases.items():
+            if not (tmp_path / fname).is_file():
+                continue  # a path-only probe (an image2 pattern): a request has bytes
+            data = (tmp_path / fname).read_bytes()
+            t0 = time.perf_counter()
+            try:
+                got: object = c.infer(data, task="dvc", max_new_tokens=4)
+            except ServingError as e:
+                got = str(e)
+            took = time.perf_counter() - t0
+            want = MUST_REFUSE.get(name)
+            if isinstance(got, str) and (got.startswith("internal error") or ": " not in got):
+                problems.append(f"{name}: {got}")
+            elif want and not (isinstance(got, str) and got.startswith(want)):
+                problems.append(f"{name}: want {want}, got {str(got)[:200]}")
+            elif took > BUDGET_S + 5:
+                problems.append(f"{name}: took {took:.1f} s")
+        assert not problems, "\n".join(problems)
+        assert c.infer(clip_video, task="dvc", max_new_tokens=4)["token_ids"]
+
+
 def test_admin_apis_need_the_key(server, clip_video):
     from tritonclient.utils import InferenceServerException
 
