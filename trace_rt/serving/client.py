@@ -259,14 +259,14 @@ def check_video_file(path: str | os.PathLike) -> os.stat_result:
         raise InputError(f"cannot read {path}: {e.strerror}") from None
     kinds = [
         (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a named pipe (FIFO); send a regular file"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
         (stat.S_ISSOCK, "a socket"),
         (stat.S_ISCHR, "a device"),
         (stat.S_ISBLK, "a device"),
     ]
     for test, what in kinds:
         if test(info.st_mode):
-            raise InputError(f"{path} is {what}, not a video file")
+            raise InputError(f"{path} is {what}, not a regular video file")
     if not os.access(path, os.R_OK):
         raise InputError(f"cannot read {path}: permission denied")
     return info
