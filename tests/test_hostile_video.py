@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -157,3 +158,20 @@ def test_real_gaps_and_reordering_are_not_repaired():
     spike[150] += 1_490_000
     table, n = repair_timestamps(spike, tb)
     assert n == 1 and table[-1] < 12_000 and len(table) == 300
+
+
+def test_protocols_are_refused_even_for_an_allowed_referencing_format(tmp_path, monkeypatch):
+    """Defence in depth: with the concat demuxer allowed on purpose, the script's file is
+    still never opened, because no protocol is whitelisted."""
+    from tests.hostile_media import SECRET, FileWatch
+    from trace_rt.errors import TraceError
+    from trace_rt.video import DEFAULT_LIMITS
+
+    write_video(tmp_path / SECRET, n_frames=5)
+    monkeypatch.chdir(tmp_path)
+    unsafe = replace(DEFAULT_LIMITS, allow_formats=DEFAULT_LIMITS.allow_formats | {"concat"})
+    watch = FileWatch(tmp_path)
+    for script in (f"ffconcat version 1.0\nfile {SECRET}\n", f"file '{tmp_path / SECRET}'\n"):
+        with pytest.raises(TraceError):
+            load_video(script.encode(), 4, limits=unsafe)
+    assert watch.opened() == set()

@@ -54,8 +54,19 @@ def run(
         if not backend.startswith("onnxruntime"):
             raise InputError(f"--quant picks an onnxruntime decoder variant; not for {backend!r}")
         options["decoder_variant"] = quant
+    source = _stdin_video() if video == "-" else video  # read before the model loads
     pipe = Pipeline.from_dir(model, backend, prompts_file=prompts, template=template, **options)
-    return pipe.run(video, task, query=query, question=question, frames=frames, gen=gen)
+    result = pipe.run(source, task, query=query, question=question, frames=frames, gen=gen)
+    return {**result, "video": video}
+
+
+def _stdin_video() -> bytes:
+    """``-``: the video's bytes from standard input, read once (bounded)."""
+    from trace_rt.video import read_stream
+
+    if sys.stdin is None or sys.stdin.isatty():
+        raise InputError("video '-' reads standard input, but it is a terminal; pipe a video in")
+    return read_stream(sys.stdin.buffer, "<stdin>")
 
 
 def serve(
@@ -179,7 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decode and sample the video, run TRACE's interleaved time/score/text "
         "decoding and print one JSON object with the events, ids and timings.",
     )
-    p.add_argument("video", help="video file (anything PyAV/FFmpeg can open)")
+    p.add_argument(
+        "video",
+        help="video file (mp4/mov, mkv/webm, avi, ts, mpeg-ps, flv, ogg, gif, raw h264/hevc), "
+        "a named pipe, or - to read the video from standard input",
+    )
     p.add_argument("--model", required=True, type=Path, help="checkpoint or artifact directory")
     p.add_argument("--task", choices=["dvc", "mr", "vhd"], help=TASK_HELP)
     p.add_argument("--query", help="the sentence to localise (mr, vhd)")

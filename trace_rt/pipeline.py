@@ -20,7 +20,7 @@ from trace_rt.backends import Backend, load_backend
 from trace_rt.errors import InputError, PromptTooLongError
 from trace_rt.events import Event, EventParser
 from trace_rt.generate import GenerationConfig, generate
-from trace_rt.preprocess import preprocess_frames
+from trace_rt.preprocess import preprocess_frame
 from trace_rt.prompts import PromptSet, prompt_ids
 from trace_rt.tokenizer import TextTokenizer
 from trace_rt.tokens import MAX_TIMESTAMP, encode_timestamp
@@ -195,11 +195,13 @@ class Pipeline:
         n_frames = self.config.num_frames if frames is None else frames
         ids = self._prompt(task, query, question, n_frames, gen or GenerationConfig())
         pp = self.config.preprocess
-
-        def pixels_of(rgb: np.ndarray) -> np.ndarray:  # [H, W, 3] uint8 -> [3, h, w] float32
-            return preprocess_frames(rgb[None], pp)[0]
-
-        clip = load_video(video, n_frames, limits=limits, cancelled=cancelled, transform=pixels_of)
+        clip = load_video(
+            video,
+            n_frames,
+            limits=limits,
+            cancelled=cancelled,
+            transform=lambda rgb: preprocess_frame(rgb, pp),  # [H, W, 3] -> [3, h, w]
+        )
         return Prepared(ids, clip, clip.frames, _time_ids(clip.times))
 
     def prepare_frames(

@@ -345,3 +345,12 @@ def preprocess_frames(frames: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     for ch_ in range(3):
         np.take(table[ch_], crop[:, ch_], out=out[:, ch_])
     return out
+
+
+def preprocess_frame(frame: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """One ``[H, W, 3]`` uint8 RGB frame -> ``[3, crop_h, crop_w]`` float32.
+
+    Equals ``preprocess_frames(frame[None], cfg)[0]`` (frames are processed independently),
+    so a decoder can reduce each sampled frame to model size as soon as it has it.
+    """
+    return preprocess_frames(np.asarray(frame)[None], cfg)[0]

@@ -52,6 +52,7 @@ from trace_rt.video.source import (
     DecodeLimits,
     Source,
     VideoSource,
+    read_stream,
 )
 from trace_rt.video.timeline import repair_timestamps
 
@@ -70,6 +71,7 @@ __all__ = [
     "_decode",
     "_probe",
     "load_video",
+    "read_stream",
 ]
 
 DEFAULT_FPS = 25.0  # FFmpeg's assumption for raw streams that state no rate

@@ -107,14 +107,21 @@ def _looks_like_url(path: str) -> bool:
     return bool(m) and ("://" in path or m.group(1).lower() in _PROTOCOLS)
 
 
-def _read_bounded(f: BinaryIO, name: str, limit: int = MAX_STREAM_BYTES) -> bytes:
-    data = f.read(limit + 1)
-    if len(data) > limit:
+def read_stream(f: BinaryIO, name: str) -> bytes:
+    """Read a pipe or stream once into memory, up to :data:`MAX_STREAM_BYTES`."""
+    limit, chunks, size = MAX_STREAM_BYTES, [], 0
+    while size <= limit:  # a raw stream's read(n) may return less than n before the end
+        chunk = f.read(min(1 << 20, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
         raise VideoError(
             f"{name}: more than {limit >> 20} MiB from a pipe or stream; save it to a file "
             "and pass the file"
         )
-    return data
+    return b"".join(chunks)
 
 
 class Source:
@@ -154,7 +161,7 @@ class Source:
                     raise NotAVideoError(f"{self.name}: the video data is empty (0 bytes)")
                 source.seek(0)
             else:  # FFmpeg seeks in absolute offsets: give it the rest as bytes
-                self.data = _read_bounded(source, self.name)
+                self.data = read_stream(source, self.name)
         else:
             raise TypeError(
                 "video source must be a path, bytes-like or a binary file object; "
@@ -187,7 +194,7 @@ class Source:
         # A FIFO, /dev/stdin from a pipe, a character device: it can be read only once.
         try:
             with open(path, "rb") as f:
-                self.data = _read_bounded(f, path)
+                self.data = read_stream(f, path)
         except PermissionError as e:
             raise VideoError(f"{path}: permission denied") from e
         except OSError as e:
@@ -199,6 +206,9 @@ class Source:
         opts = {
             "protocol_whitelist": _NO_PROTOCOL,
             "format_whitelist": ",".join(sorted(self.limits.allow_formats)),
+            # Also handed to the decoders FFmpeg's stream probe runs (for formats that
+            # declare their streams in a header), so a bomb is not decoded even there.
+            "max_pixels": str(self.limits.max_pixels),
         }
         self.check()
         own = None
