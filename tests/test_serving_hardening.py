@@ -388,3 +388,10 @@ def test_death_signal_failure_is_an_error(repo, monkeypatch):
     g, h, m = srv.free_ports(3)
     with pytest.raises(srv.ServerError, match="PR_SET_PDEATHSIG"):
         srv.TritonServer(repo, grpc_port=g, http_port=h, metrics_port=m).start()
+
+
+def test_admin_key_is_checked(repo):
+    out = _serve(repo, "--admin-key", "short")
+    assert out.returncode == 2 and "admin key must be at least 16 characters" in out.stderr
+    out = _serve(repo, "--admin-key", "has spaces in it, sixteen+")
+    assert out.returncode == 2 and "admin key" in out.stderr

@@ -85,12 +85,14 @@ def serve(
 
     from trace_rt.serving.server import (
         ADMIN_HEADER,
+        ADMIN_KEY_ENV,
         GRPC_ADMIN_HEADER,
         ServerError,
         TritonServer,
         is_loopback,
     )
 
+    admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV) or None
     server = TritonServer(
         repo,
         host=host,
@@ -249,7 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--admin-key",
-        default=os.environ.get("TRACE_RT_ADMIN_KEY"),
         help="enable Triton's admin APIs (shared-memory registration, model control, trace "
         "and log settings) for requests that carry it (HTTP header admin-key, gRPC metadata "
         "triton-grpc-protocol-admin-key; default: $TRACE_RT_ADMIN_KEY; unset: those APIs are "

@@ -47,9 +47,9 @@ PR_SET_PDEATHSIG = 1
 DEATH_SIGNAL = signal.SIGKILL
 # glibc keeps freed memory in per-thread arenas and pooled request objects keep their
 # largest payload: one refused 1 GB request stayed held for good. One arena, trimmed, with
-# buffers from 64 KiB up mmapped, gives the memory back (measured: tritonserver's anonymous
-# memory within ~1 MB of its baseline once the client of a refused 48 MiB request has
-# gone, against +70 MB before; +294 MB after a 200 MB one).
+# buffers from 64 KiB up mmapped, gives the memory back. Measured here, tritonserver's
+# anonymous memory after a refused payload: +288 MB for 200 MB before; +1 to +3 MB for
+# 48 to 100 MB with this and --grpc-infer-allocation-pool-size=0, once the client has gone.
 MALLOC_ENV = {
     "MALLOC_ARENA_MAX": "1",
     "MALLOC_TRIM_THRESHOLD_": str(1 << 20),
