@@ -107,7 +107,7 @@ def test_oversized_payload_is_refused_and_its_memory_returns(server, clip_video)
     # Before: tritonserver kept ~1.5x the payload, and shared memory (counted in the
     # server and in the stub) 2x.
     assert after < base + 16, f"{base:.0f} MB before, {after:.0f} MB after"
-    assert refused_s < 20
+    assert refused_s < 10  # 48 MiB over loopback: about a second here
     with TraceClient(server.grpc_url) as c:
         assert c.infer(clip_video, task="dvc", max_new_tokens=4)["token_ids"]
 

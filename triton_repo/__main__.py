@@ -10,6 +10,31 @@ from trace_rt.errors import TraceError
 from trace_rt.serving.protocol import ServingSettings
 
 
+def add_decode_arguments(p: argparse.ArgumentParser, d: ServingSettings) -> None:
+    """How each instance decodes request videos (ServingSettings' decode fields)."""
+    p.add_argument(
+        "--decode-workers",
+        type=int,
+        default=d.decode_workers,
+        help="videos each instance decodes at once, beside the one request its model runs "
+        f"(default {d.decode_workers})",
+    )
+    p.add_argument(
+        "--video-time-budget",
+        type=float,
+        default=d.video_time_budget_s,
+        metavar="SECONDS",
+        help="wall-clock limit on decoding one request's video "
+        f"(default {d.video_time_budget_s:g})",
+    )
+    p.add_argument(
+        "--max-frame-pixels",
+        type=int,
+        default=d.max_frame_pixels,
+        help=f"largest frame (width x height) decoded (default {d.max_frame_pixels}, DCI 8K)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m triton_repo",
@@ -64,27 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"budget of requests that name none (default {d.default_max_new_tokens})",
     )
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads per session")
-    p.add_argument(
-        "--decode-workers",
-        type=int,
-        default=d.decode_workers,
-        help="videos each instance decodes at once, beside the one request its model runs "
-        f"(default {d.decode_workers})",
-    )
-    p.add_argument(
-        "--video-time-budget",
-        type=float,
-        default=d.video_time_budget_s,
-        metavar="SECONDS",
-        help="wall-clock limit on decoding one request's video "
-        f"(default {d.video_time_budget_s:g})",
-    )
-    p.add_argument(
-        "--max-frame-pixels",
-        type=int,
-        default=d.max_frame_pixels,
-        help=f"largest frame (width x height) decoded (default {d.max_frame_pixels}, DCI 8K)",
-    )
+    add_decode_arguments(p, d)
     p.add_argument("--no-progress", action="store_true", help="print nothing while building")
     args = parser.parse_args(argv)
     from triton_repo.build import build_repository
