@@ -13,7 +13,9 @@ Each chosen frame is converted to RGB and, given a ``transform`` (the pipeline p
 CLIP preprocessing), reduced to model resolution as soon as it is decoded: memory holds
 the sampled frames at model size plus a few full frames, never a stack of full frames.
 Frames that fail to decode are replaced by the nearest chosen frame that did decode. The
-display rotation (a phone's portrait flag) is applied.
+display rotation (a phone's portrait flag) is applied. Corrupt timestamps (one PTS far from
+both its neighbours, :mod:`trace_rt.video.timeline`) are interpolated and the frames
+sampled by rank instead.
 
 Untrusted input (:mod:`trace_rt.video.source`): bytes, file objects and, by default,
 paths are demuxed only by the media formats of :data:`ALLOWED_FORMATS` (mp4/mov,
@@ -21,7 +23,8 @@ matroska/webm, avi, mpegts, mpeg-ps, flv, ogg, gif, raw h264/hevc), with every F
 protocol refused, so a playlist, a concat script or an SDP file can neither read other
 files nor open sockets (:class:`UnsupportedFormatError`). URLs are refused. A named pipe,
 ``/dev/stdin`` or a non-seekable file object is read once into memory, up to
-:data:`MAX_STREAM_BYTES` (1 GiB). :class:`DecodeLimits` bounds each decode:
+:data:`MAX_STREAM_BYTES` (1 GiB); ``trace-rt run -`` reads standard input that way and
+passes the bytes (``"-"`` is not a path here). :class:`DecodeLimits` bounds each decode:
 ``max_pixels`` (default DCI 8K, 8192 x 4320; larger frames raise
 :class:`VideoTooLargeError`, from the stream header before decoding) and
 ``time_budget_s`` (default 120 s; :class:`VideoTimeoutError`); a ``cancelled`` callback is

@@ -46,9 +46,15 @@ def _open_decoder(s: av.video.VideoStream, src: Source) -> None:
     # logging on, closing a decoder mid-stream can deadlock. Slices only, then.
     frame_threads = av.logging.get_level() is None
     pixels = max(1, int(cc.width or 0) * int(cc.height or 0))
-    threads = min(os.cpu_count() or 1, max(1, _THREAD_PIXELS // pixels))
+    threads = min(_cores(), max(1, _THREAD_PIXELS // pixels))
     s.thread_type = "AUTO" if frame_threads and threads > 1 else "SLICE"
     s.thread_count = threads
+
+
+def _cores() -> int:
+    """The cores this process may run on (a server's instances may be pinned to a few)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def _frames(container: av.container.InputContainer, stream: av.video.VideoStream, src: Source):
@@ -83,27 +89,37 @@ class Probe(NamedTuple):
 def _probe(src: Source) -> Probe:
     """Pass 1: demux the video stream's packets (no decoding) for their timestamps."""
     with src.open() as c:
-        stated = c.duration / 1e6 if c.duration else None
         s = _video_stream(c, src)
-        # Read while the container is open: a stream's fields are freed with it (reading
-        # time_base after close intermittently gave None).
-        tb = s.time_base
-        rate = s.guessed_rate or s.average_rate
-        pts: list[int] = []
-        keys: list[int] = []
-        try:
-            for p in c.demux(s):
-                src.check()
-                if not p.size:
-                    continue
-                if p.pts is None or tb is None:  # no usable timestamps: count frames
-                    return Probe(None, np.empty(0, np.int64), tb, rate and float(rate), stated)
-                pts.append(p.pts)
-                if p.is_keyframe:
-                    keys.append(p.pts)
-        except av.error.FFmpegError:
-            pass  # a truncated file: count what was there
-    return Probe(np.array(pts, np.int64), np.unique(keys), tb, rate and float(rate), stated)
+        if s.codec_context.width and s.codec_context.height:
+            return _timestamps(c, s, src)
+    # No size: FFmpeg's probe decoder zeroes one over max_pixels (or none was declared).
+    # Look again without letting the probe decode, so the declared size is checked.
+    with src.open(probe_decodes=False) as c:
+        return _timestamps(c, _video_stream(c, src), src)
+
+
+def _timestamps(c: av.container.InputContainer, s: av.video.VideoStream, src: Source) -> Probe:
+    stated = c.duration / 1e6 if c.duration else None
+    # Read while the container is open: a stream's fields are freed with it (reading
+    # time_base after close intermittently gave None).
+    tb = s.time_base
+    rate = s.guessed_rate or s.average_rate
+    rate = rate and float(rate)
+    pts: list[int] = []
+    keys: list[int] = []
+    try:
+        for p in c.demux(s):
+            src.check()
+            if not p.size:
+                continue
+            if p.pts is None or tb is None:  # no usable timestamps: count frames
+                return Probe(None, np.empty(0, np.int64), tb, rate, stated)
+            pts.append(p.pts)
+            if p.is_keyframe:
+                keys.append(p.pts)
+    except av.error.FFmpegError:
+        pass  # a truncated file: count what was there
+    return Probe(np.array(pts, np.int64), np.unique(keys), tb, rate, stated)
 
 
 def _rgb(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:

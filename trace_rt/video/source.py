@@ -201,15 +201,22 @@ class Source:
             raise VideoError(f"{path}: cannot be read ({e.strerror or e})") from e
 
     @contextmanager
-    def open(self) -> Iterator[av.container.InputContainer]:
-        """The container, opened under the allow-list; closed (with its file) on exit."""
+    def open(self, probe_decodes: bool = True) -> Iterator[av.container.InputContainer]:
+        """The container, opened under the allow-list; closed (with its file) on exit.
+
+        Args:
+            probe_decodes: let FFmpeg's stream probe decode frames (up to the pixel
+                limit); False skips every frame there, keeping the declared frame size
+                that an over-limit probe decoder would zero.
+        """
         opts = {
             "protocol_whitelist": _NO_PROTOCOL,
             "format_whitelist": ",".join(sorted(self.limits.allow_formats)),
-            # Also handed to the decoders FFmpeg's stream probe runs (for formats that
-            # declare their streams in a header), so a bomb is not decoded even there.
-            "max_pixels": str(self.limits.max_pixels),
         }
+        # Also handed to the decoders FFmpeg's stream probe runs (for formats that declare
+        # their streams in a header), so a bomb is not decoded even there.
+        opts.update({"max_pixels": str(self.limits.max_pixels)} if probe_decodes else {})
+        opts.update({} if probe_decodes else {"skip_frame": "all"})
         self.check()
         own = None
         try:
