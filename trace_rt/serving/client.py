@@ -198,8 +198,13 @@ class TraceClient:
                     why = e
                 raise ServingError(self._describe(why)) from None
             while True:
+                # Checked before each response: queued ones would otherwise be handed out
+                # past the deadline (Queue.get returns what it holds whatever the timeout).
+                left = deadline - time.monotonic()
                 try:
-                    result, error = responses.get(timeout=max(0.0, deadline - time.monotonic()))
+                    if left <= 0:
+                        raise queue.Empty
+                    result, error = responses.get(timeout=left)
                 except queue.Empty:
                     raise ServingError(f"no final response within {timeout:g} s") from None
                 if error is not None:
