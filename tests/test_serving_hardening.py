@@ -1,6 +1,6 @@
 """Serving under hostile or careless use (issue 16), against a real tritonserver on CPU.
 
-One server with small limits: a 2 MB payload limit and a 1 s decode budget per request.
+One server with small limits: an 8 MB payload limit and a 1 s decode budget per request.
 Oversized payloads must be refused and their memory given back; a video that decodes
 slowly must neither block the instance's other requests nor run past its budget;
 playlists and SDP files are refused; Triton's admin APIs need the admin key; the client
@@ -17,18 +17,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tests.triton_server import running_server
+from tests.triton_server import long_gop_video, running_server
 from trace_rt.serving.client import ServingError, TraceClient
 
 pytest.importorskip("tritonclient.grpc")
 
-MAX_VIDEO = 2_000_000
+MAX_VIDEO = 8_000_000
 BUDGET_S = 1.0
 CLI = [sys.executable, "-m", "trace_rt"]
 
@@ -57,26 +55,9 @@ def server(repo):
 
 
 @pytest.fixture(scope="module")
-def heavy_video(tmp_path_factory) -> Path:
-    """Eight 4K frames (one encoded picture muxed eight times): ~200 KB that takes
-    seconds to convert and preprocess, well past BUDGET_S."""
-    import av
-
-    path = tmp_path_factory.mktemp("heavy") / "heavy.mp4"
-    with av.open(str(path), "w") as out:
-        s = out.add_stream("libx264", rate=1)
-        s.width, s.height, s.pix_fmt = 3840, 2160, "yuv420p"
-        s.options = {"preset": "ultrafast"}
-        s.codec_context.gop_size = 1
-        frame = av.VideoFrame(3840, 2160, "yuv420p")
-        for plane in frame.planes:
-            plane.update(bytes(plane.buffer_size))
-        (packet,) = [*s.encode(frame), *s.encode()]
-        for i in range(8):
-            p = av.Packet(bytes(packet))
-            p.stream, p.pts, p.dts, p.time_base, p.is_keyframe = s, i, i, Fraction(1), True
-            out.mux(p)
-    return path
+def slow_video(tmp_path_factory) -> Path:
+    """~6 MB whose sampling decodes 200k frames: seconds, far past BUDGET_S."""
+    return long_gop_video(tmp_path_factory.mktemp("slow") / "long_gop.mkv")
 
 
 def _memory_mb(pid: int) -> float:
@@ -113,7 +94,7 @@ def test_oversized_payload_is_refused_and_its_memory_returns(server, clip_video)
 
 
 def test_slow_video_neither_blocks_the_instance_nor_outlives_its_budget(
-    server, heavy_video, clip_video
+    server, slow_video, clip_video
 ):
     done: dict[str, float] = {}
     outcome: dict[str, object] = {}
@@ -127,7 +108,7 @@ def test_slow_video_neither_blocks_the_instance_nor_outlives_its_budget(
         done[name] = time.perf_counter()
 
     t0 = time.perf_counter()
-    slow = threading.Thread(target=send, args=("slow", heavy_video))
+    slow = threading.Thread(target=send, args=("slow", slow_video))
     slow.start()
     time.sleep(0.3)  # the slow video is decoding now
     send("normal", clip_video)
@@ -141,9 +122,11 @@ def test_slow_video_neither_blocks_the_instance_nor_outlives_its_budget(
     assert done["slow"] - t0 < BUDGET_S + 2.5
 
 
-def test_client_leaving_stops_the_decode(server, heavy_video, clip_video):
+def test_client_leaving_stops_the_decode(server, slow_video, clip_video):
     # The client closes its stream while its video decodes: the decode stops (counted as
-    # cancelled, not as over budget) and the instance goes on.
+    # cancelled; unchecked, it would run on to its budget and count as invalid) and the
+    # instance goes on.
+    import numpy as np
     import tritonclient.grpc as g
 
     def outcomes() -> dict[str, float]:
@@ -158,8 +141,8 @@ def test_client_leaving_stops_the_decode(server, heavy_video, clip_video):
     before = outcomes()
     client = g.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=lambda result, error: None)
-    video = g.InferInput("video", [heavy_video.stat().st_size], "UINT8")
-    video.set_data_from_numpy(np.frombuffer(heavy_video.read_bytes(), np.uint8))
+    video = g.InferInput("video", [slow_video.stat().st_size], "UINT8")
+    video.set_data_from_numpy(np.frombuffer(slow_video.read_bytes(), np.uint8))
     task = g.InferInput("task", [1], "BYTES")
     task.set_data_from_numpy(np.array([b"dvc"], dtype=np.object_))
     client.async_stream_infer("trace_pipeline", [video, task])
@@ -167,40 +150,15 @@ def test_client_leaving_stops_the_decode(server, heavy_video, clip_video):
     client.stop_stream(cancel_requests=True)
     client.close()
     deadline = time.monotonic() + 20
-    while outcomes().get("cancelled", 0) < before.get("cancelled", 0) + 1:
+    while sum(outcomes().values()) < sum(before.values()) + 1:
         assert time.monotonic() < deadline, outcomes()
         time.sleep(0.05)
-    assert outcomes().get("invalid", 0) == before.get("invalid", 0)  # not a timeout
+    after = outcomes()
+    assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1, (before, after)
     with TraceClient(server.grpc_url) as c:
         assert c.infer(clip_video, task="dvc", max_new_tokens=4)["token_ids"]
 
 
-SDP = (
-    "v=0\no=- 0 0 IN IP4 127.0.0.1\ns=stream\nc=IN IP4 0.0.0.0\nt=0 0\n"
-    "m=video 5004 RTP/AVP 96\na=rtpmap:96 H264/90000\n"
-)
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [
-        b"ffconcat version 1.0\nfile README.md\n",
-        SDP.encode(),
-        b"#EXTM3U\n#EXTINF:1,\nfile:///etc/passwd\n",
-    ],
-    ids=["ffconcat", "sdp", "m3u8"],
-)
-def test_hostile_formats_get_a_named_error(server, clip_video, payload):
-    with TraceClient(server.grpc_url) as c:
-        t0 = time.perf_counter()
-        with pytest.raises(ServingError, match=r"UnsupportedFormatError|NotAVideoError"):
-            c.infer(payload, task="dvc", max_new_tokens=4)
-        assert time.perf_counter() - t0 < 10  # no socket stall
-        assert c.client.is_server_live()
-        assert c.infer(clip_video, task="dvc", max_new_tokens=4)["token_ids"]
-
-
-# Inputs that reference files or sockets, or bomb the decoder: always refused, by name.
 NOT_MEDIA = ("UnsupportedFormatError", "NotAVideoError")  # the first is a kind of the second
 MUST_REFUSE = {
     "ffconcat": NOT_MEDIA,
