@@ -271,6 +271,9 @@ class FileWatch:
                     names.add(name)
                 i += 16 + n
 
+    def close(self) -> None:
+        os.close(self.fd)
+
 
 class SocketWatch(threading.Thread):
     """Polls the process's file descriptors for sockets while a decode runs."""
@@ -321,6 +324,7 @@ def run_case(d: Path, name: str, fname: str, mode: str, num_frames: int = 4) -> 
     sockets.poll()
     res["sockets"] = sorted(sockets.seen - before)
     res["opened"] = sorted(files.opened() - ({fname} if mode == "path" else set()))
+    files.close()
     return res
 
 

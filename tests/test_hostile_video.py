@@ -174,4 +174,6 @@ def test_protocols_are_refused_even_for_an_allowed_referencing_format(tmp_path, 
     for script in (f"ffconcat version 1.0\nfile {SECRET}\n", f"file '{tmp_path / SECRET}'\n"):
         with pytest.raises(TraceError):
             load_video(script.encode(), 4, limits=unsafe)
-    assert watch.opened() == set()
+    opened = watch.opened()
+    watch.close()
+    assert opened == set()

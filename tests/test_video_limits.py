@@ -20,6 +20,7 @@ from trace_rt.config import PreprocessConfig
 from trace_rt.errors import (
     DecodeCancelledError,
     VideoError,
+    VideoNotFoundError,
     VideoTimeoutError,
     VideoTooLargeError,
 )
@@ -160,11 +161,24 @@ def indices(v) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "url", ["http://127.0.0.1:9/a.mp4", "rtsp://cam/stream", "file:a.mp4", "udp://0.0.0.0:5004"]
+    "url",
+    [
+        "http://127.0.0.1:9/a.mp4",
+        "rtsp://cam/stream",
+        "file:a.mp4",
+        "udp://0.0.0.0:5004",
+        "concat:a.mp4|b.mp4",
+        "s3://bucket/video.mp4",
+    ],
 )
 def test_urls_are_refused(url):
     with pytest.raises(VideoError, match="URLs are not supported"):
         load_video(url, 4)
+
+
+def test_a_drive_letter_is_not_a_url():
+    with pytest.raises(VideoNotFoundError):
+        load_video("C:\\videos\\a.mp4", 4)
 
 
 def test_a_file_with_a_colon_is_still_a_file(tmp_path, monkeypatch):
