@@ -353,3 +353,16 @@ def test_admin_key_is_checked(repo):
     assert out.returncode == 2 and "admin key must be at least 16 characters" in out.stderr
     out = _serve(repo, "--admin-key", "has spaces in it, sixteen+")
     assert out.returncode == 2 and "admin key" in out.stderr
+
+
+def test_malloc_settings_are_the_servers_alone(server):
+    # tritonserver gives payload memory back with them; the model stubs run faster without.
+    def malloc_env(pid: int) -> set[str]:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        return {e.split(b"=")[0].decode() for e in env if e.startswith(b"MALLOC_")}
+
+    stubs = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True)
+    assert len(stubs.stdout.split()) == 3  # vision_encoder, projector, trace_pipeline
+    assert "MALLOC_ARENA_MAX" in malloc_env(server.proc.pid)
+    for pid in map(int, stubs.stdout.split()):
+        assert not malloc_env(pid) & {"MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_"}
