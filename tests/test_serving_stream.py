@@ -244,3 +244,29 @@ def test_cancelled_request_stops_decoding(server, clip_video):
     assert cancelled() == before + 1
     with TraceClient(server.grpc_url) as c:
         assert c.infer(clip_video, task="dvc", max_new_tokens=13)["events"]
+
+
+def test_timeout_bounds_the_whole_request_however_events_keep_coming(server, clip_video):
+    # Responses keep arriving (the client handles each event in 0.1 s, ~85 of them), so a
+    # per-response timeout never fires; the request's timeout is a deadline for all of it,
+    # and the request is cancelled past it.
+    from trace_rt.serving.client import ServingError
+
+    events: list[dict] = []
+
+    def slow_consumer(event: dict) -> None:
+        events.append(event)
+        time.sleep(0.1)
+
+    with TraceClient(server.grpc_url) as c:
+        t0 = time.perf_counter()
+        with pytest.raises(ServingError, match=r"no final response within 2 s"):
+            c.infer(
+                clip_video, task="dvc", max_new_tokens=1024, ignore_eos=True,
+                on_event=slow_consumer, timeout=2.0,
+            )  # fmt: skip
+        elapsed = time.perf_counter() - t0
+    assert events  # it was streaming when the deadline passed
+    assert elapsed < 2.0 + 1.5
+    with TraceClient(server.grpc_url) as c:  # and the server goes on
+        assert c.infer(clip_video, task="dvc", max_new_tokens=13)["events"]

@@ -244,10 +244,17 @@ def test_tensorrt_repository(artifact, tmp_path):
 def test_cli_build(artifact, tmp_path):
     out = tmp_path / "repo"
     cmd = [sys.executable, "-m", "triton_repo", "build", str(artifact), str(out)]
-    res = subprocess.run([*cmd, "--max-video-bytes", "1000"], capture_output=True, text=True)
+    limits = ["--max-video-bytes", "1000", "--decode-workers", "3"]
+    limits += ["--video-time-budget", "7.5", "--max-frame-pixels", "640000"]
+    res = subprocess.run([*cmd, *limits], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "trace-rt serve --repo" in res.stdout
-    assert ServingSettings.from_dir(out / "trace_pipeline" / "1").max_video_bytes == 1000
+    s = ServingSettings.from_dir(out / "trace_pipeline" / "1")
+    assert (s.max_video_bytes, s.decode_workers) == (1000, 3)
+    assert s.decode_limits().time_budget_s == 7.5 and s.decode_limits().max_pixels == 640000
+    # The limits a client asks for before sending, in the model's config.
+    config = (out / "trace_pipeline" / "config.pbtxt").read_text()
+    assert '{ key: "max_video_bytes" value: { string_value: "1000" } }' in config
     res = subprocess.run([*cmd, "--instances", "0"], capture_output=True, text=True)
     assert res.returncode == 2 and "instances" in res.stderr
 
@@ -334,6 +341,15 @@ def test_frames_requests(tiny_ckpt, clip_video):
             pipe.prepare_frames(*args, "dvc")
     with pytest.raises(InputError, match="duration"):
         pipe.prepare_frames(px, ts, "dvc", duration=float(ts[-1]) - 1)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("decode_workers", 0), ("video_time_budget_s", 0.0), ("max_frame_pixels", 0)],
+)
+def test_decode_settings_must_be_positive(field, value):
+    with pytest.raises(InputError, match=field):
+        ServingSettings(**{field: value})
 
 
 def test_settings_file_errors(tmp_path):

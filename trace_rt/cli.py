@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -92,12 +93,21 @@ def serve(
     metrics_port: int = 8002,
     log_file: Path | None = None,
     timeout: float = 300.0,
+    admin_key: str | None = None,
 ) -> int:
     """``trace-rt serve``: run tritonserver on *repo* until Ctrl-C (or SIGTERM)."""
     import signal
 
-    from trace_rt.serving.server import ServerError, TritonServer
+    from trace_rt.serving.server import (
+        ADMIN_HEADER,
+        ADMIN_KEY_ENV,
+        GRPC_ADMIN_HEADER,
+        ServerError,
+        TritonServer,
+        is_loopback,
+    )
 
+    admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV) or None
     server = TritonServer(
         repo,
         host=host,
@@ -105,6 +115,20 @@ def serve(
         http_port=http_port,
         metrics_port=metrics_port,
         log_file=log_file,
+        admin_key=admin_key,
+    )
+    if not is_loopback(host):
+        print(
+            f"trace-rt: warning: listening on {host}: anyone who can reach these ports can "
+            "send requests, unauthenticated and unencrypted. Put a TLS-terminating, "
+            "authenticating proxy in front, or bind 127.0.0.1 (README: Serving, security).",
+            file=sys.stderr,
+        )
+    admin = (
+        f"admin APIs need the admin key (HTTP header {ADMIN_HEADER}, gRPC metadata "
+        f"{GRPC_ADMIN_HEADER})"
+        if admin_key
+        else "admin APIs (shared memory, model control, trace, log settings) are off"
     )
     # SIGTERM (docker stop, systemd) stops the server as cleanly as Ctrl-C does; SIGINT is
     # set explicitly because a shell starts background jobs with it ignored.
@@ -115,7 +139,7 @@ def serve(
         server.start(timeout=timeout)
         print(
             f"ready: gRPC {server.grpc_url}  HTTP {server.http_url}  "
-            f"metrics {server.metrics_url}\nCtrl-C stops the server.",
+            f"metrics {server.metrics_url}\n{admin}\nCtrl-C stops the server.",
             file=sys.stderr,
             flush=True,
         )
@@ -152,12 +176,12 @@ def client(
     def show(event: dict) -> None:
         print(json.dumps({"event": event}), flush=True)
 
-    path = Path(video)
-    if not path.is_file():
-        raise InputError(f"video file not found: {video}")
+    from trace_rt.serving.client import check_video_file
+
+    check_video_file(video)  # a directory, pipe or unreadable file: say so, send nothing
     with TraceClient(check_url(url)) as c:
         return c.infer(
-            path,
+            video,
             task=task,
             query=query,
             question=question,
@@ -253,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file", type=Path, help="tritonserver's log (default: a temp file)")
     p.add_argument(
         "--timeout", type=float, default=300.0, help="seconds to wait for readiness (300)"
+    )
+    p.add_argument(
+        "--admin-key",
+        help="enable Triton's admin APIs (shared-memory registration, model control, trace "
+        "and log settings) for requests that carry it (HTTP header admin-key, gRPC metadata "
+        "triton-grpc-protocol-admin-key; default: $TRACE_RT_ADMIN_KEY; unset: those APIs are "
+        "refused)",
     )
 
     p = sub.add_parser(
@@ -372,6 +403,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         log_file=args.log_file,
         timeout=args.timeout,
+        admin_key=args.admin_key,
     )
 
 

@@ -12,6 +12,31 @@ from trace_rt.serving.protocol import ServingSettings
 PROG = "python -m triton_repo"
 
 
+def add_decode_arguments(p: argparse.ArgumentParser, d: ServingSettings) -> None:
+    """How each instance decodes request videos (ServingSettings' decode fields)."""
+    p.add_argument(
+        "--decode-workers",
+        type=int,
+        default=d.decode_workers,
+        help="videos each instance decodes at once, beside the one request its model runs "
+        f"(default {d.decode_workers})",
+    )
+    p.add_argument(
+        "--video-time-budget",
+        type=float,
+        default=d.video_time_budget_s,
+        metavar="SECONDS",
+        help="wall-clock limit on decoding one request's video "
+        f"(default {d.video_time_budget_s:g})",
+    )
+    p.add_argument(
+        "--max-frame-pixels",
+        type=int,
+        default=d.max_frame_pixels,
+        help=f"largest frame (width x height) decoded (default {d.max_frame_pixels}, DCI 8K)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog=PROG, description="Generate a Triton Inference Server model repository for TRACE."
@@ -76,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="--backend tensorrt: the serving tritonserver's TensorRT version, checked "
         "against the engines' (default: the tensorrt importable here)",
     )
+    add_decode_arguments(p, d)
     p.add_argument("--no-progress", action="store_true", help="print nothing while building")
     return parser
 
@@ -95,6 +121,9 @@ def _build(args: argparse.Namespace) -> None:
         server_tensorrt=args.server_tensorrt,
         default_max_new_tokens=args.default_max_new_tokens,
         threads=args.threads,
+        decode_workers=args.decode_workers,
+        video_time_budget_s=args.video_time_budget,
+        max_frame_pixels=args.max_frame_pixels,
         progress=not args.no_progress,
     )
     print(f"model repository ready: {out}\nserve it with: trace-rt serve --repo {out}")

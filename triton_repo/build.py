@@ -67,6 +67,9 @@ def build_repository(
     default_max_new_tokens: int = ServingSettings.default_max_new_tokens,
     threads: int = 0,
     server_tensorrt: str | None = None,
+    decode_workers: int = ServingSettings.decode_workers,
+    video_time_budget_s: float = ServingSettings.video_time_budget_s,
+    max_frame_pixels: int = ServingSettings.max_frame_pixels,
     progress: bool = True,
 ) -> Path:
     """Write the model repository for *artifacts* to *out* (replacing an earlier build).
@@ -88,6 +91,8 @@ def build_repository(
             ``tensorrt_plan`` models (engines load only on the version that built them);
             default: the ``tensorrt`` importable here, if any (building inside the serving
             container), else an error asking for it.
+        decode_workers, video_time_budget_s, max_frame_pixels: how each instance decodes
+            request videos (:class:`~trace_rt.serving.protocol.ServingSettings`).
     """
     src, out = Path(artifacts).resolve(), Path(out).resolve()
     if instances < 1:
@@ -113,6 +118,9 @@ def build_repository(
         max_new_tokens=max_new_tokens,
         default_max_new_tokens=min(default_max_new_tokens, max_new_tokens),
         threads=threads,
+        decode_workers=decode_workers,
+        video_time_budget_s=video_time_budget_s,
+        max_frame_pixels=max_frame_pixels,
     )
     _prepare_out(out)
     files = list(manifest["files"])
@@ -325,7 +333,14 @@ def _pipeline_model(
         *_tensors("input", [tensor(t) for t in pipeline_inputs(cfg)]),
         *_tensors("output", [tensor(t) for t in PIPELINE_OUTPUTS]),
         f"instance_group [ {{ count: {instances} kind: {kind} }} ]",
-        _parameters({"max_batch_frames": max_batch_frames}),
+        # The limits clients may ask for (model config) before they send anything.
+        _parameters(
+            {
+                "max_batch_frames": max_batch_frames,
+                "max_video_bytes": settings.max_video_bytes,
+                "max_new_tokens": settings.max_new_tokens,
+            }
+        ),
     ]
     (out / TRACE_PIPELINE / "config.pbtxt").write_text("\n".join(lines) + "\n")
 

@@ -27,6 +27,7 @@ import numpy as np
 from trace_rt.config import TraceConfig
 from trace_rt.errors import CheckpointError, InputError
 from trace_rt.generate import GenerationConfig
+from trace_rt.video import DEFAULT_LIMITS, DecodeLimits
 
 TRACE_PIPELINE = "trace_pipeline"
 SETTINGS_FILE = "serving.json"
@@ -107,6 +108,12 @@ class ServingSettings:
         default_max_new_tokens: the budget of a request that names none.
         max_frames: the most preprocessed ``frames`` a request may send.
         threads: onnxruntime intra-op threads per session (0: onnxruntime's default).
+        decode_workers: requests per model instance whose videos are decoded at once
+            (the model part still runs one request at a time per instance).
+        video_time_budget_s: wall-clock seconds one request's video decode and
+            preprocessing may take (``VideoTimeoutError`` beyond).
+        max_frame_pixels: largest frame (width x height) decoded (``VideoTooLargeError``
+            beyond: a decompression bomb).
     """
 
     backend: str = "onnxruntime"
@@ -116,20 +123,43 @@ class ServingSettings:
     default_max_new_tokens: int = 512
     max_frames: int = 256
     threads: int = 0
+    decode_workers: int = 2
+    video_time_budget_s: float = float(DEFAULT_LIMITS.time_budget_s or 120.0)
+    max_frame_pixels: int = DEFAULT_LIMITS.max_pixels
 
     def __post_init__(self) -> None:
         if self.backend not in ("onnxruntime", "tensorrt"):
             raise InputError(f"backend must be onnxruntime or tensorrt, got {self.backend!r}")
         if self.encoders not in ("in-process", "bls"):
             raise InputError(f"encoders must be in-process or bls, got {self.encoders!r}")
-        for name in ("max_video_bytes", "max_new_tokens", "default_max_new_tokens", "max_frames"):
+        positive = (
+            "max_video_bytes",
+            "max_new_tokens",
+            "default_max_new_tokens",
+            "max_frames",
+            "decode_workers",
+            "max_frame_pixels",
+        )
+        for name in positive:
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.video_time_budget_s > 0:
+            raise InputError(
+                f"video_time_budget_s must be positive, got {self.video_time_budget_s}"
+            )
         if self.default_max_new_tokens > self.max_new_tokens:
             raise InputError(
                 f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
                 f"max_new_tokens ({self.max_new_tokens})"
             )
+
+    def decode_limits(self) -> DecodeLimits:
+        """What decoding one request's video may cost, for :func:`trace_rt.video.load_video`."""
+        return DecodeLimits(
+            max_pixels=self.max_frame_pixels,
+            time_budget_s=self.video_time_budget_s,
+            allow_formats=DEFAULT_LIMITS.allow_formats,
+        )
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / SETTINGS_FILE

@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import importlib.util
+import ipaddress
 import os
+import re
+import secrets
+import shlex
 import shutil
 import signal
 import site
@@ -33,6 +38,26 @@ from pathlib import Path
 from trace_rt.errors import TraceError
 
 SITE_DIRS_ENV = "TRACE_RT_SITE_DIRS"
+# Triton's endpoints that change the server rather than ask it: shared-memory
+# registration (a client maps server memory), model load/unload, trace and log settings.
+ADMIN_APIS = ("shared-memory", "model-repository", "trace", "logging")
+ADMIN_HEADER = "admin-key"  # HTTP header; gRPC clients send GRPC_ADMIN_HEADER
+GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER  # Triton's prefix for gRPC
+ADMIN_KEY_ENV = "TRACE_RT_ADMIN_KEY"
+PR_SET_PDEATHSIG = 1
+DEATH_SIGNAL = signal.SIGKILL
+# glibc keeps freed memory in per-thread arenas and pooled request objects keep their
+# largest payload: one refused 1 GB request stayed held for good. One arena, trimmed, with
+# buffers from 64 KiB up mmapped, gives the memory back. Measured here, tritonserver's
+# anonymous memory after a refused payload: +288 MB for 200 MB before; +1 to +3 MB for
+# 48 to 100 MB with this and --grpc-infer-allocation-pool-size=0, once the client has gone.
+# For tritonserver only: the Python stubs (onnxruntime, numpy) ran a tiny request ~1.5x
+# slower with it, and they hold no payload (the model frees its shared memory itself).
+MALLOC_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 20),
+    "MALLOC_MMAP_THRESHOLD_": str(64 << 10),
+}
 
 
 class ServerError(TraceError):
@@ -77,18 +102,31 @@ def find_bundled() -> Bundle:
     return bundle
 
 
-def backend_dir(bundle: Bundle, dest: Path) -> Path:
-    """A ``--backend-directory`` holding the Python backend and this Python's stub."""
+def backend_dir(bundle: Bundle, dest: Path, stub_unset: tuple[str, ...] = ()) -> Path:
+    """A ``--backend-directory`` holding the Python backend and this Python's stub.
+
+    Args:
+        stub_unset: environment variables the stubs must not inherit from tritonserver;
+            the stub is then a small script that drops them and runs the real one.
+    """
     python = dest / "python"
     python.mkdir(parents=True, exist_ok=True)
     for src in [
         bundle.python_backend / "libtriton_python.so",
         bundle.python_backend / "triton_python_backend_utils.py",
-        bundle.stub,
     ]:
         target = python / src.name
         if not target.exists():
             shutil.copy2(src, target)
+    stub = python / bundle.stub.name
+    stub.unlink(missing_ok=True)
+    if stub_unset:
+        stub.write_text(
+            f'#!/bin/sh\nunset {" ".join(stub_unset)}\nexec {shlex.quote(str(bundle.stub))} "$@"\n'
+        )
+        stub.chmod(0o755)
+    else:
+        shutil.copy2(bundle.stub, stub)
     return dest
 
 
@@ -105,9 +143,53 @@ def site_dirs() -> list[str]:
 
 def _die_with_parent() -> None:
     # Linux: SIGKILL the server when the process that started it dies, however it dies
-    # (a killed test run must not leave a server holding ports).
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    # (a killed test run must not leave a server holding ports). Runs in the child
+    # between fork and exec; a failure raises there, and Popen raises SubprocessError.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, DEATH_SIGNAL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether *host* is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def busy_ports(host: str, ports: dict[str, int]) -> list[str]:
+    """Which of *ports* (name -> port) cannot be bound on *host* now, as messages."""
+    busy = []
+    for name, port in ports.items():
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            # As a server binds: a listener holds the port, a closed connection does not.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                why = "already in use" if e.errno == errno.EADDRINUSE else e.strerror
+                busy.append(f"{name} port {port} on {host} is {why}")
+    return busy
+
+
+# The lines of a tritonserver log that say why it stopped (E: error severity), and the
+# error lines that a machine without a GPU always logs.
+_CAUSE = re.compile(r"^E\d{4} |^Bad option|^error:|already in use", re.IGNORECASE)
+_NO_GPU_NOISE = re.compile(r"Cuda|CUDA|NVML|DCGM|GPU|pinned", re.IGNORECASE)
+
+
+def failure_cause(log: str) -> str | None:
+    """The first line of a tritonserver log that names an error, without its prefix."""
+    for line in log.splitlines():
+        if _CAUSE.search(line) and not _NO_GPU_NOISE.search(line):
+            # 'E1130 03:10:19.123 1234 file.cc:56] "message\n\nAt:..."' -> 'message'
+            message = line.split("] ", 1)[-1].strip().strip('"')
+            return message.split("\\n", 1)[0].strip()
+    return None
 
 
 class TritonServer:
@@ -119,6 +201,9 @@ class TritonServer:
         grpc_port, http_port, metrics_port: their ports.
         log_file: where the server's output goes (default: a temporary file).
         verbose: tritonserver's ``--log-verbose`` level.
+        admin_key: the admin APIs (:data:`ADMIN_APIS`, HTTP and gRPC) answer only
+            requests carrying header :data:`ADMIN_HEADER` with this value; None: a random
+            key nobody knows, so they answer no one.
     """
 
     def __init__(
@@ -131,6 +216,7 @@ class TritonServer:
         metrics_port: int = 8002,
         log_file: str | Path | None = None,
         verbose: int = 0,
+        admin_key: str | None = None,
     ):
         self.repo = Path(repo).resolve()
         if not (self.repo.is_dir() and any(self.repo.glob("*/config.pbtxt"))):
@@ -141,6 +227,9 @@ class TritonServer:
         self.host = host
         self.grpc_port, self.http_port, self.metrics_port = grpc_port, http_port, metrics_port
         self.verbose = verbose
+        if admin_key is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{16,}", admin_key):
+            raise ServerError("the admin key must be at least 16 characters of A-Z a-z 0-9 . _ ~ -")
+        self.admin_key = admin_key or secrets.token_urlsafe(24)
         self._tmp = tempfile.TemporaryDirectory(prefix="trace-rt-triton-")
         self.log_file = Path(log_file) if log_file else Path(self._tmp.name) / "tritonserver.log"
         self.proc: subprocess.Popen | None = None
@@ -158,7 +247,10 @@ class TritonServer:
         return f"http://{_client_host(self.host)}:{self.metrics_port}/metrics"
 
     def command(self, bundle: Bundle) -> list[str]:
-        backends = backend_dir(bundle, Path(self._tmp.name) / "backends")
+        # The malloc settings this server adds are tritonserver's alone (MALLOC_ENV).
+        added = tuple(k for k in MALLOC_ENV if k not in os.environ)
+        backends = backend_dir(bundle, Path(self._tmp.name) / "backends", added)
+        restricted = f"{','.join(ADMIN_APIS)}:{ADMIN_HEADER}={self.admin_key}"
         return [
             str(bundle.binary),
             f"--model-repository={self.repo}",
@@ -169,6 +261,10 @@ class TritonServer:
             f"--http-port={self.http_port}",
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
+            f"--http-restricted-api={restricted}",
+            f"--grpc-restricted-protocol={restricted}",
+            # No pooled request objects: a pooled one keeps its largest payload's memory.
+            "--grpc-infer-allocation-pool-size=0",
             "--allow-gpu-metrics=false",
             "--exit-timeout-secs=10",
             f"--log-verbose={self.verbose}",
@@ -189,34 +285,57 @@ class TritonServer:
                 "--backend tensorrt repository with NVIDIA's Triton container "
                 "(triton_repo/README.md)"
             )
-        env = dict(os.environ)
+        busy = busy_ports(
+            self.host,
+            {"gRPC": self.grpc_port, "HTTP": self.http_port, "metrics": self.metrics_port},
+        )
+        if busy:
+            raise ServerError(
+                "; ".join(busy) + " (pick free ones with --grpc-port/--http-port/"
+                "--metrics-port, or stop the server holding them)"
+            )
+        env = {**MALLOC_ENV, **os.environ}
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (str(bundle.libs), env.get("LD_LIBRARY_PATH", "")) if p
         )
         env[SITE_DIRS_ENV] = os.pathsep.join(site_dirs())
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_file, "wb")  # noqa: SIM115 - the server writes it until stop()
-        self.proc = subprocess.Popen(
-            self.command(bundle),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # Ctrl-C reaches us, and we stop the server in order
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
-        log.close()
+        try:
+            self.proc = subprocess.Popen(
+                self.command(bundle),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches us, and we stop the server in order
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        except subprocess.SubprocessError as e:  # from _die_with_parent, in the child
+            raise ServerError(
+                f"could not start tritonserver so that it dies with this process "
+                f"(prctl PR_SET_PDEATHSIG failed: {e})"
+            ) from None
+        finally:
+            log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServerError(
-                    f"tritonserver exited with code {self.proc.returncode} while starting:\n"
-                    + self.log_tail()
-                )
+                raise ServerError(self.failure(f"exited with code {self.proc.returncode}"))
             if self.ready():
                 return self
             time.sleep(0.25)
         self.stop()
-        raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        raise ServerError(self.failure(f"not ready after {timeout:.0f} s"))
+
+    def failure(self, what: str) -> str:
+        """A start failure's message: the cause first, then the log's last lines."""
+        tail = self.log_tail()
+        try:
+            cause = failure_cause(self.log_file.read_text(errors="replace"))
+        except OSError:
+            cause = None
+        head = f"tritonserver {what}" + (f": {cause}" if cause else "")
+        return f"{head}\n--- last lines of {self.log_file} ---\n{tail}"
 
     def ready(self) -> bool:
         """The server answers and all its models are ready (HTTP health endpoint)."""

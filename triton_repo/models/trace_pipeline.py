@@ -12,16 +12,29 @@ the repository's ``vision_encoder``/``projector`` models through BLS (``serving.
 ``encoders``), where Triton's dynamic batching lets concurrent requests share a batch.
 Every error a client can cause answers that request with a message naming the problem;
 the model keeps serving.
+
+Concurrency within an instance: ``execute`` only hands each request to a small thread
+pool (``serving.json`` ``decode_workers``) and returns. A worker decodes and preprocesses
+the video (:meth:`TritonPythonModel.prepare`, bounded by the request's decode limits and
+stopped when the client goes away), then takes the instance's model lock for the model
+part (:meth:`TritonPythonModel.generate`: encoders, prefill, decoding loop), so one slow
+video no longer holds up the requests behind it. The lock is the seam a batching
+scheduler would replace.
 """
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import json
+import mmap
 import os
 import site
 import sys
+import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +52,10 @@ _add_site_dirs()
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from trace_rt.errors import TraceError  # noqa: E402
+from trace_rt.errors import DecodeCancelledError, TraceError  # noqa: E402
 from trace_rt.events import Event  # noqa: E402
 from trace_rt.graphs import PROJECTOR, VISION_ENCODER  # noqa: E402
-from trace_rt.pipeline import Pipeline  # noqa: E402
+from trace_rt.pipeline import Pipeline, Prepared  # noqa: E402
 from trace_rt.prompts import TASKS  # noqa: E402
 from trace_rt.serving.protocol import (  # noqa: E402
     ARTIFACTS_DIR,
@@ -75,6 +88,47 @@ METRICS = [
 
 class Cancelled(Exception):
     """The client went away; stop decoding for it."""
+
+
+class CancelCheck:
+    """``request.is_cancelled()`` at most every :data:`CANCEL_CHECK_S` (it asks the server,
+    ~0.2 ms a call); callable, for the video decoder and the decoding loop alike."""
+
+    def __init__(self, request: Any):
+        self.request, self.last, self.gone = request, time.perf_counter(), False
+
+    def __call__(self) -> bool:
+        now = time.perf_counter()
+        if not self.gone and now - self.last > CANCEL_CHECK_S:
+            self.last = now
+            self.gone = bool(self.request.is_cancelled())
+        return self.gone
+
+
+# The inputs that can be large: read in place, and their shared memory freed after.
+PAYLOADS = ("video", "frames")
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MADV_REMOVE = 9  # free a shared mapping's pages and their backing store
+
+
+def drop_pages(array: np.ndarray | None) -> None:
+    """Give back the shared memory under an input tensor once it has been read.
+
+    The Python backend copies each input into a shared-memory pool that grows to the
+    largest request and never shrinks, so one oversized payload (refused) stayed held by
+    tritonserver and this stub for good. Punching out the whole pages inside the tensor's
+    own bytes frees them (they read as zeros if touched again; the pool's bookkeeping
+    lies outside them). Measured: a refused 100 MB request left 95 MiB of /dev/shm held
+    before, none after. A tensor that is not in shared memory is left alone (EINVAL).
+    """
+    if array is None or not array.flags.c_contiguous or array.nbytes < 2 * mmap.PAGESIZE:
+        return
+    start = array.__array_interface__["data"][0]
+    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (start + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo:
+        _LIBC.madvise(lo, hi - lo, MADV_REMOVE)
 
 
 class BlsEncoders:
@@ -169,6 +223,10 @@ class TritonPythonModel:
             self.pipe.backend = SplitBackend(self.pipe.backend, BlsEncoders(specs, max_batch))
         self.input_names = [t.name for t in pipeline_inputs(self.pipe.config)]
         self._metrics(args["model_name"])
+        self.limits = s.decode_limits()
+        # Workers decode videos side by side; the model part runs one request at a time.
+        self.pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="trace-request")
+        self.model_lock = threading.Lock()
 
     def _metrics(self, model: str) -> None:
         labels = {"model": model}
@@ -183,35 +241,53 @@ class TritonPythonModel:
         self.tps = self.families["tps"].Metric(labels=labels, buckets=TPS_BUCKETS)
         self._labels = labels
         self._request_metrics: dict[tuple[str, str], Any] = {}
+        self._metrics_lock = threading.Lock()  # workers count their requests themselves
 
     def _count_request(self, task: str | None, outcome: str) -> None:
         # Only known names become labels: a client must not grow the metric set.
         key = (task if task in TASKS else "question" if task is None else "other", outcome)
-        if key not in self._request_metrics:
-            labels = {**self._labels, "task": key[0], "outcome": outcome}
-            self._request_metrics[key] = self.families["requests"].Metric(labels=labels)
-        self._request_metrics[key].increment(1)
+        with self._metrics_lock:
+            if key not in self._request_metrics:
+                labels = {**self._labels, "task": key[0], "outcome": outcome}
+                self._request_metrics[key] = self.families["requests"].Metric(labels=labels)
+            self._request_metrics[key].increment(1)
 
     def execute(self, requests: list[Any]) -> None:
+        # Decoupled: return at once; workers answer through each request's sender.
         for request in requests:
-            self._answer(request)
+            self.pool.submit(self._answer, request, time.perf_counter())
         return None
 
-    def _answer(self, request: Any) -> None:
-        t0 = time.perf_counter()
+    def _answer(self, request: Any, t0: float) -> None:
         sender = request.get_response_sender()
+        cancelled = CancelCheck(request)
         task: str | None = None
         try:
             inputs = self._inputs(request)
             task = _task_of(inputs.get("task"))
-            req = parse_request(inputs, self.settings)
-            result = self._run(req, request, sender, t0)
+            try:
+                req = parse_request(inputs, self.settings)
+                if req.frames is not None:  # keep a copy: the view's pages go next
+                    req = dataclasses.replace(req, frames=np.array(req.frames))
+            finally:
+                for name in PAYLOADS:
+                    drop_pages(inputs.get(name))
+            t_video = time.perf_counter()
+            prepared = self.prepare(req, cancelled)
+            video_ms = (time.perf_counter() - t_video) * 1e3
+            with self.model_lock:
+                if cancelled():
+                    raise Cancelled
+                result = self.generate(prepared, req, sender, cancelled, t0)
+            # video: decode + preprocessing; total: from arrival, waits included.
+            result["timing_ms"]["video"] = video_ms
+            result["timing_ms"]["total"] = (time.perf_counter() - t0) * 1e3
             final = pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor("result", as_bytes_tensor(json.dumps(result)))]
             )
             self._count_request(task, "ok")  # before the reply: clients may read metrics next
             sender.send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Cancelled:
+        except (Cancelled, DecodeCancelledError):
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             self._count_request(task, "cancelled")
         except TraceError as e:  # the client's mistake: say which
@@ -231,31 +307,43 @@ class TritonPythonModel:
         out: dict[str, np.ndarray | None] = {}
         for name in self.input_names:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
-            out[name] = None if tensor is None else tensor.as_numpy()
+            if tensor is None:
+                out[name] = None
+            elif name in PAYLOADS and tensor.is_cpu():
+                # A view of the backend's shared memory (as_numpy would copy it), so
+                # that drop_pages can free those pages once the request is parsed.
+                out[name] = np.from_dlpack(tensor)
+            else:
+                out[name] = tensor.as_numpy()
         return out
 
-    def _run(self, req: ServingRequest, request: Any, sender: Any, t0: float) -> dict[str, Any]:
-        pipe = self.pipe
+    def prepare(self, req: ServingRequest, cancelled: CancelCheck) -> Prepared:
+        """Host work, outside the model lock: decode and preprocess the video under the
+        repository's limits (time budget, frame size), or check the sent frames."""
         common = {"query": req.query, "question": req.question, "gen": req.gen}
         if req.video is not None:
-            prepared = pipe.prepare(req.video, req.task, **common)
-        else:
-            prepared = pipe.prepare_frames(
-                req.frames, req.timestamps, req.task, duration=req.duration, **common
+            return self.pipe.prepare(
+                req.video, req.task, limits=self.limits, cancelled=cancelled, **common
             )
-        t_video = time.perf_counter()
+        return self.pipe.prepare_frames(
+            req.frames, req.timestamps, req.task, duration=req.duration, **common
+        )
+
+    def generate(
+        self,
+        prepared: Prepared,
+        req: ServingRequest,
+        sender: Any,
+        cancelled: CancelCheck,
+        t0: float,
+    ) -> dict[str, Any]:
+        """The model part, under the model lock: encoders, prefill, decoding loop; each
+        event is sent as it completes."""
         sent = 0
 
-        last_check = t0
-
         def on_token(_token: int) -> None:
-            # is_cancelled() asks the server (a round trip, ~0.2 ms): every 50 ms is enough.
-            nonlocal last_check
-            now = time.perf_counter()
-            if now - last_check > CANCEL_CHECK_S:
-                last_check = now
-                if request.is_cancelled():
-                    raise Cancelled
+            if cancelled():
+                raise Cancelled
 
         def on_event(event: Event) -> None:
             nonlocal sent
@@ -265,16 +353,15 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(output_tensors=[tensor]))
             sent += 1
 
-        out = pipe.run_prepared(prepared, req.gen, on_token=on_token, on_event=on_event)
+        out = self.pipe.run_prepared(prepared, req.gen, on_token=on_token, on_event=on_event)
         n = len(out["token_ids"])
         self.tokens.increment(n)
         decode_s = out["timing_ms"]["decode"] / 1e3
         if n > 1 and decode_s > 0:
             self.tps.observe((n - 1) / decode_s)
-        out["timing_ms"]["video"] = (t_video - t0) * 1e3
-        out["timing_ms"]["total"] = (time.perf_counter() - t0) * 1e3
         source = f"<{len(req.video)} bytes>" if req.video is not None else "<frames>"
         return {"video": source, "task": req.task, **out}
 
     def finalize(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
         self.pipe = None
