@@ -70,6 +70,8 @@ EXPECTED_TINY = {
         output { name: "result" data_type: TYPE_STRING dims: [1] }
         instance_group { count: 1 kind: KIND_CPU }
         parameters { key: "max_batch_frames" value: { string_value: "4" } }
+        parameters { key: "max_video_bytes" value: { string_value: "268435456" } }
+        parameters { key: "max_new_tokens" value: { string_value: "1024" } }
     """,
 }
 
