@@ -133,7 +133,8 @@ def test_console_table_fits_80_columns():
     assert "…" not in text  # nothing cut off
     for name, e in doc["backends"].items():
         assert name in text
-        assert render._cell(e["stages"]["end_to_end"]) in text  # e.g. "3,928 (4%)"
+        p50, spread = render._cell(e["stages"]["end_to_end"]).split("\n")  # "3,928", "(4%)"
+        assert f"{p50} " in text and spread.removeprefix("[dim]")[:4] in text
         assert render._x(e["speedup_vs_reference"]["end_to_end"]) in text
     wide = Console(width=180, record=True, file=io.StringIO(), color_system=None)
     wide.print(render.console_table(doc["backends"], "small", wide.width))

@@ -26,13 +26,14 @@ SHORT = {  # console column headers
     "decode_step": "step",
     "end_to_end": "e2e",
 }
-WIDE = 130  # below this many columns the main table becomes one block per backend
+WIDE = 150  # below this many columns the main table becomes one block per backend
 LEGEND = (
     "ms: median over invocations of each invocation's p50; (x%): spread between "
     "invocations, (max - min) / median. step: the median decode step. tok/s: decode steps "
     "/ the time spent in them (a mean rate: slow steps under load pull it down); "
     "1000/step: the rate of the median step; the two differ when some steps are slow. "
-    "step/floor and vs ref: ratios within each invocation, median over invocations."
+    "step/floor and vs ref: ratios within each invocation, median over invocations (min-max "
+    "below); ! = a measurement beat its floor."
 )
 
 
@@ -52,7 +53,7 @@ def _cell(s: dict[str, Any]) -> str:
         return "-"
     pct = s.get("spread_pct")
     n = len(s.get("p50_by_invocation_ms") or [])
-    return _ms(v) + (f" ({pct:.0f}%)" if n > 1 and pct is not None else "")
+    return _ms(v) + (f"\n[dim]({pct:.0f}%)[/dim]" if n > 1 and pct is not None else "")
 
 
 def _rate(v: float | None) -> str:
@@ -60,8 +61,24 @@ def _rate(v: float | None) -> str:
 
 
 def _vs_floor(s: dict[str, Any]) -> str:
-    text = _x(s.get("vs_floor"))
-    return text + " !" if s.get("floor_beaten") else text
+    text = _ratio(s.get("vs_floor"), s.get("vs_floor_spread"))
+    return text.replace("x", "x !", 1) if s.get("floor_beaten") else text
+
+
+def _ratio(v: float | None, sp: list[float] | None) -> str:
+    """A ratio with its min-max over invocations on a second line (when they differ)."""
+    text = _x(v)
+    if v is not None and sp and sp[0] != sp[1]:
+        text += f"\n[dim]{_short(sp[0])}-{_short(sp[1])}[/dim]"
+    return text
+
+
+def _short(v: float) -> str:
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
+def _speedup(e: dict[str, Any], stage: str) -> str:
+    return _ratio(e["speedup_vs_reference"][stage], (e.get("speedup_spread") or {}).get(stage))
 
 
 def console_table(
@@ -86,8 +103,8 @@ def console_table(
             _rate(e.get("decode_tokens_per_s_from_median_step")),
             "-" if e["peak_rss_mb"] is None else f"{e['peak_rss_mb']:.0f}",
             _vs_floor(st["decode_step"]),
-            _x(e["speedup_vs_reference"]["end_to_end"]),
-            _x(e["speedup_vs_reference"]["decode_step"]),
+            _speedup(e, "end_to_end"),
+            _speedup(e, "decode_step"),
         )
     if entries:
         name, first = next(iter(entries.items()))
@@ -118,8 +135,8 @@ def _narrow(entries: dict[str, dict[str, Any]], title: str) -> RenderableType:
             _rate(e["decode_tokens_per_s"]),
             _rate(e.get("decode_tokens_per_s_from_median_step")),
             "-" if e["peak_rss_mb"] is None else f"{e['peak_rss_mb']:.0f}",
-            _x(e["speedup_vs_reference"]["end_to_end"]),
-            _x(e["speedup_vs_reference"]["decode_step"]),
+            _speedup(e, "end_to_end"),
+            _speedup(e, "decode_step"),
         )
     parts.append(summary)
     return Group(*parts)
