@@ -178,3 +178,29 @@ def test_triton_levels_pool_over_invocations():
     assert pooled["requests_per_s"] == pytest.approx(4 / 0.126, abs=1e-3)
     assert [x["end_to_end_p50_ms"] for x in pooled["by_invocation"]] == [21.0, 42.0]
     assert pooled["token_ids"] == [1, 2, 3, 4, 5]
+
+
+def test_no_floor_verdict_against_a_beaten_floor_and_rerender(tmp_path):
+    import json
+
+    from trace_rt.bench import mdreport
+
+    fine = _doc({"onnxruntime": [_run("onnxruntime", [100.0], [10.0])] * 2})
+    (row,) = [t for t in report.check_targets(fine) if t["metric"] == "decode_step_vs_floor"]
+    assert row["verdict"] == "missed"  # 10 ms against a ~0 ms floor: far over 1.2x
+    slow = _doc({"onnxruntime": [_run("onnxruntime", [100.0], [10.0])] * 2}, Peaks(1e-3, 1, "x"))
+    (row,) = [t for t in report.check_targets(slow) if t["metric"] == "decode_step_vs_floor"]
+    assert row["verdict"] is None and row["gap"].startswith("no verdict")
+    # A recorded JSON re-checked and rendered again by this code.
+    slow["config"] = {"model_config": {}, "peaks": {"gbps": 1e-3, "tflops": 1, "source": "x"}}
+    slow["machine"].update(date_utc="d", git={"commit": "c", "dirty": False}, cores=2)
+    slow["machine"].update(threads=2, memory_gb=1, load_average_start=[1.0, 1.0, 1.0])
+    slow["config"].update(model_name="m", frames=1, decode_steps=1, device="cpu", command="c")
+    slow["config"].update(task="dvc", video="v", warmup=0, runs=1)
+    slow["floor_check"] = {"ok": True, "beaten": []}  # as an older version wrote it
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(slow))
+    assert mdreport.main([str(path), "--recheck"]) == 0
+    again = json.loads(path.read_text())
+    assert again["floor_check"]["ok"] is False and again["config"]["rechecked"]
+    assert "**not a floor**: `onnxruntime` decode_step" in (tmp_path / "r.md").read_text()

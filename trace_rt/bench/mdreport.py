@@ -238,3 +238,31 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"- `{k}`: {v}" for k, v in report["skipped"].items()]
     lines += ["", "---", "", LEGEND]
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trace_rt.bench.mdreport RESULT.json [OUT.md] [--recheck]``: render a
+    recorded result again; ``--recheck`` first re-derives the floor check, tails and target
+    verdicts from its samples with this code (and rewrites the JSON, noting it)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from trace_rt.bench.report import derive_checks
+
+    p = argparse.ArgumentParser(prog="python -m trace_rt.bench.mdreport")
+    p.add_argument("json", type=Path, help="a --json result of python -m trace_rt.bench")
+    p.add_argument("markdown", type=Path, nargs="?", help="output (default: beside, .md)")
+    p.add_argument("--recheck", action="store_true", help="re-derive checks, rewrite the JSON")
+    args = p.parse_args(argv)
+    doc = json.loads(args.json.read_text())
+    if args.recheck:
+        derive_checks(doc)
+        doc["config"]["rechecked"] = "floor_check, long_tails, targets re-derived from samples"
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
+    (args.markdown or args.json.with_suffix(".md")).write_text(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -130,12 +130,19 @@ def build_report(
             summary.add_invocation_stats(e, by_invocation[name])
     summary.add_speedups(entries, by_invocation, REFERENCE)
     report = {"machine": machine, "config": config, "backends": entries, "skipped": skipped}
-    report["targets"] = check_targets(report) if targets_apply(config) else []
     report["triton"] = triton
     report["invocations"] = invocations or []
+    return derive_checks(report)
+
+
+def derive_checks(report: dict[str, Any]) -> dict[str, Any]:
+    """The floor check, long tails and targets, from the entries' samples and floors (so
+    a recorded JSON can be re-checked by newer code: ``python -m trace_rt.bench.mdreport``)."""
+    entries = report["backends"]
     report["floor_check"] = summary.floor_check(entries)
     report["long_tails"] = summary.long_tails(entries)
     report["long_tail_rule"] = f"p99 > {summary.LONG_TAIL} x p50 (pooled samples)"
+    report["targets"] = check_targets(report) if targets_apply(report["config"]) else []
     return report
 
 
@@ -169,5 +176,9 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         row.update(summary.verdict(values, op, bound))
         if row["value"] is None:
             row["gap"] = "not measured" if entry is None else "no reference in this run"
+        elif metric.endswith("_vs_floor") and entry["stages"]["decode_step"]["floor_beaten"]:
+            # Measured against a floor that a measurement beat: the ratio means nothing.
+            row["verdict"] = row["met"] = None
+            row["gap"] = "no verdict: a measured step beat this floor (peaks measured too low)"
         out.append(row)
     return out
