@@ -5,8 +5,13 @@ Example (CPU, the recorded ``small`` result; see benchmarks/README.md)::
     python -m trace_rt.bench --model ckpt-small --artifacts art-small \\
         --plugin reference=benchmarks.reference.backend:ReferenceBackend \\
         --backends reference,torch,onnxruntime,onnxruntime-int4 \\
-        --frames 16 --decode-steps 64 --warmup 2 --runs 10 \\
+        --frames 16 --decode-steps 64 --warmup 1 --runs 5 --repeat 3 --repeat-gap 60 \\
         --json out.json --markdown out.md --plot out.png
+
+``--repeat N`` runs the whole bench N times (invocations) and reports each stage's median
+over invocations with the spread between them; ratios are computed within an invocation
+(:mod:`trace_rt.bench.summary`), and the machine's load is kept for each
+(:mod:`trace_rt.bench.load`).
 
 With ``triton`` among the backends, ``--url HOST:PORT`` names a running ``trace-rt serve``
 (gRPC); after the in-process backends, the bench measures it from C concurrent clients for
