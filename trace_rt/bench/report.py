@@ -27,9 +27,14 @@ figures), added keys, all compatible with the core shape:
   ``floor_beaten`` and ``tail`` (``p90_over_p50``, ``p99_over_p50``, ``long``);
 - per backend: ``speedup_vs_reference`` is the median over invocations of the ratio
   computed within each invocation (``speedup_by_invocation``; ``speedup_spread`` [min, max]),
-  ``decode_tokens_per_s_from_median_step`` (1000 / median step), ``load_by_invocation``;
-- ``invocations``: [{"index", "started_utc", "load": {...}, "peaks": {...}}] (load as in
-  :mod:`trace_rt.bench.load`); ``floor_check``: {"ok", "beaten": [...]}; ``long_tails``;
+  ``decode_tokens_per_s_from_median_step`` (1000 / median step), ``load_by_invocation``
+  (the machine's load while this backend ran, per invocation), ``load_s_by_invocation``;
+- ``invocations``: [{"index", "started_utc", "load": {...}, "peaks": {"gbps", "tflops"},
+  "backends": {NAME: load}}] (load as in :mod:`trace_rt.bench.load`); ``config.peaks`` are
+  the best per kernel over invocations (``details``: every kernel's figure, which one set
+  each peak, ``by_invocation``); ``floor_check``: {"ok", "beaten": [{"backend", "stage",
+  "floor_ms", "fastest_ms", "ratio"}]}; ``long_tails``, ``long_tail_rule``;
+- ``triton.levels[]`` pool the rounds of every invocation and add ``by_invocation``;
 - each target: ``value`` (median), ``spread``, ``margin``, ``verdict`` (met / missed /
   within noise), ``by_invocation``; ``met`` is the median's side of the bound.
 """
