@@ -111,7 +111,7 @@ def test_bench_measures_the_server_beside_onnxruntime(
 
     md = (out / "b.md").read_text()
     assert "| triton |" in md and "## Triton server by concurrency" in md
-    assert md.count("\n| 1 | ") == 1 and "\n| 2 | 4 |" in md  # clients | requests
+    assert md.count("\n| 1 | 2 | ") == 1 and "\n| 2 | 4 |" in md  # clients | requests
     assert (out / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 

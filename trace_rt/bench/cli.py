@@ -5,8 +5,13 @@ Example (CPU, the recorded ``small`` result; see benchmarks/README.md)::
     python -m trace_rt.bench --model ckpt-small --artifacts art-small \\
         --plugin reference=benchmarks.reference.backend:ReferenceBackend \\
         --backends reference,torch,onnxruntime,onnxruntime-int4 \\
-        --frames 16 --decode-steps 64 --warmup 2 --runs 10 \\
+        --frames 16 --decode-steps 64 --warmup 1 --runs 5 --repeat 3 --repeat-gap 60 \\
         --json out.json --markdown out.md --plot out.png
+
+``--repeat N`` runs the whole bench N times (invocations) and reports each stage's median
+over invocations with the spread between them; ratios are computed within an invocation
+(:mod:`trace_rt.bench.summary`), and the machine's load is kept for each
+(:mod:`trace_rt.bench.load`).
 
 With ``triton`` among the backends, ``--url HOST:PORT`` names a running ``trace-rt serve``
 (gRPC); after the in-process backends, the bench measures it from C concurrent clients for
@@ -29,6 +34,8 @@ import os
 import shlex
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +45,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from trace_rt.bench import floor as floor_mod
-from trace_rt.bench import machine, plugins, report
+from trace_rt.bench import machine, mdreport, plugins, render, report
+from trace_rt.bench import peaks as peaks_mod
 from trace_rt.bench import triton as triton_mod
-from trace_rt.bench.runner import Request, run_backend
+from trace_rt.bench.load import LoadWindow
+from trace_rt.bench.runner import BackendRun, Request, run_backend
 from trace_rt.bench.video import DESCRIPTION, synthetic_video
 from trace_rt.config import TraceConfig
 from trace_rt.errors import TraceError
@@ -75,9 +84,39 @@ def build_parser() -> argparse.ArgumentParser:
         f"(repeatable; also ${plugins.ENV_VAR}, comma-separated)",
     )
     p.add_argument("--frames", type=int, help="frames sampled (default: the model's num_frames)")
-    p.add_argument("--decode-steps", type=int, default=64, help="decode steps, EOS ignored")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured requests per backend")
-    p.add_argument("--runs", type=int, default=5, help="measured requests per backend")
+    p.add_argument(
+        "--decode-steps",
+        type=int,
+        default=64,
+        help="decode steps per request, EOS ignored (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="unmeasured requests per backend and invocation (default: %(default)s)",
+    )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=5,
+        help="measured requests per backend and invocation (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="invocations: the whole bench (every backend, warmup + runs) this many times, "
+        "to measure the spread between them; figures are medians over invocations, "
+        "verdicts 'within noise' unless a margin exceeds the spread (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repeat-gap",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds to wait between invocations, to spread them over time (default: %(default)s)",
+    )
     p.add_argument(
         "--video", help="input video (default: a synthetic 8 s 320x240 25 fps H.264 clip)"
     )
@@ -110,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
-    if not console.is_terminal:  # logs and CI: don't squeeze the table into 80 columns
-        console = Console(stderr=True, width=180)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=True, width=180)  # logs and CI: the wide table, unsqueezed
     try:
         return _main(args, console, argv if argv is not None else sys.argv[1:])
     except (TraceError, ValueError) as e:
@@ -120,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, console: Console, argv: list[str]) -> int:
-    for flag in ("decode_steps", "runs"):
+    for flag in ("decode_steps", "runs", "repeat"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.warmup < 0:
-        raise ValueError("--warmup must be >= 0")
+    if args.warmup < 0 or args.repeat_gap < 0:
+        raise ValueError("--warmup and --repeat-gap must be >= 0")
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
     specs, skipped = plugins.resolve(names, args.plugin)
     cfg = TraceConfig.from_dir(args.model)
@@ -139,41 +178,108 @@ def _main(args: argparse.Namespace, console: Console, argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="trace-rt-bench-") as tmp:
         video = args.video or synthetic_video(Path(tmp) / "synthetic.mp4")
         request = Request(str(video), args.task, args.query, frames, args.decode_steps)
-        console.print("[bold]trace-rt bench[/bold]: measuring the device's peaks …")
-        peaks = floor_mod.resolve_peaks(
-            args.peak_gbps, args.peak_tflops, args.device, quick=args.quick_peaks
-        )
-        console.print(f"peaks ({peaks.source}): {peaks.gbps} GB/s, {peaks.tflops} TFLOP/s")
         info = machine.machine_info()
-        entries = _run_all(specs, skipped, args, cfg, request, peaks, console, server)
+        rounds = [
+            _invocation(k, specs, skipped, args, cfg, request, console, server)
+            for k in range(args.repeat)
+        ]
     info["load_average_end"] = list(os.getloadavg())
+    peaks = peaks_mod.best_of([r.peaks for r in rounds])
+    entries, by_inv = _entries(rounds, cfg, peaks, args.decode_steps)
     config = _config(args, argv, cfg, frames, peaks, names)
     config["video"] = DESCRIPTION if args.video is None else args.video
-    section = server.get("section") if server else None
-    doc = report.build_report(info, config, entries, skipped, section)
-    console.print(report.console_table(doc["backends"], _title(config)))
+    section = None
+    if server and all(r.levels is not None for r in rounds):
+        levels = triton_mod.pool_levels([r.levels for r in rounds if r.levels is not None])
+        section = {**server["section"], "levels": levels}
+    invocations = [r.record for r in rounds]
+    doc = report.build_report(
+        info, config, entries, skipped, section, by_invocation=by_inv, invocations=invocations
+    )
+    console.print(render.console_table(doc["backends"], _title(config), console.width))
     if section:
-        console.print(report.triton_table(section))
+        console.print(render.triton_table(section))
     for name, why in skipped.items():
         console.print(f"[yellow]skipped {name}[/yellow]: {escape(why)}")
-    for t in doc["targets"]:
-        if t["value"] is not None:
-            colour = "green" if t["met"] else "red"
-            console.print(
-                f"target {t['backend']} {t['metric']} {t['target']}: "
-                f"[{colour}]{t['value']:.2f} ({t['gap']})[/{colour}]"
-            )
+    for line in render.notes(doc):
+        console.print(escape(line), highlight=False)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(report.markdown(doc))
+        args.markdown.write_text(mdreport.markdown(doc))
     if args.plot:
         from trace_rt.bench.plot import plot  # matplotlib only when asked for
 
         plot(doc, args.plot)
     return 0
+
+
+@dataclass
+class Invocation:
+    """One full round of the bench: every backend's run, the load, the peaks."""
+
+    runs: dict[str, BackendRun]
+    peaks: floor_mod.Peaks
+    record: dict[str, Any]
+    levels: list[dict[str, Any]] | None = None  # triton, when asked for
+
+
+def _invocation(
+    k: int,
+    specs: list[plugins.BackendSpec],
+    skipped: dict[str, str],
+    args: argparse.Namespace,
+    cfg: TraceConfig,
+    request: Request,
+    console: Console,
+    server: dict[str, Any] | None,
+) -> Invocation:
+    """Invocation *k*: wait --repeat-gap (after the first), measure the peaks, run every
+    backend (and the server), and keep the machine's load over it all."""
+    if k and args.repeat_gap:
+        console.print(f"waiting {args.repeat_gap:g} s before invocation {k + 1} …")
+        time.sleep(args.repeat_gap)
+    label = f"invocation {k + 1}/{args.repeat}" if args.repeat > 1 else "trace-rt bench"
+    window = LoadWindow()
+    console.print(f"[bold]{label}[/bold]: measuring the device's peaks …")
+    peaks = peaks_mod.resolve_peaks(
+        args.peak_gbps, args.peak_tflops, args.device, quick=args.quick_peaks
+    )
+    console.print(f"peaks ({peaks.source}): {peaks.gbps} GB/s, {peaks.tflops} TFLOP/s")
+    active = [s for s in specs if s.name not in skipped]
+    out = Invocation({}, peaks, {})
+    loads = _run_all(active, skipped, args, cfg, request, peaks, console, server, out)
+    out.record = {
+        "index": k,
+        "started_utc": window.started_utc,
+        "load": window.close(),
+        "peaks": {"gbps": peaks.gbps, "tflops": peaks.tflops},
+        "backends": loads,
+    }
+    return out
+
+
+def _entries(
+    rounds: list[Invocation], cfg: TraceConfig, peaks: floor_mod.Peaks, decode_steps: int
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, float | None]]]]:
+    """Each backend's entry over the invocations it ran in, and its per-invocation p50s
+    (aligned with the invocations: empty where it did not run)."""
+    entries: dict[str, dict[str, Any]] = {}
+    by_inv: dict[str, list[dict[str, float | None]]] = {}
+    names = list(dict.fromkeys(n for r in rounds for n in r.runs))
+    for name in names:
+        runs = [r.runs.get(name) for r in rounds]
+        steps = max(1, decode_steps - 1) if name == triton_mod.NAME else decode_steps
+        entry, by_inv[name] = report.repeated_entry(runs, cfg, peaks, steps)
+        entry["load_by_invocation"] = [r.record["backends"].get(name) for r in rounds]
+        if name == triton_mod.NAME:
+            entry["load_s"] = None  # loaded by the server, not here
+            entry["concurrency"] = entry["options"].get("concurrency")
+            entry["note"] = triton_mod.NOTES
+        entries[name] = entry
+    return entries, by_inv
 
 
 def _run_all(
@@ -184,12 +290,13 @@ def _run_all(
     request: Request,
     peaks: floor_mod.Peaks,
     console: Console,
-    server: dict[str, Any] | None = None,
+    server: dict[str, Any] | None,
+    out: Invocation,
 ) -> dict[str, dict[str, Any]]:
-    """Each backend in turn, with a live table of the finished ones and a progress bar;
-    then the Triton *server* (checked ready by the caller) if ``triton`` was asked for:
-    its levels go to ``server["section"]``, its concurrency-1 row to the entries."""
-    entries: dict[str, dict[str, Any]] = {}
+    """Each backend in turn into ``out.runs``, with a live table of the finished ones and a
+    progress bar; then the Triton *server* (checked ready by the caller) if ``triton`` was
+    asked for, its levels into ``out.levels``. Returns each backend's load record."""
+    loads: dict[str, dict[str, Any]] = {}
     progress = Progress(
         TextColumn("{task.description:<28}"),
         BarColumn(),
@@ -206,7 +313,9 @@ def _run_all(
         tasks[triton_mod.NAME] = progress.add_task(f"{triton_mod.NAME}: waiting", total=levels)
 
     def view() -> Group:
-        return Group(report.console_table(entries, "finished (p50)"), progress)
+        shown = {n: report.backend_entry(r, cfg, peaks, request.decode_steps)
+                 for n, r in out.runs.items()}  # fmt: skip
+        return Group(render.console_table(shown, "finished (p50)", console.width), progress)
 
     with Live(view(), console=console, refresh_per_second=4, transient=True) as live:
         for spec in specs:
@@ -231,6 +340,7 @@ def _run_all(
                 progress.update(task, completed=done, description=f"{name}: {phase}")
                 live.update(view())
 
+            window = LoadWindow()
             try:
                 run = run_backend(
                     spec,
@@ -248,13 +358,16 @@ def _run_all(
                 skipped[spec.name] = f"{type(e).__name__}: {e}"
                 progress.update(task, description=f"{spec.name}: skipped")
                 continue
-            entries[spec.name] = report.backend_entry(run, cfg, peaks, args.decode_steps)
+            loads[spec.name] = window.close()
+            out.runs[spec.name] = run
             progress.update(task, description=f"{spec.name}: done")
             live.update(view())
-        if server is not None:
-            _run_triton(server, args, cfg, request, peaks, entries, skipped, progress, tasks)
+        if server is not None and triton_mod.NAME not in skipped:
+            window = LoadWindow()
+            _run_triton(server, args, cfg, request, out, skipped, progress, tasks)
+            loads[triton_mod.NAME] = window.close()
             live.update(view())
-    return entries
+    return loads
 
 
 def _run_triton(
@@ -262,8 +375,7 @@ def _run_triton(
     args: argparse.Namespace,
     cfg: TraceConfig,
     request: Request,
-    peaks: floor_mod.Peaks,
-    entries: dict[str, dict[str, Any]],
+    out: Invocation,
     skipped: dict[str, str],
     progress: Progress,
     tasks: dict[str, Any],
@@ -296,16 +408,11 @@ def _run_triton(
         },
         "warmup": args.warmup,
         "runs": args.runs,
-        "levels": levels,
         "notes": triton_mod.NOTES,
     }
+    out.levels = levels
     first = min(levels, key=lambda lv: lv["concurrency"])  # main table: 1 client (default)
-    run = triton_mod.backend_run(first, server["url"], cfg.tokens_per_frame)
-    steps = max(1, args.decode_steps - 1)  # one prefill token, then decode steps
-    entries[name] = report.backend_entry(run, cfg, peaks, steps)
-    entries[name]["load_s"] = None  # loaded by the server, not here
-    entries[name]["concurrency"] = first["concurrency"]
-    entries[name]["note"] = triton_mod.NOTES
+    out.runs[name] = triton_mod.backend_run(first, server["url"], cfg.tokens_per_frame)
     progress.update(task, description=f"{name}: done")
 
 
@@ -329,6 +436,8 @@ def _config(
         "decode_steps": args.decode_steps,
         "warmup": args.warmup,
         "runs": args.runs,
+        "repeat": args.repeat,
+        "repeat_gap_s": args.repeat_gap,
         "task": args.task,
         "query": args.query,
         "device": args.device,
@@ -353,7 +462,9 @@ def _config(
 
 
 def _title(config: dict[str, Any]) -> str:
+    rep = config.get("repeat", 1)
     return (
         f"{config['model_name']}: {config['frames']} frames, {config['decode_steps']} decode "
-        f"steps, {config['runs']} runs after {config['warmup']} warmup ({config['device']}); p50 ms"
+        f"steps, {config['runs']} runs after {config['warmup']} warmup"
+        f"{f' x {rep} invocations' if rep > 1 else ''} ({config['device']}); p50 ms"
     )

@@ -3,10 +3,11 @@
 From the model config alone: FLOPs and bytes that a stage must move, against the device's
 peak FLOP rate and memory bandwidth (a roofline: ``max(FLOPs / peak, bytes / bandwidth)``).
 Vision and prefill are compute-bound, a decode step is bandwidth-bound (every weight is read
-once per token, plus the KV cache so far). The peaks are measured once (a multi-threaded
-streaming read of a large array; a float32 matmul through numpy's BLAS) or given with
-``--peak-gbps/--peak-tflops``. Measured peaks are what this machine achieves, not its data
-sheet, so the floor is one a real program could touch.
+once per token, plus the KV cache so far). The peaks are the fastest of several kernels
+(:mod:`trace_rt.bench.peaks`) or given with ``--peak-gbps/--peak-tflops``. Measured peaks
+are what this machine achieves, not its data sheet, so the floor is one a real program
+could touch; the report checks that no measurement beats it
+(:func:`trace_rt.bench.summary.floor_check`).
 
 Counting conventions (documented in benchmarks/README.md):
 
@@ -21,12 +22,8 @@ Counting conventions (documented in benchmarks/README.md):
 from __future__ import annotations
 
 import os
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
-
-import numpy as np
 
 from trace_rt.config import TraceConfig
 
@@ -172,6 +169,7 @@ def stage_floors(
             "decoder_weight_bytes": int(wb),
             "kv_bytes_per_position": kv_bytes_per_position(cfg, itemsize),
             "prompt_positions": prompt_positions,
+            "decode_step_min_ms": steps[0] if steps else None,  # the first, cheapest step
             "itemsize": itemsize,
             "vision_gflop": vision_cost(cfg, frames, itemsize).flops / 1e9,
             "prefill_gflop": prefill_cost(cfg, prompt_positions, itemsize).flops / 1e9,
@@ -186,88 +184,3 @@ def cpu_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
-
-
-def measure_host_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
-    """Best-of-*repeats* read bandwidth in GB/s: every CPU sums its own slice of an array
-    much larger than the caches (numpy's reductions release the GIL, so threads run in
-    parallel; decode is likewise a read of every weight by every core)."""
-    a = np.ones(mbytes * 2**20 // 4, np.float32)
-    chunks = np.array_split(a, cpu_threads())
-    best = float("inf")
-    with ThreadPoolExecutor(len(chunks)) as pool:
-        list(pool.map(np.add.reduce, chunks))  # fault the pages in, wake the threads
-        for _ in range(repeats):
-            t = time.perf_counter()
-            list(pool.map(np.add.reduce, chunks))
-            best = min(best, time.perf_counter() - t)
-    return a.nbytes / best / 1e9
-
-
-def measure_host_tflops(n: int = 2048, repeats: int = 3) -> float:
-    """Best-of-*repeats* float32 matmul rate of numpy's BLAS (all its threads), TFLOP/s."""
-    rng = np.random.default_rng(0)
-    a = rng.random((n, n), dtype=np.float32)
-    b = rng.random((n, n), dtype=np.float32)
-    a @ b  # warm the BLAS threads
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e12
-
-
-def measure_cuda_peaks(device: str = "cuda", dtype: str = "fp16") -> tuple[float, float]:
-    """(GB/s, TFLOP/s) of a CUDA device through torch: a large device-to-device copy
-    (read + write counted) and an 8192^3 half-precision matmul. Imports torch lazily."""
-    import torch
-
-    dev = torch.device(device)
-    dt = torch.float16 if dtype == "fp16" else torch.bfloat16
-    x = torch.empty(2**28, dtype=torch.uint8, device=dev)  # 256 MiB
-    y = torch.empty_like(x)
-    m = torch.randn(8192, 8192, dtype=dt, device=dev)
-    best_bw = best_mm = float("inf")
-    for _ in range(5):
-        torch.cuda.synchronize(dev)
-        t = time.perf_counter()
-        y.copy_(x)
-        torch.cuda.synchronize(dev)
-        best_bw = min(best_bw, time.perf_counter() - t)
-        t = time.perf_counter()
-        m @ m
-        torch.cuda.synchronize(dev)
-        best_mm = min(best_mm, time.perf_counter() - t)
-    return 2 * x.numel() / best_bw / 1e9, 2 * 8192**3 / best_mm / 1e12
-
-
-def resolve_peaks(
-    gbps: float | None, tflops: float | None, device: str = "cpu", quick: bool = False
-) -> Peaks:
-    """Given peaks win; missing ones are measured on *device* (``quick``: smaller arrays,
-    for tests)."""
-    if gbps is not None and tflops is not None:
-        return Peaks(gbps, tflops, "given")
-    if device.startswith("cuda"):
-        try:
-            m_gbps, m_tflops = measure_cuda_peaks(device)
-        except (ImportError, RuntimeError) as e:  # no torch, or torch without CUDA
-            raise ValueError(
-                f"cannot measure {device}'s peaks ({e}); pass --peak-gbps and --peak-tflops"
-            ) from e
-        how = {"bandwidth": "device copy, 256 MiB", "compute": "fp16 matmul 8192^3 (torch)"}
-    else:
-        m_gbps = measure_host_bandwidth(64 if quick else 512)
-        m_tflops = measure_host_tflops(512 if quick else 2048)
-        how = {
-            "bandwidth": f"numpy streaming read, {cpu_threads()} threads",
-            "compute": "numpy float32 matmul (BLAS)",
-        }
-    source = "measured" if gbps is None and tflops is None else "given+measured"
-    return Peaks(
-        gbps if gbps is not None else round(m_gbps, 3),
-        tflops if tflops is not None else round(m_tflops, 4),
-        source,
-        how,
-    )

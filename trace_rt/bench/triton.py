@@ -265,6 +265,40 @@ def summarize_level(c: int, rounds: list[tuple[list[dict[str, Any]], float]]) ->
     }
 
 
+def pool_levels(invocations: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each concurrency level over several invocations: their measured rounds pooled into
+    one summary (as if measured at once), with each invocation's own figures kept in
+    ``by_invocation`` (e2e p50, server total p50, requests/s, tokens/s)."""
+    if len(invocations) == 1:
+        return invocations[0]
+    pooled = []
+    for levels in zip(*invocations, strict=True):
+        rounds: list[tuple[list[dict[str, Any]], float]] = []
+        for lv in levels:
+            walls = lv["round_ms"]["samples_ms"]
+            for i, wall in enumerate(walls):
+                records = [
+                    {k: v for k, v in r.items() if k != "round"}
+                    for r in lv["samples"]
+                    if r["round"] == i
+                ]
+                for r in records:
+                    r["token_ids"] = lv["token_ids"]
+                rounds.append((records, wall))
+        out = summarize_level(levels[0]["concurrency"], rounds)
+        out["by_invocation"] = [
+            {
+                "end_to_end_p50_ms": lv["end_to_end"]["p50_ms"],
+                "server_total_p50_ms": lv["server"]["total"]["p50_ms"],
+                "requests_per_s": lv["requests_per_s"],
+                "tokens_per_s": lv["tokens_per_s"],
+            }
+            for lv in levels
+        ]
+        pooled.append(out)
+    return pooled
+
+
 def backend_run(level: dict[str, Any], url: str, tokens_per_frame: int) -> BackendRun:
     """The main table's ``triton`` row from one level (concurrency 1): the stage columns
     are the server's own timings, ``end_to_end`` is the client's."""
