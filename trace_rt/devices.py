@@ -93,9 +93,10 @@ def cpu_device(gbps: float | None = None, tflops: float | None = None) -> Device
     """This machine as a target for the onnxruntime CPU backend.
 
     Memory: ``MemAvailable`` (what the kernel can give without swapping). Peaks: given, or
-    measured quickly (a streaming read and a float32 matmul, trace_rt.bench.floor).
+    measured quickly (the fastest of the bench's streaming and matmul kernels,
+    trace_rt.bench.peaks).
     """
-    from trace_rt.bench.floor import resolve_peaks
+    from trace_rt.bench.peaks import resolve_peaks
 
     total = avail = None
     try:
