@@ -208,11 +208,16 @@ def test_free_question(capsys, tiny_ckpt, clip_video):
 # ---- every command line ----------------------------------------------------------------
 def _parsers():
     from export.cli import build_parser as export_parser
+    from trace_rt.bench.cli import build_parser as bench_parser
     from trace_rt.cli import build_parser as trace_rt_parser
+    from trace_rt.evaluation.cli import build_parser as eval_parser
+    from trace_rt.evaluation.cli import build_score_parser as eval_score_parser
     from training.cli import _parser as training_parser
     from triton_repo.__main__ import build_parser as triton_repo_parser
 
-    for parser in (trace_rt_parser(), export_parser(), training_parser(), triton_repo_parser()):
+    every = (trace_rt_parser, export_parser, training_parser, triton_repo_parser, bench_parser,
+             eval_parser, eval_score_parser)  # fmt: skip
+    for parser in (make() for make in every):
         yield parser
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):

@@ -51,6 +51,7 @@ from trace_rt.bench import triton as triton_mod
 from trace_rt.bench.load import LoadWindow
 from trace_rt.bench.runner import BackendRun, Request, run_backend
 from trace_rt.bench.video import DESCRIPTION, synthetic_video
+from trace_rt.cliutil import Parser, run_command
 from trace_rt.config import TraceConfig
 from trace_rt.errors import TraceError
 
@@ -58,7 +59,7 @@ DEFAULT_BACKENDS = "reference,torch,onnxruntime"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m trace_rt.bench",
         description="Per-stage latency of TRACE backends side by side, against the floor.",
     )
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--video", help="input video (default: a synthetic 8 s 320x240 25 fps H.264 clip)"
     )
-    p.add_argument("--task", default="dvc", choices=("dvc", "mr", "vhd"))
+    p.add_argument("--task", default="dvc", choices=("dvc", "mr", "vhd"), help="the request")
     p.add_argument("--query", help="query for mr/vhd")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="torch/reference dtype")
@@ -151,11 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(stderr=True, width=180)  # logs and CI: the wide table, unsqueezed
-    try:
-        return _main(args, console, argv if argv is not None else sys.argv[1:])
-    except (TraceError, ValueError) as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}")
-        return 2
+    argv = argv if argv is not None else sys.argv[1:]
+    return run_command(
+        "python -m trace_rt.bench", lambda: _main(args, console, argv), user_errors=(ValueError,)
+    )
 
 
 def _main(args: argparse.Namespace, console: Console, argv: list[str]) -> int:
