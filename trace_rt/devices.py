@@ -40,6 +40,9 @@ class Device:
         tflops: peak dense FP16 tensor rate (FP32 for ``cpu``), TFLOP/s.
         gpu: runs the TensorRT backend (False: the onnxruntime CPU backend).
         source: where the figures come from.
+        host_runtime_bytes: the runtime's own host memory (the interpreter with numpy,
+            PyAV, sentencepiece and onnxruntime imported), measured for ``cpu``; None: the
+            planner's typical figure.
     """
 
     name: str
@@ -50,6 +53,7 @@ class Device:
     tflops: float
     gpu: bool
     source: str
+    host_runtime_bytes: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,7 +119,8 @@ def cpu_device(gbps: float | None = None, tflops: float | None = None) -> Device
         peaks.gbps,
         peaks.tflops,
         False,
-        f"this machine: /proc/meminfo; peaks {peaks.source}",
+        f"this machine: /proc/meminfo; peaks {peaks.source}; runtime baseline measured",
+        runtime_baseline_bytes(),
     )
 
 
@@ -128,3 +133,22 @@ def get_device(name: str, **cpu_peaks: float | None) -> Device:
 
         raise InputError(f"unknown device {name!r}; choose from {', '.join(['cpu', *DEVICES])}")
     return DEVICES[name]
+
+
+def runtime_baseline_bytes() -> float | None:
+    """Peak RSS (bytes) of a fresh interpreter that imported what the onnxruntime CPU
+    pipeline imports, on this machine. It moves with the install (a freshly installed venv
+    mapped ~25 MB more than an older one of the same packages here), so ``cpu`` plans use
+    this measurement, not a constant. None where it cannot be measured (no /proc)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import onnxruntime, trace_rt.pipeline\n"
+        "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        return int(out.stdout.strip()) * 1024.0 if out.returncode == 0 else None
+    except (OSError, ValueError):
+        return None

@@ -57,6 +57,9 @@ PROMPT_TEXT_TOKENS = 64  # system text + question around the video block (typica
 # own overhead (loaded RSS - imports - weights - embeddings, over 3 sessions: ~5.5 MB); and
 # what one request adds beyond its tensors (FFmpeg's decoder state and frame pool, the
 # tokenizer, malloc arenas: ~16 MB). `small` (500x the weights) checks the rest of the sums.
+# The import baseline moves with the install (75 MB in one venv, ~97 MB in a fresh one of
+# the same packages), so the `cpu` device measures it (devices.runtime_baseline_bytes);
+# other devices use this figure.
 HOST_RUNTIME_BYTES = 75e6
 ORT_SESSION_BYTES = 5.5e6
 REQUEST_STATE_BYTES = 16e6
@@ -180,13 +183,14 @@ def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
     graphs = w["vision_encoder"] + w["projector"] + w["decoder"]
     per_instance_device = graphs + kv + sum(act.values())
     per_instance_host = w["embeddings (host)"] + video
+    runtime = device.host_runtime_bytes or HOST_RUNTIME_BYTES
     if device.gpu:
         device_bytes = GPU_RUNTIME_BYTES + n * per_instance_device
-        host_bytes = GPU_HOST_RUNTIME_BYTES + HOST_RUNTIME_BYTES
+        host_bytes = GPU_HOST_RUNTIME_BYTES + runtime
         host_bytes += n * (per_instance_host + REQUEST_STATE_BYTES)
     else:  # onnxruntime CPU: one process, three sessions per instance, all host memory
         device_bytes = 0.0
-        host_bytes = HOST_RUNTIME_BYTES + n * (
+        host_bytes = runtime + n * (
             per_instance_device + per_instance_host + 3 * ORT_SESSION_BYTES + REQUEST_STATE_BYTES
         )
     need = device_bytes + host_bytes if device.unified else device_bytes
@@ -209,7 +213,7 @@ def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
                 GPU_RUNTIME_BYTES if device.gpu else 3 * ORT_SESSION_BYTES
             ),
             "runtime: request state (host)": REQUEST_STATE_BYTES,
-            "runtime: host": HOST_RUNTIME_BYTES + (GPU_HOST_RUNTIME_BYTES if device.gpu else 0),
+            "runtime: host": runtime + (GPU_HOST_RUNTIME_BYTES if device.gpu else 0),
         },
         "per_instance_items_times": n,
         "device_bytes": device_bytes,
