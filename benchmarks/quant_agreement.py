@@ -265,8 +265,8 @@ def render(
         [
             f"# Quantised decoders vs fp32: greedy agreement and speed (`{args.preset}`, CPU)",
             "",
-            "- date: 2026-11-25",
-            f"- machine: 2-core x86_64 CPU ({platform.processor() or platform.machine()}), "
+            f"- date: {time.strftime('%Y-%m-%d', time.gmtime())}",
+            f"- machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), "
             f"onnxruntime {ort.__version__} CPU EP, threads: {args.threads or 'default'}",
             f"- command: `python -m benchmarks.quant_agreement --preset {args.preset} "
             f"--tokens {args.tokens} --block-size {args.block_size} --out {args.out}`",
