@@ -33,6 +33,7 @@ def run(
     device: str = "cpu",
     dtype: str | None = None,
     constrained: bool = False,
+    timestamps: str = "free",
     seed: int = 0,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -57,6 +58,7 @@ def run(
         top_p=top_p,
         seed=seed,
         constrained=constrained,
+        timestamps=timestamps,
     )
     backend = backend or default_backend(model)  # --quant needs the name now
     # The artifact fixes an onnxruntime model's dtype; --device picks its execution provider.
@@ -70,8 +72,7 @@ def run(
     result = pipe.run(source, task, query=query, question=question, frames=frames, gen=gen)
     result = {**result, "video": video}
     if task in (None, CUSTOM_TASK):
-        events = result["events"]
-        result = {**result, "task": CUSTOM_TASK, "answer": events[0]["caption"] if events else ""}
+        result = {**result, "task": CUSTOM_TASK}  # the pipeline added ``answer``
     return result
 
 
@@ -235,6 +236,7 @@ def _add_run_parser(sub: argparse._SubParsersAction, backends: list[str]) -> Non
         action="store_true",
         help="time/score heads may only emit well-formed numbers within the video",
     )
+    _timestamps_arg(p, "free")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
@@ -306,12 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--constrained", action="store_true", help="well-formed numbers only")
+    _timestamps_arg(p, None)
     p.add_argument("--indent", type=int, default=None, help="indent the JSON output")
     _report_args(p)
     add_plan_parser(sub)
     add_watch_parser(sub)
     _add_eval_parser(sub)
     return parser
+
+
+def _timestamps_arg(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument(
+        "--timestamps",
+        choices=["free", "frames"],
+        default=default,
+        help="free: any timestamp within the video; frames: only the sampled frames' times "
+        "(dddd.d, what trace-retrieval was trained to emit)"
+        + ("" if default else " (default: the server's, free)"),
+    )
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
@@ -382,6 +396,7 @@ def _run_command(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         constrained=args.constrained,
+        timestamps=args.timestamps,
         seed=args.seed,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -420,6 +435,7 @@ def _client_command(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         constrained=args.constrained or None,
+        timestamp_mode=args.timestamps,
     )
     print(json.dumps(result, indent=args.indent))
     _write_report(args, result, f"trace-rt serve at {args.url}")
