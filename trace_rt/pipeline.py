@@ -95,11 +95,12 @@ class Pipeline:
         on_event: Callable[[Event], None] | None = None,
         limits: DecodeLimits | None = None,
         cancelled: Callable[[], bool] | None = None,
+        sampler: Callable[[int, float], np.ndarray] | None = None,
     ) -> dict[str, Any]:
         """Answer one request; returns the ``trace-rt run`` JSON object.
 
         Args:
-            limits, cancelled: for decoding the video, as in :meth:`prepare`.
+            limits, cancelled, sampler: for decoding the video, as in :meth:`prepare`.
             on_token: called with each generated id as soon as it is chosen.
             on_event: called with each event as soon as its last id is generated (the
                 events passed are exactly the result's ``events``, in order).
@@ -115,6 +116,7 @@ class Pipeline:
             gen=gen,
             limits=limits,
             cancelled=cancelled,
+            sampler=sampler,
         )
         video_ms = (time.perf_counter() - t0) * 1e3
         out = self.run_prepared(req, gen, on_token=on_token, on_event=on_event)
@@ -195,6 +197,7 @@ class Pipeline:
         gen: GenerationConfig | None = None,
         limits: DecodeLimits | None = None,
         cancelled: Callable[[], bool] | None = None,
+        sampler: Callable[[int, float], np.ndarray] | None = None,
     ) -> Prepared:
         """The host-side work before the model: prompt ids, frames, pixels, time ids.
 
@@ -208,6 +211,8 @@ class Pipeline:
                 :data:`trace_rt.video.DEFAULT_LIMITS`).
             cancelled: asked while the video decodes; True raises
                 :class:`~trace_rt.errors.DecodeCancelledError`.
+            sampler: which frames to take (see :func:`trace_rt.video.load_video`;
+                default the release's uniform sampling).
         """
         n_frames = self.config.num_frames if frames is None else frames
         ids = self._prompt(task, query, question, n_frames, gen or GenerationConfig())
@@ -218,6 +223,7 @@ class Pipeline:
             limits=limits,
             cancelled=cancelled,
             transform=lambda rgb: preprocess_frame(rgb, pp),  # [H, W, 3] -> [3, h, w]
+            sampler=sampler,
         )
         free = task in (None, CUSTOM_TASK)
         return Prepared(ids, clip, clip.frames, _time_ids(clip.times), free)
