@@ -202,6 +202,12 @@ def test_mvbench_end_to_end_and_resume(art, tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert cli_main(args) == 0
     assert "resuming: 2 predictions" in capsys.readouterr().err
+    # Scoring the predictions alone gives the same figures.
+    score = ["eval", "score", "mvbench", "--annotations", str(jdir),
+             "--predictions", str(out / "predictions.jsonl")]  # fmt: skip
+    assert cli_main(score) == 0
+    brief = json.loads(capsys.readouterr().out.splitlines()[-1])["metrics"]
+    assert brief["accuracy"] == m["accuracy"] and brief["predictions"] == 2
 
 
 def test_videomme_end_to_end(art, tmp_path):

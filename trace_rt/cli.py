@@ -386,7 +386,8 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     sub.add_parser(
         "eval",
         help="run a benchmark (charades-sta, qvhighlights, youcook2, activitynet-captions, "
-        "coco-format) and score it with the original's metrics; `eval score` scores only",
+        "coco-format, mvbench, videomme) and score it with the original's metrics; "
+        "`eval score` scores only",
         add_help=False,
     )
 
