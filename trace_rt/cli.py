@@ -58,7 +58,8 @@ def run(
     card = resolve_card(model, preset)
     template = template or (card.template if card else "llama_2")
     timestamps = timestamps or (card.timestamps if card else "free")
-    frames = frames or (card.frames if card else None)
+    if frames is None and card is not None:  # an explicit --frames 0 is still refused
+        frames = card.frames
 
     # Settings are checked before the (slow) model load, so a typo fails fast.
     gen = GenerationConfig(
