@@ -306,3 +306,38 @@ def test_cli_client_without_a_server(videos):
     assert cli.returncode == 2
     assert f"cannot reach the Triton server at 127.0.0.1:{port}" in cli.stderr
     assert "Traceback" not in cli.stderr
+
+
+QUESTION = 'What is "this" {} {0} {question}?'
+
+
+def test_free_question_and_frame_timestamps_equal_run(client, local, videos):
+    """A free question (braces and quotes kept literally) and frame-aligned timestamps
+    through the protocol give what the in-process pipeline gives, `answer` included."""
+    got = client.infer(
+        videos[0], task=None, question=QUESTION, max_new_tokens=STEPS, timestamp_mode="frames"
+    )
+    gen = GenerationConfig(max_new_tokens=STEPS, timestamps="frames")
+    want = local.run(videos[0], None, question=QUESTION, gen=gen)
+    _same(got, want)
+    assert got["task"] == "custom" and got["answer"] == want["answer"]
+    assert want["prompt_ids"] == local.prepare(videos[0], None, question=QUESTION).prompt_ids
+    with pytest.raises(ServingError, match="timestamps must be one of free, frames"):
+        client.infer(videos[0], task="dvc", max_new_tokens=4, timestamp_mode="frame")
+
+
+def test_cli_client_question_equals_cli_run(server, artifact, videos):
+    exe = [sys.executable, "-m", "trace_rt"]
+    common = ["--question", QUESTION, "--timestamps", "frames", "--max-new-tokens", str(STEPS)]
+    model = ["--model", str(artifact), "--backend", "onnxruntime"]
+    run = subprocess.run(
+        [*exe, "run", str(videos[3]), *model, *common],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    cli = subprocess.run(
+        [*exe, "client", str(videos[3]), "--url", server.grpc_url, *common],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    got, want = json.loads(cli.stdout), json.loads(run.stdout)
+    _same(got, want)
+    assert got["answer"] == want["answer"] and got["task"] == want["task"] == "custom"

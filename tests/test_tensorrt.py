@@ -388,6 +388,11 @@ def test_fake_backend_matches_onnxruntime(fake_trt, fake_art, clip_video):
     gens = [
         GenerationConfig(max_new_tokens=24),
         GenerationConfig(max_new_tokens=24, temperature=1.0, seed=3),
+        # Frame-aligned timestamps through the TensorRT backend's buffers (the grammar is
+        # the shared loop's; onnxruntime's outputs are checked against the frames in
+        # test_frame_timestamps.py).
+        GenerationConfig(max_new_tokens=24, timestamps="frames"),
+        GenerationConfig(max_new_tokens=24, temperature=1.0, seed=3, timestamps="frames"),
     ]
     for task in ("dvc", "mr"):
         query = None if task == "dvc" else QUERY

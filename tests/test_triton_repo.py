@@ -66,6 +66,7 @@ EXPECTED_TINY = {
         input { name: "seed" data_type: TYPE_INT64 dims: [1] optional: true }
         input { name: "constrained" data_type: TYPE_BOOL dims: [1] optional: true }
         input { name: "ignore_eos" data_type: TYPE_BOOL dims: [1] optional: true }
+        input { name: "timestamp_mode" data_type: TYPE_STRING dims: [1] optional: true }
         output { name: "event" data_type: TYPE_STRING dims: [1] }
         output { name: "result" data_type: TYPE_STRING dims: [1] }
         instance_group { count: 1 kind: KIND_CPU }

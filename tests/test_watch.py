@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from trace_rt.generate import GenerationConfig
@@ -236,3 +237,29 @@ def test_watch_against_a_server_equals_local(art, stream_file, tmp_path):
         for key in ("window", "stream_start", "stream_end", "token_ids", "events", "frame_times"):
             assert got[key] == want[key], key
     assert remote[-1] == local[-1] == {"end": "stream ended", "windows": 2, "dropped": 0}
+
+
+def test_cli_watch_free_question_with_frame_timestamps(art, stream_file):
+    from trace_rt.constrained import frame_time_strings
+    from trace_rt.pipeline import Pipeline
+
+    question = 'Who says "hi" {} here?'
+    out = subprocess.run(
+        [sys.executable, "-m", "trace_rt", "watch", str(stream_file), "--model", str(art),
+         "--backend", "onnxruntime", "--window", "3", "--stride", "3", "--frames", "4",
+         "--max-new-tokens", "24", "--question", question, "--timestamps", "frames"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    windows = [json.loads(x) for x in out.stdout.splitlines()][:-1]
+    pipe = Pipeline.from_dir(art, "onnxruntime", cache_dir=False)
+    want_ids = pipe.prepare_frames(
+        np.zeros((4, 3, 56, 56), np.float32), np.arange(4.0), None, question=question
+    ).prompt_ids
+    assert len(windows) == 2
+    for w in windows:
+        assert w["answer"] == (w["events"][0]["caption"] if w["events"] else "")
+        assert w["prompt_ids"] == want_ids  # the question went in literally
+        allowed = set(frame_time_strings(w["frame_times"]))
+        for e in w["events"]:
+            assert {format(x, "0>6.1f") for x in e["timestamps"]} <= allowed

@@ -33,22 +33,33 @@ def run(
     device: str = "cpu",
     dtype: str | None = None,
     constrained: bool = False,
+    timestamps: str | None = None,
     seed: int = 0,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    template: str = "llama_2",
+    template: str | None = None,
     prompts: Path | None = None,
     quant: str | None = None,
+    preset: str | None = None,
 ) -> dict:
     """``trace-rt run``: one video, one request, the result as a JSON-ready dict.
 
     *backend* ``None`` picks it from the model directory (an artifact directory with
     ``manifest.json``: onnxruntime; a checkpoint: torch). A free *question* (task ``None``
-    or ``custom``) adds ``answer``: the first event's caption.
+    or ``custom``) adds ``answer``: the first event's caption. *template*, *timestamps*
+    and *frames* left ``None`` come from the model card (*preset*, or the one the
+    checkpoint's config names; :mod:`trace_rt.model_cards`), else the generic defaults.
     """
     from trace_rt.backends import default_backend
     from trace_rt.generate import GenerationConfig
+    from trace_rt.model_cards import resolve_card
     from trace_rt.pipeline import Pipeline
+
+    card = resolve_card(model, preset)
+    template = template or (card.template if card else "llama_2")
+    timestamps = timestamps or (card.timestamps if card else "free")
+    if frames is None and card is not None:  # an explicit --frames 0 is still refused
+        frames = card.frames
 
     # Settings are checked before the (slow) model load, so a typo fails fast.
     gen = GenerationConfig(
@@ -57,6 +68,7 @@ def run(
         top_p=top_p,
         seed=seed,
         constrained=constrained,
+        timestamps=timestamps,
     )
     backend = backend or default_backend(model)  # --quant needs the name now
     # The artifact fixes an onnxruntime model's dtype; --device picks its execution provider.
@@ -69,9 +81,10 @@ def run(
     pipe = Pipeline.from_dir(model, backend, prompts_file=prompts, template=template, **options)
     result = pipe.run(source, task, query=query, question=question, frames=frames, gen=gen)
     result = {**result, "video": video}
+    if card is not None:
+        result["model_card"] = card.name
     if task in (None, CUSTOM_TASK):
-        events = result["events"]
-        result = {**result, "task": CUSTOM_TASK, "answer": events[0]["caption"] if events else ""}
+        result = {**result, "task": CUSTOM_TASK}  # the pipeline added ``answer``
     return result
 
 
@@ -235,14 +248,22 @@ def _add_run_parser(sub: argparse._SubParsersAction, backends: list[str]) -> Non
         action="store_true",
         help="time/score heads may only emit well-formed numbers within the video",
     )
+    _timestamps_arg(p, "the model card's, else free")
+    p.add_argument(
+        "--preset",
+        metavar="CARD",
+        help="the model card of a released checkpoint (trace, trace-uni, trace-retrieval, "
+        "trace-ft-*): its template, frames and timestamps mode become the defaults "
+        "(default: the card the checkpoint's config.json names, if any)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument(
         "--template",
         choices=["llama_2", "mistral_instruct"],
-        default="llama_2",
-        help="chat template (llama_2: the release's evaluation prompt)",
+        help="chat template (default: the model card's, else llama_2, the release's "
+        "evaluation prompt)",
     )
     p.add_argument("--prompts", type=Path, help="JSON file overriding system text and questions")
     p.add_argument("--indent", type=int, default=None, help="indent the JSON output")
@@ -306,12 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--constrained", action="store_true", help="well-formed numbers only")
+    _timestamps_arg(p, "free")
     p.add_argument("--indent", type=int, default=None, help="indent the JSON output")
     _report_args(p)
     add_plan_parser(sub)
     add_watch_parser(sub)
     _add_eval_parser(sub)
     return parser
+
+
+def _timestamps_arg(p: argparse.ArgumentParser, default_note: str) -> None:
+    p.add_argument(
+        "--timestamps",
+        choices=["free", "frames"],
+        help="free: any timestamp within the video; frames: only the sampled frames' times "
+        f"(dddd.d, what trace-retrieval was trained to emit; default: {default_note})",
+    )
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
@@ -356,7 +387,8 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     sub.add_parser(
         "eval",
         help="run a benchmark (charades-sta, qvhighlights, youcook2, activitynet-captions, "
-        "coco-format) and score it with the original's metrics; `eval score` scores only",
+        "coco-format, mvbench, videomme) and score it with the original's metrics; "
+        "`eval score` scores only",
         add_help=False,
     )
 
@@ -382,12 +414,14 @@ def _run_command(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         constrained=args.constrained,
+        timestamps=args.timestamps,
         seed=args.seed,
         temperature=args.temperature,
         top_p=args.top_p,
         template=args.template,
         prompts=args.prompts,
         quant=args.quant,
+        preset=args.preset,
     )
     print(json.dumps(result, indent=args.indent))
     _write_report(args, result, args.backend or "from the model directory")
@@ -420,6 +454,7 @@ def _client_command(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         constrained=args.constrained or None,
+        timestamp_mode=args.timestamps,
     )
     print(json.dumps(result, indent=args.indent))
     _write_report(args, result, f"trace-rt serve at {args.url}")

@@ -10,11 +10,16 @@ The duration bound is applied digit by digit in integer tenths: a digit is allow
 if the smallest completion of the number (the remaining digits all 0) stays within
 ``floor(duration * 10 + 1e-6)``. Since 0 is always allowed, every state has a legal
 completion. The text head is never constrained.
+
+Frame-aligned timestamps (``timestamps="frames"``, what ``trace-retrieval`` was trained
+to emit) bound the time head further to the sampled frames' times as the release spells
+them (``format(t, "0>6.1f")``): the allowed digits follow a trie of those strings.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -39,6 +44,28 @@ def time_limit_tenths(max_time: float | None) -> int:
     return min(cap, math.floor(max_time * 10 + 1e-6))
 
 
+def frame_time_strings(times: Iterable[float]) -> list[str]:
+    """The release's spelling (``dddd.d``) of each frame time, sorted and de-duplicated."""
+    out = set()
+    for t in times:
+        t = float(t)
+        if not math.isfinite(t) or t < 0:
+            raise ValueError(f"frame times must be finite and ≥ 0, not {t!r}")
+        out.add(format(min(t, MAX_TIMESTAMP), "0>6.1f"))
+    if not out:
+        raise ValueError("frame-aligned timestamps need at least one frame time")
+    return sorted(out)
+
+
+def _prefix_trie(strings: Iterable[str]) -> dict[str, frozenset[str]]:
+    """prefix -> the characters that may follow it (a trie flattened to a dict)."""
+    trie: dict[str, set[str]] = {}
+    for s in strings:
+        for i in range(len(s)):
+            trie.setdefault(s[:i], set()).add(s[i])
+    return {k: frozenset(v) for k, v in trie.items()}
+
+
 class SegmentGrammar:
     """State of one time or score segment, from its first token to its ``<sync>``.
 
@@ -47,9 +74,18 @@ class SegmentGrammar:
         max_time: Upper bound of timestamps in seconds (the video's duration); ``None``
             for the format's cap. Ignored for scores.
         max_values: If set, at most this many numbers: then only ``<sync>`` may follow.
+        frame_times: If set (time head only), every timestamp must spell one of these
+            times (seconds) as the release rounds them; *max_time* is then not needed.
     """
 
-    def __init__(self, head: Head, max_time: float | None = None, *, max_values: int | None = None):
+    def __init__(
+        self,
+        head: Head,
+        max_time: float | None = None,
+        *,
+        max_values: int | None = None,
+        frame_times: Iterable[float] | None = None,
+    ):
         if head not in _LAYOUT:
             raise ValueError(f"only the time and score heads are constrained, not {head!r}")
         if max_values is not None and max_values < 1:
@@ -58,6 +94,12 @@ class SegmentGrammar:
         self.width, self.dot = _LAYOUT[self.head]
         self.limit = time_limit_tenths(max_time) if self.head is Head.TIME else None
         self.max_values = max_values
+        self._trie = None
+        if frame_times is not None:
+            if self.head is not Head.TIME:
+                raise ValueError("frame_times constrain only the time head")
+            self._trie = _prefix_trie(frame_time_strings(frame_times))
+        self._chars = ""  # the current number's characters (for the trie)
         self.tokens: list[int] = []  # local ids accepted so far
         self._pos = 0  # characters of the current number written
         self._prefix = 0  # its digits so far, as an integer
@@ -83,6 +125,9 @@ class SegmentGrammar:
         if self._pos == self.width:
             mask[SYNC] = True
             mask[SEP] = self.max_values is None or self._count < self.max_values
+        elif self._trie is not None:
+            for ch in self._trie[self._chars]:
+                mask[DOT if ch == "." else DIGIT0 + int(ch)] = True
         elif self._pos == self.dot:
             mask[DOT] = True
         elif self.limit is None:
@@ -104,8 +149,9 @@ class SegmentGrammar:
         if local_id == SYNC:
             self._done = True
         elif local_id == SEP:
-            self._pos, self._prefix = 0, 0
+            self._pos, self._prefix, self._chars = 0, 0, ""
         else:
+            self._chars += LOCAL_VOCAB[local_id]
             if local_id != DOT:
                 self._prefix = self._prefix * 10 + (local_id - DIGIT0)
             self._pos += 1

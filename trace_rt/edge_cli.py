@@ -90,6 +90,7 @@ def watch_command(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
         constrained=args.constrained,
+        timestamps=args.timestamps,
     )
     cfg = TraceConfig.from_dir(args.model)
     n_frames = args.frames or cfg.num_frames
@@ -109,6 +110,7 @@ def watch_command(args: argparse.Namespace) -> int:
                 temperature=args.temperature,
                 seed=args.seed,
                 constrained=args.constrained or None,
+                timestamp_mode=args.timestamps,
                 **common,
             )
     else:
@@ -168,6 +170,12 @@ def add_watch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--constrained", action="store_true", help="well-formed numbers only")
+    p.add_argument(
+        "--timestamps",
+        choices=["free", "frames"],
+        default="free",
+        help="free: any timestamp within the window; frames: only its sampled frames' times",
+    )
     p.add_argument(
         "--backend",
         choices=sorted(BACKENDS),

@@ -20,6 +20,8 @@ from trace_rt.constrained import SegmentGrammar, constrain_logits
 from trace_rt.errors import InputError
 from trace_rt.tokens import Head, head_base, next_head
 
+TIMESTAMP_MODES = ("free", "frames")
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -34,6 +36,10 @@ class GenerationConfig:
             timestamps inside the video.
         ignore_eos: keep decoding past EOS until ``max_new_tokens`` (benchmarks: every
             backend then does the same number of steps, whatever its weights emit).
+        timestamps: ``free`` (any well-formed value the model spells) or ``frames`` (the
+            time head may only spell one of the sampled frames' times, ``dddd.d``: what
+            ``trace-retrieval`` was trained to do). ``frames`` constrains the time head
+            whatever ``constrained`` says; the score head follows ``constrained``.
     """
 
     max_new_tokens: int = 512
@@ -42,8 +48,13 @@ class GenerationConfig:
     seed: int | None = 0
     constrained: bool = False
     ignore_eos: bool = False
+    timestamps: str = "free"
 
     def __post_init__(self) -> None:
+        if self.timestamps not in TIMESTAMP_MODES:
+            raise InputError(
+                f"timestamps must be one of {', '.join(TIMESTAMP_MODES)}, got {self.timestamps!r}"
+            )
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise InputError(
                 f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"
@@ -100,6 +111,7 @@ def generate(
     gen: GenerationConfig,
     *,
     duration: float | None = None,
+    frame_times: Sequence[float] | None = None,
     on_token: Callable[[int], None] | None = None,
 ) -> GenerationResult:
     """Prefill *prompt_ids* with *video* spliced in, then decode until EOS or the budget.
@@ -110,13 +122,17 @@ def generate(
         video: the handle :meth:`Backend.encode_video` returned.
         gen: decoding settings.
         duration: the video's length in seconds (bounds timestamps in constrained mode).
+        frame_times: the sampled frames' times in seconds (needed for
+            ``gen.timestamps == "frames"``).
         on_token: called with each new id as soon as it is chosen (for streaming).
     """
     ids = backend.config.ids
     eos = backend.config.eos_token_id
     sample = Sampler(gen)
+    if gen.timestamps == "frames" and (frame_times is None or len(frame_times) == 0):
+        raise InputError("timestamps='frames' needs the sampled frames' times")
     head = Head.TIME
-    grammar = _grammar(gen, head, duration)
+    grammar = _grammar(gen, head, duration, frame_times)
 
     t0 = time.perf_counter()
     logits = backend.prefill(prompt_ids, video, head)
@@ -140,7 +156,7 @@ def generate(
             break
         new_head = next_head(ids, head, token)
         if new_head != head:
-            head, grammar = new_head, _grammar(gen, new_head, duration)
+            head, grammar = new_head, _grammar(gen, new_head, duration, frame_times)
         logits = backend.decode_step(token, head)
     backend.synchronize()
     t2 = time.perf_counter()
@@ -151,7 +167,14 @@ def generate(
     )
 
 
-def _grammar(gen: GenerationConfig, head: Head, duration: float | None) -> SegmentGrammar | None:
+def _grammar(
+    gen: GenerationConfig,
+    head: Head,
+    duration: float | None,
+    frame_times: Sequence[float] | None,
+) -> SegmentGrammar | None:
+    if head == Head.TIME and gen.timestamps == "frames":
+        return SegmentGrammar(head, frame_times=frame_times)
     if not gen.constrained or head == Head.TEXT:
         return None
     return SegmentGrammar(head, duration if head == Head.TIME else None)

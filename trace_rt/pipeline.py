@@ -21,7 +21,7 @@ from trace_rt.errors import InputError, PromptTooLongError
 from trace_rt.events import Event, EventParser
 from trace_rt.generate import GenerationConfig, generate
 from trace_rt.preprocess import preprocess_frame
-from trace_rt.prompts import PromptSet, prompt_ids
+from trace_rt.prompts import CUSTOM_TASK, PromptSet, prompt_ids
 from trace_rt.tokenizer import TextTokenizer
 from trace_rt.tokens import MAX_TIMESTAMP, encode_timestamp
 from trace_rt.video import DecodeLimits, SampledVideo, VideoSource, load_video
@@ -35,6 +35,7 @@ class Prepared:
     clip: SampledVideo  # its frames are the pixel values (frames are preprocessed on decode)
     pixel_values: np.ndarray  # float32 [F, 3, H, W]
     time_ids: np.ndarray  # int64 [F, 6]
+    free_question: bool = False  # task custom: the result gets an ``answer``
 
 
 class Pipeline:
@@ -94,11 +95,12 @@ class Pipeline:
         on_event: Callable[[Event], None] | None = None,
         limits: DecodeLimits | None = None,
         cancelled: Callable[[], bool] | None = None,
+        sampler: Callable[[int, float], np.ndarray] | None = None,
     ) -> dict[str, Any]:
         """Answer one request; returns the ``trace-rt run`` JSON object.
 
         Args:
-            limits, cancelled: for decoding the video, as in :meth:`prepare`.
+            limits, cancelled, sampler: for decoding the video, as in :meth:`prepare`.
             on_token: called with each generated id as soon as it is chosen.
             on_event: called with each event as soon as its last id is generated (the
                 events passed are exactly the result's ``events``, in order).
@@ -114,6 +116,7 @@ class Pipeline:
             gen=gen,
             limits=limits,
             cancelled=cancelled,
+            sampler=sampler,
         )
         video_ms = (time.perf_counter() - t0) * 1e3
         out = self.run_prepared(req, gen, on_token=on_token, on_event=on_event)
@@ -150,10 +153,23 @@ class Pipeline:
         handle = self.backend.encode_video(req.pixel_values, req.time_ids)
         self.backend.synchronize()
         t2 = time.perf_counter()
-        result = generate(self.backend, ids, handle, gen, duration=clip.duration, on_token=token_cb)
+        result = generate(
+            self.backend,
+            ids,
+            handle,
+            gen,
+            duration=clip.duration,
+            frame_times=clip.times,
+            on_token=token_cb,
+        )
         emit(parser.finish())
         t3 = time.perf_counter()
+        answer = {}
+        if req.free_question:
+            # As the original's QA evaluation reads it: the first event's caption.
+            answer = {"answer": events[0].caption if events else ""}
         return {
+            **answer,
             "duration": round(clip.duration, 3),
             "frames": len(clip.times),
             "events": [e.to_dict() for e in events],
@@ -181,6 +197,7 @@ class Pipeline:
         gen: GenerationConfig | None = None,
         limits: DecodeLimits | None = None,
         cancelled: Callable[[], bool] | None = None,
+        sampler: Callable[[int, float], np.ndarray] | None = None,
     ) -> Prepared:
         """The host-side work before the model: prompt ids, frames, pixels, time ids.
 
@@ -194,6 +211,8 @@ class Pipeline:
                 :data:`trace_rt.video.DEFAULT_LIMITS`).
             cancelled: asked while the video decodes; True raises
                 :class:`~trace_rt.errors.DecodeCancelledError`.
+            sampler: which frames to take (see :func:`trace_rt.video.load_video`;
+                default the release's uniform sampling).
         """
         n_frames = self.config.num_frames if frames is None else frames
         ids = self._prompt(task, query, question, n_frames, gen or GenerationConfig())
@@ -204,8 +223,10 @@ class Pipeline:
             limits=limits,
             cancelled=cancelled,
             transform=lambda rgb: preprocess_frame(rgb, pp),  # [H, W, 3] -> [3, h, w]
+            sampler=sampler,
         )
-        return Prepared(ids, clip, clip.frames, _time_ids(clip.times))
+        free = task in (None, CUSTOM_TASK)
+        return Prepared(ids, clip, clip.frames, _time_ids(clip.times), free)
 
     def prepare_frames(
         self,
@@ -255,7 +276,8 @@ class Pipeline:
             fps=(len(ts) - 1) / ts[-1] if ts[-1] > 0 else 0.0,
             total_frames=len(ts),
         )
-        return Prepared(ids, clip, np.ascontiguousarray(px, dtype=np.float32), _time_ids(ts))
+        px = np.ascontiguousarray(px, dtype=np.float32)
+        return Prepared(ids, clip, px, _time_ids(ts), task in (None, CUSTOM_TASK))
 
     def _prompt(
         self,

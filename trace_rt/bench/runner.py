@@ -168,6 +168,7 @@ def one_request(pipe: Pipeline, req: Request, staged: bool) -> dict[str, Any]:
         video,
         gen,
         duration=prep.clip.duration,
+        frame_times=prep.clip.times,
         on_token=lambda _tok: marks.append(clock()),
     )
     parse_events(result.token_ids, pipe.tokenizer, pipe.config.ids)

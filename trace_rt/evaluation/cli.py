@@ -28,7 +28,9 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="the benchmark's annotation file as published (repeat for ActivityNet's "
         "val_1.json and val_2.json)",
     )
-    p.add_argument("--task", choices=["mr", "dvc", "vhd"], help="activitynet-captions: dvc or mr")
+    p.add_argument(
+        "--task", choices=["mr", "dvc", "vhd", "qa"], help="activitynet-captions: dvc or mr"
+    )
     p.add_argument("--rules", choices=RULES, default="original", help=RULES_HELP)
     p.add_argument(
         "--no-java",
@@ -61,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N queries (videos for dvc)")
     p.add_argument("--concurrency", type=int, default=1, help="requests in flight (--url)")
     p.add_argument("--frames", type=int, help="frames per video (default: the model's)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="token budget (512)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="token budget (default: 128 for mvbench/videomme, the original's; else 512)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="torch dtype (cuda: fp16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -143,7 +149,14 @@ def _score(a: argparse.Namespace) -> int:
     task, items = bm.load(bench, a.annotations, a.task)
     kind, preds = load_predictions(a.predictions, task)
     use_java = False if a.no_java else None
-    metrics = score(task, items, preds, kind=kind, rules=a.rules, use_java=use_java)
+    if task == "qa":
+        from trace_rt.evaluation.videoqa import score_qa
+
+        if kind != "records":
+            raise bm.ann.AnnotationError([f"{a.predictions}: video QA scores predictions.jsonl"])
+        metrics = score_qa(bench.name, items, preds)
+    else:
+        metrics = score(task, items, preds, kind=kind, rules=a.rules, use_java=use_java)
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)
         write_report(a.out, bench.name, task, metrics, {"predictions": str(a.predictions)})

@@ -12,6 +12,7 @@ HEADLINE = {
     "mr": ("R@0.3", "R@0.5", "R@0.7", "mIoU"),
     "vhd": ("mAP", "HIT@1"),
     "dvc": ("CIDEr", "METEOR", "SODA_c", "F1"),
+    "qa": ("accuracy",),
 }
 NOTES = {
     "mr": "R@θ and mIoU divide by the queries with a parsed span, as the original's "
@@ -20,7 +21,20 @@ NOTES = {
     "the other levels are in metrics.json.",
     "dvc": "Per-video scores averaged over the videos with a prediction (the original's "
     "`eval_dvc.py`); F1 from each video's mean precision and recall.",
+    "qa": "Accuracy (%) over the questions with a prediction, matched by the original's "
+    "option-letter rules (MVBench `check_ans`, Video-MME's first letter); the published "
+    "number is trace-uni's.",
 }
+
+
+def headline(task: str, metrics: dict[str, Any]) -> list[str]:
+    """The metric names a report shows for *task* (video QA adds one per task/facet)."""
+    names = list(HEADLINE[task])
+    if task == "mr":
+        names += [f"{n} (all)" for n in HEADLINE[task]]
+    if task == "qa":
+        names += [k for k in metrics if k.startswith("accuracy · ")]
+    return names
 
 
 def _fmt(v: Any) -> str:
@@ -30,9 +44,7 @@ def _fmt(v: Any) -> str:
 def markdown(benchmark: str, task: str, metrics: dict[str, Any]) -> str:
     """A table of the headline metrics beside the release's published numbers."""
     published = PUBLISHED.get((benchmark, task), {})
-    names = list(HEADLINE[task])
-    if task == "mr":
-        names += [f"{n} (all)" for n in HEADLINE[task]]
+    names = headline(task, metrics)
     lines = [
         f"# {benchmark} ({task})",
         "",

@@ -14,6 +14,11 @@
 * ``missing_videos.txt``: video ids without a video file (or that are not plain file
   names), one per line with the reason and the number of queries they take with them.
 * ``refmt_<task>.json`` (the original's prediction file), ``metrics.json``, ``metrics.md``.
+
+Video QA (``mvbench``, ``videomme``, task ``qa``) asks each question as a free question
+(:mod:`trace_rt.evaluation.videoqa`: the original's prompt, segment-midpoint frames, 128
+new tokens); its records add ``question`` and its original-format file is ``refmt_qa.json``
+(the original's ``test.json``: ``acc_dict``, ``res_list``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any
 from trace_rt.errors import InputError, TraceError
 from trace_rt.evaluation import benchmarks as bm
 from trace_rt.evaluation import reformat as rf
+from trace_rt.evaluation import videoqa as vqa
 from trace_rt.evaluation.report import write_report
 from trace_rt.evaluation.scoring import read_jsonl, score, to_original_format
 from trace_rt.evaluation.videos import InvalidVideoIdError, VideoIndex
@@ -53,7 +59,7 @@ class EvalSettings:
     limit: int | None = None
     concurrency: int = 1
     frames: int | None = None
-    max_new_tokens: int = 512
+    max_new_tokens: int | None = None  # None: 128 for video QA (the original's), else 512
     device: str = "cpu"
     dtype: str | None = None
     template: str = "llama_2"
@@ -88,6 +94,8 @@ class Work:
     path: Path
     task: str  # the prompt task
     query: str | None
+    question: str | None = None  # video QA: the free question asked
+    bound: tuple[float, float] | None = None  # video QA: MVBench's start/end
 
 
 class _Engine:
@@ -96,7 +104,7 @@ class _Engine:
     def __init__(self, s: EvalSettings):
         from trace_rt.generate import GenerationConfig
 
-        self.gen = GenerationConfig(max_new_tokens=s.max_new_tokens)
+        self.gen = GenerationConfig(max_new_tokens=token_budget(s))
         self.frames = s.frames
         self.url = s.url
         self.pipe = None
@@ -120,14 +128,25 @@ class _Engine:
 
     def answer(self, w: Work) -> dict[str, Any]:
         if self.pipe is not None:
+            if w.question is not None:
+                n = self.frames or self.pipe.config.num_frames
+                return self.pipe.run(
+                    w.path, None, question=w.question, frames=n, gen=self.gen,
+                    sampler=lambda total, fps: vqa.segment_indices(total, fps, n, w.bound),
+                )  # fmt: skip
             return self.pipe.run(w.path, w.task, query=w.query, frames=self.frames, gen=self.gen)
         client = getattr(self._local, "client", None)
         if client is None:
             from trace_rt.serving.client import TraceClient, check_url
 
             client = self._local.client = TraceClient(check_url(self.url))
+        # A server samples frames its own way (uniformly over the whole video).
         return client.infer(
-            w.path, task=w.task, query=w.query, max_new_tokens=self.gen.max_new_tokens
+            w.path,
+            task=None if w.question is not None else w.task,
+            query=w.query,
+            question=w.question,
+            max_new_tokens=self.gen.max_new_tokens,
         )
 
     def record(self, w: Work, res: dict[str, Any]) -> dict[str, Any]:
@@ -138,6 +157,7 @@ class _Engine:
             "video": str(w.path),
             "task": w.task,
             "query": w.query,
+            **({"question": w.question} if w.question is not None else {}),
             "duration": res.get("duration"),
             "frames": res.get("frames"),
             "stop_reason": res.get("stop_reason"),
@@ -156,14 +176,26 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def token_budget(s: EvalSettings) -> int:
+    """``--max-new-tokens``, or the benchmark's default: 128 for video QA, else 512."""
+    if s.max_new_tokens is not None:
+        return s.max_new_tokens
+    return vqa.MAX_NEW_TOKENS if s.benchmark in bm.QA_BENCHMARKS else 512
+
+
+def _annotation_files(paths: list[str]) -> list[Path]:
+    """The files named, a directory (MVBench's json/) standing for its JSON files."""
+    return [g for a in map(Path, paths) for g in (sorted(a.glob("*.json")) if a.is_dir() else [a])]
+
+
 def _run_header(s: EvalSettings, task: str) -> dict[str, Any]:
     return {
         "benchmark": s.benchmark,
         "task": task,
-        "annotations": {str(Path(a).resolve()): _sha256(Path(a)) for a in s.annotations},
+        "annotations": {str(p.resolve()): _sha256(p) for p in _annotation_files(s.annotations)},
         "model": str(Path(s.model).resolve()),
         "frames": s.frames,
-        "max_new_tokens": s.max_new_tokens,
+        "max_new_tokens": token_budget(s),
         "template": s.template,
     }
 
@@ -202,16 +234,34 @@ def plan(s: EvalSettings) -> tuple[str, list[Any], list[Work], dict[str, list]]:
             missing[it.video][1] += 1
             continue
         try:
-            path = index.find(it.video)
+            path = _qa_video(index, it) if task == "qa" else index.find(it.video)
         except InvalidVideoIdError as e:
             missing[it.video] = [str(e), 1]
             continue
         if path is None:
             missing[it.video] = [f"no video file under {s.videos}", 1]
             continue
+        if task == "qa":
+            question = vqa.prompt_question(bench.name, it)
+            work.append(Work(it.qid, it.video, path, "custom", None, question, it.bound))
+            continue
         query = None if task == "dvc" else it.query
         work.append(Work(bm.item_key(it), it.video, path, prompt_task, query))
     return task, items, work, missing
+
+
+def _qa_video(index: VideoIndex, q: vqa.ChoiceQuestion) -> Path | None:
+    """MVBench: ``--videos/<task directory>/<video>`` (a relative path that must stay
+    inside); Video-MME: the id looked up as for the other benchmarks."""
+    if not q.video_dir:
+        return index.find(q.video)
+    if q.data_type != "video":
+        raise InvalidVideoIdError(f"{q.category}: frame directories are not read by trace-rt")
+    rel = Path(q.video_dir) / q.video
+    if rel.is_absolute() or ".." in rel.parts or "\0" in q.video:
+        raise InvalidVideoIdError(f"video {q.video!r} is not a path inside the videos directory")
+    path = index.root / rel
+    return path if path.is_file() else None
 
 
 def run_eval(s: EvalSettings, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -253,9 +303,13 @@ def run_eval(s: EvalSettings, log: Callable[[str], None] | None = None) -> dict[
                     log(f"{w.key}: {rec['error']}")
                 else:
                     records[w.key] = rec
-    metrics = score(task, items, records, rules=s.rules, use_java=s.use_java)
+    if task == "qa":
+        metrics = vqa.score_qa(s.benchmark, items, records)
+        refmt = vqa.original_results(s.benchmark, items, records)
+    else:
+        metrics = score(task, items, records, rules=s.rules, use_java=s.use_java)
+        refmt = to_original_format(task, items, records, s.rules)
     metrics.update(missing_videos=len(missing), items_without_video=lost, errors=errors)
-    refmt = to_original_format(task, items, records, s.rules)
     (out / f"refmt_{task}.json").write_text(json.dumps(refmt) + "\n")
     write_report(out, s.benchmark, task, metrics, asdict(s))
     from trace_rt.timeline.evalpage import write_eval_report

@@ -101,6 +101,7 @@ class TraceClient:
         seed: int | None = None,
         constrained: bool | None = None,
         ignore_eos: bool | None = None,
+        timestamp_mode: str | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         timeout: float = 600.0,
     ) -> dict[str, Any]:
@@ -112,7 +113,8 @@ class TraceClient:
             frames, timestamps, duration: preprocessed frames instead of *video*.
             max_new_tokens, temperature, top_p, seed, constrained: generation settings
                 (None: the server's default); ignore_eos decodes the whole budget past EOS
-                (benchmarks).
+                (benchmarks); timestamp_mode ``frames`` lets timestamps spell only the
+                sampled frames' times.
             on_event: called with each event (``{"index", "timestamps", "scores",
                 "caption"}``) as it streams in, before the final result.
             timeout: seconds until the final response, for the whole request; past it the
@@ -138,6 +140,7 @@ class TraceClient:
             "seed": seed,
             "constrained": constrained,
             "ignore_eos": ignore_eos,
+            "timestamp_mode": timestamp_mode,
         }
         inputs = [self._tensor(name, value) for name, value in values.items() if value is not None]
         result = self._stream(inputs, on_event, timeout)

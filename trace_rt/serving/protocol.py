@@ -84,6 +84,9 @@ def pipeline_inputs(cfg: TraceConfig) -> tuple[ServingTensor, ...]:
         ServingTensor("seed", "int64", (1,), True, "sampling seed"),
         ServingTensor("constrained", "bool", (1,), True, "well-formed numbers only"),
         ServingTensor("ignore_eos", "bool", (1,), True, "benchmarks: decode the whole budget"),
+        ServingTensor(
+            "timestamp_mode", BYTES, (1,), True, "free, or frames: timestamps = frame times"
+        ),
     )
 
 
@@ -224,6 +227,7 @@ def parse_request(
         raise InputError(f"seed must be in [0, 2^63), got {seed}")
     constrained = _scalar(get("constrained"), "constrained", bool)
     ignore_eos = _scalar(get("ignore_eos"), "ignore_eos", bool)
+    timestamp_mode = _text(get("timestamp_mode"), "timestamp_mode")
     gen = GenerationConfig(
         max_new_tokens=max_new,
         temperature=0.0 if temperature is None else temperature,
@@ -231,7 +235,8 @@ def parse_request(
         seed=0 if seed is None else seed,
         constrained=bool(constrained),
         ignore_eos=bool(ignore_eos),
-    )  # checks temperature and top_p ranges
+        timestamps=timestamp_mode or "free",
+    )  # checks temperature, top_p and timestamp_mode
     video, frames = get("video"), get("frames")
     if video is not None and frames is not None:
         raise InputError("send either 'video' (the file's bytes) or 'frames', not both")

@@ -22,10 +22,10 @@ from trace_rt.evaluation import reformat as rf
 from trace_rt.evaluation.benchmarks import PUBLISHED
 from trace_rt.evaluation.dense import dense_metrics
 from trace_rt.evaluation.metrics import gt_clip_scores, highlight_metrics, iou_original, iou_sorted
-from trace_rt.evaluation.report import HEADLINE, NOTES
+from trace_rt.evaluation.report import NOTES, headline
 from trace_rt.timeline.render import CSP, asset, esc
 
-SCORE_NAMES = {"mr": "IoU", "vhd": "mAP (VeryGood)", "dvc": "F1"}
+SCORE_NAMES = {"mr": "IoU", "vhd": "mAP (VeryGood)", "dvc": "F1", "qa": "correct"}
 PAGES = ("best-worst", "all", "none")
 
 
@@ -44,11 +44,15 @@ class Scored:
 
 
 def _item_key(task: str, item: Any) -> str:
-    return item.qid if task in ("mr", "vhd") else item.video
+    return item.qid if task in ("mr", "vhd", "qa") else item.video
 
 
 def score_items(
-    task: str, items: Sequence[Any], records: Mapping[str, Any], rules: str
+    task: str,
+    items: Sequence[Any],
+    records: Mapping[str, Any],
+    rules: str,
+    benchmark: str = "",
 ) -> list[Scored]:
     """Every annotated item scored as the benchmark's metric scores it (0 without a
     prediction, or when the rules drop the generation)."""
@@ -62,7 +66,13 @@ def score_items(
         usable = rec is not None and not rf.is_dropped(rec, rules)
         dur = float((rec or {}).get("duration") or getattr(it, "duration", None) or 0.0)
         score, truth, pred = 0.0, (), ()
-        if task == "mr":
+        if task == "qa":
+            from trace_rt.evaluation import videoqa as vqa
+
+            score = float(
+                rec is not None and vqa.is_correct(benchmark, it, vqa.prediction_text(rec))
+            )
+        elif task == "mr":
             truth = ((float(it.span[0]), float(it.span[1]), ""),)
             span = rf.to_moment(rec, rules) if usable else None
             if span:
@@ -83,7 +93,7 @@ def score_items(
                 pred = tuple((float(e["timestamp"][0]), float(e["timestamp"][1])) for e in events)
                 m = dense_metrics({key: it}, {key: events}, use_java=False)
                 score = (m["F1"] or 0.0) / 100
-        query = getattr(it, "query", None)
+        query = getattr(it, "query", None) or getattr(it, "question", None)
         out.append(Scored(key, it.video, query, float(score), rec, truth, pred, dur))
     return out
 
@@ -152,7 +162,7 @@ def _rows(items: Sequence[Scored], task: str, linked: set[str]) -> str:
 
 def _metrics_table(benchmark: str, task: str, metrics: Mapping[str, Any]) -> str:
     published = PUBLISHED.get((benchmark, task), {})
-    names = list(HEADLINE[task]) + ([f"{n} (all)" for n in HEADLINE[task]] if task == "mr" else [])
+    names = headline(task, dict(metrics))
 
     def cell(v: Any) -> str:
         return "n/a" if v is None else f"{v:.1f}" if isinstance(v, float) else esc(v)
@@ -210,7 +220,7 @@ def write_eval_report(
 
     out = Path(out)
     rules = str(settings.get("rules", "original"))
-    scored = score_items(task, items, records, rules)
+    scored = score_items(task, items, records, rules, benchmark)
     predicted = [s for s in scored if s.record is not None]
     ranked = sorted(predicted, key=lambda s: (-s.score, s.key))
     best, worst = ranked[:n], sorted(scored, key=lambda s: (s.score, s.key))[:n]

@@ -99,6 +99,7 @@ def load_video(
     limits: DecodeLimits | None = None,
     cancelled: Callable[[], bool] | None = None,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    sampler: Callable[[int, float], np.ndarray] | None = None,
 ) -> SampledVideo:
     """Decode ``source`` and sample ``num_frames`` frames uniformly.
 
@@ -115,6 +116,9 @@ def load_video(
             :class:`DecodeCancelledError`.
         transform: Applied to each chosen ``[H, W, 3]`` uint8 RGB frame as soon as it is
             decoded; ``frames`` then stacks its outputs (the full-size frame is dropped).
+        sampler: ``(frame count, fps) -> num_frames frame indices`` instead of the
+            release's uniform ``linspace(0, n - 1, N)`` (e.g. the video-QA benchmarks'
+            segment midpoints within a bound); indices are clipped to the stream.
 
     Raises:
         VideoNotFoundError, NotAVideoError, UnsupportedFormatError, NoVideoStreamError,
@@ -147,7 +151,12 @@ def load_video(
                 f"{max_duration} s that TRACE's time format (dddd.d s) can express; "
                 "trim or split it"
             )
-        idx = np.linspace(0, n - 1, num_frames).astype(int)
+        if sampler is None:
+            idx = np.linspace(0, n - 1, num_frames).astype(int)
+        else:
+            idx = np.clip(np.asarray(sampler(n, fps), dtype=np.int64).reshape(-1), 0, n - 1)
+            if idx.size != num_frames:
+                raise InputError(f"the sampler chose {idx.size} frames, not {num_frames}")
         pts = table if table is not None and not repaired else None  # frames carry these
         got = spare = None
         if pts is not None:
