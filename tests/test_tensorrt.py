@@ -802,3 +802,23 @@ def test_fake_build_step_then_run(fake_trt, tiny_ckpt, tmp_path, clip_video):
     again = build_engines(art, max_seq=384, graphs=["decoder"], progress=False)
     assert tm.STEP not in again["engines"]
     assert Pipeline.from_dir(art, "tensorrt", device="cuda").backend._step is None
+
+
+@pytest.mark.parametrize("failure", ["fail_capture", "fail_instantiate"])
+def test_step_engine_failed_capture(fake_trt, step_art, clip_video, failure):
+    """A failed capture of the step's graph: released, error cleared, same tokens, no graphs."""
+    from trace_rt.generate import GenerationConfig
+    from trace_rt.pipeline import Pipeline
+
+    gen = GenerationConfig(max_new_tokens=12)
+    want = Pipeline.from_dir(step_art, "onnxruntime", cache_dir=False).run(
+        clip_video, "dvc", gen=gen
+    )["token_ids"]
+    pipe = Pipeline.from_dir(step_art, "tensorrt", device="cuda")
+    setattr(fake_trt, failure, True)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        assert pipe.run(clip_video, "dvc", gen=gen)["token_ids"] == want
+    assert fake_trt.live_graphs == set() and fake_trt.last_error == 0
+    assert pipe.backend._step_graph is None and pipe.backend._graph_capacity == 0
+    assert pipe.run(clip_video, "dvc", gen=gen)["token_ids"] == want
+    assert fake_trt.launches == 0
