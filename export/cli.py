@@ -101,6 +101,12 @@ def _add_trt_parser(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--workspace-gb", type=float, default=None, help="builder workspace limit")
     t.add_argument("--decoder-variant", help="a QDQ decoder from `python -m export quantize`")
+    t.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="the checkpoint OUT was exported from: also build the fixed-shape decode step "
+        "(past length as data), so one CUDA graph serves every decode step",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress display")
 
 
@@ -145,6 +151,7 @@ def _trt(args: argparse.Namespace) -> None:
         max_seq=args.max_seq,
         workspace_gb=args.workspace_gb,
         decoder_variant=args.decoder_variant,
+        checkpoint=args.checkpoint,
         progress=not args.no_progress,
     )
     for graph, rec in section["engines"].items():

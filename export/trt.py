@@ -26,7 +26,7 @@ import datetime as dt
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,7 @@ def build_engines(
     workspace_gb: float | None = None,
     decoder_variant: str | None = None,
     graphs: Sequence[str] = GRAPH_NAMES,
+    checkpoint: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Build the three engines for artifact directory *out*; returns the manifest section.
@@ -169,6 +170,9 @@ def build_engines(
         graphs: build only these; the engines of the others are kept from the manifest
             when they were built with the same TensorRT, GPU, precision and limits (lets a
             time-boxed GPU run build and measure the cheap engines first).
+        checkpoint: the checkpoint *out* was exported from: also build the fixed-shape
+            decode step (:mod:`export.trt_step`, recorded as ``engines["decoder_step"]``),
+            which lets the backend serve every decode step with one CUDA graph.
         progress: show a progress display.
     """
     out = Path(out)
@@ -191,12 +195,25 @@ def build_engines(
     t_all = time.perf_counter()
     with _progress(f"export trt {out.name} ({precision}, {gpu['name']})", progress) as bar:
         todo = [g for g in GRAPH_NAMES if g in graphs]
+        step = checkpoint is not None and DECODER in todo
+        if step and plans[DECODER].variant:
+            raise TensorRTBuildError(
+                "--checkpoint re-exports the decode step unquantised; it cannot go with a "
+                "quantised decoder variant"
+            )
+        if step:
+            todo.append(tm.STEP)
         task = bar.add_task("", total=len(todo))
         for i, name in enumerate(todo):
             bar.update(task, completed=i, description=f"{name}: parse + build")
-            plan, spec = plans[name], specs[name]
+            plan, spec = plans.get(name, plans[DECODER]), specs.get(name, specs[DECODER])
             profiles = profiles_from_spec(spec, limits)
             t0 = time.perf_counter()
+            if name == tm.STEP:  # the decoder's I/O at fixed shapes, from the checkpoint
+                from export.trt_step import step_profile, write_step_onnx
+
+                onnx_file = write_step_onnx(checkpoint, out, limits.max_seq, _onnx_opset(out))
+                plan, profiles = replace(plan, onnx=onnx_file), [step_profile(spec, limits.max_seq)]
             blob, cache = _build_one(
                 trt, logger, out / plan.onnx, spec, plan, profiles, cache, workspace_gb
             )
@@ -204,6 +221,8 @@ def build_engines(
             replace_bytes(out / rel, blob)  # a new file: a repository may link the old one
             replace_bytes(cache_file, cache)  # after every graph: a later failure keeps it
             engines[name] = _engine_record(out, rel, plan, profiles, time.perf_counter() - t0)
+            if name == tm.STEP:
+                engines[name]["fixed"] = {"seq": 1, "past": limits.max_seq - 1}
         bar.update(task, completed=len(todo), description="manifest")
         section = {
             "format": tm.FORMAT,
@@ -219,6 +238,11 @@ def build_engines(
         }
         tm.write_section(out, section)
     return section
+
+
+def _onnx_opset(out: Path) -> int:
+    """The opset the artifact's graphs were exported with (the step re-export matches it)."""
+    return int(load_manifest(out, verify="size")["export"].get("opset", 17))
 
 
 def _precision(precision: str | None, decoder_variant: str | None, export_dtype: str) -> str:
@@ -289,7 +313,9 @@ def _kept_engines(
     )
     if not same:
         return {}
-    return {g: rec for g, rec in old.get("engines", {}).items() if g not in rebuilt}
+    # The decode step goes with the decoder: a rebuilt decoder drops the old step.
+    drop = {*rebuilt, *((tm.STEP,) if DECODER in rebuilt else ())}
+    return {g: rec for g, rec in old.get("engines", {}).items() if g not in drop}
 
 
 def _plans(

@@ -19,6 +19,8 @@ and that a lenient stand-in would hide (each cited where it is checked):
 - ``execute_async_v3`` returns False when an input shape or an address is missing, when
   the user-managed device memory was not set, or when the CUDA error state is set (TensorRT
   checks it after its launches; a failed capture that is not cleared breaks the next run);
+- ``cudaMalloc`` memory is not cleared (the fake fills it with 0xFF bytes, NaN as a float),
+  so a backend that reads device memory it never wrote sees it in its results;
 - streams are asynchronous: kernels, device-to-device copies and copies into pinned host
   memory run only at ``cudaStreamSynchronize`` (or a pageable copy, which synchronises);
   a pageable host source is read when the copy is issued (CUDA stages it), a pinned one
@@ -95,7 +97,11 @@ class FakeCudart(types.ModuleType):
         return 0, ptr
 
     def cudaMalloc(self, nbytes):
-        return self._alloc(nbytes, pinned=False)
+        # cudaMalloc does not clear memory: fill with 0xFF (NaN as float) so that reading
+        # memory never written shows in the results.
+        err, ptr = self._alloc(nbytes, pinned=False)
+        ctypes.memset(ptr, 0xFF, int(nbytes))
+        return err, ptr
 
     def cudaMallocHost(self, nbytes):
         return self._alloc(nbytes, pinned=True)
@@ -509,8 +515,9 @@ def make_modules(version: str = VERSION) -> dict[str, types.ModuleType]:
     }
 
 
-def fake_engines(art: Path, max_frames: int, max_seq: int) -> None:
-    """Write "engines" (pointers to the ONNX graphs) and the manifest section for *art*."""
+def fake_engines(art: Path, max_frames: int, max_seq: int, checkpoint: Path | None = None) -> None:
+    """Write "engines" (pointers to the ONNX graphs) and the manifest section for *art*;
+    with *checkpoint*, also the fixed-shape decode step, as ``export trt --checkpoint``."""
     from export.trt import Limits, profiles_from_spec
     from trace_rt.backends import tensorrt_manifest as tm
     from trace_rt.config import TraceConfig
@@ -521,21 +528,34 @@ def fake_engines(art: Path, max_frames: int, max_seq: int) -> None:
     limits = Limits(max_frames, max_seq, TraceConfig.from_dir(art).tokens_per_frame)
     (art / tm.ENGINE_DIR).mkdir(exist_ok=True)
     engines = {}
-    for name, spec in specs.items():
+    todo = [
+        (name, spec, spec.file, profiles_from_spec(spec, limits)) for name, spec in specs.items()
+    ]
+    if checkpoint is not None:
+        from export.trt_step import step_profile, write_step_onnx
+
+        opset = int(manifest["export"]["opset"])
+        onnx_file = write_step_onnx(checkpoint, art, max_seq, opset)
+        todo.append(
+            (tm.STEP, specs["decoder"], onnx_file, [step_profile(specs["decoder"], max_seq)])
+        )
+    for name, _, onnx_file, profs in todo:
         rel = f"{tm.ENGINE_DIR}/{name}.fake.engine"
-        profiles = [p.to_dict() for p in profiles_from_spec(spec, limits)]
-        (art / rel).write_text(json.dumps({"onnx": str(art / spec.file), "profiles": profiles}))
+        profiles = [p.to_dict() for p in profs]
+        (art / rel).write_text(json.dumps({"onnx": str(art / onnx_file), "profiles": profiles}))
         engines[name] = {
             "file": rel,
             "bytes": (art / rel).stat().st_size,
             "sha256": tm.sha256_file(art / rel),
-            "onnx": spec.file,
+            "onnx": onnx_file,
             "strongly_typed": True,
             "flags": [],
             "variant": None,
             "profiles": profiles,
             "build_s": 0.0,
         }
+        if name == tm.STEP:
+            engines[name]["fixed"] = {"seq": 1, "past": max_seq - 1}
     tm.write_section(
         art,
         {

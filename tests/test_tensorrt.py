@@ -690,3 +690,135 @@ def test_fake_backend_tensorrt_version(monkeypatch, fake_art):
     tm.check_tensorrt_version("10.3.0.30")
     tm.check_tensorrt_version("11.0.0")
     assert tm.version_tuple("10.13.3.9") == (10, 13, 3)
+
+
+@pytest.fixture(scope="module")
+def step_art(tiny_ckpt, tmp_path_factory) -> Path:
+    """An artifact whose build has the fixed-shape decode step (`export trt --checkpoint`)."""
+    from export import export_onnx
+    from tests.fake_tensorrt import fake_engines
+
+    art = export_onnx(tiny_ckpt, tmp_path_factory.mktemp("step") / "art", progress=False)
+    fake_engines(art, max_frames=8, max_seq=512, checkpoint=tiny_ckpt)
+    return art
+
+
+def test_step_engine_record(step_art):
+    section = json.loads((step_art / "manifest.json").read_text())["tensorrt"]
+    rec = section["engines"][tm.STEP]
+    assert rec["fixed"] == {"seq": 1, "past": 511} and rec["onnx"] == "decoder_step.onnx"
+    (profile,) = rec["profiles"]
+    assert profile["name"] == "decode"
+    assert profile["shapes"]["position_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [1, 1]}
+    shapes = [s["max"] for n, s in profile["shapes"].items() if n.startswith("past_")]
+    assert shapes and all(s[1] == 511 for s in shapes)
+
+
+def test_step_engine_one_graph_per_backend(fake_trt, step_art, clip_video):
+    """The fixed-shape step: onnxruntime's tokens, one CUDA graph for every decode step of
+    every request (captured at the first step, replayed by all later ones)."""
+    from trace_rt.generate import GenerationConfig
+    from trace_rt.pipeline import Pipeline
+
+    trt_p = Pipeline.from_dir(step_art, "tensorrt", device="cuda")
+    ort_p = Pipeline.from_dir(step_art, "onnxruntime", cache_dir=False)
+    backend = trt_p.backend
+    assert backend._step is not None
+    steps = 0
+    decode_step = backend.decode_step
+
+    def counted(token_id, head):
+        nonlocal steps
+        steps += 1
+        return decode_step(token_id, head)
+
+    backend.decode_step = counted
+    gens = [
+        GenerationConfig(max_new_tokens=24),
+        GenerationConfig(max_new_tokens=24, temperature=1.0, seed=3),
+    ]
+    graph = None
+    for task, gen in [("dvc", gens[0]), ("dvc", gens[1]), ("mr", gens[0]), ("mr", gens[1])]:
+        query = None if task == "dvc" else QUERY
+        got = trt_p.run(clip_video, task, query=query, gen=gen)["token_ids"]
+        assert got == ort_p.run(clip_video, task, query=query, gen=gen)["token_ids"], (task, gen)
+        graph = graph or backend._step_graph
+        assert backend._step_graph is graph  # the same graph, never re-captured
+    assert steps > 20
+    # One graph alive; every step but the first (which ran, then captured) replayed it; the
+    # per-past-length path was never used.
+    assert len(fake_trt.live_graphs) == 1 and fake_trt.launches == steps - 1
+    assert backend._graphs == {} and backend._seen == set()
+
+
+def test_step_engine_logits(fake_trt, step_art):
+    """Step-level logits of the fixed-shape step against the dynamic decoder's, with and
+    without graphs, and past the first request (stale slots from it must stay masked)."""
+    from trace_rt.backends import load_backend
+    from trace_rt.tokens import Head
+
+    ort_b = load_backend("onnxruntime", step_art, cache_dir=False)
+    c = ort_b.config
+    video = np.random.default_rng(0).standard_normal((9, c.hidden_size)).astype(ort_b.dtype)
+    for graphs in (0, 1):
+        trt_b = load_backend("tensorrt", step_art, device="cuda", cuda_graphs=graphs)
+        for prompt in ([1, 733, -201, 28705, 13, 5, 6], [1, -201, 13]):
+            want = ort_b.prefill(prompt, video, Head.TEXT)
+            np.testing.assert_array_equal(trt_b.prefill(prompt, video, Head.TEXT), want)
+            for token, head in [(32005, Head.TIME), (1234, Head.SCORE), (32016, Head.TEXT)]:
+                np.testing.assert_allclose(
+                    trt_b.decode_step(token, head),
+                    ort_b.decode_step(token, head),
+                    rtol=1e-4,
+                    atol=1e-4,
+                )
+        trt_b.close()
+
+
+def test_fake_build_step_then_run(fake_trt, tiny_ckpt, tmp_path, clip_video):
+    """`export trt --checkpoint`: the step is built (through the stand-in builder, which
+    checks its fixed profile against the parsed network) and run with one graph."""
+    import tensorrt
+
+    from export import export_onnx
+    from export.cli import main
+    from export.trt import build_engines
+    from trace_rt.generate import GenerationConfig
+    from trace_rt.pipeline import Pipeline
+
+    art = export_onnx(tiny_ckpt, tmp_path / "art", progress=False)
+    main(["trt", str(art), "--max-seq", "384", "--checkpoint", str(tiny_ckpt), "--no-progress"])
+    section = json.loads((art / "manifest.json").read_text())["tensorrt"]
+    rec = section["engines"][tm.STEP]
+    assert rec["fixed"] == {"seq": 1, "past": 383} and rec["onnx"] == "decoder_step.onnx"
+    assert len(tensorrt.Builder.built) == 4
+    gen = GenerationConfig(max_new_tokens=16)
+    pipe = Pipeline.from_dir(art, "tensorrt", device="cuda")
+    got = [pipe.run(clip_video, "dvc", gen=gen)["token_ids"] for _ in range(2)]
+    want = Pipeline.from_dir(art, "onnxruntime", cache_dir=False).run(clip_video, "dvc", gen=gen)
+    assert got == [want["token_ids"]] * 2
+    assert len(fake_trt.live_graphs) == 1 and pipe.backend._graphs == {}
+    # A decoder rebuilt without the checkpoint drops the old step (it goes with the decoder).
+    again = build_engines(art, max_seq=384, graphs=["decoder"], progress=False)
+    assert tm.STEP not in again["engines"]
+    assert Pipeline.from_dir(art, "tensorrt", device="cuda").backend._step is None
+
+
+@pytest.mark.parametrize("failure", ["fail_capture", "fail_instantiate"])
+def test_step_engine_failed_capture(fake_trt, step_art, clip_video, failure):
+    """A failed capture of the step's graph: released, error cleared, same tokens, no graphs."""
+    from trace_rt.generate import GenerationConfig
+    from trace_rt.pipeline import Pipeline
+
+    gen = GenerationConfig(max_new_tokens=12)
+    want = Pipeline.from_dir(step_art, "onnxruntime", cache_dir=False).run(
+        clip_video, "dvc", gen=gen
+    )["token_ids"]
+    pipe = Pipeline.from_dir(step_art, "tensorrt", device="cuda")
+    setattr(fake_trt, failure, True)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        assert pipe.run(clip_video, "dvc", gen=gen)["token_ids"] == want
+    assert fake_trt.live_graphs == set() and fake_trt.last_error == 0
+    assert pipe.backend._step_graph is None and pipe.backend._graph_capacity == 0
+    assert pipe.run(clip_video, "dvc", gen=gen)["token_ids"] == want
+    assert fake_trt.launches == 0

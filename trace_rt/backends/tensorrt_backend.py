@@ -35,9 +35,18 @@ Engines are deserialised through a stream reader (``IStreamReaderV2`` from Tenso
 second, anonymous copy in host memory (on a unified-memory Jetson a 4 GB engine's extra
 copy does not fit); the pages it reads are clean page cache the kernel can drop.
 
-CUDA graphs: a decode step's shapes and output addresses depend on its past length P, and
-a captured graph is valid only for the shapes, addresses and execution context it was
-captured with. So graphs are kept per P, each with its own
+CUDA graphs, with the fixed-shape decode step (``engines["decoder_step"]``, built by
+``export trt --checkpoint``, export/trt_step.py): its past is the whole cache but the last
+row, masked inside the engine by ``position_ids`` (the past length is data), so every decode
+step has the same shapes and addresses. Its context is bound once at load (the cache
+zero-filled, since masked slots still meet 0 * value; new K/V into one aligned row per
+tensor, copied into slot ``past`` after each step), one graph is captured at the first
+decode step and replayed by every later step and request; before each replay only the
+embedding and position buffers' contents change. Prefill stays on the dynamic decoder.
+
+Without the step engine, a decode step's shapes and output addresses depend on its past
+length P, and a captured graph is valid only for the shapes, addresses and execution
+context it was captured with. So graphs are kept per P, each with its own
 execution context (all sharing one activation-memory block): the first decode at a given P
 runs normally, the second runs once more (TensorRT requires one normal run after a shape
 change before capture), synchronises, then captures a graph; later ones replay it. Within
@@ -131,7 +140,8 @@ class TensorRTBackend:
         model_dir: artifact directory with ``manifest["tensorrt"]`` (``python -m export trt``).
         device: ``cuda`` or ``cuda:N`` (``auto`` means ``cuda``).
         verify: ``sha256`` (default) or ``size``: how engines and support files are checked.
-        cuda_graphs: most decode-step CUDA graphs kept (one per past length); 0: none.
+        cuda_graphs: 0: no CUDA graphs. Otherwise, with the fixed-shape decode step, one
+            graph for every step; without it, at most this many (one per past length).
         video_graphs: load the vision encoder and projector engines too (False: decoder
             only, for a Triton pipeline whose encoders are their own tensorrt_plan models;
             prefill then takes the video block as a host array).
@@ -179,6 +189,7 @@ class TensorRTBackend:
         if video_graphs:
             self._setup_video()
         self._setup_decoder()
+        self._setup_step()
         self._graph_capacity = max(0, int(cuda_graphs))
         self._graphs: dict[int, tuple[Any, cuda_rt.Graph]] = {}
         self._seen: set[int] = set()
@@ -257,6 +268,9 @@ class TensorRTBackend:
             graph.close()
         self._graphs.clear()
         self._seen.clear()
+        if self._step_graph is not None:
+            self._step_graph.close()
+            self._step_graph = None
 
     def video_to_host(self, video: DeviceVideo) -> np.ndarray:
         """The video block [rows, hidden] in host memory (parity checks, debugging)."""
@@ -271,10 +285,9 @@ class TensorRTBackend:
     def close(self) -> None:
         """Free device memory now (otherwise it goes with the object)."""
         self.stream.synchronize()
-        for _, graph in self._graphs.values():
-            graph.close()
-        self._graphs.clear()
+        self.clear_cuda_graphs()
         stages = [kv.stage for kv in self._kv if kv.stage is not None]
+        stages += self._step_rows + ([self._step_scratch] if self._step is not None else [])
         for buf in [*self._buffers.values(), self._arange, *(kv.buf for kv in self._kv), *stages]:
             buf.free()
 
@@ -286,21 +299,50 @@ class TensorRTBackend:
         cuda_rt.copy_dtod(
             self._buffers[self._positions].ptr, self._arange.ptr + 8 * past, 8 * seq, self.stream
         )
-        if phase == "decode" and self._graph_capacity:
-            self._decode_with_graphs(past)
+        if phase == "decode" and self._step is not None:
+            self._decode_step_engine(past)
         else:
-            ctx = self._contexts[f"{DECODER}.{phase}"]
-            self._bind_decoder(ctx, past, seq)
-            self._execute(ctx, DECODER)
-        for kv in self._kv:  # rows written to a staging row go to their slot
-            if kv.staged(past):
-                cuda_rt.copy_dtod(kv.slot(past), kv.stage.ptr, seq * kv.row_bytes, self.stream)
+            if phase == "decode" and self._graph_capacity:
+                self._decode_with_graphs(past)
+            else:
+                ctx = self._contexts[f"{DECODER}.{phase}"]
+                self._bind_decoder(ctx, past, seq)
+                self._execute(ctx, DECODER)
+            for kv in self._kv:  # rows written to a staging row go to their slot
+                if kv.staged(past):
+                    cuda_rt.copy_dtod(kv.slot(past), kv.stage.ptr, seq * kv.row_bytes, self.stream)
         self._pos += seq
         base, size = head_base(self.config.ids, head), head_size(self.config.ids, head)
         logits = self._buffers[self._logits]
         cuda_rt.copy_dtoh(self._host_logits.ptr, logits.ptr + 4 * base, 4 * size, self.stream)
         self.stream.synchronize()
         return self._host_logits.array[:size].copy()
+
+    def _decode_step_engine(self, past: int) -> None:
+        """A decode step on the fixed-shape engine: one CUDA graph for every step.
+
+        Its shapes and addresses never change (the past length is the data in
+        ``position_ids``), so the graph captured at the first step replays for every later
+        step and request; only the embedding and position buffers' contents differ.
+        """
+        if self._step_graph is not None:
+            self._step_graph.launch(self.stream)
+        else:
+            self._execute(self._step, tm.STEP)
+            if self._graph_capacity:
+                self.stream.synchronize()  # capture from an idle stream, as above
+                try:
+                    self._step_graph = cuda_rt.Graph(
+                        self.stream, lambda: self._execute(self._step, tm.STEP)
+                    )
+                except (cuda_rt.CudaError, RuntimeError) as e:
+                    warnings.warn(
+                        f"CUDA graph capture failed, running without graphs: {e}", stacklevel=3
+                    )
+                    self._graph_capacity = 0
+        if past < self.max_seq - 1:  # the last slot's step still runs; its K/V have no slot
+            for kv, row in zip(self._kv, self._step_rows, strict=True):
+                cuda_rt.copy_dtod(kv.slot(past), row.ptr, kv.row_bytes, self.stream)
 
     def _decode_with_graphs(self, past: int) -> None:
         """A decode step at past length *past*, through a CUDA graph when there is one."""
@@ -400,6 +442,49 @@ class TensorRTBackend:
             self._contexts[f"{DECODER}.{phase}"] = self._new_decoder_context(phase)
         self.stream.synchronize()
 
+    def _setup_step(self) -> None:
+        """Bind the fixed-shape decode step (``manifest["tensorrt"]["engines"]["decoder_step"]``)
+        once and for all, when the build has one: past input = the whole cache but its last
+        row, new K/V into one aligned row per tensor (copied into slot ``past`` after each
+        step), embeddings, positions and logits in the decoder's buffers."""
+        self._step, self._step_graph, self._step_rows = None, None, []
+        rec = self.section["engines"].get(tm.STEP)
+        if rec is None:
+            return
+        cap = self.max_seq - 1
+        if rec.get("fixed", {}).get("past") != cap:
+            raise CheckpointError(
+                f"{rec['file']}: decode step fixed to {rec.get('fixed')}, the build's max_seq "
+                f"is {self.max_seq}; rebuild with `python -m export trt {self.model_dir}`"
+            )
+        engine = self._engine(tm.STEP, DECODER)
+        size = getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size
+        self._step_scratch = self._alloc(int(size))
+        ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if hasattr(ctx, "set_device_memory"):
+            ctx.set_device_memory(self._step_scratch.ptr, self._step_scratch.nbytes)
+        else:  # TensorRT 10.0
+            ctx.device_memory = self._step_scratch.ptr
+        if not ctx.set_optimization_profile_async(
+            tm.profile_index(rec, "decode"), self.stream.handle
+        ):
+            raise CheckpointError(f"{rec['file']}: TensorRT refused its decode profile")
+        dims = {"past": cap, "seq": 1}
+        for t in self._plain_inputs:
+            _set_shape(ctx, t.name, _shape(t, dims), tm.STEP)
+        for name in (self._embeds, self._positions, self._logits):
+            _set_address(ctx, name, self._buffers[name].ptr)
+        for kv in self._kv:
+            _set_shape(ctx, kv.past, _shape(kv.spec, dims), tm.STEP)
+            _set_address(ctx, kv.past, kv.buf.ptr)
+            self._step_rows.append(self._alloc(kv.row_bytes))
+            _set_address(ctx, kv.out, self._step_rows[-1].ptr)
+            # The step reads every slot; the unfilled ones are masked, but a masked slot
+            # still meets 0 * value, so they must hold finite values (cudaMalloc's don't).
+            self._htod(kv.buf, np.zeros(kv.buf.nbytes, np.uint8))
+        self._step = ctx
+        self.stream.synchronize()
+
     def _new_decoder_context(self, phase: str) -> Any:
         engine, rec = self.engines[DECODER], self.section["engines"][DECODER]
         index = tm.profile_index(rec, phase)  # an engine without the phase's profile: an error
@@ -434,7 +519,7 @@ class TensorRTBackend:
             self._contexts[graph] = ctx
 
     # ---- helpers ---------------------------------------------------------------------
-    def _engine(self, graph: str) -> Any:
+    def _engine(self, graph: str, spec_of: str | None = None) -> Any:
         rec = self.section["engines"][graph]
         with EngineReader(self.model_dir / rec["file"]) as reader:
             engine = self._runtime.deserialize_cuda_engine(reader)
@@ -444,7 +529,7 @@ class TensorRTBackend:
                 f"rebuild with `python -m export trt {self.model_dir}`"
             )
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-        spec = self.specs[graph]
+        spec = self.specs[spec_of or graph]
         if names != {*spec.input_names, *spec.output_names}:
             raise CheckpointError(
                 f"{rec['file']}: tensors {sorted(names)} differ from the manifest's spec of "

@@ -36,6 +36,9 @@ SECTION = "tensorrt"
 MIN_TENSORRT = (10, 3)
 FORMAT = 1
 ENGINE_DIR = "tensorrt"
+# The fixed-shape decode step (export/trt_step.py): the decoder's I/O, past fixed to
+# max_seq - 1 slots, past length as data; absent in builds without `--checkpoint`.
+STEP = "decoder_step"
 
 
 def write_section(out: str | Path, section: dict[str, Any]) -> dict[str, Any]:
