@@ -227,20 +227,25 @@ def test_metrics(server, client, videos):
     )
 
 
-def test_cli_client_equals_cli_run(server, artifact, videos):
+def _cli_run_and_client(server, artifact, video, common: list[str], client_extra=()):
+    """(`trace-rt client` stdout, `trace-rt run` result) for the same arguments."""
     exe = [sys.executable, "-m", "trace_rt"]
-    common = ["--task", "mr", "--query", QUERY, "--max-new-tokens", str(STEPS)]
     model = ["--model", str(artifact), "--backend", "onnxruntime"]
     run = subprocess.run(
-        [*exe, "run", str(videos[3]), *model, *common],
+        [*exe, "run", str(video), *model, *common],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     cli = subprocess.run(
-        [*exe, "client", str(videos[3]), "--url", server.grpc_url, "--stream", *common],
+        [*exe, "client", str(video), "--url", server.grpc_url, *client_extra, *common],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    lines = [json.loads(line) for line in cli.stdout.splitlines()]
-    want = json.loads(run.stdout)
+    return cli.stdout, json.loads(run.stdout)
+
+
+def test_cli_client_equals_cli_run(server, artifact, videos):
+    common = ["--task", "mr", "--query", QUERY, "--max-new-tokens", str(STEPS)]
+    out, want = _cli_run_and_client(server, artifact, videos[3], common, ["--stream"])
+    lines = [json.loads(line) for line in out.splitlines()]
     assert [x["event"] for x in lines[:-1]] == [
         {"index": i, **e} for i, e in enumerate(want["events"])
     ]
@@ -327,17 +332,8 @@ def test_free_question_and_frame_timestamps_equal_run(client, local, videos):
 
 
 def test_cli_client_question_equals_cli_run(server, artifact, videos):
-    exe = [sys.executable, "-m", "trace_rt"]
     common = ["--question", QUESTION, "--timestamps", "frames", "--max-new-tokens", str(STEPS)]
-    model = ["--model", str(artifact), "--backend", "onnxruntime"]
-    run = subprocess.run(
-        [*exe, "run", str(videos[3]), *model, *common],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    cli = subprocess.run(
-        [*exe, "client", str(videos[3]), "--url", server.grpc_url, *common],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    got, want = json.loads(cli.stdout), json.loads(run.stdout)
+    out, want = _cli_run_and_client(server, artifact, videos[3], common)
+    got = json.loads(out)
     _same(got, want)
     assert got["answer"] == want["answer"] and got["task"] == want["task"] == "custom"
