@@ -37,7 +37,8 @@ def headline(task: str, metrics: dict[str, Any]) -> list[str]:
     return names
 
 
-def _fmt(v: Any) -> str:
+def fmt_metric(v: Any) -> str:
+    """A metric as the reports print it: one decimal, ``n/a`` for None."""
     return "n/a" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
 
 
@@ -52,7 +53,7 @@ def markdown(benchmark: str, task: str, metrics: dict[str, Any]) -> str:
         "|---|---|---|",
     ]
     for n in names:
-        lines.append(f"| {n} | {_fmt(metrics.get(n))} | {_fmt(published.get(n))} |")
+        lines.append(f"| {n} | {fmt_metric(metrics.get(n))} | {fmt_metric(published.get(n))} |")
     lines += ["", NOTES[task], ""]
     lines.append(
         f"Queries/videos annotated: {metrics.get('queries')}; with a prediction: "

@@ -22,7 +22,7 @@ from trace_rt.evaluation import reformat as rf
 from trace_rt.evaluation.benchmarks import PUBLISHED
 from trace_rt.evaluation.dense import dense_metrics
 from trace_rt.evaluation.metrics import gt_clip_scores, highlight_metrics, iou_original, iou_sorted
-from trace_rt.evaluation.report import NOTES, headline
+from trace_rt.evaluation.report import NOTES, fmt_metric, headline
 from trace_rt.timeline.render import CSP, asset, esc
 
 SCORE_NAMES = {"mr": "IoU", "vhd": "mAP (VeryGood)", "dvc": "F1", "qa": "correct"}
@@ -164,12 +164,10 @@ def _metrics_table(benchmark: str, task: str, metrics: Mapping[str, Any]) -> str
     published = PUBLISHED.get((benchmark, task), {})
     names = headline(task, dict(metrics))
 
-    def cell(v: Any) -> str:
-        return "n/a" if v is None else f"{v:.1f}" if isinstance(v, float) else esc(v)
-
     rows = "".join(
-        f'<tr class="metric" data-name="{esc(n)}"><th>{esc(n)}</th><td>{cell(metrics.get(n))}'
-        f"</td><td>{cell(published.get(n))}</td></tr>"
+        f'<tr class="metric" data-name="{esc(n)}"><th>{esc(n)}</th>'
+        f"<td>{esc(fmt_metric(metrics.get(n)))}</td>"
+        f"<td>{esc(fmt_metric(published.get(n)))}</td></tr>"
         for n in names
     )
     notes = [NOTES[task]]
