@@ -47,6 +47,7 @@ from export.files import replace_text, replace_with_copy, save_onnx, write_json
 from trace_rt.config import TraceConfig
 from trace_rt.errors import CheckpointError, InputError
 from trace_rt.graphs import (
+    BATCH_DIM,
     DECODER,
     EXTERNAL_DATA_THRESHOLD,
     MANIFEST_FILE,
@@ -338,7 +339,7 @@ def _decoder_variants(
         ("decoder_decode", 1, plan.past_gears[-1], roles.past_dim, plan.past_gears),
     ):
         keep = gear_dim if plan.dynamic_dims else None
-        dims = {roles.seq_dim: seq, roles.past_dim: cap or 0}
+        dims = {roles.seq_dim: seq, roles.past_dim: cap or 0, BATCH_DIM: 1}
         if keep:
             dims.pop(keep)
         io_in = [roles.embeds, roles.positions, *(past if cap else [])]

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from export.atc_runtime import DecoderRoles
-from export.wrappers import decoder_attention
-from trace_rt.model.mistral import rope_tables
+from trace_rt.graphs import BATCH_DIM
+from trace_rt.model.decode import decode_with_past
 from trace_rt.model.trace import TraceModel
 
 
@@ -50,37 +50,23 @@ class StaticDecoderGraph(nn.Module):
         self.with_past = with_past
 
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor, *past: Tensor):
-        cfg = self.model.config
-        pos = position_ids[0]  # [T]
-        cos, sin = rope_tables(cfg.attn_head_dim, pos, cfg.rope_theta)
-        t = inputs_embeds.shape[1]
-        idx = torch.arange(t, device=inputs_embeds.device)
-        causal = idx[:, None] >= idx[None, :]  # [T, T]: right pads never reach real rows
-        seq_major = [self._seq_major(p, self.roles.past_axis) for p in past]
-        valid = None
-        if self.with_past:
-            slots = torch.arange(seq_major[0].shape[1], device=inputs_embeds.device)
-            valid = slots < pos[0]  # [L]: slot j holds position j; later slots are stale
-        x = inputs_embeds
-        new: list[Tensor] = []
-        for i, layer in enumerate(self.model.model.layers):
-            pk, pv = (seq_major[2 * i], seq_major[2 * i + 1]) if self.with_past else (None, None)
-            a, k, v = decoder_attention(layer, x, cos, sin, causal, pk, pv, valid)
-            new += [self._spec_layout(k), self._spec_layout(v)]
-            x = x + a
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        hidden = self.model.model.norm(x)[:, -1]
-        return (self.model.all_logits(hidden), *new)
+        # Past slot j holds position j, so the decode step's mask is decode_with_past's
+        # own rule (j < the first new position); the prefill variant has no past at all.
+        pm = [self._position_major(p, self.roles.past_axis) for p in past]
+        logits, new = decode_with_past(
+            self.model, inputs_embeds, position_ids, pm if self.with_past else None
+        )
+        return (logits, *(self._spec_layout(kv) for kv in new))
 
     @staticmethod
-    def _seq_major(p: Tensor, axis: int) -> Tensor:
-        """[1, ..., L at *axis*, ...] -> [1, L, kv, hd]."""
-        return p if axis == 1 else p.transpose(1, axis)
+    def _position_major(p: Tensor, axis: int) -> Tensor:
+        """The spec's past layout (batch 1) -> [L, 1, kv, hd]."""
+        return p if axis == 0 else p.transpose(0, axis)
 
     def _spec_layout(self, kv: Tensor) -> Tensor:
-        """[1, T, kv, hd] -> the spec's output layout [1, ...]."""
+        """[T, 1, kv, hd] -> the spec's output layout."""
         axis = self.roles.new_axis
-        return kv if axis == 1 else kv.transpose(1, axis)
+        return kv if axis == 0 else kv.transpose(0, axis)
 
 
 # Tracing sizes: small, so tracing a 7B prefill does not run a 2k-token forward on the CPU,
@@ -112,7 +98,7 @@ def export_static_decoder(
         axes = {}
         for k_spec, v_spec in roles.past:
             for spec in (k_spec, v_spec):
-                shape = [1, *spec.shape[1:]]
+                shape = [1 if d == BATCH_DIM else d for d in spec.shape]
                 shape[roles.past_axis] = _EXAMPLE_PAST
                 args.append(torch.randn(shape, generator=g).to(dt))
                 inputs.append(spec.name)

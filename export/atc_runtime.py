@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from trace_rt.errors import TraceError
-from trace_rt.graphs import GraphSpec, TensorSpec
+from trace_rt.graphs import BATCH_DIM, GraphSpec, TensorSpec
 
 STALE = 1e3  # what the reference runner leaves in unused cache slots
 
@@ -79,7 +79,8 @@ def decoder_roles(spec: GraphSpec) -> DecoderRoles:
     if len(positions) != 1:
         raise AtcError(f"decoder: expected one int64 input over {seq!r}, found {positions}")
     past = [t for t in rest if t is not positions[0]]
-    past_dims = {d for t in past for d in t.shape if isinstance(d, str)}
+    # The batch dim (sequences decoded together) is fixed to 1 in the static variants.
+    past_dims = {d for t in past for d in t.shape if isinstance(d, str)} - {BATCH_DIM}
     if len(past_dims) != 1 or seq in past_dims or len(past) % 2:
         raise AtcError(
             "decoder: the K/V inputs must come in pairs over one past-length dim other than "
@@ -151,7 +152,8 @@ class StaticDecoderRunner:
         self.past_gears = sorted(past_gears)
         self.capacity = self.past_gears[-1]
         k = roles.past[0][0]
-        kv_shape = [d for i, d in enumerate(k.shape) if i not in (0, roles.past_axis)]
+        batch_axis = k.shape.index(BATCH_DIM) if BATCH_DIM in k.shape else 0
+        kv_shape = [d for i, d in enumerate(k.shape) if i not in (batch_axis, roles.past_axis)]
         self.dtype = np.dtype(k.dtype)
         # Canonical seq-major buffers [capacity, kv, hd] per K/V input. Unused slots hold a
         # large finite value (not zeros) so that a slot the mask failed to hide would show

@@ -59,14 +59,16 @@ class Limits:
             backend's preallocated KV cache has this length.
         tokens_per_frame: video-block embeddings per frame (slots + time tokens), used only
             to pick the prefill profile's *opt* length.
+        max_batch: most sequences one decode step advances (the backend's KV pool slots).
     """
 
     max_frames: int = 128
     max_seq: int = 4096
     tokens_per_frame: int = 14
+    max_batch: int = 1
 
     def __post_init__(self) -> None:
-        if self.max_frames < 1 or self.max_seq < 2:
+        if self.max_frames < 1 or self.max_seq < 2 or self.max_batch < 1:
             raise ValueError(f"limits too small: {self}")
 
     def ranges(self, phase: str) -> dict[str, Range]:
@@ -81,8 +83,19 @@ class Limits:
         frames = (1, max(1, n // 2), n)
         opt_prompt = min(s, max(1, (n // 2) * self.tokens_per_frame + PROMPT_TOKENS))
         if phase == "decode":
-            return {"frames": frames, "seq": (1, 1, 1), "past": (0, s // 2, s - 1)}
-        return {"frames": frames, "seq": (1, opt_prompt, s), "past": (0, 0, s - 1)}
+            b = self.max_batch
+            return {
+                "frames": frames,
+                "seq": (1, 1, 1),
+                "past": (0, s // 2, s - 1),
+                "batch": (1, b, b),
+            }
+        return {
+            "frames": frames,
+            "seq": (1, opt_prompt, s),
+            "past": (0, 0, s - 1),
+            "batch": (1, 1, 1),
+        }
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from export.trt import Profile
-from trace_rt.graphs import DECODER, GraphSpec, load_manifest, manifest_specs
+from trace_rt.graphs import BATCH_DIM, DECODER, GraphSpec, load_manifest, manifest_specs
 
 STEP_ONNX = "decoder_step.onnx"
 
@@ -26,7 +26,7 @@ def step_dims(spec: GraphSpec, max_seq: int) -> dict[str, int]:
     from export.atc_runtime import decoder_roles
 
     roles = decoder_roles(spec)
-    return {roles.seq_dim: 1, roles.past_dim: max_seq - 1}
+    return {roles.seq_dim: 1, roles.past_dim: max_seq - 1, BATCH_DIM: 1}
 
 
 def step_profile(spec: GraphSpec, max_seq: int) -> Profile:

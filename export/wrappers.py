@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from trace_rt.graphs import DECODER, PROJECTOR, VISION_ENCODER, GraphSpec
-from trace_rt.model.mistral import Attention, DecoderLayer, apply_rope, rope_tables
+from trace_rt.model.decode import decode_with_past
 from trace_rt.model.trace import TraceModel
 
 
@@ -64,100 +64,24 @@ class ProjectorGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """inputs_embeds [1, T, H] + position_ids [1, T] + past K/V -> logits [1, V] + new K/V.
+    """inputs_embeds [B, T, H] + position_ids [B, T] + past K/V -> logits [B, V] + new K/V.
 
-    The same layer weights as :func:`trace_rt.model.mistral.run_decoder`, with the cache
-    explicit and seq-major (why: trace_rt/graphs.py): ``past_key.{i}`` / ``past_value.{i}``
-    [1, P, kv, hd] are the filled prefix of the backend's buffers; the graph returns only
-    the T new positions' (post-RoPE) ``key.{i}`` / ``value.{i}`` [1, T, kv, hd], which the
-    backend writes straight into the buffers at offset P. Past and new K/V are never
-    concatenated: attention scores are taken against each separately and only the (small)
-    score rows are joined for one softmax.
-
-    The new tokens sit at positions P..P+T-1 (``position_ids`` only feeds RoPE), so the
-    mask is "every past key, and new key j <= new query t": the model's own
-    ``key_pos <= position`` rule for contiguous positions.
+    The batched, explicit-cache step of :mod:`trace_rt.model.decode` (the torch backend
+    runs the same function): ``past_key.{i}`` / ``past_value.{i}`` [P, B, kv, hd]
+    (position-major, why: trace_rt/graphs.py) are the first P positions of the runtime's
+    pooled buffers; the graph returns only the T new positions' (post-RoPE) ``key.{i}`` /
+    ``value.{i}`` [T, B, kv, hd], which the runtime writes at each row's offset. Row b
+    attends past slot j iff j < ``position_ids[b, 0]``, so rows of different lengths share
+    one step (ragged lengths are data, not shapes).
     """
 
     def __init__(self, model: TraceModel):
         super().__init__()
         self.model = model
-        self.cfg = model.config
 
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor, *past: Tensor):
-        cfg = self.cfg
-        pos = position_ids[0]  # [T]
-        cos, sin = rope_tables(cfg.attn_head_dim, pos, cfg.rope_theta)  # [T, hd] each
-        t = inputs_embeds.shape[1]
-        idx = torch.arange(t, device=inputs_embeds.device)
-        causal = idx[:, None] >= idx[None, :]  # [T, T]: new query t sees new key j <= t
-        x = inputs_embeds  # [1, T, H]
-        new_kv: list[Tensor] = []
-        for i, layer in enumerate(self.model.model.layers):
-            a, k, v = decoder_attention(layer, x, cos, sin, causal, past[2 * i], past[2 * i + 1])
-            new_kv += [k, v]
-            x = x + a
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        hidden = self.model.model.norm(x)[:, -1]  # [1, H]: only the last position is read
-        return (self.model.all_logits(hidden), *new_kv)  # [1, V] f32, then K/V pairs
-
-
-_MIN = torch.finfo(torch.float32).min
-
-
-def decoder_attention(
-    layer: DecoderLayer,
-    x: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    causal: Tensor,
-    past_k: Tensor | None,
-    past_v: Tensor | None,
-    valid: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer's attention over past [1, P, kv, hd] and new keys; returns (out, k, v).
-
-    GQA without repeating K/V: q is grouped as [kv, T*rep, hd] (query head g*rep + r
-    reads KV head g, as ``enable_gqa``), so each KV head is read once per step. No past
-    (None) attends to the new keys only; *valid* [P] masks past slots that hold nothing
-    yet (the fixed-capacity past of the static Ascend variants).
-    """
-    attn: Attention = layer.self_attn
-    h = layer.input_layernorm(x)
-    _, t, _ = h.shape
-    hd, nh, nkv = attn.head_dim, attn.n_heads, attn.n_kv
-    rep = nh // nkv
-    # Seq-major straight out of the projections: no transpose for the new K/V outputs.
-    q = attn.q_proj(h).view(t, nkv, rep, hd)  # [T, kv, rep, hd]
-    k = attn.k_proj(h).view(1, t, nkv, hd)  # [1, T, kv, hd]
-    v = attn.v_proj(h).view(1, t, nkv, hd)
-    q = apply_rope(q, cos[:, None, None], sin[:, None, None])
-    k = apply_rope(k, cos[:, None], sin[:, None])
-    qg = q.permute(1, 0, 2, 3).reshape(nkv, t * rep, hd)  # [kv, T*rep, hd]: small
-    scale = hd**-0.5
-    nk, nv = k.squeeze(0), v.squeeze(0)  # [T, kv, hd]
-    # Scores against the past and the new keys separately (no K concatenation), in f32.
-    s_new = (qg @ nk.permute(1, 2, 0)).float() * scale  # [kv, T*rep, T]
-    s_new = s_new.view(nkv, t, rep, t).masked_fill(~causal[:, None, :], _MIN)
-    s_new = s_new.view(nkv, t * rep, t)
-    if past_k is None or past_v is None:
-        y = s_new.softmax(-1).to(q.dtype) @ nv.permute(1, 0, 2)  # [kv, T*rep, hd]
-    else:
-        # Squeeze, not [0]: Gather would copy the whole past; Squeeze aliases it in
-        # onnxruntime, whose MatMul transpose fusion then reads the [P, kv, hd] prefix in
-        # place.
-        pk, pv = past_k.squeeze(0), past_v.squeeze(0)  # [P, kv, hd]
-        s_past = (qg @ pk.permute(1, 2, 0)).float() * scale  # [kv, T*rep, P]
-        if valid is not None:
-            s_past = s_past.masked_fill(~valid, _MIN)
-        # One softmax over the joined score rows ([kv, T*rep, P+T]: small at decode, and
-        # at prefill P = 0 so it is the ordinary attention matrix).
-        probs = torch.cat([s_past, s_new], dim=-1).softmax(-1).to(q.dtype)
-        n_past = pk.shape[0]
-        y = probs[..., :n_past] @ pv.permute(1, 0, 2)  # [kv, T*rep, hd]
-        y = y + probs[..., n_past:] @ nv.permute(1, 0, 2)
-    y = y.view(nkv, t, rep, hd).permute(1, 0, 2, 3).reshape(1, t, nh * hd)  # [1, T, h*hd]
-    return attn.o_proj(y), k, v  # [1, T, H], new K/V [1, T, kv, hd]
+        logits, new_kv = decode_with_past(self.model, inputs_embeds, position_ids, past)
+        return (logits, *new_kv)  # [B, V] f32, then K/V pairs [T, B, kv, hd]
 
 
 WRAPPERS: dict[str, type[nn.Module]] = {
@@ -168,7 +92,7 @@ WRAPPERS: dict[str, type[nn.Module]] = {
 
 # Example sizes for tracing: every symbolic dim gets a distinct value > 1, so that no
 # dynamic size is mistaken for a constant (1) or confused with another dim.
-_EXAMPLE_DIMS = {"frames": 2, "seq": 3, "past": 5}
+_EXAMPLE_DIMS = {"frames": 2, "seq": 3, "past": 5, "batch": 2}
 
 
 def example_inputs(spec: GraphSpec, model: TraceModel) -> tuple[Tensor, ...]:
@@ -181,8 +105,10 @@ def example_inputs(spec: GraphSpec, model: TraceModel) -> tuple[Tensor, ...]:
         if t.name == "time_ids":
             out.append(torch.randint(0, cfg.time_vocab_size, shape, generator=g))
         elif t.name == "position_ids":
+            # Rows at different past lengths (both within the example past).
             past = _EXAMPLE_DIMS["past"]
-            out.append(torch.arange(past, past + shape[1])[None])  # [1, T]
+            starts = torch.arange(shape[0]).clamp(max=past)[:, None]  # [B, 1]
+            out.append(starts + past - shape[0] + 1 + torch.arange(shape[1])[None])  # [B, T]
         else:
             dt = getattr(torch, t.dtype)
             out.append(torch.randn(shape, generator=g).to(dt))

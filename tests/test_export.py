@@ -237,10 +237,12 @@ def test_manifest_contents(artifacts, tiny_ckpt):
     assert [t["name"] for t in dec["inputs"]][:4] == [
         "inputs_embeds", "position_ids", "past_key.0", "past_value.0",
     ]  # fmt: skip
-    assert dec["inputs"][2]["shape"] == [1, "past", 2, 16]  # seq-major [1, P, kv, hd]
-    assert dec["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": [1, 32027]}
+    # Position-major [P, batch, kv, hd]: the pool's buffers' layout.
+    assert dec["inputs"][2]["shape"] == ["past", "batch", 2, 16]
+    assert dec["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", 32027]}
     # Only the new positions come out, in the buffers' layout.
-    assert dec["outputs"][1] == {"name": "key.0", "dtype": "float32", "shape": [1, "seq", 2, 16]}
+    key0 = {"name": "key.0", "dtype": "float32", "shape": ["seq", "batch", 2, 16]}
+    assert dec["outputs"][1] == key0
 
 
 def test_kv_cache_grows_and_is_reused(artifacts, torch_model, monkeypatch):
@@ -270,9 +272,10 @@ def test_kv_cache_grows_and_is_reused(artifacts, torch_model, monkeypatch):
 
 
 def test_decoder_reads_past_in_place(artifacts, tmp_path):
-    # After onnxruntime's fusions, each past K/V input may only be squeezed (an alias) and
-    # read by MatMuls whose transposes are folded in (FusedMatMul with transBatchB): any
-    # Transpose, Gather or Concat on it would copy the whole cache every step again.
+    # After onnxruntime's fusions, each past K/V input may only be read by MatMuls whose
+    # [P, B, kv, hd] -> [B, kv, ., P] transposes are folded in (FusedMatMul with
+    # transBatchB) and by Shape (the past length for the mask): any Transpose, Gather or
+    # Concat on it would copy the whole cache every step again.
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -287,10 +290,12 @@ def test_decoder_reads_past_in_place(artifacts, tmp_path):
     past = [t.name for t in graph.input if t.name.startswith("past_")]
     assert len(past) == 4
     for name in past:
-        (squeeze,) = readers[name]
-        assert squeeze.op_type == "Squeeze", name
-        ops = {n.op_type for n in readers[squeeze.output[0]]}
+        ops = {n.op_type for n in readers[name]}
         assert ops <= {"FusedMatMul", "Shape"} and "FusedMatMul" in ops, (name, ops)
+        for n in readers[name]:
+            if n.op_type == "FusedMatMul":
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                assert attrs["transBatchB"] == 1, (name, attrs)
 
 
 def test_old_kv_scheme_is_rejected(artifacts, tmp_path):
@@ -489,7 +494,7 @@ def test_bf16_graphs_match_torch(bf16_artifact, torch_model):
             video,
         ),
     }
-    kv = (1, 0, cfg.num_key_value_heads, cfg.attn_head_dim)
+    kv = (0, 1, cfg.num_key_value_heads, cfg.attn_head_dim)  # [P, batch, kv, hd]
     past = {n: np.zeros(kv, bf16) for i in range(cfg.num_hidden_layers) for n in kv_names(i)[:2]}
     embeds = x.numpy().astype(bf16)
     logits, *new = run(

@@ -58,12 +58,18 @@ class ScriptedBackend:
     def encode_video(self, pixel_values, time_ids):
         return None
 
-    def prefill(self, prompt_ids, video, head):
+    max_sequences = 1
+
+    def prefill(self, prompt_ids, video, head, *, slot=0, prefix=None):
         return self._logits(head)
 
-    def decode_step(self, token_id, head):
-        self.fed.append(token_id)
-        return self._logits(head)
+    def decode(self, slots, token_ids, heads):
+        assert list(slots) == [0]
+        self.fed.extend(token_ids)
+        return [self._logits(h) for h in heads]
+
+    def release(self, slot):
+        pass
 
     def synchronize(self):
         pass

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from trace_rt.cliutil import Parser, run_command
 from trace_rt.edge_cli import add_plan_parser, add_watch_parser, plan_command, watch_command
@@ -27,20 +28,7 @@ def run(
     task: str | None = "dvc",
     query: str | None = None,
     question: str | None = None,
-    frames: int | None = None,
-    max_new_tokens: int = 512,
-    backend: str | None = None,
-    device: str = "cpu",
-    dtype: str | None = None,
-    constrained: bool = False,
-    timestamps: str | None = None,
-    seed: int = 0,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    template: str | None = None,
-    prompts: Path | None = None,
-    quant: str | None = None,
-    preset: str | None = None,
+    **options: Any,
 ) -> dict:
     """``trace-rt run``: one video, one request, the result as a JSON-ready dict.
 
@@ -49,36 +37,9 @@ def run(
     or ``custom``) adds ``answer``: the first event's caption. *template*, *timestamps*
     and *frames* left ``None`` come from the model card (*preset*, or the one the
     checkpoint's config names; :mod:`trace_rt.model_cards`), else the generic defaults.
+    Other keyword options are :func:`run_many`'s.
     """
-    from trace_rt.backends import default_backend
-    from trace_rt.generate import GenerationConfig
-    from trace_rt.model_cards import resolve_card
-    from trace_rt.pipeline import Pipeline
-
-    card = resolve_card(model, preset)
-    template = template or (card.template if card else "llama_2")
-    timestamps = timestamps or (card.timestamps if card else "free")
-    if frames is None and card is not None:  # an explicit --frames 0 is still refused
-        frames = card.frames
-
-    # Settings are checked before the (slow) model load, so a typo fails fast.
-    gen = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        constrained=constrained,
-        timestamps=timestamps,
-    )
-    backend = backend or default_backend(model)  # --quant needs the name now
-    # The artifact fixes an onnxruntime model's dtype; --device picks its execution provider.
-    options = {"device": device, "dtype": dtype} if backend == "torch" else {"device": device}
-    if quant is not None:
-        if not backend.startswith("onnxruntime"):
-            raise InputError(f"--quant picks an onnxruntime decoder variant; not for {backend!r}")
-        options["decoder_variant"] = quant
-    source = _stdin_video() if video == "-" else video  # read before the model loads
-    pipe = Pipeline.from_dir(model, backend, prompts_file=prompts, template=template, **options)
+    pipe, gen, card, frames, source = _load_for_run(video, model, 1, options)
     result = pipe.run(source, task, query=query, question=question, frames=frames, gen=gen)
     result = {**result, "video": video}
     if card is not None:
@@ -86,6 +47,88 @@ def run(
     if task in (None, CUSTOM_TASK):
         result = {**result, "task": CUSTOM_TASK}  # the pipeline added ``answer``
     return result
+
+
+def run_many(video: str, model: Path, questions: list, **options: Any) -> list[dict]:
+    """``trace-rt run`` with several questions (``--query`` / ``--task`` repeated): the video
+    is decoded, encoded and prefilled up to the question once, and the questions decode
+    together; one JSON-ready dict per question, in order.
+
+    Args:
+        questions: :class:`trace_rt.pipeline.Question` s.
+        options: frames, max_new_tokens, backend, device, dtype, constrained, timestamps,
+            seed, temperature, top_p, template, prompts, quant, preset (as :func:`run`).
+    """
+    pipe, gen, card, frames, source = _load_for_run(video, model, len(questions), options)
+    results = pipe.run_many(source, questions, frames=frames, gen=gen)
+    out = []
+    for r in results:
+        r = {**r, "video": video}
+        if card is not None:
+            r["model_card"] = card.name
+        out.append(r)
+    return out
+
+
+def _load_for_run(video: str, model: Path, sequences: int, options: dict[str, Any]):
+    """The pipeline, generation settings, model card, frames and video source of a run."""
+    from trace_rt.backends import default_backend
+    from trace_rt.generate import GenerationConfig
+    from trace_rt.model_cards import resolve_card
+    from trace_rt.pipeline import Pipeline
+
+    o = {**_RUN_DEFAULTS, **options}
+    unknown = set(options) - set(_RUN_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown run options {sorted(unknown)}")
+    card = resolve_card(model, o["preset"])
+    template = o["template"] or (card.template if card else "llama_2")
+    timestamps = o["timestamps"] or (card.timestamps if card else "free")
+    frames = o["frames"]
+    if frames is None and card is not None:  # an explicit --frames 0 is still refused
+        frames = card.frames
+
+    # Settings are checked before the (slow) model load, so a typo fails fast.
+    gen = GenerationConfig(
+        max_new_tokens=o["max_new_tokens"],
+        temperature=o["temperature"],
+        top_p=o["top_p"],
+        seed=o["seed"],
+        constrained=o["constrained"],
+        timestamps=timestamps,
+    )
+    backend = o["backend"] or default_backend(model)  # --quant needs the name now
+    # The artifact fixes an onnxruntime model's dtype; --device picks its execution provider.
+    kw: dict[str, Any] = {"device": o["device"]}
+    if backend == "torch":
+        kw["dtype"] = o["dtype"]
+    if o["quant"] is not None:
+        if not backend.startswith("onnxruntime"):
+            raise InputError(f"--quant picks an onnxruntime decoder variant; not for {backend!r}")
+        kw["decoder_variant"] = o["quant"]
+    if sequences > 1 and backend != "tensorrt":
+        kw["max_sequences"] = sequences  # the questions decode as one batch
+    source = _stdin_video() if video == "-" else video  # read before the model loads
+    pipe = Pipeline.from_dir(model, backend, prompts_file=o["prompts"], template=template, **kw)
+    return pipe, gen, card, frames, source
+
+
+_RUN_DEFAULTS: dict[str, Any] = {
+    "frames": None,
+    "max_new_tokens": 512,
+    "backend": None,
+    "device": "cpu",
+    "dtype": None,
+    "constrained": False,
+    "timestamps": None,
+    "seed": 0,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "template": None,
+    "prompts": None,
+    "quant": None,
+    "preset": None,
+}
 
 
 def _stdin_video() -> bytes:
@@ -216,8 +259,19 @@ def _add_run_parser(sub: argparse._SubParsersAction, backends: list[str]) -> Non
         "a named pipe, or - to read the video from standard input",
     )
     p.add_argument("--model", required=True, type=Path, help="checkpoint or artifact directory")
-    p.add_argument("--task", choices=["dvc", "mr", "vhd", CUSTOM_TASK], help=TASK_HELP)
-    p.add_argument("--query", help="the sentence to localise (mr, vhd)")
+    p.add_argument(
+        "--task",
+        action="append",
+        choices=["dvc", "mr", "vhd", CUSTOM_TASK],
+        help=TASK_HELP + ". Repeat it to ask several things about the video in one call",
+    )
+    p.add_argument(
+        "--query",
+        action="append",
+        help="the sentence to localise (mr, vhd). Repeat it for several queries about the "
+        "same video: the video is encoded and prefilled once, and one JSON result per "
+        "question is printed, one per line",
+    )
     p.add_argument(
         "--question",
         help="a free question instead of a task (task custom; the result's `answer` is the "
@@ -361,6 +415,11 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _first(value: list[str] | str | None) -> str | None:
+    """An option given once (``client``) or repeatable (``run``): its first value."""
+    return value[0] if isinstance(value, list) else value
+
+
 def _write_report(args: argparse.Namespace, result: dict, backend: str) -> None:
     """--report: the timeline page of *result* (thumbnails decoded from the local video)."""
     if args.report is None:
@@ -369,7 +428,7 @@ def _write_report(args: argparse.Namespace, result: dict, backend: str) -> None:
 
     request = {
         "task": result.get("task"),
-        "query": args.query,
+        "query": result.get("query", _first(args.query)),
         "question": args.question,
         "model": str(getattr(args, "model", "") or ""),
         "backend": backend,
@@ -400,32 +459,64 @@ def _eval(argv: list[str]) -> int:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    # No task: a free --question if given, else dense captioning.
-    task = args.task or (CUSTOM_TASK if args.question else "dvc")
-    result = run(
-        args.video,
-        args.model,
-        task=task,
-        query=args.query,
-        question=args.question,
-        frames=args.frames,
-        max_new_tokens=args.max_new_tokens,
-        backend=args.backend,
-        device=args.device,
-        dtype=args.dtype,
-        constrained=args.constrained,
-        timestamps=args.timestamps,
-        seed=args.seed,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        template=args.template,
-        prompts=args.prompts,
-        quant=args.quant,
-        preset=args.preset,
-    )
-    print(json.dumps(result, indent=args.indent))
-    _write_report(args, result, args.backend or "from the model directory")
+    questions = run_questions(args.task, args.query, args.question)
+    options = {
+        "frames": args.frames,
+        "max_new_tokens": args.max_new_tokens,
+        "backend": args.backend,
+        "device": args.device,
+        "dtype": args.dtype,
+        "constrained": args.constrained,
+        "timestamps": args.timestamps,
+        "seed": args.seed,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "template": args.template,
+        "prompts": args.prompts,
+        "quant": args.quant,
+        "preset": args.preset,
+    }
+    if len(questions) == 1:
+        q = questions[0]
+        results = [
+            run(args.video, args.model, task=q.task, query=q.query, question=q.question, **options)
+        ]
+    else:
+        results = run_many(args.video, args.model, questions, **options)
+    for result in results:
+        print(json.dumps(result, indent=args.indent))
+    if args.report is not None and len(results) > 1:
+        print("trace-rt: --report shows the first question's result", file=sys.stderr)
+    _write_report(args, results[0], args.backend or "from the model directory")
     return 0
+
+
+def run_questions(tasks: list[str] | None, queries: list[str] | None, question: str | None):
+    """The questions of a ``trace-rt run`` command line.
+
+    One task (default: a free *question* if given, else ``dvc``): mr/vhd ask once per
+    ``--query``. Several tasks: each mr/vhd task takes the next query, in order.
+    """
+    from trace_rt.pipeline import Question
+
+    queries = queries or []
+    tasks = tasks or [CUSTOM_TASK if question else "dvc"]
+    needs_query = ("mr", "vhd")
+    if len(tasks) == 1:
+        task = tasks[0]
+        if task in needs_query and len(queries) > 1:
+            return [Question(task, q) for q in queries]
+        if task not in needs_query and len(queries) > 1:
+            raise InputError(f"--task {task} takes no --query; got {len(queries)}")
+        return [Question(task, queries[0] if queries else None, question)]
+    wanted = sum(t in needs_query for t in tasks)
+    if len(queries) != wanted:
+        raise InputError(
+            f"{wanted} mr/vhd task(s) need {wanted} --query (one each, in order); "
+            f"got {len(queries)}"
+        )
+    it = iter(queries)
+    return [Question(t, next(it) if t in needs_query else None, question) for t in tasks]
 
 
 def _serve_command(args: argparse.Namespace) -> int:

@@ -14,27 +14,34 @@ The three graphs (sizes for the 7B release in brackets):
   [frames, P, D] (selected CLIP layer, CLS dropped) [frames, 576, 1024].
 - ``projector``: ``features`` [frames, P, D] + ``time_ids`` i64 [frames, 6] ->
   ``video_embeds`` [frames * (S + 6), hidden] [frames * 14, 4096].
-- ``decoder``: ``inputs_embeds`` [1, T, hidden] + ``position_ids`` i64 [1, T] + per layer
-  ``past_key.{i}`` / ``past_value.{i}`` [1, past, kv, hd] -> ``logits`` f32 [1, 32027]
-  (the last position, every head side by side in the unified id order) + per layer
-  ``key.{i}`` / ``value.{i}`` [1, T, kv, hd]: the T new positions' K (after RoPE) and V.
+- ``decoder``: ``inputs_embeds`` [batch, T, hidden] + ``position_ids`` i64 [batch, T] +
+  per layer ``past_key.{i}`` / ``past_value.{i}`` [past, batch, kv, hd] -> ``logits`` f32
+  [batch, 32027] (each row's last position, every head side by side in the unified id
+  order) + per layer ``key.{i}`` / ``value.{i}`` [T, batch, kv, hd]: the T new positions'
+  K (after RoPE) and V.
 
-KV cache (``KV_CACHE`` in the manifest): preallocated, seq-major. The backend owns, per
-layer, K and V buffers [1, capacity, kv, hd]. With P positions filled, it passes the
-prefix ``buf[:, :P]`` as ``past_*`` and receives the new K/V into ``buf[:, P:P+T]``; both
-are contiguous in this layout (in the usual [1, kv, seq, hd] they would be strided), so a
-backend binds them as pointers into its buffers and nothing is copied or concatenated. The
-graph never concatenates K/V either: it scores the queries against past and new keys
-separately and joins only the score rows for the softmax. onnxruntime folds the
-[P, kv, hd] -> [kv, hd, P] transposes of the past into strided MatMuls (FusedMatMul), so
-the past is read in place (tested for fp32 on the CPU EP; the CPU EP has no fp16
-FusedMatMul, so fp16 graphs there still transpose-copy the past each step; the CUDA EP's
-fp16 kernel should fold it, untested). Prefill is the same graph with P = 0: zero-size
+KV cache (``KV_CACHE`` in the manifest): a preallocated, position-major pool. The backend
+owns, per layer, K and V buffers [capacity, slots, kv, hd], one slot (column) per sequence.
+A batch step over every slot binds ``buf[:P]`` (contiguous in this layout) as ``past_*``,
+where P is the longest sequence's length; a step of one sequence alone binds its filled
+prefix (contiguous too when the pool has one slot, as a single ``trace-rt run`` has).
+Sequences of different lengths share a step because the past length is data: row b attends
+past slot j iff j < ``position_ids[b, 0]`` (slot j holds position j), so a shorter row
+ignores the tail of the shared past, and an unused slot (position 0) attends only to its
+own new key. The graph never concatenates K/V: it scores the queries against past and new
+keys separately and joins only the score rows for the softmax, and returns only the new
+positions' K/V, which the backend writes at each row's offset. Why position-major: besides
+the contiguous batch past, onnxruntime folds the [P, B, kv, hd] -> [B, kv, hd, P] views of
+the past into strided MatMuls (FusedMatMul ``transBatchB``), so the past is read in place
+(tested for fp32 on the CPU EP; a batch-major [B, P, kv, hd] past is transposed and copied
+every step; the CPU EP has no fp16 FusedMatMul, so fp16 graphs there still transpose-copy
+the past each step). With one sequence the layout is byte for byte the single-sequence
+[1, P, kv, hd] of earlier exports. Prefill is the same graph with P = 0: zero-size
 ``past_*``, which onnxruntime runs (tested); TensorRT documents empty-tensor support
 (MatMul over an empty dimension gives zeros), not yet run here; static-shape targets such
 as ATC, which reject empty tensors, use a prefill variant without past inputs
 (export/atc_decoder.py). The new tokens sit at positions P..P+T-1; ``position_ids`` feeds
-RoPE only.
+RoPE and the past mask.
 
 Decode-step ids: the decoder takes embeddings, not ids. The runtime looks ids up in
 ``embeddings.npy``, the four embedding tables (text, text ``<sync>``, time, score) stacked
@@ -74,7 +81,9 @@ MANIFEST_FORMAT = "trace-rt-artifact/1"
 # exporter (onnx, quantize, atc) uses.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # The decoder's KV-cache contract (manifest ``export.kv_cache``); see the module docstring.
-KV_CACHE = "preallocated-seq-major"
+KV_CACHE = "pooled-position-major"
+# The decoder's batch dim: sequences decoded together (one per pool slot).
+BATCH_DIM = "batch"
 
 # Element type names (numpy's, and ml_dtypes'/torch's "bfloat16"); fp16 and bf16 exports
 # keep f32 at the runtime's boundaries (pixels in, logits out).
@@ -193,14 +202,14 @@ def decoder_spec(cfg: TraceConfig, dtype: str = "fp32") -> GraphSpec:
     fd = FLOAT_DTYPES[dtype]
     kv, hd = cfg.num_key_value_heads, cfg.attn_head_dim
     inputs = [
-        TensorSpec("inputs_embeds", fd, (1, "seq", cfg.hidden_size)),
-        TensorSpec("position_ids", "int64", (1, "seq")),
+        TensorSpec("inputs_embeds", fd, (BATCH_DIM, "seq", cfg.hidden_size)),
+        TensorSpec("position_ids", "int64", (BATCH_DIM, "seq")),
     ]
-    outputs = [TensorSpec("logits", "float32", (1, cfg.ids.size))]
+    outputs = [TensorSpec("logits", "float32", (BATCH_DIM, cfg.ids.size))]
     for i in range(cfg.num_hidden_layers):
         pk, pv, nk, nv = kv_names(i)
-        inputs += [TensorSpec(n, fd, (1, "past", kv, hd)) for n in (pk, pv)]
-        outputs += [TensorSpec(n, fd, (1, "seq", kv, hd)) for n in (nk, nv)]
+        inputs += [TensorSpec(n, fd, ("past", BATCH_DIM, kv, hd)) for n in (pk, pv)]
+        outputs += [TensorSpec(n, fd, ("seq", BATCH_DIM, kv, hd)) for n in (nk, nv)]
     return GraphSpec(DECODER, f"{DECODER}.onnx", tuple(inputs), tuple(outputs))
 
 

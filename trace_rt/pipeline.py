@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from trace_rt.backends import Backend, default_backend, load_backend
+from trace_rt.engine.cache import VideoCache, VideoEntry, content_hash, model_fingerprint, video_key
 from trace_rt.errors import InputError, PromptTooLongError
 from trace_rt.events import Event, EventParser
 from trace_rt.generate import GenerationConfig, generate
@@ -25,6 +26,16 @@ from trace_rt.prompts import CUSTOM_TASK, PromptSet, prompt_ids
 from trace_rt.tokenizer import TextTokenizer
 from trace_rt.tokens import MAX_TIMESTAMP, encode_timestamp
 from trace_rt.video import DecodeLimits, SampledVideo, VideoSource, load_video
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question about a video: a task (``dvc``, ``mr``, ``vhd``, ``custom``/None) and its
+    query or free question."""
+
+    task: str | None = "dvc"
+    query: str | None = None
+    question: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,8 @@ class Pipeline:
         tokenizer: the checkpoint's text tokenizer.
         prompts: system text and task questions (defaults to the release's).
         template: ``llama_2`` (the release's evaluation) or ``mistral_instruct``.
+        video_cache: keeps encoded videos and their prompt-prefix K/V across calls of
+            :meth:`run_many` (a server's); None caches only within one call.
     """
 
     def __init__(
@@ -54,12 +67,23 @@ class Pipeline:
         tokenizer: TextTokenizer,
         prompts: PromptSet | None = None,
         template: str = "llama_2",
+        video_cache: VideoCache | None = None,
     ):
         self.backend = backend
         self.config = backend.config
         self.tokenizer = tokenizer
         self.prompts = prompts or PromptSet.load()
         self.template = template
+        self.video_cache = video_cache
+        model_dir = getattr(backend, "model_dir", None)
+        identity = (
+            f"{backend.name}:{getattr(backend, 'decoder_variant', None)}:"
+            f"{getattr(backend, 'dtype', None)}"
+        )
+        # Without a directory to fingerprint, cache entries are this backend object's own.
+        self.fingerprint = (
+            model_fingerprint(model_dir, identity) if model_dir else f"{identity}:{id(backend)}"
+        )
 
     @classmethod
     def from_dir(
@@ -69,6 +93,7 @@ class Pipeline:
         *,
         prompts_file: str | Path | None = None,
         template: str = "llama_2",
+        video_cache: VideoCache | None = None,
         **backend_options: Any,
     ) -> Pipeline:
         """Load *model_dir* (checkpoint or artifact directory) with backend *backend*
@@ -80,6 +105,7 @@ class Pipeline:
             TextTokenizer.from_dir(model_dir),
             PromptSet.load(prompts_file),
             template,
+            video_cache,
         )
 
     def run(
@@ -227,6 +253,159 @@ class Pipeline:
         )
         free = task in (None, CUSTOM_TASK)
         return Prepared(ids, clip, clip.frames, _time_ids(clip.times), free)
+
+    def run_many(
+        self,
+        video: VideoSource,
+        questions: Sequence[Question],
+        *,
+        frames: int | None = None,
+        gen: GenerationConfig | None = None,
+        limits: DecodeLimits | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        on_event: Callable[[int, Event], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Answer several questions about one video; one ``trace-rt run`` dict per question.
+
+        The video is decoded and encoded once, and the prompt up to the end of the video
+        block is prefilled once (per template and system text): every later question
+        starts its KV slot from that prefix. The questions decode together, batched over
+        the backend's ``max_sequences`` slots. With a :attr:`video_cache`, the encoded
+        video and its prefix also serve later calls (the result's ``video_id`` names it).
+
+        Args:
+            on_event: called with (question index, event) as each event completes.
+        """
+        gen = gen or GenerationConfig()
+        if not questions:
+            raise InputError("no questions to answer")
+        n_frames = self.config.num_frames if frames is None else frames
+        prompts = [
+            self._prompt(q.task, q.query, q.question, n_frames, gen) for q in questions
+        ]  # checked before the video is decoded
+        t0 = time.perf_counter()
+        content = content_hash(video) if self.video_cache is not None else None
+        if content is None:
+            entry = VideoEntry("")
+            self._encode_into(entry, video, n_frames, limits, cancelled)
+            results = self._answer(entry, questions, prompts, gen, on_event, t0)
+        else:
+            key = video_key(content, n_frames, "uniform", self.config.preprocess, self.fingerprint)
+            with self.video_cache.entry(
+                key, lambda e: self._encode_into(e, video, n_frames, limits, cancelled)
+            ) as entry:
+                results = self._answer(entry, questions, prompts, gen, on_event, t0)
+        source = _describe(video)
+        return [{"video": source, **r} for r in results]
+
+    def _encode_into(
+        self,
+        entry: VideoEntry,
+        video: VideoSource,
+        n_frames: int,
+        limits: DecodeLimits | None,
+        cancelled: Callable[[], bool] | None,
+    ) -> None:
+        """Decode, preprocess and encode *video* into a cache *entry*."""
+        t0 = time.perf_counter()
+        pp = self.config.preprocess
+        clip = load_video(
+            video,
+            n_frames,
+            limits=limits,
+            cancelled=cancelled,
+            transform=lambda rgb: preprocess_frame(rgb, pp),  # [H, W, 3] -> [3, h, w]
+        )
+        t1 = time.perf_counter()
+        entry.video = self.backend.encode_video(clip.frames, _time_ids(clip.times))
+        self.backend.synchronize()
+        t2 = time.perf_counter()
+        entry.video_bytes = int(getattr(entry.video, "nbytes", 0) or 0)
+        entry.meta = {
+            "duration": clip.duration,
+            "times": clip.times,
+            "timing_ms": {"video": (t1 - t0) * 1e3, "vision": (t2 - t1) * 1e3},
+        }
+
+    def _answer(
+        self,
+        entry: VideoEntry,
+        questions: Sequence[Question],
+        prompts: list[list[int]],
+        gen: GenerationConfig,
+        on_event: Callable[[int, Event], None] | None,
+        t0: float,
+    ) -> list[dict[str, Any]]:
+        from trace_rt.engine import Engine
+        from trace_rt.engine import Sequence as Seq
+
+        meta = entry.meta
+        parsers = [EventParser(self.tokenizer, self.config.ids) for _ in questions]
+        events: list[list[Event]] = [[] for _ in questions]
+
+        def feeder(i: int) -> Callable[[int], None]:
+            def feed(token: int) -> None:
+                for ev in parsers[i].feed(token):
+                    events[i].append(ev)
+                    if on_event is not None:
+                        on_event(i, ev)
+
+            return feed
+
+        seqs = [
+            Seq(
+                ids,
+                entry.video,
+                gen,
+                duration=meta["duration"],
+                frame_times=meta["times"],
+                on_token=feeder(i),
+                prefixes=entry.prefixes,
+            )
+            for i, ids in enumerate(prompts)
+        ]
+        Engine(self.backend).run(seqs)
+        self.backend.synchronize()
+        spent = meta.pop("timing_ms", None)  # the encode's cost goes to this call only
+        out = []
+        for i, (q, seq) in enumerate(zip(questions, seqs, strict=True)):
+            if seq.error is not None:
+                raise seq.error
+            for ev in parsers[i].finish():
+                events[i].append(ev)
+                if on_event is not None:
+                    on_event(i, ev)
+            tm = seq.timing
+            timing = {
+                "video": spent["video"] if spent and i == 0 else 0.0,
+                "vision": spent["vision"] if spent and i == 0 else 0.0,
+                "queue": (tm["admitted"] - tm["queued"]) * 1e3,
+                "prefill": (tm["prefilled"] - tm["admitted"]) * 1e3,
+                "ttft": (tm["first_token"] - t0) * 1e3,
+                "decode": (tm["finished"] - tm["prefilled"]) * 1e3,
+                "total": (tm["finished"] - t0) * 1e3,
+            }
+            answer = {}
+            if q.task in (None, CUSTOM_TASK):
+                answer = {"answer": events[i][0].caption if events[i] else ""}
+            out.append(
+                {
+                    "task": CUSTOM_TASK if q.task is None else q.task,
+                    **({"query": q.query} if q.query is not None else {}),
+                    **answer,
+                    "duration": round(meta["duration"], 3),
+                    "frames": len(meta["times"]),
+                    "events": [e.to_dict() for e in events[i]],
+                    "token_ids": seq.tokens,
+                    "prompt_ids": prompts[i],
+                    "frame_times": [round(float(t), 6) for t in meta["times"]],
+                    "stop_reason": seq.stop_reason,
+                    "video_id": entry.key or None,
+                    "cache": {"video": spent is None, "prefix": bool(seq.prefix_hit)},
+                    "timing_ms": timing,
+                }
+            )
+        return out
 
     def prepare_frames(
         self,

@@ -4,12 +4,13 @@ No torch: the serving image has numpy and onnxruntime only. The three graphs and
 I/O come from ``manifest.json`` (specs from :mod:`trace_rt.graphs`); decode-step ids are
 embedded on the host from ``embeddings.npy`` (one row per step; why: trace_rt/graphs.py).
 
-KV cache (the export's ``kv_cache: preallocated-seq-major`` contract, trace_rt/graphs.py):
-:class:`KVBuffers` holds per-layer K and V buffers [1, capacity, kv, hd] on the execution
-provider's device. Each decoder run binds the filled prefix as ``past_*`` and the slot
-right after it as the ``key.*``/``value.*`` outputs, both by pointer, so onnxruntime reads
-the cache in place and writes the new positions straight into it: no per-step copy or
-concatenation of the cache, and it never round-trips through host memory.
+KV cache (the export's ``kv_cache: pooled-position-major`` contract, trace_rt/graphs.py):
+:class:`~trace_rt.backends.ort_kv.KVPool` holds per-layer K and V buffers
+[capacity, max_sequences, kv, hd]. A batched decode step binds the first P positions of
+every slot as ``past_*`` by pointer (onnxruntime reads the cache in place) and scatters the
+new rows; with one slot the new positions are written straight into the buffers, as before
+pooling. Sequences of different lengths share a step: the graph masks each row's past by
+its position.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from trace_rt.backends.base import split_prompt
+from trace_rt.backends.base import KVPrefix, check_prefix, check_slots, split_prompt
+from trace_rt.backends.ort_kv import KVPool
 from trace_rt.config import TraceConfig
 from trace_rt.errors import CheckpointError, DeviceError, InputError, PromptTooLongError
 from trace_rt.graphs import (
@@ -71,6 +73,9 @@ class OnnxRuntimeBackend:
             of ``decoder.onnx``.
         video_graphs: load the vision encoder and projector too (False: decoder only,
             for a server whose encoders run as their own models).
+        max_sequences: KV slots, i.e. sequences one decode step can advance together. A
+            step computes every slot's row (ragged lengths are masked, not skipped), so
+            size it to the expected concurrency: 1 for one request at a time.
     """
 
     name = "onnxruntime"
@@ -84,7 +89,15 @@ class OnnxRuntimeBackend:
         verify: str = "sha256",
         decoder_variant: str | None = None,
         video_graphs: bool = True,
+        max_sequences: int = 1,
     ):
+        if (
+            isinstance(max_sequences, bool)
+            or not isinstance(max_sequences, int)
+            or max_sequences < 1
+        ):
+            raise InputError(f"max_sequences must be a positive integer, got {max_sequences!r}")
+        self.max_sequences = max_sequences
         self.model_dir = Path(model_dir)
         self.manifest = load_manifest(self.model_dir, verify=verify)
         self.config = TraceConfig.from_dir(self.model_dir)
@@ -118,15 +131,19 @@ class OnnxRuntimeBackend:
         self.embeddings = load_embeddings(self.model_dir, self.config)
         self.dtype = self.embeddings.dtype  # the graphs' float dtype
         cfg = self.config
-        self.kv = KVBuffers(
+        self.kv = KVPool(
             cfg.num_hidden_layers,
+            max_sequences,
             cfg.num_key_value_heads,
             cfg.attn_head_dim,
             self.dtype,
             self.device_type,
             self.device_id,
         )
-        self._logits = np.empty((1, cfg.ids.size), np.float32)  # the decoder's host output
+        self._logits = np.empty((max_sequences, cfg.ids.size), np.float32)  # host output
+        names = [kv_names(i) for i in range(cfg.num_hidden_layers)]
+        self._past_names = [n for pk, pv, _, _ in names for n in (pk, pv)]
+        self._new_names = [n for _, _, nk, nv in names for n in (nk, nv)]
 
     # ---- Backend protocol ----------------------------------------------------------
     def encode_video(self, pixel_values: np.ndarray, time_ids: np.ndarray) -> np.ndarray:
@@ -145,24 +162,71 @@ class OnnxRuntimeBackend:
         (video,) = self._run(PROJECTOR, {"features": features, "time_ids": tid})
         return video.numpy()  # [F*(S+6), H]
 
-    def prefill(self, prompt_ids: Sequence[int], video: np.ndarray, head: Head) -> np.ndarray:
+    def prefill(
+        self,
+        prompt_ids: Sequence[int],
+        video: np.ndarray | None,
+        head: Head,
+        *,
+        slot: int = 0,
+        prefix: KVPrefix | None = None,
+    ) -> np.ndarray:
+        check_slots([slot], self.max_sequences)
         before, after = split_prompt(prompt_ids, VIDEO_PLACEHOLDER_ID)
-        x = np.concatenate([self._embed(before), video.astype(self.dtype), self._embed(after)])
-        n = x.shape[0]  # x: [L, H]
-        limit = self.config.max_position_embeddings
-        if n > limit:
-            raise PromptTooLongError(f"prompt of {n} positions exceeds the model's {limit}")
-        # Room for the prompt and a generous answer (as the torch backend); grown on demand.
-        self.kv.reset(n, min(n + PREFILL_HEADROOM, limit))
-        return self._decode(x[None], head)  # [1, L, H]
+        if prefix is None:
+            x = np.concatenate([self._embed(before), video.astype(self.dtype), self._embed(after)])
+            start, past = 0, None
+        else:
+            check_prefix(prefix, before)
+            x, start, past = self._embed(after), prefix.length, list(prefix.kv)
+        self._fit(slot, start + x.shape[0])
+        self._fill(slot, x, start, past)
+        return self._head(self._logits, 0, head)
 
-    def decode_step(self, token_id: int, head: Head) -> np.ndarray:
+    def save_prefix(
+        self, prompt_ids: Sequence[int], video: np.ndarray, *, slot: int = 0
+    ) -> KVPrefix:
+        check_slots([slot], self.max_sequences)
+        before, _ = split_prompt(prompt_ids, VIDEO_PLACEHOLDER_ID)
+        x = np.concatenate([self._embed(before), video.astype(self.dtype)])  # [L, H]
+        self._fit(slot, x.shape[0])
+        self._fill(slot, x, 0, None)
+        return KVPrefix(tuple(before), int(video.shape[0]), tuple(self.kv.read(slot, len(x))))
+
+    def decode(
+        self, slots: Sequence[int], token_ids: Sequence[int], heads: Sequence[Head]
+    ) -> list[np.ndarray]:
+        check_slots(slots, self.max_sequences)
+        if not len(slots) == len(token_ids) == len(heads):
+            raise ValueError("decode needs one token id and one head per slot")
+        rows = np.asarray(slots, np.int64)
+        longest = int(self.kv.lengths[rows].max())
         limit = self.config.max_position_embeddings
-        if self.kv.length >= limit:
+        if longest >= limit:
             raise PromptTooLongError(f"generation reached the model's context of {limit}")
-        if self.kv.length >= self.kv.capacity:
+        if longest >= self.kv.capacity:
             self.kv.grow(min(2 * self.kv.capacity, limit))
-        return self._decode(self._embed([token_id])[None], head)  # [1, 1, H]
+        if self.max_sequences == 1:
+            pos = self.kv.lengths[:1, None].copy()  # [1, 1]
+            self._run_decoder(self._embed(token_ids)[None], pos, longest, in_place=True)
+        else:
+            # Every slot's row runs (the pool's past is one block); unused rows sit at
+            # position 0, where they attend only to themselves, and are discarded.
+            x = np.zeros((self.max_sequences, 1, self.config.hidden_size), self.dtype)
+            x[rows, 0] = self._embed(token_ids)
+            pos = np.zeros((self.max_sequences, 1), np.int64)
+            pos[rows, 0] = self.kv.lengths[rows]
+            new = self._run_decoder(x, pos, longest)
+            self.kv.scatter(rows, new)
+        self.kv.lengths[rows] += 1
+        return [self._head(self._logits, r, h) for r, h in zip(slots, heads, strict=True)]
+
+    def decode_step(self, token_id: int, head: Head, *, slot: int = 0) -> np.ndarray:
+        return self.decode([slot], [token_id], [head])[0]
+
+    def release(self, slot: int) -> None:
+        check_slots([slot], self.max_sequences)
+        self.kv.lengths[slot] = 0
 
     def synchronize(self) -> None:
         # Runs return once outputs are ready; logits come back to host memory.
@@ -172,20 +236,77 @@ class OnnxRuntimeBackend:
     def _embed(self, ids: Sequence[int]) -> np.ndarray:
         return embed_ids(self.embeddings, ids)  # [n, H]
 
-    def _decode(self, embeds: np.ndarray, head: Head) -> np.ndarray:
-        """Run the decoder on *embeds* [1, T, H] at the next T positions."""
-        t = embeds.shape[1]
-        p = self.kv.length
-        pos = np.arange(p, p + t, dtype=np.int64)[None]  # [1, T]
-        binding = self.sessions[DECODER].io_binding()
-        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
-        binding.bind_cpu_input("position_ids", pos)
-        self.kv.bind(binding, t)
-        binding.bind_output("logits", "cpu", 0, np.float32, self._logits.shape, _ptr(self._logits))
-        self.sessions[DECODER].run_with_iobinding(binding)
-        self.kv.length = p + t
+    def _head(self, logits: np.ndarray, row: int, head: Head) -> np.ndarray:
         base, size = head_base(self.config.ids, head), head_size(self.config.ids, head)
-        return self._logits[0, base : base + size].copy()
+        return logits[row, base : base + size].copy()
+
+    def _fit(self, slot: int, n: int) -> None:
+        """Room for *n* positions in *slot* (and a generous answer), emptying the slot."""
+        limit = self.config.max_position_embeddings
+        if n > limit:
+            raise PromptTooLongError(f"prompt of {n} positions exceeds the model's {limit}")
+        self.kv.lengths[slot] = 0
+        self.kv.fit(n, min(n + PREFILL_HEADROOM, limit))
+
+    def _fill(self, slot: int, x: np.ndarray, start: int, past: list[np.ndarray] | None) -> None:
+        """Run *x* [T, H] into *slot* at positions start.. over *past* (a prefix's K/V,
+        [start, 1, kv, hd] each, or none: start is 0); logits land in ``_logits[0]``."""
+        t = x.shape[0]
+        pos = np.arange(start, start + t, dtype=np.int64)[None]  # [1, T]
+        if self.max_sequences == 1:
+            # One slot: past and new positions are contiguous in the buffers; bind in place.
+            if past is not None:
+                self.kv.write(slot, 0, past)
+            self._run_decoder(x[None], pos, start, in_place=True)
+        else:
+            # Several slots: a slot's positions are strided, so the prompt's K/V come out
+            # into host arrays and are copied into the slot (once per prompt).
+            new = self._run_decoder(x[None], pos, start, past=past)
+            if past is not None:
+                self.kv.write(slot, 0, past)
+            self.kv.write(slot, start, new)
+        self.kv.lengths[slot] = start + t
+
+    def _run_decoder(
+        self,
+        embeds: np.ndarray,
+        pos: np.ndarray,
+        past_len: int,
+        *,
+        past: list[np.ndarray] | None = None,
+        in_place: bool = False,
+    ) -> list[np.ndarray]:
+        """One decoder run: *embeds* [B, T, H] at positions *pos* [B, T].
+
+        The past is *past* (host arrays [P, B, kv, hd]) when given, else the pool's first
+        *past_len* positions. New K/V go into the pool (``in_place``, one-slot pool) or
+        come back as host arrays [T, B, kv, hd] (returned); logits land in ``_logits``.
+        """
+        b, t = pos.shape
+        binding = self.sessions[DECODER].io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, self.dtype))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(pos, np.int64))
+        if past is not None:
+            for name, arr in zip(self._past_names, past, strict=True):
+                binding.bind_cpu_input(name, arr)
+        elif past_len == 0 and b == 1 and not in_place:
+            empty = np.zeros((0, 1, *self.kv.row), self.dtype)
+            for name in self._past_names:
+                binding.bind_cpu_input(name, empty)
+        else:
+            self.kv.bind_pool(binding, past_len)
+        new: list[np.ndarray] = []
+        if in_place:
+            self.kv.bind_new_in_place(binding, past_len, t)
+        else:
+            for name in self._new_names:
+                arr = np.empty((t, b, *self.kv.row), self.dtype)
+                binding.bind_output(name, "cpu", 0, self.dtype, list(arr.shape), _ptr(arr))
+                new.append(arr)
+        out = self._logits[:b]
+        binding.bind_output("logits", "cpu", 0, np.float32, list(out.shape), _ptr(out))
+        self.sessions[DECODER].run_with_iobinding(binding)
+        return new
 
     def _run(
         self, graph: str, feeds: dict[str, Any], host_outputs: Sequence[str] | None = None
@@ -278,78 +399,6 @@ class OnnxRuntimeBackend:
         ep = self.providers[0] if isinstance(self.providers[0], str) else self.providers[0][0]
         key = f"{spec.name}-{sha}-{ep}-ort{ort.__version__}-{platform.machine()}.onnx"
         return self._cache_dir / key
-
-
-class KVBuffers:
-    """Per-layer K and V buffers [1, capacity, kv, hd] on the EP's device, seq-major.
-
-    ``length`` positions are filled. :meth:`bind` binds, for a run adding T positions,
-    each layer's ``buf[:, :length]`` as ``past_key.{i}``/``past_value.{i}`` and
-    ``buf[:, length:length+T]`` as the ``key.{i}``/``value.{i}`` outputs, by pointer:
-    both ranges are contiguous in this layout, so onnxruntime reads the cache in place
-    and writes the new K/V into it. No fallback copy is needed: the CPU and CUDA EPs take
-    the same pointer bindings (the CUDA path is untested here: no GPU).
-    """
-
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, device: str, dev_id: int):
-        self.layers, self.row = layers, (kv_heads, head_dim)
-        self.dtype = np.dtype(dtype)
-        self.device, self.device_id = device, dev_id
-        self.row_bytes = kv_heads * head_dim * self.dtype.itemsize  # one position
-        self.names = [kv_names(i) for i in range(layers)]
-        self.capacity = 0
-        self.length = 0
-        self._bufs: list[ort.OrtValue] = []  # K0, V0, K1, V1, ...
-
-    def reset(self, needed: int, capacity: int) -> None:
-        """Empty the cache, keeping the buffers when they fit *needed* without waste."""
-        self.length = 0
-        if not needed <= self.capacity <= 4 * capacity:
-            self._allocate(capacity, keep=False)
-
-    def grow(self, capacity: int) -> None:
-        """Enlarge to *capacity* positions, keeping the filled prefix."""
-        if capacity > self.capacity:
-            self._allocate(capacity, keep=True)
-
-    def bind(self, binding: ort.IOBinding, t: int) -> None:
-        """Bind past (the filled prefix) and the outputs for *t* new positions."""
-        p = self.length
-        if p + t > self.capacity:
-            raise ValueError(f"KV cache of {self.capacity} positions cannot take {p}+{t}")
-        for i, (pk, pv, nk, nv) in enumerate(self.names):
-            for buf, past, new in ((self._bufs[2 * i], pk, nk), (self._bufs[2 * i + 1], pv, nv)):
-                base = buf.data_ptr()
-                binding.bind_input(
-                    past, self.device, self.device_id, self.dtype, [1, p, *self.row], base
-                )
-                out = base + p * self.row_bytes
-                binding.bind_output(
-                    new, self.device, self.device_id, self.dtype, [1, t, *self.row], out
-                )
-
-    def numpy(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """Host copies of *layer*'s filled K and V [1, length, kv, hd] (tests, debugging)."""
-        k, v = self._bufs[2 * layer], self._bufs[2 * layer + 1]
-        return k.numpy()[:, : self.length], v.numpy()[:, : self.length]
-
-    def _allocate(self, capacity: int, keep: bool) -> None:
-        shape = [1, capacity, *self.row]
-        n = self.length if keep else 0
-        old, self._bufs = (self._bufs if n else []), []  # unkept buffers are freed first
-        for j in range(2 * self.layers):
-            if n:
-                # Growth is rare (only past prompt + PREFILL_HEADROOM positions): go through
-                # host memory, as onnxruntime's Python API has no device-to-device copy.
-                host = np.empty(shape, self.dtype)
-                host[:, :n] = old[j].numpy()[:, :n]
-                buf = ort.OrtValue.ortvalue_from_numpy(host, self.device, self.device_id)
-            else:
-                buf = ort.OrtValue.ortvalue_from_shape_and_type(
-                    shape, self.dtype, self.device, self.device_id
-                )
-            self._bufs.append(buf)
-        self.capacity = capacity
 
 
 def _ptr(arr: np.ndarray) -> int:
