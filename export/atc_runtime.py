@@ -87,7 +87,9 @@ def decoder_roles(spec: GraphSpec) -> DecoderRoles:
             f"{seq!r}; got {[(t.name, list(t.shape)) for t in past]}"
         )
     (past_dim,) = past_dims
-    logits = [t for t in spec.outputs if not any(isinstance(d, str) for d in t.shape)]
+    logits = [
+        t for t in spec.outputs if not any(isinstance(d, str) and d != BATCH_DIM for d in t.shape)
+    ]
     new = [t for t in spec.outputs if t not in logits]
     if len(logits) != 1 or len(new) != len(past) or any(seq not in t.shape for t in new):
         # The concat design (present = past + new) would need the whole cache as output

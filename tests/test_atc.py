@@ -26,6 +26,7 @@ from export.onnx_export import export_onnx
 from trace_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
 from trace_rt.errors import CheckpointError, InputError
 from trace_rt.graphs import (
+    BATCH_DIM,
     DECODER,
     MANIFEST_FILE,
     PROJECTOR,
@@ -95,8 +96,8 @@ def _dynamic_decoder(art: Path, embeds: np.ndarray, n_prompt: int) -> list[np.nd
     past_specs = [t for pair in roles.past for t in pair]
     new_names = [t.name for pair in roles.new for t in pair]
 
-    def empty(spec):
-        shape = [0 if isinstance(d, str) else d for d in spec.shape]
+    def empty(spec):  # one sequence (batch 1), no past positions yet
+        shape = [1 if d == BATCH_DIM else 0 if isinstance(d, str) else d for d in spec.shape]
         return np.zeros(shape, np.float32)
 
     past = [empty(t) for t in past_specs]
