@@ -205,6 +205,29 @@ def test_free_question(capsys, tiny_ckpt, clip_video):
     assert code == 0 and json.loads(out2)["token_ids"] == res["token_ids"]
 
 
+def test_several_questions_one_call(capsys, tiny_ckpt, clip_video):
+    # --query repeated: one JSON line per question, each the ids a lone run gives, the
+    # video encoded and prefilled up to the question once.
+    base = ["run", clip_video, "--model", tiny_ckpt, "--max-new-tokens", "12"]
+    queries = ["a red circle", "the blue square"]
+    code, out, err = _main(capsys, *base, "--task", "mr", "--query", queries[0],
+                           "--query", queries[1], "--task", "dvc")  # fmt: skip
+    assert code == EXIT_USAGE and "need 1 --query" in err and out == ""
+    args = [x for q in queries for x in ("--query", q)]
+    code, out, err = _main(capsys, *base, "--task", "mr", *args)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [r["query"] for r in lines] == queries
+    assert [r["cache"]["prefix"] for r in lines] == [False, True]
+    for q, r in zip(queries, lines, strict=True):
+        code, out, err = _main(capsys, *base, "--task", "mr", "--query", q)
+        assert code == 0 and json.loads(out)["token_ids"] == r["token_ids"]
+    # Several tasks: each mr/vhd task takes the next query; dvc takes none.
+    code, out, err = _main(capsys, *base, "--task", "dvc", "--task", "vhd", "--query", "x")
+    assert code == 0, err
+    assert [json.loads(line)["task"] for line in out.splitlines()] == ["dvc", "vhd"]
+
+
 # ---- every command line ----------------------------------------------------------------
 def _parsers():
     from export.cli import build_parser as export_parser

@@ -39,6 +39,8 @@ class ReferenceBackend:
 
     name = "reference"
     model_format = "checkpoint"  # what the bench must pass as model_dir
+    # The release answers one request at a time: one KV slot, no prefix cache.
+    max_sequences = 1
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | None = None):
         self.device = torch.device(device)
@@ -70,17 +72,43 @@ class ReferenceBackend:
         return torch.cat([slots, times], dim=1).flatten(0, 1)  # [F * (S + 6), hidden]
 
     @torch.no_grad()
-    def prefill(self, prompt_ids: Sequence[int], video: torch.Tensor, head: Head) -> np.ndarray:
+    def prefill(
+        self,
+        prompt_ids: Sequence[int],
+        video: torch.Tensor,
+        head: Head,
+        *,
+        slot: int = 0,
+        prefix: object = None,
+    ) -> np.ndarray:
+        _one_slot(slot)
+        if prefix is not None:
+            raise NotImplementedError("the reference backend has no prefix cache")
         x = self.model.embed_prompt(prompt_ids, video)  # [1, L, hidden]
         self._cache = DynamicCache(config=self.model.llm.config)  # a fresh cache per request
         return self._head(self.model.step_logits(x, self._cache), head)
 
     @torch.no_grad()
-    def decode_step(self, token_id: int, head: Head) -> np.ndarray:
+    def decode_step(self, token_id: int, head: Head, *, slot: int = 0) -> np.ndarray:
+        _one_slot(slot)
         if self._cache is None:
             raise RuntimeError("decode_step before prefill")
         x = self.model.embed_ids([token_id])[None]  # [1, 1, hidden]
         return self._head(self.model.step_logits(x, self._cache), head)
+
+    def decode(
+        self, slots: Sequence[int], token_ids: Sequence[int], heads: Sequence[Head]
+    ) -> list[np.ndarray]:
+        if len(slots) != 1:
+            raise ValueError("the reference backend decodes one sequence at a time")
+        return [self.decode_step(token_ids[0], heads[0], slot=slots[0])]
+
+    def save_prefix(self, prompt_ids: Sequence[int], video: torch.Tensor, *, slot: int = 0):
+        raise NotImplementedError("the reference backend has no prefix cache")
+
+    def release(self, slot: int) -> None:
+        _one_slot(slot)
+        self._cache = None
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -90,3 +118,8 @@ class ReferenceBackend:
         # All heads were computed (the release's semantics); the loop wants the active one.
         lo = head_base(self.config.ids, head)
         return logits[lo : lo + head_size(self.config.ids, head)].float().cpu().numpy()
+
+
+def _one_slot(slot: int) -> None:
+    if slot != 0:
+        raise ValueError(f"the reference backend has one KV slot (0), not {slot}")
