@@ -60,13 +60,15 @@ def _solo(backend, prep, gen) -> list[int]:
     ).token_ids  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
-def test_batched_equals_solo(name, model_dirs, requests):
+@pytest.mark.parametrize(("name", "slots"), [("torch", 3), ("onnxruntime", 3), ("onnxruntime", 8)])
+def test_batched_equals_solo(name, slots, model_dirs, requests):
     solo_backend = load_backend(name, model_dirs[name])
     want = [_solo(solo_backend, prep, gen) for prep, gen in requests]
     assert len({tuple(w) for w in want}) == len(want)  # the requests really differ
     # Three slots for five sequences: two wait, then join as others leave mid-batch.
-    backend = load_backend(name, model_dirs[name], max_sequences=3)
+    # Eight: the onnxruntime pool widens 1 -> 2 -> 4 -> 8 columns as they are admitted and
+    # narrows as they finish, moving sequences between columns mid-decode.
+    backend = load_backend(name, model_dirs[name], max_sequences=slots)
     engine = Engine(backend)
     seqs = [
         Sequence(
@@ -81,8 +83,10 @@ def test_batched_equals_solo(name, model_dirs, requests):
     engine.run(seqs)
     assert [s.error for s in seqs] == [None] * len(seqs)
     assert [s.tokens for s in seqs] == want
-    assert max(engine.stats.batch_sizes) == 3 and min(engine.stats.batch_sizes) < 3
+    assert max(engine.stats.batch_sizes) == min(slots, 5) and min(engine.stats.batch_sizes) < 3
     assert engine.stats.prefills == len(seqs) and not engine.running
+    if name == "onnxruntime":
+        assert backend.kv.width == 1 and not backend.kv.cols  # narrowed back when idle
 
 
 @pytest.mark.parametrize("name", ["torch", "onnxruntime"])

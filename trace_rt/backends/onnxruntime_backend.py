@@ -206,27 +206,28 @@ class OnnxRuntimeBackend:
             raise PromptTooLongError(f"generation reached the model's context of {limit}")
         if longest >= self.kv.capacity:
             self.kv.grow(min(2 * self.kv.capacity, limit))
-        if self.max_sequences == 1:
-            pos = self.kv.lengths[:1, None].copy()  # [1, 1]
+        cols = self.kv.col_array(slots)
+        if self.kv.width == 1:
+            pos = self.kv.lengths[rows, None].copy()  # [1, 1]
             self._run_decoder(self._embed(token_ids)[None], pos, longest, in_place=True)
         else:
-            # Every slot's row runs (the pool's past is one block); unused rows sit at
+            # Every column's row runs (the pool's past is one block); unused rows sit at
             # position 0, where they attend only to themselves, and are discarded.
-            x = np.zeros((self.max_sequences, 1, self.config.hidden_size), self.dtype)
-            x[rows, 0] = self._embed(token_ids)
-            pos = np.zeros((self.max_sequences, 1), np.int64)
-            pos[rows, 0] = self.kv.lengths[rows]
+            x = np.zeros((self.kv.width, 1, self.config.hidden_size), self.dtype)
+            x[cols, 0] = self._embed(token_ids)
+            pos = np.zeros((self.kv.width, 1), np.int64)
+            pos[cols, 0] = self.kv.lengths[rows]
             new = self._run_decoder(x, pos, longest)
             self.kv.scatter(rows, new)
         self.kv.lengths[rows] += 1
-        return [self._head(self._logits, r, h) for r, h in zip(slots, heads, strict=True)]
+        return [self._head(self._logits, c, h) for c, h in zip(cols, heads, strict=True)]
 
     def decode_step(self, token_id: int, head: Head, *, slot: int = 0) -> np.ndarray:
         return self.decode([slot], [token_id], [head])[0]
 
     def release(self, slot: int) -> None:
         check_slots([slot], self.max_sequences)
-        self.kv.lengths[slot] = 0
+        self.kv.release(slot)
 
     def synchronize(self) -> None:
         # Runs return once outputs are ready; logits come back to host memory.
@@ -247,19 +248,20 @@ class OnnxRuntimeBackend:
             raise PromptTooLongError(f"prompt of {n} positions exceeds the model's {limit}")
         self.kv.lengths[slot] = 0
         self.kv.fit(n, min(n + PREFILL_HEADROOM, limit))
+        self.kv.assign(slot)
 
     def _fill(self, slot: int, x: np.ndarray, start: int, past: list[np.ndarray] | None) -> None:
         """Run *x* [T, H] into *slot* at positions start.. over *past* (a prefix's K/V,
         [start, 1, kv, hd] each, or none: start is 0); logits land in ``_logits[0]``."""
         t = x.shape[0]
         pos = np.arange(start, start + t, dtype=np.int64)[None]  # [1, T]
-        if self.max_sequences == 1:
-            # One slot: past and new positions are contiguous in the buffers; bind in place.
+        if self.kv.width == 1:
+            # One column: past and new positions are contiguous in the buffers; in place.
             if past is not None:
                 self.kv.write(slot, 0, past)
             self._run_decoder(x[None], pos, start, in_place=True)
         else:
-            # Several slots: a slot's positions are strided, so the prompt's K/V come out
+            # Several columns: a slot's positions are strided, so the prompt's K/V come out
             # into host arrays and are copied into the slot (once per prompt).
             new = self._run_decoder(x[None], pos, start, past=past)
             if past is not None:
