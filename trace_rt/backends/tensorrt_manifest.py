@@ -8,13 +8,17 @@ Layout (one build per artifact directory; rebuilding replaces it)::
 
     "tensorrt": {
       "format": 1, "version": "10.x", "gpu": {"name": ..., "compute_capability": "9.0"},
-      "precision": "fp16", "limits": {"max_frames": 128, "max_seq": 4096},
+      "precision": "fp16", "limits": {"max_frames": 128, "max_seq": 4096, "max_batch": 8},
       "timing_cache": "tensorrt/timing-....cache", "built_at": ..., "build_s": ...,
       "engines": {"decoder": {"file": "tensorrt/decoder.fp16.engine", "sha256": ...,
                   "bytes": ..., "onnx": "decoder.onnx", "strongly_typed": true,
                   "flags": [], "variant": null, "build_s": ...,
                   "profiles": [{"name": "prefill", "shapes": {input: {"min","opt","max"}}},
-                               {"name": "decode", ...}]}, ...}}
+                               {"name": "decode", ...},
+                               {"name": "decode_batch", ...}]}, ...}}
+
+``limits.max_batch`` (absent in builds before batching: 1) bounds the backend's
+``max_sequences``; ``decode_batch`` exists only when it is above 1.
 """
 
 from __future__ import annotations
