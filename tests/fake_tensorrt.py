@@ -572,7 +572,14 @@ def uninstall() -> None:
 
 
 # The backend modules that import tensorrt or cuda-python when they load.
-_BOUND = ("tensorrt_backend", "tensorrt_reader", "tensorrt_exec", "tensorrt_kv", "cuda_rt")
+_BOUND = (
+    "tensorrt_backend",
+    "tensorrt_reader",
+    "tensorrt_exec",
+    "tensorrt_kv",
+    "tensorrt_video",
+    "cuda_rt",
+)
 
 
 def fake_engines(

@@ -706,7 +706,7 @@ def test_step_engine_one_graph_per_backend(fake_trt, step_art, clip_video):
     trt_p = Pipeline.from_dir(step_art, "tensorrt", device="cuda")
     ort_p = Pipeline.from_dir(step_art, "onnxruntime", cache_dir=False)
     backend = trt_p.backend
-    assert backend._step is not None
+    assert backend.step is not None
     steps = 0
     decode = backend.decode
 
@@ -725,8 +725,8 @@ def test_step_engine_one_graph_per_backend(fake_trt, step_art, clip_video):
         query = None if task == "dvc" else QUERY
         got = trt_p.run(clip_video, task, query=query, gen=gen)["token_ids"]
         assert got == ort_p.run(clip_video, task, query=query, gen=gen)["token_ids"], (task, gen)
-        graph = graph or backend._step_graph
-        assert backend._step_graph is graph  # the same graph, never re-captured
+        graph = graph or backend.step.graph
+        assert backend.step.graph is graph  # the same graph, never re-captured
     assert steps > 20
     # One graph alive; every step but the first (which ran, then captured) replayed it; the
     # per-past-length path was never used.
@@ -784,7 +784,7 @@ def test_fake_build_step_then_run(fake_trt, tiny_ckpt, tmp_path, clip_video):
     # A decoder rebuilt without the checkpoint drops the old step (it goes with the decoder).
     again = build_engines(art, max_seq=384, graphs=["decoder"], progress=False)
     assert tm.STEP not in again["engines"]
-    assert Pipeline.from_dir(art, "tensorrt", device="cuda").backend._step is None
+    assert Pipeline.from_dir(art, "tensorrt", device="cuda").backend.step is None
 
 
 @pytest.mark.parametrize("failure", ["fail_capture", "fail_instantiate"])
@@ -802,6 +802,6 @@ def test_step_engine_failed_capture(fake_trt, step_art, clip_video, failure):
     with pytest.warns(UserWarning, match="CUDA graph capture failed"):
         assert pipe.run(clip_video, "dvc", gen=gen)["token_ids"] == want
     assert fake_trt.live_graphs == set() and fake_trt.last_error == 0
-    assert pipe.backend._step_graph is None and pipe.backend.past_graphs.capacity == 0
+    assert pipe.backend.step.graph is None and pipe.backend.past_graphs.capacity == 0
     assert pipe.run(clip_video, "dvc", gen=gen)["token_ids"] == want
     assert fake_trt.launches == 0

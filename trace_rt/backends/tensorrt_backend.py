@@ -31,10 +31,6 @@ Addresses: TensorRT requires every tensor address to be 256-byte aligned (see
 a position whose address is misaligned (rows not a multiple of 256 bytes: small models,
 not the 7B model's 2 KiB) go through a staging buffer copied into place after the run.
 
-Engines are deserialised through a stream reader over a memory map of the file
-(:mod:`~trace_rt.backends.tensorrt_reader`), so the engine is never held as a second,
-anonymous copy in host memory.
-
 CUDA graphs. With one slot and the fixed-shape decode step (``engines["decoder_step"]``,
 built by ``export trt --checkpoint``, export/trt_step.py): its past is the whole cache but
 the last row, masked inside the engine by ``position_ids``, so every decode step has the
@@ -56,7 +52,6 @@ the several-slot path; every step binds ``max_sequences`` rows).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +68,20 @@ except ImportError as e:  # the module's one hard requirement, named plainly
 from trace_rt.backends import cuda_rt
 from trace_rt.backends import tensorrt_manifest as tm
 from trace_rt.backends.base import KVPrefix, check_prefix, check_slots, split_prompt
-from trace_rt.backends.tensorrt_exec import ITEMSIZE, PastGraphs, execute, set_address, set_shape
+from trace_rt.backends.tensorrt_exec import (
+    ITEMSIZE,
+    PastGraphs,
+    StepEngine,
+    execute,
+    load_engine,
+    memory_size,
+    set_address,
+    set_shape,
+    user_managed_context,
+)
 from trace_rt.backends.tensorrt_exec import shape_of as _shape
-from trace_rt.backends.tensorrt_kv import ALIGN, DeviceKVPool, KVTensor
-from trace_rt.backends.tensorrt_reader import EngineReader
+from trace_rt.backends.tensorrt_kv import ALIGN, DeviceKVPool, kv_tensors
+from trace_rt.backends.tensorrt_video import DeviceVideo, VideoEngines
 from trace_rt.config import TraceConfig
 from trace_rt.errors import CheckpointError, InputError, PromptTooLongError
 from trace_rt.graphs import (
@@ -84,10 +89,7 @@ from trace_rt.graphs import (
     DECODER,
     GRAPH_NAMES,
     KV_CACHE,
-    PROJECTOR,
-    VISION_ENCODER,
     GraphSpec,
-    dtype_itemsize,
     embed_ids,
     load_embeddings,
     load_manifest,
@@ -96,24 +98,8 @@ from trace_rt.graphs import (
 from trace_rt.tokens import VIDEO_PLACEHOLDER_ID, Head, head_base, head_size
 
 __all__ = ["ALIGN", "DeviceVideo", "TensorRTBackend", "set_address"]
+_USER_MANAGED = trt.ExecutionContextAllocationStrategy.USER_MANAGED
 _set_address = set_address  # the name the tests and earlier callers use
-
-
-@dataclass(eq=False)
-class DeviceVideo:
-    """A video block ``[rows, hidden]`` in a device buffer of its own (freed with it)."""
-
-    rows: int
-    hidden: int
-    buf: cuda_rt.DeviceBuffer
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.rows, self.hidden)
-
-    @property
-    def nbytes(self) -> int:
-        return self.buf.nbytes
 
 
 class TensorRTBackend:
@@ -182,38 +168,23 @@ class TensorRTBackend:
         self.stream = cuda_rt.Stream()
         self._buffers: dict[str, cuda_rt.DeviceBuffer] = {}
         self._contexts: dict[str, Any] = {}
+        self._row_bytes = self.config.hidden_size * self.dtype.itemsize
+        self.video = None
         if video_graphs:
-            self._setup_video()
+            self.video = VideoEngines(
+                self.engines, self.specs, self.max_frames, self._row_bytes, self.stream
+            )
         self._setup_decoder()
         self.past_graphs = PastGraphs(
             cuda_graphs, self.stream, lambda: self._new_decoder_context("decode")
         )
-        self._setup_step()
+        self.step = self._setup_step()
 
     # ---- Backend protocol ----------------------------------------------------------
     def encode_video(self, pixel_values: np.ndarray, time_ids: np.ndarray) -> DeviceVideo:
-        if VISION_ENCODER not in self.engines:
+        if self.video is None:
             raise RuntimeError("the video engines were not loaded (video_graphs=False)")
-        frames = pixel_values.shape[0]
-        if frames > self.max_frames:
-            raise InputError(
-                f"{frames} frames exceed the engines' limit of {self.max_frames}; rebuild "
-                "with `python -m export trt OUT --max-frames N` or sample fewer frames"
-            )
-        px_in, tid_in = self._video_inputs
-        self._htod(self._buffers[px_in.name], np.ascontiguousarray(pixel_values, np.float32))
-        self._htod(self._buffers[tid_in.name], np.ascontiguousarray(time_ids, np.int64))
-        # Features stay in device memory between the two engines (one buffer, bound to both).
-        for graph in (VISION_ENCODER, PROJECTOR):
-            ctx = self._contexts[graph]
-            for t in self.specs[graph].inputs:
-                set_shape(ctx, t.name, _shape(t, {"frames": frames}), graph)
-            execute(ctx, self.stream, graph)
-        out = self.specs[PROJECTOR].outputs[0].name
-        rows = int(self._contexts[PROJECTOR].get_tensor_shape(out)[0])
-        video = DeviceVideo(rows, self.config.hidden_size, self._alloc(rows * self._row_bytes))
-        cuda_rt.copy_dtod(video.buf.ptr, self._buffers[out].ptr, video.nbytes, self.stream)
-        return video
+        return self.video.encode(pixel_values, time_ids, self.config.hidden_size)
 
     def prefill(
         self,
@@ -293,9 +264,8 @@ class TensorRTBackend:
         """Drop the captured decode-step graphs (and their contexts), e.g. when the
         traffic's prompt lengths change."""
         self.past_graphs.clear()
-        if self._step_graph is not None:
-            self._step_graph.close()
-            self._step_graph = None
+        if self.step is not None:
+            self.step.clear()
 
     def video_to_host(self, video: DeviceVideo) -> np.ndarray:
         """The video block [rows, hidden] in host memory (parity checks, debugging)."""
@@ -309,9 +279,11 @@ class TensorRTBackend:
         self.stream.synchronize()
         self.clear_cuda_graphs()
         self.kv.free()
+        if self.video is not None:
+            self.video.free()
         for buf in [*self._buffers.values(), self._arange, self._scratch]:
             buf.free()
-        if self._step is not None:
+        if self.step is not None:
             self._step_scratch.free()
 
     # ---- decoder runs -----------------------------------------------------------------
@@ -333,8 +305,8 @@ class TensorRTBackend:
             self._buffers[self._embeds].ptr, self._host_embeds.ptr, self._row_bytes, self.stream
         )
         self._positions_from(past, 1)
-        if self._step is not None:
-            self._decode_step_engine()
+        if self.step is not None:
+            self.step.run()
             return
         plain = self._contexts[f"{DECODER}.decode"]
         self.past_graphs.run(past, plain, lambda ctx: self._bind_one(ctx, past, 1), DECODER)
@@ -358,23 +330,6 @@ class TensorRTBackend:
         plain = self._contexts[f"{DECODER}.decode"]
         self.past_graphs.run(past, plain, lambda ctx: self._bind_batch(ctx, past), DECODER)
         self.kv.scatter(rows)
-
-    def _decode_step_engine(self) -> None:
-        """A decode step on the fixed-shape engine: one CUDA graph for every step.
-
-        Its shapes and addresses never change (the past length is the data in
-        ``position_ids``), so the graph captured at the first step replays for every later
-        step and request; only the embedding and position buffers' contents differ.
-        """
-        if self._step_graph is not None:
-            self._step_graph.launch(self.stream)
-        else:
-            execute(self._step, self.stream, tm.STEP)
-            if self.past_graphs.capacity:
-                self._step_graph = self.past_graphs.capture(
-                    lambda: execute(self._step, self.stream, tm.STEP)
-                )
-        self.kv.scatter([0])  # the new row (in ``new``) into slot 0's next position
 
     def _read_logits(self, rows: Sequence[int], heads: Sequence[Head]) -> list[np.ndarray]:
         """Each row's logits in its head, to host memory (one small copy per row)."""
@@ -441,7 +396,6 @@ class TensorRTBackend:
     # ---- setup ----------------------------------------------------------------------------
     def _setup_decoder(self) -> None:
         spec = self.specs[DECODER]
-        outputs = {t.name for t in spec.outputs}
         self._embeds, self._positions, self._logits = "inputs_embeds", "position_ids", "logits"
         for name in (self._embeds, self._positions):
             if name not in spec.input_names:
@@ -453,24 +407,9 @@ class TensorRTBackend:
                 f"{self.model_dir}: decoder KV cache {scheme!r}, this runtime needs "
                 f"{KV_CACHE!r}; re-export with `python -m export onnx`, then `export trt`"
             )
-        tensors, row_bytes = [], set()
-        for t in spec.inputs:
-            if t.name in (self._embeds, self._positions):
-                continue
-            stem = t.name.removeprefix("past_")
-            if stem == t.name or stem not in outputs or t.shape[:2] != ("past", BATCH_DIM):
-                raise CheckpointError(
-                    f"decoder input {t.name} {t.shape}: expected past_X [past, batch, ...] "
-                    "(position-major) with an output X of the new positions"
-                )
-            self._kv_row_shape = tuple(int(d) for d in t.shape[2:])
-            row_bytes.add(int(np.prod(self._kv_row_shape)) * dtype_itemsize(t.dtype))
-            tensors.append(KVTensor(t.name, stem, t))
-        if len(row_bytes) != 1:
-            raise CheckpointError(f"decoder cache tensors differ in row size: {row_bytes}")
+        tensors, self._kv_row_shape, row_bytes = kv_tensors(spec, self._embeds, self._positions)
         s, hidden = self.max_sequences, self.config.hidden_size
-        self.kv = DeviceKVPool(tensors, s, self.max_seq, row_bytes.pop(), self.dtype, self.stream)
-        self._row_bytes = hidden * self.dtype.itemsize
+        self.kv = DeviceKVPool(tensors, s, self.max_seq, row_bytes, self.dtype, self.stream)
         self._buffers[self._embeds] = self._alloc(max(self.max_seq, s) * self._row_bytes)
         positions = np.arange(self.max_seq + 1, dtype=np.int64)
         self._arange = self._alloc(positions.nbytes)
@@ -490,47 +429,34 @@ class TensorRTBackend:
                 )
         # Prefill, decode and graph contexts never run at once (one stream): they share one
         # block of activation memory instead of holding one each.
-        size = getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size
-        self._scratch = self._alloc(int(size))
+        self._scratch = self._alloc(memory_size(engine))
         for phase in ("prefill", "decode"):
             self._contexts[f"{DECODER}.{phase}"] = self._new_decoder_context(phase)
         self.stream.synchronize()
 
-    def _setup_step(self) -> None:
-        """Bind the fixed-shape decode step (``manifest["tensorrt"]["engines"]["decoder_step"]``)
-        once and for all, when the build has one and the pool has one slot (the step is
-        built for batch 1): past input = the whole cache but its last row, new K/V into the
-        pool's ``new`` rows (scattered into place after each step), embeddings, positions
-        and logits in the decoder's buffers."""
-        self._step, self._step_graph = None, None
+    def _setup_step(self) -> StepEngine | None:
+        """The fixed-shape decode step (``engines["decoder_step"]``), when the build has one
+        and the pool has one slot (the step is built for batch 1)."""
         rec = self.section["engines"].get(tm.STEP)
         if rec is None or self.max_sequences > 1:
-            return
-        cap = self.max_seq - 1
-        if rec.get("fixed", {}).get("past") != cap:
+            return None
+        if rec.get("fixed", {}).get("past") != self.max_seq - 1:
             raise CheckpointError(
                 f"{rec['file']}: decode step fixed to {rec.get('fixed')}, the build's max_seq "
                 f"is {self.max_seq}; rebuild with `python -m export trt {self.model_dir}`"
             )
         engine = self._engine(tm.STEP, DECODER)
-        size = getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size
-        self._step_scratch = self._alloc(int(size))
-        ctx = self._user_managed(engine, self._step_scratch)
+        self._step_scratch = self._alloc(memory_size(engine))
+        ctx = user_managed_context(engine, self._step_scratch, _USER_MANAGED)
         if not ctx.set_optimization_profile_async(
             tm.profile_index(rec, "decode"), self.stream.handle
         ):
             raise CheckpointError(f"{rec['file']}: TensorRT refused its decode profile")
-        dims = {"past": cap, "seq": 1, BATCH_DIM: 1}
-        for t in self._plain_inputs:
-            set_shape(ctx, t.name, _shape(t, dims), tm.STEP)
-        for name in (self._embeds, self._positions, self._logits):
-            set_address(ctx, name, self._buffers[name].ptr)
-        for i, kv in enumerate(self.kv.tensors):
-            set_shape(ctx, kv.past, _shape(kv.spec, dims), tm.STEP)
-            set_address(ctx, kv.past, self.kv.past(i))  # zero-filled at allocation
-            set_address(ctx, kv.out, self.kv.new_at(i))
-        self._step = ctx
+        names = (self._embeds, self._positions, self._logits)
+        addresses = {n: self._buffers[n].ptr for n in names}
+        step = StepEngine(ctx, self._plain_inputs, addresses, self.kv, self.past_graphs)
         self.stream.synchronize()
+        return step
 
     def _new_decoder_context(self, phase: str) -> Any:
         """A context on *phase*'s profile (``decode`` means ``decode_batch`` when the pool
@@ -538,58 +464,17 @@ class TensorRTBackend:
         engine, rec = self.engines[DECODER], self.section["engines"][DECODER]
         profile = "decode_batch" if phase == "decode" and self.max_sequences > 1 else phase
         index = tm.profile_index(rec, profile)  # an engine without the profile: an error
-        ctx = self._user_managed(engine, self._scratch)
+        ctx = user_managed_context(engine, self._scratch, _USER_MANAGED)
         if not ctx.set_optimization_profile_async(index, self.stream.handle):
             raise CheckpointError(f"{rec['file']}: TensorRT refused profile {profile!r} ({index})")
         for name in (self._embeds, self._positions, self._logits):
             set_address(ctx, name, self._buffers[name].ptr)
         return ctx
 
-    @staticmethod
-    def _user_managed(engine: Any, memory: cuda_rt.DeviceBuffer) -> Any:
-        ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        if hasattr(ctx, "set_device_memory"):
-            ctx.set_device_memory(memory.ptr, memory.nbytes)
-        else:  # TensorRT 10.0
-            ctx.device_memory = memory.ptr
-        return ctx
-
-    def _setup_video(self) -> None:
-        """Buffers for the largest video, shared by name between the two engines."""
-        vis, proj = self.specs[VISION_ENCODER], self.specs[PROJECTOR]
-        produced = set(vis.output_names)
-        self._video_inputs = (vis.inputs[0], next(t for t in proj.inputs if t.name not in produced))
-        for graph in (VISION_ENCODER, PROJECTOR):
-            ctx = self.engines[graph].create_execution_context()
-            for t in self.specs[graph].inputs:
-                set_shape(ctx, t.name, _shape(t, {"frames": self.max_frames}), graph)
-            for name in [*self.specs[graph].input_names, *self.specs[graph].output_names]:
-                if name not in self._buffers:
-                    shape = tuple(ctx.get_tensor_shape(name))  # outputs: inferred at max
-                    dtype = self.engines[graph].get_tensor_dtype(name)
-                    nbytes = int(np.prod(shape)) * ITEMSIZE[dtype.name]
-                    self._buffers[name] = self._alloc(nbytes)
-                set_address(ctx, name, self._buffers[name].ptr)
-            self._contexts[graph] = ctx
-
     # ---- helpers ---------------------------------------------------------------------
     def _engine(self, graph: str, spec_of: str | None = None) -> Any:
-        rec = self.section["engines"][graph]
-        with EngineReader(self.model_dir / rec["file"]) as reader:
-            engine = self._runtime.deserialize_cuda_engine(reader)
-        if engine is None:
-            raise CheckpointError(
-                f"{self.model_dir}: TensorRT {trt.__version__} cannot load {rec['file']}; "
-                f"rebuild with `python -m export trt {self.model_dir}`"
-            )
-        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-        spec = self.specs[spec_of or graph]
-        if names != {*spec.input_names, *spec.output_names}:
-            raise CheckpointError(
-                f"{rec['file']}: tensors {sorted(names)} differ from the manifest's spec of "
-                f"{graph}; rebuild with `python -m export trt {self.model_dir}`"
-            )
-        return engine
+        rec, spec = self.section["engines"][graph], self.specs[spec_of or graph]
+        return load_engine(self._runtime, self.model_dir, rec, spec, graph)
 
     def _alloc(self, nbytes: int) -> cuda_rt.DeviceBuffer:
         return cuda_rt.DeviceBuffer(nbytes)

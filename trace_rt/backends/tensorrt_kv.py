@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from trace_rt.backends import cuda_rt
-from trace_rt.graphs import TensorSpec
+from trace_rt.errors import CheckpointError
+from trace_rt.graphs import BATCH_DIM, GraphSpec, TensorSpec, dtype_itemsize
 
 ALIGN = 256  # TensorRT's tensor address alignment (NvInferRuntime.h, setTensorAddress)
 
@@ -45,6 +46,31 @@ class KVTensor:
     past: str  # input name, e.g. past_key.0
     out: str  # output name, e.g. key.0
     spec: TensorSpec  # the past input's spec, [past, batch, kv, hd]
+
+
+def kv_tensors(spec: GraphSpec, *plain: str) -> tuple[list[KVTensor], tuple[int, ...], int]:
+    """The decoder's cache tensors from its I/O spec (no names or sizes hard-coded): every
+    input but *plain* is a ``past_X`` ``[past, batch, ...]`` (position-major) paired with
+    an output ``X`` of the new positions. Returns them, one position's shape of one
+    sequence (``(kv, hd)``) and its bytes."""
+    outputs = set(spec.output_names)
+    tensors, shapes, sizes = [], set(), set()
+    for t in spec.inputs:
+        if t.name in plain:
+            continue
+        stem = t.name.removeprefix("past_")
+        if stem == t.name or stem not in outputs or t.shape[:2] != ("past", BATCH_DIM):
+            raise CheckpointError(
+                f"decoder input {t.name} {t.shape}: expected past_X [past, batch, ...] "
+                "(position-major) with an output X of the new positions"
+            )
+        shape = tuple(int(d) for d in t.shape[2:])
+        shapes.add(shape)
+        sizes.add(int(np.prod(shape)) * dtype_itemsize(t.dtype))  # bf16: not a numpy name
+        tensors.append(KVTensor(t.name, stem, t))
+    if len(shapes) != 1 or len(sizes) != 1:
+        raise CheckpointError(f"decoder cache tensors differ in row shape: {sorted(shapes)}")
+    return tensors, shapes.pop(), sizes.pop()
 
 
 def aligned(nbytes: int) -> int:
