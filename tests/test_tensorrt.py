@@ -68,6 +68,15 @@ def test_profiles_tiny():
     assert limits.ranges("decode")["past"] == (0, 128, 255)
     # opt prefill = the video block of N/2 frames + a short prompt
     assert limits.ranges("prefill")["seq"] == (1, 4 * cfg.tokens_per_frame + 64, 256)
+    # Batching: a third profile; prefill and the one-row decode stay at batch 1.
+    batched = Limits(max_frames=8, max_seq=256, tokens_per_frame=cfg.tokens_per_frame, max_batch=4)
+    profiles = profiles_from_spec(specs[DECODER], batched)
+    assert [p.name for p in profiles] == ["prefill", "decode", "decode_batch"]
+    for p in profiles:
+        _check_profile(specs[DECODER], p, batched.ranges(p.name))
+    assert [batched.ranges(p.name)["batch"] for p in profiles] == [(1, 1, 1), (1, 1, 1), (1, 4, 4)]
+    kv = (cfg.num_key_value_heads, cfg.attn_head_dim)
+    assert profiles[2].shapes["past_key.0"][2] == (255, 4, *kv)  # [past, batch, kv, hd]
 
 
 def test_profiles_7b():
@@ -770,8 +779,12 @@ def test_fake_build_step_then_run(fake_trt, tiny_ckpt, tmp_path, clip_video):
     from trace_rt.pipeline import Pipeline
 
     art = export_onnx(tiny_ckpt, tmp_path / "art", progress=False)
-    main(["trt", str(art), "--max-seq", "384", "--checkpoint", str(tiny_ckpt), "--no-progress"])
+    args = ["--max-seq", "384", "--max-batch", "2", "--checkpoint", str(tiny_ckpt)]
+    main(["trt", str(art), *args, "--no-progress"])
     section = json.loads((art / "manifest.json").read_text())["tensorrt"]
+    assert section["limits"] == {"max_frames": 8, "max_seq": 384, "max_batch": 2}
+    names = [p["name"] for p in section["engines"][DECODER]["profiles"]]
+    assert names == ["prefill", "decode", "decode_batch"]
     rec = section["engines"][tm.STEP]
     assert rec["fixed"] == {"seq": 1, "past": 383} and rec["onnx"] == "decoder_step.onnx"
     assert len(tensorrt.Builder.built) == 4
@@ -782,8 +795,8 @@ def test_fake_build_step_then_run(fake_trt, tiny_ckpt, tmp_path, clip_video):
     assert got == [want["token_ids"]] * 2
     assert len(fake_trt.live_graphs) == 1 and pipe.backend.past_graphs.graphs == {}
     # A decoder rebuilt without the checkpoint drops the old step (it goes with the decoder).
-    again = build_engines(art, max_seq=384, graphs=["decoder"], progress=False)
-    assert tm.STEP not in again["engines"]
+    again = build_engines(art, max_seq=384, max_batch=2, graphs=["decoder"], progress=False)
+    assert tm.STEP not in again["engines"] and "vision_encoder" in again["engines"]
     assert Pipeline.from_dir(art, "tensorrt", device="cuda").backend.step is None
 
 

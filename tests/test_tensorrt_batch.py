@@ -123,10 +123,16 @@ def _prompt(n_before: int, n_after: int) -> list[int]:
     return [1, *range(700, 700 + n_before - 1), -201, *range(900, 900 + n_after)]
 
 
-def test_batch_step_logits_match_onnxruntime(fake_trt, art):
+@pytest.mark.parametrize("scatter", ["2d", "per-tensor"])
+def test_batch_step_logits_match_onnxruntime(fake_trt, art, monkeypatch, scatter):
     """Step-level logits of the pooled backends, slot by slot: ragged lengths, a subset of
     slots stepping, a released slot re-filled with a shorter prompt (its stale rows must
-    stay masked), prefixes at odd and even lengths (misaligned rows staged)."""
+    stay masked), prefixes at odd and even lengths (misaligned rows staged). ``per-tensor``:
+    the scatter of a pool whose blocks exceed cudaMemcpy2D's pitch limit."""
+    if scatter == "per-tensor":
+        from trace_rt.backends import tensorrt_kv
+
+        monkeypatch.setattr(tensorrt_kv, "MAX_PITCH", 0)
     trt_b = load_backend("tensorrt", art, device="cuda", max_sequences=SLOTS)
     ort_b = load_backend("onnxruntime", art, cache_dir=False, max_sequences=SLOTS)
     h = trt_b.config.hidden_size

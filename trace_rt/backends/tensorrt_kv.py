@@ -37,6 +37,9 @@ from trace_rt.errors import CheckpointError
 from trace_rt.graphs import BATCH_DIM, GraphSpec, TensorSpec, dtype_itemsize
 
 ALIGN = 256  # TensorRT's tensor address alignment (NvInferRuntime.h, setTensorAddress)
+# cudaMemcpy2D's pitch limit (cudaDevAttrMaxPitch: 2^31 - 1 on current GPUs); a pool whose
+# per-tensor block is larger scatters tensor by tensor instead.
+MAX_PITCH = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -174,9 +177,14 @@ class DeviceKVPool:
                 continue
             dst = self.past(0) + at * self.pos_bytes + s * self.row_bytes
             src = self.new.ptr + s * self.row_bytes
-            cuda_rt.copy_2d(
-                dst, self.pool_stride, src, self.new_stride, self.row_bytes, n, self.stream
-            )
+            if self.pool_stride <= MAX_PITCH:
+                cuda_rt.copy_2d(
+                    dst, self.pool_stride, src, self.new_stride, self.row_bytes, n, self.stream
+                )
+                continue
+            for t in range(n):
+                off_dst, off_src = t * self.pool_stride, t * self.new_stride
+                cuda_rt.copy_dtod(dst + off_dst, src + off_src, self.row_bytes, self.stream)
 
     def load(self, kv: Sequence[np.ndarray]) -> None:
         """A prefix's host K/V (per tensor ``[L, 1, kv, hd]``) into the one-sequence buffer."""
