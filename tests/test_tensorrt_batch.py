@@ -40,11 +40,12 @@ def fake_trt(monkeypatch):
 
 @pytest.fixture(scope="module")
 def art(tiny_ckpts, tmp_path_factory) -> Path:
-    """An artifact with stand-in engines for up to 4 sequences per decode step."""
+    """An artifact with stand-in engines for up to 4 sequences per decode step, and the
+    fixed-shape decode step (which one-slot backends use)."""
     from tests.fake_tensorrt import fake_engines
 
     out = export_onnx(tiny_ckpts[2], tmp_path_factory.mktemp("trt-batch") / "a", progress=False)
-    fake_engines(out, max_frames=8, max_seq=512, max_batch=4)
+    fake_engines(out, max_frames=8, max_seq=512, checkpoint=tiny_ckpts[2], max_batch=4)
     return out
 
 
@@ -91,8 +92,9 @@ def _batched(backend, requests) -> tuple[list[list[int]], Engine]:
 
 
 def test_batched_equals_solo(fake_trt, art, requests):
-    solo = load_backend("tensorrt", art, device="cuda")
+    solo = load_backend("tensorrt", art, device="cuda")  # the fixed-shape step, one graph
     want = [_solo(solo, prep, gen) for prep, gen in requests]
+    assert solo.step is not None and solo.step.graph is not None
     assert len({tuple(w) for w in want}) == len(want)  # the requests really differ
     ort = load_backend("onnxruntime", art, cache_dir=False)
     assert [_solo(ort, prep, gen) for prep, gen in requests] == want
@@ -104,6 +106,7 @@ def test_batched_equals_solo(fake_trt, art, requests):
     assert max(engine.stats.batch_sizes) == SLOTS and min(engine.stats.batch_sizes) < SLOTS
     assert engine.stats.prefills == len(requests) and not engine.running
     assert fake_trt.launches == launches  # cuda_graphs=0: nothing replayed
+    assert plain.step is None  # built for batch 1: several slots use the dynamic decoder
 
 
 def test_batched_cuda_graphs(fake_trt, art, requests):
