@@ -4,7 +4,9 @@ CPU (always): optimisation profiles from the graph specs, the manifest's ``tenso
 section and its compatibility rules, and that nothing else needs tensorrt or CUDA.
 GPU (``@pytest.mark.gpu``, skipped without one; also skipped without the ``tensorrt``
 package): engines for ``tiny``, graph parity with PyTorch, tokens equal to torch and
-onnxruntime, CUDA-graph replay equal to plain runs.
+onnxruntime, CUDA-graph replay equal to plain runs, a batched step's logits equal to
+onnxruntime's. The pooled backend's batching through the CPU stand-in:
+tests/test_tensorrt_batch.py.
 """
 
 from __future__ import annotations
@@ -476,7 +478,8 @@ def test_engine_build_tiny(trt_artifacts):
     tm.verify_engines(section, art)
     assert section["precision"] == "fp32"
     assert section["limits"] == {"max_frames": 8, "max_seq": 256, "max_batch": 8}
-    assert [p["name"] for p in section["engines"][DECODER]["profiles"]] == ["prefill", "decode"]
+    profiles = [p["name"] for p in section["engines"][DECODER]["profiles"]]
+    assert profiles == ["prefill", "decode", "decode_batch"]
     cache = art / section["timing_cache"]
     size = cache.stat().st_size
     from export.trt import build_engines
@@ -553,6 +556,35 @@ def test_cuda_graph_replay_equals_plain_runs(trt_artifacts, clip_video):
     for _ in range(3):
         assert graphs.run(clip_video, "dvc", gen=gen)["token_ids"] == want
     assert len(graphs.backend.past_graphs.graphs) > 0
+
+
+@pytest.mark.gpu
+def test_batch_step_logits_gpu(trt_artifacts):
+    """A real decode_batch step (fp32 engines, max_batch 8 by default): each slot's logits
+    against the pooled onnxruntime backend's, ragged lengths and a subset of slots."""
+    from trace_rt.backends import load_backend
+    from trace_rt.tokens import Head
+
+    art = trt_artifacts["fp32"]
+    trt_b = load_backend("tensorrt", art, device="cuda", max_sequences=3)
+    ort_b = load_backend("onnxruntime", art, cache_dir=False, max_sequences=3)
+    h = trt_b.config.hidden_size
+    rng = np.random.default_rng(0)
+    for slot, n in enumerate((9, 14, 5)):
+        video = rng.standard_normal((n, h)).astype(np.float32)
+        prompt = [1, 733, *([28705] * slot), -201, 13, 5]
+        np.testing.assert_allclose(
+            trt_b.prefill(prompt, video, Head.TEXT, slot=slot),
+            ort_b.prefill(prompt, video, Head.TEXT, slot=slot),
+            rtol=1e-4, atol=1e-4,
+        )  # fmt: skip
+    for slots in ([0, 1, 2], [2, 0], [1, 2, 0]):
+        heads = [Head.TIME, Head.SCORE, Head.TEXT][: len(slots)]
+        ids = [32005, 1234, 32016][: len(slots)]
+        for got, want in zip(
+            trt_b.decode(slots, ids, heads), ort_b.decode(slots, ids, heads), strict=True
+        ):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 # ---- the strict stand-in: TensorRT's and CUDA's rules, and the backend keeping them -------
