@@ -164,6 +164,9 @@ def test_batch_step_logits_match_onnxruntime(fake_trt, art, monkeypatch, scatter
         both("decode", [1, 2, 0], [32010, 32011, 500 + step], heads)
     # Prefixes: saved in one slot, loaded in another; the same K/V from both backends, and
     # the logits of an uncached prefill. Prefix lengths 3 + 9 = 12 and 3 + 14 = 17.
+    loads = []
+    load = trt_b.kv.load
+    monkeypatch.setattr(trt_b.kv, "load", lambda kv: loads.append(1) or load(kv))
     for v in videos[:2]:
         p = _prompt(3, 5)
         prefix = trt_b.save_prefix(p, v, slot=0)
@@ -172,18 +175,29 @@ def test_batch_step_logits_match_onnxruntime(fake_trt, art, monkeypatch, scatter
         for a, b in zip(prefix.kv, ort_prefix.kv, strict=True):
             assert a.shape == (prefix.length, 1, 2, 16)
             np.testing.assert_array_equal(a, b)
+        uncached = ort_b.prefill(p, v, Head.TEXT, slot=2)
+        # Right after save_prefix the one-sequence buffer still holds it: no upload.
         cached = trt_b.prefill(p, None, Head.TEXT, slot=2, prefix=prefix)
-        np.testing.assert_allclose(cached, ort_b.prefill(p, v, Head.TEXT, slot=2), atol=1e-5)
+        np.testing.assert_allclose(cached, uncached, atol=1e-5)
+        assert not loads
+        both("prefill", _prompt(2, 2), videos[2], Head.SCORE, slot=1)  # overwrites it
+        cached = trt_b.prefill(p, None, Head.TEXT, slot=2, prefix=prefix)  # uploaded
+        np.testing.assert_allclose(cached, uncached, atol=1e-5)
+        assert loads == [1]
+        loads.clear()
         ort_b.prefill(p, None, Head.TEXT, slot=2, prefix=prefix)  # the same state in both
-        both("decode", [2], [32007], [Head.TIME])
+        both("decode", [2, 1], [32007, 40], [Head.TIME, Head.TEXT])
 
 
-def test_cached_prefix_equals_uncached(fake_trt, art, clip_video):
+@pytest.mark.parametrize("slots", [1, 2])
+def test_cached_prefix_equals_uncached(fake_trt, art, clip_video, slots):
+    # One slot: the prefix is the pool's own first positions (kept across questions, as
+    # decode steps write after them); two: the one-sequence buffer, copied into slots.
     gen = GenerationConfig(max_new_tokens=24, ignore_eos=True)
-    solo = Pipeline.from_dir(art, "tensorrt", device="cuda")
+    solo = Pipeline.from_dir(art, "tensorrt", device="cuda", cuda_graphs=0)
     want = [solo.run(clip_video, "mr", query=q, frames=6, gen=gen)["token_ids"] for q in QUERIES]
     pipe = Pipeline.from_dir(
-        art, "tensorrt", device="cuda", max_sequences=2, video_cache=VideoCache()
+        art, "tensorrt", device="cuda", max_sequences=slots, video_cache=VideoCache()
     )
     first = pipe.run_many(clip_video, [Question("mr", q) for q in QUERIES], frames=6, gen=gen)
     assert [r["token_ids"] for r in first] == want

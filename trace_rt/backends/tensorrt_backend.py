@@ -11,25 +11,20 @@ out. Ids are embedded on the host from ``embeddings.npy`` (as in the onnxruntime
 A video block is kept in a device buffer of its own (:class:`DeviceVideo`), so handles of
 several videos stay valid together (a batch, the video cache).
 
-KV cache (the export's ``kv_cache: pooled-position-major`` contract, trace_rt/graphs.py),
-derived from the decoder's I/O spec in the manifest, no names or sizes hard-coded: every
-``past_X`` input ``[past, batch, ...]`` pairs with the output ``X`` ``[seq, batch, ...]``
-of the new positions. :class:`~trace_rt.backends.tensorrt_kv.DeviceKVPool` holds one
-``[max_seq, max_sequences, ...]`` block per pair. A prefill runs one sequence over a
-contiguous buffer (the pool itself when there is one slot: the engine writes new K/V
-straight into place) and, with several slots, is copied into its slot; a batched decode
-step binds the pool's first P positions of every slot (P: the longest sequence; rows
-attend only below their own position, so shorter ones ignore the rest), runs every slot's
-row (unused ones at position 0) and scatters the stepped slots' new rows, one strided copy
-per slot for all layers. A prefix (:class:`~trace_rt.backends.base.KVPrefix`) is copied
-in from host memory; :meth:`TensorRTBackend.save_prefix` returns host copies. Why copies
-rather than shared pages: see trace_rt/engine/scheduler.py.
+KV cache (the export's ``kv_cache: pooled-position-major`` contract, trace_rt/graphs.py):
+:class:`~trace_rt.backends.tensorrt_kv.DeviceKVPool` (layout, copies and memory there),
+derived from the decoder's I/O spec, no names or sizes hard-coded. A prefill runs one
+sequence over a contiguous buffer (with one slot the pool itself, the engine writing new
+K/V in place) and is copied into its slot; a batched decode step binds the first P
+positions of every slot (P: the longest; rows attend only below their own position), runs
+every slot's row (unused ones at position 0) and scatters the stepped slots' new rows. A
+:class:`~trace_rt.backends.base.KVPrefix` is copied in from host memory (skipped when the
+buffer still holds it) and :meth:`TensorRTBackend.save_prefix` returns host copies; why
+copies rather than shared pages: trace_rt/engine/scheduler.py.
 
-Addresses: TensorRT requires every tensor address to be 256-byte aligned (see
-:mod:`~trace_rt.backends.tensorrt_exec`). Positions are therefore copied into an aligned
-``position_ids`` buffer rather than bound as a slice of a device ``arange``, and new K/V at
-a position whose address is misaligned (rows not a multiple of 256 bytes: small models,
-not the 7B model's 2 KiB) go through a staging buffer copied into place after the run.
+Addresses must be 256-byte aligned (:mod:`~trace_rt.backends.tensorrt_exec`): positions
+are copied into an aligned ``position_ids`` buffer rather than bound as a slice of a
+device ``arange``; new K/V at a misaligned position go through the pool's staging buffer.
 
 CUDA graphs. With one slot and the fixed-shape decode step (``engines["decoder_step"]``,
 built by ``export trt --checkpoint``, export/trt_step.py): its past is the whole cache but
@@ -212,9 +207,11 @@ class TensorRTBackend:
             self._check_length(start + t)
             self._put_embeds(after, 0)
         self.kv.lengths[slot] = 0
-        if prefix is not None:
+        if prefix is not None and prefix is not self._seq_prefix:
             self.kv.load(prefix.kv)
+        self._seq_prefix = None  # until the run has written the positions after it
         self._fill(slot, start, t)
+        self._seq_prefix = prefix
         return self._read_logits([0], [head])[0]
 
     def save_prefix(
@@ -227,9 +224,11 @@ class TensorRTBackend:
         self._check_length(n)
         self._put_video(video, self._put_embeds(before, 0))
         self.kv.lengths[slot] = 0
+        self._seq_prefix = None
         self._fill(slot, 0, n)
-        kv = self.kv.read(n, self._kv_row_shape)
-        return KVPrefix(tuple(before), rows, tuple(kv))
+        prefix = KVPrefix(tuple(before), rows, tuple(self.kv.read(n, self._kv_row_shape)))
+        self._seq_prefix = prefix
+        return prefix
 
     def decode(
         self, slots: Sequence[int], token_ids: Sequence[int], heads: Sequence[Head]
@@ -410,10 +409,15 @@ class TensorRTBackend:
         tensors, self._kv_row_shape, row_bytes = kv_tensors(spec, self._embeds, self._positions)
         s, hidden = self.max_sequences, self.config.hidden_size
         self.kv = DeviceKVPool(tensors, s, self.max_seq, row_bytes, self.dtype, self.stream)
+        # The prefix whose K/V the one-sequence buffer's first positions hold (a prefill
+        # from position 0 overwrites them; decode steps and later prefixed prefills write
+        # only after them): a cached question right after another on the same video, or
+        # right after save_prefix, skips the host-to-device copy of the prefix.
+        self._seq_prefix: KVPrefix | None = None
         self._buffers[self._embeds] = self._alloc(max(self.max_seq, s) * self._row_bytes)
         positions = np.arange(self.max_seq + 1, dtype=np.int64)
         self._arange = self._alloc(positions.nbytes)
-        self._htod(self._arange, positions)
+        self._htod_at(self._arange.ptr, positions)
         self._buffers[self._positions] = self._alloc(max(positions.nbytes, 8 * s))
         self._buffers[self._logits] = self._alloc(4 * s * self.config.ids.size)
         self._host_embeds = cuda_rt.PinnedArray((s, hidden), self.dtype)
@@ -478,11 +482,6 @@ class TensorRTBackend:
 
     def _alloc(self, nbytes: int) -> cuda_rt.DeviceBuffer:
         return cuda_rt.DeviceBuffer(nbytes)
-
-    def _htod(self, buf: cuda_rt.DeviceBuffer, arr: np.ndarray) -> None:
-        if arr.nbytes > buf.nbytes:
-            raise ValueError(f"{arr.nbytes} bytes do not fit a {buf.nbytes}-byte buffer")
-        self._htod_at(buf.ptr, arr)
 
     def _htod_at(self, ptr: int, arr: np.ndarray) -> None:
         # Pageable source: the copy has been staged when the call returns, so *arr* may go.
