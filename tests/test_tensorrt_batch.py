@@ -217,3 +217,26 @@ def test_pool_limits(fake_trt, art, tmp_path):
         b.decode([0, 2], [5, 5], [Head.TIME, Head.TIME])
     with pytest.raises(ValueError, match="one token id and one head per slot"):
         b.decode([0, 1], [5], [Head.TIME, Head.TIME])
+
+
+def test_cli_questions_share_slots(fake_trt, art, clip_video, monkeypatch, tmp_path):
+    # `trace-rt run --query a --query b ...` on tensorrt: the questions get as many slots as
+    # the engines decode at once (max_batch 4 here), and each gets its solo ids.
+    from trace_rt import cli
+    from trace_rt.backends import tensorrt_manifest as tm
+
+    made = []
+    real = Pipeline.from_dir
+
+    def spy(*args, **kw):
+        made.append(kw.get("max_sequences"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(Pipeline, "from_dir", spy)
+    opts = {"backend": "tensorrt", "device": "cuda", "frames": 6, "max_new_tokens": 10}
+    questions = [Question("mr", q) for q in [*QUERIES, QUERIES[0], QUERIES[1]]]
+    got = cli.run_many(str(clip_video), art, questions, **opts)
+    want = [cli.run(str(clip_video), art, task="mr", query=q.query, **opts) for q in questions]
+    assert [r["token_ids"] for r in got] == [r["token_ids"] for r in want]
+    assert made[0] == 4 and tm.built_max_batch(art) == 4  # five questions, four slots
+    assert tm.built_max_batch(tmp_path) == 1  # no manifest: the backend says what is missing

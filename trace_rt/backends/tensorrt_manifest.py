@@ -79,6 +79,17 @@ def read_section(manifest: dict[str, Any], root: str | Path) -> dict[str, Any]:
     return section
 
 
+def built_max_batch(root: str | Path) -> int:
+    """The most sequences *root*'s engines decode at once (``limits.max_batch``; 1 when
+    the manifest has no TensorRT section or predates batching: the backend's error then
+    names what is missing)."""
+    try:
+        manifest = json.loads((Path(root) / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return 1
+    return int(((manifest.get(SECTION) or {}).get("limits") or {}).get("max_batch", 1))
+
+
 def version_tuple(version: str) -> tuple[int, ...]:
     """(major, minor, patch) of a TensorRT version string such as ``10.3.0.30``."""
     return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
