@@ -99,6 +99,13 @@ def _add_trt_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--max-seq", type=int, default=None, help="decoder context (default: min(4096, model's))"
     )
+    t.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="most sequences one decode step advances, the TensorRT backend's largest "
+        "max_sequences (default 8; 1: single-sequence engine, no decode_batch profile)",
+    )
     t.add_argument("--workspace-gb", type=float, default=None, help="builder workspace limit")
     t.add_argument("--decoder-variant", help="a QDQ decoder from `python -m export quantize`")
     t.add_argument(
@@ -149,6 +156,7 @@ def _trt(args: argparse.Namespace) -> None:
         precision=args.precision,
         max_frames=args.max_frames,
         max_seq=args.max_seq,
+        max_batch=args.max_batch,
         workspace_gb=args.workspace_gb,
         decoder_variant=args.decoder_variant,
         checkpoint=args.checkpoint,

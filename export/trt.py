@@ -41,6 +41,9 @@ from trace_rt.graphs import DECODER, GRAPH_NAMES, GraphSpec, load_manifest, mani
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
 QUANTISED = ("fp8", "int8", "int4")  # need explicit (QDQ) quantisation: a decoder variant
 PROMPT_TOKENS = 64  # text around the video block in a typical prompt (opt prefill length)
+# Sequences one decode step advances by default (--max-batch): a server's continuous
+# batching wants several; the KV pool the backend allocates is max_sequences x max_seq.
+DEFAULT_MAX_BATCH = 8
 
 Range = tuple[int, int, int]  # (min, opt, max) of one dimension
 
@@ -59,7 +62,9 @@ class Limits:
             backend's preallocated KV cache has this length.
         tokens_per_frame: video-block embeddings per frame (slots + time tokens), used only
             to pick the prefill profile's *opt* length.
-        max_batch: most sequences one decode step advances (the backend's KV pool slots).
+        max_batch: most sequences one decode step advances (the TensorRT backend's
+            ``max_sequences``, its KV pool slots). Above 1 the decoder gets a third
+            profile, ``decode_batch``, so batch-1 steps keep kernels tuned for one row.
     """
 
     max_frames: int = 128
@@ -71,19 +76,26 @@ class Limits:
         if self.max_frames < 1 or self.max_seq < 2 or self.max_batch < 1:
             raise ValueError(f"limits too small: {self}")
 
+    def record(self) -> dict[str, int]:
+        """What ``manifest["tensorrt"]["limits"]`` records (and a rebuild compares)."""
+        return {"max_frames": self.max_frames, "max_seq": self.max_seq, "max_batch": self.max_batch}
+
     def ranges(self, phase: str) -> dict[str, Range]:
         """(min, opt, max) of every symbolic dimension the graph specs use, for *phase*.
 
         frames: 1 / N/2 / N. seq (new positions): a whole prompt in ``prefill`` (opt: the
-        video block of N/2 frames plus a short prompt), exactly 1 in ``decode`` (a static
-        size lets TensorRT pick its single-token kernels). past (cached positions): 0..max-1,
-        opt 0 for prefill (it starts from an empty cache) and half the context for decode.
+        video block of N/2 frames plus a short prompt), exactly 1 in the decode phases (a
+        static size lets TensorRT pick its single-token kernels). past (cached positions):
+        0..max-1, opt 0 for prefill (it starts from an empty cache) and half the context
+        for decode. batch (sequences): 1 in ``prefill`` (one sequence at a time) and
+        ``decode``; 1..max_batch, tuned for max_batch, in ``decode_batch`` (the backend
+        binds every pool slot's row).
         """
         n, s = self.max_frames, self.max_seq
         frames = (1, max(1, n // 2), n)
         opt_prompt = min(s, max(1, (n // 2) * self.tokens_per_frame + PROMPT_TOKENS))
-        if phase == "decode":
-            b = self.max_batch
+        if phase in ("decode", "decode_batch"):
+            b = self.max_batch if phase == "decode_batch" else 1
             return {
                 "frames": frames,
                 "seq": (1, 1, 1),
@@ -121,8 +133,9 @@ def profiles_from_spec(spec: GraphSpec, limits: Limits) -> list[Profile]:
     """The optimisation profiles of *spec*'s engine, derived from its symbolic dims.
 
     A graph with a ``past`` dimension (the decoder) gets two profiles, ``prefill`` and
-    ``decode``: one engine serves both, and each phase gets kernels tuned for its shapes
-    (TensorRT tunes for *opt*). Every other graph gets one profile, ``default``.
+    ``decode``, plus ``decode_batch`` when ``limits.max_batch`` > 1: one engine serves
+    them all, and each phase gets kernels tuned for its shapes (TensorRT tunes for *opt*).
+    Every other graph gets one profile, ``default``.
 
     Raises:
         ValueError: an input uses a symbolic dimension no rule covers (a spec changed
@@ -130,6 +143,8 @@ def profiles_from_spec(spec: GraphSpec, limits: Limits) -> list[Profile]:
     """
     symbolic = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
     phases = ["prefill", "decode"] if "past" in symbolic else ["default"]
+    if "past" in symbolic and limits.max_batch > 1:
+        phases.append("decode_batch")
     out = []
     for phase in phases:
         ranges = limits.ranges(phase)
@@ -162,6 +177,7 @@ def build_engines(
     precision: str | None = None,
     max_frames: int | None = None,
     max_seq: int | None = None,
+    max_batch: int | None = None,
     workspace_gb: float | None = None,
     decoder_variant: str | None = None,
     graphs: Sequence[str] = GRAPH_NAMES,
@@ -177,6 +193,10 @@ def build_engines(
             ``num_frames``, what a request samples unless told otherwise).
         max_seq: decoder context the engines admit (default: the model's, capped at 4096:
             the KV cache the backend preallocates is this long).
+        max_batch: most sequences one decode step advances, the largest
+            ``max_sequences`` the TensorRT backend can run (default
+            :data:`DEFAULT_MAX_BATCH`; 1 builds the single-sequence engine of earlier
+            versions, without the ``decode_batch`` profile).
         workspace_gb: TensorRT's workspace pool limit (default: TensorRT's, the GPU's memory).
         decoder_variant: a QDQ decoder from ``manifest["variants"]["decoder"]`` to build
             instead of ``decoder.onnx`` (needed for fp8/int8/int4).
@@ -197,7 +217,7 @@ def build_engines(
         raise TensorRTBuildError(f"unknown graphs {unknown}; use {list(GRAPH_NAMES)}")
     trt = _import_tensorrt()
     specs = manifest_specs(manifest)
-    limits = _limits(TraceConfig.from_dir(out), max_frames, max_seq)
+    limits = _limits(TraceConfig.from_dir(out), max_frames, max_seq, max_batch)
     plans = _plans(trt, out, manifest, precision, export_dtype, decoder_variant)
     gpu = _gpu_info()
     (out / tm.ENGINE_DIR).mkdir(exist_ok=True)
@@ -242,7 +262,7 @@ def build_engines(
             "version": trt.__version__,
             "gpu": {k: gpu[k] for k in ("name", "compute_capability")},
             "precision": precision,
-            "limits": {"max_frames": limits.max_frames, "max_seq": limits.max_seq},
+            "limits": limits.record(),
             "workspace_gb": workspace_gb,
             "timing_cache": str(cache_file.relative_to(out)),
             "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -269,14 +289,19 @@ def _precision(precision: str | None, decoder_variant: str | None, export_dtype:
     return precision
 
 
-def _limits(cfg: TraceConfig, max_frames: int | None, max_seq: int | None) -> Limits:
+def _limits(
+    cfg: TraceConfig, max_frames: int | None, max_seq: int | None, max_batch: int | None = None
+) -> Limits:
     """The engines' shape limits (default max_seq: the model's context, capped at 4096)."""
     max_seq = max_seq or min(4096, cfg.max_position_embeddings)
     if max_seq > cfg.max_position_embeddings:
         raise TensorRTBuildError(
             f"--max-seq {max_seq} exceeds the model's context ({cfg.max_position_embeddings})"
         )
-    return Limits(max_frames or cfg.num_frames, max_seq, cfg.tokens_per_frame)
+    max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
+    if max_batch < 1:
+        raise TensorRTBuildError(f"--max-batch must be >= 1, got {max_batch}")
+    return Limits(max_frames or cfg.num_frames, max_seq, cfg.tokens_per_frame, max_batch)
 
 
 def _progress(title: str, enabled: bool) -> Progress:
@@ -322,7 +347,7 @@ def _kept_engines(
         and old.get("version") == version
         and old.get("gpu", {}).get("compute_capability") == gpu["compute_capability"]
         and old.get("precision") == precision
-        and old.get("limits") == {"max_frames": limits.max_frames, "max_seq": limits.max_seq}
+        and old.get("limits") == limits.record()
     )
     if not same:
         return {}

@@ -21,11 +21,12 @@ and that a lenient stand-in would hide (each cited where it is checked):
   checks it after its launches; a failed capture that is not cleared breaks the next run);
 - ``cudaMalloc`` memory is not cleared (the fake fills it with 0xFF bytes, NaN as a float),
   so a backend that reads device memory it never wrote sees it in its results;
-- streams are asynchronous: kernels, device-to-device copies and copies into pinned host
-  memory run only at ``cudaStreamSynchronize`` (or a pageable copy, which synchronises);
-  a pageable host source is read when the copy is issued (CUDA stages it), a pinned one
-  when the copy runs. A backend that reads its logits before synchronising reads stale
-  bytes. Every copy and every tensor must lie inside one allocation;
+- streams are asynchronous: kernels, device-to-device copies (1D and 2D, whose width may
+  not exceed either pitch), memsets and copies into pinned host memory run only at
+  ``cudaStreamSynchronize`` (or a pageable copy, which synchronises); a pageable host
+  source is read when the copy is issued (CUDA stages it), a pinned one when the copy
+  runs. A backend that reads its logits before synchronising reads stale bytes. Every
+  copy and every tensor must lie inside one allocation;
 - stream capture: enqueues and copies are recorded into the graph with the shapes and
   addresses of that moment; TensorRT needs one normal enqueue after a shape change before
   capturing; capture starts only on an idle stream (the warm-up run must have been
@@ -148,6 +149,28 @@ class FakeCudart(types.ModuleType):
         self._enqueue(lambda: ctypes.memmove(dst, src, n))
         if kind == k.cudaMemcpyDeviceToHost and not pinned_dst and self.capturing is None:
             self._drain()  # a copy into pageable memory returns when it is done
+        return (0,)
+
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        dst, dp, src, sp, w, h = (int(x) for x in (dst, dpitch, src, spitch, width, height))
+        assert kind == self.cudaMemcpyKind.cudaMemcpyDeviceToDevice, "the fake does 2D d2d only"
+        if w > dp or w > sp:  # cudaErrorInvalidPitchValue
+            return (12,)
+        for r in range(h):  # every row inside one allocation (as the 1D copy)
+            self.check_range(src + r * sp, w, "2D copy source row")
+            self.check_range(dst + r * dp, w, "2D copy destination row")
+
+        def run() -> None:
+            for r in range(h):
+                ctypes.memmove(dst + r * dp, src + r * sp, w)
+
+        self._enqueue(run)
+        return (0,)
+
+    def cudaMemsetAsync(self, ptr, value, nbytes, stream):
+        ptr, n = int(ptr), int(nbytes)
+        self.check_range(ptr, n, "memset")
+        self._enqueue(lambda: ctypes.memset(ptr, int(value), n))
         return (0,)
 
     def cudaStreamSynchronize(self, stream):
@@ -515,7 +538,53 @@ def make_modules(version: str = VERSION) -> dict[str, types.ModuleType]:
     }
 
 
-def fake_engines(art: Path, max_frames: int, max_seq: int, checkpoint: Path | None = None) -> None:
+def install(monkeypatch: Any, version: str = VERSION) -> FakeCudart:
+    """Make ``tensorrt`` and ``cuda-python`` the fakes for one test (pytest's monkeypatch
+    restores the real entries after it); returns the fake CUDA runtime.
+
+    Both the sys.modules entries and the package attributes of the modules bound to them
+    are dropped, or ``from trace_rt.backends import cuda_rt`` would pick up a module bound
+    to another test's fakes; call :func:`uninstall` when the test ends.
+    """
+    import sys
+
+    import trace_rt.backends as pkg
+
+    for m in _BOUND:
+        monkeypatch.delitem(sys.modules, f"{pkg.__name__}.{m}", raising=False)
+        monkeypatch.delattr(pkg, m, raising=False)
+    mods = make_modules(version)
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    return mods["cuda.bindings.runtime"]
+
+
+def uninstall() -> None:
+    """Drop the fake-bound backend modules (monkeypatch restores earlier ones)."""
+    import sys
+
+    import trace_rt.backends as pkg
+
+    for m in _BOUND:
+        sys.modules.pop(f"{pkg.__name__}.{m}", None)
+        if hasattr(pkg, m):
+            delattr(pkg, m)
+
+
+# The backend modules that import tensorrt or cuda-python when they load.
+_BOUND = (
+    "tensorrt_backend",
+    "tensorrt_reader",
+    "tensorrt_exec",
+    "tensorrt_kv",
+    "tensorrt_video",
+    "cuda_rt",
+)
+
+
+def fake_engines(
+    art: Path, max_frames: int, max_seq: int, checkpoint: Path | None = None, max_batch: int = 1
+) -> None:
     """Write "engines" (pointers to the ONNX graphs) and the manifest section for *art*;
     with *checkpoint*, also the fixed-shape decode step, as ``export trt --checkpoint``."""
     from export.trt import Limits, profiles_from_spec
@@ -525,7 +594,7 @@ def fake_engines(art: Path, max_frames: int, max_seq: int, checkpoint: Path | No
 
     manifest = load_manifest(art, verify="size")
     specs = manifest_specs(manifest)
-    limits = Limits(max_frames, max_seq, TraceConfig.from_dir(art).tokens_per_frame)
+    limits = Limits(max_frames, max_seq, TraceConfig.from_dir(art).tokens_per_frame, max_batch)
     (art / tm.ENGINE_DIR).mkdir(exist_ok=True)
     engines = {}
     todo = [
@@ -563,7 +632,7 @@ def fake_engines(art: Path, max_frames: int, max_seq: int, checkpoint: Path | No
             "version": VERSION,
             "gpu": GPU,
             "precision": manifest["export"]["dtype"],
-            "limits": {"max_frames": max_frames, "max_seq": max_seq},
+            "limits": limits.record(),
             "engines": engines,
         },
     )

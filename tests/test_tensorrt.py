@@ -4,7 +4,9 @@ CPU (always): optimisation profiles from the graph specs, the manifest's ``tenso
 section and its compatibility rules, and that nothing else needs tensorrt or CUDA.
 GPU (``@pytest.mark.gpu``, skipped without one; also skipped without the ``tensorrt``
 package): engines for ``tiny``, graph parity with PyTorch, tokens equal to torch and
-onnxruntime, CUDA-graph replay equal to plain runs.
+onnxruntime, CUDA-graph replay equal to plain runs, a batched step's logits equal to
+onnxruntime's. The pooled backend's batching through the CPU stand-in:
+tests/test_tensorrt_batch.py.
 """
 
 from __future__ import annotations
@@ -68,6 +70,15 @@ def test_profiles_tiny():
     assert limits.ranges("decode")["past"] == (0, 128, 255)
     # opt prefill = the video block of N/2 frames + a short prompt
     assert limits.ranges("prefill")["seq"] == (1, 4 * cfg.tokens_per_frame + 64, 256)
+    # Batching: a third profile; prefill and the one-row decode stay at batch 1.
+    batched = Limits(max_frames=8, max_seq=256, tokens_per_frame=cfg.tokens_per_frame, max_batch=4)
+    profiles = profiles_from_spec(specs[DECODER], batched)
+    assert [p.name for p in profiles] == ["prefill", "decode", "decode_batch"]
+    for p in profiles:
+        _check_profile(specs[DECODER], p, batched.ranges(p.name))
+    assert [batched.ranges(p.name)["batch"] for p in profiles] == [(1, 1, 1), (1, 1, 1), (1, 4, 4)]
+    kv = (cfg.num_key_value_heads, cfg.attn_head_dim)
+    assert profiles[2].shapes["past_key.0"][2] == (255, 4, *kv)  # [past, batch, kv, hd]
 
 
 def test_profiles_7b():
@@ -91,8 +102,8 @@ def test_profiles_7b():
 
 
 def test_profiles_unknown_dim():
-    spec = GraphSpec("g", "g.onnx", (TensorSpec("x", "float32", ("batch", 3)),), ())
-    with pytest.raises(ValueError, match="batch"):
+    spec = GraphSpec("g", "g.onnx", (TensorSpec("x", "float32", ("tokens", 3)),), ())
+    with pytest.raises(ValueError, match="tokens"):
         profiles_from_spec(spec, Limits())
 
 
@@ -252,23 +263,10 @@ def fake_art(tiny_ckpt, tmp_path_factory) -> Path:
 @pytest.fixture
 def fake_trt(monkeypatch):
     """tensorrt and cuda-python replaced by the CPU fakes while the test runs."""
-    import trace_rt.backends as pkg
-    from tests.fake_tensorrt import make_modules
+    from tests.fake_tensorrt import install, uninstall
 
-    fresh = ("tensorrt_backend", "tensorrt_reader", "cuda_rt")
-    # Both the sys.modules entries and the package attributes: `from trace_rt.backends
-    # import cuda_rt` would otherwise pick up a module bound to another test's fakes.
-    for m in fresh:
-        monkeypatch.delitem(sys.modules, f"{pkg.__name__}.{m}", raising=False)
-        monkeypatch.delattr(pkg, m, raising=False)
-    mods = make_modules()
-    for name, mod in mods.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    yield mods["cuda.bindings.runtime"]
-    for m in fresh:  # drop the fake-bound modules (monkeypatch restores earlier ones)
-        sys.modules.pop(f"{pkg.__name__}.{m}", None)
-        if hasattr(pkg, m):
-            delattr(pkg, m)
+    yield install(monkeypatch)
+    uninstall()
 
 
 def test_decoder_only_backend(fake_trt, fake_art):
@@ -308,7 +306,10 @@ def test_fake_build_then_run(fake_trt, tiny_ckpt, tmp_path, clip_video):
 
     art = export_onnx(tiny_ckpt, tmp_path / "art", progress=False)
     section = build_engines(art, max_seq=512, progress=False)
-    assert section["limits"] == {"max_frames": 8, "max_seq": 512}  # tiny's num_frames
+    # tiny's num_frames; the default batch (export/trt.py DEFAULT_MAX_BATCH)
+    assert section["limits"] == {"max_frames": 8, "max_seq": 512, "max_batch": 8}
+    names = [p["name"] for p in section["engines"][DECODER]["profiles"]]
+    assert names == ["prefill", "decode", "decode_batch"]
     assert section["precision"] == "fp32" and section["gpu"]["name"] == "Fake GPU"
     built = tensorrt.Builder.built
     assert len(built) == 3 and all("TF32" not in b["flags"] and b["network_flags"] for b in built)
@@ -413,7 +414,7 @@ def test_fake_backend_cuda_graphs(fake_trt, fake_art, clip_video):
     got = [graphs.run(clip_video, "dvc", gen=gen)["token_ids"] for _ in range(3)]
     assert got == [want] * 3
     # Run 1 sees each past length, run 2 captures the first 8 (the cap), run 3 replays them.
-    assert len(graphs.backend._graphs) == 8 and fake_trt.launches == 8
+    assert len(graphs.backend.past_graphs.graphs) == 8 and fake_trt.launches == 8
     graphs.backend.clear_cuda_graphs()
     assert graphs.run(clip_video, "dvc", gen=gen)["token_ids"] == want
 
@@ -475,8 +476,10 @@ def test_engine_build_tiny(trt_artifacts):
     manifest = json.loads((art / MANIFEST_FILE).read_text())
     section = tm.read_section(manifest, art)
     tm.verify_engines(section, art)
-    assert section["precision"] == "fp32" and section["limits"] == {"max_frames": 8, "max_seq": 256}
-    assert [p["name"] for p in section["engines"][DECODER]["profiles"]] == ["prefill", "decode"]
+    assert section["precision"] == "fp32"
+    assert section["limits"] == {"max_frames": 8, "max_seq": 256, "max_batch": 8}
+    profiles = [p["name"] for p in section["engines"][DECODER]["profiles"]]
+    assert profiles == ["prefill", "decode", "decode_batch"]
     cache = art / section["timing_cache"]
     size = cache.stat().st_size
     from export.trt import build_engines
@@ -552,7 +555,36 @@ def test_cuda_graph_replay_equals_plain_runs(trt_artifacts, clip_video):
     # Runs 1: seen, 2: captured, 3: replayed (same prompt length every time).
     for _ in range(3):
         assert graphs.run(clip_video, "dvc", gen=gen)["token_ids"] == want
-    assert len(graphs.backend._graphs) > 0
+    assert len(graphs.backend.past_graphs.graphs) > 0
+
+
+@pytest.mark.gpu
+def test_batch_step_logits_gpu(trt_artifacts):
+    """A real decode_batch step (fp32 engines, max_batch 8 by default): each slot's logits
+    against the pooled onnxruntime backend's, ragged lengths and a subset of slots."""
+    from trace_rt.backends import load_backend
+    from trace_rt.tokens import Head
+
+    art = trt_artifacts["fp32"]
+    trt_b = load_backend("tensorrt", art, device="cuda", max_sequences=3)
+    ort_b = load_backend("onnxruntime", art, cache_dir=False, max_sequences=3)
+    h = trt_b.config.hidden_size
+    rng = np.random.default_rng(0)
+    for slot, n in enumerate((9, 14, 5)):
+        video = rng.standard_normal((n, h)).astype(np.float32)
+        prompt = [1, 733, *([28705] * slot), -201, 13, 5]
+        np.testing.assert_allclose(
+            trt_b.prefill(prompt, video, Head.TEXT, slot=slot),
+            ort_b.prefill(prompt, video, Head.TEXT, slot=slot),
+            rtol=1e-4, atol=1e-4,
+        )  # fmt: skip
+    for slots in ([0, 1, 2], [2, 0], [1, 2, 0]):
+        heads = [Head.TIME, Head.SCORE, Head.TEXT][: len(slots)]
+        ids = [32005, 1234, 32016][: len(slots)]
+        for got, want in zip(
+            trt_b.decode(slots, ids, heads), ort_b.decode(slots, ids, heads), strict=True
+        ):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 # ---- the strict stand-in: TensorRT's and CUDA's rules, and the backend keeping them -------
@@ -606,8 +638,8 @@ def test_fake_backend_alignment_and_streaming(fake_trt, fake_art):
 
     b = TensorRTBackend(fake_art, device="cuda", cuda_graphs=0)
     assert tensorrt.Runtime.loaded == ["stream"] * 3  # never the whole file as bytes
-    assert all(kv.row_bytes % 256 and kv.stage is not None for kv in b._kv)
-    assert [kv.staged(p) for p in range(4) for kv in b._kv[:1]] == [False, True, False, True]
+    assert b.kv.row_bytes % 256 and b.kv.stage is not None
+    assert [b.kv.staged(p) for p in range(4)] == [False, True, False, True]
     ref = OnnxRuntimeBackend(fake_art, cache_dir=False)
     video = np.random.default_rng(1).standard_normal((30, b.config.hidden_size), np.float32)
     prompt = [1, 733, -201, 28705]
@@ -665,28 +697,20 @@ def test_fake_backend_failed_capture(fake_trt, fake_art, clip_video, failure):
         got = pipe.run(clip_video, "dvc", gen=gen)["token_ids"]
     assert got == want
     assert fake_trt.live_graphs == set() and fake_trt.last_error == 0
-    assert pipe.backend._graph_capacity == 0 and not pipe.backend._graphs
+    assert pipe.backend.past_graphs.capacity == 0 and not pipe.backend.past_graphs.graphs
     assert pipe.run(clip_video, "dvc", gen=gen)["token_ids"] == want
 
 
 def test_fake_backend_tensorrt_version(monkeypatch, fake_art):
     # Any TensorRT >= 10.3 is accepted (JetPack 6.1's), older ones are refused by name.
-    import trace_rt.backends as pkg
-    from tests.fake_tensorrt import make_modules
+    from tests.fake_tensorrt import install, uninstall
 
-    for m in ("tensorrt_backend", "tensorrt_reader", "cuda_rt"):
-        monkeypatch.delitem(sys.modules, f"{pkg.__name__}.{m}", raising=False)
-        monkeypatch.delattr(pkg, m, raising=False)
-    for name, mod in make_modules(version="10.2.0.19").items():
-        monkeypatch.setitem(sys.modules, name, mod)
+    install(monkeypatch, version="10.2.0.19")
     from trace_rt.backends.tensorrt_backend import TensorRTBackend
 
     with pytest.raises(CheckpointError, match=r"TensorRT 10\.2\.0\.19 is too old.*>= 10\.3"):
         TensorRTBackend(fake_art, device="cuda", verify="size")
-    for m in ("tensorrt_backend", "tensorrt_reader", "cuda_rt"):
-        sys.modules.pop(f"{pkg.__name__}.{m}", None)
-        if hasattr(pkg, m):
-            delattr(pkg, m)
+    uninstall()
     tm.check_tensorrt_version("10.3.0.30")
     tm.check_tensorrt_version("11.0.0")
     assert tm.version_tuple("10.13.3.9") == (10, 13, 3)
@@ -711,7 +735,7 @@ def test_step_engine_record(step_art):
     assert profile["name"] == "decode"
     assert profile["shapes"]["position_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [1, 1]}
     shapes = [s["max"] for n, s in profile["shapes"].items() if n.startswith("past_")]
-    assert shapes and all(s[1] == 511 for s in shapes)
+    assert shapes and all(s[:2] == [511, 1] for s in shapes)  # [past, batch, kv, hd]
 
 
 def test_step_engine_one_graph_per_backend(fake_trt, step_art, clip_video):
@@ -723,16 +747,16 @@ def test_step_engine_one_graph_per_backend(fake_trt, step_art, clip_video):
     trt_p = Pipeline.from_dir(step_art, "tensorrt", device="cuda")
     ort_p = Pipeline.from_dir(step_art, "onnxruntime", cache_dir=False)
     backend = trt_p.backend
-    assert backend._step is not None
+    assert backend.step is not None
     steps = 0
-    decode_step = backend.decode_step
+    decode = backend.decode
 
-    def counted(token_id, head):
+    def counted(slots, token_ids, heads):
         nonlocal steps
         steps += 1
-        return decode_step(token_id, head)
+        return decode(slots, token_ids, heads)
 
-    backend.decode_step = counted
+    backend.decode = counted
     gens = [
         GenerationConfig(max_new_tokens=24),
         GenerationConfig(max_new_tokens=24, temperature=1.0, seed=3),
@@ -742,13 +766,13 @@ def test_step_engine_one_graph_per_backend(fake_trt, step_art, clip_video):
         query = None if task == "dvc" else QUERY
         got = trt_p.run(clip_video, task, query=query, gen=gen)["token_ids"]
         assert got == ort_p.run(clip_video, task, query=query, gen=gen)["token_ids"], (task, gen)
-        graph = graph or backend._step_graph
-        assert backend._step_graph is graph  # the same graph, never re-captured
+        graph = graph or backend.step.graph
+        assert backend.step.graph is graph  # the same graph, never re-captured
     assert steps > 20
     # One graph alive; every step but the first (which ran, then captured) replayed it; the
     # per-past-length path was never used.
     assert len(fake_trt.live_graphs) == 1 and fake_trt.launches == steps - 1
-    assert backend._graphs == {} and backend._seen == set()
+    assert backend.past_graphs.graphs == {} and backend.past_graphs.seen == set()
 
 
 def test_step_engine_logits(fake_trt, step_art):
@@ -787,8 +811,12 @@ def test_fake_build_step_then_run(fake_trt, tiny_ckpt, tmp_path, clip_video):
     from trace_rt.pipeline import Pipeline
 
     art = export_onnx(tiny_ckpt, tmp_path / "art", progress=False)
-    main(["trt", str(art), "--max-seq", "384", "--checkpoint", str(tiny_ckpt), "--no-progress"])
+    args = ["--max-seq", "384", "--max-batch", "2", "--checkpoint", str(tiny_ckpt)]
+    main(["trt", str(art), *args, "--no-progress"])
     section = json.loads((art / "manifest.json").read_text())["tensorrt"]
+    assert section["limits"] == {"max_frames": 8, "max_seq": 384, "max_batch": 2}
+    names = [p["name"] for p in section["engines"][DECODER]["profiles"]]
+    assert names == ["prefill", "decode", "decode_batch"]
     rec = section["engines"][tm.STEP]
     assert rec["fixed"] == {"seq": 1, "past": 383} and rec["onnx"] == "decoder_step.onnx"
     assert len(tensorrt.Builder.built) == 4
@@ -797,11 +825,11 @@ def test_fake_build_step_then_run(fake_trt, tiny_ckpt, tmp_path, clip_video):
     got = [pipe.run(clip_video, "dvc", gen=gen)["token_ids"] for _ in range(2)]
     want = Pipeline.from_dir(art, "onnxruntime", cache_dir=False).run(clip_video, "dvc", gen=gen)
     assert got == [want["token_ids"]] * 2
-    assert len(fake_trt.live_graphs) == 1 and pipe.backend._graphs == {}
+    assert len(fake_trt.live_graphs) == 1 and pipe.backend.past_graphs.graphs == {}
     # A decoder rebuilt without the checkpoint drops the old step (it goes with the decoder).
-    again = build_engines(art, max_seq=384, graphs=["decoder"], progress=False)
-    assert tm.STEP not in again["engines"]
-    assert Pipeline.from_dir(art, "tensorrt", device="cuda").backend._step is None
+    again = build_engines(art, max_seq=384, max_batch=2, graphs=["decoder"], progress=False)
+    assert tm.STEP not in again["engines"] and "vision_encoder" in again["engines"]
+    assert Pipeline.from_dir(art, "tensorrt", device="cuda").backend.step is None
 
 
 @pytest.mark.parametrize("failure", ["fail_capture", "fail_instantiate"])
@@ -819,6 +847,6 @@ def test_step_engine_failed_capture(fake_trt, step_art, clip_video, failure):
     with pytest.warns(UserWarning, match="CUDA graph capture failed"):
         assert pipe.run(clip_video, "dvc", gen=gen)["token_ids"] == want
     assert fake_trt.live_graphs == set() and fake_trt.last_error == 0
-    assert pipe.backend._step_graph is None and pipe.backend._graph_capacity == 0
+    assert pipe.backend.step.graph is None and pipe.backend.past_graphs.capacity == 0
     assert pipe.run(clip_video, "dvc", gen=gen)["token_ids"] == want
     assert fake_trt.launches == 0

@@ -99,7 +99,11 @@ def _load_for_run(video: str, model: Path, sequences: int, options: dict[str, An
         if not backend.startswith("onnxruntime"):
             raise InputError(f"--quant picks an onnxruntime decoder variant; not for {backend!r}")
         kw["decoder_variant"] = o["quant"]
-    if sequences > 1 and backend != "tensorrt":
+    if sequences > 1:
+        if backend == "tensorrt":  # no more slots than its engines decode at once
+            from trace_rt.backends.tensorrt_manifest import built_max_batch
+
+            sequences = min(sequences, built_max_batch(model))
         kw["max_sequences"] = sequences  # the questions decode as one batch
     source = _stdin_video() if video == "-" else video  # read before the model loads
     pipe = Pipeline.from_dir(model, backend, prompts_file=o["prompts"], template=template, **kw)

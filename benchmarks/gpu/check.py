@@ -400,7 +400,7 @@ def step_timing(model: str, work: Path, which: str) -> dict[str, Any]:
     )
     steps = 64
     for label, capacity in (("decode_ms", 0), ("decode_cuda_graph_ms", 256)):
-        b._graph_capacity = capacity  # same engines, with and without decode-step graphs
+        b.past_graphs.capacity = capacity  # same engines, with and without decode-step graphs
         for _ in range(3):  # request 1 sees each length, 2 captures, 3 replays
             b.prefill(prompt, video, Head.TEXT)
             times = [_timed(lambda: b.decode_step(32001, Head.TIME), b) for _ in range(steps)]

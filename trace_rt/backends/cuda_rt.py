@@ -137,6 +137,22 @@ def copy_dtod(dst: int, src: int, nbytes: int, stream: Stream) -> None:
         check(cudart.cudaMemcpyAsync(dst, src, nbytes, kind, stream.obj))
 
 
+def copy_2d(
+    dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, stream: Stream
+) -> None:
+    """Device-to-device copy of *height* rows of *width* bytes between strided layouts
+    (``cudaMemcpy2DAsync``): one call moves a KV row of every layer, or a sequence's
+    positions into its strided pool slot."""
+    if width and height:
+        kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        check(cudart.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, stream.obj))
+
+
+def memset(ptr: int, value: int, nbytes: int, stream: Stream) -> None:
+    if nbytes:
+        check(cudart.cudaMemsetAsync(ptr, value, nbytes, stream.obj))
+
+
 class Graph:
     """A CUDA graph captured from *stream* around ``record()``; replay with :meth:`launch`."""
 

@@ -8,13 +8,17 @@ Layout (one build per artifact directory; rebuilding replaces it)::
 
     "tensorrt": {
       "format": 1, "version": "10.x", "gpu": {"name": ..., "compute_capability": "9.0"},
-      "precision": "fp16", "limits": {"max_frames": 128, "max_seq": 4096},
+      "precision": "fp16", "limits": {"max_frames": 128, "max_seq": 4096, "max_batch": 8},
       "timing_cache": "tensorrt/timing-....cache", "built_at": ..., "build_s": ...,
       "engines": {"decoder": {"file": "tensorrt/decoder.fp16.engine", "sha256": ...,
                   "bytes": ..., "onnx": "decoder.onnx", "strongly_typed": true,
                   "flags": [], "variant": null, "build_s": ...,
                   "profiles": [{"name": "prefill", "shapes": {input: {"min","opt","max"}}},
-                               {"name": "decode", ...}]}, ...}}
+                               {"name": "decode", ...},
+                               {"name": "decode_batch", ...}]}, ...}}
+
+``limits.max_batch`` (absent in builds before batching: 1) bounds the backend's
+``max_sequences``; ``decode_batch`` exists only when it is above 1.
 """
 
 from __future__ import annotations
@@ -73,6 +77,17 @@ def read_section(manifest: dict[str, Any], root: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{root}: {MANIFEST_FILE} has no TensorRT engine for {missing}")
     return section
+
+
+def built_max_batch(root: str | Path) -> int:
+    """The most sequences *root*'s engines decode at once (``limits.max_batch``; 1 when
+    the manifest has no TensorRT section or predates batching: the backend's error then
+    names what is missing)."""
+    try:
+        manifest = json.loads((Path(root) / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return 1
+    return int(((manifest.get(SECTION) or {}).get("limits") or {}).get("max_batch", 1))
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
