@@ -20,6 +20,14 @@ each C in ``--concurrency`` (:mod:`trace_rt.bench.triton`)::
     python -m trace_rt.bench --model ckpt-small --artifacts art-small \\
         --backends onnxruntime,triton --url 127.0.0.1:8001 --concurrency 1,2,4
 
+For in-process backends with KV-slot pools, ``--concurrency`` also measures each level's
+requests at once through one engine against one at a time, and ``--queries-per-video N``
+N ``mr`` queries about one video, independent vs cached vs one ``run_many`` call
+(:mod:`trace_rt.bench.batching`)::
+
+    python -m trace_rt.bench --model ckpt-small --artifacts art-small \\
+        --backends onnxruntime --frames 16 --concurrency 1,2,4,8 --queries-per-video 4
+
 Backends load one at a time (each freed before the next), so peak memory is per backend
 and one backend's caches cannot slow another's. torch/transformers are imported only by
 the backends that need them; this module and the rest of ``trace_rt.bench`` need numpy and
