@@ -78,6 +78,9 @@ def test_concurrency_levels_are_reported_and_consistent(engine_doc):
     assert b1["single_request_ms"] == pytest.approx(single)
     assert b1["engine_ms"] == levels[0]["batched"]["step_p50_ms"]
     assert b1["ratio"] == pytest.approx(b1["engine_ms"] / single, rel=1e-3)
+    load = section["load"]["onnxruntime"]  # the machine while the section ran
+    assert load["wall_s"] > 0 and 0.0 <= load["others_busy_fraction"] <= 1.0
+    assert "machine while `onnxruntime` was measured here: load" in md
     assert section["targets"] == []  # the targets are stated for `small`, 16 frames, 64 steps
     assert "## In-process concurrency (continuous batching)" in md
     assert "| onnxruntime | 3 | batched |" in md and "batch-1 step" in md

@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from trace_rt.bench.load import LoadWindow
 from trace_rt.bench.plugins import BackendSpec
 from trace_rt.bench.runner import Request, _free_memory, build_options
 from trace_rt.bench.stats import percentile
@@ -380,7 +381,12 @@ def run_section(
     n = args.queries_per_video
     if not levels and not n:
         return None
-    section: dict[str, Any] = {"concurrency": {}, "queries_per_video": {}, "skipped": {}}
+    section: dict[str, Any] = {
+        "concurrency": {},
+        "queries_per_video": {},
+        "skipped": {},
+        "load": {},  # backend -> the machine's load while it was measured (bench.load)
+    }
     for spec in specs:
         if spec.name in skipped or spec.name not in entries:
             continue
@@ -390,6 +396,7 @@ def run_section(
             section["skipped"][spec.name] = "no KV-slot pool: its class takes no max_sequences"
             continue
         load = Loader(spec, cls, model_dir, args.device, args.dtype)
+        window = LoadWindow()
         t0 = time.perf_counter()
         with console.status(f"{spec.name}: engine") as status:
 
@@ -412,4 +419,5 @@ def run_section(
                     )
             except (ImportError, RuntimeError, TraceError, OSError) as e:
                 section["skipped"][spec.name] = f"{type(e).__name__}: {e}"
+        section["load"][spec.name] = window.close()
     return section

@@ -8,7 +8,8 @@ JSON (``report["engine"]``, absent when neither flag was given)::
      "queries_per_video": {backend: {"queries", "independent", "cached_one_at_a_time",
                                      "batched", "second_query", "workload_s",
                                      "workload_speedup", "tokens_match"}},
-     "skipped": {backend: why}, "targets": [{"backend", "metric", "value", "target", "met"}]}
+     "skipped": {backend: why}, "load": {backend: LoadWindow.close()},
+     "targets": [{"backend", "metric", "value", "target", "met"}]}
 
 Each mode's figures are :func:`trace_rt.bench.batching.level_figures`; the measurements
 are one round per level (not repeated per invocation), so no spread is reported for them.
@@ -20,6 +21,7 @@ from typing import Any
 
 from rich.table import Table
 
+from trace_rt.bench import load as load_mod
 from trace_rt.bench.render import _ms, _x
 
 # (metric, op, bound): issue 10's targets, read from the section (see ``engine_targets``).
@@ -217,6 +219,14 @@ def markdown(section: dict[str, Any]) -> list[str]:
                 f"{_frac(sq.get('end_to_end_fraction'))} of the first's; tokens "
                 f"{'identical' if q['tokens_match'] else 'DIFFER'} across the three modes"
             )
+    loads = section.get("load") or {}
+    if loads:
+        lines += [""]
+        lines += [
+            f"- machine while `{name}` was measured here: {load_mod.describe(w)}, "
+            f"{w['wall_s']:.0f} s (started {w['started_utc']})"
+            for name, w in loads.items()
+        ]
     if section.get("targets"):
         lines += ["", "### Issue 10 targets (one round each, no spread)", ""]
         lines += [f"- {target_line(t)}" for t in section["targets"]]
