@@ -2,8 +2,9 @@
 
 This is the baseline every other backend is reported against, so it keeps the release's
 way of running (``gyxxyg/TRACE`` on transformers), not ours: every step computes all
-heads' logits (lm_head included) and the active head's slice is taken afterwards, and the
-KV cache is HF's ``DynamicCache``, which grows by concatenation each step. It adds no
+heads' logits (lm_head included) and the active head's slice is taken afterwards, the
+KV cache is HF's ``DynamicCache``, which grows by concatenation each step, and one request
+runs at a time (a pool of one KV slot for the decoding engine, no prefix cache). It adds no
 optimisation of its own; making it faster would flatter nothing but the baseline.
 
 It lives in ``benchmarks/`` because it builds on ``trace_rt`` and transformers, and the
@@ -39,7 +40,7 @@ class ReferenceBackend:
 
     name = "reference"
     model_format = "checkpoint"  # what the bench must pass as model_dir
-    # The release answers one request at a time: one KV slot, no prefix cache.
+    # The release ran one request at a time: one KV slot, no batched steps, no prefixes.
     max_sequences = 1
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | None = None):
@@ -79,36 +80,43 @@ class ReferenceBackend:
         head: Head,
         *,
         slot: int = 0,
-        prefix: object = None,
+        prefix: object | None = None,
     ) -> np.ndarray:
-        _one_slot(slot)
+        self._check_slot(slot)
         if prefix is not None:
-            raise NotImplementedError("the reference backend has no prefix cache")
+            raise NotImplementedError(self._NO_PREFIX)
         x = self.model.embed_prompt(prompt_ids, video)  # [1, L, hidden]
         self._cache = DynamicCache(config=self.model.llm.config)  # a fresh cache per request
         return self._head(self.model.step_logits(x, self._cache), head)
 
+    def save_prefix(self, prompt_ids: Sequence[int], video: torch.Tensor, *, slot: int = 0):
+        raise NotImplementedError(self._NO_PREFIX)
+
+    @torch.no_grad()
+    def decode(
+        self, slots: Sequence[int], token_ids: Sequence[int], heads: Sequence[Head]
+    ) -> list[np.ndarray]:
+        if len(slots) != 1 or len(token_ids) != 1 or len(heads) != 1:
+            raise ValueError("the reference backend decodes one sequence (max_sequences = 1)")
+        return [self.decode_step(token_ids[0], heads[0], slot=slots[0])]
+
     @torch.no_grad()
     def decode_step(self, token_id: int, head: Head, *, slot: int = 0) -> np.ndarray:
-        _one_slot(slot)
+        self._check_slot(slot)
         if self._cache is None:
             raise RuntimeError("decode_step before prefill")
         x = self.model.embed_ids([token_id])[None]  # [1, 1, hidden]
         return self._head(self.model.step_logits(x, self._cache), head)
 
-    def decode(
-        self, slots: Sequence[int], token_ids: Sequence[int], heads: Sequence[Head]
-    ) -> list[np.ndarray]:
-        if len(slots) != 1:
-            raise ValueError("the reference backend decodes one sequence at a time")
-        return [self.decode_step(token_ids[0], heads[0], slot=slots[0])]
-
-    def save_prefix(self, prompt_ids: Sequence[int], video: torch.Tensor, *, slot: int = 0):
-        raise NotImplementedError("the reference backend has no prefix cache")
-
     def release(self, slot: int) -> None:
-        _one_slot(slot)
+        self._check_slot(slot)
         self._cache = None
+
+    _NO_PREFIX = "the reference backend keeps no KV prefixes (the release had none)"
+
+    def _check_slot(self, slot: int) -> None:
+        if slot != 0:
+            raise ValueError(f"slot {slot}: the reference backend has one KV slot (0)")
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -118,8 +126,3 @@ class ReferenceBackend:
         # All heads were computed (the release's semantics); the loop wants the active one.
         lo = head_base(self.config.ids, head)
         return logits[lo : lo + head_size(self.config.ids, head)].float().cpu().numpy()
-
-
-def _one_slot(slot: int) -> None:
-    if slot != 0:
-        raise ValueError(f"the reference backend has one KV slot (0), not {slot}")

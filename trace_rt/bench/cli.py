@@ -20,6 +20,14 @@ each C in ``--concurrency`` (:mod:`trace_rt.bench.triton`)::
     python -m trace_rt.bench --model ckpt-small --artifacts art-small \\
         --backends onnxruntime,triton --url 127.0.0.1:8001 --concurrency 1,2,4
 
+For in-process backends with KV-slot pools, ``--concurrency`` also measures each level's
+requests at once through one engine against one at a time, and ``--queries-per-video N``
+N ``mr`` queries about one video, independent vs cached vs one ``run_many`` call
+(:mod:`trace_rt.bench.batching`)::
+
+    python -m trace_rt.bench --model ckpt-small --artifacts art-small \\
+        --backends onnxruntime --frames 16 --concurrency 1,2,4,8 --queries-per-video 4
+
 Backends load one at a time (each freed before the next), so peak memory is per backend
 and one backend's caches cannot slow another's. torch/transformers are imported only by
 the backends that need them; this module and the rest of ``trace_rt.bench`` need numpy and
@@ -44,8 +52,8 @@ from rich.live import Live
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from trace_rt.bench import batching, batching_report, machine, mdreport, plugins, render, report
 from trace_rt.bench import floor as floor_mod
-from trace_rt.bench import machine, mdreport, plugins, render, report
 from trace_rt.bench import peaks as peaks_mod
 from trace_rt.bench import triton as triton_mod
 from trace_rt.bench.load import LoadWindow
@@ -56,6 +64,7 @@ from trace_rt.config import TraceConfig
 from trace_rt.errors import TraceError
 
 DEFAULT_BACKENDS = "reference,torch,onnxruntime"
+TRITON_CONCURRENCY = "1,2,4,8"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,10 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--concurrency",
-        default="1,2,4,8",
-        help="triton backend: concurrent clients per level, comma-separated; each level "
-        "runs --warmup + --runs rounds of that many simultaneous requests (default: "
-        "%(default)s)",
+        help="concurrent requests per level, comma-separated, e.g. 1,2,4,8. In-process "
+        "backends with KV-slot pools: each level's requests at once through one engine "
+        "(max_sequences = level) vs one at a time, once, after the per-stage runs. triton: "
+        "clients per level, --warmup + --runs rounds each (triton's default: "
+        f"{TRITON_CONCURRENCY}; in-process levels only when given)",
+    )
+    p.add_argument(
+        "--queries-per-video",
+        type=int,
+        metavar="N",
+        help="in-process backends: N mr queries about the video, independent vs cached one "
+        "at a time vs batched in one run_many call (once, after the per-stage runs)",
     )
     p.add_argument("--json", type=Path, help="write every sample and the summary here")
     p.add_argument("--markdown", type=Path, help="write a markdown report here")
@@ -164,13 +181,14 @@ def _main(args: argparse.Namespace, console: Console, argv: list[str]) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.warmup < 0 or args.repeat_gap < 0:
         raise ValueError("--warmup and --repeat-gap must be >= 0")
+    batching.check_args(args.concurrency, args.queries_per_video)  # fail before measuring
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
     specs, skipped = plugins.resolve(names, args.plugin)
     cfg = TraceConfig.from_dir(args.model)
     frames = cfg.num_frames if args.frames is None else args.frames
     server: dict[str, Any] | None = None
     if triton_mod.NAME in names and not any(s.name == triton_mod.NAME for s in specs):
-        concurrency = triton_mod.parse_concurrency(args.concurrency)
+        concurrency = triton_mod.parse_concurrency(args.concurrency or TRITON_CONCURRENCY)
         console.print(f"[bold]trace-rt bench[/bold]: checking the Triton server {args.url} …")
         server = triton_mod.check_server(args.url)  # fails fast, before any measuring
         server["concurrency"] = concurrency
@@ -183,9 +201,10 @@ def _main(args: argparse.Namespace, console: Console, argv: list[str]) -> int:
             _invocation(k, specs, skipped, args, cfg, request, console, server)
             for k in range(args.repeat)
         ]
+        peaks = peaks_mod.best_of([r.peaks for r in rounds])
+        entries, by_inv = _entries(rounds, cfg, peaks, args.decode_steps)
+        engine = batching.run_section(specs, skipped, args, request, entries, console)
     info["load_average_end"] = list(os.getloadavg())
-    peaks = peaks_mod.best_of([r.peaks for r in rounds])
-    entries, by_inv = _entries(rounds, cfg, peaks, args.decode_steps)
     config = _config(args, argv, cfg, frames, peaks, names)
     config["video"] = DESCRIPTION if args.video is None else args.video
     section = None
@@ -196,9 +215,18 @@ def _main(args: argparse.Namespace, console: Console, argv: list[str]) -> int:
     doc = report.build_report(
         info, config, entries, skipped, section, by_invocation=by_inv, invocations=invocations
     )
+    if engine is not None:
+        # Issue 10's targets are stated for `small` on CPU, like issue 5's.
+        apply = report.targets_apply(config)
+        engine["targets"] = batching_report.engine_targets(engine) if apply else []
+        doc["engine"] = engine
     console.print(render.console_table(doc["backends"], _title(config), console.width))
     if section:
         console.print(render.triton_table(section))
+    for table in batching_report.console_tables(doc.get("engine") or {}):
+        console.print(table)
+    for t in (doc.get("engine") or {}).get("targets", []):
+        console.print(escape(batching_report.target_line(t)), highlight=False)
     for name, why in skipped.items():
         console.print(f"[yellow]skipped {name}[/yellow]: {escape(why)}")
     for line in render.notes(doc):

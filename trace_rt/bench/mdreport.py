@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from trace_rt.bench import batching_report
 from trace_rt.bench.render import LEGEND, TRITON_COLUMNS, _ms, _target, _x, triton_rows
 from trace_rt.bench.stats import STAGES
 from trace_rt.bench.summary import LONG_TAIL
@@ -224,7 +225,8 @@ def _triton(section: dict[str, Any]) -> list[str]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The whole report: header, load, latency, throughput, checks, targets, triton."""
+    """The whole report: header, load, latency, throughput, checks, targets, triton, the
+    in-process engine (``--concurrency``, ``--queries-per-video``)."""
     lines = _header(report)
     lines += _load_lines(report)
     lines += _latency(report["backends"])
@@ -233,6 +235,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _targets(report)
     if report.get("triton"):
         lines += _triton(report["triton"])
+    if report.get("engine"):
+        lines += batching_report.markdown(report["engine"])
     if report["skipped"]:
         lines += ["", "## Skipped", ""]
         lines += [f"- `{k}`: {v}" for k, v in report["skipped"].items()]
