@@ -1,6 +1,8 @@
 """Video + question in, TRACE's events out: the stages around the decoding loop.
 
-video decode + sampling (PyAV) -> CLIP preprocessing (numpy) -> backend.encode_video ->
+video decode + sampling (PyAV), each sampled frame scaled to the model's input as it is
+converted from YUV (libswscale, or the release's exact Pillow arithmetic with
+``resize="exact"``; :mod:`trace_rt.video.convert`) -> normalisation -> backend.encode_video ->
 prompt ids -> :func:`trace_rt.generate.generate` -> parser. Backend-agnostic: the same
 code runs every backend.
 """
@@ -17,14 +19,16 @@ from typing import Any
 import numpy as np
 
 from trace_rt.backends import Backend, default_backend, load_backend
+from trace_rt.config import PreprocessConfig
 from trace_rt.errors import InputError, PromptTooLongError
 from trace_rt.events import Event, EventParser
 from trace_rt.generate import GenerationConfig, generate
-from trace_rt.preprocess import preprocess_frame
+from trace_rt.preprocess import normalize
 from trace_rt.prompts import CUSTOM_TASK, PromptSet, prompt_ids
 from trace_rt.tokenizer import TextTokenizer
 from trace_rt.tokens import MAX_TIMESTAMP, encode_timestamp
 from trace_rt.video import DecodeLimits, SampledVideo, VideoSource, load_video
+from trace_rt.video.convert import DEFAULT_RESIZE, RESIZE_MODES, ModelFrames
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ class Prepared:
     """One request's model inputs, made on the host by :meth:`Pipeline.prepare`."""
 
     prompt_ids: list[int]  # -201 where the video block goes
-    clip: SampledVideo  # its frames are the pixel values (frames are preprocessed on decode)
+    clip: SampledVideo  # frames: uint8 RGB at model size [F, 3, H, W] (empty if sent pixels)
     pixel_values: np.ndarray  # float32 [F, 3, H, W]
     time_ids: np.ndarray  # int64 [F, 6]
     free_question: bool = False  # task custom: the result gets an ``answer``
@@ -46,6 +50,10 @@ class Pipeline:
         tokenizer: the checkpoint's text tokenizer.
         prompts: system text and task questions (defaults to the release's).
         template: ``llama_2`` (the release's evaluation) or ``mistral_instruct``.
+        resize: how frames reach the model's size: ``fast`` (libswscale while converting
+            from YUV, the default) or ``exact`` (full-resolution RGB, then the release's
+            Pillow bicubic bit for bit; several times slower on large frames). See
+            :mod:`trace_rt.video.convert`.
     """
 
     def __init__(
@@ -54,7 +62,11 @@ class Pipeline:
         tokenizer: TextTokenizer,
         prompts: PromptSet | None = None,
         template: str = "llama_2",
+        resize: str = DEFAULT_RESIZE,
     ):
+        if resize not in RESIZE_MODES:  # fail at load, not on every request
+            raise InputError(f"resize must be one of {', '.join(RESIZE_MODES)}; got {resize!r}")
+        self.resize = resize
         self.backend = backend
         self.config = backend.config
         self.tokenizer = tokenizer
@@ -69,6 +81,7 @@ class Pipeline:
         *,
         prompts_file: str | Path | None = None,
         template: str = "llama_2",
+        resize: str = DEFAULT_RESIZE,
         **backend_options: Any,
     ) -> Pipeline:
         """Load *model_dir* (checkpoint or artifact directory) with backend *backend*
@@ -80,6 +93,7 @@ class Pipeline:
             TextTokenizer.from_dir(model_dir),
             PromptSet.load(prompts_file),
             template,
+            resize,
         )
 
     def run(
@@ -203,8 +217,9 @@ class Pipeline:
 
         Split out of :meth:`run` so that ``trace_rt.bench`` times exactly this work as
         its ``video`` stage and then drives the backend stage by stage itself. Each
-        sampled frame is preprocessed as soon as it is decoded, so memory holds frames at
-        model resolution, not at the video's.
+        sampled frame is scaled to the model's input as soon as it is decoded (in the
+        YUV-to-RGB conversion itself by default), so memory holds frames at model
+        resolution, not at the video's, and no full-resolution RGB image is made.
 
         Args:
             limits: formats, frame size and time budget allowed for decoding (default
@@ -217,16 +232,11 @@ class Pipeline:
         n_frames = self.config.num_frames if frames is None else frames
         ids = self._prompt(task, query, question, n_frames, gen or GenerationConfig())
         pp = self.config.preprocess
-        clip = load_video(
-            video,
-            n_frames,
-            limits=limits,
-            cancelled=cancelled,
-            transform=lambda rgb: preprocess_frame(rgb, pp),  # [H, W, 3] -> [3, h, w]
-            sampler=sampler,
+        clip, pixels = video_inputs(
+            video, n_frames, pp, self.resize, limits=limits, cancelled=cancelled, sampler=sampler
         )
         free = task in (None, CUSTOM_TASK)
-        return Prepared(ids, clip, clip.frames, _time_ids(clip.times), free)
+        return Prepared(ids, clip, pixels, _time_ids(clip.times), free)
 
     def prepare_frames(
         self,
@@ -305,6 +315,30 @@ class Pipeline:
                 f"positions exceeds the model's context of {cfg.max_position_embeddings}"
             )
         return ids
+
+
+def video_inputs(
+    video: VideoSource,
+    n_frames: int,
+    pp: PreprocessConfig,
+    resize: str = DEFAULT_RESIZE,
+    **load: Any,
+) -> tuple[SampledVideo, np.ndarray]:
+    """The video half of :meth:`Pipeline.prepare`: sampled frames and pixel values.
+
+    Each sampled frame goes to the model's input size as it is decoded
+    (:class:`~trace_rt.video.convert.ModelFrames`); the uint8 frames are normalised once
+    all are in, after the decoder's memory is released, so the peak holds the decoder or
+    the float32 pixel values, not both.
+
+    Args:
+        load: ``limits``, ``cancelled``, ``sampler`` of :func:`trace_rt.video.load_video`.
+
+    Returns:
+        The clip (``frames`` uint8 ``[F, 3, h, w]``) and float32 ``[F, 3, h, w]`` pixels.
+    """
+    clip = load_video(video, n_frames, convert=ModelFrames(pp, resize), **load)
+    return clip, normalize(clip.frames, pp)
 
 
 def _time_ids(times: np.ndarray) -> np.ndarray:
