@@ -24,7 +24,7 @@ import numpy as np
 from trace_rt.config import PreprocessConfig
 from trace_rt.errors import InputError
 from trace_rt.preprocess import Layout, center_crop, layout, resize_crop
-from trace_rt.video.decode import _rgb
+from trace_rt.video import decode
 
 RESIZE_MODES = ("fast", "exact")
 DEFAULT_RESIZE = "fast"
@@ -58,7 +58,7 @@ class ModelFrames:
 
     def __call__(self, frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
         if self.resize == "exact":
-            return resize_crop(_rgb(frame, size)[None], self.cfg)[0]
+            return resize_crop(decode._rgb(frame, size)[None], self.cfg)[0]
         k = quarter_turns(frame)
         h, w = size
         lay = layout(*((w, h) if k % 2 else (h, w)), self.cfg)  # displayed orientation

@@ -66,11 +66,34 @@ def _cores() -> int:
     return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
-def _frames(container: av.container.InputContainer, stream: av.video.VideoStream, src: Source):
-    """Decoded frames in presentation order; packets that fail to decode are skipped."""
+# Codecs whose packets each hold one frame with that frame's pts, so a packet's pts says
+# whether its frame is wanted. (MPEG-4 part 2 in AVI may pack two frames in one packet.)
+_ONE_FRAME_PER_PACKET = frozenset({"h264", "hevc"})
+
+
+def _frames(
+    container: av.container.InputContainer,
+    stream: av.video.VideoStream,
+    src: Source,
+    wanted: frozenset[int] | None = None,
+):
+    """Decoded frames in presentation order; packets that fail to decode are skipped.
+
+    Given the pts of the ``wanted`` frames (H.264/HEVC only), the decoder skips the others
+    that no frame depends on (non-reference pictures: most B-frames) instead of decoding
+    them: they could only be thrown away. Reference pictures are always decoded.
+    """
+    cc = stream.codec_context
+    if cc.name not in _ONE_FRAME_PER_PACKET:
+        wanted = None
+    mode = cc.skip_frame
     try:
         for packet in container.demux(stream):
             src.check()
+            if wanted is not None:
+                want = "DEFAULT" if packet.pts is None or packet.pts in wanted else "NONREF"
+                if want != mode:  # frame threads take the setting with each packet
+                    cc.skip_frame = mode = want
             try:
                 frames = packet.decode()
             except av.error.FFmpegError:
@@ -173,6 +196,8 @@ def _decode(
     def far(t: int) -> bool:  # is the next wanted frame a whole GOP or more ahead?
         return seek and group(t) >= (group(pos) if pos is not None else -1) + 2
 
+    # Frames chosen by rank need every frame decoded to count them.
+    skip = frozenset(int(t) for t in wanted) if keys is not None else None
     with src.open() as c:
         s = _video_stream(c, src)
         _open_decoder(s, src)
@@ -182,7 +207,7 @@ def _decode(
                 target = int(keys[group(int(wanted[i]))])
                 c.seek(target, stream=s, backward=True)
                 seeks += 1
-            for rank, frame in enumerate(_frames(c, s, src)):
+            for rank, frame in enumerate(_frames(c, s, src, skip)):
                 key = rank if keys is None else frame.pts
                 if key is None:
                     raise _Retry("frames carry no timestamps")

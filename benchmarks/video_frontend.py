@@ -1,0 +1,188 @@
+"""The video stage against the ffmpeg CLI, and the two resize paths against each other.
+
+``python -m benchmarks.video_frontend CLIP_DIR [--out results.md] [--frames 128]``
+measures each clip written by :mod:`benchmarks.video_clips` (generate them first):
+
+- the video stage (:func:`trace_rt.pipeline.video_inputs`: decode, sample, scale to the
+  release's 336 x 336 input, normalise) with ``resize=fast`` and ``resize=exact``, each in
+  a fresh process: wall time (median of the timed runs after the first) and the first
+  run's peak RSS above the process's baseline (``ru_maxrss`` against the RSS before it);
+- the ffmpeg CLI doing the same job (:func:`trace_rt.bench.video.ffmpeg_baseline`);
+- how far ``fast`` is from ``exact`` (the release's numbers): uint8 levels per pixel.
+
+Runs alternate (fast, ffmpeg, fast, exact) so a change in the machine's load touches
+both sides of the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from trace_rt.config import _CLIP_L_336, PreprocessConfig
+
+CFG = PreprocessConfig.from_dict(_CLIP_L_336["preprocess"], pad_to_square=True)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(video: str, frames: int, resize: str, runs: int, save: str | None) -> dict:
+    """One process: the stage once for its peak, then *runs* timed runs."""
+    from trace_rt.pipeline import video_inputs
+
+    base = _rss_mb()
+    t = time.perf_counter()
+    clip, px = video_inputs(video, frames, CFG, resize)
+    first = (time.perf_counter() - t) * 1e3
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    if save:
+        np.save(save, clip.frames)
+    del clip, px
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        video_inputs(video, frames, CFG, resize)
+        times.append((time.perf_counter() - t) * 1e3)
+    return {"first_ms": first, "runs_ms": times, "peak_mb": peak}
+
+
+def _run_child(video: Path, frames: int, resize: str, runs: int, save: Path | None) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.video_frontend", "--child", str(video)]
+    cmd += ["--frames", str(frames), "--resize", resize, "--runs", str(runs)]
+    if save:
+        cmd += ["--save", str(save)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(video: Path, frames: int, tmp: Path) -> dict:
+    from trace_rt.bench.video import ffmpeg_baseline
+
+    fast = [_run_child(video, frames, "fast", 3, tmp / "fast.npy")]
+    ffmpeg = ffmpeg_baseline(video, CFG, frames, runs=3)
+    fast.append(_run_child(video, frames, "fast", 3, None))
+    exact = _run_child(video, frames, "exact", 1, tmp / "exact.npy")
+    a, b = np.load(tmp / "fast.npy").astype(int), np.load(tmp / "exact.npy").astype(int)
+    d = np.abs(a - b)
+    fast_ms = float(np.median([t for r in fast for t in r["runs_ms"]]))
+    return {
+        "fast_ms": fast_ms,
+        "fast_peak_mb": max(r["peak_mb"] for r in fast),
+        "exact_ms": float(np.median(exact["runs_ms"])),
+        "exact_peak_mb": exact["peak_mb"],
+        "ffmpeg": ffmpeg,
+        "ratio": fast_ms / ffmpeg["ms"] if "ms" in ffmpeg else None,
+        "diff": {
+            "max": int(d.max()),
+            "mean": float(d.mean()),
+            "p99": float(np.percentile(d, 99)),
+            "share_within_2": float((d <= 2).mean()),
+        },
+    }
+
+
+def _describe(video: Path) -> str:
+    import av
+
+    with av.open(str(video)) as c:
+        s = c.streams.video[0]
+        rot = getattr(next(c.decode(video=0)), "rotation", 0) or 0
+        size, codec, rate = (
+            (s.codec_context.width, s.codec_context.height),
+            s.codec_context.name,
+            s.guessed_rate,
+        )
+    with av.open(str(video)) as c:
+        n = sum(1 for p in c.demux(video=0) if p.size)
+    mb = video.stat().st_size / 1e6
+    return (
+        f"{size[0]}x{size[1]} {codec} {float(rate or 0):.0f} fps, rotation {rot}, "
+        f"{n} frames, {mb:.1f} MB"
+    )
+
+
+def markdown(results: dict[str, dict], info: dict) -> str:
+    lines = [
+        f"# Video front end, CPU ({date.today().isoformat()})",
+        "",
+        f"- machine: {info['cpus']} cores; load average {info['load_start']} at the start, "
+        f"{info['load_end']} at the end (other work shared the machine)",
+        f"- {info['frames']} frames sampled as the release does, to the release's 336 x 336 "
+        "input (pad to square with the CLIP mean colour, bicubic, centre crop, normalise)",
+        "- stage: `trace_rt.pipeline.video_inputs` (what `Pipeline.prepare` runs), fresh "
+        "process per row; time: median of the runs after the first; peak RSS: the first "
+        "run's `ru_maxrss` above the RSS before it",
+        "- ffmpeg: Debian's ffmpeg CLI, same decoder threads, `select` of the same frames, "
+        "`scale` bicubic + `pad` + `crop`, raw RGB to a file (command below)",
+        "",
+        "| clip | fast ms | ffmpeg ms | fast / ffmpeg | fast peak MB | exact ms | "
+        "exact peak MB | fast vs exact: max / mean / p99 levels, share within 2 |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, r in results.items():
+        ff = r["ffmpeg"]
+        ffms = f"{ff['ms']:.0f}" if "ms" in ff else "skipped"
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+        d = r["diff"]
+        lines.append(
+            f"| {name}: {r['describe']} | {r['fast_ms']:.0f} | {ffms} | {ratio} | "
+            f"{r['fast_peak_mb']:.0f} | {r['exact_ms']:.0f} | {r['exact_peak_mb']:.0f} | "
+            f"{d['max']} / {d['mean']:.2f} / {d['p99']:.0f}, {100 * d['share_within_2']:.1f}% |"
+        )
+    cmd = next((r["ffmpeg"]["command"] for r in results.values() if "command" in r["ffmpeg"]), "")
+    if cmd:
+        lines += ["", f"ffmpeg command (last clip): `{cmd[:300]}...`"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("clips", type=Path)
+    ap.add_argument("--frames", type=int, default=128)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--which", default="4k,portrait,long720")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--resize", default="fast", help=argparse.SUPPRESS)
+    ap.add_argument("--runs", type=int, default=3, help=argparse.SUPPRESS)
+    ap.add_argument("--save", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(str(args.clips), args.frames, args.resize, args.runs, args.save)))
+        return 0
+    import tempfile
+
+    info = {"cpus": os.cpu_count(), "frames": args.frames}
+    info["load_start"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="video-frontend-") as tmp:
+        for name in args.which.split(","):
+            video = args.clips / f"{name}.mp4"
+            r = measure(video, args.frames, Path(tmp))
+            r["describe"] = _describe(video)
+            results[name] = r
+            print(name, json.dumps(r), file=sys.stderr)
+    info["load_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    text = markdown(results, info)
+    if args.json:
+        args.json.write_text(json.dumps({"info": info, "results": results}, indent=1) + "\n")
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
