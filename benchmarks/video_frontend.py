@@ -6,7 +6,7 @@ measures each clip written by :mod:`benchmarks.video_clips` (generate them first
 - the video stage (:func:`trace_rt.pipeline.video_inputs`: decode, sample, scale to the
   release's 336 x 336 input, normalise) with ``resize=fast`` and ``resize=exact``, each in
   a fresh process: wall time (median of the timed runs after the first) and the first
-  run's peak RSS above the process's baseline (``ru_maxrss`` against the RSS before it);
+  run's peak RSS above the process's baseline (VmHWM, reset after the imports);
 - the ffmpeg CLI doing the same job (:func:`trace_rt.bench.video.ffmpeg_baseline`);
 - how far ``fast`` is from ``exact`` (the release's numbers): uint8 levels per pixel.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -33,20 +32,22 @@ from trace_rt.config import _CLIP_L_336, PreprocessConfig
 CFG = PreprocessConfig.from_dict(_CLIP_L_336["preprocess"], pad_to_square=True)
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) / 1024 for x in f if x.startswith(key + ":"))
 
 
 def child(video: str, frames: int, resize: str, runs: int, save: str | None) -> dict:
     """One process: the stage once for its peak, then *runs* timed runs."""
     from trace_rt.pipeline import video_inputs
 
-    base = _rss_mb()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS: imports are not counted
+    base = _status_mb("VmRSS")
     t = time.perf_counter()
     clip, px = video_inputs(video, frames, CFG, resize)
     first = (time.perf_counter() - t) * 1e3
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    peak = _status_mb("VmHWM") - base
     if save:
         np.save(save, clip.frames)
     del clip, px
@@ -93,6 +94,34 @@ def measure(video: Path, frames: int, tmp: Path) -> dict:
     }
 
 
+def smooth_diffs() -> dict[str, dict]:
+    """``fast`` against ``exact`` on smooth synthetic pictures (gradients and waves, as
+    camera footage mostly is), YUV 4:2:0 like a decoder's output: the clips' random-block
+    texture is a worst case for any two resamplers."""
+    import av
+
+    from trace_rt.video.convert import ModelFrames
+
+    out = {}
+    for h, w in ((2160, 3840), (1920, 1080), (720, 1280)):
+        y, x = np.mgrid[0:h, 0:w] / max(h, w)
+        img = np.stack(
+            [
+                128 + 100 * np.sin(6 * x + 2 * y),
+                128 + 100 * np.cos(5 * y),
+                128 + 80 * np.sin(3 * x * y + 1),
+            ],
+            -1,
+        )
+        frame = av.VideoFrame.from_ndarray(img.clip(0, 255).astype(np.uint8), format="rgb24")
+        frame = frame.reformat(format="yuv420p")
+        a = ModelFrames(CFG, "fast")(frame, (h, w)).astype(int)
+        b = ModelFrames(CFG, "exact")(frame, (h, w)).astype(int)
+        d = np.abs(a - b)
+        out[f"{w}x{h}"] = {"max": int(d.max()), "mean": float(d.mean())}
+    return out
+
+
 def _describe(video: Path) -> str:
     import av
 
@@ -123,7 +152,7 @@ def markdown(results: dict[str, dict], info: dict) -> str:
         "input (pad to square with the CLIP mean colour, bicubic, centre crop, normalise)",
         "- stage: `trace_rt.pipeline.video_inputs` (what `Pipeline.prepare` runs), fresh "
         "process per row; time: median of the runs after the first; peak RSS: the first "
-        "run's `ru_maxrss` above the RSS before it",
+        "run's peak RSS (VmHWM, reset after imports) above the RSS before it",
         "- ffmpeg: Debian's ffmpeg CLI, same decoder threads, `select` of the same frames, "
         "`scale` bicubic + `pad` + `crop`, raw RGB to a file (command below)",
         "",
@@ -141,6 +170,13 @@ def markdown(results: dict[str, dict], info: dict) -> str:
             f"{r['fast_peak_mb']:.0f} | {r['exact_ms']:.0f} | {r['exact_peak_mb']:.0f} | "
             f"{d['max']} / {d['mean']:.2f} / {d['p99']:.0f}, {100 * d['share_within_2']:.1f}% |"
         )
+    smooth = info.get("smooth")
+    if smooth:
+        lines += [
+            "",
+            "fast vs exact on smooth synthetic pictures (levels, max / mean): "
+            + ", ".join(f"{k} {v['max']} / {v['mean']:.2f}" for k, v in smooth.items()),
+        ]
     cmd = next((r["ffmpeg"]["command"] for r in results.values() if "command" in r["ffmpeg"]), "")
     if cmd:
         lines += ["", f"ffmpeg command (last clip): `{cmd[:300]}...`"]
@@ -175,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = r
             print(name, json.dumps(r), file=sys.stderr)
     info["load_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    info["smooth"] = smooth_diffs()
     text = markdown(results, info)
     if args.json:
         args.json.write_text(json.dumps({"info": info, "results": results}, indent=1) + "\n")

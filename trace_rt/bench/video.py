@@ -54,7 +54,12 @@ FFMPEG_TARGET = 1.2
 
 
 def ffmpeg_baseline(
-    video: str | Path, cfg: PreprocessConfig, frames: int, *, runs: int = 3
+    video: str | Path,
+    cfg: PreprocessConfig,
+    frames: int,
+    *,
+    runs: int = 3,
+    keep: Path | None = None,
 ) -> dict[str, Any]:
     """Time the ``ffmpeg`` CLI doing the video stage's job the way a user would script it.
 
@@ -63,6 +68,9 @@ def ffmpeg_baseline(
     (``select`` on the release's ``linspace`` indices), scales them to the model's input
     (``scale`` bicubic, ``pad`` with the mean colour, ``crop``) and writes raw RGB to a
     file. Median of *runs* after one warm-up run.
+
+    Args:
+        keep: copy ffmpeg's frames (raw RGB, ``frames x size x 3``) here.
 
     Returns:
         ``{"ms", "runs_ms", "threads", "frames", "size", "command"}``, or ``{"skipped":
@@ -111,6 +119,8 @@ def ffmpeg_baseline(
             if done.returncode != 0:
                 return {"skipped": f"ffmpeg failed: {done.stderr.strip()[-300:]}"}
         written = out.stat().st_size // (size[0] * size[1] * 3)
+        if keep is not None:
+            shutil.copyfile(out, keep)
     if written != len(idx):
         return {"skipped": f"ffmpeg wrote {written} frames, not the {len(idx)} sampled"}
     return {
