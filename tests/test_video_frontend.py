@@ -197,3 +197,27 @@ def test_unwanted_non_reference_frames_are_skipped_not_decoded(tmp_path, monkeyp
     ref = load_video(video, 9)
     assert np.array_equal(ref.frames, got.frames) and np.array_equal(ref.times, got.times)
     assert with_skip < len(decoded) * 0.8, (with_skip, len(decoded))
+
+
+@pytest.mark.parametrize("resize", ["fast", "exact"])
+def test_cli_run_passes_resize(tiny_ckpt, clip_video, resize, monkeypatch):
+    """``trace-rt run --resize`` reaches the pipeline: the result is that pipeline's."""
+    from trace_rt.cli import main
+    from trace_rt.pipeline import Pipeline
+
+    made = []
+    from_dir = Pipeline.from_dir.__func__
+
+    def spy(cls, *args, **kwargs):
+        made.append(kwargs.get("resize"))
+        return from_dir(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "from_dir", classmethod(spy))
+    args = ["run", str(clip_video), "--model", str(tiny_ckpt), "--frames", "4"]
+    assert main([*args, "--max-new-tokens", "6", "--resize", resize]) == 0
+    assert made == [resize]
+    with pytest.raises(SystemExit):  # argparse: not a choice
+        main([*args, "--resize", "nearest"])
+    want = from_dir(Pipeline, tiny_ckpt, resize=resize).prepare(clip_video, frames=4)
+    got = from_dir(Pipeline, tiny_ckpt).prepare(clip_video, frames=4)  # the default: fast
+    assert np.array_equal(want.pixel_values, got.pixel_values) == (resize == "fast")

@@ -41,6 +41,7 @@ def run(
     prompts: Path | None = None,
     quant: str | None = None,
     preset: str | None = None,
+    resize: str = "fast",
 ) -> dict:
     """``trace-rt run``: one video, one request, the result as a JSON-ready dict.
 
@@ -78,7 +79,9 @@ def run(
             raise InputError(f"--quant picks an onnxruntime decoder variant; not for {backend!r}")
         options["decoder_variant"] = quant
     source = _stdin_video() if video == "-" else video  # read before the model loads
-    pipe = Pipeline.from_dir(model, backend, prompts_file=prompts, template=template, **options)
+    pipe = Pipeline.from_dir(
+        model, backend, prompts_file=prompts, template=template, resize=resize, **options
+    )
     result = pipe.run(source, task, query=query, question=question, frames=frames, gen=gen)
     result = {**result, "video": video}
     if card is not None:
@@ -266,6 +269,14 @@ def _add_run_parser(sub: argparse._SubParsersAction, backends: list[str]) -> Non
         "evaluation prompt)",
     )
     p.add_argument("--prompts", type=Path, help="JSON file overriding system text and questions")
+    p.add_argument(
+        "--resize",
+        choices=["fast", "exact"],
+        default="fast",
+        help="frames to the model's size: fast (libswscale while converting from YUV) or "
+        "exact (the release's Pillow bicubic bit for bit, on full-resolution RGB: several "
+        "times slower on large videos) (default: %(default)s)",
+    )
     p.add_argument("--indent", type=int, default=None, help="indent the JSON output")
     _report_args(p)
 
@@ -422,6 +433,7 @@ def _run_command(args: argparse.Namespace) -> int:
         prompts=args.prompts,
         quant=args.quant,
         preset=args.preset,
+        resize=args.resize,
     )
     print(json.dumps(result, indent=args.indent))
     _write_report(args, result, args.backend or "from the model directory")
