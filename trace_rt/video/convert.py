@@ -31,6 +31,21 @@ DEFAULT_RESIZE = "fast"
 _INTERP = av.video.reformatter.Interpolation.BICUBIC
 
 
+# PyAV >= 17 threads reformatting itself (one thread per core by default); the decoder's
+# frame threads already use the cores, so one. Older PyAV takes no ``threads``.
+_THREADS = {"threads": 1}
+
+
+def _reformat(frame: av.VideoFrame, **kwargs) -> av.VideoFrame:
+    try:
+        return frame.reformat(**kwargs, **_THREADS)
+    except TypeError:
+        if not _THREADS:
+            raise
+        _THREADS.clear()
+        return frame.reformat(**kwargs)
+
+
 def quarter_turns(frame: av.VideoFrame) -> int:
     """Counter-clockwise quarter turns of the frame's display rotation (0 when none or
     not a multiple of 90 degrees, as :func:`trace_rt.video.decode._rgb` applies it)."""
@@ -66,7 +81,7 @@ class ModelFrames:
         th, tw = (sw, sh) if k % 2 else (sh, sw)  # scaled, before the display rotation
         # Planar RGB: each plane lands in the channel-first canvas with one copy (and
         # libswscale computes full-resolution chroma for it, closer to the exact path).
-        out = frame.reformat(width=tw, height=th, format="gbrp", interpolation=_INTERP, threads=1)
+        out = _reformat(frame, width=tw, height=th, format="gbrp", interpolation=_INTERP)
         canvas = np.empty((3, *lay.canvas), np.uint8)
         top, left = lay.offset
         for c, plane in enumerate((2, 0, 1)):  # gbrp stores G, B, R
