@@ -4,14 +4,15 @@
 measures each clip written by :mod:`benchmarks.video_clips` (generate them first):
 
 - the video stage (:func:`trace_rt.pipeline.video_inputs`: decode, sample, scale to the
-  release's 336 x 336 input, normalise) with ``resize=fast`` and ``resize=exact``, each in
-  a fresh process: wall time (median of the timed runs after the first) and the first
-  run's peak RSS above the process's baseline (VmHWM, reset after the imports);
-- the ffmpeg CLI doing the same job (:func:`trace_rt.bench.video.ffmpeg_baseline`);
+  release's 336 x 336 input, normalise) with ``resize=fast`` and ``resize=exact``, each
+  first in a fresh process: its peak RSS above the process's baseline (VmHWM, reset after
+  the imports), and for exact its time;
+- the ffmpeg CLI doing the same job (:func:`trace_rt.bench.video.ffmpeg_baseline`) and the
+  fast stage, in ``--pairs`` back-to-back pairs;
 - how far ``fast`` is from ``exact`` (the release's numbers): uint8 levels per pixel.
 
-Runs alternate (fast, ffmpeg, fast, exact) so a change in the machine's load touches
-both sides of the ratio.
+The ratio is taken per back-to-back pair of runs (ffmpeg, then the stage), so a change in
+the machine's load touches both sides of it.
 """
 
 from __future__ import annotations
@@ -74,23 +75,34 @@ def _run_child(video: Path, frames: int, resize: str, runs: int, save: Path | No
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(video: Path, frames: int, tmp: Path) -> dict:
+def measure(video: Path, frames: int, tmp: Path, pairs: int) -> dict:
+    """Peaks and the exact path in fresh processes; then *pairs* back-to-back (ffmpeg run,
+    stage run) pairs in this process, whose per-pair ratios share the machine's load."""
     from trace_rt.bench.video import ffmpeg_baseline
+    from trace_rt.pipeline import video_inputs
 
-    fast = [_run_child(video, frames, "fast", 3, tmp / "fast.npy")]
-    ffmpeg = ffmpeg_baseline(video, CFG, frames, runs=3)
-    fast.append(_run_child(video, frames, "fast", 3, None))
-    exact = _run_child(video, frames, "exact", 1, tmp / "exact.npy")
+    fast = _run_child(video, frames, "fast", 0, tmp / "fast.npy")
+    exact = _run_child(video, frames, "exact", 0, tmp / "exact.npy")
     a, b = np.load(tmp / "fast.npy").astype(int), np.load(tmp / "exact.npy").astype(int)
     d = np.abs(a - b)
-    fast_ms = float(np.median([t for r in fast for t in r["runs_ms"]]))
+    video_inputs(video, frames, CFG)  # warm: file cache, libraries
+    ffmpeg = ffmpeg_baseline(video, CFG, frames, runs=1)  # warm, and its settings
+    ff_ms, st_ms = [], []
+    for _ in range(pairs if "ms" in ffmpeg else 0):
+        ff_ms.append(ffmpeg_baseline(video, CFG, frames, runs=1, warmup=False)["ms"])
+        t = time.perf_counter()
+        video_inputs(video, frames, CFG)
+        st_ms.append((time.perf_counter() - t) * 1e3)
+    ratios = [s / f for s, f in zip(st_ms, ff_ms, strict=True)]
     return {
-        "fast_ms": fast_ms,
-        "fast_peak_mb": max(r["peak_mb"] for r in fast),
-        "exact_ms": float(np.median(exact["runs_ms"])),
+        "fast_ms": float(np.median(st_ms)) if st_ms else fast["first_ms"],
+        "fast_runs_ms": st_ms,
+        "fast_peak_mb": fast["peak_mb"],
+        "exact_ms": exact["first_ms"],
         "exact_peak_mb": exact["peak_mb"],
-        "ffmpeg": ffmpeg,
-        "ratio": fast_ms / ffmpeg["ms"] if "ms" in ffmpeg else None,
+        "ffmpeg": {**ffmpeg, "ms": float(np.median(ff_ms)), "runs_ms": ff_ms} if ff_ms else ffmpeg,
+        "ratio": float(np.median(ratios)) if ratios else None,
+        "ratio_range": [min(ratios), max(ratios)] if ratios else None,
         "diff": {
             "max": int(d.max()),
             "mean": float(d.mean()),
@@ -156,20 +168,24 @@ def markdown(results: dict[str, dict], info: dict) -> str:
         f"{info['load_end']} at the end (other work shared the machine)",
         f"- {info['frames']} frames sampled as the release does, to the release's 336 x 336 "
         "input (pad to square with the CLIP mean colour, bicubic, centre crop, normalise)",
-        "- stage: `trace_rt.pipeline.video_inputs` (what `Pipeline.prepare` runs), fresh "
-        "process per row; time: median of the runs after the first; peak RSS: the first "
-        "run's peak RSS (VmHWM, reset after imports) above the RSS before it",
+        "- stage: `trace_rt.pipeline.video_inputs` (what `Pipeline.prepare` runs); peak RSS: "
+        "a fresh process's first run (VmHWM reset after the imports, minus the RSS before "
+        "it); exact: that first run's time; fast and ffmpeg: back-to-back pairs (ffmpeg run, "
+        "stage run), medians, and the median and range of the per-pair ratios",
         "- ffmpeg: Debian's ffmpeg CLI, same decoder threads, `select` of the same frames, "
         "`scale` bicubic + `pad` + `crop`, raw RGB to a file (command below)",
         "",
-        "| clip | fast ms | ffmpeg ms | fast / ffmpeg | fast peak MB | exact ms | "
-        "exact peak MB | fast vs exact: max / mean / p99 levels, share within 2 |",
+        "| clip | fast ms | ffmpeg ms | fast / ffmpeg, median of pairs (range) | fast peak MB "
+        "| exact ms | exact peak MB | fast vs exact: max / mean / p99 levels, share within 2 |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in results.items():
         ff = r["ffmpeg"]
         ffms = f"{ff['ms']:.0f}" if "ms" in ff else "skipped"
-        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+        ratio = "-"
+        if r["ratio"] is not None:
+            lo, hi = r["ratio_range"]
+            ratio = f"{r['ratio']:.2f}x ({lo:.2f}-{hi:.2f})"
         d = r["diff"]
         lines.append(
             f"| {name}: {r['describe']} | {r['fast_ms']:.0f} | {ffms} | {ratio} | "
@@ -183,9 +199,11 @@ def markdown(results: dict[str, dict], info: dict) -> str:
             "fast vs exact on smooth synthetic pictures (levels, max / mean): "
             + ", ".join(f"{k} {v['max']} / {v['mean']:.2f}" for k, v in smooth.items()),
         ]
-    cmd = next((r["ffmpeg"]["command"] for r in results.values() if "command" in r["ffmpeg"]), "")
-    if cmd:
-        lines += ["", f"ffmpeg command (last clip): `{cmd[:300]}...`"]
+    for name, r in results.items():
+        if "command" in r["ffmpeg"]:  # the same shape for every clip: show one
+            cmd = r["ffmpeg"]["command"]
+            lines += ["", f"ffmpeg command ({name}; the select is cut short): `{cmd[:300]}...`"]
+            break
     return "\n".join(lines) + "\n"
 
 
@@ -196,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--which", default="4k,portrait,long720")
+    ap.add_argument("--pairs", type=int, default=5, help="(ffmpeg, stage) run pairs per clip")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--resize", default="fast", help=argparse.SUPPRESS)
     ap.add_argument("--runs", type=int, default=3, help=argparse.SUPPRESS)
@@ -212,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="video-frontend-") as tmp:
         for name in args.which.split(","):
             video = args.clips / f"{name}.mp4"
-            r = measure(video, args.frames, Path(tmp))
+            r = measure(video, args.frames, Path(tmp), args.pairs)
             r["describe"] = _describe(video)
             results[name] = r
             print(name, json.dumps(r), file=sys.stderr)

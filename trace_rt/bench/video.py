@@ -59,6 +59,7 @@ def ffmpeg_baseline(
     frames: int,
     *,
     runs: int = 3,
+    warmup: bool = True,
     keep: Path | None = None,
 ) -> dict[str, Any]:
     """Time the ``ffmpeg`` CLI doing the video stage's job the way a user would script it.
@@ -67,7 +68,7 @@ def ffmpeg_baseline(
     (:func:`~trace_rt.video.decode.decoder_threads`), keeps the same sampled frames
     (``select`` on the release's ``linspace`` indices), scales them to the model's input
     (``scale`` bicubic, ``pad`` with the mean colour, ``crop``) and writes raw RGB to a
-    file. Median of *runs* after one warm-up run.
+    file. Median of *runs* after one warm-up run (``warmup``).
 
     Args:
         keep: copy ffmpeg's frames (raw RGB, ``frames x size x 3``) here.
@@ -112,7 +113,7 @@ def ffmpeg_baseline(
             "-vsync", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "-y", str(out),
         ]  # fmt: skip
         times = []
-        for _ in range(runs + 1):
+        for _ in range(runs + warmup):
             t = time.perf_counter()
             done = subprocess.run(cmd, capture_output=True, text=True)
             times.append((time.perf_counter() - t) * 1e3)
@@ -124,8 +125,8 @@ def ffmpeg_baseline(
     if written != len(idx):
         return {"skipped": f"ffmpeg wrote {written} frames, not the {len(idx)} sampled"}
     return {
-        "ms": float(np.median(times[1:])),
-        "runs_ms": times[1:],
+        "ms": float(np.median(times[warmup:])),
+        "runs_ms": times[warmup:],
         "threads": threads,
         "frames": len(idx),
         "size": list(size),
