@@ -5,6 +5,7 @@ contract of issue 5."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -273,6 +274,13 @@ def test_bench_on_tiny_writes_json_markdown_png(tiny_ckpt, tiny_artifact, tmp_pa
         assert f"**not a floor**: `{name}` {stage}" in md
     assert "| reference |" in md and "| onnxruntime |" in md
     assert "## Machine load per invocation" in md and "## Tails" in md
+    ff = doc["video_ffmpeg"]  # the video stage against the ffmpeg CLI, or why not
+    if shutil.which("ffmpeg"):
+        assert ff["frames"] == 4 and ff["ms"] > 0 and set(ff["ratios"]) == set(doc["backends"])
+        assert "## Video stage vs the ffmpeg CLI" in md
+        assert " onnxruntime " in md.split("## Video stage vs the ffmpeg CLI")[1]
+    else:
+        assert "no ffmpeg" in ff["skipped"] and "skipped (no ffmpeg" in md
     assert (out / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

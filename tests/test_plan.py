@@ -93,15 +93,18 @@ def test_suggestions():
     nano = plan(cfg, DEVICES["orin-nano-8gb"], s)
     assert not nano["memory"]["fits"] and nano["suggestions"] == []
     assert "DOES NOT FIT" in render(nano) and "none: this model" in render(nano)
-    # Orin NX 16 GB: fp16 (14 GB of decoder) never fits; int4 keeps 64 frames, int8 32.
+    # Orin NX 16 GB: fp16 (14 GB of decoder) never fits; int4 keeps 96 frames, int8 48
+    # (the video stage holds sampled frames at model size, not the source's).
     nx = DEVICES["orin-nx-16gb"]
     got = suggest(cfg, nx, s)
     assert [(g["precision"], g["frames"], g["max_new_tokens"]) for g in got] == [
-        ("int4", 64, 512), ("int8", 32, 512),
+        ("int4", 96, 256), ("int8", 48, 128),
     ]  # fmt: skip
-    nxt = {32: 48, 64: 96}
+    nxt = {48: 64, 96: 128}
     for g in got:  # each fits, and is the most frames that fit its precision
-        cand = replace(s, precision=g["precision"], frames=g["frames"])
+        cand = replace(
+            s, precision=g["precision"], frames=g["frames"], max_new_tokens=g["max_new_tokens"]
+        )
         assert memory(cfg, nx, cand)["fits"]
         more = replace(cand, frames=nxt[g["frames"]], max_new_tokens=128)
         assert not memory(cfg, nx, more)["fits"]

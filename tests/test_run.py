@@ -21,7 +21,8 @@ BUDGET = 48
 
 @pytest.fixture(scope="module")
 def pipelines(tiny_ckpts):
-    return {s: Pipeline.from_dir(p) for s, p in tiny_ckpts.items()}
+    # exact: these tests hold the whole pipeline to the oracle, preprocessing included
+    return {s: Pipeline.from_dir(p, resize="exact") for s, p in tiny_ckpts.items()}
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +157,7 @@ def walkers(tiny_ckpt, tmp_path_factory):
 def test_walker_switches_heads_like_the_oracle(walkers, clip_video, eos, task):
     from tests.walker import answer_path
 
-    pipe = Pipeline.from_dir(walkers[eos])
+    pipe = Pipeline.from_dir(walkers[eos], resize="exact")
     query = None if task == "dvc" else QUERY
     res = pipe.run(clip_video, task, query=query, gen=GenerationConfig(max_new_tokens=40))
     path = answer_path(pipe.tokenizer, eos)

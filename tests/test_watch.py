@@ -97,7 +97,8 @@ def test_tcp_stream_windows_equal_run_on_cuts(art, stream_file, tmp_path, task):
     from trace_rt.pipeline import Pipeline
     from trace_rt.watch import run_watch
 
-    pipe = Pipeline.from_dir(art, "onnxruntime", cache_dir=False)
+    # exact: watch preprocesses full RGB frames with the release's arithmetic
+    pipe = Pipeline.from_dir(art, "onnxruntime", cache_dir=False, resize="exact")
     query = QUERY if task == "mr" else None
     lines: list[dict] = []
     src = TcpSource(stream_file.read_bytes())

@@ -200,6 +200,15 @@ def _add_run_parser(sub: argparse._SubParsersAction, backends: list[str]) -> Non
         "evaluation prompt)",
     )
     p.add_argument("--prompts", type=Path, help="JSON file overriding system text and questions")
+    p.add_argument(
+        "--resize",
+        choices=["exact", "fast"],
+        default="exact",
+        help="frames to the model's size: exact (the release's Pillow bicubic bit for bit: "
+        "the same ids as the original code) or fast (libswscale while converting from YUV: "
+        "several times faster and lighter on large videos, pixels within a few levels) "
+        "(default: %(default)s)",
+    )
     p.add_argument("--indent", type=int, default=None, help="indent the JSON output")
     _report_args(p)
 
@@ -355,6 +364,7 @@ def _run_command(args: argparse.Namespace) -> int:
         "prompts": args.prompts,
         "quant": args.quant,
         "preset": args.preset,
+        "resize": args.resize,
     }
     if len(questions) == 1:
         q = questions[0]

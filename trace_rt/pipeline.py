@@ -1,6 +1,8 @@
 """Video + question in, TRACE's events out: the stages around the decoding loop.
 
-video decode + sampling (PyAV) -> CLIP preprocessing (numpy) -> backend.encode_video ->
+video decode + sampling (PyAV), each sampled frame scaled to the model's input as it is
+converted from YUV (libswscale, or the release's exact Pillow arithmetic with
+``resize="exact"``; :mod:`trace_rt.video.convert`) -> normalisation -> backend.encode_video ->
 prompt ids -> :func:`trace_rt.generate.generate` -> parser. Backend-agnostic: the same
 code runs every backend.
 """
@@ -17,15 +19,17 @@ from typing import Any
 import numpy as np
 
 from trace_rt.backends import Backend, default_backend, load_backend
+from trace_rt.config import PreprocessConfig
 from trace_rt.engine.cache import VideoCache, VideoEntry, content_hash, model_fingerprint, video_key
 from trace_rt.errors import InputError, PromptTooLongError
 from trace_rt.events import Event, EventParser
 from trace_rt.generate import GenerationConfig, generate
-from trace_rt.preprocess import preprocess_frame
+from trace_rt.preprocess import normalize
 from trace_rt.prompts import CUSTOM_TASK, PromptSet, prompt_ids
 from trace_rt.tokenizer import TextTokenizer
 from trace_rt.tokens import MAX_TIMESTAMP, encode_timestamp
 from trace_rt.video import DecodeLimits, SampledVideo, VideoSource, load_video
+from trace_rt.video.convert import DEFAULT_RESIZE, RESIZE_MODES, ModelFrames
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class Prepared:
     """One request's model inputs, made on the host by :meth:`Pipeline.prepare`."""
 
     prompt_ids: list[int]  # -201 where the video block goes
-    clip: SampledVideo  # its frames are the pixel values (frames are preprocessed on decode)
+    clip: SampledVideo  # frames: uint8 RGB at model size [F, 3, H, W] (empty if sent pixels)
     pixel_values: np.ndarray  # float32 [F, 3, H, W]
     time_ids: np.ndarray  # int64 [F, 6]
     free_question: bool = False  # task custom: the result gets an ``answer``
@@ -59,6 +63,11 @@ class Pipeline:
         template: ``llama_2`` (the release's evaluation) or ``mistral_instruct``.
         video_cache: keeps encoded videos and their prompt-prefix K/V across calls of
             :meth:`run_many` (a server's); None caches only within one call.
+        resize: how frames reach the model's size: ``exact`` (full-resolution RGB, then
+            the release's Pillow bicubic bit for bit, the default: the original code's ids)
+            or ``fast`` (libswscale while converting from YUV; several times faster and
+            lighter on large frames, pixels within a few levels). See
+            :mod:`trace_rt.video.convert`.
     """
 
     def __init__(
@@ -68,7 +77,11 @@ class Pipeline:
         prompts: PromptSet | None = None,
         template: str = "llama_2",
         video_cache: VideoCache | None = None,
+        resize: str = DEFAULT_RESIZE,
     ):
+        if resize not in RESIZE_MODES:  # fail at load, not on every request
+            raise InputError(f"resize must be one of {', '.join(RESIZE_MODES)}; got {resize!r}")
+        self.resize = resize
         self.backend = backend
         self.config = backend.config
         self.tokenizer = tokenizer
@@ -94,6 +107,7 @@ class Pipeline:
         prompts_file: str | Path | None = None,
         template: str = "llama_2",
         video_cache: VideoCache | None = None,
+        resize: str = DEFAULT_RESIZE,
         **backend_options: Any,
     ) -> Pipeline:
         """Load *model_dir* (checkpoint or artifact directory) with backend *backend*
@@ -106,6 +120,7 @@ class Pipeline:
             PromptSet.load(prompts_file),
             template,
             video_cache,
+            resize,
         )
 
     def run(
@@ -229,8 +244,9 @@ class Pipeline:
 
         Split out of :meth:`run` so that ``trace_rt.bench`` times exactly this work as
         its ``video`` stage and then drives the backend stage by stage itself. Each
-        sampled frame is preprocessed as soon as it is decoded, so memory holds frames at
-        model resolution, not at the video's.
+        sampled frame is scaled to the model's input as soon as it is decoded (in the
+        YUV-to-RGB conversion itself by default), so memory holds frames at model
+        resolution, not at the video's, and no full-resolution RGB image is made.
 
         Args:
             limits: formats, frame size and time budget allowed for decoding (default
@@ -243,16 +259,11 @@ class Pipeline:
         n_frames = self.config.num_frames if frames is None else frames
         ids = self._prompt(task, query, question, n_frames, gen or GenerationConfig())
         pp = self.config.preprocess
-        clip = load_video(
-            video,
-            n_frames,
-            limits=limits,
-            cancelled=cancelled,
-            transform=lambda rgb: preprocess_frame(rgb, pp),  # [H, W, 3] -> [3, h, w]
-            sampler=sampler,
+        clip, pixels = video_inputs(
+            video, n_frames, pp, self.resize, limits=limits, cancelled=cancelled, sampler=sampler
         )
         free = task in (None, CUSTOM_TASK)
-        return Prepared(ids, clip, clip.frames, _time_ids(clip.times), free)
+        return Prepared(ids, clip, pixels, _time_ids(clip.times), free)
 
     def run_many(
         self,
@@ -290,7 +301,8 @@ class Pipeline:
             self._encode_into(entry, video, n_frames, limits, cancelled)
             results = self._answer(entry, questions, prompts, gen, on_event, t0)
         else:
-            key = video_key(content, n_frames, "uniform", self.config.preprocess, self.fingerprint)
+            prep = (self.config.preprocess, self.resize)  # how frames reach the model
+            key = video_key(content, n_frames, "uniform", prep, self.fingerprint)
             with self.video_cache.entry(
                 key, lambda e: self._encode_into(e, video, n_frames, limits, cancelled)
             ) as entry:
@@ -309,15 +321,11 @@ class Pipeline:
         """Decode, preprocess and encode *video* into a cache *entry*."""
         t0 = time.perf_counter()
         pp = self.config.preprocess
-        clip = load_video(
-            video,
-            n_frames,
-            limits=limits,
-            cancelled=cancelled,
-            transform=lambda rgb: preprocess_frame(rgb, pp),  # [H, W, 3] -> [3, h, w]
+        clip, pixels = video_inputs(
+            video, n_frames, pp, self.resize, limits=limits, cancelled=cancelled
         )
         t1 = time.perf_counter()
-        entry.video = self.backend.encode_video(clip.frames, _time_ids(clip.times))
+        entry.video = self.backend.encode_video(pixels, _time_ids(clip.times))
         self.backend.synchronize()
         t2 = time.perf_counter()
         entry.video_bytes = int(getattr(entry.video, "nbytes", 0) or 0)
@@ -484,6 +492,30 @@ class Pipeline:
                 f"positions exceeds the model's context of {cfg.max_position_embeddings}"
             )
         return ids
+
+
+def video_inputs(
+    video: VideoSource,
+    n_frames: int,
+    pp: PreprocessConfig,
+    resize: str = DEFAULT_RESIZE,
+    **load: Any,
+) -> tuple[SampledVideo, np.ndarray]:
+    """The video half of :meth:`Pipeline.prepare`: sampled frames and pixel values.
+
+    Each sampled frame goes to the model's input size as it is decoded
+    (:class:`~trace_rt.video.convert.ModelFrames`); the uint8 frames are normalised once
+    all are in, after the decoder's memory is released, so the peak holds the decoder or
+    the float32 pixel values, not both.
+
+    Args:
+        load: ``limits``, ``cancelled``, ``sampler`` of :func:`trace_rt.video.load_video`.
+
+    Returns:
+        The clip (``frames`` uint8 ``[F, 3, h, w]``) and float32 ``[F, 3, h, w]`` pixels.
+    """
+    clip = load_video(video, n_frames, convert=ModelFrames(pp, resize), **load)
+    return clip, normalize(clip.frames, pp)
 
 
 def _time_ids(times: np.ndarray) -> np.ndarray:

@@ -14,8 +14,9 @@ backend, so everything but the process's runtime is counted N times):
 - **activations + TensorRT workspace**: what an engine's execution context holds for its
   largest profile, estimated as one layer's working set with attention scores materialised
   (fp32 softmax, as exported): an upper bound where TensorRT fuses attention.
-- **video buffers**: the sampled RGB frames at the source resolution (twice: the list and
-  its stacked copy) and the preprocessed float32 pixels.
+- **video buffers**: the decoder's frames in flight at the source resolution (~8 YUV 4:2:0
+  frames: references and frame threads) and each sampled frame at model size (uint8 as
+  decoded and scaled, float32 as pixel values; :mod:`trace_rt.video.convert`).
 - **runtime**: the process (Python, numpy, PyAV, onnxruntime or TensorRT and CUDA libraries)
   and, on a GPU, the CUDA context with TensorRT's and cuBLAS's handles.
 
@@ -165,9 +166,12 @@ def activations(cfg: TraceConfig, device: Device, frames: int, positions: int) -
 
 
 def video_buffers(cfg: TraceConfig, s: Settings) -> float:
+    """The video stage: the decoder's frames in flight at the source size (references and
+    frame threads, ~8 YUV 4:2:0 frames), then each sampled frame at model size (uint8 as
+    decoded, float32 as pixel values; frames go to model size as they are decoded)."""
     h, w = s.source_size
-    rgb = 2 * s.frames * h * w * 3  # sampled frames and their stacked copy
-    return rgb + s.frames * 3 * cfg.vision.image_size**2 * 4  # + float32 pixels
+    decoder = 8 * h * w * 1.5
+    return decoder + s.frames * 3 * cfg.vision.image_size**2 * (1 + 4)
 
 
 def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:

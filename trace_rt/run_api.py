@@ -106,7 +106,9 @@ def _load_for_run(video: str, model: Path, sequences: int, options: dict[str, An
             sequences = min(sequences, built_max_batch(model))
         kw["max_sequences"] = sequences  # the questions decode as one batch
     source = _stdin_video() if video == "-" else video  # read before the model loads
-    pipe = Pipeline.from_dir(model, backend, prompts_file=o["prompts"], template=template, **kw)
+    pipe = Pipeline.from_dir(
+        model, backend, prompts_file=o["prompts"], template=template, resize=o["resize"], **kw
+    )
     return pipe, gen, card, frames, source
 
 
@@ -125,6 +127,7 @@ _RUN_DEFAULTS: dict[str, Any] = {
     "prompts": None,
     "quant": None,
     "preset": None,
+    "resize": "exact",
 }
 
 

@@ -58,7 +58,12 @@ from trace_rt.bench import peaks as peaks_mod
 from trace_rt.bench import triton as triton_mod
 from trace_rt.bench.load import LoadWindow
 from trace_rt.bench.runner import BackendRun, Request, run_backend
-from trace_rt.bench.video import DESCRIPTION, synthetic_video
+from trace_rt.bench.video import (
+    DESCRIPTION,
+    add_ffmpeg_ratios,
+    ffmpeg_baseline,
+    synthetic_video,
+)
 from trace_rt.cliutil import Parser, run_command
 from trace_rt.config import TraceConfig
 from trace_rt.errors import TraceError
@@ -204,6 +209,8 @@ def _main(args: argparse.Namespace, console: Console, argv: list[str]) -> int:
         peaks = peaks_mod.best_of([r.peaks for r in rounds])
         entries, by_inv = _entries(rounds, cfg, peaks, args.decode_steps)
         engine = batching.run_section(specs, skipped, args, request, entries, console)
+        console.print("[bold]trace-rt bench[/bold]: the ffmpeg CLI on the same video …")
+        ffmpeg = ffmpeg_baseline(video, cfg.preprocess, frames, runs=args.runs)
     info["load_average_end"] = list(os.getloadavg())
     config = _config(args, argv, cfg, frames, peaks, names)
     config["video"] = DESCRIPTION if args.video is None else args.video
@@ -220,6 +227,7 @@ def _main(args: argparse.Namespace, console: Console, argv: list[str]) -> int:
         apply = report.targets_apply(config)
         engine["targets"] = batching_report.engine_targets(engine) if apply else []
         doc["engine"] = engine
+    add_ffmpeg_ratios(doc, ffmpeg)
     console.print(render.console_table(doc["backends"], _title(config), console.width))
     if section:
         console.print(render.triton_table(section))

@@ -9,6 +9,7 @@ from trace_rt.bench import batching_report
 from trace_rt.bench.render import LEGEND, TRITON_COLUMNS, _ms, _target, _x, triton_rows
 from trace_rt.bench.stats import STAGES
 from trace_rt.bench.summary import LONG_TAIL
+from trace_rt.bench.video import ffmpeg_lines
 
 
 def _header(report: dict[str, Any]) -> list[str]:
@@ -233,6 +234,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _throughput(report["backends"])
     lines += _checks(report)
     lines += _targets(report)
+    if report.get("video_ffmpeg"):
+        lines += ["", "## Video stage vs the ffmpeg CLI", ""]
+        lines += [f"- {line}" for line in ffmpeg_lines(report)]
+        if "command" in report["video_ffmpeg"]:
+            lines += ["", f"`{report['video_ffmpeg']['command']}`"]
     if report.get("triton"):
         lines += _triton(report["triton"])
     if report.get("engine"):

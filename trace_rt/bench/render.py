@@ -16,6 +16,7 @@ from rich.text import Text
 from trace_rt.bench import load as load_mod
 from trace_rt.bench.stats import STAGES
 from trace_rt.bench.summary import LONG_TAIL
+from trace_rt.bench.video import ffmpeg_lines
 
 SHORT = {  # console column headers
     "video": "video",
@@ -161,6 +162,7 @@ def notes(report: dict[str, Any]) -> list[str]:
     for t in report.get("targets", []):
         if t["value"] is not None:
             lines.append(f"target {t['backend']} {t['metric']} {t['target']}: {_target(t)}")
+    lines += ffmpeg_lines(report)
     for inv in report.get("invocations", []):
         lines.append(f"invocation {inv['index'] + 1}: {load_mod.describe(inv['load'])}")
     return lines

@@ -47,7 +47,7 @@ import numpy as np
 from trace_rt.errors import InputError, NoDecodableFramesError, VideoTooLongError
 from trace_rt.tokens import MAX_TIMESTAMP
 from trace_rt.video import decode as _dec
-from trace_rt.video.decode import _decode, _probe, _Retry
+from trace_rt.video.decode import FrameConverter, _decode, _probe, _Retry
 from trace_rt.video.source import (
     ALLOWED_FORMATS,
     DEFAULT_LIMITS,
@@ -67,6 +67,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "MAX_STREAM_BYTES",
     "DecodeLimits",
+    "FrameConverter",
     "SampledVideo",
     "VideoSource",
     "_Retry",
@@ -99,6 +100,7 @@ def load_video(
     limits: DecodeLimits | None = None,
     cancelled: Callable[[], bool] | None = None,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    convert: FrameConverter | None = None,
     sampler: Callable[[int, float], np.ndarray] | None = None,
 ) -> SampledVideo:
     """Decode ``source`` and sample ``num_frames`` frames uniformly.
@@ -116,6 +118,10 @@ def load_video(
             :class:`DecodeCancelledError`.
         transform: Applied to each chosen ``[H, W, 3]`` uint8 RGB frame as soon as it is
             decoded; ``frames`` then stacks its outputs (the full-size frame is dropped).
+        convert: Instead of the RGB conversion and ``transform``: called with each chosen
+            decoded ``av.VideoFrame`` and the first frame's coded ``(height, width)``, so
+            it can scale while converting (:class:`trace_rt.video.convert.ModelFrames`
+            does, straight to the model's input); ``frames`` stacks its outputs.
         sampler: ``(frame count, fps) -> num_frames frame indices`` instead of the
             release's uniform ``linspace(0, n - 1, N)`` (e.g. the video-QA benchmarks'
             segment midpoints within a bound); indices are clipped to the stream.
@@ -131,7 +137,9 @@ def load_video(
     if num_frames < 1:
         raise InputError(f"num_frames must be at least 1; got {num_frames}")
     src = Source(source, limits, cancelled)
-    fn = {"transform": transform}
+    if transform is not None and convert is not None:
+        raise InputError("give transform or convert, not both")
+    fn = {"transform": transform, "convert": convert}
     try:
         probe = _dec._probe(src)
         tb, repaired = probe.time_base, 0
@@ -172,6 +180,7 @@ def load_video(
             got, spare, _ = _dec._decode(src, np.unique(idx), None, False, **fn)
     finally:
         src.rewind()
+        _dec.release_heap()
     if spare is None:
         raise NoDecodableFramesError(f"{src.name}: no frame of the video stream could be decoded")
     ranks = {int(np.searchsorted(pts, k)) if pts is not None else k: a for k, a in got.items()}

@@ -6,6 +6,8 @@ every frame's size is held to the request's pixel limit before it is converted.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 from collections.abc import Callable
 from fractions import Fraction
@@ -20,6 +22,9 @@ from trace_rt.video.source import Source
 # Frame threads each hold a frame in flight: fewer threads for big frames keep the
 # decoder's memory near this many pixels (4K decodes on 8 threads, 8K on 2).
 _THREAD_PIXELS = 8 * 3840 * 2160
+
+# (decoded frame, first frame's (height, width)) -> the array kept for it
+FrameConverter = Callable[[av.VideoFrame, tuple[int, int]], np.ndarray]
 
 
 class _Retry(Exception):
@@ -45,10 +50,14 @@ def _open_decoder(s: av.video.VideoStream, src: Source) -> None:
     # Frame threads call PyAV's Python log callback, which takes the GIL: with PyAV
     # logging on, closing a decoder mid-stream can deadlock. Slices only, then.
     frame_threads = av.logging.get_level() is None
-    pixels = max(1, int(cc.width or 0) * int(cc.height or 0))
-    threads = min(_cores(), max(1, _THREAD_PIXELS // pixels))
+    threads = decoder_threads(int(cc.width or 0), int(cc.height or 0))
     s.thread_type = "AUTO" if frame_threads and threads > 1 else "SLICE"
     s.thread_count = threads
+
+
+def decoder_threads(width: int, height: int) -> int:
+    """The decoder threads used for frames of this size (benchmarks give peers as many)."""
+    return min(_cores(), max(1, _THREAD_PIXELS // max(1, width * height)))
 
 
 def _cores() -> int:
@@ -57,11 +66,34 @@ def _cores() -> int:
     return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
-def _frames(container: av.container.InputContainer, stream: av.video.VideoStream, src: Source):
-    """Decoded frames in presentation order; packets that fail to decode are skipped."""
+# Codecs whose packets each hold one frame with that frame's pts, so a packet's pts says
+# whether its frame is wanted. (MPEG-4 part 2 in AVI may pack two frames in one packet.)
+_ONE_FRAME_PER_PACKET = frozenset({"h264", "hevc"})
+
+
+def _frames(
+    container: av.container.InputContainer,
+    stream: av.video.VideoStream,
+    src: Source,
+    wanted: frozenset[int] | None = None,
+):
+    """Decoded frames in presentation order; packets that fail to decode are skipped.
+
+    Given the pts of the ``wanted`` frames (H.264/HEVC only), the decoder skips the others
+    that no frame depends on (non-reference pictures: most B-frames) instead of decoding
+    them: they could only be thrown away. Reference pictures are always decoded.
+    """
+    cc = stream.codec_context
+    if cc.name not in _ONE_FRAME_PER_PACKET:
+        wanted = None
+    mode = cc.skip_frame
     try:
         for packet in container.demux(stream):
             src.check()
+            if wanted is not None:
+                want = "DEFAULT" if packet.pts is None or packet.pts in wanted else "NONREF"
+                if want != mode:  # frame threads take the setting with each packet
+                    cc.skip_frame = mode = want
             try:
                 frames = packet.decode()
             except av.error.FFmpegError:
@@ -138,19 +170,23 @@ def _decode(
     seek: bool,
     pts: np.ndarray | None = None,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    convert: FrameConverter | None = None,
 ) -> tuple[dict[int, np.ndarray], np.ndarray | None, int]:
     """Pass 2: decode the frames whose pts (or, when ``keys`` is None, whose rank in
     presentation order) is in sorted ``wanted``; returns (frames by key, spare, seeks).
 
     ``pts``, all packet timestamps sorted, lets it check that frames carry the same ones.
     Each chosen frame is converted to RGB (at the first frame's size) and passed through
-    ``transform`` as soon as it is decoded, so only its result is kept. ``spare`` is the
+    ``transform`` as soon as it is decoded, so only its result is kept; ``convert``, given,
+    replaces both (``convert(frame, first frame's (height, width))``). ``spare`` is the
     first decoded frame, converted only when no chosen frame decoded.
     """
     got: dict[int, np.ndarray] = {}
     first, size, seeks, i, pos = None, None, 0, 0, None
 
-    def convert(frame: av.VideoFrame) -> np.ndarray:
+    def conv(frame: av.VideoFrame) -> np.ndarray:
+        if convert is not None:
+            return convert(frame, size)
         img = _rgb(frame, size)
         return img if transform is None else transform(img)
 
@@ -160,6 +196,8 @@ def _decode(
     def far(t: int) -> bool:  # is the next wanted frame a whole GOP or more ahead?
         return seek and group(t) >= (group(pos) if pos is not None else -1) + 2
 
+    # Frames chosen by rank need every frame decoded to count them.
+    skip = frozenset(int(t) for t in wanted) if keys is not None else None
     with src.open() as c:
         s = _video_stream(c, src)
         _open_decoder(s, src)
@@ -169,7 +207,7 @@ def _decode(
                 target = int(keys[group(int(wanted[i]))])
                 c.seek(target, stream=s, backward=True)
                 seeks += 1
-            for rank, frame in enumerate(_frames(c, s, src)):
+            for rank, frame in enumerate(_frames(c, s, src, skip)):
                 key = rank if keys is None else frame.pts
                 if key is None:
                     raise _Retry("frames carry no timestamps")
@@ -183,14 +221,14 @@ def _decode(
                 while i < len(wanted) and wanted[i] < key:
                     i += 1  # that frame failed to decode
                 if i < len(wanted) and wanted[i] == key:
-                    got[key] = convert(frame)
+                    got[key] = conv(frame)
                     first = None  # a chosen frame decoded: no spare needed
                     i += 1
                 if i == len(wanted) or (keys is not None and far(int(wanted[i]))):
                     break
             else:
                 break  # end of stream
-        spare = convert(first) if first is not None and not got else None
+        spare = conv(first) if first is not None and not got else None
         if spare is None and got:
             spare = next(iter(got.values()))
     return got, spare, seeks
@@ -202,3 +240,23 @@ def _count_frames(src: Source) -> int:
         s = _video_stream(c, src)
         _open_decoder(s, src)
         return sum(1 for _ in _frames(c, s, src))
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (AttributeError, OSError):
+        return None  # another C library: nothing to do
+
+
+def release_heap() -> None:
+    """Hand the heap memory freed by a closed decoder back to the system.
+
+    A 4K H.264 decoder's reference frames and thread buffers come to 100-150 MB. glibc
+    keeps such freed blocks in the process heap, so without this the stage's peak would
+    carry them into the pixel values allocated next (and into every later stage).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
