@@ -45,7 +45,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from trace_rt.bench import floor as floor_mod
-from trace_rt.bench import machine, mdreport, plugins, render, report
+from trace_rt.bench import machine, mdreport, peer_table, plugins, render, report
 from trace_rt.bench import peaks as peaks_mod
 from trace_rt.bench import triton as triton_mod
 from trace_rt.bench.load import LoadWindow
@@ -197,6 +197,8 @@ def _main(args: argparse.Namespace, console: Console, argv: list[str]) -> int:
         info, config, entries, skipped, section, by_invocation=by_inv, invocations=invocations
     )
     console.print(render.console_table(doc["backends"], _title(config), console.width))
+    if peer_table.has_peers(doc["backends"]):
+        console.print(peer_table.console(doc["backends"]))
     if section:
         console.print(render.triton_table(section))
     for name, why in skipped.items():
