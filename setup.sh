@@ -8,6 +8,16 @@ PYTHON=${PYTHON:-python3}
 # The CPU build first: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
+# The bench's peers (benchmarks/peers/, the `peers` extra): onnxruntime-genai, and
+# llama-cpp-python compiled from source for this CPU (~4 min on 2 cores; pip keeps the wheel
+# it builds in its usual cache), then llama.cpp's converter from the same release's source
+# distribution, unpacked into .venv/share. SETUP_PEERS=0 skips them: the bench and its
+# tests then report the peers as skipped, with the reason.
+if [ "${SETUP_PEERS:-1}" != 0 ]; then
+  echo "installing the bench's peers (compiles llama-cpp-python: minutes) ..."
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}" .venv/bin/python -m pip install -q -e ".[peers]"
+  .venv/bin/python -m benchmarks.peers converter
+fi
 # System tools some features and tests use: Chromium (the HTML report tests open the pages
 # in it) and Java (METEOR/SODA_c in `trace-rt eval`). Installed from Debian's packages when
 # this runs as root with apt-get (SETUP_SYSTEM=0 skips); otherwise the tests that need them
