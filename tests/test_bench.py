@@ -316,6 +316,13 @@ def test_cli_reports_unavailable_backends_and_bad_args(tiny_ckpt, tmp_path, monk
 
 
 # ---- peers ---------------------------------------------------------------------------------
+PEER_PRECISION = {
+    "ort-genai": "fp32",
+    "ort-genai-int4": "int4",
+    "llama.cpp": "fp32",
+    "llama.cpp-q8_0": "int8",
+    "llama.cpp-q4_0": "int4",
+}
 PEER_ENGINES = {  # each peer's engine module (the peers extra)
     "ort-genai": "onnxruntime_genai",
     "ort-genai-int4": "onnxruntime_genai",
@@ -366,7 +373,7 @@ def test_bench_runs_the_peers_on_tiny(tiny_ckpt, tiny_artifact, tmp_path, monkey
     precision = {n: doc["backends"][n]["precision"] for n in ran}
     for name in ran:
         b = doc["backends"][name]
-        assert precision[name] == {"4": "int4", "8": "int8"}.get(name[-1], "fp32"), name
+        assert precision[name] == PEER_PRECISION[name], name
         # Like for like: our prompt's positions (text + video block), our decode steps.
         assert b["prompt_positions"] == ours["prompt_positions"] and b["frames"] == 4
         assert len(b["token_ids"]) == 6 and all(0 <= t < 32000 for t in b["token_ids"])

@@ -212,7 +212,8 @@ def test_fp32_peers_generate_what_transformers_does_on_the_same_weights(
     ids = TEXT_IDS[:-2] * 6
     want, logits = _hf_greedy(peer_files.hf_llm_dir(tiny_ckpt), ids, 6)
     got = [peer.prefill(ids, 7)]
-    got += [peer.decode_step(got[-1]) for _ in range(6)]
+    for _ in range(6):
+        got.append(peer.decode_step(got[-1]))
     assert _margin(logits) > 1e-3  # the first pick is not a near-tie of random weights
     assert got[0] == want[0]
     # llama.cpp keeps its KV cache in f16 (its default): later picks may flip on near-ties.

@@ -10,8 +10,8 @@ in Q6_K for Q4_0 where the row length allows).
 The model and context are llama-cpp-python's ``Llama`` with its defaults (n_batch 512, f16
 KV cache, flash attention off) and ``n_threads`` = ``n_threads_batch`` = the CPUs this
 process may use; requests are driven through llama.cpp's own C API (``llama_decode`` on
-``llama_batch_get_one``, the greedy sampler), as its ``llama-cli`` does, so no Python work
-is added per step beyond the calls themselves.
+``llama_batch_get_one``, then the argmax of the last position's logits read in place), so
+no Python work is added per step beyond those calls.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks.peers import files
 from benchmarks.peers.base import Peer
@@ -99,8 +101,8 @@ class LlamaCpp(Peer):
         # row of it is gathered), as the bench's floor counts them.
         embd = self.config.vocab_size * self.config.hidden_size * EMBD_BYTES[self.gguf_type]
         self.weight_bytes = float(lc.llama_model_size(self.llm.model) - embd)
+        self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.llm.model))
         self._lc = lc
-        self._sampler = lc.llama_sampler_init_greedy()
 
     @classmethod
     def prepare(cls, model_dir: str | Path) -> Path:
@@ -124,11 +126,11 @@ class LlamaCpp(Peer):
         lc.llama_memory_clear(lc.llama_get_memory(ctx), True)  # a fresh cache per request
         for i in range(0, len(ids), self.n_batch):
             self._decode(ids[i : i + self.n_batch])
-        return int(lc.llama_sampler_sample(self._sampler, ctx, -1))
+        return self._greedy()
 
     def decode_step(self, token_id: int) -> int:
         self._decode([token_id])
-        return int(self._lc.llama_sampler_sample(self._sampler, self.llm.ctx, -1))
+        return self._greedy()
 
     def _decode(self, ids: Sequence[int]) -> None:
         tokens = (self._lc.llama_token * len(ids))(*ids)
@@ -136,11 +138,10 @@ class LlamaCpp(Peer):
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
 
-    def __del__(self) -> None:
-        sampler = getattr(self, "_sampler", None)
-        if sampler is not None:
-            self._lc.llama_sampler_free(sampler)
-            self._sampler = None
+    def _greedy(self) -> int:
+        # The last position's logits, read in place: the same argmax our loop takes.
+        logits = self._lc.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
 
 
 class LlamaCppQ8_0(LlamaCpp):
