@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -72,13 +71,3 @@ def run_tool(cmd: list[str], what: str, env: dict[str, str] | None = None) -> No
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-6:]
         raise RuntimeError(f"{what} failed (exit {proc.returncode}): " + " | ".join(tail))
 
-
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
