@@ -70,4 +70,3 @@ def run_tool(cmd: list[str], what: str, env: dict[str, str] | None = None) -> No
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-6:]
         raise RuntimeError(f"{what} failed (exit {proc.returncode}): " + " | ".join(tail))
-
