@@ -8,6 +8,19 @@ PYTHON=${PYTHON:-python3}
 # The CPU build first: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
+# The bench's peers (benchmarks/peers/, the `peers` extra): onnxruntime-genai, and
+# llama-cpp-python compiled from source for this CPU (~4 min on 2 cores; pip keeps the wheel
+# it builds in its usual cache), then llama.cpp's converter from the same release's source
+# distribution, unpacked into .venv/share. SETUP_PEERS=0 skips them: the bench and its
+# tests then report the peers as skipped, with the reason.
+# A failure here (no compiler, no package index) is reported and does not stop the setup.
+if [ "${SETUP_PEERS:-1}" != 0 ]; then
+  echo "installing the bench's peers (compiles llama-cpp-python: minutes) ..."
+  if ! { CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}" .venv/bin/python -m pip install -q -e ".[peers]" \
+         && .venv/bin/python -m benchmarks.peers converter; }; then
+    echo "note: the peers extra did not install; the bench and its tests skip the peers, saying why"
+  fi
+fi
 # System tools some features and tests use: Chromium (the HTML report tests open the pages
 # in it), Java (METEOR/SODA_c in `trace-rt eval`) and the ffmpeg CLI (the bench's video
 # stage is measured against it). Installed from Debian's packages when

@@ -73,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
         "default nbits,qdq (qdq for --fp8)",
     )
     _add_trt_parser(sub)
+    h = sub.add_parser(
+        "hf-llm",
+        help="write the checkpoint's LLM as a plain HF Mistral directory (for other engines)",
+        description="Write CKPT's decoder (text embeddings, layers, norm, lm_head) and "
+        "tokenizer to OUT as a MistralForCausalLM directory: what onnxruntime-genai's model "
+        "builder, llama.cpp's convert_hf_to_gguf.py and transformers take. The TRACE heads, "
+        "towers and vision parts are left out.",
+    )
+    h.add_argument("checkpoint", type=Path, help="HF-format TRACE checkpoint directory")
+    h.add_argument("out", type=Path, help="directory to write")
+    h.add_argument(
+        "--dtype", choices=["fp32", "fp16", "bf16"], help="default: the checkpoint's torch_dtype"
+    )
     from export.atc import add_atc_parser  # Ascend ATC variants (export/atc.py)
 
     add_atc_parser(sub)
@@ -148,6 +161,12 @@ def _quantize(args: argparse.Namespace) -> None:
         print(f"wrote {args.out / rec['file']} (variant {name}: {rec['scheme']})")
 
 
+def _hf_llm(args: argparse.Namespace) -> None:
+    from export.hf_llm import export_hf_llm
+
+    print(f"wrote {export_hf_llm(args.checkpoint, args.out, dtype=args.dtype)}")
+
+
 def _trt(args: argparse.Namespace) -> None:
     from export.trt import build_engines
 
@@ -172,7 +191,13 @@ def _atc(args: argparse.Namespace) -> None:
     run_atc(args)
 
 
-COMMANDS = {"onnx": _onnx, "quantize": _quantize, "trt": _trt, "atc": _atc}
+COMMANDS = {
+    "onnx": _onnx,
+    "quantize": _quantize,
+    "trt": _trt,
+    "atc": _atc,
+    "hf-llm": _hf_llm,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -320,3 +320,100 @@ def test_cli_reports_unavailable_backends_and_bad_args(tiny_ckpt, tmp_path, monk
     assert "--artifacts" in doc["skipped"]["onnxruntime"]  # checkpoint only: no artifact
     assert "--plugin" in doc["skipped"]["reference"]
     assert main(["--model", str(tiny_ckpt), "--runs", "0"]) == 2
+
+
+# ---- peers ---------------------------------------------------------------------------------
+PEER_PRECISION = {
+    "ort-genai": "fp32",
+    "ort-genai-int4": "int4",
+    "llama.cpp": "fp32",
+    "llama.cpp-q8_0": "int8",
+    "llama.cpp-q4_0": "int4",
+}
+PEER_ENGINES = {  # each peer's engine module (the peers extra)
+    "ort-genai": "onnxruntime_genai",
+    "ort-genai-int4": "onnxruntime_genai",
+    "llama.cpp": "llama_cpp",
+    "llama.cpp-q8_0": "llama_cpp",
+    "llama.cpp-q4_0": "llama_cpp",
+}
+
+
+def test_bench_runs_the_peers_on_tiny(tiny_ckpt, tiny_artifact, tmp_path, monkeypatch):
+    """The peers (benchmarks/peers/) beside onnxruntime fp32/int4 on the same request's
+    prompt length and decode steps: only prefill and decode_step, the other stages marked,
+    speed-ups against the best peer of each precision. Runs the peers that are installed
+    (CI installs the peers extra); the others must be skipped with how to install them."""
+    import importlib.util
+
+    from benchmarks.peers import PLUGINS
+    from benchmarks.peers.files import CACHE_ENV
+    from export.quantize import quantize_artifact
+    from trace_rt.bench.cli import main
+    from trace_rt.bench.peer import LLM_ONLY_NOTE, PEER_STAGES
+
+    assert set(PEER_ENGINES) == set(PLUGINS)
+    have = {n for n, m in PEER_ENGINES.items() if importlib.util.find_spec(m) is not None}
+    if not have:
+        pytest.skip("the peers extra is not installed (pip install -e '.[peers]'): no peer to run")
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    quantize_artifact(art, 4)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "peers-cache"))
+    out = tmp_path / "p"
+    names = ["onnxruntime", "onnxruntime-int4", *PLUGINS]
+    argv = ["--model", str(tiny_ckpt), "--artifacts", str(art), "--plugin", "benchmarks.peers"]
+    argv += ["--backends", ",".join(names), "--frames", "4", "--decode-steps", "5"]
+    argv += ["--warmup", "1", "--runs", "2", "--repeat", "2", "--quick-peaks"]
+    argv += ["--json", str(out / "p.json"), "--markdown", str(out / "p.md")]
+    assert main(argv) == 0
+    doc = json.loads((out / "p.json").read_text())
+    ran = {n for n, b in doc["backends"].items() if b["peer"]}
+    assert ran <= have
+    for name in set(PLUGINS) - ran:  # skipped, saying how to get it
+        why = doc["skipped"][name]
+        # Installed but llama.cpp's converter not unpacked, or not installed at all.
+        assert ("benchmarks.peers converter" if name in have else "pip install") in why, why
+    ours = doc["backends"]["onnxruntime"]
+    assert ours["precision"] == "fp32" and not ours["peer"]
+    assert doc["backends"]["onnxruntime-int4"]["precision"] == "int4"
+    precision = {n: doc["backends"][n]["precision"] for n in ran}
+    for name in ran:
+        b = doc["backends"][name]
+        assert precision[name] == PEER_PRECISION[name], name
+        # Like for like: our prompt's positions (text + video block), our decode steps.
+        assert b["prompt_positions"] == ours["prompt_positions"] and b["frames"] == 4
+        assert len(b["token_ids"]) == 6 and all(0 <= t < 32000 for t in b["token_ids"])
+        for stage, s in b["stages"].items():
+            if stage in PEER_STAGES:
+                assert len(s["samples_ms"]) == 2 * 2 * (5 if stage == "decode_step" else 1)
+                assert s["p50_median_ms"] > 0
+            else:
+                assert s["samples_ms"] == [] and s["note"] == LLM_ONLY_NOTE, (name, stage)
+        # The floor counts the engine's own weights (a quantised file's real size).
+        weights = b["floor_inputs"]["decoder_weight_bytes"]
+        assert weights < ours["floor_inputs"]["decoder_weight_bytes"] * 1.1
+        if precision[name] != "fp32":
+            assert weights < 0.5 * ours["floor_inputs"]["decoder_weight_bytes"]
+    for mine in ("onnxruntime", "onnxruntime-int4"):
+        vs = doc["backends"][mine]["speedup_vs_best_peer"]
+        same = {n for n in ran if precision[n] == doc["backends"][mine]["precision"]}
+        if not same:
+            assert vs is None
+            continue
+        for stage in PEER_STAGES:
+            v = vs[stage]
+            assert set(v["peers"]) == same and v["peer"] in same
+            # Recomputed from the JSON: the fastest same-precision peer per invocation.
+            mine_p50 = doc["backends"][mine]["stages"][stage]["p50_by_invocation_ms"]
+            best = [
+                min(doc["backends"][p]["stages"][stage]["p50_by_invocation_ms"][i] for p in same)
+                for i in range(2)
+            ]
+            want = [b / m for b, m in zip(best, mine_p50, strict=True)]
+            assert v["by_invocation"] == pytest.approx(want, rel=1e-3)
+    md = (out / "p.md").read_text()
+    assert "## Against the peers (same prompt positions, same decode steps)" in md
+    assert "n/a (LLM only)" in md
+    for name in ran:
+        assert f"| {name} | peer |" in md

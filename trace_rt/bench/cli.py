@@ -52,7 +52,16 @@ from rich.live import Live
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from trace_rt.bench import batching, batching_report, machine, mdreport, plugins, render, report
+from trace_rt.bench import (
+    batching,
+    batching_report,
+    machine,
+    mdreport,
+    peer_table,
+    plugins,
+    render,
+    report,
+)
 from trace_rt.bench import floor as floor_mod
 from trace_rt.bench import peaks as peaks_mod
 from trace_rt.bench import triton as triton_mod
@@ -229,6 +238,8 @@ def _main(args: argparse.Namespace, console: Console, argv: list[str]) -> int:
         doc["engine"] = engine
     add_ffmpeg_ratios(doc, ffmpeg)
     console.print(render.console_table(doc["backends"], _title(config), console.width))
+    if peer_table.has_peers(doc["backends"]):
+        console.print(peer_table.console(doc["backends"]))
     if section:
         console.print(render.triton_table(section))
     for table in batching_report.console_tables(doc.get("engine") or {}):

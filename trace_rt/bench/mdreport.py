@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from trace_rt.bench import batching_report
+from trace_rt.bench import batching_report, peer_table
+from trace_rt.bench.peer import LLM_ONLY_NOTE
 from trace_rt.bench.render import LEGEND, TRITON_COLUMNS, _ms, _target, _x, triton_rows
 from trace_rt.bench.stats import STAGES
 from trace_rt.bench.summary import LONG_TAIL
@@ -81,6 +82,8 @@ def _load_lines(report: dict[str, Any]) -> list[str]:
 
 def _stage_cell(st: dict[str, Any], stage: str) -> str:
     if st["p50_ms"] is None:
+        if st.get("note") == LLM_ONLY_NOTE:
+            return "n/a (LLM only)"
         return "in vision" if stage == "projector" else "-"
     cell = _ms(st.get("p50_median_ms", st["p50_ms"]))
     sp = st.get("p50_spread_ms")
@@ -232,6 +235,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _load_lines(report)
     lines += _latency(report["backends"])
     lines += _throughput(report["backends"])
+    lines += peer_table.markdown(report["backends"])
     lines += _checks(report)
     lines += _targets(report)
     if report.get("video_ffmpeg"):

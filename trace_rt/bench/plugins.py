@@ -4,6 +4,10 @@ Built-in names come from :data:`trace_rt.backends.BACKENDS`. Everything else is 
 ``NAME=module:Class``, given with ``--plugin`` (repeatable) or in the environment variable
 ``TRACE_RT_BENCH_PLUGINS`` (comma-separated). The class is imported only when NAME is
 benchmarked and is built like a built-in one: ``Class(model_dir, device=..., **options)``.
+A plugin given as a bare module name (``--plugin benchmarks.peers``) registers every entry
+of that module's ``PLUGINS`` dict ({NAME: "module:Class"}); the module is imported to read
+it, so it should import nothing heavy. Peers (other engines running the LLM alone, see
+:mod:`trace_rt.bench.peer`) come this way: :data:`PEERS_SPEC`.
 
 Why an explicit spec rather than a built-in ``reference`` entry: ``trace_rt`` is the
 library and ``benchmarks/`` builds on it. The HF-transformers oracle needs transformers and
@@ -34,6 +38,11 @@ from trace_rt.backends import BACKEND_OPTIONS, BACKENDS
 
 ENV_VAR = "TRACE_RT_BENCH_PLUGINS"
 REFERENCE_SPEC = "reference=benchmarks.reference.backend:ReferenceBackend"
+PEERS_SPEC = "benchmarks.peers"
+# The peers PEERS_SPEC registers: named here only to say how to get them when asked for.
+PEER_NAMES = frozenset(
+    {"ort-genai", "ort-genai-int4", "llama.cpp", "llama.cpp-q8_0", "llama.cpp-q4_0"}
+)
 CHECKPOINT_BACKENDS = frozenset({"torch"})
 # Names the bench knows of but cannot run yet (reported as skipped, with why).
 NOT_AVAILABLE: dict[str, str] = {}
@@ -64,15 +73,33 @@ class BackendSpec:
 
 
 def parse_plugins(specs: list[str], env: str | None = None) -> dict[str, str]:
-    """``NAME=module:Class`` strings (env first, command line wins) -> {NAME: target}."""
+    """``NAME=module:Class`` strings or plugin modules (env first, command line wins) ->
+    {NAME: target}."""
     items = [s for s in (env or "").split(",") if s.strip()] + list(specs)
     out: dict[str, str] = {}
     for item in items:
         name, sep, target = item.strip().partition("=")
+        if not sep and ":" not in item:
+            out.update(_module_plugins(item.strip()))
+            continue
         if not sep or not name or ":" not in target:
             raise ValueError(f"plugin {item!r}: expected NAME=module:Class, e.g. {REFERENCE_SPEC}")
         out[name.strip()] = target.strip()
     return out
+
+
+def _module_plugins(module: str) -> dict[str, str]:
+    """The ``PLUGINS`` dict of a plugin module."""
+    try:
+        found = getattr(importlib.import_module(module), "PLUGINS", None)
+    except ImportError as e:
+        raise ValueError(
+            f"plugin {module!r}: expected NAME=module:Class (e.g. {REFERENCE_SPEC}) or a "
+            f"module with a PLUGINS dict (e.g. {PEERS_SPEC}); cannot import it: {e}"
+        ) from None
+    if not isinstance(found, dict) or not all(":" in str(t) for t in found.values()):
+        raise ValueError(f"plugin module {module!r} has no PLUGINS dict of NAME: 'module:Class'")
+    return {str(k): str(v) for k, v in found.items()}
 
 
 def resolve(names: list[str], plugin_specs: list[str]) -> tuple[list[BackendSpec], dict[str, str]]:
@@ -89,6 +116,11 @@ def resolve(names: list[str], plugin_specs: list[str]) -> tuple[list[BackendSpec
             continue  # measured by the CLI against --url, not loaded here
         elif name in NOT_AVAILABLE:
             skipped[name] = NOT_AVAILABLE[name]
+        elif name in PEER_NAMES:
+            skipped[name] = (
+                f"a peer engine: pass --plugin {PEERS_SPEC} (engines: the peers extra, "
+                "pip install -e '.[peers]')"
+            )
         elif name == "reference":
             skipped[name] = (
                 "the HF-transformers oracle lives outside the library: pass "

@@ -37,6 +37,14 @@ figures), added keys, all compatible with the core shape:
 - ``triton.levels[]`` pool the rounds of every invocation and add ``by_invocation``;
 - each target: ``value`` (median), ``spread``, ``margin``, ``verdict`` (met / missed /
   within noise), ``by_invocation``; ``met`` is the median's side of the bound.
+
+Peers (:mod:`trace_rt.bench.peer`, other engines running the LLM alone) are backends with
+``"peer": true``; their stages other than ``prefill`` and ``decode_step`` have no samples
+and a ``note``. Every backend has ``precision`` (fp32 / fp16 / bf16 / int8 / int4); every
+non-peer backend has ``speedup_vs_best_peer``: null without a peer at its precision, else
+per stage (``prefill``, ``decode_step``) {"value" (median over invocations of the fastest
+same-precision peer's p50 / this backend's p50, within each invocation), "spread" [min,
+max], "by_invocation", "peer" (the fastest peer, most often), "peers" (those compared)}.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from typing import Any
 
 from trace_rt.bench import summary
 from trace_rt.bench.floor import Peaks, stage_floors
+from trace_rt.bench.peer import LLM_ONLY_NOTE, PEER_STAGES
 from trace_rt.bench.runner import BackendRun
 from trace_rt.bench.stats import STAGES, per_position, summarize, tokens_per_s
 from trace_rt.config import TraceConfig
@@ -79,7 +88,9 @@ def backend_entry(
         floor = floors[stage]
         s["floor_ms"] = round(floor, 4) if floor is not None else None
         s["vs_floor"] = round(s["p50_ms"] / floor, 3) if floor and s["p50_ms"] else None
-        if stage == "projector" and not run.staged:
+        if run.peer and stage not in PEER_STAGES:
+            s["note"] = LLM_ONLY_NOTE
+        elif stage == "projector" and not run.staged:
             s["note"] = "this backend has no encode_frames/project split: included in vision"
         stages[stage] = s
     return {
@@ -97,6 +108,8 @@ def backend_entry(
         "decode_step_by_position_ms": per_position(run.steps_by_run),
         "floor_inputs": floors["inputs"],
         "token_ids": run.token_ids,
+        "precision": run.precision,
+        "peer": run.peer,
     }
 
 
@@ -134,6 +147,7 @@ def build_report(
             by_invocation[name] = [{s: v["p50_ms"] for s, v in e["stages"].items()}]
             summary.add_invocation_stats(e, by_invocation[name])
     summary.add_speedups(entries, by_invocation, REFERENCE)
+    summary.add_peer_speedups(entries, by_invocation)
     report = {"machine": machine, "config": config, "backends": entries, "skipped": skipped}
     report["triton"] = triton
     report["invocations"] = invocations or []

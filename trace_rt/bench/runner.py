@@ -19,6 +19,9 @@ stage so each stage gets its own clock:
 
 Decode steps return host logits, which implies a device sync, so the clocks are honest
 for asynchronous devices too.
+
+A *peer* (another engine running the LLM alone, :mod:`trace_rt.bench.peer`) answers the
+same request's prompt length and decode steps: ``prefill`` and ``decode_step`` only.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 
 from trace_rt.backends.base import StagedVideoEncoder
 from trace_rt.bench import machine
+from trace_rt.bench.peer import is_peer, one_peer_request, peer_prompt
 from trace_rt.bench.plugins import BackendSpec
 from trace_rt.events import parse_events
 from trace_rt.generate import GenerationConfig, generate
@@ -80,6 +84,8 @@ class BackendRun:
     weight_bytes: float | None = None  # decoder file bytes, artifact backends
     itemsize: int = 4
     options: dict[str, Any] = field(default_factory=dict)
+    precision: str | None = None  # fp32 / fp16 / bf16 / int8 / int4: peers are compared by it
+    peer: bool = False  # an engine running the LLM alone (trace_rt.bench.peer)
 
 
 def build_options(cls: type, spec: BackendSpec, device: str, dtype: str | None) -> dict[str, Any]:
@@ -111,6 +117,9 @@ def run_backend(
     gpu = machine.GpuMemory(device)
     gpu.reset()
     opts = build_options(cls, spec, device, dtype)
+    if getattr(cls, "llm_only", False) and callable(getattr(cls, "prepare", None)):
+        note("prepare", 0, warmup + runs)  # one-time, cached conversion: not the load
+        cls.prepare(model_dir)
     note("load", 0, warmup + runs)
     t = time.perf_counter()
     backend = cls(model_dir, **opts)
@@ -119,9 +128,15 @@ def run_backend(
     out = BackendRun(spec.name, str(model_dir), round(load_s, 3), options=_jsonable(opts))
     out.staged = isinstance(backend, StagedVideoEncoder)
     out.weight_bytes, out.itemsize = _decoder_bytes(backend)
+    out.precision = precision_of(backend, spec)
+    out.peer = is_peer(backend)
     try:
+        request_once = _peer_request(pipe, request) if out.peer else None
         for i in range(warmup + runs):
-            sample = one_request(pipe, request, out.staged)
+            if request_once is not None:
+                sample = request_once()
+            else:
+                sample = one_request(pipe, request, out.staged)
             gpu.sample()
             if i >= warmup:
                 for stage, value in sample.items():
@@ -190,6 +205,36 @@ def one_request(pipe: Pipeline, req: Request, staged: bool) -> dict[str, Any]:
     return sample
 
 
+def _peer_request(pipe: Pipeline, req: Request) -> Callable[[], dict[str, Any]]:
+    """One peer request as a closure: the prompt (our request's text and video-block
+    positions as text ids) is built once, untimed; the peer has no video stage to time."""
+    prep = pipe.prepare(req.video, req.task, query=req.query, frames=req.frames, gen=req.gen)
+    frames = len(prep.clip.times)
+    ids = peer_prompt(prep.prompt_ids, frames * pipe.config.tokens_per_frame, pipe.config)
+
+    def request() -> dict[str, Any]:
+        sample = one_peer_request(pipe.backend, ids, req.decode_steps)
+        return {**sample, "prompt_positions": len(ids), "frames": frames}
+
+    return request
+
+
+def precision_of(backend: Any, spec: BackendSpec) -> str:
+    """What the backend's decoder computes in: a peer's own ``precision``, a quantised
+    variant's name (int4/int8), else its float dtype (fp32/fp16/bf16)."""
+    declared = getattr(backend, "precision", None)
+    if isinstance(declared, str):
+        return declared
+    variant = spec.options.get("decoder_variant") or getattr(backend, "decoder_variant", None)
+    if isinstance(variant, str):
+        return variant.split(".")[0]
+    dtype = str(getattr(backend, "dtype", "float32"))
+    for key, name in (("bfloat16", "bf16"), ("float16", "fp16"), ("float32", "fp32")):
+        if key in dtype:
+            return name
+    return dtype
+
+
 def video_rows(video: Any) -> int:
     """Rows of the video block behind a backend's handle (array, tensor or device handle)."""
     if hasattr(video, "rows"):
@@ -205,6 +250,8 @@ def _decoder_bytes(backend: Any) -> tuple[float | None, int]:
     dtype = getattr(backend, "dtype", None)
     if dtype is not None:
         itemsize = getattr(dtype, "itemsize", None) or 4
+    if isinstance(getattr(backend, "weight_bytes", None), (int, float)):
+        return float(backend.weight_bytes), int(itemsize)  # a peer's model file(s)
     manifest = getattr(backend, "manifest", None)
     if not isinstance(manifest, dict):
         return None, int(itemsize)

@@ -18,9 +18,11 @@ Pure Python over the JSON-able dicts and :class:`~trace_rt.bench.runner.BackendR
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from trace_rt.bench.peer import PEER_STAGES
 from trace_rt.bench.runner import BackendRun
 from trace_rt.bench.stats import STAGES, percentile
 
@@ -59,6 +61,7 @@ def merge_runs(runs: Sequence[BackendRun]) -> BackendRun:
         last.frames,
     )
     out.staged, out.weight_bytes, out.itemsize = last.staged, last.weight_bytes, last.itemsize
+    out.precision, out.peer = last.precision, last.peer
     rss = [r.peak_rss_mb for r in runs if r.peak_rss_mb is not None]
     out.peak_rss_mb = max(rss) if rss else None
     out.peak_rss_method = last.peak_rss_method
@@ -125,6 +128,48 @@ def add_speedups(
             entry["speedup_spread"][stage] = (
                 [round(sp["min"], 3), round(sp["max"], 3)] if sp["n"] else None
             )
+
+
+def add_peer_speedups(
+    entries: dict[str, dict[str, Any]], by_inv: dict[str, list[dict[str, float | None]]]
+) -> None:
+    """``speedup_vs_best_peer`` of every non-peer backend: per stage and invocation, the
+    fastest peer of the same precision in that invocation, its p50 / this backend's p50;
+    then the median and min-max over invocations (see :mod:`trace_rt.bench.report`)."""
+    peers = {n: e.get("precision") for n, e in entries.items() if e.get("peer")}
+    for name, entry in entries.items():
+        if entry.get("peer"):
+            continue
+        same = [p for p, prec in peers.items() if prec == entry.get("precision")]
+        if not same:
+            entry["speedup_vs_best_peer"] = None
+            continue
+        out: dict[str, Any] = {}
+        for stage in PEER_STAGES:
+            per: list[float | None] = []
+            fastest: list[str] = []
+            for i, inv in enumerate(by_inv.get(name, [])):
+                mine = inv.get(stage)
+                times = [
+                    (t, p)
+                    for p in same
+                    if i < len(by_inv.get(p, [])) and (t := by_inv[p][i].get(stage))
+                ]
+                if not mine or not times:
+                    per.append(None)
+                    continue
+                best, who = min(times)
+                per.append(round(best / mine, 4))
+                fastest.append(who)
+            sp = spread(per)
+            out[stage] = {
+                "value": round(sp["median"], 3) if sp["median"] is not None else None,
+                "spread": [round(sp["min"], 3), round(sp["max"], 3)] if sp["n"] else None,
+                "by_invocation": per,
+                "peer": Counter(fastest).most_common(1)[0][0] if fastest else None,
+                "peers": same,
+            }
+        entry["speedup_vs_best_peer"] = out
 
 
 def verdict(values: Sequence[float | None], op: str, bound: float) -> dict[str, Any]:
