@@ -294,3 +294,24 @@ def test_loader_decodes_only_the_sampled_frames(clips, tok, monkeypatch):
     ex = ds.get(0)
     assert len(converted) == 4 and ex.pixel_values.shape[0] == 4
     assert torch.isfinite(ex.pixel_values).all()
+
+
+def test_worker_processes_give_the_same_batches(clips, tok):
+    """Frames decoded in 2 data-loader processes: the same micro-batches, in the same
+    order, as in the main process (so resume and the loss curve do not depend on it)."""
+    from training.recipe import TrainConfig
+    from training.trainer import Dist, batch_loader
+
+    _, videos = clips
+    samples = [Sample(f"s{i}", v, "mr", (EventTarget((0.5, 2.0)),), query="x")
+               for i, v in enumerate(videos * 2)]  # fmt: skip
+    ds = GroundingDataset(samples, CFG, tok, num_frames=4, sampling="rand")
+    rc = TrainConfig.from_dict({"batch_size": 2, "grad_accum": 2, "max_steps": 3})
+    seen = []
+    for workers in (0, 2):
+        it = batch_loader(ds, rc.replace(num_workers=workers), Dist(), start_step=1)
+        seen.append([next(it) for _ in range(4)])
+    for a, b in zip(*seen, strict=True):
+        assert a.sample_ids == b.sample_ids
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+        assert torch.equal(a.pixel_values, b.pixel_values)

@@ -170,3 +170,37 @@ def test_global_batch_and_epochs_resolve():
     assert s1.resolved(1280, 8).max_steps == 10
     with pytest.raises(ValueError, match="lora"):
         TrainConfig.from_dict({"lora": {"rank": 3}})
+
+
+def _training_args(command: str) -> list[str]:
+    """The arguments after ``-m training`` in a launch command (shell words)."""
+    import shlex
+
+    words = shlex.split(command.replace("\\\n", " "))
+    return words[words.index("training", words.index("-m")) + 1 :]
+
+
+def test_multi_node_launchers_parse_and_shard():
+    """The Slurm script and the PyTorchJob manifest run torchrun with arguments our CLI
+    accepts, a shipped recipe that shards (FSDP), and the same command on every pod."""
+    from training.cli import _parser
+
+    job = yaml.safe_load((ROOT / "deploy/training/pytorchjob.yaml").read_text())
+    assert job["kind"] == "PyTorchJob" and job["apiVersion"] == "kubeflow.org/v1"
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] >= 1
+    pods = [specs[r]["template"]["spec"]["containers"][0] for r in ("Master", "Worker")]
+    assert pods[0] == pods[1] and pods[0]["name"] == "pytorch"
+    gpus = int(pods[0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert int(job["spec"]["nprocPerNode"]) == gpus
+    cmd = pods[0]["args"][0]
+    assert cmd.startswith("torchrun") and "$PET_NNODES" in cmd and "$PET_NODE_RANK" in cmd
+    slurm = (ROOT / "deploy/training/slurm.sbatch").read_text()
+    assert "srun torchrun" in slurm and "--rdzv_backend=c10d" in slurm
+    for command, nodes in ((cmd, 1 + specs["Worker"]["replicas"]),
+                           (slurm[slurm.index("srun torchrun") :], 4)):  # fmt: skip
+        args = _parser().parse_args(_training_args(command))
+        assert args.command == "train" and args.resume
+        rc = TrainConfig.load(args.config)
+        assert rc.parallel == "fsdp"
+        assert rc.resolved(100_000, nodes * gpus).grad_accum >= 1  # global batch 128 fits
