@@ -315,3 +315,20 @@ def test_worker_processes_give_the_same_batches(clips, tok):
         assert a.sample_ids == b.sample_ids
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
         assert torch.equal(a.pixel_values, b.pixel_values)
+
+
+def test_start_up_probes_each_video_once_in_worker_processes(clips, tok, tmp_path, caplog):
+    _, videos = clips
+    samples = [Sample(f"s{i}", v, "mr", (EventTarget((0.5, 2.0)),), query="x")
+               for i, v in enumerate(videos * 3)]  # fmt: skip
+    samples.append(Sample("gone", tmp_path / "gone.mp4", "mr", (EventTarget((0.5, 2.0)),),
+                          query="x"))  # fmt: skip
+    caplog.set_level("INFO")
+    kept = []
+    for workers in (0, 2):
+        ds = GroundingDataset(samples, CFG, tok, num_frames=4, on_bad="skip",
+                              probe_workers=workers)  # fmt: skip
+        kept.append([s.id for s in ds.samples])
+    assert kept[0] == kept[1] == [f"s{i}" for i in range(6)]
+    assert caplog.text.count("probed 3 videos") == 2  # 7 samples, 3 distinct videos
+    assert "'gone'" in caplog.text and "does not exist" in caplog.text

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,29 @@ def probe_video(path: Path) -> VideoInfo:
         raise ValueError(f"{path}: the video stream has no frames")
     fps = (n - 1) / span if span > 0 else (p.rate or 25.0)
     return VideoInfo(n, fps, n / fps)
+
+
+def _probe_or_error(path: Path) -> VideoInfo | str:
+    try:
+        return probe_video(path)
+    except (OSError, ValueError, TraceError, av.error.FFmpegError) as e:
+        return str(e)
+
+
+def probe_videos(paths: Sequence[Path], workers: int = 0) -> dict[Path, VideoInfo | str]:
+    """Each distinct video probed once (many samples share one), by *workers* processes
+    when > 0; a video that cannot be probed maps to the reason."""
+    uniq = sorted(set(paths))
+    t0 = time.perf_counter()
+    if workers > 0 and len(uniq) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(uniq))) as ex:
+            found = list(ex.map(_probe_or_error, uniq, chunksize=8))
+    else:
+        found = [_probe_or_error(p) for p in uniq]
+    log.info("probed %d videos in %.1f s (no decoding)", len(uniq), time.perf_counter() - t0)
+    return dict(zip(uniq, found, strict=True))
 
 
 def frame_indices(n: int, num: int, mode: str, rng: np.random.Generator | None) -> np.ndarray:
@@ -180,6 +204,7 @@ class GroundingDataset:
         on_bad: ``fail`` raises :class:`BadSampleError`; ``skip`` drops the sample with
             a warning naming it.
         seed: random frame picks are a function of (seed, epoch, sample index): resumable.
+        probe_workers: processes probing the videos at start-up (0: this one).
     """
 
     def __init__(
@@ -196,6 +221,7 @@ class GroundingDataset:
         prompts: PromptSet | None = None,
         on_bad: str = "fail",
         seed: int = 0,
+        probe_workers: int = 0,
     ):
         for name, value, allowed in (("sampling", sampling, SAMPLING),
                                      ("snap_times", snap_times, SNAP),
@@ -207,21 +233,21 @@ class GroundingDataset:
         self.sampling, self.snap_times, self.out_of_range = sampling, snap_times, out_of_range
         self.template, self.prompts = template, prompts or PromptSet.load()
         self.on_bad, self.seed = on_bad, seed
-        self.samples = self._checked(samples)
+        self.samples = self._checked(samples, probe_workers)
         if not self.samples:
             raise ValueError("no usable training samples")
 
-    def _checked(self, samples: Sequence[Sample]) -> list[Sample]:
+    def _checked(self, samples: Sequence[Sample], workers: int) -> list[Sample]:
         """Probe every video once (no decoding) and check each sample's targets and
         rendering before training starts, so a bad sample is reported up front."""
+        infos = probe_videos([s.video for s in samples if s.image is None], workers)
         good = []
         for s in samples:
             try:
                 if s.image is None:
-                    try:
-                        info = probe_video(s.video)
-                    except (OSError, ValueError, TraceError, av.error.FFmpegError) as e:
-                        raise BadSampleError(s.id, f"video unusable: {e}") from None
+                    info = infos[s.video]
+                    if isinstance(info, str):
+                        raise BadSampleError(s.id, f"video unusable: {info}")
                     # One frame of slack: annotations often round the end up.
                     try:
                         check_against_video(s, info.duration + 1 / info.fps)

@@ -219,6 +219,9 @@ def batch_loader(dataset: GroundingDataset, rc: TrainConfig, dist: Dist, start_s
             num_workers=rc.num_workers,
             collate_fn=_as_is,
             prefetch_factor=2 if rc.num_workers else None,
+            # Its own generator: drawing the workers' base seed from the global one would
+            # shift the model's random stream (LoRA dropout) on every resume.
+            generator=torch.Generator().manual_seed(rc.seed),
         )
     )
 
@@ -341,6 +344,7 @@ def _setup(rc, samples, out, dist, device, init, preset, resume) -> _Run:
         prompts=PromptSet.load(rc.prompts_file),
         on_bad=rc.on_bad_sample,
         seed=rc.seed,
+        probe_workers=rc.num_workers,
     )
     rc = rc.resolved(len(dataset), dist.world)
     model.to(device)
