@@ -332,3 +332,20 @@ def test_start_up_probes_each_video_once_in_worker_processes(clips, tok, tmp_pat
     assert kept[0] == kept[1] == [f"s{i}" for i in range(6)]
     assert caplog.text.count("probed 3 videos") == 2  # 7 samples, 3 distinct videos
     assert "'gone'" in caplog.text and "does not exist" in caplog.text
+
+
+@pytest.mark.parametrize("template", ["llama_2", "mistral_instruct"])
+def test_without_the_answer_space_the_sequence_starts_like_the_runtime_prompt(tok, template):
+    """answer_space: false (models trained from scratch for this runtime): everything up to
+    the answer's first <sync> is the runtime's inference prompt, id for id."""
+    from trace_rt.prompts import PromptSet, prompt_ids
+
+    prompts = PromptSet.load()
+    s = Sample("g", default_tokenizer_model(), "mr", (EventTarget((1.0, 2.0)),), query="a cat")
+    turns = sample_turns(s, prompts)
+    runtime = prompt_ids("mr", tok=tok, ids=IDS, query="a cat", template=template)
+    seq, labels = render(turns, tok, IDS, prompts, template, answer_space=False)
+    assert seq[: len(runtime)] == runtime and runtime[-1] == 32000
+    assert labels[0, len(runtime) - 1] == 32000  # that <sync> is still a labelled target
+    spaced, _ = render(turns, tok, IDS, prompts, template)
+    assert spaced[: len(runtime) - 1] == runtime[:-1] and spaced[len(runtime) - 1] == 28705

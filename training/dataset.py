@@ -201,6 +201,7 @@ class GroundingDataset:
         snap_times: ``nearest`` (the release), ``cover`` or ``none`` (:func:`snap_span`).
         out_of_range: ``fail`` or ``snap`` for targets past the video's end (module doc).
         template, prompts: the chat template (``mistral_instruct`` trains the release).
+        answer_space: the release's space before the answer (:func:`render`).
         on_bad: ``fail`` raises :class:`BadSampleError`; ``skip`` drops the sample with
             a warning naming it.
         seed: random frame picks are a function of (seed, epoch, sample index): resumable.
@@ -218,6 +219,7 @@ class GroundingDataset:
         snap_times: str = "nearest",
         out_of_range: str = "fail",
         template: str = "mistral_instruct",
+        answer_space: bool = True,
         prompts: PromptSet | None = None,
         on_bad: str = "fail",
         seed: int = 0,
@@ -232,6 +234,7 @@ class GroundingDataset:
         self.num_frames = num_frames or cfg.num_frames
         self.sampling, self.snap_times, self.out_of_range = sampling, snap_times, out_of_range
         self.template, self.prompts = template, prompts or PromptSet.load()
+        self.answer_space = answer_space
         self.on_bad, self.seed = on_bad, seed
         self.samples = self._checked(samples, probe_workers)
         if not self.samples:
@@ -258,8 +261,7 @@ class GroundingDataset:
                 elif not s.image.is_file():
                     raise BadSampleError(s.id, f"image {s.image} does not exist")
                 try:
-                    render(sample_turns(s, self.prompts), self.tok, self.cfg.ids, self.prompts,
-                           self.template)  # fmt: skip
+                    self._render(sample_turns(s, self.prompts))
                 except (RenderError, ValueError) as e:
                     raise BadSampleError(s.id, f"cannot render: {e}") from None
             except BadSampleError as e:
@@ -270,6 +272,10 @@ class GroundingDataset:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def _render(self, turns: Turns) -> tuple[list[int], torch.Tensor]:
+        return render(turns, self.tok, self.cfg.ids, self.prompts, self.template,
+                      self.answer_space)  # fmt: skip
 
     def _frames(self, s: Sample, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(pixels [F, 3, h, w], frame times [F]) decoding only the sampled frames."""
@@ -293,7 +299,7 @@ class GroundingDataset:
         rng = np.random.default_rng((self.seed, epoch, index))
         pixels, times = self._frames(s, rng)
         turns = snapped(sample_turns(s, self.prompts), times, self.snap_times)
-        seq, labels = render(turns, self.tok, self.cfg.ids, self.prompts, self.template)
+        seq, labels = self._render(turns)
         video_len = self.num_frames * self.cfg.tokens_per_frame
         input_ids, labels, start = expand_video(seq, labels, video_len)
         time_ids = np.array([encode_timestamp(float(t)) for t in times], dtype=np.int64)

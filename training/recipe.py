@@ -113,6 +113,10 @@ class TrainConfig:
         save_every: steps between resumable checkpoints (0: only at the end).
         keep_checkpoints: how many step checkpoints to keep (the newest).
         save_dtype: dtype of the release-format weights written (None: the init's).
+        template: the chat template; ``answer_space``: the release's space between
+            ``[/INST]`` and the answer (``training.render.render``); false makes the
+            sequence start like the runtime's inference prompt, for models trained from
+            scratch and served by this runtime.
         lora: LoRA on the LLM's linear layers instead of training them
             (:mod:`training.lora`): ``{r, alpha, dropout, targets, merge}``.
     """
@@ -138,6 +142,7 @@ class TrainConfig:
     snap_times: str = "nearest"
     out_of_range: str = "fail"
     template: str = "mistral_instruct"
+    answer_space: bool = True
     prompts_file: str | None = None
     tasks: tuple[str, ...] | None = None
     on_bad_sample: str = "fail"

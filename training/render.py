@@ -28,7 +28,8 @@ with the input (the loss shifts by one):
 * time / score: the head-local token at each ``<time>`` / ``<score>`` position.
 
 The release's answer starts with ``<sync>`` so that, as at inference (where the prompt
-ends with ``[/INST]<sync>``), the time head speaks first; the last event ends with EOS,
+ends with ``[/INST]<sync>``; the release trains with ``[/INST]▁<sync>``, see
+``answer_space``), the time head speaks first; the last event ends with EOS,
 not ``<sync>``, because after a text ``<sync>`` only the time head may speak and only the
 text head can stop.
 """
@@ -112,9 +113,19 @@ def tokenize_chunks(text: str, tok: TextTokenizer, ids: IdSpace) -> list[int]:
 
 
 def render(
-    turns: Turns, tok: TextTokenizer, ids: IdSpace, prompts: PromptSet, template: str
+    turns: Turns,
+    tok: TextTokenizer,
+    ids: IdSpace,
+    prompts: PromptSet,
+    template: str,
+    answer_space: bool = True,
 ) -> tuple[list[int], torch.Tensor]:
     """(input ids, labels [3, L]) before the video block is expanded.
+
+    *answer_space* writes the release's ``" "`` between ``[/INST]`` and the answer (a
+    labelled ``▁``). Without it the sequence up to the answer's first ``<sync>`` is
+    exactly the runtime's inference prompt (``[/INST]<sync>``): for a model trained from
+    scratch and served by this runtime, which never learnt the release's mismatch.
 
     Input ids are unified ids (``trace_rt.tokens``): time/score tokens sit at their
     placeholders as ``time_base + t`` / ``score_base + t``; the one video placeholder
@@ -131,7 +142,8 @@ def render(
     n_video = sum(instruction.count(p) for p in (VIDEO, IMAGE))
     if n_video != 1 or any(p in turns.answer for p in (VIDEO, IMAGE)):
         raise RenderError("the conversation must hold exactly one <video> (or <image>)")
-    seq = [*tokenize_chunks(instruction + " " + turns.answer + " ", tok, ids), tok.eos_id]
+    space = " " if answer_space else ""
+    seq = [*tokenize_chunks(instruction + space + turns.answer + " ", tok, ids), tok.eos_id]
     head = tokenize_chunks(instruction, tok, ids)
     if seq[: len(head)] != head:
         raise RenderError("the instruction tokenises differently inside the conversation")

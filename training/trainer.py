@@ -270,6 +270,7 @@ def _setup(rc, samples, out, dist, device, init, preset, resume) -> _Run:
         snap_times=rc.snap_times,
         out_of_range=rc.out_of_range,
         template=rc.template,
+        answer_space=rc.answer_space,
         prompts=PromptSet.load(rc.prompts_file),
         on_bad=rc.on_bad_sample,
         seed=rc.seed,
