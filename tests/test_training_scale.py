@@ -96,6 +96,12 @@ def test_sharded_checkpoint_converts_to_the_release_format(fsdp_run, tmp_path):
     assert (conv / "tokenizer.model").is_file() and (conv / "clip_vision").is_dir()
     with pytest.raises(ValueError, match="not a sharded"):
         convert_sharded(conv, tmp_path / "x")
+    from training.cli import main as training_main
+
+    step = out / STATE_DIR / "step-0000002"
+    assert training_main(["convert-checkpoint", str(step), str(tmp_path / "cli")]) == 0
+    assert load_model(tmp_path / "cli").config.num_frames == 4
+    assert training_main(["convert-checkpoint", str(tmp_path / "nope"), str(tmp_path / "y")]) == 2
 
 
 def test_fsdp_resume_after_a_kill_mid_save_is_exact(data, fsdp_run, tmp_path):
