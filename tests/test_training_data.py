@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from trace_rt.prompts import prompt_ids
+from trace_rt.prompts import PromptSet, prompt_ids
 from trace_rt.tokenizer import TextTokenizer, default_tokenizer_model
 from trace_rt.tokens import VIDEO_PLACEHOLDER_ID
 from trace_rt.video import load_video
@@ -17,13 +17,14 @@ from training.data import BadSampleError, EventTarget, Sample, load_split
 from training.dataset import (
     IGNORE,
     GroundingDataset,
-    build_example,
     collate,
     decode_video,
     frame_indices,
-    target_ids,
+    sample_turns,
+    snap_span,
 )
 from training.presets import load_preset
+from training.render import expand_video, render
 from training.synth import SynthConfig, make_synth_data
 
 CFG = load_preset("tiny")
@@ -82,57 +83,54 @@ def test_uniform_sampling_matches_the_runtime(synth):
 
 
 def test_labels_hand_checked(tok):
-    """Every target token carries its head's label at its own position; nothing else does."""
+    """Every answer token carries its head's label at its own position; nothing else does."""
     sample = Sample(
         "s1",
         default_tokenizer_model(),  # unused: no video is read here
         "dvc",
         (EventTarget((1.0, 2.5), (4.0,), "a red circle"), EventTarget((3.0, 4.0), (), "")),
     )
-    target = target_ids(sample, tok, CFG)
+    prompts = PromptSet.load()
+    turns = sample_turns(sample, prompts)
+    seq, labels = render(turns, tok, IDS, prompts, "mistral_instruct")
     cap = tok.encode("a red circle")
     t, s = IDS.time_base, IDS.score_base
-    # "0001.0" <sep> "0002.5" <sync> | "4.0" <sync> | caption <sync> |
-    # "0003.0" <sep> "0004.0" <sync> | <sync> | EOS
+    # <sync> | "0001.0" <sep> "0002.5" <sync> | "4.0" <sync> | caption <sync> |
+    # "0003.0" <sep> "0004.0" <sync> | <sync> | "▁▁" EOS
     time1 = [2, 2, 2, 3, 12, 2, 1, 2, 2, 2, 4, 12, 7, 0]
     time2 = [2, 2, 2, 5, 12, 2, 1, 2, 2, 2, 6, 12, 2, 0]
-    expected = [
-        *[t + i for i in time1], *[s + i for i in (6, 12, 2, 0)], *cap, 32000,
-        *[t + i for i in time2], s + 0, tok.eos_id,
+    answer = [
+        28705, 32000, *[t + i for i in time1], *[s + i for i in (6, 12, 2, 0)], *cap, 32000,
+        *[t + i for i in time2], s + 0, 259, tok.eos_id,
     ]  # fmt: skip
-    assert target == expected
-
-    prompt = prompt_ids("dvc", tok=tok, ids=IDS)
+    n = len(seq) - len(answer)
+    assert seq[n:] == answer
+    assert seq[:n] == prompt_ids("dvc", tok=tok, ids=IDS, template="mistral_instruct")[:-1]
     video_len = 3 * CFG.tokens_per_frame
-    input_ids, labels, start = build_example(prompt, target, video_len, CFG)
-    at = prompt.index(VIDEO_PLACEHOLDER_ID)
-    assert start == at
-    n_prompt = len(prompt) - 1 + video_len
-    assert len(input_ids) == n_prompt + len(target)
-    assert (input_ids[at : at + video_len] == VIDEO_PLACEHOLDER_ID).all()
-    assert input_ids[n_prompt - 1] == 32000  # the prompt's closing text <sync>: context only
-    assert input_ids[n_prompt:].tolist() == target
+    input_ids, labels, start = expand_video(seq, labels, video_len)
+    at = seq.index(VIDEO_PLACEHOLDER_ID)
+    assert start == at and (input_ids[at : at + video_len] == VIDEO_PLACEHOLDER_ID).all()
+    n_prompt = n - 1 + video_len
+    assert input_ids[n_prompt:].tolist() == answer
     assert (labels[:, :n_prompt] == IGNORE).all()
     text, time, score = (labels[h, n_prompt:].tolist() for h in range(3))
     ign = IGNORE
     n1, n2 = len(time1), len(time2)
-    assert time == [*time1, *[ign] * (4 + len(cap) + 1), *time2, ign, ign]
-    assert score == [*[ign] * n1, 6, 12, 2, 0, *[ign] * (len(cap) + 1 + n2), 0, ign]
-    assert text == [*[ign] * (n1 + 4), *cap, 32000, *[ign] * (n2 + 1), tok.eos_id]
-    # Exactly one head labels each target position.
+    assert time == [ign, ign, *time1, *[ign] * (4 + len(cap) + 1), *time2, ign, ign, ign]
+    assert score == [*[ign] * (2 + n1), 6, 12, 2, 0, *[ign] * (len(cap) + 1 + n2), 0, ign, ign]
+    assert text == [28705, 32000, *[ign] * (n1 + 4), *cap, 32000, *[ign] * (n2 + 1), 259,
+                    tok.eos_id]  # fmt: skip
+    # Exactly one head labels each answer position.
     assert ((labels[:, n_prompt:] != IGNORE).sum(0) == 1).all()
 
 
-def test_timestamps_snap_to_frames(tok):
-    sample = Sample("s", default_tokenizer_model(), "mr", (EventTarget((1.0, 2.9)),), "q")
-    ids = target_ids(sample, tok, CFG, np.array([0.0, 0.9, 2.1, 3.0]))
-    # "cover" brackets the span with frames: 1.6 -> 0.9 (nearest: 2.1), 2.2 -> 3.0 (2.1).
-    inner = Sample("s", default_tokenizer_model(), "mr", (EventTarget((1.6, 2.2)),), "q")
+def test_timestamps_snap_to_frames():
     frames = np.array([0.0, 0.9, 2.1, 3.0])
-    near, cover = (target_ids(inner, tok, CFG, frames, m)[:14] for m in ("nearest", "cover"))
-    assert [i - IDS.time_base for i in near] == [2, 2, 2, 4, 12, 3, 1, 2, 2, 2, 4, 12, 3, 0]
-    assert [i - IDS.time_base for i in cover] == [2, 2, 2, 2, 12, 11, 1, 2, 2, 2, 5, 12, 2, 0]
-    assert [i - IDS.time_base for i in ids[:14]] == [2, 2, 2, 2, 12, 11, 1, 2, 2, 2, 5, 12, 2, 0]
+    # "cover" brackets the span with frames: 1.6 -> 0.9 (nearest: 2.1), 2.2 -> 3.0 (2.1).
+    assert snap_span([1.6, 2.2], frames, "nearest") == [2.1, 2.1]
+    assert snap_span([1.6, 2.2], frames, "cover") == [0.9, 3.0]
+    assert snap_span([1.0, 2.9], frames, "cover") == [0.9, 3.0]
+    assert snap_span([1.6, 7.0], frames, "none") == [1.6, 3.0]  # never past the last frame
 
 
 def test_dataset_and_collator(synth, tok):

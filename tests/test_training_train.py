@@ -56,10 +56,14 @@ def test_loss_goes_down(trained):
     out, summary = trained
     losses = summary["losses"]
     assert len(losses) == RECIPE["max_steps"]
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < 0.75 * losses[0], losses
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 9))
     assert {"loss_text", "loss_time", "loss_score", "samples_per_s"} <= set(log[0])
+    # Every head learns (the text head starts near ln 32001 on the release's four text
+    # labels per answer: the space, <sync>, the space before </s>, EOS).
+    for head in ("text", "time", "score"):
+        assert log[-1][f"loss_{head}"] < 0.85 * log[0][f"loss_{head}"], head
     # The release-format checkpoint in OUT, and one resumable checkpoint under .train.
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert json.loads((out / "config.json").read_text())["num_frames"] == 4
@@ -251,7 +255,7 @@ def test_torchrun_two_processes_write_one_checkpoint(data, tmp_path):
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 processes on cpu" in proc.stderr
+    assert "2 processes (ddp) on cpu" in proc.stderr
     steps = sorted(p.name for p in (out / STATE_DIR).iterdir() if p.name.startswith("step-"))
     assert steps == ["step-0000002"]
     assert not list(out.glob(".final-tmp*")) and (out / "model.safetensors").is_file()

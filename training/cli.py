@@ -2,9 +2,11 @@
 
 Sub-commands: ``make-checkpoint`` (random weights), ``synth-data`` (a synthetic
 temporal-grounding set), ``convert`` (official or VTG-IT-style annotations -> training format),
-``train`` (a recipe on a data set), ``eval`` (moment retrieval through the serving
-pipeline) and ``demo`` (all three tasks on a generated clip with random weights: what
-``setup.sh`` shows). Heavy imports happen inside each command.
+``train`` (a recipe on a data set; our format or the release's training JSON),
+``convert-checkpoint`` (a sharded FSDP step checkpoint -> release format), ``eval``
+(moment retrieval through the serving pipeline) and ``demo`` (all three tasks on a
+generated clip with random weights: what ``setup.sh`` shows). Heavy imports happen
+inside each command.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ PROG = "python -m training"
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="Produce TRACE checkpoints (HF format).")
     sub = parser.add_subparsers(dest="command", required=True)
-    adders = (_add_make_checkpoint, _add_synth_data, _add_convert, _add_train, _add_eval, _add_demo)
+    adders = (_add_make_checkpoint, _add_synth_data, _add_convert, _add_train,
+              _add_convert_checkpoint, _add_eval, _add_demo)  # fmt: skip
     for add in adders:
         add(sub)
     return parser
@@ -114,12 +117,27 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="recipe YAML, or a shipped recipe's name (tiny-synthetic, stage1, stage2, finetune)",
     )
-    tr.add_argument("--data", required=True, help="data directory (train.json) or split file")
+    tr.add_argument(
+        "--data",
+        required=True,
+        help="data directory (train.json), split file, or the release's training JSON "
+        "(a list of records with 'conversations', e.g. VTG-IT stage-2.json)",
+    )
+    tr.add_argument(
+        "--data-folder",
+        help="where the release JSON's video/image paths start (its --data_folder; "
+        "default: the JSON file's directory)",
+    )
     tr.add_argument("--out", required=True, help="output checkpoint directory")
     init = tr.add_mutually_exclusive_group()
     init.add_argument("--init", help="start from this checkpoint")
     init.add_argument("--preset", choices=preset_names(), help="start from random weights")
-    tr.add_argument("--max-steps", type=int, help="override the recipe's max_steps")
+    tr.add_argument(
+        "--max-steps", type=int, help="override the recipe's max_steps (and its epochs)"
+    )
+    tr.add_argument(
+        "--num-workers", type=int, help="override the recipe's data-loader worker processes"
+    )
     tr.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
     tr.add_argument("--device", choices=["auto", "cpu", "cuda", "npu"], help="override device")
     tr.add_argument("--dtype", choices=["fp32", "bf16"], help="override the recipe's dtype")
@@ -131,6 +149,24 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     tr.add_argument("--seed", type=int, help="override the recipe's seed")
     tr.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
+
+
+def _add_convert_checkpoint(sub: argparse._SubParsersAction) -> None:
+    cc = sub.add_parser(
+        "convert-checkpoint",
+        help="a sharded (FSDP) step checkpoint -> a release-format checkpoint",
+        description="Gather the shards of OUT/.train/step-N (written by parallel: fsdp) into "
+        "one release-format checkpoint directory, on one machine, without a process group.",
+    )
+    cc.add_argument("step", help="a step checkpoint directory, e.g. OUT/.train/step-0005000")
+    cc.add_argument("out", help="output checkpoint directory")
+    cc.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="storage dtype (fp32)")
+
+
+def _convert_checkpoint(args: argparse.Namespace) -> None:
+    from training.sharded import convert_sharded
+
+    print(json.dumps({"out": str(convert_sharded(args.step, args.out, dtype=args.dtype))}))
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -239,7 +275,10 @@ def _train(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         on_bad_sample=args.on_bad_sample,
         seed=args.seed,
+        num_workers=args.num_workers,
     )
+    if args.max_steps is not None:
+        rc = rc.replace(epochs=None)  # an explicit step count wins over the recipe's epochs
     summary = train(
         rc,
         args.data,
@@ -248,6 +287,7 @@ def _train(args: argparse.Namespace) -> int:
         preset=args.preset,
         resume=args.resume,
         progress=False if args.no_progress else None,
+        data_folder=args.data_folder,
     )
     losses = summary.pop("losses")
     if losses:
@@ -284,6 +324,7 @@ COMMANDS = {
     "synth-data": _synth_data,
     "convert": _convert,
     "train": _train,
+    "convert-checkpoint": _convert_checkpoint,
     "eval": _eval,
     "demo": _demo,
 }

@@ -40,6 +40,7 @@ from typing import Any
 
 from trace_rt.prompts import CUSTOM_TASK, QUERY_TASKS, TASKS
 from trace_rt.tokens import MAX_TIMESTAMP
+from training.render import Turns
 
 FORMAT = "trace-rt-train/1"
 ON_BAD = ("fail", "skip")
@@ -81,6 +82,8 @@ class Sample:
     query: str | None = None
     question: str | None = None
     duration: float | None = None
+    turns: Turns | None = None  # the release's own conversation (training.release_data)
+    image: Path | None = None  # an image sample of the release's JSON (no video)
 
     def to_dict(self, root: Path | None = None) -> dict[str, Any]:
         video = self.video.resolve()  # relative to root, not to the cwd it was made in
@@ -179,8 +182,15 @@ def parse_sample(raw: Any, root: Path, index: int) -> Sample:
     )
 
 
-def load_split(path: str | Path, on_bad: str = "fail") -> list[Sample]:
-    """Read and validate a split file (or ``DIR/train.json`` when given a directory)."""
+def load_split(
+    path: str | Path, on_bad: str = "fail", data_folder: str | Path | None = None
+) -> list[Sample]:
+    """Read and validate a split file (or ``DIR/train.json`` when given a directory).
+
+    A file in the release's own layout (a list of records with ``conversations``) is
+    read by :func:`training.release_data.parse_release`, its paths relative to
+    *data_folder* (default: the file's directory).
+    """
     if on_bad not in ON_BAD:
         raise ValueError(f"on_bad_sample must be one of {ON_BAD}, got {on_bad!r}")
     path = Path(path)
@@ -192,6 +202,10 @@ def load_split(path: str | Path, on_bad: str = "fail") -> list[Sample]:
         raise FileNotFoundError(f"no training split file {path}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
+    from training.release_data import is_release_json, parse_release
+
+    if is_release_json(raw):
+        return parse_release(raw, path, data_folder, on_bad)
     if isinstance(raw, dict) and raw.get("format") not in (None, FORMAT):
         raise ValueError(f"{path}: format {raw.get('format')!r} is not {FORMAT!r}")
     items = raw.get("samples") if isinstance(raw, dict) else raw

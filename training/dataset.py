@@ -1,140 +1,151 @@
-"""Dataset and collator: frames, the runtime's prompt, and the three heads' labels.
+"""Dataset and collator: sampled frames, the release's sequence, the three heads' labels.
 
-One example is the sequence the model sees at inference, plus the answer::
+Each sample becomes the release's conversation (:mod:`training.render`): samples in our
+format (``events``) are written as the release's answer with placeholders, samples read
+from the release's own JSON (:mod:`training.release_data`) keep their turns verbatim.
+Targets are snapped onto the sampled frames' times before encoding, as the release does
+(or per ``snap_times``), so an answer can be read off the frames' own time tokens.
 
-    prompt ids (BOS ... <video> ... [/INST] <sync>)   the video block spliced at <video>
-    target ids (time ... <sync> | score ... <sync> | caption <sync> | ... caption EOS)
+Videos are never held whole: at start-up each is *probed* (container metadata and one
+demux pass over its packets, no decoding: frame count, frame rate, duration), which is
+enough to check every target against the video's length; each ``get`` then decodes only
+the sampled frames (:func:`trace_rt.video.load_video` with a sampler: it seeks past
+groups of pictures that hold none) and reduces each to model resolution as soon as it is
+decoded. ``get`` runs in the data loader's worker processes (``num_workers``).
 
-``input_ids`` hold unified ids (``trace_rt.tokens``) with
-:data:`~trace_rt.tokens.VIDEO_PLACEHOLDER_ID` at each of the video block's positions.
-Labels follow the release (``prepare_inputs_labels_for_multimodal``): three tensors the
-length of the sequence, aligned with the input (the loss shifts by one), holding at each
-target position its token in that head's own vocabulary and -100 everywhere else:
+Frame sampling (``sampling``), the release's ``frame_sample``:
 
-* text labels: caption ids, the text ``<sync>`` that closes an event (32000) and the EOS
-  that closes the answer;
-* time labels: 0..12 (time ``<sync>``, ``<sep>``, digits, '.');
-* score labels: 0..12 likewise.
+* ``uniform``: ``linspace(0, n - 1, N)`` as ints (the release's stage 1 and inference);
+* ``rand``: N equal bins over the frames, in each a random pick among 5 evenly spaced
+  candidate indices (the release's ``--sample_scheme rand``: stage 2 and fine-tuning);
+* ``jitter``: each uniform index moved by up to half a spacing (ours, not the release's).
 
-Prompt and video positions are never labelled; the prompt's closing ``<sync>`` is always
-given at inference, so it is context, not a target. Timestamps are snapped to the nearest
-sampled frame's time before encoding, as the release does (or per ``snap_times``), so an
-answer can be read off the frames' own time tokens.
-
-The answer ends with EOS instead of a last text ``<sync>``: the decoding loop switches to
-the time head after text ``<sync>`` and only the text head can stop generation.
+Targets beyond the video's end (``out_of_range``): ``fail`` (default) reports the sample
+(stop or skip per ``on_bad_sample``); ``snap`` follows the release, which snaps every
+timestamp to the nearest sampled frame, and still reports each such sample as a warning.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections import OrderedDict
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import av
 import numpy as np
 import torch
 
 from trace_rt.config import TraceConfig
-from trace_rt.preprocess import preprocess_frames
-from trace_rt.prompts import CUSTOM_TASK, PromptSet, prompt_ids
+from trace_rt.errors import TraceError
+from trace_rt.preprocess import preprocess_frame, preprocess_frames
+from trace_rt.prompts import CUSTOM_TASK, PromptSet
 from trace_rt.tokenizer import TextTokenizer
-from trace_rt.tokens import (
-    SCORE_FORMAT,
-    TIME_FORMAT,
-    VIDEO_PLACEHOLDER_ID,
-    encode_timestamp,
-    encode_values,
-)
+from trace_rt.tokens import encode_timestamp
+from trace_rt.video import SampledVideo, load_video
+from trace_rt.video.decode import _count_frames, _probe
+from trace_rt.video.source import Source
+from trace_rt.video.timeline import repair_timestamps
 from training.data import BadSampleError, Sample, check_against_video, report_bad
+from training.render import IGNORE, RenderError, Turns, answer_from_events, expand_video, render
 
-IGNORE = -100
-SAMPLING = ("uniform", "jitter")
+SAMPLING = ("uniform", "rand", "jitter")
+SNAP = ("nearest", "cover", "none")
+OUT_OF_RANGE = ("fail", "snap")
+RAND_CANDIDATES = 5  # the release: linspace(lo, hi, 6)[:-1] per bin
 log = logging.getLogger("training.dataset")
+__all__ = ["IGNORE", "Batch", "Example", "GroundingDataset", "collate", "frame_indices"]
 
 
 # ---- video ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DecodedVideo:
-    frames: np.ndarray  # [n, H, W, 3] uint8, presentation order
-    times: np.ndarray  # [n] seconds from the first frame
-    duration: float
+class VideoInfo(NamedTuple):
+    frames: int  # counted from the packets
+    fps: float
+    duration: float  # frames / fps, the runtime's rule
 
 
-def decode_video(path: Path) -> DecodedVideo:
-    """Every frame of *path* with its presentation time (small training clips only)."""
+def probe_video(path: Path) -> VideoInfo:
+    """Frame count, rate and duration from container metadata and one demux pass (the
+    runtime's rules, :func:`trace_rt.video.load_video`), without decoding a frame; a raw
+    stream whose packets carry no timestamps is counted by decoding."""
     if not path.is_file():
         raise FileNotFoundError(f"video {path} does not exist")
-    frames, pts = [], []
-    with av.open(str(path)) as c:
-        if not c.streams.video:
-            raise ValueError(f"{path} has no video stream")
-        s = c.streams.video[0]
-        for f in c.decode(s):
-            frames.append(f.to_ndarray(format="rgb24"))
-            pts.append(float(f.time) if f.time is not None else len(pts))
-    if not frames:
-        raise ValueError(f"{path}: no frame could be decoded")
-    order = np.argsort(pts, kind="stable")
-    t = np.asarray(pts, np.float64)[order]
-    t -= t[0]
-    n = len(t)
-    fps = (n - 1) / t[-1] if n > 1 and t[-1] > 0 else 25.0
-    # The duration the runtime reports (trace_rt.video: n / average fps).
-    return DecodedVideo(np.stack(frames)[order], t, n / fps)
+    src = Source(str(path))
+    p = _probe(src)
+    if p.pts is not None and len(p.pts):
+        table, _ = repair_timestamps(p.pts, p.time_base, p.duration)
+        n = len(table)
+        span = float(table[-1] - table[0]) * float(p.time_base)
+    else:
+        n, span = _count_frames(src), 0.0
+    if n == 0:
+        raise ValueError(f"{path}: the video stream has no frames")
+    fps = (n - 1) / span if span > 0 else (p.rate or 25.0)
+    return VideoInfo(n, fps, n / fps)
 
 
-class VideoCache:
-    """Decoded videos kept in memory up to *max_bytes* (least recently used leaves)."""
+def _probe_or_error(path: Path) -> VideoInfo | str:
+    try:
+        return probe_video(path)
+    except (OSError, ValueError, TraceError, av.error.FFmpegError) as e:
+        return str(e)
 
-    def __init__(self, max_bytes: int = 1 << 30):
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[Path, DecodedVideo] = OrderedDict()
-        self._bytes = 0
 
-    def get(self, path: Path) -> DecodedVideo:
-        if path in self._items:
-            self._items.move_to_end(path)
-            return self._items[path]
-        v = decode_video(path)
-        size = v.frames.nbytes
-        if size <= self.max_bytes:
-            self._items[path] = v
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= old.frames.nbytes
-        return v
+def probe_videos(paths: Sequence[Path], workers: int = 0) -> dict[Path, VideoInfo | str]:
+    """Each distinct video probed once (many samples share one), by *workers* processes
+    when > 0; a video that cannot be probed maps to the reason."""
+    uniq = sorted(set(paths))
+    t0 = time.perf_counter()
+    if workers > 0 and len(uniq) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(uniq))) as ex:
+            found = list(ex.map(_probe_or_error, uniq, chunksize=8))
+    else:
+        found = [_probe_or_error(p) for p in uniq]
+    log.info("probed %d videos in %.1f s (no decoding)", len(uniq), time.perf_counter() - t0)
+    return dict(zip(uniq, found, strict=True))
 
 
 def frame_indices(n: int, num: int, mode: str, rng: np.random.Generator | None) -> np.ndarray:
-    """Uniform: the runtime's ``linspace(0, n-1, N)`` rule. Jitter: each index moved by up
-    to half the spacing (a different but still ordered, still spread-out pick)."""
+    """*num* frame indices out of *n* per *mode* (module doc)."""
     base = np.linspace(0, n - 1, num)
-    if mode == "uniform" or rng is None or num < 2:
+    if mode == "uniform" or rng is None:
+        return base.astype(int)
+    if mode == "rand":
+        edges = np.linspace(0, n - 1, num + 1).astype(int)
+        picks = [
+            rng.choice(np.linspace(lo, hi - 1, RAND_CANDIDATES + 1).astype(int)[:-1])
+            for lo, hi in itertools.pairwise(edges)
+        ]
+        return np.clip(np.asarray(picks, dtype=int), 0, n - 1)
+    if num < 2:
         return base.astype(int)
     step = (n - 1) / (num - 1)
     idx = np.rint(base + rng.uniform(-0.5, 0.5, num) * step).astype(int)
     return np.sort(np.clip(idx, 0, n - 1))
 
 
+def decode_video(path: Path) -> SampledVideo:
+    """Every frame of a small clip (tests and tools: training decodes only sampled ones)."""
+    return load_video(path, probe_video(path).frames)
+
+
 # ---- labels --------------------------------------------------------------------------
-SNAP = ("nearest", "cover", "none")
-
-
 def snap_span(stamps: Sequence[float], frame_times: np.ndarray, mode: str) -> list[float]:
     """Timestamps moved onto sampled frame times.
 
     ``nearest`` (the release): each to the closest frame. ``cover``: a two-timestamp span
     [start, end] to the last frame at or before start and the first at or after end (the
     frames bracketing the event, so the target is a function of which frames show it);
-    other counts fall back to nearest. ``none``: unchanged.
+    other counts fall back to nearest. ``none``: unchanged, but never past the last frame.
     """
-    if mode == "none":
-        return list(stamps)
     ft = frame_times
+    if mode == "none":
+        return [min(float(t), float(ft[-1])) if t > ft[-1] else float(t) for t in stamps]
 
     def nearest(t: float) -> float:
         return float(ft[int(np.argmin(np.abs(ft - t)))])
@@ -149,27 +160,19 @@ def snap_span(stamps: Sequence[float], frame_times: np.ndarray, mode: str) -> li
     return [nearest(t) for t in stamps]
 
 
-def target_ids(
-    sample: Sample,
-    tok: TextTokenizer,
-    cfg: TraceConfig,
-    frame_times: np.ndarray | None = None,
-    snap: str = "nearest",
-) -> list[int]:
-    """The answer as unified ids: per event time, score and text segments (module doc).
-    With *frame_times*, timestamps are snapped onto them (:func:`snap_span`)."""
-    ids = cfg.ids
-    out: list[int] = []
-    for k, ev in enumerate(sample.events):
-        stamps = list(ev.timestamps)
-        if frame_times is not None:
-            stamps = snap_span(stamps, frame_times, snap)
-        out += [ids.time_base + i for i in encode_values(stamps, TIME_FORMAT)]
-        out += [ids.score_base + i for i in encode_values(list(ev.scores), SCORE_FORMAT)]
-        if ev.caption:
-            out += tok.encode(ev.caption)  # a chunk of its own, like the prompt's chunks
-        out.append(ids.text_sync if k + 1 < len(sample.events) else tok.eos_id)
-    return out
+def sample_turns(s: Sample, prompts: PromptSet) -> Turns:
+    """The release's conversation of a sample (its own turns when it came with them)."""
+    if s.turns is not None:
+        return s.turns
+    task = None if s.task == CUSTOM_TASK else s.task
+    question = prompts.question(task, s.query, s.question)
+    answer, times, scores = answer_from_events(s.events)
+    return Turns(prompts.user_message.format(question=question), answer, times, scores)
+
+
+def snapped(turns: Turns, frame_times: np.ndarray, mode: str) -> Turns:
+    times = tuple(tuple(snap_span(list(t), frame_times, mode)) for t in turns.times)
+    return Turns(turns.human, turns.answer, times, turns.scores)
 
 
 @dataclass
@@ -185,42 +188,24 @@ class Example:
     frame_times: np.ndarray
 
 
-def build_example(
-    prompt: Sequence[int], target: Sequence[int], video_len: int, cfg: TraceConfig
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(input_ids [L], labels [3, L], video_start) from prompt ids (one -201) and target."""
-    ids = cfg.ids
-    at = list(prompt).index(VIDEO_PLACEHOLDER_ID)
-    seq = [*prompt[:at], *[VIDEO_PLACEHOLDER_ID] * video_len, *prompt[at + 1 :], *target]
-    labels = torch.full((3, len(seq)), IGNORE, dtype=torch.long)
-    first = len(seq) - len(target)
-    for p, t in enumerate(target, start=first):
-        if 0 <= t <= ids.text_sync:
-            labels[0, p] = t
-        elif ids.time_base <= t < ids.score_base:
-            labels[1, p] = t - ids.time_base
-        elif ids.score_base <= t < ids.size:
-            labels[2, p] = t - ids.score_base
-        else:
-            raise ValueError(f"target id {t} is outside the id space")
-    return torch.tensor(seq, dtype=torch.long), labels, at
-
-
 class GroundingDataset:
-    """Samples -> :class:`Example` (frames sampled per the recipe, labels built).
+    """Samples -> :class:`Example` (frames sampled per the recipe, labels rendered).
 
     Args:
-        samples: validated samples (:func:`training.data.load_split`).
+        samples: validated samples (:func:`training.data.load_split` or
+            :func:`training.release_data.load_release_json`).
         cfg: the model's config (frame size, slots, id space).
         tok: the checkpoint's tokenizer.
         num_frames: frames per video (default: ``cfg.num_frames``).
-        sampling: ``uniform`` (the runtime's rule) or ``jitter``.
-        snap_times: ``nearest`` (the release), ``cover`` or ``none``: how target
-            timestamps move onto the sampled frames' times (:func:`snap_span`).
-        template, prompts: the prompt (``trace_rt.prompts``).
+        sampling: ``uniform``, ``rand`` (the release's stage 2) or ``jitter``.
+        snap_times: ``nearest`` (the release), ``cover`` or ``none`` (:func:`snap_span`).
+        out_of_range: ``fail`` or ``snap`` for targets past the video's end (module doc).
+        template, prompts: the chat template (``mistral_instruct`` trains the release).
+        answer_space: the release's space before the answer (:func:`render`).
         on_bad: ``fail`` raises :class:`BadSampleError`; ``skip`` drops the sample with
             a warning naming it.
-        seed: jitter is a function of (seed, epoch, sample index): resumable.
+        seed: random frame picks are a function of (seed, epoch, sample index): resumable.
+        probe_workers: processes probing the videos at start-up (0: this one).
     """
 
     def __init__(
@@ -232,81 +217,98 @@ class GroundingDataset:
         num_frames: int | None = None,
         sampling: str = "uniform",
         snap_times: str = "nearest",
-        template: str = "llama_2",
+        out_of_range: str = "fail",
+        template: str = "mistral_instruct",
+        answer_space: bool = True,
         prompts: PromptSet | None = None,
         on_bad: str = "fail",
         seed: int = 0,
-        cache_bytes: int = 1 << 30,
+        probe_workers: int = 0,
     ):
-        if sampling not in SAMPLING:
-            raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
-        if snap_times not in SNAP:
-            raise ValueError(f"snap_times must be one of {SNAP}, got {snap_times!r}")
+        for name, value, allowed in (("sampling", sampling, SAMPLING),
+                                     ("snap_times", snap_times, SNAP),
+                                     ("out_of_range", out_of_range, OUT_OF_RANGE)):  # fmt: skip
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         self.cfg, self.tok = cfg, tok
         self.num_frames = num_frames or cfg.num_frames
-        self.sampling, self.snap_times = sampling, snap_times
+        self.sampling, self.snap_times, self.out_of_range = sampling, snap_times, out_of_range
         self.template, self.prompts = template, prompts or PromptSet.load()
+        self.answer_space = answer_space
         self.on_bad, self.seed = on_bad, seed
-        self.cache = VideoCache(cache_bytes)
-        self.samples = self._checked(samples)
+        self.samples = self._checked(samples, probe_workers)
         if not self.samples:
             raise ValueError("no usable training samples")
 
-    def _checked(self, samples: Sequence[Sample]) -> list[Sample]:
-        """Open every video once and check the targets against it (before training
-        starts, so a bad sample is reported up front rather than mid-run)."""
+    def _checked(self, samples: Sequence[Sample], workers: int) -> list[Sample]:
+        """Probe every video once (no decoding) and check each sample's targets and
+        rendering before training starts, so a bad sample is reported up front."""
+        infos = probe_videos([s.video for s in samples if s.image is None], workers)
         good = []
         for s in samples:
             try:
+                if s.image is None:
+                    info = infos[s.video]
+                    if isinstance(info, str):
+                        raise BadSampleError(s.id, f"video unusable: {info}")
+                    # One frame of slack: annotations often round the end up.
+                    try:
+                        check_against_video(s, info.duration + 1 / info.fps)
+                    except BadSampleError as e:
+                        if self.out_of_range == "fail":
+                            raise
+                        log.warning("%s; snapped to the last frame (out_of_range: snap)", e)
+                elif not s.image.is_file():
+                    raise BadSampleError(s.id, f"image {s.image} does not exist")
                 try:
-                    v = self.cache.get(s.video)
-                except (OSError, ValueError, av.error.FFmpegError) as e:
-                    raise BadSampleError(s.id, f"video unusable: {e}") from None
-                # One frame of slack: annotations often round the end up.
-                slack = v.duration / max(len(v.times), 1)
-                check_against_video(s, v.duration + slack)
-                self._prompt(s)
+                    self._render(sample_turns(s, self.prompts))
+                except (RenderError, ValueError) as e:
+                    raise BadSampleError(s.id, f"cannot render: {e}") from None
             except BadSampleError as e:
                 report_bad(e, self.on_bad)
                 continue
             good.append(s)
         return good
 
-    def _prompt(self, s: Sample) -> list[int]:
-        task = CUSTOM_TASK if s.task == CUSTOM_TASK else s.task
-        try:
-            return prompt_ids(
-                task,
-                tok=self.tok,
-                ids=self.cfg.ids,
-                query=s.query,
-                question=s.question,
-                template=self.template,
-                prompts=self.prompts,
-            )
-        except ValueError as e:
-            raise BadSampleError(s.id, f"prompt: {e}") from None
-
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _render(self, turns: Turns) -> tuple[list[int], torch.Tensor]:
+        return render(turns, self.tok, self.cfg.ids, self.prompts, self.template,
+                      self.answer_space)  # fmt: skip
+
+    def _frames(self, s: Sample, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(pixels [F, 3, h, w], frame times [F]) decoding only the sampled frames."""
+        pp = self.cfg.preprocess
+        if s.image is not None:  # the release repeats an image as every frame, at time 0
+            from PIL import Image
+
+            with Image.open(s.image) as im:
+                px = preprocess_frames(np.asarray(im.convert("RGB"))[None], pp)
+            return np.repeat(px, self.num_frames, axis=0), np.zeros(self.num_frames)
+        v = load_video(
+            s.video,
+            self.num_frames,
+            transform=lambda rgb: preprocess_frame(rgb, pp),
+            sampler=lambda n, _fps: frame_indices(n, self.num_frames, self.sampling, rng),
+        )
+        return v.frames, v.times
+
     def get(self, index: int, epoch: int = 0) -> Example:
         s = self.samples[index]
-        v = self.cache.get(s.video)
         rng = np.random.default_rng((self.seed, epoch, index))
-        idx = frame_indices(len(v.times), self.num_frames, self.sampling, rng)
-        times = v.times[idx]
-        pixels = preprocess_frames(v.frames[idx], self.cfg.preprocess)
-        time_ids = np.array([encode_timestamp(float(t)) for t in times], dtype=np.int64)
-        target = target_ids(s, self.tok, self.cfg, times, self.snap_times)
+        pixels, times = self._frames(s, rng)
+        turns = snapped(sample_turns(s, self.prompts), times, self.snap_times)
+        seq, labels = self._render(turns)
         video_len = self.num_frames * self.cfg.tokens_per_frame
-        input_ids, labels, start = build_example(self._prompt(s), target, video_len, self.cfg)
+        input_ids, labels, start = expand_video(seq, labels, video_len)
+        time_ids = np.array([encode_timestamp(float(t)) for t in times], dtype=np.int64)
         return Example(
             s.id,
             input_ids,
             labels,
             start,
-            torch.from_numpy(pixels),
+            torch.from_numpy(np.ascontiguousarray(pixels)),
             torch.from_numpy(time_ids),
             times,
         )

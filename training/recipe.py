@@ -13,12 +13,29 @@ groups name parts of the model by their release weight names:
 | `embed`     | `model.embed_tokens`, `lm_head` (the text vocabulary)          |
 
 The release's stage 1 trains `projector`, `towers`, `heads`; stage 2 adds `llm` and
-`embed` (``tune_lm_embed_head``) at a lower rate.
+`embed` (``tune_lm_embed_head``) at a lower rate. The vision tower never learns in the
+release (its CLIP tower is frozen and run without gradients).
+
+Defaults that follow the release (``scripts/train/*.sh``, ``train_mt.py``), each because a
+fine-tune must give the model the release's recipe would give:
+
+* ``template: mistral_instruct``: the release trains with ``--version v1_mistral``
+  (and evaluates with ``llama_2``, the runtime's default);
+* global batch 128 (``global_batch``: gradient accumulation fills it for any number of
+  processes), ``epochs`` (1 for stage 1, 2 for stage 2 and fine-tuning), warm-up ratio
+  0.03 then cosine decay, weight decay 0, bf16, gradient checkpointing;
+* ``sampling``: ``uniform`` frames in stage 1 (the release's default), ``rand`` in stage
+  2 and fine-tuning (``--sample_scheme rand``);
+* ``out_of_range: snap`` in the release recipes (the release snaps every target to the
+  nearest sampled frame, so a timestamp past the end becomes the last frame's); each such
+  sample is still reported. The dataclass default stays ``fail``: a user's own data
+  with late timestamps is usually a mistake worth stopping for.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +43,8 @@ from typing import Any
 RECIPE_DIR = Path(__file__).parent / "recipes"
 GROUPS = ("vision", "projector", "towers", "heads", "llm", "embed")
 DEVICES = ("auto", "cpu", "cuda", "npu")
+SAMPLING = ("uniform", "rand", "jitter")
+PARALLEL = ("ddp", "fsdp")
 
 
 def recipe_names() -> list[str]:
@@ -76,9 +95,17 @@ class TrainConfig:
             decay to ``min_lr_ratio * lr`` at ``max_steps``.
         batch_size: samples per process per micro-step; ``grad_accum`` micro-steps per
             optimiser step. Global batch = batch_size * grad_accum * processes.
+        global_batch: when set, ``grad_accum`` is derived from it at start-up
+            (``global_batch / (batch_size * processes)``, which must divide evenly).
+        epochs: when set, ``max_steps`` is derived: ceil(epochs * samples / global batch).
+        parallel: ``ddp`` (replicated weights) or ``fsdp`` (FSDP2 ``fully_shard``: weights,
+            gradients and optimiser state sharded across processes, for the 7B).
+        num_workers: data-loader worker processes decoding the sampled frames.
+        out_of_range: ``fail`` or ``snap`` for targets past a video's end (module doc).
         dtype: ``fp32`` or ``bf16`` (autocast; master weights and optimiser stay fp32).
         num_frames: frames per video (None: the checkpoint's ``num_frames``).
-        sampling: ``uniform`` (the runtime's rule) or ``jitter``.
+        sampling: ``uniform`` (the runtime's rule), ``rand`` (the release's stage 2) or
+            ``jitter``.
         snap_times: ``nearest`` (the release: each target timestamp to the closest
             sampled frame), ``cover`` (a span to the frames bracketing it) or ``none``.
         tasks: keep only samples of these tasks (None: all).
@@ -86,6 +113,12 @@ class TrainConfig:
         save_every: steps between resumable checkpoints (0: only at the end).
         keep_checkpoints: how many step checkpoints to keep (the newest).
         save_dtype: dtype of the release-format weights written (None: the init's).
+        template: the chat template; ``answer_space``: the release's space between
+            ``[/INST]`` and the answer (``training.render.render``); false makes the
+            sequence start like the runtime's inference prompt, for models trained from
+            scratch and served by this runtime.
+        lora: LoRA on the LLM's linear layers instead of training them
+            (:mod:`training.lora`): ``{r, alpha, dropout, targets, merge}``.
     """
 
     trainable: tuple[str, ...] = ("projector", "towers", "heads")
@@ -99,18 +132,24 @@ class TrainConfig:
     max_steps: int = 1000
     batch_size: int = 4
     grad_accum: int = 1
+    global_batch: int | None = None
+    epochs: float | None = None
     max_grad_norm: float = 1.0
     dtype: str = "fp32"
     gradient_checkpointing: bool = False
     num_frames: int | None = None
     sampling: str = "uniform"
     snap_times: str = "nearest"
-    template: str = "llama_2"
+    out_of_range: str = "fail"
+    template: str = "mistral_instruct"
+    answer_space: bool = True
     prompts_file: str | None = None
     tasks: tuple[str, ...] | None = None
     on_bad_sample: str = "fail"
     seed: int = 0
     device: str = "auto"
+    parallel: str = "ddp"
+    num_workers: int = 0
     log_every: int = 10
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -130,15 +169,27 @@ class TrainConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.snap_times not in ("nearest", "cover", "none"):
             raise ValueError(f"snap_times must be nearest, cover or none: {self.snap_times!r}")
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}")
+        if self.out_of_range not in ("fail", "snap"):
+            raise ValueError(f"out_of_range must be fail or snap, got {self.out_of_range!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if self.global_batch is not None and self.global_batch < 1:
+            raise ValueError("global_batch must be at least 1")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError("epochs must be positive")
+        if self.num_workers < 0:
+            raise ValueError("num_workers must be 0 or more")
         if self.on_bad_sample not in ("fail", "skip"):
             raise ValueError(f"on_bad_sample must be fail or skip, got {self.on_bad_sample!r}")
         for k in ("max_steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be at least 1")
         if self.lora is not None:
-            raise NotImplementedError(
-                "LoRA is not implemented yet; train the 'llm' group fully or leave it frozen"
-            )
+            from training.lora import LoraConfig
+
+            LoraConfig.from_dict(self.lora)  # a bad setting fails when the recipe loads
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "recipe") -> TrainConfig:
@@ -166,6 +217,22 @@ class TrainConfig:
             raise ValueError(f"{path}: a recipe is a mapping of settings")
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(raw, str(path))
+
+    def resolved(self, samples: int, processes: int) -> TrainConfig:
+        """``grad_accum`` from ``global_batch`` and ``max_steps`` from ``epochs``."""
+        rc = self
+        if rc.global_batch is not None:
+            per_step = rc.batch_size * processes
+            if rc.global_batch % per_step:
+                raise ValueError(
+                    f"global_batch {rc.global_batch} is not a multiple of batch_size "
+                    f"{rc.batch_size} x {processes} processes"
+                )
+            rc = rc.replace(grad_accum=rc.global_batch // per_step)
+        if rc.epochs is not None:
+            glob = rc.batch_size * rc.grad_accum * processes
+            rc = rc.replace(max_steps=max(1, math.ceil(rc.epochs * samples / glob)))
+        return rc
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

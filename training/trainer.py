@@ -1,23 +1,16 @@
 """``python -m training train``: the training loop.
 
-One process or many under ``torchrun`` (DDP: gloo on CPU, nccl on CUDA, hccl on Ascend).
-The data order is a pure function of (seed, step), so a run resumed from a checkpoint
-sees exactly the batches it would have seen: the next step's loss is the same.
+One process or many under ``torchrun``: replicated weights (``parallel: ddp``: gloo on
+CPU, nccl on CUDA, hccl on Ascend) or sharded ones (``parallel: fsdp``, FSDP2:
+:mod:`training.sharded`). The data order is a pure function of (seed, step), so a run
+resumed from a checkpoint sees exactly the batches it would have seen: the next step's
+loss is the same. Frames are decoded in ``num_workers`` data-loader processes, only the
+sampled ones. ``global_batch`` and ``epochs`` become ``grad_accum`` and ``max_steps``
+once the data set and the process count are known (:meth:`TrainConfig.resolved`).
 
-Output directory::
-
-    OUT/config.json, model.safetensors, tokenizer.model, clip_vision/   the final model,
-                                                          release format (trace-rt run, export)
-    OUT/train_recipe.yaml, OUT/train_log.jsonl            the recipe and per-step metrics
-    OUT/.train/step-0000100/                              resumable checkpoints: release-format
-                                                          weights + trainer_state.pt
-    OUT/.train/latest                                     name of the newest complete one
-    OUT/.train/final                                      the step OUT's model is from
-    OUT/.train/tokenizer.model                            the run's tokenizer (saved from)
-
-Checkpoints are written into a temporary directory and renamed into place, and ``latest``
-is replaced atomically, so a run killed mid-write leaves the previous checkpoint usable.
-``.train`` is hidden so that export's hash of the checkpoint covers only the model.
+Output: OUT holds the final release-format model (``trace-rt run``, export), the recipe
+(``train_recipe.yaml``), per-step metrics (``train_log.jsonl``) and resumable
+checkpoints under ``OUT/.train/`` (:mod:`training.checkpoints`).
 """
 
 from __future__ import annotations
@@ -27,7 +20,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -35,25 +27,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from trace_rt.errors import DeviceError
-from trace_rt.model import TraceModel, load_model, save_model
+from trace_rt.model import TraceModel, load_model
 from trace_rt.model.checkpoint import random_tensors
 from trace_rt.prompts import PromptSet
 from trace_rt.tokenizer import TOKENIZER_FILE, TextTokenizer, default_tokenizer_model
+from training import lora, sharded
+from training.checkpoints import (
+    STATE_DIR,
+    STATE_FILE,
+    keep_tokenizer,
+    latest_step_dir,
+    load_adapters,
+    save_final,
+    save_step,
+    trim_log,
+)
 from training.data import load_split
-from training.dataset import Batch, GroundingDataset, collate
+from training.dataset import Batch, GroundingDataset
+from training.loader import Dist, batch_loader, micro_batches
 from training.loss import TraceLoss
 from training.presets import load_preset
 from training.recipe import GROUPS, TrainConfig, param_group
 
-STATE_DIR = ".train"
-STATE_FILE = "trainer_state.pt"
-FINAL_FILE = "final"  # names the step whose model OUT holds
 LOG_FILE = "train_log.jsonl"
+__all__ = ["STATE_DIR", "Dist", "batch_loader", "build_model", "micro_batches", "train", "trim_log"]
 log = logging.getLogger("training")
 
 
@@ -75,17 +76,6 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda":
         raise DeviceError("device 'cuda' requested but torch sees no CUDA device")
     return torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
@@ -122,12 +112,18 @@ def build_model(
     return model.train(), tok_file
 
 
+def _group(name: str) -> str:
+    return "lora" if lora.is_adapter(name) else param_group(name)
+
+
 def set_trainable(model: TraceModel, groups: tuple[str, ...]) -> dict[str, int]:
-    counts = dict.fromkeys(GROUPS, 0)
+    """Freeze all but *groups* (and LoRA adapters, which always learn)."""
+    counts = dict.fromkeys((*GROUPS, "lora"), 0)
     for name, p in model.named_parameters():
-        g = param_group(name)
-        p.requires_grad_(g in groups)
-        if g in groups:
+        g = _group(name)
+        on = g in groups or g == "lora"
+        p.requires_grad_(on)
+        if on:
             counts[g] += p.numel()
     return counts
 
@@ -136,12 +132,14 @@ def make_optimizer(model: TraceModel, rc: TrainConfig) -> torch.optim.Optimizer:
     by_group: dict[str, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            by_group.setdefault(param_group(name), []).append(p)
+            by_group.setdefault(_group(name), []).append(p)
     groups = [
         {"params": ps, "lr": rc.lr * rc.lr_scale.get(g, 1.0), "name": g}
         for g, ps in by_group.items()
     ]
     kw = {"lr": rc.lr, "betas": rc.betas, "weight_decay": rc.weight_decay}
+    if rc.parallel == "fsdp":  # DTensor parameters: the default (foreach) kernel
+        return torch.optim.AdamW(groups, **kw)
     try:  # the fused kernel is several times faster (CPU and CUDA); not on every device
         return torch.optim.AdamW(groups, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):
@@ -155,123 +153,6 @@ def lr_factor(step: int, rc: TrainConfig) -> float:
         return (step + 1) / warm
     u = min(1.0, (step - warm) / max(1, rc.max_steps - warm))
     return rc.min_lr_ratio + (1 - rc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * u))
-
-
-# ---- data order ----------------------------------------------------------------------
-def micro_batches(n: int, rc: TrainConfig, dist: Dist, step: int) -> Iterator[list[tuple]]:
-    """The (index, epoch) lists of this process's micro-batches for optimiser *step*.
-
-    The stream of samples is epoch-wise permutations seeded by (seed, epoch); global
-    micro-batch k covers stream positions [k*B*W, (k+1)*B*W) and rank r takes its B.
-    """
-    bw = rc.batch_size * dist.world
-    perms: dict[int, np.ndarray] = {}
-    for m in range(rc.grad_accum):
-        k = step * rc.grad_accum + m
-        out = []
-        first = k * bw + dist.rank * rc.batch_size
-        for p in range(first, first + rc.batch_size):
-            epoch = p // n
-            if epoch not in perms:
-                perms[epoch] = np.random.default_rng((rc.seed, epoch)).permutation(n)
-            out.append((int(perms[epoch][p % n]), epoch))
-        yield out
-
-
-# ---- checkpoints ---------------------------------------------------------------------
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def keep_tokenizer(out: Path, tok_file: Path) -> Path:
-    """A copy of the tokenizer in ``OUT/.train/`` that the run saves from.
-
-    The source may be a step checkpoint that rotation deletes (``--resume`` with
-    ``keep_checkpoints: 1``), or a user's directory that changes under a long run.
-    """
-    root = out / STATE_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    kept = root / TOKENIZER_FILE
-    if tok_file.resolve() != kept.resolve():
-        tmp = root / f".{TOKENIZER_FILE}.tmp"
-        shutil.copyfile(tok_file, tmp)
-        os.replace(tmp, kept)
-    return kept
-
-
-def save_step(
-    out: Path, step: int, model: TraceModel, opt, rc: TrainConfig, tok_file: Path
-) -> Path:
-    """A resumable checkpoint after *step* optimiser steps (written atomically)."""
-    root = out / STATE_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, dtype=torch.float32, tokenizer_model=tok_file)
-    state = {
-        "step": step,
-        "optimizer": opt.state_dict(),
-        "recipe": rc.to_dict(),
-        "torch_rng": torch.get_rng_state(),
-    }
-    torch.save(state, tmp / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _atomic_write(root / "latest", final.name + "\n")
-    kept = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in kept[: -max(1, rc.keep_checkpoints)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_step_dir(out: Path) -> Path | None:
-    latest = out / STATE_DIR / "latest"
-    if not latest.is_file():
-        return None
-    d = out / STATE_DIR / latest.read_text().strip()
-    return d if (d / STATE_FILE).is_file() else None
-
-
-def save_final(
-    out: Path, model: TraceModel, dtype: str | None, tok_file: Path, step: int | None = None
-) -> None:
-    """The release-format model in OUT itself, and ``.train/final`` naming its step.
-
-    ``config.json`` goes first and comes back last: a run killed while the files are
-    renamed in leaves an OUT that does not load (and no ``final`` for this step), never
-    one that silently loads the previous model or a mix; ``--resume`` rewrites it.
-    """
-    tmp = out / ".final-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, dtype=dtype, tokenizer_model=tok_file)
-    (out / STATE_DIR / FINAL_FILE).unlink(missing_ok=True)
-    (out / "config.json").unlink(missing_ok=True)
-    entries = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
-    for p in entries:
-        dst = out / p.name
-        if dst.is_dir():
-            shutil.rmtree(dst)
-        os.replace(p, dst)
-    tmp.rmdir()
-    if step is not None:
-        _atomic_write(out / STATE_DIR / FINAL_FILE, f"step-{step:07d}\n")
-
-
-def trim_log(log_file: Path, step: int) -> None:
-    """Drop records after *step*: a resumed run logs those steps again."""
-    if not log_file.is_file():
-        return
-    keep = []
-    for line in log_file.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
-            continue
-    _atomic_write(log_file, "".join(ln + "\n" for ln in keep))
 
 
 # ---- the loop ------------------------------------------------------------------------
@@ -306,18 +187,22 @@ def train(
     preset: str | None = None,
     resume: bool = False,
     progress: bool | None = None,
+    data_folder: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train per *rc*; returns a summary (steps, first/last loss, seconds)."""
     out = Path(out)
-    samples = load_split(data, rc.on_bad_sample)  # a bad --data fails before anything else
+    # A bad --data fails before anything else.
+    samples = load_split(data, rc.on_bad_sample, data_folder)
     if rc.tasks is not None:
         samples = [s for s in samples if s.task in rc.tasks]
+    if rc.lora is not None and rc.parallel == "fsdp":
+        raise ValueError("LoRA is for one device (parallel: ddp); FSDP trains full weights")
     dist, device = init_distributed(rc.device)
     torch.manual_seed(rc.seed)
     try:
         run = _setup(rc, samples, out, dist, device, init, preset, resume)
         show = dist.main and (sys.stderr.isatty() if progress is None else progress)
-        return _loop(rc, run, out, dist, device, show)
+        return _loop(run.rc, run, out, dist, device, show)
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -327,12 +212,17 @@ def train(
 class _Run:
     """What the loop works on, from :func:`_setup`."""
 
+    rc: TrainConfig  # resolved: grad_accum and max_steps known
     model: TraceModel
-    net: nn.Module  # the loss module (DDP-wrapped under torchrun)
+    net: nn.Module  # the loss module (DDP-wrapped or FSDP-sharded under torchrun)
     opt: torch.optim.Optimizer
     dataset: GroundingDataset
     tok_file: Path
     start_step: int
+
+    @property
+    def fsdp(self) -> bool:
+        return self.rc.parallel == "fsdp" and torch.distributed.is_initialized()
 
 
 def _start_state(out: Path, resume: bool) -> tuple[Path | None, dict | None]:
@@ -351,33 +241,57 @@ def _start_state(out: Path, resume: bool) -> tuple[Path | None, dict | None]:
     return resume_dir, torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False)
 
 
-def _setup(rc, samples, out, dist, device, init, preset, resume) -> _Run:
-    """Model, data set, optimiser and loss module; restored from OUT with *resume*."""
-    resume_dir, state = _start_state(out, resume)
+def _model(rc, resume_dir, init, preset) -> tuple[TraceModel, Path]:
+    if resume_dir is not None and sharded.is_sharded(resume_dir):
+        # The weights come from the shards; the model is rebuilt from the saved config.
+        model = sharded.model_from_config(resume_dir, rc.seed)
+        return model, resume_dir.parent / TOKENIZER_FILE
     # The step checkpoint holds the weights; init/preset only matter on a fresh start.
     model, tok_file = build_model(resume_dir or init, None if resume_dir else preset,
                                   rc.num_frames, rc.seed)  # fmt: skip
+    if rc.lora is not None:
+        lora.inject(model, lora.LoraConfig.from_dict(rc.lora))
+        if resume_dir is not None:
+            load_adapters(model, resume_dir)
+    return model, tok_file
+
+
+def _setup(rc, samples, out, dist, device, init, preset, resume) -> _Run:
+    """Model, data set, optimiser and loss module; restored from OUT with *resume*."""
+    resume_dir, state = _start_state(out, resume)
+    model, tok_file = _model(rc, resume_dir, init, preset)
     counts = set_trainable(model, rc.trainable)
     dataset = GroundingDataset(
         samples,
         model.config,
         TextTokenizer.from_file(tok_file),
+        num_frames=rc.num_frames,
         sampling=rc.sampling,
         snap_times=rc.snap_times,
+        out_of_range=rc.out_of_range,
         template=rc.template,
+        answer_space=rc.answer_space,
         prompts=PromptSet.load(rc.prompts_file),
         on_bad=rc.on_bad_sample,
         seed=rc.seed,
+        probe_workers=rc.num_workers,
     )
+    rc = rc.resolved(len(dataset), dist.world)
     model.to(device)
+    net: nn.Module = TraceLoss(model, rc.gradient_checkpointing)
+    fsdp = rc.parallel == "fsdp" and dist.world > 1
+    if fsdp:
+        net = sharded.shard(net, model)
     opt = make_optimizer(model, rc)
     start_step = 0
     if state is not None:
         start_step = int(state["step"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-    net: nn.Module = TraceLoss(model, rc.gradient_checkpointing)
-    if dist.world > 1:
+        if state.get("sharded"):
+            sharded.load_sharded(resume_dir, net, opt)
+        else:
+            opt.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+    if dist.world > 1 and not fsdp:
         net = nn.parallel.DistributedDataParallel(
             net,
             device_ids=[device.index] if device.type == "cuda" else None,
@@ -392,13 +306,28 @@ def _setup(rc, samples, out, dist, device, init, preset, resume) -> _Run:
         (out / "train_recipe.yaml").write_text(yaml.safe_dump(rc.to_dict(), sort_keys=False))
         trainable = {g: n for g, n in counts.items() if n}
         log.info(
-            "%d samples, %d processes on %s, trainable %s, steps %d..%d",
-            len(dataset), dist.world, device, trainable, start_step, rc.max_steps,
+            "%d samples, %d processes (%s) on %s, global batch %d, trainable %s, steps %d..%d",
+            len(dataset), dist.world, rc.parallel, device,
+            rc.batch_size * rc.grad_accum * dist.world, trainable, start_step, rc.max_steps,
         )  # fmt: skip
-    return _Run(model, net, opt, dataset, tok_file, start_step)
+    else:
+        tok_file = out / STATE_DIR / TOKENIZER_FILE
+    return _Run(rc, model, net, opt, dataset, tok_file, start_step)
 
 
-def _step(rc: TrainConfig, run: _Run, dist: Dist, device: torch.device, step: int) -> dict:
+def _sync_ctx(run: _Run, sync: bool):
+    """Skip the gradient all-reduce (DDP) / reduce-scatter (FSDP) but on the last
+    micro-batch of a step."""
+    if run.fsdp:
+        sharded.set_gradient_sync(run.net, sync)
+        return contextlib.nullcontext()
+    if sync or not isinstance(run.net, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return run.net.no_sync()
+
+
+def _step(rc: TrainConfig, run: _Run, dist: Dist, device: torch.device, step: int,
+          batches: Iterator[Batch]) -> dict:  # fmt: skip
     """One optimiser step (all its micro-batches); returns the step's log record."""
     t0 = time.perf_counter()
     opt, net = run.opt, run.net
@@ -411,11 +340,9 @@ def _step(rc: TrainConfig, run: _Run, dist: Dist, device: torch.device, step: in
         else contextlib.nullcontext()
     )
     tot, parts_sum, n_samples = 0.0, {}, 0
-    for m, items in enumerate(micro_batches(len(run.dataset), rc, dist, step)):
-        batch: Batch = collate([run.dataset.get(i, e) for i, e in items]).to(device)
-        # DDP all-reduces gradients only on the last micro-batch of a step.
-        sync = m + 1 == rc.grad_accum or dist.world == 1
-        ctx = contextlib.nullcontext() if sync else net.no_sync()
+    for m in range(rc.grad_accum):
+        batch: Batch = next(batches).to(device)
+        ctx = _sync_ctx(run, m + 1 == rc.grad_accum)
         with ctx, autocast:
             loss, parts = net(batch)
         with ctx:
@@ -425,27 +352,50 @@ def _step(rc: TrainConfig, run: _Run, dist: Dist, device: torch.device, step: in
             parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / rc.grad_accum
         n_samples += batch.size
     params = [p for p in run.model.parameters() if p.requires_grad]
-    gnorm = torch.nn.utils.clip_grad_norm_(params, rc.max_grad_norm)
+    gnorm = sharded.full_norm(torch.nn.utils.clip_grad_norm_(params, rc.max_grad_norm))
     opt.step()
     return {
         "step": step + 1,
         "loss": _mean_across(tot, dist, device),
         **{f"loss_{k}": v for k, v in parts_sum.items()},
         "lr": opt.param_groups[0]["lr"],
-        "grad_norm": float(gnorm),
+        "grad_norm": gnorm,
         "samples_per_s": n_samples * dist.world / (time.perf_counter() - t0),
     }
+
+
+def _save_step(run: _Run, out: Path, dist: Dist, step: int) -> None:
+    _barrier(dist)
+    if run.fsdp:
+        sharded.save_sharded(out, step, run.net, run.opt, run.model, run.rc.to_dict(),
+                             run.rc.keep_checkpoints)  # fmt: skip
+    elif dist.main:
+        save_step(out, step, run.model, run.opt, run.rc, run.tok_file)
+    _barrier(dist)
+
+
+def _save_final(run: _Run, out: Path, dist: Dist) -> None:
+    rc = run.rc
+    model = run.model
+    if run.fsdp:  # gather the full weights onto rank 0
+        state = sharded.full_state(run.net)
+        model = sharded.model_with(model.config, state) if dist.main else model
+    if dist.main:
+        if rc.lora is not None and lora.LoraConfig.from_dict(rc.lora).merge:
+            lora.merge(model)  # the run is over: fold the adapters in for the release format
+        save_final(out, model, rc.save_dtype, run.tok_file, rc.max_steps)
 
 
 def _loop(rc, run: _Run, out: Path, dist: Dist, device, show: bool) -> dict[str, Any]:
     """Steps start_step..max_steps, step checkpoints, then the final model in OUT."""
     losses: list[float] = []
     t_start = time.perf_counter()
+    batches = batch_loader(run.dataset, rc, dist, run.start_step)
     with _progress(show) as bar:
         task = bar.add_task("", total=rc.max_steps, completed=run.start_step, loss=math.nan,
                             sps=0.0)  # fmt: skip
         for step in range(run.start_step, rc.max_steps):
-            rec = _step(rc, run, dist, device, step)
+            rec = _step(rc, run, dist, device, step, batches)
             losses.append(rec["loss"])
             done = rec["step"]
             if dist.main:
@@ -455,15 +405,10 @@ def _loop(rc, run: _Run, out: Path, dist: Dist, device, show: bool) -> dict[str,
                 if not show and (done % rc.log_every == 0 or done == rc.max_steps):
                     _log_line(rec, rc.max_steps)
             if rc.save_every and done % rc.save_every == 0 and done < rc.max_steps:
-                _barrier(dist)
-                if dist.main:
-                    save_step(out, done, run.model, run.opt, rc, run.tok_file)
-                _barrier(dist)
-    _barrier(dist)
-    if dist.main:
-        if run.start_step < rc.max_steps:  # else: resumed a finished run, to redo OUT
-            save_step(out, rc.max_steps, run.model, run.opt, rc, run.tok_file)
-        save_final(out, run.model, rc.save_dtype, run.tok_file, rc.max_steps)
+                _save_step(run, out, dist, done)
+    if run.start_step < rc.max_steps:  # else: resumed a finished run, to redo OUT
+        _save_step(run, out, dist, rc.max_steps)
+    _save_final(run, out, dist)
     _barrier(dist)
     return {
         "start_step": run.start_step,
