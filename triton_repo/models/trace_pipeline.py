@@ -5,25 +5,29 @@ Copied by ``python -m triton_repo build`` to ``<repo>/trace_pipeline/1/model.py`
 each request gets one response per event, sent as soon as the decoding loop completes it,
 then a final response with the ``trace-rt run`` JSON (events, ids, timings).
 
-The decoding loop is :func:`trace_rt.generate.generate`, the same as ``trace-rt run``; the
-decoder runs in this process with its KV cache on the backend's device, so a token costs
-no round trip through Triton. The vision encoder and projector run in-process too, or as
-the repository's ``vision_encoder``/``projector`` models through BLS (``serving.json``
-``encoders``), where Triton's dynamic batching lets concurrent requests share a batch.
-Every error a client can cause answers that request with a message naming the problem;
-the model keeps serving.
+The model part is one :class:`~trace_rt.engine.Engine` per instance, stepped by one thread
+(:class:`~trace_rt.serving.engine_thread.EngineThread`): concurrent requests share its
+decode steps (continuous batching over ``max_sequences`` KV slots), each request streams
+its own events and gets its own final response, and a request that fails or is
+cancelled leaves the others decoding. The decoder runs in this process with its KV cache
+on the backend's device, so a token costs no round trip through Triton. The vision
+encoder and projector run in-process too, or as the repository's
+``vision_encoder``/``projector`` models through BLS (``serving.json`` ``encoders``), where
+Triton's dynamic batching lets concurrent requests share a batch. Every error a client can
+cause answers that request with a message naming the problem; the model keeps serving.
 
-Concurrency within an instance: ``execute`` only hands each request to a small thread
-pool (``serving.json`` ``decode_workers``) and returns. A worker decodes and preprocesses
-the video (:meth:`TritonPythonModel.prepare`, bounded by the request's decode limits and
-stopped when the client goes away), then takes the instance's model lock for the model
-part (:meth:`TritonPythonModel.generate`: encoders, prefill, decoding loop), so one slow
-video no longer holds up the requests behind it. The lock is the seam a batching
-scheduler would replace.
+Per request: ``execute`` hands it to a small thread pool (``serving.json``
+``decode_workers``) and returns. A worker parses it, finds or fills the video cache's entry
+(:class:`~trace_rt.engine.VideoCache`: keyed by a hash of the bytes and everything the
+encoding depends on; concurrent requests for one new video decode and encode it once; a
+``video_id`` request pins an entry an earlier request made), and submits a sequence to the
+engine. The engine thread streams each event through the request's response sender as the
+parser completes it, and sends the final response when the sequence finishes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -52,11 +56,14 @@ _add_site_dirs()
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
+from trace_rt.engine import Engine, Sequence, VideoCache  # noqa: E402
 from trace_rt.errors import DecodeCancelledError, TraceError  # noqa: E402
-from trace_rt.events import Event  # noqa: E402
+from trace_rt.events import EventParser  # noqa: E402
 from trace_rt.graphs import PROJECTOR, VISION_ENCODER  # noqa: E402
 from trace_rt.pipeline import Pipeline, Prepared  # noqa: E402
 from trace_rt.prompts import TASKS  # noqa: E402
+from trace_rt.serving.engine_thread import EngineSnapshot, EngineThread  # noqa: E402
+from trace_rt.serving.jobs import Job, cache_key, job_result  # noqa: E402
 from trace_rt.serving.protocol import (  # noqa: E402
     ARTIFACTS_DIR,
     ServingRequest,
@@ -67,7 +74,6 @@ from trace_rt.serving.protocol import (  # noqa: E402
     pipeline_inputs,
     threads_per_instance,
 )
-from trace_rt.tokens import Head  # noqa: E402
 
 CANCEL_CHECK_S = 0.05  # how often decoding asks whether the client has gone
 # Time-to-first-event buckets (s) and decode-speed buckets (tokens/s).
@@ -83,7 +89,26 @@ METRICS = [
      "from request arrival to the first streamed event"),
     ("tps", "trace_decode_tokens_per_second", "HISTOGRAM",
      "decode speed of each request (tokens after the first / decode time)"),
+    ("queue", "trace_queue_seconds", "HISTOGRAM",
+     "from submission to the engine until a KV slot took the request"),
+    ("steps", "trace_decode_steps_total", "COUNTER",
+     "batched decode steps, by batch size (sequences advanced together)"),
+    ("slots", "trace_kv_slots", "GAUGE", "KV slots of the instance's engine (max_sequences)"),
+    ("slots_in_use", "trace_kv_slots_in_use", "GAUGE", "KV slots holding a sequence"),
+    ("waiting", "trace_requests_waiting", "GAUGE", "sequences queued for a KV slot"),
+    ("cache_hits", "trace_video_cache_hits_total", "COUNTER",
+     "requests whose video was in the video cache (by video_id or by content)"),
+    ("cache_misses", "trace_video_cache_misses_total", "COUNTER",
+     "requests whose video was decoded and encoded"),
+    ("cache_evictions", "trace_video_cache_evictions_total", "COUNTER",
+     "videos evicted from the cache (least recently used, over video_cache_mb)"),
+    ("cache_bytes", "trace_video_cache_bytes", "GAUGE",
+     "bytes held by the video cache (video blocks and prompt-prefix K/V)"),
 ]  # fmt: skip
+GAUGES = ("slots", "slots_in_use", "waiting", "cache_bytes")
+CACHE_COUNTERS = ("cache_hits", "cache_misses", "cache_evictions")
+QUEUE_BUCKETS = [0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+METRICS_PUSH_S = 0.25  # engine figures reach the metrics at most this stale
 
 
 class Cancelled(Exception):
@@ -170,23 +195,17 @@ def _bls(model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class SplitBackend:
-    """A backend whose ``encode_video`` is done elsewhere (BLS) and the rest in-process."""
+    """A backend whose ``encode_video`` is done elsewhere (BLS); everything else (the KV
+    slot pool: prefill, save_prefix, decode, release) is the in-process decoder's."""
 
     def __init__(self, decoder: Any, encoders: BlsEncoders):
         self.decoder, self.encoders = decoder, encoders
-        self.name, self.config = decoder.name, decoder.config
 
     def encode_video(self, pixel_values: np.ndarray, time_ids: np.ndarray) -> np.ndarray:
         return self.encoders.encode_video(pixel_values, time_ids)
 
-    def prefill(self, prompt_ids: list[int], video: np.ndarray, head: Head) -> np.ndarray:
-        return self.decoder.prefill(prompt_ids, video, head)
-
-    def decode_step(self, token_id: int, head: Head) -> np.ndarray:
-        return self.decoder.decode_step(token_id, head)
-
-    def synchronize(self) -> None:
-        self.decoder.synchronize()
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.decoder, name)
 
 
 def _task_of(value: np.ndarray | None) -> str | None:
@@ -204,19 +223,15 @@ class TritonPythonModel:
         artifacts = version_dir / ARTIFACTS_DIR
         bls = s.encoders == "bls"
         config = json.loads(args["model_config"])
+        options: dict[str, Any] = {"video_graphs": not bls, "max_sequences": s.max_sequences}
         if s.backend == "onnxruntime":
             cpu = args.get("model_instance_kind") == "CPU"
-            options: dict[str, Any] = {
-                "device": "cpu" if cpu else "auto",
-                "threads": s.threads or (threads_per_instance(config) if cpu else None),
-                "video_graphs": not bls,
-            }
+            options["device"] = "cpu" if cpu else "auto"
+            options["threads"] = s.threads or (threads_per_instance(config) if cpu else None)
         else:
-            options = {
-                "device": f"cuda:{args.get('model_instance_device_id', '0')}",
-                "video_graphs": not bls,
-            }
-        self.pipe = Pipeline.from_dir(artifacts, s.backend, **options)
+            options["device"] = f"cuda:{args.get('model_instance_device_id', '0')}"
+        self.cache = VideoCache(s.video_cache_mb << 20)
+        self.pipe = Pipeline.from_dir(artifacts, s.backend, video_cache=self.cache, **options)
         if bls:
             specs = self.pipe.backend.specs  # the graphs' I/O, from the manifest it loaded
             max_batch = int(config["parameters"]["max_batch_frames"]["string_value"])
@@ -224,9 +239,15 @@ class TritonPythonModel:
         self.input_names = [t.name for t in pipeline_inputs(self.pipe.config)]
         self._metrics(args["model_name"])
         self.limits = s.decode_limits()
-        # Workers decode videos side by side; the model part runs one request at a time.
+        # A TensorRT backend's encoders and decoder share one CUDA stream and its buffers:
+        # encodes then take turns with decode steps. onnxruntime sessions run side by side.
+        self.device_lock = threading.Lock() if s.backend == "tensorrt" and not bls else None
+        # Workers decode (and encode) videos side by side; one engine thread decodes
+        # every request of this instance, batching their steps.
         self.pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="trace-request")
-        self.model_lock = threading.Lock()
+        self.engine = EngineThread(
+            Engine(self.pipe.backend), lock=self.device_lock, on_step=self._on_step
+        )
 
     def _metrics(self, model: str) -> None:
         labels = {"model": model}
@@ -239,8 +260,15 @@ class TritonPythonModel:
         self.tokens = self.families["tokens"].Metric(labels=labels)
         self.ttfe = self.families["ttfe"].Metric(labels=labels, buckets=TTFE_BUCKETS)
         self.tps = self.families["tps"].Metric(labels=labels, buckets=TPS_BUCKETS)
+        self.queue_time = self.families["queue"].Metric(labels=labels, buckets=QUEUE_BUCKETS)
+        self.gauges = {k: self.families[k].Metric(labels=labels) for k in GAUGES}
+        self.counters = {k: self.families[k].Metric(labels=labels) for k in CACHE_COUNTERS}
+        self.gauges["slots"].set(self.settings.max_sequences)
         self._labels = labels
         self._request_metrics: dict[tuple[str, str], Any] = {}
+        self._step_metrics: dict[int, Any] = {}  # batch size -> steps counter
+        self._pushed: dict[Any, int] = {}  # what the counters were last raised to
+        self._last_push = 0.0
         self._metrics_lock = threading.Lock()  # workers count their requests themselves
 
     def _count_request(self, task: str | None, outcome: str) -> None:
@@ -251,20 +279,53 @@ class TritonPythonModel:
                 labels = {**self._labels, "task": key[0], "outcome": outcome}
                 self._request_metrics[key] = self.families["requests"].Metric(labels=labels)
             self._request_metrics[key].increment(1)
+        self._push_metrics(force=True)
+
+    def _on_step(self, snap: EngineSnapshot) -> None:
+        # A metric update is a message to the server: pushed a few times a second, and
+        # whenever the engine goes idle, rather than after every step.
+        idle = snap.slots_in_use == 0 and snap.waiting == 0
+        self._push_metrics(force=idle)
+
+    def _push_metrics(self, force: bool) -> None:
+        now = time.perf_counter()
+        if not force and now - self._last_push < METRICS_PUSH_S:
+            return
+        with self._metrics_lock:
+            self._last_push = now
+            snap = self.engine.snapshot()
+            # Steps by batch size: counters whose labels are bounded by max_sequences.
+            for size, count in self.engine.batch_counts().items():
+                metric = self._step_metrics.get(size)
+                if metric is None:
+                    labels = {**self._labels, "batch_size": str(size)}
+                    metric = self._step_metrics[size] = self.families["steps"].Metric(labels=labels)
+                self._raise(metric, count)
+            stats = self.cache.stats()
+            for key, metric in self.counters.items():
+                self._raise(metric, stats[key.removeprefix("cache_")])
+            self.gauges["slots_in_use"].set(snap.slots_in_use)
+            self.gauges["waiting"].set(snap.waiting)
+            self.gauges["cache_bytes"].set(stats["bytes"])
+
+    def _raise(self, counter: Any, total: int) -> None:
+        delta = total - self._pushed.get(counter, 0)
+        if delta > 0:
+            counter.increment(delta)
+            self._pushed[counter] = total
 
     def execute(self, requests: list[Any]) -> None:
-        # Decoupled: return at once; workers answer through each request's sender.
+        # Decoupled: return at once; the engine thread answers through each request's sender.
         for request in requests:
-            self.pool.submit(self._answer, request, time.perf_counter())
+            self.pool.submit(self._admit, request, time.perf_counter())
         return None
 
-    def _answer(self, request: Any, t0: float) -> None:
-        sender = request.get_response_sender()
-        cancelled = CancelCheck(request)
-        task: str | None = None
+    def _admit(self, request: Any, t0: float) -> None:
+        """Worker thread: parse, find or fill the cached video, submit to the engine."""
+        job = Job(request.get_response_sender(), CancelCheck(request), t0)
         try:
             inputs = self._inputs(request)
-            task = _task_of(inputs.get("task"))
+            job.task = _task_of(inputs.get("task"))
             try:
                 req = parse_request(inputs, self.settings)
                 if req.frames is not None:  # keep a copy: the view's pages go next
@@ -272,31 +333,141 @@ class TritonPythonModel:
             finally:
                 for name in PAYLOADS:
                     drop_pages(inputs.get(name))
-            t_video = time.perf_counter()
-            prepared = self.prepare(req, cancelled)
-            video_ms = (time.perf_counter() - t_video) * 1e3
-            with self.model_lock:
-                if cancelled():
-                    raise Cancelled
-                result = self.generate(prepared, req, sender, cancelled, t0)
-            # video: decode + preprocessing; total: from arrival, waits included.
-            result["timing_ms"]["video"] = video_ms
-            result["timing_ms"]["total"] = (time.perf_counter() - t0) * 1e3
+            job.req = req
+            self._pin(job)
+            meta = job.entry.meta
+            job.prompt_ids = self.pipe._prompt(
+                req.task, req.query, req.question, len(meta["times"]), req.gen
+            )
+            job.parser = EventParser(self.pipe.tokenizer, self.pipe.config.ids)
+            seq = Sequence(
+                job.prompt_ids,
+                job.entry.video,
+                req.gen,
+                duration=meta["duration"],
+                frame_times=meta["times"],
+                on_token=lambda token: self._on_token(job, token),
+                cancelled=job.cancelled,
+                prefixes=job.entry.prefixes,
+            )
+            if job.cancelled():
+                raise Cancelled
+            self.engine.submit(seq, lambda done: self._done(job, done))
+        except BaseException as e:
+            job.release()
+            self._answer_error(job, e)
+
+    def _pin(self, job: Job) -> None:
+        """Pin the request's video cache entry: by ``video_id``, or by its content (filling
+        it when new; concurrent requests for one video wait for one fill)."""
+        req = job.req
+        if req.video_id is not None:
+            job.pin = self.cache.pinned(req.video_id)
+            job.entry = job.pin.__enter__()  # UnknownVideoError: send the bytes again
+            return
+        n = self.pipe.config.num_frames if req.video is not None else len(req.frames)
+        # Checked before any decoding: a prompt too long for the context fails at once.
+        self.pipe._prompt(req.task, req.query, req.question, n, req.gen)
+        key = cache_key(req, n, self.pipe.config.preprocess, self.pipe.fingerprint)
+        for _ in range(2):
+            pin = self.cache.entry(key, lambda entry: self._fill(job, entry))
+            try:
+                job.entry = pin.__enter__()
+            except DecodeCancelledError:
+                # Another request's client left while it filled the entry we waited for:
+                # fill it ourselves (the failed entry is gone), unless ours left too.
+                if job.owner or job.cancelled():
+                    raise
+                continue
+            job.pin = pin
+            return
+        raise Cancelled
+
+    def _fill(self, job: Job, entry: Any) -> None:
+        """A cache miss: decode, preprocess and encode the request's video into *entry*."""
+        job.owner = True
+        t0 = time.perf_counter()
+        prepared = self.prepare(job.req, job.cancelled)
+        t1 = time.perf_counter()
+        backend = self.pipe.backend
+        with self.device_lock or contextlib.nullcontext():
+            entry.video = backend.encode_video(prepared.pixel_values, prepared.time_ids)
+            backend.synchronize()
+        job.video_ms, job.vision_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+        entry.video_bytes = int(getattr(entry.video, "nbytes", 0) or 0)
+        entry.meta = {"duration": prepared.clip.duration, "times": prepared.clip.times}
+
+    def _on_token(self, job: Job, token: int) -> None:
+        """Engine thread: feed the request's parser, send each completed event."""
+        if job.steps0 is None:
+            snap = self.engine.snapshot()
+            job.steps0 = (snap.steps, snap.batch_sum)
+        for event in job.parser.feed(token):
+            self._send_event(job, event)
+
+    def _send_event(self, job: Job, event: Any) -> None:
+        if not job.events:
+            self.ttfe.observe(time.perf_counter() - job.t0)
+        payload = event_json(event.to_dict(), len(job.events))
+        job.events.append(event)
+        tensor = pb_utils.Tensor("event", as_bytes_tensor(payload))
+        job.sender.send(pb_utils.InferenceResponse(output_tensors=[tensor]))
+
+    def _done(self, job: Job, seq: Sequence) -> None:
+        """Engine thread: the sequence has finished; answer its request."""
+        try:
+            if seq.stop_reason == "cancelled":
+                raise Cancelled
+            if seq.error is not None:
+                raise seq.error
+            for event in job.parser.finish():
+                self._send_event(job, event)
+            snap = self.engine.snapshot()
+            steps0 = job.steps0 or (snap.steps, snap.batch_sum)
+            steps = snap.steps - steps0[0]
+            engine = {
+                "steps": steps,
+                "mean_batch": (snap.batch_sum - steps0[1]) / steps if steps else 1.0,
+                "max_sequences": snap.slots,
+                "slots_in_use": snap.slots_in_use,
+                "waiting": snap.waiting,
+                "video_cache": self.cache.stats(),
+            }
+            result = job_result(job, seq, engine)
+            result["timing_ms"]["total"] = (time.perf_counter() - job.t0) * 1e3
+            n = len(seq.tokens)
+            self.tokens.increment(n)
+            self.queue_time.observe(result["timing_ms"]["queue"] / 1e3)
+            decode_s = result["timing_ms"]["decode"] / 1e3
+            if n > 1 and decode_s > 0:
+                self.tps.observe((n - 1) / decode_s)
             final = pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor("result", as_bytes_tensor(json.dumps(result)))]
             )
-            self._count_request(task, "ok")  # before the reply: clients may read metrics next
-            sender.send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except (Cancelled, DecodeCancelledError):
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            self._count_request(task, "cancelled")
-        except TraceError as e:  # the client's mistake: say which
-            self._count_request(task, "invalid")
-            self._fail(sender, f"{type(e).__name__}: {e}")
-        except Exception as e:  # our bug: answer this request and keep serving the rest
-            pb_utils.Logger.log_error(f"trace_pipeline: {traceback.format_exc()}")
-            self._count_request(task, "error")
-            self._fail(sender, f"internal error: {type(e).__name__}: {e}")
+            job.release()  # before the reply: clients may read the cache's metrics next
+            self._count_request(job.task, "ok")
+            job.sender.send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except BaseException as e:
+            job.release()
+            self._answer_error(job, e)
+
+    def _answer_error(self, job: Job, error: BaseException) -> None:
+        """The request ends without a result: cancelled, the client's mistake, or our bug
+        (logged). Never raises: the other requests go on."""
+        try:
+            if isinstance(error, (Cancelled, DecodeCancelledError)):
+                job.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                self._count_request(job.task, "cancelled")
+            elif isinstance(error, TraceError):  # the client's mistake: say which
+                self._count_request(job.task, "invalid")
+                self._fail(job.sender, f"{type(error).__name__}: {error}")
+            else:
+                trace = "".join(traceback.format_exception(error))
+                pb_utils.Logger.log_error(f"trace_pipeline: {trace}")
+                self._count_request(job.task, "error")
+                self._fail(job.sender, f"internal error: {type(error).__name__}: {error}")
+        except Exception:
+            pb_utils.Logger.log_error(f"trace_pipeline: answering: {traceback.format_exc()}")
 
     @staticmethod
     def _fail(sender: Any, message: str) -> None:
@@ -318,7 +489,7 @@ class TritonPythonModel:
         return out
 
     def prepare(self, req: ServingRequest, cancelled: CancelCheck) -> Prepared:
-        """Host work, outside the model lock: decode and preprocess the video under the
+        """Host work on a worker thread: decode and preprocess the video under the
         repository's limits (time budget, frame size), or check the sent frames."""
         common = {"query": req.query, "question": req.question, "gen": req.gen}
         if req.video is not None:
@@ -329,40 +500,7 @@ class TritonPythonModel:
             req.frames, req.timestamps, req.task, duration=req.duration, **common
         )
 
-    def generate(
-        self,
-        prepared: Prepared,
-        req: ServingRequest,
-        sender: Any,
-        cancelled: CancelCheck,
-        t0: float,
-    ) -> dict[str, Any]:
-        """The model part, under the model lock: encoders, prefill, decoding loop; each
-        event is sent as it completes."""
-        sent = 0
-
-        def on_token(_token: int) -> None:
-            if cancelled():
-                raise Cancelled
-
-        def on_event(event: Event) -> None:
-            nonlocal sent
-            if sent == 0:
-                self.ttfe.observe(time.perf_counter() - t0)
-            tensor = pb_utils.Tensor("event", as_bytes_tensor(event_json(event.to_dict(), sent)))
-            sender.send(pb_utils.InferenceResponse(output_tensors=[tensor]))
-            sent += 1
-
-        out = self.pipe.run_prepared(prepared, req.gen, on_token=on_token, on_event=on_event)
-        n = len(out["token_ids"])
-        self.tokens.increment(n)
-        decode_s = out["timing_ms"]["decode"] / 1e3
-        if n > 1 and decode_s > 0:
-            self.tps.observe((n - 1) / decode_s)
-        source = f"<{len(req.video)} bytes>" if req.video is not None else "<frames>"
-        # A free question is task custom, as `trace-rt run` names it.
-        return {"video": source, "task": req.task or "custom", **out}
-
     def finalize(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.engine.close()
         self.pipe = None
