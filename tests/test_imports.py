@@ -24,6 +24,8 @@ TORCH_FREE = [
     "trace_rt.serving.protocol",
     "trace_rt.serving.server",
     "trace_rt.serving.client",
+    "trace_rt.serving.engine_thread",
+    "trace_rt.serving.jobs",
     "triton_repo.build",
 ]
 

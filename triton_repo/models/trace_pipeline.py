@@ -416,7 +416,8 @@ class TritonPythonModel:
     def _done(self, job: Job, seq: Sequence) -> None:
         """Engine thread: the sequence has finished; answer its request."""
         try:
-            if seq.stop_reason == "cancelled":
+            # A send that failed because the client left is a cancellation, not our bug.
+            if seq.stop_reason == "cancelled" or (seq.error is not None and job.cancelled()):
                 raise Cancelled
             if seq.error is not None:
                 raise seq.error
