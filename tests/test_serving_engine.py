@@ -340,3 +340,19 @@ def test_cli_client_by_video_id(server, artifact, videos):
     assert "Traceback" not in unknown.stderr
     neither = subprocess.run([*exe, *common], capture_output=True, text=True)
     assert neither.returncode == 2 and "--video-id" in neither.stderr
+
+
+def test_an_evicted_video_id_asks_for_the_bytes(artifact, videos, tmp_path):
+    # With no room in the cache a video lives only while its requests run: its id is
+    # already gone when the next request names it.
+    from triton_repo.build import build_repository
+
+    repo = build_repository(artifact, tmp_path / "repo", video_cache_mb=0, progress=False)
+    with running_server(repo) as s, TraceClient(s.grpc_url) as c:
+        first = c.infer(videos[0], task="dvc", max_new_tokens=4)
+        with pytest.raises(ServingError, match=r"never sent, or evicted\): send the video bytes"):
+            c.infer(None, video_id=first["video_id"], task="dvc", max_new_tokens=4)
+        again = c.infer(videos[0], task="dvc", max_new_tokens=4)
+        assert again["video_id"] == first["video_id"] and again["cache"]["video"] is False
+        evictions = _metrics(s)['trace_video_cache_evictions_total{model="trace_pipeline"}']
+        assert evictions == 2
