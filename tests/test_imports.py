@@ -26,6 +26,7 @@ TORCH_FREE = [
     "trace_rt.serving.client",
     "trace_rt.serving.engine_thread",
     "trace_rt.serving.jobs",
+    "trace_rt.serving.metrics",
     "triton_repo.build",
 ]
 
