@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.triton_server import running_server
+from tests.triton_server import long_gop_video, running_server
 from trace_rt.generate import GenerationConfig
 from trace_rt.pipeline import Pipeline
 from trace_rt.serving.client import ServingError, TraceClient
@@ -181,7 +181,7 @@ class CancellingClient:
     """A raw gRPC client with one long request (far more tokens than it can decode before
     the test ends it), which leaves by closing its stream."""
 
-    def __init__(self, server, video: Path):
+    def __init__(self, server, video: Path, budget: int = CANCELLED_BUDGET):
         import tritonclient.grpc as g
 
         self.client = g.InferenceServerClient(server.grpc_url)
@@ -190,7 +190,7 @@ class CancellingClient:
         for name, array, kind in (
             ("video", np.frombuffer(video.read_bytes(), np.uint8), "UINT8"),
             ("task", np.array([b"dvc"], dtype=np.object_), "BYTES"),
-            ("max_new_tokens", np.array([CANCELLED_BUDGET], np.int32), "INT32"),
+            ("max_new_tokens", np.array([budget], np.int32), "INT32"),
             ("ignore_eos", np.array([True]), "BOOL"),
         ):
             tensor = g.InferInput(name, list(array.shape), kind)
@@ -342,13 +342,29 @@ def test_cli_client_by_video_id(server, artifact, videos):
     assert neither.returncode == 2 and "--video-id" in neither.stderr
 
 
-def test_an_evicted_video_id_asks_for_the_bytes(artifact, videos, tmp_path):
-    # With no room in the cache a video lives only while its requests run: its id is
-    # already gone when the next request names it.
+BUDGET_S = 3.0  # the second server's decode budget per request
+
+
+@pytest.fixture(scope="module")
+def no_cache_server(artifact, tmp_path_factory):
+    """No room in the video cache (a video lives only while its requests run) and a
+    short decode budget."""
     from triton_repo.build import build_repository
 
-    repo = build_repository(artifact, tmp_path / "repo", video_cache_mb=0, progress=False)
-    with running_server(repo) as s, TraceClient(s.grpc_url) as c:
+    repo = build_repository(
+        artifact,
+        tmp_path_factory.mktemp("eng-repo") / "no-cache",
+        video_cache_mb=0,
+        video_time_budget_s=BUDGET_S,
+        progress=False,
+    )
+    with running_server(repo) as s:
+        yield s
+
+
+def test_an_evicted_video_id_asks_for_the_bytes(no_cache_server, videos):
+    s = no_cache_server
+    with TraceClient(s.grpc_url) as c:
         first = c.infer(videos[0], task="dvc", max_new_tokens=4)
         with pytest.raises(ServingError, match=r"never sent, or evicted\): send the video bytes"):
             c.infer(None, video_id=first["video_id"], task="dvc", max_new_tokens=4)
@@ -356,3 +372,36 @@ def test_an_evicted_video_id_asks_for_the_bytes(artifact, videos, tmp_path):
         assert again["video_id"] == first["video_id"] and again["cache"]["video"] is False
         evictions = _metrics(s)['trace_video_cache_evictions_total{model="trace_pipeline"}']
         assert evictions == 2
+
+
+def test_a_waiter_does_not_inherit_the_first_clients_leaving(no_cache_server, tmp_path):
+    # Two requests for one new video: the first decodes it (a video far slower to decode
+    # than the budget), the second waits for that; the first client leaves mid-decode.
+    # The second must not be cancelled with it: it decodes the video itself, and gets its
+    # own outcome (here the budget's VideoTimeoutError) rather than a silent end.
+    s = no_cache_server
+    video = long_gop_video(tmp_path / "gop.mkv")
+    before = _metrics(s)
+    leaving = CancellingClient(s, video, budget=64)
+    time.sleep(0.3)  # its worker is decoding now
+    out: dict[str, object] = {}
+
+    def wait_for_it() -> None:
+        try:
+            with TraceClient(s.grpc_url) as c:
+                out["got"] = c.infer(video, task="dvc", max_new_tokens=8, timeout=30)
+        except ServingError as e:
+            out["got"] = e
+
+    waiter = threading.Thread(target=wait_for_it)
+    waiter.start()
+    time.sleep(0.3)  # it waits on the first one's decode
+    leaving.leave()
+    waiter.join(60)
+    assert "VideoTimeoutError" in str(out["got"]), out["got"]
+    after = _metrics(s)
+    for outcome in ("cancelled", "invalid"):
+        want = _sum(before, "trace_requests_total", f'outcome="{outcome}"') + 1
+        assert _sum(after, "trace_requests_total", f'outcome="{outcome}"') == want, outcome
+    misses = 'trace_video_cache_misses_total{model="trace_pipeline"}'
+    assert after[misses] - before.get(misses, 0) == 2  # the waiter decoded it again

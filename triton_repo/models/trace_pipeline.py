@@ -272,19 +272,18 @@ class TritonPythonModel:
         # Checked before any decoding: a prompt too long for the context fails at once.
         self.pipe._prompt(req.task, req.query, req.question, n, req.gen)
         key = cache_key(req, n, self.pipe.config.preprocess, self.pipe.fingerprint)
-        for _ in range(2):
+        while True:
             pin = self.cache.entry(key, lambda entry: self._fill(job, entry))
             try:
                 job.entry = pin.__enter__()
             except DecodeCancelledError:
                 # Another request's client left while it filled the entry we waited for:
-                # fill it ourselves (the failed entry is gone), unless ours left too.
+                # try again (the failed entry is gone: we may fill it), unless ours left.
                 if job.owner or job.cancelled():
                     raise
                 continue
             job.pin = pin
             return
-        raise Cancelled
 
     def _fill(self, job: Job, entry: Any) -> None:
         """A cache miss: decode, preprocess and encode the request's video into *entry*."""
