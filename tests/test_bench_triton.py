@@ -31,7 +31,11 @@ def artifact(tiny_ckpt, tmp_path_factory) -> Path:
 def server(artifact, tmp_path_factory):
     from triton_repo.build import build_repository
 
-    repo = build_repository(artifact, tmp_path_factory.mktemp("bench-repo") / "r", progress=False)
+    # No room in the video cache: each round's video is decoded and encoded again (the
+    # bench sends the same bytes every round; cached, video and vision would read 0).
+    repo = build_repository(
+        artifact, tmp_path_factory.mktemp("bench-repo") / "r", video_cache_mb=0, progress=False
+    )
     with running_server(repo) as s:
         yield s
 

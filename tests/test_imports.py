@@ -24,6 +24,9 @@ TORCH_FREE = [
     "trace_rt.serving.protocol",
     "trace_rt.serving.server",
     "trace_rt.serving.client",
+    "trace_rt.serving.engine_thread",
+    "trace_rt.serving.jobs",
+    "trace_rt.serving.metrics",
     "triton_repo.build",
 ]
 

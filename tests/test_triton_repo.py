@@ -33,8 +33,9 @@ def _config(path: Path) -> str:
 
 # What the repository for `tiny` must say, written out by hand from tiny's sizes (CLIP
 # 56 px / patch 14 -> 16 patches of width 32, select layer -2; decoder hidden 64; 6 time
-# tokens a frame) and the serving contract of triton_repo/README.md; compared as parsed
-# by Triton's own ModelConfig proto, so only meaning counts, not layout.
+# tokens a frame; KV: K and V x 2 layers x 2 kv heads x head dim 16 x 4 bytes = 512 bytes a
+# position, x 4096 positions x 4 slots) and the serving contract of triton_repo/README.md;
+# compared as parsed by Triton's own ModelConfig proto, so only meaning counts, not layout.
 EXPECTED_TINY = {
     "vision_encoder": """
         name: "vision_encoder" backend: "python" max_batch_size: 4
@@ -54,6 +55,7 @@ EXPECTED_TINY = {
         name: "trace_pipeline" backend: "python" max_batch_size: 0
         model_transaction_policy { decoupled: true }
         input { name: "video" data_type: TYPE_UINT8 dims: [-1] optional: true }
+        input { name: "video_id" data_type: TYPE_STRING dims: [1] optional: true }
         input { name: "frames" data_type: TYPE_FP32 dims: [-1, 3, 56, 56] optional: true }
         input { name: "timestamps" data_type: TYPE_FP32 dims: [-1] optional: true }
         input { name: "duration" data_type: TYPE_FP32 dims: [1] optional: true }
@@ -73,6 +75,10 @@ EXPECTED_TINY = {
         parameters { key: "max_batch_frames" value: { string_value: "4" } }
         parameters { key: "max_video_bytes" value: { string_value: "268435456" } }
         parameters { key: "max_new_tokens" value: { string_value: "1024" } }
+        parameters { key: "max_sequences" value: { string_value: "4" } }
+        parameters { key: "video_cache_mb" value: { string_value: "1024" } }
+        parameters { key: "kv_bytes_per_position" value: { string_value: "512" } }
+        parameters { key: "kv_max_bytes" value: { string_value: "8388608" } }
     """,
 }
 
@@ -249,11 +255,14 @@ def test_cli_build(artifact, tmp_path):
     cmd = [sys.executable, "-m", "triton_repo", "build", str(artifact), str(out)]
     limits = ["--max-video-bytes", "1000", "--decode-workers", "3"]
     limits += ["--video-time-budget", "7.5", "--max-frame-pixels", "640000"]
+    limits += ["--max-sequences", "6", "--video-cache-mb", "64"]
     res = subprocess.run([*cmd, *limits], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "trace-rt serve --repo" in res.stdout
     s = ServingSettings.from_dir(out / "trace_pipeline" / "1")
     assert (s.max_video_bytes, s.decode_workers) == (1000, 3)
+    assert (s.max_sequences, s.video_cache_mb) == (6, 64)
+    assert "KV cache up to 12.0 MiB (6 slots x 4096 positions x 512 bytes)" in res.stdout
     assert s.decode_limits().time_budget_s == 7.5 and s.decode_limits().max_pixels == 640000
     # The limits a client asks for before sending, in the model's config.
     config = (out / "trace_pipeline" / "config.pbtxt").read_text()
@@ -313,6 +322,36 @@ def test_parse_request_errors_name_the_problem(override, message):
             max_video_bytes=10, max_new_tokens=100, default_max_new_tokens=50
         )
         parse_request(_req(**override), settings)
+
+
+def test_video_id_requests():
+    s = ServingSettings()
+    vid = "0123456789abcdef" * 2
+    r = parse_request(_req(video=None, video_id=np.array([vid.encode()], object)), s)
+    assert r.video_id == vid and r.video is None and r.frames is None and r.task == "dvc"
+    for bad in ("0123", "G" * 32, vid.upper(), vid + "0", "../" * 11):
+        with pytest.raises(InputError, match="'video_id' must be the 32 hex digits"):
+            parse_request(_req(video=None, video_id=np.array([bad.encode()], object)), s)
+    with pytest.raises(InputError, match="not both 'video' and 'video_id'"):
+        parse_request(_req(video_id=np.array([vid.encode()], object)), s)
+    frames = np.zeros((1, 3, 2, 2), np.float32)
+    with pytest.raises(InputError, match="not all of 'video' and 'frames' and 'video_id'"):
+        parse_request(_req(frames=frames, video_id=np.array([vid.encode()], object)), s)
+    with pytest.raises(InputError, match="or the 'video_id' of an earlier response"):
+        parse_request(_req(video=None), s)
+
+
+def test_engine_limits_are_checked_and_saved(artifact, tmp_path):
+    for field, value in (("max_sequences", 0), ("video_cache_mb", -1)):
+        with pytest.raises(InputError, match=field):
+            ServingSettings(**{field: value})
+    repo = build_repository(
+        artifact, tmp_path / "repo", max_sequences=3, video_cache_mb=0, progress=False
+    )
+    s = ServingSettings.from_dir(repo / "trace_pipeline" / "1")
+    assert (s.max_sequences, s.video_cache_mb) == (3, 0)
+    config = (repo / "trace_pipeline" / "config.pbtxt").read_text()
+    assert '{ key: "kv_max_bytes" value: { string_value: "6291456" } }' in config  # 512 x 4096 x 3
 
 
 def test_frames_requests(tiny_ckpt, clip_video):

@@ -93,9 +93,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def client(
-    video: str,
+    video: str | None,
     url: str,
     *,
+    video_id: str | None = None,
     task: str | None = "dvc",
     query: str | None = None,
     question: str | None = None,
@@ -103,7 +104,8 @@ def client(
     indent: int | None = None,
     **params: object,
 ) -> dict:
-    """``trace-rt client``: send *video* to a server over gRPC; returns the final result.
+    """``trace-rt client``: send *video* (or the *video_id* of an earlier response) to a
+    server over gRPC; returns the final result.
 
     With *stream*, each event is printed (one JSON line) as soon as it arrives.
     """
@@ -114,10 +116,14 @@ def client(
 
     from trace_rt.serving.client import check_video_file
 
-    check_video_file(video)  # a directory, pipe or unreadable file: say so, send nothing
+    if (video is None) == (video_id is None):
+        raise InputError("give either a video file or --video-id ID (from an earlier result)")
+    if video is not None:
+        check_video_file(video)  # a directory, pipe or unreadable file: say so, send nothing
     with TraceClient(check_url(url)) as c:
         return c.infer(
             video,
+            video_id=video_id,
             task=task,
             query=query,
             question=question,
@@ -253,11 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "client",
         help="send a video to a `trace-rt serve` server over gRPC and print the result",
-        description="Send the video's bytes to the server's trace_pipeline model over "
+        description="Send the video's bytes (or the video_id of an earlier result, whose "
+        "encoded video the server has cached) to the server's trace_pipeline model over "
         "gRPC; prints the final `trace-rt run` JSON (with --stream, each event first, as "
         "it arrives).",
     )
-    p.add_argument("video", help="local video file (its bytes are sent)")
+    p.add_argument("video", nargs="?", help="local video file (its bytes are sent)")
+    p.add_argument(
+        "--video-id",
+        metavar="ID",
+        help="instead of a file: the video_id of an earlier result (the server answers from "
+        "its video cache; an evicted id is an error asking for the file again)",
+    )
     p.add_argument(
         "--url", default="127.0.0.1:8001", help="gRPC endpoint HOST:PORT (default %(default)s)"
     )
@@ -398,6 +411,7 @@ def _client_command(args: argparse.Namespace) -> int:
     result = client(
         args.video,
         args.url,
+        video_id=args.video_id,
         task=args.task or (None if args.question else "dvc"),
         query=args.query,
         question=args.question,

@@ -18,7 +18,7 @@ def add_decode_arguments(p: argparse.ArgumentParser, d: ServingSettings) -> None
         "--decode-workers",
         type=int,
         default=d.decode_workers,
-        help="videos each instance decodes at once, beside the one request its model runs "
+        help="videos each instance decodes and encodes at once, beside its engine's decoding "
         f"(default {d.decode_workers})",
     )
     p.add_argument(
@@ -34,6 +34,21 @@ def add_decode_arguments(p: argparse.ArgumentParser, d: ServingSettings) -> None
         type=int,
         default=d.max_frame_pixels,
         help=f"largest frame (width x height) decoded (default {d.max_frame_pixels}, DCI 8K)",
+    )
+    p.add_argument(
+        "--max-sequences",
+        type=int,
+        default=d.max_sequences,
+        help="KV slots per instance: requests decoded together, the rest wait; KV memory "
+        "up to 2 x layers x kv heads x head dim x dtype bytes x context x slots (build "
+        f"prints it) (default {d.max_sequences})",
+    )
+    p.add_argument(
+        "--video-cache-mb",
+        type=int,
+        default=d.video_cache_mb,
+        help="video cache per instance (encoded videos and prompt-prefix K/V, LRU; a "
+        f"response's video_id names its entry; 0: no reuse) (default {d.video_cache_mb})",
     )
 
 
@@ -124,6 +139,8 @@ def _build(args: argparse.Namespace) -> None:
         decode_workers=args.decode_workers,
         video_time_budget_s=args.video_time_budget,
         max_frame_pixels=args.max_frame_pixels,
+        max_sequences=args.max_sequences,
+        video_cache_mb=args.video_cache_mb,
         progress=not args.no_progress,
     )
     print(f"model repository ready: {out}\nserve it with: trace-rt serve --repo {out}")

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from trace_rt.config import TraceConfig
@@ -33,6 +34,7 @@ from trace_rt.graphs import (
     VISION_ENCODER,
     GraphSpec,
     TensorSpec,
+    kv_names,
     load_manifest,
     manifest_specs,
     sha256_file,
@@ -70,6 +72,8 @@ def build_repository(
     decode_workers: int = ServingSettings.decode_workers,
     video_time_budget_s: float = ServingSettings.video_time_budget_s,
     max_frame_pixels: int = ServingSettings.max_frame_pixels,
+    max_sequences: int = ServingSettings.max_sequences,
+    video_cache_mb: int = ServingSettings.video_cache_mb,
     progress: bool = True,
 ) -> Path:
     """Write the model repository for *artifacts* to *out* (replacing an earlier build).
@@ -93,6 +97,9 @@ def build_repository(
             container), else an error asking for it.
         decode_workers, video_time_budget_s, max_frame_pixels: how each instance decodes
             request videos (:class:`~trace_rt.serving.protocol.ServingSettings`).
+        max_sequences: KV slots per ``trace_pipeline`` instance (requests decoded together);
+            their K/V take up to ``kv_bytes_per_position`` x the model's context x slots.
+        video_cache_mb: each instance's video cache (encoded videos, prompt-prefix K/V).
     """
     src, out = Path(artifacts).resolve(), Path(out).resolve()
     if instances < 1:
@@ -121,14 +128,19 @@ def build_repository(
         decode_workers=decode_workers,
         video_time_budget_s=video_time_budget_s,
         max_frame_pixels=max_frame_pixels,
+        max_sequences=max_sequences,
+        video_cache_mb=video_cache_mb,
     )
     _prepare_out(out)
     files = list(manifest["files"])
     for spec, max_batch in ((specs[VISION_ENCODER], max_batch_frames), (specs[PROJECTOR], 0)):
         _graph_model(out, src, spec, files, engines, instances, max_batch, threads)
         _written(out / spec.name, progress)
-    _pipeline_model(out, src, cfg, settings, instances, max_batch_frames)
+    kv = KVBudget.of(cfg, specs[DECODER], max_sequences)
+    _pipeline_model(out, src, cfg, settings, instances, max_batch_frames, kv)
     _written(out / TRACE_PIPELINE, progress)
+    if progress:
+        print(f"{TRACE_PIPELINE}: {kv.describe()} per instance", flush=True)
     try:
         _verify_copies(out, specs, files, engines, manifest)
     except CheckpointError:
@@ -136,6 +148,38 @@ def build_repository(
         raise
     (out / MARKER).write_text(json.dumps({"artifacts": str(src), "backend": backend}) + "\n")
     return out
+
+
+@dataclass(frozen=True)
+class KVBudget:
+    """What the decoder's KV slots of one ``trace_pipeline`` instance may hold.
+
+    The pool is per layer K and V, ``[capacity, slots, kv_heads, head_dim]``; it grows
+    (doubling) to the longest sequence it has held, up to the model's context, so the
+    most it takes is ``per_position x context x slots``.
+    """
+
+    per_position: int  # bytes of one position of one slot: 2 x layers x kv_heads x head_dim
+    context: int  # positions a slot can hold at most (max_position_embeddings)
+    slots: int
+
+    @classmethod
+    def of(cls, cfg: TraceConfig, decoder: GraphSpec, slots: int) -> KVBudget:
+        name = kv_names(0)[0]
+        dtype = next((t.dtype for t in decoder.inputs if t.name == name), "float32")
+        size = {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 4)
+        per = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.attn_head_dim * size
+        return cls(per, int(cfg.max_position_embeddings), slots)
+
+    @property
+    def max_bytes(self) -> int:
+        return self.per_position * self.context * self.slots
+
+    def describe(self) -> str:
+        return (
+            f"KV cache up to {self.max_bytes / 2**20:.1f} MiB ({self.slots} slots x "
+            f"{self.context} positions x {self.per_position} bytes)"
+        )
 
 
 def _verify_copies(
@@ -311,6 +355,7 @@ def _pipeline_model(
     settings: ServingSettings,
     instances: int,
     max_batch_frames: int,
+    kv: KVBudget,
 ) -> None:
     version = out / TRACE_PIPELINE / "1"
     version.mkdir(parents=True)
@@ -339,6 +384,10 @@ def _pipeline_model(
                 "max_batch_frames": max_batch_frames,
                 "max_video_bytes": settings.max_video_bytes,
                 "max_new_tokens": settings.max_new_tokens,
+                "max_sequences": settings.max_sequences,
+                "video_cache_mb": settings.video_cache_mb,
+                "kv_bytes_per_position": kv.per_position,
+                "kv_max_bytes": kv.max_bytes,
             }
         ),
     ]

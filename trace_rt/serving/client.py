@@ -89,6 +89,7 @@ class TraceClient:
         self,
         video: str | os.PathLike | bytes | None = None,
         *,
+        video_id: str | None = None,
         task: str | None = "dvc",
         query: str | None = None,
         question: str | None = None,
@@ -110,6 +111,9 @@ class TraceClient:
         Args:
             video: a local file (its size checked against the server's limit, then read
                 and sent; the result's ``video`` is its path) or the file's bytes.
+            video_id: instead of *video*: the ``video_id`` of an earlier result; the server
+                answers from its video cache (an unknown or evicted id is a
+                :class:`ServingError` that asks for the bytes again).
             frames, timestamps, duration: preprocessed frames instead of *video*.
             max_new_tokens, temperature, top_p, seed, constrained: generation settings
                 (None: the server's default); ignore_eos decodes the whole budget past EOS
@@ -128,6 +132,7 @@ class TraceClient:
         data = None if video is None or isinstance(video, bytes) else self._read(video)
         values = {
             "video": video if isinstance(video, bytes) else data,
+            "video_id": video_id,
             "frames": frames,
             "timestamps": timestamps,
             "task": task,

@@ -6,17 +6,20 @@ requests (:func:`parse_request`) and the gRPC client (:mod:`trace_rt.serving.cli
 No Triton import here, so all of it is tested without a server.
 
 A request carries either the encoded video (``video``, the file's bytes: the server never
-opens paths or URLs) or frames the client already decoded and preprocessed (``frames`` +
-``timestamps``), the task (or a free ``question``), the query for ``mr``/``vhd`` and
-optional generation parameters. The model is decoupled: it answers with one response per
-completed event (``event``: that event as JSON) and then a final response (``result``:
-the ``trace-rt run`` JSON object with timings).
+opens paths or URLs), frames the client already decoded and preprocessed (``frames`` +
+``timestamps``) or the ``video_id`` an earlier response returned (the server's video cache
+then supplies the encoded video and its prompt-prefix K/V), the task (or a free
+``question``), the query for ``mr``/``vhd`` and optional generation parameters. The model
+is decoupled: it answers with one response per completed event (``event``: that event as
+JSON) and then a final response (``result``: the ``trace-rt run`` JSON object with timings,
+and the ``video_id`` that names the video for later requests).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -35,6 +38,8 @@ SETTINGS_FILE = "serving.json"
 ARTIFACTS_DIR = "artifacts"
 # Triton's name for the bytes type; numpy arrays of it are dtype object.
 BYTES = "BYTES"
+# A video_id: the video cache's key (trace_rt.engine.cache.video_key).
+VIDEO_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,9 @@ def pipeline_inputs(cfg: TraceConfig) -> tuple[ServingTensor, ...]:
     h, w = cfg.preprocess.crop_height, cfg.preprocess.crop_width
     return (
         ServingTensor("video", "uint8", (-1,), True, "the video file's bytes (mp4, mkv, webm...)"),
+        ServingTensor(
+            "video_id", BYTES, (1,), True, "instead of video: the video_id of an earlier response"
+        ),
         ServingTensor(
             "frames", "float32", (-1, 3, h, w), True, "instead of video: preprocessed frames"
         ),
@@ -111,8 +119,13 @@ class ServingSettings:
         default_max_new_tokens: the budget of a request that names none.
         max_frames: the most preprocessed ``frames`` a request may send.
         threads: onnxruntime intra-op threads per session (0: onnxruntime's default).
-        decode_workers: requests per model instance whose videos are decoded at once
-            (the model part still runs one request at a time per instance).
+        decode_workers: requests per model instance whose videos are decoded (and
+            encoded) at once; decoding itself is shared by the instance's engine.
+        max_sequences: KV slots per instance: requests whose decode steps run together
+            (the rest wait for a slot). KV memory: bytes per position x positions x slots.
+        video_cache_mb: the video cache per instance (encoded videos and their prompt
+            prefix K/V, LRU; entries in use are never evicted); 0 keeps a video only while
+            requests use it.
         video_time_budget_s: wall-clock seconds one request's video decode and
             preprocessing may take (``VideoTimeoutError`` beyond).
         max_frame_pixels: largest frame (width x height) decoded (``VideoTooLargeError``
@@ -129,6 +142,8 @@ class ServingSettings:
     decode_workers: int = 2
     video_time_budget_s: float = float(DEFAULT_LIMITS.time_budget_s or 120.0)
     max_frame_pixels: int = DEFAULT_LIMITS.max_pixels
+    max_sequences: int = 4
+    video_cache_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.backend not in ("onnxruntime", "tensorrt"):
@@ -142,10 +157,13 @@ class ServingSettings:
             "max_frames",
             "decode_workers",
             "max_frame_pixels",
+            "max_sequences",
         )
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
+        if int(self.video_cache_mb) < 0:
+            raise InputError(f"video_cache_mb must be >= 0, got {self.video_cache_mb}")
         if not self.video_time_budget_s > 0:
             raise InputError(
                 f"video_time_budget_s must be positive, got {self.video_time_budget_s}"
@@ -192,6 +210,7 @@ class ServingRequest:
     question: str | None
     gen: GenerationConfig
     video: bytes | None = None
+    video_id: str | None = None  # a cached video, by the id an earlier response returned
     frames: np.ndarray | None = None  # float32 [F, 3, H, W]
     timestamps: np.ndarray | None = None  # [F]
     duration: float | None = None
@@ -238,11 +257,28 @@ def parse_request(
         timestamps=timestamp_mode or "free",
     )  # checks temperature, top_p and timestamp_mode
     video, frames = get("video"), get("frames")
-    if video is not None and frames is not None:
-        raise InputError("send either 'video' (the file's bytes) or 'frames', not both")
-    if video is None and frames is None:
-        raise InputError("missing 'video': send the video file's bytes (or 'frames')")
+    video_id = _text(get("video_id"), "video_id")
+    given = (("video", video), ("frames", frames), ("video_id", video_id))
+    sent = [repr(name) for name, value in given if value is not None]
+    if len(sent) > 1:
+        raise InputError(
+            "send one of 'video' (the file's bytes), 'frames' or 'video_id', not "
+            + ("both " if len(sent) == 2 else "all of ")
+            + " and ".join(sent)
+        )
     common = {"task": task, "query": query, "question": question, "gen": gen}
+    if video_id is not None:
+        if not VIDEO_ID.fullmatch(video_id):
+            raise InputError(
+                f"'video_id' must be the 32 hex digits an earlier response returned, got "
+                f"{video_id[:40]!r}"
+            )
+        return ServingRequest(video_id=video_id, **common)
+    if video is None and frames is None:
+        raise InputError(
+            "missing 'video': send the video file's bytes (or 'frames', or the 'video_id' "
+            "of an earlier response)"
+        )
     if video is not None:
         if video.dtype != np.uint8:
             raise InputError(f"'video' must be uint8 bytes, got {video.dtype}")
