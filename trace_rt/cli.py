@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from trace_rt.batch import add_batch_parser, batch_command
 from trace_rt.cliutil import Parser, run_command
 from trace_rt.edge_cli import add_plan_parser, add_watch_parser, plan_command, watch_command
 from trace_rt.prompts import CUSTOM_TASK
@@ -266,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     _report_args(p)
     add_plan_parser(sub)
     add_watch_parser(sub)
+    add_batch_parser(sub)
     _add_eval_parser(sub)
     return parser
 
@@ -410,6 +412,7 @@ COMMANDS = {
     "client": _client_command,
     "plan": plan_command,
     "watch": watch_command,
+    "batch": batch_command,
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from trace_rt.backends import Backend, default_backend, load_backend
+from trace_rt.config import TraceConfig
 from trace_rt.engine.cache import VideoCache, VideoEntry, content_hash, model_fingerprint, video_key
 from trace_rt.errors import InputError, PromptTooLongError
 from trace_rt.events import Event, EventParser
@@ -256,7 +257,7 @@ class Pipeline:
 
     def run_many(
         self,
-        video: VideoSource,
+        video: VideoSource | SampledVideo,
         questions: Sequence[Question],
         *,
         frames: int | None = None,
@@ -306,16 +307,16 @@ class Pipeline:
         limits: DecodeLimits | None,
         cancelled: Callable[[], bool] | None,
     ) -> None:
-        """Decode, preprocess and encode *video* into a cache *entry*."""
+        """Decode, preprocess and encode *video* into a cache *entry*. A
+        :class:`~trace_rt.video.SampledVideo` is a video :meth:`decode` d already (elsewhere:
+        ``trace-rt batch`` decodes in parallel tasks): only encoded."""
         t0 = time.perf_counter()
-        pp = self.config.preprocess
-        clip = load_video(
-            video,
-            n_frames,
-            limits=limits,
-            cancelled=cancelled,
-            transform=lambda rgb: preprocess_frame(rgb, pp),  # [H, W, 3] -> [3, h, w]
-        )
+        if isinstance(video, SampledVideo):
+            clip = video
+            if len(clip.times) != n_frames:
+                raise InputError(f"decoded video has {len(clip.times)} frames, not {n_frames}")
+        else:
+            clip = self.decode(video, n_frames, limits, cancelled)
         t1 = time.perf_counter()
         entry.video = self.backend.encode_video(clip.frames, _time_ids(clip.times))
         self.backend.synchronize()
@@ -326,6 +327,16 @@ class Pipeline:
             "times": clip.times,
             "timing_ms": {"video": (t1 - t0) * 1e3, "vision": (t2 - t1) * 1e3},
         }
+
+    def decode(
+        self,
+        video: VideoSource,
+        n_frames: int | None = None,
+        limits: DecodeLimits | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> SampledVideo:
+        """:func:`decode_clip` with this model's config."""
+        return decode_clip(self.config, video, n_frames, limits, cancelled)
 
     def _answer(
         self,
@@ -484,6 +495,26 @@ class Pipeline:
                 f"positions exceeds the model's context of {cfg.max_position_embeddings}"
             )
         return ids
+
+
+def decode_clip(
+    config: TraceConfig,
+    video: VideoSource,
+    n_frames: int | None = None,
+    limits: DecodeLimits | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> SampledVideo:
+    """Decode and preprocess *video* for a model of *config* (its frame count and sizes):
+    what :meth:`Pipeline.run_many` does before encoding, and accepts in place of a video.
+    Needs only the config, so it runs where the model is not loaded."""
+    pp = config.preprocess
+    return load_video(
+        video,
+        config.num_frames if n_frames is None else n_frames,
+        limits=limits,
+        cancelled=cancelled,
+        transform=lambda rgb: preprocess_frame(rgb, pp),  # [H, W, 3] -> [3, h, w]
+    )
 
 
 def _time_ids(times: np.ndarray) -> np.ndarray:
