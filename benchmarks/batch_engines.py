@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
 benchmarks.batch_engines --out ...` (model: {"random `tiny`" if args.model is None else args.model};
 {args.videos} synthetic 160x120 clips of 4-6.8 s, {args.queries} `mr` queries each =
 {items} items, {args.max_new_tokens} new tokens at most), {args.rounds} alternating rounds.
-Wall-clock s of `run_batch`, model loading included (local: once; Ray: once per actor); the Ray cluster's
-start ({args.ray_cpus} CPUs) is timed apart. A 2-core machine shared with other jobs:
-read the ratio loosely.
+Wall-clock s of `run_batch`, model loading included (local: once; Ray: once per actor);
+the Ray cluster's start ({args.ray_cpus} CPUs) is timed apart. A 2-core machine shared
+with other jobs: read the ratio loosely.
 
 | engine | items ok / failed | wall s, each round | items/s (best round) |
 |---|---:|---:|---:|
