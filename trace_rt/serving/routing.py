@@ -8,9 +8,12 @@ Two things a single-server client does not need:
   replica that has it cached.
 - One retry on a retryable status: a replica that dies or drains mid-request surfaces as
   gRPC ``UNAVAILABLE`` (nginx answers 502 for the broken upstream), a request a server
-  refuses for load as ``RESOURCE_EXHAUSTED``. Such a request did not complete, so sending it
-  again (the balancer picks a live replica) cannot answer it twice. Any other error is the
-  request's own (bad video, bad parameters) and is not retried.
+  refuses for load as ``RESOURCE_EXHAUSTED``, and one that is draining (``trace-rt serve``
+  after SIGTERM: Triton is unloading the model) as ``NOT_FOUND`` "... has no available
+  versions" (a misspelt model name is ``NOT_FOUND`` "... is not found", and is not retried).
+  Such a request did not complete, so sending it again (the balancer picks a live replica)
+  cannot answer it twice. Any other error is the request's own (bad video, bad parameters)
+  and is not retried.
 """
 
 from __future__ import annotations
@@ -25,6 +28,15 @@ from trace_rt.serving.client import ServingError, TraceClient
 
 VIDEO_ID_HEADER = "x-video-id"
 RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+DRAINING = ("NOT_FOUND", "has no available versions")  # status, message of a draining replica
+
+
+def retryable(status: str, message: str) -> bool:
+    """Whether an error with gRPC *status* (``StatusCode.X``) and *message* means the
+    request did not run and may go to another replica."""
+    if any(s in status for s in RETRYABLE):
+        return True
+    return DRAINING[0] in status and DRAINING[1] in message
 
 
 class RetryableError(ServingError):
@@ -59,7 +71,7 @@ class RoutedClient(TraceClient):
         self.retries = retries
         self.on_retry = on_retry
         self._headers: dict[str, str] = {}
-        self._status = ""
+        self.last_status = ""  # the gRPC status of the last error ("StatusCode.UNAVAILABLE")
         start = self.client.start_stream
 
         def start_stream(**kwargs: Any) -> Any:  # every stream carries the routing header
@@ -68,7 +80,7 @@ class RoutedClient(TraceClient):
         self.client.start_stream = start_stream
 
     def _describe(self, error: Exception) -> str:
-        self._status = str(error.status()) if hasattr(error, "status") else ""
+        self.last_status = str(error.status()) if hasattr(error, "status") else ""
         return super()._describe(error)
 
     def infer(  # type: ignore[override]
@@ -85,11 +97,11 @@ class RoutedClient(TraceClient):
         attempt = 0
         try:
             while True:
-                self._status = ""
+                self.last_status = ""
                 try:
                     return super().infer(video, **kw)
                 except ServingError as e:
-                    if not any(s in self._status for s in RETRYABLE):
+                    if not retryable(self.last_status, str(e)):
                         raise
                     if attempt >= self.retries:
                         raise RetryableError(f"{e} (after {attempt + 1} attempts)") from None
