@@ -90,9 +90,10 @@ def test_deployment_probes_ports_and_wiring(overlay):
     # The grace period outlasts the preStop sleep plus Triton's own drain.
     args = " ".join(c.get("args", []))
     pod = dep["spec"]["template"]["spec"]
-    if "--exit-timeout-secs=" in args:
-        drain = int(args.split("--exit-timeout-secs=")[1].split()[0])
-        assert pod["terminationGracePeriodSeconds"] > drain + 10
+    flag = "--exit-timeout-secs=" if "--exit-timeout-secs=" in args else "--drain-timeout="
+    drain = float(args.split(flag)[1].split()[0])
+    pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] > drain + pre_stop
     # The Service and the PodMonitor select exactly the Deployment's pods, by port name.
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -142,6 +143,7 @@ def test_overlays_differ_where_they_should():
     argv = [a.replace("$(MODEL_REPOSITORY)", "/models/repo") for a in cpu["args"]]
     args = build_parser().parse_args(["serve", *argv])
     assert args.host == "0.0.0.0" and args.timeout >= 15 * 60
+    assert args.log_format == "json" and args.drain_timeout > 0
 
 
 @needs_kubectl
