@@ -9,12 +9,13 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
 # System tools some features and tests use: Chromium (the HTML report tests open the pages
-# in it) and Java (METEOR/SODA_c in `trace-rt eval`). Installed from Debian's packages when
-# this runs as root with apt-get (SETUP_SYSTEM=0 skips); otherwise the tests that need them
+# in it), Java (METEOR/SODA_c in `trace-rt eval`) and nginx (deploy/local/). Installed from
+# Debian's packages when this runs as root with apt-get (SETUP_SYSTEM=0 skips); otherwise the tests that need them
 # are skipped with the reason, and eval reports those two metrics as unavailable.
 missing=""
 command -v chromium >/dev/null || missing="$missing chromium"
 command -v java >/dev/null || missing="$missing default-jre-headless"
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$missing nginx-light"
 if [ -n "$missing" ]; then
   if [ "${SETUP_SYSTEM:-1}" != 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing$missing (Debian packages) ..."
