@@ -10,8 +10,9 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[dev]"
 # System tools some features and tests use: Chromium (the HTML report tests open the pages
 # in it), Java (METEOR/SODA_c in `trace-rt eval`) and nginx (deploy/local/). Installed from
-# Debian's packages when this runs as root with apt-get (SETUP_SYSTEM=0 skips); otherwise the tests that need them
-# are skipped with the reason, and eval reports those two metrics as unavailable.
+# Debian's packages when this runs as root with apt-get (SETUP_SYSTEM=0 skips); otherwise
+# the tests that need them are skipped with the reason, and eval reports those two metrics
+# as unavailable.
 missing=""
 command -v chromium >/dev/null || missing="$missing chromium"
 command -v java >/dev/null || missing="$missing default-jre-headless"
