@@ -82,6 +82,7 @@ def serve(
     try:
         log(f"starting tritonserver on {repo} (log: {server.log_file}) ...")
         if follower is not None:
+            server.log_file.write_bytes(b"")  # as the server will: no old lines replayed
             follower.start()
         server.start(timeout=timeout)
         ready = (

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import sys
 import threading
@@ -99,6 +100,8 @@ class LogFollower(threading.Thread):
     def _drain(self) -> None:
         try:
             with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < self._pos:
+                    self._pos = 0  # truncated (the server rewrote it): from the start
                 f.seek(self._pos)
                 data = f.read()
         except OSError:
