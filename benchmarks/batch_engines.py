@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = (tmp / d / "results.jsonl").read_text().splitlines()
             return {r["key"]: comparable(r) for r in map(json.loads, rows)}
 
+        torch = sys.modules.get("torch")
+        threads = torch.get_num_threads() if torch is not None else "n/a"
         same = all(read(f"local{r}") == read(f"ray{r}") for r in range(args.rounds))
     items = local["items"]
 
@@ -98,6 +102,9 @@ with other jobs: read the ratio loosely.
 {row(f"ray, {args.actors} actors", remote, t_ray)}
 
 Ray cluster start: {t_init:.1f} s. Results identical (timings aside): **{same}**.
+Threads: the local process ran with OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS", "unset")}
+(torch intra-op threads: {threads}); Ray sets each actor's OMP_NUM_THREADS from its CPU
+share ({max(1, int(share))} here).
 
 Both engines run on the same cores here: Ray's actors split them rather than add any, and
 Ray pays per-actor model loads, pickled clips through the object store and its scheduler;
