@@ -22,14 +22,15 @@ if [ "${SETUP_PEERS:-1}" != 0 ]; then
   fi
 fi
 # System tools some features and tests use: Chromium (the HTML report tests open the pages
-# in it), Java (METEOR/SODA_c in `trace-rt eval`) and the ffmpeg CLI (the bench's video
-# stage is measured against it). Installed from Debian's packages when
+# in it), Java (METEOR/SODA_c in `trace-rt eval`), the ffmpeg CLI (the bench's video stage
+# is measured against it) and nginx (deploy/local/). Installed from Debian's packages when
 # this runs as root with apt-get (SETUP_SYSTEM=0 skips); otherwise the tests that need them
 # are skipped with the reason, and eval reports those two metrics as unavailable.
 missing=""
 command -v chromium >/dev/null || missing="$missing chromium"
 command -v java >/dev/null || missing="$missing default-jre-headless"
 command -v ffmpeg >/dev/null || missing="$missing ffmpeg"
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$missing nginx-light"
 if [ -n "$missing" ]; then
   if [ "${SETUP_SYSTEM:-1}" != 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing$missing (Debian packages) ..."

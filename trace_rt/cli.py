@@ -8,8 +8,10 @@ import os
 import sys
 from pathlib import Path
 
+from trace_rt.batch import add_batch_parser, batch_command
 from trace_rt.cliutil import Parser, run_command
 from trace_rt.edge_cli import add_plan_parser, add_watch_parser, plan_command, watch_command
+from trace_rt.errors import InputError
 from trace_rt.prompts import CUSTOM_TASK
 from trace_rt.run_api import run, run_many, run_questions
 
@@ -30,10 +32,15 @@ def serve(
     log_file: Path | None = None,
     timeout: float = 300.0,
     admin_key: str | None = None,
+    log_format: str = "text",
+    drain_timeout: float = 30.0,
 ) -> int:
-    """``trace-rt serve``: run tritonserver on *repo* until Ctrl-C (or SIGTERM)."""
+    """``trace-rt serve``: run tritonserver on *repo* until Ctrl-C (or SIGTERM: drained,
+    see :mod:`trace_rt.serving.podlog`)."""
+    import math
     import signal
 
+    from trace_rt.serving.podlog import LogFollower, ServeLog, drain
     from trace_rt.serving.server import (
         ADMIN_HEADER,
         ADMIN_KEY_ENV,
@@ -52,13 +59,16 @@ def serve(
         metrics_port=metrics_port,
         log_file=log_file,
         admin_key=admin_key,
+        exit_timeout=max(1, math.ceil(drain_timeout)),
     )
+    log = ServeLog(log_format)
+    follower = LogFollower(server.log_file, log) if log.json else None
     if not is_loopback(host):
-        print(
-            f"trace-rt: warning: listening on {host}: anyone who can reach these ports can "
+        log(
+            f"listening on {host}: anyone who can reach these ports can "
             "send requests, unauthenticated and unencrypted. Put a TLS-terminating, "
             "authenticating proxy in front, or bind 127.0.0.1 (README: Serving, security).",
-            file=sys.stderr,
+            "warning",
         )
     admin = (
         f"admin APIs need the admin key (HTTP header {ADMIN_HEADER}, gRPC metadata "
@@ -71,21 +81,27 @@ def serve(
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     try:
-        print(f"starting tritonserver on {repo} (log: {server.log_file}) ...", file=sys.stderr)
+        log(f"starting tritonserver on {repo} (log: {server.log_file}) ...")
+        if follower is not None:
+            server.log_file.write_bytes(b"")  # as the server will: no old lines replayed
+            follower.start()
         server.start(timeout=timeout)
-        print(
-            f"ready: gRPC {server.grpc_url}  HTTP {server.http_url}  "
-            f"metrics {server.metrics_url}\n{admin}\nCtrl-C stops the server.",
-            file=sys.stderr,
-            flush=True,
+        ready = (
+            f"ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}"
         )
+        if log.json:
+            log(ready, grpc=server.grpc_url, http=server.http_url, metrics=server.metrics_url)
+            log(admin)
+        else:
+            log(f"{ready}\n{admin}\nCtrl-C stops the server.")
         code = server.proc.wait() if server.proc is not None else 1
         raise ServerError(f"tritonserver exited with code {code}:\n{server.log_tail()}")
     except KeyboardInterrupt:
-        print("stopping tritonserver ...", file=sys.stderr)
-        return 0
+        return 0 if drain(server, log, drain_timeout) else 1
     finally:
         server.close()
+        if follower is not None:
+            follower.stop()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -246,6 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002, help="metrics port (default 8002)")
     p.add_argument("--log-file", type=Path, help="tritonserver's log (default: a temp file)")
     p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: every stderr line a JSON object, tritonserver's log included (for pods)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/Ctrl-C: new requests are refused at once and running ones get this "
+        "many seconds to finish before the server exits (keep it under the pod's "
+        "terminationGracePeriodSeconds)",
+    )
+    p.add_argument(
         "--timeout", type=float, default=300.0, help="seconds to wait for readiness (300)"
     )
     p.add_argument(
@@ -288,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     _report_args(p)
     add_plan_parser(sub)
     add_watch_parser(sub)
+    add_batch_parser(sub)
     _add_eval_parser(sub)
     return parser
 
@@ -404,6 +435,8 @@ def _serve_command(args: argparse.Namespace) -> int:
         log_file=args.log_file,
         timeout=args.timeout,
         admin_key=args.admin_key,
+        log_format=args.log_format,
+        drain_timeout=args.drain_timeout,
     )
 
 
@@ -434,6 +467,7 @@ COMMANDS = {
     "client": _client_command,
     "plan": plan_command,
     "watch": watch_command,
+    "batch": batch_command,
 }
 
 

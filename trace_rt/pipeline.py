@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from trace_rt.backends import Backend, default_backend, load_backend
-from trace_rt.config import PreprocessConfig
+from trace_rt.config import PreprocessConfig, TraceConfig
 from trace_rt.engine.cache import VideoCache, VideoEntry, content_hash, model_fingerprint, video_key
 from trace_rt.errors import InputError, PromptTooLongError
 from trace_rt.events import Event, EventParser
@@ -267,7 +267,7 @@ class Pipeline:
 
     def run_many(
         self,
-        video: VideoSource,
+        video: VideoSource | SampledVideo,
         questions: Sequence[Question],
         *,
         frames: int | None = None,
@@ -318,12 +318,17 @@ class Pipeline:
         limits: DecodeLimits | None,
         cancelled: Callable[[], bool] | None,
     ) -> None:
-        """Decode, preprocess and encode *video* into a cache *entry*."""
+        """Decode, preprocess and encode *video* into a cache *entry*. A
+        :class:`~trace_rt.video.SampledVideo` is a video :meth:`decode` d already (elsewhere:
+        ``trace-rt batch`` decodes in parallel tasks): only encoded."""
         t0 = time.perf_counter()
-        pp = self.config.preprocess
-        clip, pixels = video_inputs(
-            video, n_frames, pp, self.resize, limits=limits, cancelled=cancelled
-        )
+        if isinstance(video, SampledVideo):
+            clip = video
+            if len(clip.times) != n_frames:
+                raise InputError(f"decoded video has {len(clip.times)} frames, not {n_frames}")
+        else:
+            clip = self.decode(video, n_frames, limits, cancelled)
+        pixels = normalize(clip.frames, self.config.preprocess)  # [F, 3, h, w] float32
         t1 = time.perf_counter()
         entry.video = self.backend.encode_video(pixels, _time_ids(clip.times))
         self.backend.synchronize()
@@ -334,6 +339,16 @@ class Pipeline:
             "times": clip.times,
             "timing_ms": {"video": (t1 - t0) * 1e3, "vision": (t2 - t1) * 1e3},
         }
+
+    def decode(
+        self,
+        video: VideoSource,
+        n_frames: int | None = None,
+        limits: DecodeLimits | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> SampledVideo:
+        """:func:`decode_clip` with this model's config and resize mode."""
+        return decode_clip(self.config, video, n_frames, limits, cancelled, self.resize)
 
     def _answer(
         self,
@@ -516,6 +531,23 @@ def video_inputs(
     """
     clip = load_video(video, n_frames, convert=ModelFrames(pp, resize), **load)
     return clip, normalize(clip.frames, pp)
+
+
+def decode_clip(
+    config: TraceConfig,
+    video: VideoSource,
+    n_frames: int | None = None,
+    limits: DecodeLimits | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    resize: str = DEFAULT_RESIZE,
+) -> SampledVideo:
+    """Decode *video* to frames at the input size of a model of *config* (uint8
+    ``[F, 3, h, w]``, its frame count): what :meth:`Pipeline.run_many` does before
+    normalising and encoding, and accepts in place of a video. Needs only the config, so
+    it runs where the model is not loaded."""
+    n = config.num_frames if n_frames is None else n_frames
+    convert = ModelFrames(config.preprocess, resize)
+    return load_video(video, n, limits=limits, cancelled=cancelled, convert=convert)
 
 
 def _time_ids(times: np.ndarray) -> np.ndarray:

@@ -65,6 +65,13 @@ def run_many(video: str, model: Path, questions: list, **options: Any) -> list[d
 
 def _load_for_run(video: str, model: Path, sequences: int, options: dict[str, Any]):
     """The pipeline, generation settings, model card, frames and video source of a run."""
+    source = _stdin_video() if video == "-" else video  # read before the model loads
+    return (*load_pipeline(model, sequences, options), source)
+
+
+def load_pipeline(model: Path, sequences: int, options: dict[str, Any]):
+    """The pipeline (with *sequences* KV slots), generation settings, model card and frames
+    for *options* (:func:`run_many`'s; ``trace-rt batch`` uses it too)."""
     from trace_rt.backends import default_backend
     from trace_rt.generate import GenerationConfig
     from trace_rt.model_cards import resolve_card
@@ -105,11 +112,10 @@ def _load_for_run(video: str, model: Path, sequences: int, options: dict[str, An
 
             sequences = min(sequences, built_max_batch(model))
         kw["max_sequences"] = sequences  # the questions decode as one batch
-    source = _stdin_video() if video == "-" else video  # read before the model loads
     pipe = Pipeline.from_dir(
         model, backend, prompts_file=o["prompts"], template=template, resize=o["resize"], **kw
     )
-    return pipe, gen, card, frames, source
+    return pipe, gen, card, frames
 
 
 _RUN_DEFAULTS: dict[str, Any] = {

@@ -204,6 +204,8 @@ class TritonServer:
         admin_key: the admin APIs (:data:`ADMIN_APIS`, HTTP and gRPC) answer only
             requests carrying header :data:`ADMIN_HEADER` with this value; None: a random
             key nobody knows, so they answer no one.
+        exit_timeout: seconds Triton lets running requests finish after SIGTERM (its
+            ``--exit-timeout-secs``; ``trace-rt serve --drain-timeout``).
     """
 
     def __init__(
@@ -217,6 +219,7 @@ class TritonServer:
         log_file: str | Path | None = None,
         verbose: int = 0,
         admin_key: str | None = None,
+        exit_timeout: int = 10,
     ):
         self.repo = Path(repo).resolve()
         if not (self.repo.is_dir() and any(self.repo.glob("*/config.pbtxt"))):
@@ -227,6 +230,7 @@ class TritonServer:
         self.host = host
         self.grpc_port, self.http_port, self.metrics_port = grpc_port, http_port, metrics_port
         self.verbose = verbose
+        self.exit_timeout = exit_timeout
         if admin_key is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{16,}", admin_key):
             raise ServerError("the admin key must be at least 16 characters of A-Z a-z 0-9 . _ ~ -")
         self.admin_key = admin_key or secrets.token_urlsafe(24)
@@ -266,7 +270,7 @@ class TritonServer:
             # No pooled request objects: a pooled one keeps its largest payload's memory.
             "--grpc-infer-allocation-pool-size=0",
             "--allow-gpu-metrics=false",
-            "--exit-timeout-secs=10",
+            f"--exit-timeout-secs={self.exit_timeout}",
             f"--log-verbose={self.verbose}",
         ]
 

@@ -1,0 +1,211 @@
+"""deploy/local: trace-rt serve replicas behind nginx's gRPC proxy, routing and faults.
+
+Real parts only: tritonserver replicas started by ``deploy/local/cluster.sh``, Debian's
+nginx proxying gRPC, :class:`RoutedClient` sending the ``x-video-id`` header and retrying
+once. A replica is SIGKILLed while requests are in flight; every request is counted, on
+the client and in nginx's access log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "deploy" / "local" / "cluster.sh"
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(NGINX is None, reason="nginx not installed (apt-get install nginx-light)"),
+]
+
+
+def free_block(n: int) -> int:
+    """A base port B with B .. B+n-1 all free."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1] // 100 * 100
+        if base + n > 65000:
+            continue
+        try:
+            socks = []
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free block of ports")
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_ckpt, tmp_path_factory) -> Path:
+    from export.onnx_export import export_onnx
+    from triton_repo.build import build_repository
+
+    root = tmp_path_factory.mktemp("cluster")
+    art = export_onnx(tiny_ckpt, root / "art", progress=False)
+    return build_repository(art, root / "repo", decode_workers=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> list[Path]:
+    from tests.media import write_video
+
+    root = tmp_path_factory.mktemp("cluster-videos")
+    return [
+        Path(write_video(root / f"v{i}.mp4", width=64 + 16 * i, height=48, fps=10, n_frames=30 + i))
+        for i in range(10)
+    ]
+
+
+class Cluster:
+    def __init__(self, repo: Path, run: Path, routing: str, replicas: int = 3):
+        base = free_block(10 * replicas + 1)
+        self.run, self.port = run, base + 10 * replicas
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "NGINX_BIN": NGINX}
+        self.args = [str(repo), "--replicas", str(replicas), "--port", str(self.port)]
+        self.args += ["--base-port", str(base), "--routing", routing, "--dir", str(run)]
+
+    def sh(self, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(SCRIPT), *args], env=self.env, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+
+    def __enter__(self) -> Cluster:
+        try:
+            done = self.sh("start", *self.args)
+        except subprocess.TimeoutExpired:
+            self.sh("stop", "--dir", str(self.run), timeout=120)
+            raise
+        assert done.returncode == 0, done.stdout + done.stderr
+        self.replicas = {
+            int(m[2]): (int(m[1]), int(m[3]))  # grpc port -> (index, pid)
+            for m in re.finditer(
+                r"replica (\d+) ready: gRPC 127.0.0.1:(\d+) \(pid (\d+)\)", done.stdout
+            )
+        }
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        done = self.sh("stop", "--dir", str(self.run), timeout=120)
+        assert done.returncode == 0, done.stderr
+
+    def log(self) -> list[dict]:
+        """nginx's access log: one dict per proxied stream request."""
+        out = []
+        for line in (self.run / "nginx-access.log").read_text().splitlines():
+            f = dict(kv.split("=", 1) for kv in line.split()[2:])
+            if line.split()[1] == INFER:
+                out.append(f)
+        return out
+
+
+def test_script_refuses_bad_arguments(tmp_path):
+    env = {**os.environ, "NGINX_BIN": NGINX}
+    run = ["bash", str(SCRIPT)]
+    done = subprocess.run(
+        [*run, "start", str(tmp_path / "nope")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "model repository" in done.stderr
+    done = subprocess.run(
+        [*run, "start", str(tmp_path), "--routing", "random"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and "--routing must be hash or round-robin" in done.stderr
+    done = subprocess.run(
+        [*run, "status", "--dir", str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "nginx: stopped" in done.stdout
+
+
+def test_kill_a_replica_mid_run_every_request_answered_once(repo, videos, tmp_path):
+    from trace_rt.serving.routing import RoutedClient, video_id
+
+    ids = {v: video_id(v) for v in videos}
+    with Cluster(repo, tmp_path / "run", "hash") as cl:
+        url = f"127.0.0.1:{cl.port}"
+        # Warm-up: one request per video, one after another: where does each video live?
+        with RoutedClient(url) as c:
+            for v in videos:
+                assert c.infer(v, max_new_tokens=4)["stop_reason"] in ("eos", "max_new_tokens")
+        home = {e["video"]: e["upstream"] for e in cl.log()}
+        assert set(home) == set(ids.values())
+        assert len(set(home.values())) >= 2, "hash routing should use several replicas"
+        # Then 2 more questions per video, all at once, and one replica killed mid-run.
+        victim_port = Counter(home.values()).most_common(1)[0][0]
+        victim = cl.replicas[int(victim_port.rsplit(":", 1)[1])]
+        results: dict[int, list] = defaultdict(list)
+        retries: list[int] = []
+        lock = threading.Lock()
+        work = [(i, v) for i, v in enumerate(videos * 2)]
+
+        def ask(i: int, v: Path) -> None:
+            with RoutedClient(url, on_retry=lambda n, msg: retries.append(i)) as c:
+                try:
+                    r = c.infer(v, max_new_tokens=192, ignore_eos=True, seed=i, temperature=1.0)
+                except Exception as e:
+                    r = e
+            with lock:
+                results[i].append(r)
+
+        threads = [threading.Thread(target=ask, args=w) for w in work]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        os.kill(victim[1], signal.SIGKILL)  # trace-rt serve; its tritonserver dies with it
+        for t in threads:
+            t.join(timeout=300)
+        assert not any(t.is_alive() for t in threads)
+        # Every request answered exactly once, none lost; the victim's were retried.
+        assert sorted(results) == [i for i, _ in work]
+        assert all(len(r) == 1 and isinstance(r[0], dict) for r in results.values()), results
+        assert all(r[0]["stop_reason"] == "max_new_tokens" for r in results.values())
+        assert retries, "the kill should have caught requests in flight"
+        assert len(retries) == len(set(retries))  # once each
+        log = cl.log()[len(videos) :]
+        ok = [e for e in log if e["status"] == "200" and e["grpc"] == "0"]
+        failed = [e for e in log if e not in ok]
+        assert len(ok) == len(work)  # the server side agrees: no request answered twice
+        assert len(failed) == len(retries)
+        assert {e["upstream"] for e in failed} == {victim_port}
+        assert all(e["status"] == "502" for e in failed)
+        # Consistent hashing: videos of the survivors stayed where they were.
+        for e in ok:
+            if home[e["video"]] != victim_port:
+                assert e["upstream"] == home[e["video"]]
+            else:
+                assert e["upstream"] != victim_port
+        status = cl.sh("status", "--dir", str(cl.run))
+        assert status.returncode == 1 and f"replica-{victim[0]}: stopped" in status.stdout
+
+
+def test_round_robin_spreads_a_videos_questions(repo, videos, tmp_path):
+    from trace_rt.serving.routing import RoutedClient
+
+    with Cluster(repo, tmp_path / "run", "round-robin", replicas=2) as cl:
+        with RoutedClient(f"127.0.0.1:{cl.port}") as c:
+            for _ in range(4):
+                c.infer(videos[0], max_new_tokens=2)
+        ups = [e["upstream"] for e in cl.log()]
+        assert len(ups) == 4 and len(set(ups)) == 2  # the same video on both replicas
