@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from trace_rt.answers import answer_questions
 from trace_rt.backends import Backend, default_backend, load_backend
 from trace_rt.config import PreprocessConfig, TraceConfig
 from trace_rt.engine.cache import VideoCache, VideoEntry, content_hash, model_fingerprint, video_key
@@ -299,14 +300,14 @@ class Pipeline:
         if content is None:
             entry = VideoEntry("")
             self._encode_into(entry, video, n_frames, limits, cancelled)
-            results = self._answer(entry, questions, prompts, gen, on_event, t0)
+            results = answer_questions(self, entry, questions, prompts, gen, on_event, t0)
         else:
             prep = (self.config.preprocess, self.resize)  # how frames reach the model
             key = video_key(content, n_frames, "uniform", prep, self.fingerprint)
             with self.video_cache.entry(
                 key, lambda e: self._encode_into(e, video, n_frames, limits, cancelled)
             ) as entry:
-                results = self._answer(entry, questions, prompts, gen, on_event, t0)
+                results = answer_questions(self, entry, questions, prompts, gen, on_event, t0)
         source = _describe(video)
         return [{"video": source, **r} for r in results]
 
@@ -349,86 +350,6 @@ class Pipeline:
     ) -> SampledVideo:
         """:func:`decode_clip` with this model's config and resize mode."""
         return decode_clip(self.config, video, n_frames, limits, cancelled, self.resize)
-
-    def _answer(
-        self,
-        entry: VideoEntry,
-        questions: Sequence[Question],
-        prompts: list[list[int]],
-        gen: GenerationConfig,
-        on_event: Callable[[int, Event], None] | None,
-        t0: float,
-    ) -> list[dict[str, Any]]:
-        from trace_rt.engine import Engine
-        from trace_rt.engine import Sequence as Seq
-
-        meta = entry.meta
-        parsers = [EventParser(self.tokenizer, self.config.ids) for _ in questions]
-        events: list[list[Event]] = [[] for _ in questions]
-
-        def feeder(i: int) -> Callable[[int], None]:
-            def feed(token: int) -> None:
-                for ev in parsers[i].feed(token):
-                    events[i].append(ev)
-                    if on_event is not None:
-                        on_event(i, ev)
-
-            return feed
-
-        seqs = [
-            Seq(
-                ids,
-                entry.video,
-                gen,
-                duration=meta["duration"],
-                frame_times=meta["times"],
-                on_token=feeder(i),
-                prefixes=entry.prefixes,
-            )
-            for i, ids in enumerate(prompts)
-        ]
-        Engine(self.backend).run(seqs)
-        self.backend.synchronize()
-        spent = meta.pop("timing_ms", None)  # the encode's cost goes to this call only
-        out = []
-        for i, (q, seq) in enumerate(zip(questions, seqs, strict=True)):
-            if seq.error is not None:
-                raise seq.error
-            for ev in parsers[i].finish():
-                events[i].append(ev)
-                if on_event is not None:
-                    on_event(i, ev)
-            tm = seq.timing
-            timing = {
-                "video": spent["video"] if spent and i == 0 else 0.0,
-                "vision": spent["vision"] if spent and i == 0 else 0.0,
-                "queue": (tm["admitted"] - tm["queued"]) * 1e3,
-                "prefill": (tm["prefilled"] - tm["admitted"]) * 1e3,
-                "ttft": (tm["first_token"] - t0) * 1e3,
-                "decode": (tm["finished"] - tm["prefilled"]) * 1e3,
-                "total": (tm["finished"] - t0) * 1e3,
-            }
-            answer = {}
-            if q.task in (None, CUSTOM_TASK):
-                answer = {"answer": events[i][0].caption if events[i] else ""}
-            out.append(
-                {
-                    "task": CUSTOM_TASK if q.task is None else q.task,
-                    **({"query": q.query} if q.query is not None else {}),
-                    **answer,
-                    "duration": round(meta["duration"], 3),
-                    "frames": len(meta["times"]),
-                    "events": [e.to_dict() for e in events[i]],
-                    "token_ids": seq.tokens,
-                    "prompt_ids": prompts[i],
-                    "frame_times": [round(float(t), 6) for t in meta["times"]],
-                    "stop_reason": seq.stop_reason,
-                    "video_id": entry.key or None,
-                    "cache": {"video": spent is None, "prefix": bool(seq.prefix_hit)},
-                    "timing_ms": timing,
-                }
-            )
-        return out
 
     def prepare_frames(
         self,
