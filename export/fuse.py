@@ -29,6 +29,14 @@ Rewrites, and why:
   optional input (one with a default initializer) cannot be fed through onnxruntime's
   IO binding, which the backend's KV pool needs. Every other input and output is the
   portable graph's.
+- **Static shapes.** The exporter computes every ``view``'s target shape at run time
+  (``Shape`` -> ``Gather`` -> ``Unsqueeze`` -> ``Concat`` per Reshape, and the RoPE
+  halves' Slice bounds). onnxruntime's symbolic shape inference gives each shape tensor
+  as an expression of the graph's dims; the ones that are plain numbers become
+  initializers, and a Reshape whose output dims are numbers, or equal to its input's dim
+  at the same place (Reshape's ``0``), with at most one left (``-1``), gets a constant
+  target shape; the dead shape arithmetic then goes. On `small` (12 layers), after
+  onnxruntime's own optimisation of each graph: 938 nodes portable, 723 fused.
 - **RMSNorm.** Left to onnxruntime: at ``ORT_ENABLE_EXTENDED`` (the backend's cached
   level) it already fuses the exported norm into ``SimplifiedLayerNormalization`` and the
   residual add + norm into ``SkipSimplifiedLayerNormalization`` (tested in
@@ -73,7 +81,7 @@ from trace_rt.graphs import DECODER, EXTERNAL_DATA_THRESHOLD, MANIFEST_FILE, loa
 from trace_rt.variants import PORTABLE, TEXT_HEAD_INPUT
 
 FUSED = "fused"
-REWRITES = ("packed-matmul", "text-head-if")
+REWRITES = ("packed-matmul", "static-shapes", "text-head-if")
 
 
 def fused_name(bits: int | None, tag: str = "") -> str:
@@ -116,6 +124,7 @@ def optimize_artifact(
     for b in bits:
         model = onnx.load(str(root / src_file))
         packed = pack_matmuls(model)
+        fold_shapes(model)
         head_out = text_head_output(model)
         rec: dict[str, Any] = {"form": FUSED, "runtime": "onnxruntime", "also_runs_on": []}
         if b is not None:
@@ -326,3 +335,119 @@ def record_default(
     defaults["measured"] = {"past": past, "p50_ms": timing} if timing else None
     write_json(path, manifest)
     return chosen, timing
+
+
+# ---- static shapes --------------------------------------------------------------------
+def fold_shapes(model: onnx.ModelProto) -> int:
+    """Constant shape arithmetic -> initializers, Reshape targets -> constants (0 / -1
+    where a dim is symbolic); returns how many tensors were replaced."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    g = model.graph
+    # Inference needs no weights: the big float initializers go in as typed inputs, so a
+    # 7B graph is not copied (the shape constants it evaluates are small int tensors).
+    light = _without_weights(model)
+    ssi = SymbolicShapeInference(2**31 - 1, True, False, 0)
+    ssi._preprocess(light)
+    while ssi.run_:
+        ssi._infer_impl()
+    info = [*ssi.out_mp_.graph.value_info, *ssi.out_mp_.graph.output, *ssi.out_mp_.graph.input]
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in info}
+    shapes = {vi.name: _dims(vi) for vi in info}
+    produced = {o for n in g.node for o in n.output}
+    outputs = {o.name for o in g.output}
+    new: dict[str, TensorProto] = {}
+    for name, val in ssi.sympy_data_.items():
+        if name not in produced or name in outputs:
+            continue
+        vals = val if isinstance(val, list) else [val]
+        if not vals or not all(_is_number(v) for v in vals):
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(types.get(name, TensorProto.INT64))
+        arr = np.array([int(v) for v in vals] if isinstance(val, list) else int(val), dtype)
+        new[name] = numpy_helper.from_array(arr, name)
+    for n in g.node:
+        if n.op_type == "Reshape" and n.input[1] not in new:
+            target = _reshape_target(shapes.get(n.input[0]), shapes.get(n.output[0]))
+            if target is not None:
+                t = numpy_helper.from_array(np.array(target, np.int64), f"{n.output[0]}.shape")
+                new[t.name] = t
+                n.input[1] = t.name
+    kept = [n for n in g.node if not all(o in new for o in n.output)]
+    g.ClearField("node")
+    g.node.extend(kept)
+    g.initializer.extend(new.values())
+    _drop_dead(g)
+    return len(new)
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of *model* whose 2-D float initializers are typed graph inputs instead."""
+    inits = list(model.graph.initializer)
+    model.graph.ClearField("initializer")
+    out = onnx.ModelProto()
+    try:
+        out.CopyFrom(model)
+    finally:
+        model.graph.initializer.extend(inits)
+    for t in inits:
+        if t.data_type in _FLOATS and len(t.dims) == 2:
+            out.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+        else:
+            out.graph.initializer.append(t)
+    return out
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
+    return [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+        for d in vi.type.tensor_type.shape.dim
+    ]
+
+
+def _is_number(v: Any) -> bool:
+    if isinstance(v, (int, np.integer)):
+        return True
+    return bool(getattr(v, "is_number", False)) and bool(getattr(v, "is_integer", False))
+
+
+def _reshape_target(src: list | None, dst: list | None) -> list[int] | None:
+    """A constant Reshape target giving *dst* from *src* (symbolic dims), or None."""
+    if not src or not dst or any(d is None for d in (*src, *dst)):
+        return None
+    target: list[int] = []
+    for j, d in enumerate(dst):
+        if isinstance(d, int):
+            if d == 0:
+                return None  # 0 would mean "copy the input's dim" (allowzero unset)
+            target.append(d)
+        elif j < len(src) and src[j] == d:
+            target.append(0)  # same symbolic dim at the same place
+        else:
+            target.append(-1)
+    return target if target.count(-1) <= 1 else None
+
+
+def _drop_dead(g: onnx.GraphProto) -> None:
+    """Remove nodes whose outputs nothing reads (shape arithmetic made constant)."""
+    outputs = {o.name for o in g.output}
+    while True:
+        used = {i for n in g.node for i in _reads(n)}
+        live = [n for n in g.node if any(o in used or o in outputs for o in n.output)]
+        if len(live) == len(g.node):
+            break
+        g.ClearField("node")
+        g.node.extend(live)
+    used = {i for n in g.node for i in _reads(n)}
+    inits = [t for t in g.initializer if t.name in used]
+    g.ClearField("initializer")
+    g.initializer.extend(inits)
+
+
+def _reads(n: onnx.NodeProto) -> list[str]:
+    """A node's inputs and those its subgraphs read from the outer scope."""
+    names = list(n.input)
+    for a in n.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            names += [i for sub in a.g.node for i in _reads(sub)]
+    return names
