@@ -116,11 +116,11 @@ class OnnxRuntimeBackend:
         missing = [g for g in GRAPH_NAMES if g not in self.specs]
         if missing:
             raise CheckpointError(f"{self.model_dir}: manifest lists no graph {missing}")
-        if decoder_variant is None:
-            decoder_variant = default_variant(self.manifest, self.name)
         self.decoder_variant = None if decoder_variant == PORTABLE else decoder_variant
         if self.decoder_variant is not None:
             self._use_decoder_variant(self.decoder_variant, verify)
+        elif decoder_variant is None:
+            self._use_default_variant(verify)
         scheme = self.manifest["export"].get("kv_cache")
         if scheme != KV_CACHE:
             raise CheckpointError(
@@ -391,6 +391,23 @@ class OnnxRuntimeBackend:
             so.intra_op_num_threads = self.threads
         so.log_severity_level = 3  # errors only; fusion notices are noise here
         return so
+
+    def _use_default_variant(self, verify: str) -> None:
+        """The manifest's default decoder for onnxruntime, if any and if its files are here.
+
+        A default is a speed-up, not a requirement: a copy of the artifact that carries
+        only ``manifest["files"]`` (a model repository linking the graphs) runs
+        ``decoder.onnx``, with a warning, rather than failing.
+        """
+        name = default_variant(self.manifest, self.name)
+        if name is None:
+            return
+        try:
+            self._use_decoder_variant(name, verify)
+        except CheckpointError as e:
+            _warn_once(f"default-variant:{self.model_dir}", f"{e}; running decoder.onnx")
+            return
+        self.decoder_variant = name
 
     def _use_decoder_variant(self, name: str, verify: str) -> None:
         """Load the decoder from variant *name*'s file (same I/O as ``decoder.onnx``).
