@@ -349,6 +349,9 @@ def fold_shapes(model: onnx.ModelProto) -> int:
     # Inference needs no weights: the big float initializers go in as typed inputs, so a
     # 7B graph is not copied (the shape constants it evaluates are small int tensors).
     light = _without_weights(model)
+    # The inference's internals (onnxruntime 1.32's tools/symbolic_shape_infer.py):
+    # infer_shapes() returns only the typed model, while the values of shape tensors,
+    # which this pass needs, live in sympy_data_.
     ssi = SymbolicShapeInference(2**31 - 1, True, False, 0)
     ssi._preprocess(light)
     while ssi.run_:
