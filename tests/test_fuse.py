@@ -24,11 +24,11 @@ from export.fuse import optimize_artifact, record_default
 from export.quantize import quantize_artifact
 from trace_rt.backends import load_backend
 from trace_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
-from trace_rt.engine import Engine, GenerationConfig, Sequence
+from trace_rt.engine import Engine, GenerationConfig, Sequence, VideoCache
 from trace_rt.errors import CheckpointError
 from trace_rt.generate import generate
 from trace_rt.graphs import DECODER, MANIFEST_FILE, load_manifest, manifest_specs, sha256_file
-from trace_rt.pipeline import Pipeline
+from trace_rt.pipeline import Pipeline, Question
 from trace_rt.tokens import VIDEO_PLACEHOLDER_ID, Head
 from trace_rt.variants import TEXT_HEAD_INPUT
 
@@ -266,3 +266,16 @@ def test_fp16_fused_within_tolerance(tiny_ckpts, tmp_path):
     for w, g in zip(want, got, strict=True):
         w, g = w.astype(np.float32), g.astype(np.float32)
         assert float(np.abs(g - w).max() / np.abs(w).max()) <= 5e-3  # measured 7e-4
+
+
+def test_cached_prefix_equals_uncached_with_fused(art, clip_video):
+    """The prefix cache's save_prefix runs without lm_head; later prompts must not mind."""
+    gen = GenerationConfig(max_new_tokens=16, ignore_eos=True)
+    queries = [QUERY, "the blue square"]
+    opts = {"cache_dir": False, "decoder_variant": "fused"}
+    solo = Pipeline.from_dir(art, "onnxruntime", **opts)
+    want = [solo.run(clip_video, "mr", query=q, frames=6, gen=gen)["token_ids"] for q in queries]
+    pipe = Pipeline.from_dir(art, "onnxruntime", max_sequences=2, video_cache=VideoCache(), **opts)
+    got = pipe.run_many(clip_video, [Question("mr", q) for q in queries], frames=6, gen=gen)
+    assert [r["token_ids"] for r in got] == want
+    assert [r["cache"]["prefix"] for r in got] == [False, True]
