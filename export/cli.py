@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: nbits (onnxruntime), qdq (TensorRT), dynamic (int8 only); "
         "default nbits,qdq (qdq for --fp8)",
     )
+    _add_optimize_parser(sub)
     _add_trt_parser(sub)
     h = sub.add_parser(
         "hf-llm",
@@ -90,6 +91,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_atc_parser(sub)
     return parser
+
+
+def _add_optimize_parser(sub: argparse._SubParsersAction) -> None:
+    o = sub.add_parser(
+        "optimize",
+        help="add onnxruntime-specific fused decoder variants (packed matmuls, gated lm_head)",
+        description="Write decoder.fused.onnx (and with --int4/--int8 decoder.fused.int{4,8}"
+        ".onnx, MatMulNBits) into OUT: the portable decoder rewritten for onnxruntime with "
+        "the same I/O (export/fuse.py). Then time a decode step of the portable and fused "
+        "graphs on this machine and record the faster as onnxruntime's default decoder "
+        "in the manifest (`--backend onnxruntime` loads it unless --quant names another).",
+    )
+    o.add_argument("out", type=Path, help="artifact directory written by `python -m export onnx`")
+    o.add_argument("--int4", action="store_true", help="also a fused int4 (MatMulNBits) variant")
+    o.add_argument("--int8", action="store_true", help="also a fused int8 (MatMulNBits) variant")
+    o.add_argument(
+        "--block-size",
+        type=int,
+        choices=[16, 32, 64, 128, 256],
+        default=32,
+        help="weights per int4/int8 quantisation block",
+    )
+    o.add_argument("--lm-head", action="store_true", help="quantise lm_head too (default: keep)")
+    o.add_argument(
+        "--no-measure",
+        action="store_true",
+        help="make fused the default without timing it against the portable graph",
+    )
 
 
 def _add_trt_parser(sub: argparse._SubParsersAction) -> None:
@@ -167,6 +196,19 @@ def _hf_llm(args: argparse.Namespace) -> None:
     print(f"wrote {export_hf_llm(args.checkpoint, args.out, dtype=args.dtype)}")
 
 
+def _optimize(args: argparse.Namespace) -> None:
+    from export.fuse import optimize_artifact, record_default
+
+    bits = (None, *(b for b, on in ((4, args.int4), (8, args.int8)) if on))
+    records = optimize_artifact(args.out, bits, block_size=args.block_size, lm_head=args.lm_head)
+    for name, rec in records.items():
+        print(f"wrote {args.out / rec['file']} (variant {name})")
+    chosen, timing = record_default(args.out, measure=not args.no_measure)
+    for name, t in timing.items():
+        print(f"decode step {name}: text head {t['text']} ms, time head {t['time']} ms (p50)")
+    print(f"onnxruntime's default decoder: {chosen}")
+
+
 def _trt(args: argparse.Namespace) -> None:
     from export.trt import build_engines
 
@@ -194,6 +236,7 @@ def _atc(args: argparse.Namespace) -> None:
 COMMANDS = {
     "onnx": _onnx,
     "quantize": _quantize,
+    "optimize": _optimize,
     "trt": _trt,
     "atc": _atc,
     "hf-llm": _hf_llm,

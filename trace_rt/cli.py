@@ -190,8 +190,10 @@ def _add_run_parser(sub: argparse._SubParsersAction, backends: list[str]) -> Non
     p.add_argument(
         "--quant",
         metavar="VARIANT",
-        help="onnxruntime: run a quantised decoder made by `python -m export quantize` "
-        "(int4, int8, int4-qdq, int8-qdq)",
+        help="onnxruntime: run a decoder variant made by `python -m export quantize` "
+        "(int4, int8, int4-qdq, int8-qdq) or `python -m export optimize` (fused, "
+        "fused-int4, fused-int8); `portable`: decoder.onnx even where the manifest names "
+        "a faster default",
     )
     p.add_argument(
         "--device",

@@ -65,3 +65,19 @@ def load_variant(
                 f"variant {name!r}); re-run `python -m export quantize {root}`"
             )
     return rec
+
+
+# Extra bool input (last) of the onnxruntime-specific ``fused`` decoders (export/fuse.py):
+# false skips ``lm_head`` (a step with no row in the text head). Not in the portable graph.
+TEXT_HEAD_INPUT = "text_head"
+# decoder_variant naming ``decoder.onnx`` itself (overrides the manifest's default).
+PORTABLE = "portable"
+
+
+def default_variant(manifest: dict[str, Any], runtime: str, graph: str = DECODER) -> str | None:
+    """The variant *runtime* loads for *graph* when none is asked for (None: the graph).
+
+    ``python -m export optimize`` records it in ``manifest["defaults"][runtime][graph]``
+    when its measured decode step beats the portable graph's.
+    """
+    return manifest.get("defaults", {}).get(runtime, {}).get(graph)

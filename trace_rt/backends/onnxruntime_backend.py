@@ -38,6 +38,7 @@ from trace_rt.graphs import (
     PROJECTOR,
     VISION_ENCODER,
     GraphSpec,
+    TensorSpec,
     embed_ids,
     kv_names,
     load_embeddings,
@@ -45,7 +46,7 @@ from trace_rt.graphs import (
     manifest_specs,
 )
 from trace_rt.tokens import VIDEO_PLACEHOLDER_ID, Head, head_base, head_size
-from trace_rt.variants import load_variant
+from trace_rt.variants import PORTABLE, TEXT_HEAD_INPUT, default_variant, load_variant
 
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
@@ -68,9 +69,12 @@ class OnnxRuntimeBackend:
             the default one falls back to optimising in memory with a warning, once.
         verify: ``sha256`` (default) or ``size``: how thoroughly the files are checked
             against the manifest at load.
-        decoder_variant: run a quantised decoder from ``python -m export quantize``
-            (``int4``, ``int8``, ``int4-qdq``, ...: the manifest's ``variants``) instead
-            of ``decoder.onnx``.
+        decoder_variant: run a decoder variant instead of ``decoder.onnx``: quantised
+            (``python -m export quantize``: ``int4``, ``int8``, ``int4-qdq``, ...) or
+            onnxruntime-specific (``python -m export optimize``: ``fused``,
+            ``fused-int4``, ...), the manifest's ``variants``. None: the manifest's
+            default for onnxruntime (``defaults``, set by ``optimize`` when measured
+            faster), else ``decoder.onnx``; ``portable``: ``decoder.onnx`` regardless.
         video_graphs: load the vision encoder and projector too (False: decoder only,
             for a server whose encoders run as their own models).
         max_sequences: KV slots, i.e. sequences one decode step can advance together. A
@@ -112,9 +116,11 @@ class OnnxRuntimeBackend:
         missing = [g for g in GRAPH_NAMES if g not in self.specs]
         if missing:
             raise CheckpointError(f"{self.model_dir}: manifest lists no graph {missing}")
-        self.decoder_variant = decoder_variant
-        if decoder_variant is not None:
-            self._use_decoder_variant(decoder_variant, verify)
+        self.decoder_variant = None if decoder_variant == PORTABLE else decoder_variant
+        if self.decoder_variant is not None:
+            self._use_decoder_variant(self.decoder_variant, verify)
+        elif decoder_variant is None:
+            self._use_default_variant(verify)
         scheme = self.manifest["export"].get("kv_cache")
         if scheme != KV_CACHE:
             raise CheckpointError(
@@ -127,6 +133,9 @@ class OnnxRuntimeBackend:
         self._cache_asked = cache_dir not in (None, True, False)  # a directory was named
         graphs = GRAPH_NAMES if video_graphs else (DECODER,)
         self.sessions = {g: self._session(self.specs[g]) for g in graphs}
+        # A fused decoder skips lm_head when no row is in the text head (export/fuse.py).
+        self._text_gate = TEXT_HEAD_INPUT in self.specs[DECODER].input_names
+        self._text_flags = (np.array(False), np.array(True))
         # [ids, H] in unified id order; memory-mapped, so only rows used are read.
         self.embeddings = load_embeddings(self.model_dir, self.config)
         self.dtype = self.embeddings.dtype  # the graphs' float dtype
@@ -180,7 +189,7 @@ class OnnxRuntimeBackend:
             check_prefix(prefix, before)
             x, start, past = self._embed(after), prefix.length, list(prefix.kv)
         self._fit(slot, start + x.shape[0])
-        self._fill(slot, x, start, past)
+        self._fill(slot, x, start, past, text=head == Head.TEXT)
         return self._head(self._logits, 0, head)
 
     def save_prefix(
@@ -190,7 +199,7 @@ class OnnxRuntimeBackend:
         before, _ = split_prompt(prompt_ids, VIDEO_PLACEHOLDER_ID)
         x = np.concatenate([self._embed(before), video.astype(self.dtype)])  # [L, H]
         self._fit(slot, x.shape[0])
-        self._fill(slot, x, 0, None)
+        self._fill(slot, x, 0, None, text=False)  # its logits are not read
         return KVPrefix(tuple(before), int(video.shape[0]), tuple(self.kv.read(slot, len(x))))
 
     def decode(
@@ -207,9 +216,11 @@ class OnnxRuntimeBackend:
         if longest >= self.kv.capacity:
             self.kv.grow(min(2 * self.kv.capacity, limit))
         cols = self.kv.col_array(slots)
+        text = Head.TEXT in heads
         if self.kv.width == 1:
             pos = self.kv.lengths[rows, None].copy()  # [1, 1]
-            self._run_decoder(self._embed(token_ids)[None], pos, longest, in_place=True)
+            x = self._embed(token_ids)[None]
+            self._run_decoder(x, pos, longest, in_place=True, text=text)
         else:
             # Every column's row runs (the pool's past is one block); unused rows sit at
             # position 0, where they attend only to themselves, and are discarded.
@@ -217,7 +228,7 @@ class OnnxRuntimeBackend:
             x[cols, 0] = self._embed(token_ids)
             pos = np.zeros((self.kv.width, 1), np.int64)
             pos[cols, 0] = self.kv.lengths[rows]
-            new = self._run_decoder(x, pos, longest)
+            new = self._run_decoder(x, pos, longest, text=text)
             self.kv.scatter(rows, new)
         self.kv.lengths[rows] += 1
         return [self._head(self._logits, c, h) for c, h in zip(cols, heads, strict=True)]
@@ -250,20 +261,23 @@ class OnnxRuntimeBackend:
         self.kv.fit(n, min(n + PREFILL_HEADROOM, limit))
         self.kv.assign(slot)
 
-    def _fill(self, slot: int, x: np.ndarray, start: int, past: list[np.ndarray] | None) -> None:
+    def _fill(
+        self, slot: int, x: np.ndarray, start: int, past: list[np.ndarray] | None, text: bool
+    ) -> None:
         """Run *x* [T, H] into *slot* at positions start.. over *past* (a prefix's K/V,
-        [start, 1, kv, hd] each, or none: start is 0); logits land in ``_logits[0]``."""
+        [start, 1, kv, hd] each, or none: start is 0); logits land in ``_logits[0]``
+        (the text head's columns only if *text*, with a fused decoder)."""
         t = x.shape[0]
         pos = np.arange(start, start + t, dtype=np.int64)[None]  # [1, T]
         if self.kv.width == 1:
             # One column: past and new positions are contiguous in the buffers; in place.
             if past is not None:
                 self.kv.write(slot, 0, past)
-            self._run_decoder(x[None], pos, start, in_place=True)
+            self._run_decoder(x[None], pos, start, in_place=True, text=text)
         else:
             # Several columns: a slot's positions are strided, so the prompt's K/V come out
             # into host arrays and are copied into the slot (once per prompt).
-            new = self._run_decoder(x[None], pos, start, past=past)
+            new = self._run_decoder(x[None], pos, start, past=past, text=text)
             if past is not None:
                 self.kv.write(slot, 0, past)
             self.kv.write(slot, start, new)
@@ -277,17 +291,21 @@ class OnnxRuntimeBackend:
         *,
         past: list[np.ndarray] | None = None,
         in_place: bool = False,
+        text: bool = True,
     ) -> list[np.ndarray]:
         """One decoder run: *embeds* [B, T, H] at positions *pos* [B, T].
 
         The past is *past* (host arrays [P, B, kv, hd]) when given, else the pool's first
         *past_len* positions. New K/V go into the pool (``in_place``, one-slot pool) or
-        come back as host arrays [T, B, kv, hd] (returned); logits land in ``_logits``.
+        come back as host arrays [T, B, kv, hd] (returned); logits land in ``_logits``
+        (with a fused decoder and not *text*, zeros in the text head's columns).
         """
         b, t = pos.shape
         binding = self.sessions[DECODER].io_binding()
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, self.dtype))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(pos, np.int64))
+        if self._text_gate:
+            binding.bind_cpu_input(TEXT_HEAD_INPUT, self._text_flags[text])
         if past is not None:
             for name, arr in zip(self._past_names, past, strict=True):
                 binding.bind_cpu_input(name, arr)
@@ -374,6 +392,23 @@ class OnnxRuntimeBackend:
         so.log_severity_level = 3  # errors only; fusion notices are noise here
         return so
 
+    def _use_default_variant(self, verify: str) -> None:
+        """The manifest's default decoder for onnxruntime, if any and if its files are here.
+
+        A default is a speed-up, not a requirement: a copy of the artifact that carries
+        only ``manifest["files"]`` (a model repository linking the graphs) runs
+        ``decoder.onnx``, with a warning, rather than failing.
+        """
+        name = default_variant(self.manifest, self.name)
+        if name is None:
+            return
+        try:
+            self._use_decoder_variant(name, verify)
+        except CheckpointError as e:
+            _warn_once(f"default-variant:{self.model_dir}", f"{e}; running decoder.onnx")
+            return
+        self.decoder_variant = name
+
     def _use_decoder_variant(self, name: str, verify: str) -> None:
         """Load the decoder from variant *name*'s file (same I/O as ``decoder.onnx``).
 
@@ -381,7 +416,11 @@ class OnnxRuntimeBackend:
         session and graph-cache code see the variant as the decoder it runs.
         """
         rec = load_variant(self.manifest, self.model_dir, name, DECODER, verify)
-        self.specs[DECODER] = dataclasses.replace(self.specs[DECODER], file=rec["file"])
+        spec = self.specs[DECODER]
+        extra = tuple(TensorSpec.from_dict(t) for t in rec.get("extra_inputs", ()))
+        self.specs[DECODER] = dataclasses.replace(
+            spec, file=rec["file"], inputs=spec.inputs + extra
+        )
         self.manifest["graphs"][DECODER] = self.manifest["graphs"][DECODER] | {
             "file": rec["file"],
             "files": {f: r["role"] for f, r in rec["files"].items()},

@@ -1,0 +1,458 @@
+"""``python -m export optimize``: onnxruntime-specific decoder variants (packed, head-gated).
+
+``decoder.onnx`` stays the portable standard-op graph (TensorRT and ATC take it;
+export/trt_ops.txt). This module rewrites a copy for onnxruntime and records it as a
+decoder variant (``manifest["variants"]["decoder"]``) with the same I/O, so the backend's
+KV-pool binding is unchanged:
+
+=================  ===========================  ==========================================
+name               file                         form
+=================  ===========================  ==========================================
+``fused``          ``decoder.fused.onnx``       fp32/fp16 as exported, rewritten
+``fused-int4``     ``decoder.fused.int4.onnx``  the same, then MatMulNBits (int4)
+``fused-int8``     ``decoder.fused.int8.onnx``  the same, then MatMulNBits (int8)
+=================  ===========================  ==========================================
+
+Rewrites, and why:
+
+- **Packed projections.** MatMuls that read the same activation with a constant 2-D
+  weight (q/k/v after ``input_layernorm``, gate/up after ``post_attention_layernorm``)
+  become one MatMul over the concatenated weight plus a ``Split`` back to the original
+  tensors: a decode step is a chain of small GEMVs, and each op is a thread-pool dispatch
+  and a pass over the activation, so 7 weighted MatMuls per layer become 4. Found
+  structurally (shared input, weight constant), not by name; the heads are left alone.
+- **The active head only.** ``lm_head`` (32000 rows: 25% of `small`'s weights, 2% of the
+  7B's) runs inside an ``If`` on one extra input, ``text_head`` (bool scalar, last): a
+  step whose rows all decode time/score digits passes false and gets zeros in the text
+  columns instead (those rows never read them). The tiny time, score and sync heads
+  always run. The input is required, recorded in the variant's ``extra_inputs``: an
+  optional input (one with a default initializer) cannot be fed through onnxruntime's
+  IO binding, which the backend's KV pool needs. Every other input and output is the
+  portable graph's.
+- **Static shapes.** The exporter computes every ``view``'s target shape at run time
+  (``Shape`` -> ``Gather`` -> ``Unsqueeze`` -> ``Concat`` per Reshape, and the RoPE
+  halves' Slice bounds). onnxruntime's symbolic shape inference gives each shape tensor
+  as an expression of the graph's dims; the ones that are plain numbers become
+  initializers, and a Reshape whose output dims are numbers, or equal to its input's dim
+  at the same place (Reshape's ``0``), with at most one left (``-1``), gets a constant
+  target shape; the dead shape arithmetic then goes. On `small` (12 layers), after
+  onnxruntime's own optimisation of each graph: 938 nodes portable, 723 fused.
+- **RMSNorm.** Left to onnxruntime: at ``ORT_ENABLE_EXTENDED`` (the backend's cached
+  level) it already fuses the exported norm into ``SimplifiedLayerNormalization`` and the
+  residual add + norm into ``SkipSimplifiedLayerNormalization`` (tested in
+  tests/test_fuse.py), so writing the contrib ops here would only freeze the graph to one
+  onnxruntime version.
+
+Quantised forms pack first, then quantise (one MatMulNBits per packed weight; blocks run
+along K, which packing does not change), then gate the head (quantised or not, per
+``lm_head``). The backend picks the manifest's ``defaults.onnxruntime.decoder`` variant
+when none is asked for; ``optimize`` sets it to ``fused`` (same precision as the
+portable graph) when its measured decode steps (text head + time head p50s) are
+faster (``--no-measure``: set it unmeasured).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from export.files import write_json
+from export.quantize import (
+    DEFAULT_ACCURACY_LEVEL,
+    DEFAULT_BLOCK_SIZE,
+    LOGITS,
+    _describe,
+    _heads,
+    _opset,
+    _save,
+    _to_matmulnbits,
+    _update_manifest,
+    select_weights,
+)
+from trace_rt.errors import InputError
+from trace_rt.graphs import DECODER, EXTERNAL_DATA_THRESHOLD, MANIFEST_FILE, load_manifest
+from trace_rt.variants import PORTABLE, TEXT_HEAD_INPUT
+
+FUSED = "fused"
+REWRITES = ("packed-matmul", "static-shapes", "text-head-if")
+
+
+def fused_name(bits: int | None, tag: str = "") -> str:
+    return FUSED if bits is None else f"{FUSED}-int{bits}{tag}"
+
+
+def fused_file(bits: int | None, tag: str = "") -> str:
+    return f"{DECODER}.{FUSED}.onnx" if bits is None else f"{DECODER}.{FUSED}.int{bits}{tag}.onnx"
+
+
+def optimize_artifact(
+    artifact: str | Path,
+    bits: tuple[int | None, ...] = (None,),
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+    lm_head: bool = False,
+    tag: str = "",
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> dict[str, dict[str, Any]]:
+    """Write *artifact*'s fused decoder variants (None: float, 4/8: MatMulNBits).
+
+    Args:
+        artifact: artifact directory written by ``python -m export onnx``.
+        bits: which variants: None (the graph's float type), 4 and/or 8.
+        block_size, accuracy_level, lm_head: as ``python -m export quantize``.
+        tag: appended to quantised variants' names and files (e.g. ``-b64`` when
+            comparing block sizes).
+
+    Returns:
+        {variant name: manifest record}.
+    """
+    if unknown := [b for b in bits if b not in (None, 4, 8)]:
+        raise InputError(f"fused variants are float (None), 4 or 8 bits, not {unknown}")
+    root = Path(artifact)
+    manifest = load_manifest(root)
+    src_file = manifest["graphs"][DECODER]["file"]
+    source = {"file": src_file, "sha256": manifest["files"][src_file]["sha256"]}
+    records: dict[str, dict[str, Any]] = {}
+    for b in bits:
+        model = onnx.load(str(root / src_file))
+        packed = pack_matmuls(model)
+        fold_shapes(model)
+        head_out = text_head_output(model)
+        rec: dict[str, Any] = {"form": FUSED, "runtime": "onnxruntime", "also_runs_on": []}
+        if b is not None:
+            chosen, kept, lm = select_weights(model, lm_head=lm_head)
+            model = _to_matmulnbits(model, chosen, b, block_size, accuracy_level)
+            rec |= _describe("nbits", b, block_size) | {
+                "bits": b,
+                "weight_type": f"int{b}",
+                "accuracy_level": accuracy_level or None,
+                "weights": {"lm_head": lm, "quantized": sorted(chosen), "kept": sorted(kept)},
+            }
+        gate_text_head(model, head_out)
+        name, file = fused_name(b, tag), fused_file(b, tag)
+        files = _save(model, root, file, external_data_threshold)
+        records[name] = rec | {
+            "file": file,
+            "files": files,
+            "source": source,
+            "scheme": rec.get("scheme", FUSED),
+            "rewrites": list(REWRITES),
+            "packed": packed,
+            "extra_inputs": [{"name": TEXT_HEAD_INPUT, "dtype": "bool", "shape": []}],
+            "opset": _opset(model),
+            "tools": {"onnxruntime": ort.__version__, "onnx": onnx.__version__},
+        }
+    _update_manifest(root, records)
+    return records
+
+
+# ---- packed projections ---------------------------------------------------------------
+def pack_matmuls(model: onnx.ModelProto) -> list[list[str]]:
+    """Merge weighted MatMuls that share their activation input; returns the groups
+    (original weight names, in packed order)."""
+    g = model.graph
+    weights = {t.name: t for t in g.initializer}
+    select_weights(model, lm_head=False)  # names every weighted MatMul
+    weighted = {
+        n.name: n
+        for n in g.node
+        if n.op_type == "MatMul"
+        and n.input[1] in weights
+        and len(weights[n.input[1]].dims) == 2
+        and weights[n.input[1]].data_type in _FLOATS
+    }
+    heads = _heads(g, weighted)
+    users: dict[str, int] = defaultdict(int)
+    for n in g.node:
+        for i in n.input:
+            users[i] += 1
+    groups: dict[tuple[str, int], list[onnx.NodeProto]] = defaultdict(list)
+    for n in weighted.values():
+        w = weights[n.input[1]]
+        # A weight used elsewhere too (tied) would be stored twice; leave those alone.
+        if n.name not in heads and users[n.input[1]] == 1:
+            groups[(n.input[0], w.dims[0])].append(n)
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    drop: set[str] = set()
+    new_inits: list[TensorProto] = []
+    done: list[list[str]] = []
+    for (x, _), nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        arrays = [numpy_helper.to_array(weights[n.input[1]]) for n in nodes]
+        base = nodes[0].name
+        packed_w = numpy_helper.from_array(np.concatenate(arrays, axis=1), f"{base}.packed_w")
+        sizes = numpy_helper.from_array(
+            np.array([a.shape[1] for a in arrays], np.int64), f"{base}.packed_split"
+        )
+        y = f"{base}.packed_out"
+        mm = helper.make_node("MatMul", [x, packed_w.name], [y], name=f"{base}.packed")
+        split = helper.make_node(
+            "Split",
+            [y, sizes.name],
+            [n.output[0] for n in nodes],
+            name=f"{base}.packed_split",
+            axis=-1,
+        )
+        # Placed where the first member was: every member reads the same input, so the
+        # input is ready there, and later members' consumers come after.
+        first = min(id_pos(g, n) for n in nodes)
+        replace[first] = [mm, split]
+        for n in nodes:
+            drop.add(n.name)
+            drop.add(n.input[1])
+        new_inits += [packed_w, sizes]
+        done.append([n.input[1] for n in nodes])
+    nodes_out: list[onnx.NodeProto] = []
+    for i, n in enumerate(g.node):
+        nodes_out += replace.get(i, [])
+        if n.name not in drop:
+            nodes_out.append(n)
+    kept = [t for t in g.initializer if t.name not in drop]
+    g.ClearField("node")
+    g.node.extend(nodes_out)
+    g.ClearField("initializer")
+    g.initializer.extend(kept + new_inits)
+    return done
+
+
+def id_pos(g: onnx.GraphProto, node: onnx.NodeProto) -> int:
+    return next(i for i, n in enumerate(g.node) if n is node)
+
+
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+# ---- the text head behind an If -------------------------------------------------------
+def text_head_output(model: onnx.ModelProto) -> str:
+    """The tensor ``lm_head`` writes (the widest head; found before quantisation renames
+    its node, kept after because quantisers keep output names)."""
+    select_weights(model, lm_head=False)  # names every weighted MatMul
+    g = model.graph
+    weights = {t.name: t for t in g.initializer}
+    weighted = {n.name: n for n in g.node if n.op_type == "MatMul" and n.input[1] in weights}
+    heads = _heads(g, weighted)
+    if not heads:
+        raise InputError(f"the decoder graph has no weighted head feeding {LOGITS!r}")
+    lm = max(heads, key=lambda n: weights[weighted[n].input[1]].dims[1])
+    return weighted[lm].output[0]
+
+
+def gate_text_head(model: onnx.ModelProto, head_out: str) -> None:
+    """Move the node producing *head_out* into the then-branch of an ``If`` on a new
+    last input ``text_head``; the else-branch gives zeros of the same shape."""
+    g = model.graph
+    pos, node = next((i, n) for i, n in enumerate(g.node) if head_out in n.output)
+    x = node.input[0]  # hidden [B, H]
+    n_out = _head_width(model, node)
+    inner = f"{head_out}.text"
+    then_node = onnx.NodeProto()
+    then_node.CopyFrom(node)
+    then_node.output[0] = inner
+    f32 = _elem_type(model, head_out)
+    then_g = helper.make_graph(
+        [then_node], "text_head_then", [], [helper.make_tensor_value_info(inner, f32, None)]
+    )
+    zeros = f"{head_out}.zeros"
+    width = numpy_helper.from_array(np.array([n_out], np.int64), f"{head_out}.width")
+    else_g = helper.make_graph(
+        [
+            helper.make_node("Shape", [x], [f"{zeros}.b"], start=0, end=1),
+            helper.make_node("Concat", [f"{zeros}.b", width.name], [f"{zeros}.shape"], axis=0),
+            helper.make_node(
+                "ConstantOfShape",
+                [f"{zeros}.shape"],
+                [zeros],
+                value=helper.make_tensor("zero", f32, [1], [0]),
+            ),
+        ],
+        "text_head_else",
+        [],
+        [helper.make_tensor_value_info(zeros, f32, None)],
+        initializer=[width],
+    )
+    gate = helper.make_node(
+        "If",
+        [TEXT_HEAD_INPUT],
+        [head_out],
+        name="text_head_if",
+        then_branch=then_g,
+        else_branch=else_g,
+    )
+    g.node.remove(node)
+    g.node.insert(pos, gate)
+    g.input.append(helper.make_tensor_value_info(TEXT_HEAD_INPUT, TensorProto.BOOL, []))
+
+
+def _head_width(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
+    weights = {t.name: t for t in model.graph.initializer}
+    if node.op_type == "MatMul":
+        return int(weights[node.input[1]].dims[1])
+    return next(a.i for a in node.attribute if a.name == "N")  # MatMulNBits
+
+
+def _elem_type(model: onnx.ModelProto, name: str) -> int:
+    for vi in [*model.graph.value_info, *model.graph.output]:
+        if vi.name == name:
+            return vi.type.tensor_type.elem_type
+    # The exported graph types every intermediate when shapes were inferred; otherwise
+    # the head computes in the weights' float type.
+    inits = {t.name: t for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if name in n.output)
+    if node.op_type == "MatMul":
+        return inits[node.input[1]].data_type
+    return inits[node.input[2]].data_type  # MatMulNBits: scales carry the float type
+
+
+# ---- the default onnxruntime decoder ----------------------------------------------------
+def record_default(
+    artifact: str | Path, *, measure: bool = True, past: int = 400
+) -> tuple[str, dict[str, dict[str, float]]]:
+    """Time the portable and ``fused`` decoders and record the faster as onnxruntime's
+    default (``manifest["defaults"]["onnxruntime"]["decoder"]``); returns (chosen, timing).
+
+    Only the float ``fused`` competes: a default must not change the precision a user
+    gets without asking (quantised variants stay opt-in, ``--quant``).
+    """
+    from export.decode_timing import time_decode
+
+    root = Path(artifact)
+    timing = time_decode(root, [PORTABLE, FUSED], past=past) if measure else {}
+    # A text step and a time step each: fused skips lm_head in the second, so the sum
+    # weighs that in rather than hinging on the text step alone (a near tie).
+    faster = not timing or sum(timing[FUSED].values()) < sum(timing[PORTABLE].values())
+    chosen = FUSED if faster else PORTABLE
+    path = root / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    defaults = manifest.setdefault("defaults", {}).setdefault("onnxruntime", {})
+    defaults[DECODER] = chosen
+    defaults["measured"] = {"past": past, "p50_ms": timing} if timing else None
+    write_json(path, manifest)
+    return chosen, timing
+
+
+# ---- static shapes --------------------------------------------------------------------
+def fold_shapes(model: onnx.ModelProto) -> int:
+    """Constant shape arithmetic -> initializers, Reshape targets -> constants (0 / -1
+    where a dim is symbolic); returns how many tensors were replaced."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    g = model.graph
+    # Inference needs no weights: the big float initializers go in as typed inputs, so a
+    # 7B graph is not copied (the shape constants it evaluates are small int tensors).
+    light = _without_weights(model)
+    # The inference's internals (onnxruntime 1.32's tools/symbolic_shape_infer.py):
+    # infer_shapes() returns only the typed model, while the values of shape tensors,
+    # which this pass needs, live in sympy_data_.
+    ssi = SymbolicShapeInference(2**31 - 1, True, False, 0)
+    ssi._preprocess(light)
+    while ssi.run_:
+        ssi._infer_impl()
+    info = [*ssi.out_mp_.graph.value_info, *ssi.out_mp_.graph.output, *ssi.out_mp_.graph.input]
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in info}
+    shapes = {vi.name: _dims(vi) for vi in info}
+    produced = {o for n in g.node for o in n.output}
+    outputs = {o.name for o in g.output}
+    new: dict[str, TensorProto] = {}
+    for name, val in ssi.sympy_data_.items():
+        if name not in produced or name in outputs:
+            continue
+        vals = val if isinstance(val, list) else [val]
+        if not vals or not all(_is_number(v) for v in vals):
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(types.get(name, TensorProto.INT64))
+        arr = np.array([int(v) for v in vals] if isinstance(val, list) else int(val), dtype)
+        new[name] = numpy_helper.from_array(arr, name)
+    for n in g.node:
+        if n.op_type == "Reshape" and n.input[1] not in new:
+            target = _reshape_target(shapes.get(n.input[0]), shapes.get(n.output[0]))
+            if target is not None:
+                t = numpy_helper.from_array(np.array(target, np.int64), f"{n.output[0]}.shape")
+                new[t.name] = t
+                n.input[1] = t.name
+    kept = [n for n in g.node if not all(o in new for o in n.output)]
+    g.ClearField("node")
+    g.node.extend(kept)
+    g.initializer.extend(new.values())
+    _drop_dead(g)
+    return len(new)
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of *model* whose 2-D float initializers are typed graph inputs instead."""
+    inits = list(model.graph.initializer)
+    model.graph.ClearField("initializer")
+    out = onnx.ModelProto()
+    try:
+        out.CopyFrom(model)
+    finally:
+        model.graph.initializer.extend(inits)
+    for t in inits:
+        if t.data_type in _FLOATS and len(t.dims) == 2:
+            out.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+        else:
+            out.graph.initializer.append(t)
+    return out
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
+    return [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+        for d in vi.type.tensor_type.shape.dim
+    ]
+
+
+def _is_number(v: Any) -> bool:
+    if isinstance(v, (int, np.integer)):
+        return True
+    return bool(getattr(v, "is_number", False)) and bool(getattr(v, "is_integer", False))
+
+
+def _reshape_target(src: list | None, dst: list | None) -> list[int] | None:
+    """A constant Reshape target giving *dst* from *src* (symbolic dims), or None."""
+    if not src or not dst or any(d is None for d in (*src, *dst)):
+        return None
+    target: list[int] = []
+    for j, d in enumerate(dst):
+        if isinstance(d, int):
+            if d == 0:
+                return None  # 0 would mean "copy the input's dim" (allowzero unset)
+            target.append(d)
+        elif j < len(src) and src[j] == d:
+            target.append(0)  # same symbolic dim at the same place
+        else:
+            target.append(-1)
+    return target if target.count(-1) <= 1 else None
+
+
+def _drop_dead(g: onnx.GraphProto) -> None:
+    """Remove nodes whose outputs nothing reads (shape arithmetic made constant)."""
+    outputs = {o.name for o in g.output}
+    while True:
+        used = {i for n in g.node for i in _reads(n)}
+        live = [n for n in g.node if any(o in used or o in outputs for o in n.output)]
+        if len(live) == len(g.node):
+            break
+        g.ClearField("node")
+        g.node.extend(live)
+    used = {i for n in g.node for i in _reads(n)}
+    inits = [t for t in g.initializer if t.name in used]
+    g.ClearField("initializer")
+    g.initializer.extend(inits)
+
+
+def _reads(n: onnx.NodeProto) -> list[str]:
+    """A node's inputs and those its subgraphs read from the outer scope."""
+    names = list(n.input)
+    for a in n.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            names += [i for sub in a.g.node for i in _reads(sub)]
+    return names

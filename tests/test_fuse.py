@@ -1,0 +1,281 @@
+"""``python -m export optimize`` on `tiny`: fused decoder variants against the portable graph.
+
+The oracle is ``decoder.onnx`` (itself held to the PyTorch model by test_export.py and to
+HF transformers by test_run.py): the fused graphs must give its logits and K/V within
+the fp32 tolerance, the same greedy tokens for every task, and the engine's batched
+decoding must still equal solo decoding with them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from export import export_onnx
+from export.fuse import optimize_artifact, record_default
+from export.quantize import quantize_artifact
+from trace_rt.backends import load_backend
+from trace_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
+from trace_rt.engine import Engine, GenerationConfig, Sequence, VideoCache
+from trace_rt.errors import CheckpointError
+from trace_rt.generate import generate
+from trace_rt.graphs import DECODER, MANIFEST_FILE, load_manifest, manifest_specs, sha256_file
+from trace_rt.pipeline import Pipeline, Question
+from trace_rt.tokens import VIDEO_PLACEHOLDER_ID, Head
+from trace_rt.variants import TEXT_HEAD_INPUT
+
+TRT_OPS = Path(__file__).parents[1] / "export" / "trt_ops.txt"
+QUERY = "a red circle moves left"
+
+
+@pytest.fixture(scope="module")
+def art(tiny_ckpts, tmp_path_factory) -> Path:
+    out = export_onnx(tiny_ckpts[2], tmp_path_factory.mktemp("fuse") / "a", progress=False)
+    optimize_artifact(out, (None, 4, 8))
+    quantize_artifact(out, 4, forms=("nbits",))
+    return out
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _feeds(art: Path, batch: int = 3, past: int = 5) -> dict[str, np.ndarray]:
+    """Random embeddings at ragged positions over a random past (rows 0..batch-1 at
+    positions past, past-2, 0: full, partial and no past)."""
+    spec = manifest_specs(load_manifest(art))[DECODER]
+    rng = np.random.default_rng(0)
+    hidden = spec.input("inputs_embeds").shape[-1]
+    pos = np.array([[past], [past - 2], [0]][:batch], np.int64)
+    feeds = {
+        "inputs_embeds": rng.standard_normal((batch, 1, hidden)).astype(np.float32),
+        "position_ids": pos,
+    }
+    for t in spec.inputs[2:]:
+        feeds[t.name] = rng.standard_normal((past, batch, *t.shape[2:])).astype(np.float32)
+    return feeds
+
+
+def test_variants_recorded_and_portable_untouched(art):
+    m = json.loads((art / MANIFEST_FILE).read_text())
+    variants = m["variants"][DECODER]
+    for name, file in (
+        ("fused", "decoder.fused.onnx"),
+        ("fused-int4", "decoder.fused.int4.onnx"),
+        ("fused-int8", "decoder.fused.int8.onnx"),
+    ):
+        rec = variants[name]
+        assert rec["file"] == file and rec["form"] == "fused"
+        assert rec["extra_inputs"] == [{"name": TEXT_HEAD_INPUT, "dtype": "bool", "shape": []}]
+        assert rec["source"]["sha256"] == sha256_file(art / "decoder.onnx")
+        assert rec["files"][file]["sha256"] == sha256_file(art / file)
+    assert variants["fused-int4"]["bits"] == 4 and variants["fused-int4"]["block_size"] == 32
+    # The portable graph is the manifest's, standard ops only (TensorRT/ATC take it).
+    assert m["files"]["decoder.onnx"]["sha256"] == sha256_file(art / "decoder.onnx")
+    allowed = {
+        line.split()[0]
+        for line in TRT_OPS.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    ops = {n.op_type for n in onnx.load(str(art / "decoder.onnx")).graph.node}
+    assert ops <= allowed and "If" not in ops and "Split" not in ops
+
+
+def test_fused_graph_is_packed_and_gated(art):
+    cfg = json.loads((art / "config.json").read_text())
+    layers = cfg["num_hidden_layers"]
+    port = onnx.load(str(art / "decoder.onnx")).graph
+    fused = onnx.load(str(art / "decoder.fused.onnx")).graph
+
+    def count(g, op):
+        return sum(n.op_type == op for n in g.node)
+
+    # q/k/v -> one MatMul, gate/up -> one: 3 fewer per layer; lm_head moves into the If.
+    assert count(port, "MatMul") - count(fused, "MatMul") == 3 * layers + 1
+    assert count(fused, "Split") - count(port, "Split") == 2 * layers
+    # Reshape targets and RoPE slice bounds are constants: less shape arithmetic.
+    # (tiny, 2 layers: 480 -> 351 nodes as exported).
+    assert count(fused, "Shape") < count(port, "Shape") and len(fused.node) < 0.8 * len(port.node)
+    (gate,) = [n for n in fused.node if n.op_type == "If"]
+    assert gate.input[0] == TEXT_HEAD_INPUT
+    assert [i.name for i in fused.input] == [i.name for i in port.input] + [TEXT_HEAD_INPUT]
+    assert [o.name for o in fused.output] == [o.name for o in port.output]
+    q4 = onnx.load(str(art / "decoder.fused.int4.onnx")).graph
+    assert count(q4, "MatMulNBits") == 4 * layers  # packed qkv, o, packed gate/up, down
+    # lm_head kept in fp32 (the default), inside the If.
+    (gate4,) = [n for n in q4.node if n.op_type == "If"]
+    then = next(a.g for a in gate4.attribute if a.name == "then_branch")
+    assert [n.op_type for n in then.node] == ["MatMul"]
+
+
+def test_logits_and_kv_within_fp32_tolerance(art):
+    spec = manifest_specs(load_manifest(art))[DECODER]
+    feeds = _feeds(art)
+    want = _session(art / "decoder.onnx").run(None, feeds)
+    fused = _session(art / "decoder.fused.onnx")
+    got = fused.run(None, {**feeds, TEXT_HEAD_INPUT: np.array(True)})
+    for name, w, g in zip(spec.output_names, want, got, strict=True):
+        err = float(np.abs(g - w).max() / np.abs(w).max())
+        assert err <= spec.rtol_fp32, f"{name}: rel. error {err:.2e}"
+    # Without the text head: the other heads' columns as before, zeros for lm_head's.
+    off = fused.run(["logits"], {**feeds, TEXT_HEAD_INPUT: np.array(False)})[0]
+    text = json.loads((art / "config.json").read_text())["vocab_size"]  # lm_head's columns
+    assert not off[:, :text].any()
+    np.testing.assert_allclose(off[:, text:], got[0][:, text:], rtol=0, atol=0)
+    assert np.abs(got[0][:, :text]).max() > 0
+
+
+def test_fused_int4_matches_unfused_int4(art):
+    """Packing concatenates whole columns, so blocks and scales are the same weights'."""
+    feeds = _feeds(art)
+    want = _session(art / "decoder.int4.onnx").run(["logits"], feeds)[0]
+    got = _session(art / "decoder.fused.int4.onnx").run(
+        ["logits"], {**feeds, TEXT_HEAD_INPUT: np.array(True)}
+    )[0]
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    assert err <= 1e-4, f"rel. error {err:.2e}"
+
+
+@pytest.mark.parametrize("task", ["dvc", "mr", "vhd"])
+def test_greedy_tokens_equal(art, clip_video, task):
+    gen = GenerationConfig(max_new_tokens=40)
+    query = None if task == "dvc" else QUERY
+    runs = {}
+    for variant in ("portable", "fused"):
+        pipe = Pipeline.from_dir(art, "onnxruntime", cache_dir=False, decoder_variant=variant)
+        runs[variant] = pipe.run(clip_video, task, query=query, frames=6, gen=gen)["token_ids"]
+    assert len(runs["portable"]) > 4
+    assert runs["fused"] == runs["portable"]
+
+
+def test_default_variant_and_explicit_choice(art, tmp_path):
+    copy = tmp_path / "a"
+    shutil.copytree(art, copy)
+    assert OnnxRuntimeBackend(copy, cache_dir=False).decoder_variant is None  # no default yet
+    chosen, timing = record_default(copy, measure=False)
+    assert chosen == "fused" and timing == {}
+    m = json.loads((copy / MANIFEST_FILE).read_text())
+    assert m["defaults"]["onnxruntime"][DECODER] == "fused"
+    b = OnnxRuntimeBackend(copy, cache_dir=False, video_graphs=False)
+    assert b.decoder_variant == "fused" and b.specs[DECODER].file == "decoder.fused.onnx"
+    for asked, file in (("portable", "decoder.onnx"), ("int4", "decoder.int4.onnx")):
+        b = OnnxRuntimeBackend(copy, cache_dir=False, video_graphs=False, decoder_variant=asked)
+        assert b.specs[DECODER].file == file
+    # A copy without the default's file (a model repository links manifest["files"] only)
+    # runs decoder.onnx and says so; a variant asked for by name must be there.
+    (copy / "decoder.fused.onnx").unlink()
+    with pytest.warns(RuntimeWarning, match=r"decoder\.fused\.onnx is missing"):
+        b = OnnxRuntimeBackend(copy, cache_dir=False, video_graphs=False)
+    assert b.decoder_variant is None and b.specs[DECODER].file == "decoder.onnx"
+    with pytest.raises(CheckpointError, match=r"decoder\.fused\.onnx is missing"):
+        OnnxRuntimeBackend(copy, cache_dir=False, video_graphs=False, decoder_variant="fused")
+
+
+def test_batched_equals_solo_with_fused(art, clip_video):
+    pipe = Pipeline.from_dir(art, "onnxruntime", cache_dir=False, decoder_variant="fused")
+    specs = [
+        ("dvc", None, 8, GenerationConfig(max_new_tokens=30, ignore_eos=True)),
+        ("mr", QUERY, 4, GenerationConfig(max_new_tokens=12, temperature=1.0, seed=5)),
+        ("vhd", "the blue square", 6, GenerationConfig(max_new_tokens=20, seed=9)),
+        ("mr", "near the end", 8, GenerationConfig(max_new_tokens=7, constrained=True)),
+    ]
+    preps = [(pipe.prepare(clip_video, t, query=q, frames=f, gen=g), g) for t, q, f, g in specs]
+    solo = load_backend("onnxruntime", art, cache_dir=False, decoder_variant="fused")
+    want = [_solo(solo, prep, gen) for prep, gen in preps]
+    backend = load_backend(
+        "onnxruntime", art, cache_dir=False, decoder_variant="fused", max_sequences=3
+    )
+    seqs = [
+        Sequence(
+            prep.prompt_ids,
+            backend.encode_video(prep.pixel_values, prep.time_ids),
+            gen,
+            duration=prep.clip.duration,
+            frame_times=prep.clip.times,
+        )
+        for prep, gen in preps
+    ]
+    engine = Engine(backend)
+    engine.run(seqs)
+    assert [s.error for s in seqs] == [None] * len(seqs)
+    assert [s.tokens for s in seqs] == want
+    assert max(engine.stats.batch_sizes) == 3
+
+
+def test_text_head_skipped_only_without_text_rows(art):
+    """Steps in the time head run with text_head false; text steps see real logits."""
+    b = OnnxRuntimeBackend(art, cache_dir=False, video_graphs=False, decoder_variant="fused")
+    ref = OnnxRuntimeBackend(art, cache_dir=False, video_graphs=False, decoder_variant="portable")
+    h = b.config.hidden_size
+    video = np.random.default_rng(1).standard_normal((7, h)).astype(np.float32)
+    for be in (b, ref):
+        be.prefill([1, VIDEO_PLACEHOLDER_ID, 2], video, Head.TIME)
+    for head in (Head.TIME, Head.TEXT, Head.SCORE):
+        got, want = b.decode_step(5, head), ref.decode_step(5, head)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def _solo(backend, prep, gen) -> list[int]:
+    video = backend.encode_video(prep.pixel_values, prep.time_ids)
+    out = generate(
+        backend, prep.prompt_ids, video, gen, duration=prep.clip.duration,
+        frame_times=prep.clip.times,
+    )  # fmt: skip
+    return out.token_ids
+
+
+def test_cli_writes_measures_and_records(art, tmp_path):
+    copy = tmp_path / "a"
+    shutil.copytree(art, copy)
+    done = subprocess.run(
+        [sys.executable, "-m", "export", "optimize", str(copy), "--int4"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "variant fused-int4" in done.stdout and "onnxruntime's default decoder" in done.stdout
+    m = json.loads((copy / MANIFEST_FILE).read_text())
+    measured = m["defaults"]["onnxruntime"]["measured"]
+    assert measured["past"] == 400
+    p50 = measured["p50_ms"]
+    assert set(p50) == {"portable", "fused"} and all(v["text"] > 0 for v in p50.values())
+    faster = sum(p50["fused"].values()) < sum(p50["portable"].values())
+    want = "fused" if faster else "portable"
+    assert m["defaults"]["onnxruntime"][DECODER] == want
+
+
+def test_fp16_fused_within_tolerance(tiny_ckpts, tmp_path):
+    """An fp16 export fuses too (packing sums in another order: fp16 rounding only)."""
+    art = export_onnx(tiny_ckpts[2], tmp_path / "a16", dtype="fp16", progress=False)
+    optimize_artifact(art, (None,))
+    feeds = {
+        k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in _feeds(art).items()
+    }
+    want = _session(art / "decoder.onnx").run(None, feeds)
+    got = _session(art / "decoder.fused.onnx").run(None, {**feeds, TEXT_HEAD_INPUT: np.array(True)})
+    for w, g in zip(want, got, strict=True):
+        w, g = w.astype(np.float32), g.astype(np.float32)
+        assert float(np.abs(g - w).max() / np.abs(w).max()) <= 5e-3  # measured 7e-4
+
+
+def test_cached_prefix_equals_uncached_with_fused(art, clip_video):
+    """The prefix cache's save_prefix runs without lm_head; later prompts must not mind."""
+    gen = GenerationConfig(max_new_tokens=16, ignore_eos=True)
+    queries = [QUERY, "the blue square"]
+    opts = {"cache_dir": False, "decoder_variant": "fused"}
+    solo = Pipeline.from_dir(art, "onnxruntime", **opts)
+    want = [solo.run(clip_video, "mr", query=q, frames=6, gen=gen)["token_ids"] for q in queries]
+    pipe = Pipeline.from_dir(art, "onnxruntime", max_sequences=2, video_cache=VideoCache(), **opts)
+    got = pipe.run_many(clip_video, [Question("mr", q) for q in queries], frames=6, gen=gen)
+    assert [r["token_ids"] for r in got] == want
+    assert [r["cache"]["prefix"] for r in got] == [False, True]
