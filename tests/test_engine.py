@@ -105,6 +105,27 @@ def test_cached_prefix_equals_uncached(name, model_dirs, clip_video):
     assert again[0]["video_id"] == first[0]["video_id"]
 
 
+@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
+def test_cached_prefix_survives_other_videos(name, model_dirs, clip_video, tmp_path):
+    # A prefix kept in the cache must be a copy: the slot it came from is refilled by the
+    # next video's prompt (a view of the pool once served that video's K/V as this one's).
+    from tests.media import write_video
+
+    other = write_video(tmp_path / "other.mp4", width=80, height=80, fps=12, n_frames=30)
+    gen = GenerationConfig(max_new_tokens=24, ignore_eos=True)
+    want = Pipeline.from_dir(model_dirs[name]).run(clip_video, "mr", query=QUERIES[1], gen=gen)
+    cache = VideoCache()
+    pipe = Pipeline.from_dir(model_dirs[name], video_cache=cache)
+    (first,) = pipe.run_many(clip_video, [Question("mr", QUERIES[0])], gen=gen)
+    (prefix,) = cache._entries[first["video_id"]].prefixes.values()
+    kept = [a.copy() for a in prefix.kv]
+    pipe.run_many(other, [Question("dvc")], gen=gen)
+    assert all(np.array_equal(a, b) for a, b in zip(prefix.kv, kept, strict=True))
+    (got,) = pipe.run_many(clip_video, [Question("mr", QUERIES[1])], gen=gen)
+    assert got["cache"] == {"video": True, "prefix": True}
+    assert got["token_ids"] == want["token_ids"]
+
+
 def test_cache_keys_and_eviction(model_dirs, clip_video, tmp_path):
     gen = GenerationConfig(max_new_tokens=4)
     cache = VideoCache()

@@ -168,7 +168,9 @@ class KVPool:
         col = self.cols[slot]
         for j in range(2 * self.layers):
             src = self._host[j] if self._host is not None else self._bufs[j].numpy()
-            out.append(np.ascontiguousarray(src[:length, col : col + 1]))
+            # A copy, never a view: the pool's rows are reused by the slot's next sequence
+            # (with one column the slice is contiguous, and ascontiguousarray would alias).
+            out.append(np.array(src[:length, col : col + 1], copy=True))
         return out
 
     def numpy(self, layer: int, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:

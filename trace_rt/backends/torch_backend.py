@@ -117,7 +117,9 @@ class TorchBackend:
         self._fill(slot, x, 0, None)
         n = x.shape[0]
         # Widened to f32 on the host (exact; numpy has no bf16), narrowed back when loaded.
-        kv = tuple(t[:n, slot : slot + 1].float().cpu().numpy() for t in self._kv)
+        # clone(): on the CPU .float().cpu().numpy() of an fp32 view would alias the pool,
+        # whose rows the slot's next sequence overwrites.
+        kv = tuple(t[:n, slot : slot + 1].float().cpu().clone().numpy() for t in self._kv)
         return KVPrefix(tuple(before), int(video.shape[0]), kv)
 
     @torch.inference_mode()
