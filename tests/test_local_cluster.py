@@ -149,7 +149,12 @@ def test_kill_a_replica_mid_run_every_request_answered_once(repo, videos, tmp_pa
         with RoutedClient(url) as c:
             for v in videos:
                 assert c.infer(v, max_new_tokens=4)["stop_reason"] in ("eos", "max_new_tokens")
+        # nginx logs a stream once it has closed, just after the client saw its answer.
+        deadline = time.monotonic() + 10
         home = {e["video"]: e["upstream"] for e in cl.log()}
+        while set(home) != set(ids.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            home = {e["video"]: e["upstream"] for e in cl.log()}
         assert set(home) == set(ids.values())
         assert len(set(home.values())) >= 2, "hash routing should use several replicas"
         # Then 2 more questions per video, all at once, and one replica killed mid-run.
@@ -183,6 +188,11 @@ def test_kill_a_replica_mid_run_every_request_answered_once(repo, videos, tmp_pa
         assert all(r[0]["stop_reason"] == "max_new_tokens" for r in results.values())
         assert retries, "the kill should have caught requests in flight"
         assert len(retries) == len(set(retries))  # once each
+        # nginx writes a stream's line once it has closed: wait for all of them.
+        want_lines = len(videos) + len(work) + len(retries)
+        deadline = time.monotonic() + 10
+        while len(cl.log()) < want_lines and time.monotonic() < deadline:
+            time.sleep(0.1)
         log = cl.log()[len(videos) :]
         ok = [e for e in log if e["status"] == "200" and e["grpc"] == "0"]
         failed = [e for e in log if e not in ok]
@@ -190,12 +200,16 @@ def test_kill_a_replica_mid_run_every_request_answered_once(repo, videos, tmp_pa
         assert len(failed) == len(retries)
         assert {e["upstream"] for e in failed} == {victim_port}
         assert all(e["status"] == "502" for e in failed)
-        # Consistent hashing: videos of the survivors stayed where they were.
-        for e in ok:
+        # Consistent hashing: videos of the survivors stayed where they were; the victim's
+        # answered only what finished before it was killed (logged before its first 502).
+        killed_at = log.index(failed[0])
+        for i, e in enumerate(log):
+            if e not in ok:
+                continue
             if home[e["video"]] != victim_port:
                 assert e["upstream"] == home[e["video"]]
-            else:
-                assert e["upstream"] != victim_port
+            elif e["upstream"] == victim_port:
+                assert i < killed_at, "the killed replica answered after its first failure"
         status = cl.sh("status", "--dir", str(cl.run))
         assert status.returncode == 1 and f"replica-{victim[0]}: stopped" in status.stdout
 

@@ -43,7 +43,16 @@ fi
 nginx=${NGINX_BIN:-nginx}
 unset NGINX  # nginx would take it for inherited listening sockets
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A killed process whose parent has gone stays a zombie until init reaps it (some
+# container inits never do): kill -0 still succeeds on it, so its state is checked too.
+alive() {
+  [ -f "$1" ] || return 1
+  local pid state
+  pid=$(cat "$1")
+  kill -0 "$pid" 2>/dev/null || return 1
+  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || echo "?")
+  [ "$state" != Z ]
+}
 
 stop_all() {
   [ -d "$run" ] || { echo "cluster.sh: nothing running in $run"; return 0; }
