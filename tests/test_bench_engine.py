@@ -109,7 +109,9 @@ def test_queries_per_video_reuse_the_cache(engine_doc):
     )
     ws, speed = q["workload_s"], q["workload_speedup"]
     for mode in ("cached_one_at_a_time", "batched"):
-        assert speed[mode] == pytest.approx(ws["independent"] / ws[mode], rel=1e-2)
+        # workload_s is rounded to the millisecond: on tiny (tens of ms) that alone moves
+        # the ratio by a few percent.
+        assert speed[mode] == pytest.approx(ws["independent"] / ws[mode], rel=5e-2)
     assert "## Queries per video" in md and "second query on the cached video" in md
 
 
