@@ -152,6 +152,24 @@ def split_prompt(prompt_ids: Sequence[int], placeholder: int) -> tuple[list[int]
     return ids[:i], ids[i + 1 :]
 
 
+def check_pool_size(max_sequences: object) -> int:
+    """A backend's ``max_sequences``: a positive int (bools refused), else InputError."""
+    from trace_rt.errors import InputError
+
+    if isinstance(max_sequences, bool) or not isinstance(max_sequences, int) or max_sequences < 1:
+        raise InputError(f"max_sequences must be a positive integer, got {max_sequences!r}")
+    return max_sequences
+
+
+def check_decode(
+    slots: Sequence[int], token_ids: Sequence[int], heads: Sequence[Head], max_sequences: int
+) -> None:
+    """The arguments of one :meth:`Backend.decode`: valid slots, one id and head each."""
+    check_slots(slots, max_sequences)
+    if not len(slots) == len(token_ids) == len(heads):
+        raise ValueError("decode needs one token id and one head per slot")
+
+
 def check_slots(slots: Sequence[int], max_sequences: int) -> None:
     """Slots of one :meth:`Backend.decode` call: distinct and inside the pool."""
     if len(set(slots)) != len(slots) or any(not 0 <= s < max_sequences for s in slots):

@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from trace_rt.backends.base import KVPrefix, check_prefix, check_slots, split_prompt
+from trace_rt.backends.base import (
+    KVPrefix,
+    check_decode,
+    check_pool_size,
+    check_prefix,
+    check_slots,
+    split_prompt,
+)
 from trace_rt.backends.ort_kv import KVPool
 from trace_rt.config import TraceConfig
 from trace_rt.errors import CheckpointError, DeviceError, InputError, PromptTooLongError
@@ -95,12 +102,7 @@ class OnnxRuntimeBackend:
         video_graphs: bool = True,
         max_sequences: int = 1,
     ):
-        if (
-            isinstance(max_sequences, bool)
-            or not isinstance(max_sequences, int)
-            or max_sequences < 1
-        ):
-            raise InputError(f"max_sequences must be a positive integer, got {max_sequences!r}")
+        check_pool_size(max_sequences)
         self.max_sequences = max_sequences
         self.model_dir = Path(model_dir)
         self.manifest = load_manifest(self.model_dir, verify=verify)
@@ -205,9 +207,7 @@ class OnnxRuntimeBackend:
     def decode(
         self, slots: Sequence[int], token_ids: Sequence[int], heads: Sequence[Head]
     ) -> list[np.ndarray]:
-        check_slots(slots, self.max_sequences)
-        if not len(slots) == len(token_ids) == len(heads):
-            raise ValueError("decode needs one token id and one head per slot")
+        check_decode(slots, token_ids, heads, self.max_sequences)
         rows = np.asarray(slots, np.int64)
         longest = int(self.kv.lengths[rows].max())
         limit = self.config.max_position_embeddings

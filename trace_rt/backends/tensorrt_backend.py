@@ -62,7 +62,7 @@ except ImportError as e:  # the module's one hard requirement, named plainly
 
 from trace_rt.backends import cuda_rt
 from trace_rt.backends import tensorrt_manifest as tm
-from trace_rt.backends.base import KVPrefix, check_prefix, check_slots, split_prompt
+from trace_rt.backends.base import KVPrefix, check_decode, check_prefix, check_slots, split_prompt
 from trace_rt.backends.tensorrt_exec import (
     ITEMSIZE,
     PastGraphs,
@@ -233,9 +233,7 @@ class TensorRTBackend:
     def decode(
         self, slots: Sequence[int], token_ids: Sequence[int], heads: Sequence[Head]
     ) -> list[np.ndarray]:
-        check_slots(slots, self.max_sequences)
-        if not len(slots) == len(token_ids) == len(heads):
-            raise ValueError("decode needs one token id and one head per slot")
+        check_decode(slots, token_ids, heads, self.max_sequences)
         rows = np.asarray(slots, np.int64)
         past = int(self.kv.lengths[rows].max())
         limit = min(self.max_seq, self.config.max_position_embeddings)

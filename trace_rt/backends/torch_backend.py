@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trace_rt.backends.base import KVPrefix, check_prefix, check_slots, split_prompt
+from trace_rt.backends.base import (
+    KVPrefix,
+    check_decode,
+    check_pool_size,
+    check_prefix,
+    check_slots,
+    split_prompt,
+)
 from trace_rt.errors import DeviceError, InputError, PromptTooLongError
 from trace_rt.model import load_model
 from trace_rt.model.decode import decode_with_past
@@ -43,12 +50,7 @@ class TorchBackend:
         dtype: str | None = None,
         max_sequences: int = 1,
     ):
-        if (
-            isinstance(max_sequences, bool)
-            or not isinstance(max_sequences, int)
-            or max_sequences < 1
-        ):
-            raise InputError(f"max_sequences must be a positive integer, got {max_sequences!r}")
+        check_pool_size(max_sequences)
         try:
             self.device = torch.device(device)
         except RuntimeError:
@@ -126,9 +128,7 @@ class TorchBackend:
     def decode(
         self, slots: Sequence[int], token_ids: Sequence[int], heads: Sequence[Head]
     ) -> list[np.ndarray]:
-        check_slots(slots, self.max_sequences)
-        if not len(slots) == len(token_ids) == len(heads):
-            raise ValueError("decode needs one token id and one head per slot")
+        check_decode(slots, token_ids, heads, self.max_sequences)
         rows = torch.tensor(list(slots), device=self.device)
         lengths = self.lengths[list(slots)]
         longest = int(lengths.max())
