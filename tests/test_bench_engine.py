@@ -103,10 +103,11 @@ def test_queries_per_video_reuse_the_cache(engine_doc):
     assert [r["cache"]["prefix"] for r in q["batched"]] == [False, True, True]
     first, second = q["cached_one_at_a_time"][:2]
     sq = q["second_query"]
-    assert sq["ttft_fraction"] == pytest.approx(second["ttft_ms"] / first["ttft_ms"], abs=2e-3)
-    assert sq["end_to_end_fraction"] == pytest.approx(
-        second["end_to_end_ms"] / first["end_to_end_ms"], abs=2e-3
-    )
+    for key, frac in (("ttft_ms", "ttft_fraction"), ("end_to_end_ms", "end_to_end_fraction")):
+        # The rows are rounded to 0.1 ms and the fraction to 1e-4: on tiny (a few ms) that
+        # alone moves the ratio by percents, so the check is the interval the rounding allows.
+        s, f = second[key], first[key]
+        assert (s - 0.05) / (f + 0.05) - 1e-4 <= sq[frac] <= (s + 0.05) / (f - 0.05) + 1e-4
     ws, speed = q["workload_s"], q["workload_speedup"]
     for mode in ("cached_one_at_a_time", "batched"):
         # workload_s is rounded to the millisecond: on tiny (tens of ms) that alone moves

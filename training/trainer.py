@@ -199,12 +199,20 @@ def train(
         raise ValueError("LoRA is for one device (parallel: ddp); FSDP trains full weights")
     dist, device = init_distributed(rc.device)
     torch.manual_seed(rc.seed)
+    ok = False
     try:
         run = _setup(rc, samples, out, dist, device, init, preset, resume)
         show = dist.main and (sys.stderr.isatty() if progress is None else progress)
-        return _loop(run.rc, run, out, dist, device, show)
+        summary = _loop(run.rc, run, out, dist, device, show)
+        ok = True
+        return summary
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
+            if ok:
+                # A rank that tears gloo down while its peer still has a collective in
+                # flight aborts at exit ("terminate called without an active exception");
+                # after an error the peer may never arrive, so only a clean end waits.
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
