@@ -19,8 +19,13 @@ Per level and mode: requests/s (N / time to the last token), per-request latency
 to its last token) p50/p90, time to first token, aggregate decode tokens/s (decode tokens
 of all requests / wall time spent decoding: the engine's time minus its prefill calls),
 the per-sequence step (time between a sequence's consecutive tokens) and the engine's mean
-batch size. The batch-1 step (level 1, batched) is compared with the single-request path's
-step of the per-stage table (:func:`trace_rt.generate.generate`, same backend, same run).
+batch size.
+
+**Batch-1 step** (when level 1 is measured): the engine with one sequence against the
+single-request path (:func:`trace_rt.generate.generate`), both on one warmed
+``max_sequences=1`` backend, alternating (engine first on even pairs, single first on odd)
+for ``--runs`` pairs; each side's figure is the median over pairs of its p50 step. Taking
+the per-stage table's step instead compares runs from different loads and warm-ups.
 
 **Queries per video** (``--queries-per-video N``): N ``mr`` queries about the bench's video,
 ``decode_steps + 1`` tokens each:
@@ -47,7 +52,7 @@ from typing import Any
 
 from trace_rt.bench.load import LoadWindow
 from trace_rt.bench.plugins import BackendSpec
-from trace_rt.bench.runner import Request, _free_memory, build_options
+from trace_rt.bench.runner import Request, _free_memory, build_options, one_request
 from trace_rt.bench.stats import percentile
 from trace_rt.engine import Engine, VideoCache
 from trace_rt.engine import Sequence as Seq
@@ -257,6 +262,46 @@ def measure_concurrency(
     return {"levels": out, "one_at_a_time_requests": max(levels)}
 
 
+def measure_batch1(load: Loader, req: Request, pairs: int, warmup: int) -> dict[str, Any]:
+    """The engine's batch-1 step vs the single-request path's, alternating on one backend."""
+    pipe = load.pipeline(1)
+    try:
+        engine_ms, single_ms = _batch1_pairs(pipe, req, pairs, warmup)
+    finally:
+        del pipe
+        _free_memory()
+    e, s = percentile(engine_ms, 50), percentile(single_ms, 50)
+    per_pair = [a / b for a, b in zip(engine_ms, single_ms, strict=True)]
+    return {
+        "engine_ms": round(e, 3),
+        "single_request_ms": round(s, 3),
+        "ratio": _ratio(e, s),
+        "pairs": pairs,
+        "pair_ratio_min": round(min(per_pair), 4),
+        "pair_ratio_max": round(max(per_pair), 4),
+    }
+
+
+def _batch1_pairs(
+    pipe: Pipeline, req: Request, pairs: int, warmup: int
+) -> tuple[list[float], list[float]]:
+    """p50 step of each side per pair; the order alternates so drift hits both alike."""
+    short = replace(req, decode_steps=WARMUP_STEPS)
+    for _ in range(max(warmup, 1)):
+        serve(pipe, short, 1, batched=True)
+        one_request(pipe, short, staged=False)
+    engine_ms: list[float] = []
+    single_ms: list[float] = []
+    for i in range(pairs):
+        for side in ("engine", "single") if i % 2 == 0 else ("single", "engine"):
+            if side == "engine":
+                steps = serve(pipe, req, 1, batched=True)["records"][0]["steps_ms"]
+                engine_ms.append(percentile(steps, 50))
+            else:
+                single_ms.append(percentile(one_request(pipe, req, False)["decode_steps"], 50))
+    return engine_ms, single_ms
+
+
 # ---- queries per video ----------------------------------------------------------------------
 def _timed_run(pipe: Pipeline, req: Request, query: str) -> dict[str, Any]:
     marks: list[float] = []
@@ -373,7 +418,6 @@ def run_section(
 ) -> dict[str, Any] | None:
     """``--concurrency`` and ``--queries-per-video`` for every in-process backend that ran
     and owns a KV-slot pool; the report's ``engine`` section (None when neither was asked)."""
-    from trace_rt.bench import batching_report
     from trace_rt.bench.plugins import model_dir_for
     from trace_rt.errors import TraceError
 
@@ -409,9 +453,9 @@ def run_section(
             try:
                 if levels:
                     conc = measure_concurrency(load, req, levels, args.warmup, note)
-                    st = entries[spec.name]["stages"]["decode_step"]
-                    single = st.get("p50_median_ms") or st.get("p50_ms")
-                    conc["batch1_step"] = batching_report.batch1_step(conc["levels"], single)
+                    if 1 in levels:
+                        note(f"batch-1 step: engine vs single request, {args.runs} pairs")
+                        conc["batch1_step"] = measure_batch1(load, req, args.runs, args.warmup)
                     section["concurrency"][spec.name] = conc
                 if n:
                     section["queries_per_video"][spec.name] = measure_queries(
