@@ -64,11 +64,20 @@ def test_manifest_forms_and_errors(tmp_path):
         '{"vid": "a.mp4"}': 'line 1: each line needs "video"',
         '{"video": "a.mp4", "querys": ["q"]}': "unknown field(s) ['querys']",
         "{not json": "line 1: not valid JSON",
+        '{"video": "a.mp4", "task": "mr", "query": 5}': '"query" must be a string, not int',
+        '{"video": "a.mp4", "task": ["dvc"]}': '"task" must be a string, not list',
+        '{"video": "a.mp4", "questions": [{"question": {"x": 1}}]}': '"question" must be a str',
+        '{"video": "a\\u0000.mp4"}': "the video path holds a NUL byte",
+        '{"video": "a.mp4", "queries": "q"}': '"queries" must be a non-empty list',
+        '{"video": 7}': 'line 1: each line needs "video"',
     }
     for text, msg in bad.items():
         m.write_text(text + "\n")
         with pytest.raises(InputError, match=re.escape(msg)):
             read_manifest(m)
+    m.write_bytes(b"ok.mp4\n\xff\xfe.mp4\n")  # a binary file passed by mistake
+    with pytest.raises(InputError, match=re.escape("line 2: not UTF-8 text")):
+        read_manifest(m)
     m.write_text("\n# nothing\n")
     with pytest.raises(InputError, match="lists no videos"):
         read_manifest(m)

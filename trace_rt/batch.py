@@ -81,7 +81,12 @@ def read_manifest(path: str | Path, default_task: str = "dvc") -> list[Item]:
         raise InputError(f"manifest {path}: no such file")
     base = path.resolve().parent
     items: dict[str, Item] = {}
-    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise InputError(f"manifest {path}, line {line}: not UTF-8 text") from None
+    for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -123,6 +128,11 @@ def _entry_items(entry: Any, base: Path, default_task: str, where: str) -> Itera
             raise InputError(f"{where}: each question must be an object")
         task = q.get("task") or ("custom" if q.get("question") else default_task)
         query, question = q.get("query"), q.get("question")
+        for name, value in (("task", task), ("query", query), ("question", question)):
+            if value is not None and not isinstance(value, str):
+                raise InputError(f'{where}: "{name}" must be a string, not {type(value).__name__}')
+        if "\0" in video:
+            raise InputError(f"{where}: the video path holds a NUL byte")
         if task not in TASKS:
             raise InputError(f"{where}: unknown task {task!r}; choose {', '.join(TASKS)}")
         if task in ("mr", "vhd") and not query:
