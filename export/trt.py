@@ -182,6 +182,7 @@ def build_engines(
     decoder_variant: str | None = None,
     graphs: Sequence[str] = GRAPH_NAMES,
     checkpoint: str | Path | None = None,
+    step: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Build the three engines for artifact directory *out*; returns the manifest section.
@@ -203,9 +204,12 @@ def build_engines(
         graphs: build only these; the engines of the others are kept from the manifest
             when they were built with the same TensorRT, GPU, precision and limits (lets a
             time-boxed GPU run build and measure the cheap engines first).
-        checkpoint: the checkpoint *out* was exported from: also build the fixed-shape
-            decode step (:mod:`export.trt_step`, recorded as ``engines["decoder_step"]``),
-            which lets the backend serve every decode step with one CUDA graph.
+        checkpoint: the checkpoint *out* was exported from: (re)make the fixed-shape decode
+            step first (:func:`export.trt_step.make_step`; needs torch and onnx).
+        step: build the decode step the artifact records (``python -m export step``, or
+            *checkpoint*), quantised like the decoder for a QDQ variant; recorded as
+            ``engines["decoder_step"]``, it lets the backend serve every decode step with
+            one CUDA graph. Without a checkpoint this needs no torch. False: no step.
         progress: show a progress display.
     """
     out = Path(out)
@@ -217,8 +221,18 @@ def build_engines(
         raise TensorRTBuildError(f"unknown graphs {unknown}; use {list(GRAPH_NAMES)}")
     trt = _import_tensorrt()
     specs = manifest_specs(manifest)
+    if max_seq is None and step and checkpoint is None:  # the recorded step's context
+        max_seq = (manifest.get("decode_step") or {}).get("max_seq")
     limits = _limits(TraceConfig.from_dir(out), max_frames, max_seq, max_batch)
     plans = _plans(trt, out, manifest, precision, export_dtype, decoder_variant)
+    step_file = None
+    if step and DECODER in graphs:
+        from export.trt_step import make_step, step_onnx
+
+        if checkpoint is not None:
+            make_step(checkpoint, out, limits.max_seq)
+            manifest = load_manifest(out, verify="size")
+        step_file = step_onnx(manifest, out, limits.max_seq, plans[DECODER].variant)
     gpu = _gpu_info()
     (out / tm.ENGINE_DIR).mkdir(exist_ok=True)
     cache_file = out / tm.ENGINE_DIR / f"timing-{_slug(gpu['name'])}-trt{trt.__version__}.cache"
@@ -227,26 +241,17 @@ def build_engines(
     engines = _kept_engines(manifest, trt.__version__, gpu, precision, limits, graphs)
     t_all = time.perf_counter()
     with _progress(f"export trt {out.name} ({precision}, {gpu['name']})", progress) as bar:
-        todo = [g for g in GRAPH_NAMES if g in graphs]
-        step = checkpoint is not None and DECODER in todo
-        if step and plans[DECODER].variant:
-            raise TensorRTBuildError(
-                "--checkpoint re-exports the decode step unquantised; it cannot go with a "
-                "quantised decoder variant"
-            )
-        if step:
-            todo.append(tm.STEP)
+        todo = [g for g in GRAPH_NAMES if g in graphs] + ([tm.STEP] if step_file else [])
         task = bar.add_task("", total=len(todo))
         for i, name in enumerate(todo):
             bar.update(task, completed=i, description=f"{name}: parse + build")
             plan, spec = plans.get(name, plans[DECODER]), specs.get(name, specs[DECODER])
             profiles = profiles_from_spec(spec, limits)
             t0 = time.perf_counter()
-            if name == tm.STEP:  # the decoder's I/O at fixed shapes, from the checkpoint
-                from export.trt_step import step_profile, write_step_onnx
+            if name == tm.STEP:  # the decoder's I/O at fixed shapes (export/trt_step.py)
+                from export.trt_step import step_profile
 
-                onnx_file = write_step_onnx(checkpoint, out, limits.max_seq, _onnx_opset(out))
-                plan, profiles = replace(plan, onnx=onnx_file), [step_profile(spec, limits.max_seq)]
+                plan, profiles = replace(plan, onnx=step_file), [step_profile(spec, limits.max_seq)]
             blob, cache = _build_one(
                 trt, logger, out / plan.onnx, spec, plan, profiles, cache, workspace_gb
             )
@@ -271,11 +276,6 @@ def build_engines(
         }
         tm.write_section(out, section)
     return section
-
-
-def _onnx_opset(out: Path) -> int:
-    """The opset the artifact's graphs were exported with (the step re-export matches it)."""
-    return int(load_manifest(out, verify="size")["export"].get("opset", 17))
 
 
 def _precision(precision: str | None, decoder_variant: str | None, export_dtype: str) -> str:

@@ -32,16 +32,20 @@ def _child(code: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def edge_art(tiny_ckpt, tmp_path_factory) -> Path:
     from export import export_onnx
-    from tests.fake_tensorrt import fake_engines
+    from export.quantize import quantize_artifact
+    from export.trt_step import make_step
 
+    # What a workstation hands the board: graphs, the int4 QDQ decoder and the decode step.
     art = export_onnx(tiny_ckpt, tmp_path_factory.mktemp("edge") / "art", progress=False)
-    fake_engines(art, max_frames=8, max_seq=512)
+    quantize_artifact(art, 4, forms=["qdq"])
+    make_step(tiny_ckpt, art, 512)
     return art
 
 
 def test_edge_path_imports_no_torch(edge_art, clip_video):
     # What a Jetson runs: run (onnxruntime), plan, watch over a file, `python -m export
-    # trt` and the TensorRT backend (on the CPU stand-ins for tensorrt and cuda-python).
+    # trt --int4` (with the int4 decode step) and the TensorRT backend (on the CPU
+    # stand-ins for tensorrt and cuda-python).
     code = f"""
 import json
 from trace_rt.cli import main
@@ -53,11 +57,13 @@ assert main(['watch', {str(clip_video)!r}, '--model', {str(edge_art)!r}, '--wind
 from tests.fake_tensorrt import make_modules
 sys.modules.update(make_modules())
 from export.cli import main as export_main  # engines are built on the device
-assert export_main(['trt', {str(edge_art)!r}, '--max-seq', '512']) == 0
+assert export_main(['trt', {str(edge_art)!r}, '--int4', '--max-batch', '1']) == 0
 from trace_rt.pipeline import Pipeline
 from trace_rt.generate import GenerationConfig
-Pipeline.from_dir({str(edge_art)!r}, 'tensorrt', device='cuda').run(
-    {str(clip_video)!r}, 'dvc', gen=GenerationConfig(max_new_tokens=4))
+pipe = Pipeline.from_dir({str(edge_art)!r}, 'tensorrt', device='cuda')
+assert pipe.backend.step is not None
+pipe.run({str(clip_video)!r}, 'dvc', gen=GenerationConfig(max_new_tokens=4))
+assert pipe.backend.step.graph is not None
 bad = sorted(m for m, mod in sys.modules.items() if mod is not None and (
     m.split('.')[0] in ('torch', 'transformers') or m == 'safetensors.torch'))
 print(json.dumps(bad), file=sys.stderr)

@@ -27,7 +27,8 @@ are copied into an aligned ``position_ids`` buffer rather than bound as a slice 
 device ``arange``; new K/V at a misaligned position go through the pool's staging buffer.
 
 CUDA graphs. With one slot and the fixed-shape decode step (``engines["decoder_step"]``,
-built by ``export trt --checkpoint``, export/trt_step.py): its past is the whole cache but
+made by ``export step`` and built by ``export trt``, quantised like the decoder engine:
+export/trt_step.py): its past is the whole cache but
 the last row, masked inside the engine by ``position_ids``, so every decode step has the
 same shapes and addresses; one graph is captured at the first decode step and replayed by
 every later step and request (new K/V land in an aligned row, copied into place after
@@ -446,6 +447,14 @@ class TensorRTBackend:
             raise CheckpointError(
                 f"{rec['file']}: decode step fixed to {rec.get('fixed')}, the build's max_seq "
                 f"is {self.max_seq}; rebuild with `python -m export trt {self.model_dir}`"
+            )
+        # Prefill runs the decoder engine, decode steps the step engine: one set of weights.
+        decoder_variant = self.section["engines"][DECODER].get("variant")
+        if rec.get("variant") != decoder_variant:
+            raise CheckpointError(
+                f"{rec['file']}: decode step built from decoder variant {rec.get('variant')!r}, "
+                f"the decoder engine from {decoder_variant!r}; rebuild both with "
+                f"`python -m export trt {self.model_dir}`"
             )
         engine = self._engine(tm.STEP, DECODER)
         self._step_scratch = self._alloc(memory_size(engine))
