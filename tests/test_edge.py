@@ -22,10 +22,17 @@ BLOCK = (
 )
 
 
-def _child(code: str) -> subprocess.CompletedProcess:
+# JetPack 6's Python: a 3.10 venv with the edge install (deploy/jetson/py310.sh makes it).
+PY310 = Path(
+    os.environ.get("TRACE_RT_EDGE_PYTHON")
+    or Path.home() / ".cache" / "trace-rt" / "py310-edge" / "bin" / "python"
+)
+
+
+def _child(code: str, python: str = sys.executable) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-c", BLOCK + code], capture_output=True, text=True, env=env, cwd=REPO
+        [python, "-c", BLOCK + code], capture_output=True, text=True, env=env, cwd=REPO
     )
 
 
@@ -42,7 +49,17 @@ def edge_art(tiny_ckpt, tmp_path_factory) -> Path:
     return art
 
 
-def test_edge_path_imports_no_torch(edge_art, clip_video):
+@pytest.fixture(params=["host", "py310"])
+def edge_python(request) -> tuple[str, tuple[int, int] | None]:
+    """(interpreter, the version it must be): this venv's, and the Python 3.10 edge venv."""
+    if request.param == "host":
+        return sys.executable, None
+    if not PY310.is_file():
+        pytest.skip(f"no Python 3.10 edge venv at {PY310}: bash deploy/jetson/py310.sh")
+    return str(PY310), (3, 10)
+
+
+def test_edge_path_imports_no_torch(edge_art, clip_video, edge_python):
     # What a Jetson runs: run (onnxruntime), plan, watch over a file, `python -m export
     # trt --int4` (with the int4 decode step) and the TensorRT backend (on the CPU
     # stand-ins for tensorrt and cuda-python).
@@ -66,11 +83,14 @@ pipe.run({str(clip_video)!r}, 'dvc', gen=GenerationConfig(max_new_tokens=4))
 assert pipe.backend.step.graph is not None
 bad = sorted(m for m, mod in sys.modules.items() if mod is not None and (
     m.split('.')[0] in ('torch', 'transformers') or m == 'safetensors.torch'))
-print(json.dumps(bad), file=sys.stderr)
+print(json.dumps([bad, list(sys.version_info[:2])]), file=sys.stderr)
 """
-    out = _child(code)
+    python, version = edge_python
+    out = _child(code, python)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stderr.strip().splitlines()[-1]) == []
+    bad, ran = json.loads(out.stderr.strip().splitlines()[-1])
+    assert bad == []
+    assert version is None or tuple(ran) == version
 
 
 @pytest.mark.slow
