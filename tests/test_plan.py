@@ -133,6 +133,49 @@ def test_cli_plan():
     assert out.returncode == 2 and "unknown preset 'nope'" in out.stderr
 
 
+def test_decode_step_engine_is_a_second_copy_of_the_decoder(tiny_art, tmp_path):
+    """The TensorRT decode step (one CUDA graph per step) is an engine of its own: the plan
+    counts its weights again; on an Orin NX it turns trace-7b int4 at 64 frames from
+    fitting into not fitting."""
+    cfg = load_preset("trace-7b")
+    nx = DEVICES["orin-nx-16gb"]
+    s = Settings(precision="int4", frames=64, max_new_tokens=512)
+    plain, step = memory(cfg, nx, s), memory(cfg, nx, replace(s, decode_step=True))
+    w = weights(cfg, nx, s)["decoder"]
+    assert step["items"]["weights: decoder step"] == w
+    # One query over the whole context: heads x positions fp32 scores, one row of
+    # activations, the logits.
+    act = step["items"]["activations: decoder step"]
+    row = (4 * 4096 + 2 * 1024 + 3 * 14336) * 2
+    assert act == row + 32 * 1472 * 8 + 32027 * 4
+    assert step["counted_bytes"] == pytest.approx(plain["counted_bytes"] + w + act)
+    assert plain["fits"] and not step["fits"]
+    assert all(x["frames"] < 64 for x in suggest(cfg, nx, replace(s, decode_step=True)))
+    with pytest.raises(InputError, match="decode step engine is TensorRT's"):
+        memory(cfg, get_device("cpu"), Settings(precision="fp32", decode_step=True))
+    # The CLI counts it when the artifact has one (`export step`), or when asked.
+    import shutil
+
+    art = shutil.copytree(tiny_art, tmp_path / "art")
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["decode_step"] = {"max_seq": 384}  # what `python -m export step` records
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    for model, args, want in [
+        (tiny_art, (), False),
+        (art, (), True),
+        (art, ("--no-decode-step",), False),
+        (tiny_art, ("--decode-step",), True),
+    ]:
+        out = subprocess.run(
+            [sys.executable, "-m", "trace_rt", "plan", "--model", str(model), "--device",
+             "orin-nx-16gb", "--json", *args],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        items = json.loads(out.stdout)["memory"]["items"]
+        assert ("weights: decoder step" in items) is want, (model, args)
+
+
 def _measured_peak_rss(model: str, video: str, frames: int, tokens: int) -> float:
     """Peak RSS (bytes) of a fresh process serving one request with onnxruntime on CPU."""
     code = (

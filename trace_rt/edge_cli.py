@@ -17,8 +17,11 @@ def plan_command(args: argparse.Namespace) -> int:
     from trace_rt.plan import Settings, plan, render
     from trace_rt.presets import load_preset
 
+    step = args.decode_step
     if args.model is not None:
         cfg = TraceConfig.from_dir(args.model)
+        if step is None:
+            step = _has_decode_step(args.model)
     else:
         try:
             cfg = load_preset(args.preset)
@@ -36,10 +39,22 @@ def plan_command(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         concurrency=args.concurrency,
         source_size=source,
+        decode_step=bool(step) and device.gpu,
     )
     result = plan(cfg, device, settings)
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0 if result["memory"]["fits"] else 1
+
+
+def _has_decode_step(model: Path) -> bool:
+    """Whether *model* (an artifact directory) has the fixed-shape decode step, made by
+    ``python -m export step`` or built by ``export trt``."""
+    try:
+        manifest = json.loads((Path(model) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    engines = (manifest.get("tensorrt") or {}).get("engines", {})
+    return "decode_step" in manifest or "decoder_step" in engines
 
 
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:
@@ -72,6 +87,13 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512, help="token budget (512)")
     p.add_argument("--concurrency", type=int, default=1, help="pipeline instances (1)")
     p.add_argument("--source-size", metavar="HxW", help="decoded video size (720x1280)")
+    p.add_argument(
+        "--decode-step",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="count the TensorRT decode step engine (one CUDA graph per step; a second copy "
+        "of the decoder's weights). Default: when --model has one (`export step`)",
+    )
     p.add_argument("--peak-gbps", type=float, help="cpu: bandwidth instead of measuring it")
     p.add_argument("--peak-tflops", type=float, help="cpu: FLOP rate instead of measuring it")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -82,6 +82,7 @@ class Settings:
     max_new_tokens: int = 512
     concurrency: int = 1
     source_size: tuple[int, int] = SOURCE_SIZE
+    decode_step: bool = False  # the fixed-shape decode step engine (TensorRT, export step)
 
     def check(self, device: Device) -> None:
         if self.precision not in PRECISIONS:
@@ -90,6 +91,8 @@ class Settings:
             raise InputError("fp32 is the CPU backend's precision; on a GPU use fp16/int8/int4")
         if self.precision == "fp16" and not device.gpu:
             raise InputError("the CPU backend runs fp32, int8 or int4 decoders, not fp16")
+        if self.decode_step and not device.gpu:
+            raise InputError("the decode step engine is TensorRT's (a GPU); not on cpu")
         for name in ("frames", "max_new_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1")
@@ -138,12 +141,17 @@ def weights(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, float]:
     linear = layers - norms
     decoder = linear * linear_bytes_per_weight(s.precision)
     decoder += (norms + cfg.hidden_size + head_params(cfg)) * it
-    return {
+    out = {
         "vision_encoder": vision_params(cfg) * it,
         "projector": projector_cost(cfg, 0, it).bytes,  # frames=0: the weights alone
         "decoder": decoder,
-        "embeddings (host)": cfg.ids.size * cfg.hidden_size * it,
     }
+    if s.decode_step:
+        # An engine of its own, quantised like the decoder: TensorRT engines do not share
+        # weights, so the one-graph decode step holds a second copy of the decoder's.
+        out["decoder step"] = decoder
+    out["embeddings (host)"] = cfg.ids.size * cfg.hidden_size * it
+    return out
 
 
 def activations(cfg: TraceConfig, device: Device, frames: int, positions: int) -> dict[str, float]:
@@ -165,6 +173,14 @@ def activations(cfg: TraceConfig, device: Device, frames: int, positions: int) -
     return {"vision_encoder": vision, "projector": projector, "decoder": decoder}
 
 
+def step_activations(cfg: TraceConfig, device: Device, positions: int) -> float:
+    """The decode step engine's working set: one query over the whole (masked) cache."""
+    it = float_itemsize(device)
+    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.attn_head_dim
+    row = (4 * h + 2 * kv + 3 * cfg.intermediate_size) * it
+    return row + cfg.num_attention_heads * positions * 8 + cfg.ids.size * 4
+
+
 def video_buffers(cfg: TraceConfig, s: Settings) -> float:
     """The video stage: the decoder's frames in flight at the source size (references and
     frame threads, ~8 YUV 4:2:0 frames), then each sampled frame at model size (uint8 as
@@ -181,10 +197,12 @@ def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
     it = float_itemsize(device)
     w = weights(cfg, device, s)
     act = activations(cfg, device, s.frames, context)
+    if s.decode_step:
+        act["decoder step"] = step_activations(cfg, device, context)
     kv = kv_positions(cfg, device, prompt, context) * kv_bytes_per_position(cfg, it)
     video = video_buffers(cfg, s)
     n = s.concurrency
-    graphs = w["vision_encoder"] + w["projector"] + w["decoder"]
+    graphs = sum(v for k, v in w.items() if k != "embeddings (host)")
     per_instance_device = graphs + kv + sum(act.values())
     per_instance_host = w["embeddings (host)"] + video
     runtime = device.host_runtime_bytes or HOST_RUNTIME_BYTES
@@ -206,6 +224,7 @@ def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
             "max_new_tokens": s.max_new_tokens,
             "concurrency": n,
             "source_size": list(s.source_size),
+            "decode_step": s.decode_step,
         },
         "positions": {"prompt": prompt, "context": context},
         "items": {
@@ -302,7 +321,8 @@ def render(result: dict[str, Any]) -> str:
         f"{dev['gbps']:g} GB/s, {dev['tflops']:g} TFLOP/s  [{dev['source']}]",
         f"{s['precision']}, {s['frames']} frames, {s['max_new_tokens']} new tokens, "
         f"{s['concurrency']} instance(s): context {mem['positions']['context']} positions "
-        f"(prompt {mem['positions']['prompt']})",
+        f"(prompt {mem['positions']['prompt']})"
+        + (", with the decode step engine" if s["decode_step"] else ""),
         "",
         f"{'memory':<36}{'GB':>10}",
     ]
