@@ -248,6 +248,13 @@ def _trt(args: argparse.Namespace) -> None:
     )
     for graph, rec in section["engines"].items():
         print(f"wrote {args.out / rec['file']} ({graph}, {rec['build_s']} s)")
+    step = section["engines"].get("decoder_step")
+    if step is not None:
+        print(
+            f"note: the decode step engine holds its own copy of the decoder's weights "
+            f"({step['bytes'] / 1e9:.2f} GB); where memory is tight (`trace-rt plan`), "
+            "rebuild with --no-step"
+        )
 
 
 def _step(args: argparse.Namespace) -> None:

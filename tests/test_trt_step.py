@@ -74,7 +74,7 @@ def test_step_record_and_same_quantised_weights(int4_art):
     assert got and got == _int4_weights(int4_art / dec["file"])
 
 
-def test_int4_build_one_graph_equals_onnxruntime(fake_trt, int4_art, clip_video, tmp_path):
+def test_int4_build_one_graph_equals_onnxruntime(fake_trt, int4_art, clip_video, tmp_path, capsys):
     """`export trt --int4` without a checkpoint builds the recorded int4 step; the backend
     replays one graph for every decode step and gives onnxruntime's int4-qdq tokens."""
     from export.cli import main
@@ -85,6 +85,7 @@ def test_int4_build_one_graph_equals_onnxruntime(fake_trt, int4_art, clip_video,
     shutil.copytree(int4_art, art)
     # No --max-seq: the recorded step's context is the build's.
     assert main(["trt", str(art), "--int4", "--max-batch", "1", "--no-progress"]) == 0
+    assert "decode step engine holds its own copy" in capsys.readouterr().out
     section = _manifest(art)["tensorrt"]
     assert section["limits"]["max_seq"] == MAX_SEQ
     rec, dec = section["engines"][tm.STEP], section["engines"][DECODER]
