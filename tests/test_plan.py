@@ -176,6 +176,52 @@ def test_decode_step_engine_is_a_second_copy_of_the_decoder(tiny_art, tmp_path):
         assert ("weights: decoder step" in items) is want, (model, args)
 
 
+def test_built_engines_plan_what_the_backend_allocates(tiny_art, tmp_path):
+    """With engines built, the plan counts what the TensorRT backend allocates at load: the
+    engine files, a KV pool and activations for the build's limits, not the request's."""
+    import shutil
+
+    from tests.fake_tensorrt import fake_engines
+    from trace_rt.bench.floor import kv_bytes_per_position
+    from trace_rt.config import TraceConfig
+    from trace_rt.plan import activations, built_engines
+
+    art = shutil.copytree(tiny_art, tmp_path / "art")
+    assert built_engines(art) is None
+    fake_engines(art, max_frames=8, max_seq=512)
+    built = built_engines(art)
+    section = json.loads((art / "manifest.json").read_text())["tensorrt"]
+    assert (built.max_frames, built.max_seq, built.precision, built.itemsize) == (8, 512, "fp32", 4)
+    cfg, agx = TraceConfig.from_dir(art), DEVICES["agx-orin-32gb"]
+    s = Settings(precision="fp32", frames=4, max_new_tokens=16, built=built)
+    m = memory(cfg, agx, s)
+    assert m["items"]["weights: decoder"] == section["engines"]["decoder"]["bytes"]
+    assert m["items"]["kv cache"] == 512 * kv_bytes_per_position(cfg, 4)  # not the context
+    assert m["positions"]["context"] < 512
+    assert m["items"]["activations: decoder"] == activations(cfg, agx, 8, 512, 4)["decoder"]
+    assert m["fits"] and m["exceeds_engines"] == []
+    # A request the engines cannot take does not fit, whatever the memory.
+    big = memory(cfg, agx, replace(s, frames=16, max_new_tokens=600))
+    assert not big["fits"] and len(big["exceeds_engines"]) == 2
+    text = render(plan(cfg, agx, replace(s, frames=16)))
+    assert "16 frames > the engines' --max-frames 8" in text
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "trace_rt", "plan", "--model", str(art),
+                               "--device", "agx-orin-32gb", *args],
+                              capture_output=True, text=True)  # fmt: skip
+
+    out = cli("--frames", "4", "--json")  # 512 new tokens: past the engines' context
+    assert out.returncode == 1 and "632 positions > the engines' --max-seq 512" in out.stdout
+    out = cli("--frames", "4", "--max-new-tokens", "16", "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)["memory"]
+    assert got["weights_from"] == "engine files" and got["settings"]["precision"] == "fp32"
+    assert got["items"]["kv cache"] == m["items"]["kv cache"]
+    out = cli("--precision", "int4")
+    assert out.returncode == 2 and "the engines are fp32, without the decode step" in out.stderr
+
+
 def _measured_peak_rss(model: str, video: str, frames: int, tokens: int) -> float:
     """Peak RSS (bytes) of a fresh process serving one request with onnxruntime on CPU."""
     code = (

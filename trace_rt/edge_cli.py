@@ -14,32 +14,43 @@ def plan_command(args: argparse.Namespace) -> int:
     """``trace-rt plan``: memory plan, floor latencies and fitting settings for a device."""
     from trace_rt.config import TraceConfig
     from trace_rt.devices import get_device
-    from trace_rt.plan import Settings, plan, render
+    from trace_rt.plan import Settings, built_engines, plan, render
     from trace_rt.presets import load_preset
 
-    step = args.decode_step
+    device = get_device(args.device, gbps=args.peak_gbps, tflops=args.peak_tflops)
+    step, precision, built = args.decode_step, args.precision, None
     if args.model is not None:
         cfg = TraceConfig.from_dir(args.model)
-        if step is None:
+        built = built_engines(args.model) if device.gpu else None
+        if built is not None:  # what was built decides; a contrary flag is a mistake
+            has_step = "decoder_step" in built.engine_bytes
+            if precision not in (None, built.precision) or step not in (None, has_step):
+                raise InputError(
+                    f"{args.model}: the engines are {built.precision}, "
+                    f"{'with' if has_step else 'without'} the decode step; plan without "
+                    "--precision/--decode-step, or rebuild with `python -m export trt`"
+                )
+            step, precision = has_step, built.precision
+        elif step is None:
             step = _has_decode_step(args.model)
     else:
         try:
             cfg = load_preset(args.preset)
         except ValueError as e:
             raise InputError(str(e)) from None
-    device = get_device(args.device, gbps=args.peak_gbps, tflops=args.peak_tflops)
     height, _, width = (args.source_size or "720x1280").partition("x")
     try:
         source = (int(height), int(width))
     except ValueError:
         raise InputError(f"--source-size HxW, e.g. 720x1280; got {args.source_size!r}") from None
     settings = Settings(
-        precision=args.precision or ("int4" if device.gpu else "fp32"),
+        precision=precision or ("int4" if device.gpu else "fp32"),
         frames=args.frames or cfg.num_frames,
         max_new_tokens=args.max_new_tokens,
         concurrency=args.concurrency,
         source_size=source,
         decode_step=bool(step) and device.gpu,
+        built=built,
     )
     result = plan(cfg, device, settings)
     print(json.dumps(result, indent=2) if args.json else render(result))
@@ -67,7 +78,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
         description="Memory per item (weights per graph, KV cache, activations and TensorRT "
         "workspace, video buffers, runtime), whether it fits with a 10%% margin, the floor "
         "latency of each stage from the device's bandwidth and FLOP rate, and the best "
-        "settings that fit. Exit status 0: fits; 1: does not fit.",
+        "settings that fit. For an artifact with TensorRT engines (on a GPU device): what "
+        "the backend allocates for them (engine files, KV and activations at the build's "
+        "--max-seq/--max-frames). Exit status 0: fits; 1: does not fit.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="checkpoint or artifact directory")

@@ -32,7 +32,9 @@ benchmarks report) with the device's data-sheet bandwidth and FLOP rate.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from trace_rt.bench.floor import (
@@ -49,6 +51,8 @@ from trace_rt.devices import Device
 from trace_rt.errors import InputError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+_ENGINE_ITEMS = {"decoder_step": "decoder step"}  # engine name -> plan item
+_ENGINE_ORDER = ["vision_encoder", "projector", "decoder", "decoder_step"]
 INT4_BLOCK = 32  # export quantize's default block size
 MARGIN = 0.10  # of usable memory kept free
 PROMPT_TEXT_TOKENS = 64  # system text + question around the video block (typical)
@@ -74,6 +78,49 @@ SOURCE_SIZE = (720, 1280)  # height, width of the decoded video (720p)
 
 
 @dataclass(frozen=True)
+class Built:
+    """TensorRT engines ``python -m export trt`` built into an artifact directory.
+
+    The backend allocates for the engines, not for the request: a KV pool of ``max_seq``
+    positions and each engine's activation memory for its largest profile (``max_frames``
+    frames, ``max_seq`` positions), and it loads the engine files' weights.
+
+    Attributes:
+        max_frames, max_seq: the build's limits (``manifest["tensorrt"]["limits"]``).
+        precision: the build's decoder precision, as the plan names it.
+        itemsize: bytes of the engines' float tensors (the export's dtype).
+        engine_bytes: engine file size per graph (``decoder_step`` too, if built).
+    """
+
+    max_frames: int
+    max_seq: int
+    precision: str
+    itemsize: int
+    engine_bytes: dict[str, int]
+
+
+def built_engines(model_dir: str | Path) -> Built | None:
+    """The TensorRT build recorded in *model_dir*'s manifest; None without one."""
+    try:
+        manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    section = manifest.get("tensorrt")
+    if not section:
+        return None
+    limits = section["limits"]
+    # bf16 weighs what fp16 does, fp8 (weight-only) what int8 does.
+    precision = {"bf16": "fp16", "fp8": "int8"}.get(section["precision"], section["precision"])
+    return Built(
+        max_frames=int(limits["max_frames"]),
+        max_seq=int(limits["max_seq"]),
+        precision=precision,
+        itemsize=4 if manifest["export"]["dtype"] == "fp32" else 2,
+        engine_bytes={g: int(rec["bytes"]) for g, rec in section["engines"].items()},
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     """What a request needs: precision, frames, new tokens, instances, video size."""
 
@@ -83,11 +130,12 @@ class Settings:
     concurrency: int = 1
     source_size: tuple[int, int] = SOURCE_SIZE
     decode_step: bool = False  # the fixed-shape decode step engine (TensorRT, export step)
+    built: Built | None = None  # engines already built: plan what the backend allocates
 
     def check(self, device: Device) -> None:
         if self.precision not in PRECISIONS:
             raise InputError(f"unknown precision {self.precision!r}; use one of {PRECISIONS}")
-        if self.precision == "fp32" and device.gpu:
+        if self.precision == "fp32" and device.gpu and self.built is None:
             raise InputError("fp32 is the CPU backend's precision; on a GPU use fp16/int8/int4")
         if self.precision == "fp16" and not device.gpu:
             raise InputError("the CPU backend runs fp32, int8 or int4 decoders, not fp16")
@@ -154,9 +202,11 @@ def weights(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, float]:
     return out
 
 
-def activations(cfg: TraceConfig, device: Device, frames: int, positions: int) -> dict[str, float]:
+def activations(
+    cfg: TraceConfig, device: Device, frames: int, positions: int, itemsize: int | None = None
+) -> dict[str, float]:
     """Largest working set of each engine (one layer at a time, scores materialised)."""
-    it = float_itemsize(device)
+    it = itemsize or float_itemsize(device)
     v = cfg.vision
     t = v.num_patches + 1
     vision = frames * (t * (5 * v.hidden_size + v.intermediate_size) * it)
@@ -173,9 +223,11 @@ def activations(cfg: TraceConfig, device: Device, frames: int, positions: int) -
     return {"vision_encoder": vision, "projector": projector, "decoder": decoder}
 
 
-def step_activations(cfg: TraceConfig, device: Device, positions: int) -> float:
+def step_activations(
+    cfg: TraceConfig, device: Device, positions: int, itemsize: int | None = None
+) -> float:
     """The decode step engine's working set: one query over the whole (masked) cache."""
-    it = float_itemsize(device)
+    it = itemsize or float_itemsize(device)
     h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.attn_head_dim
     row = (4 * h + 2 * kv + 3 * cfg.intermediate_size) * it
     return row + cfg.num_attention_heads * positions * 8 + cfg.ids.size * 4
@@ -196,10 +248,24 @@ def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
     prompt, context = context_positions(cfg, s)
     it = float_itemsize(device)
     w = weights(cfg, device, s)
-    act = activations(cfg, device, s.frames, context)
+    frames, positions, exceeds = s.frames, context, []
+    if s.built is not None:  # allocated for the engines' limits, whatever the request
+        b = s.built
+        it, frames, positions = b.itemsize, b.max_frames, b.max_seq
+        order = sorted(b.engine_bytes, key=lambda g: [*_ENGINE_ORDER, g].index(g))
+        w = {_ENGINE_ITEMS.get(g, g): float(b.engine_bytes[g]) for g in order}
+        w["embeddings (host)"] = cfg.ids.size * cfg.hidden_size * it
+        if s.frames > b.max_frames:
+            exceeds.append(f"{s.frames} frames > the engines' --max-frames {b.max_frames}")
+        if context > b.max_seq:
+            exceeds.append(f"{context} positions > the engines' --max-seq {b.max_seq}")
+    act = activations(cfg, device, frames, positions, it)
     if s.decode_step:
-        act["decoder step"] = step_activations(cfg, device, context)
-    kv = kv_positions(cfg, device, prompt, context) * kv_bytes_per_position(cfg, it)
+        act["decoder step"] = step_activations(cfg, device, positions, it)
+    if s.built is not None:
+        kv = positions * kv_bytes_per_position(cfg, it)
+    else:
+        kv = kv_positions(cfg, device, prompt, context) * kv_bytes_per_position(cfg, it)
     video = video_buffers(cfg, s)
     n = s.concurrency
     graphs = sum(v for k, v in w.items() if k != "embeddings (host)")
@@ -243,7 +309,9 @@ def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
         "host_bytes": host_bytes,
         "counted_bytes": need,
         "usable_bytes": usable,
-        "fits": need <= usable * (1 - MARGIN),
+        "weights_from": "engine files" if s.built is not None else "arithmetic",
+        "exceeds_engines": exceeds,
+        "fits": need <= usable * (1 - MARGIN) and not exceeds,
         "margin_bytes": usable - need,
         "margin_fraction": (usable - need) / usable,
     }
@@ -273,6 +341,7 @@ def suggest(cfg: TraceConfig, device: Device, s: Settings) -> list[dict[str, Any
     Frames matter most to a temporal-grounding model, precision next (fp16 > int8 > int4),
     the token budget last (dense captions of a long video need a few hundred).
     """
+    s = replace(s, built=None)  # settings to build with: the arithmetic, not these engines
     precisions = ("fp16", "int8", "int4") if device.gpu else ("fp32", "int8", "int4")
     frames = {f for f in (s.frames, 128, 96, 64, 48, 32, 16, 8, 4) if f <= s.frames}
     tokens = {t for t in (s.max_new_tokens, 512, 256, 128) if t <= s.max_new_tokens}
@@ -335,7 +404,13 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"{'host total':<36}{mem['host_bytes'] / gb:>10.3f}")
     counted = "device + host (unified)" if dev["unified"] else "device"
     lines.append(f"{'counted: ' + counted:<36}{mem['counted_bytes'] / gb:>10.3f}")
+    if mem["weights_from"] == "engine files":
+        lines.append("(weights: the built engines' files; KV and activations: their limits)")
+    for reason in mem["exceeds_engines"]:
+        lines.append(f"DOES NOT RUN on these engines: {reason}; rebuild with `export trt`")
     verdict = "FITS" if mem["fits"] else "DOES NOT FIT"
+    if mem["exceeds_engines"]:
+        verdict = "DOES NOT FIT the engines' limits; memory"
     lines.append(
         f"{verdict}: {mem['margin_bytes'] / gb:+.2f} GB left of {mem['usable_bytes'] / gb:.2f} "
         f"GB usable ({100 * mem['margin_fraction']:.0f}%; a plan fits with >= "
