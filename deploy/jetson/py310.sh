@@ -54,13 +54,15 @@ PY
 )
 DEPS+=("onnxruntime>=1.17")
 
-# 1. What a Jetson's pip would pick: cp310, manylinux aarch64, wheels only.
+# 1. What a Jetson's pip would pick: cp310, manylinux aarch64 up to glibc 2.35 (Ubuntu
+#    22.04's), wheels only.
 WHEELS=$(mktemp -d)
 trap 'rm -rf "$WHEELS"' EXIT
+PLATFORMS=(--platform manylinux2014_aarch64)
+for v in 17 24 26 27 28 31 34 35; do PLATFORMS+=(--platform "manylinux_2_${v}_aarch64"); done
 log "resolving ${DEPS[*]} for cp310 aarch64"
 "$HOST_PY" -m pip download -q -d "$WHEELS" --only-binary=:all: --python-version 3.10 \
-  --implementation cp --platform manylinux2014_aarch64 --platform manylinux_2_28_aarch64 \
-  --platform manylinux_2_27_aarch64 --platform manylinux_2_17_aarch64 "${DEPS[@]}"
+  --implementation cp "${PLATFORMS[@]}" "${DEPS[@]}"
 ls "$WHEELS" | sed 's/^/[py310]   /' >&2
 if ls "$WHEELS" | grep -Eiq '^(torch|transformers)-'; then
   log "torch or transformers came with the runtime's dependencies"; exit 1
