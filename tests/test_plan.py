@@ -150,6 +150,10 @@ def test_decode_step_engine_is_a_second_copy_of_the_decoder(tiny_art, tmp_path):
     assert act == row + 32 * 1472 * 8 + 32027 * 4
     assert step["counted_bytes"] == pytest.approx(plain["counted_bytes"] + w + act)
     assert plain["fits"] and not step["fits"]
+    result = plan(cfg, nx, replace(s, decode_step=True))
+    assert result["without_decode_step"] == {"fits": True, "margin_gb": 3.21}
+    assert "without the decode step engine (export trt --no-step): fits" in render(result)
+    assert "without_decode_step" not in plan(cfg, nx, s)
     assert all(x["frames"] < 64 for x in suggest(cfg, nx, replace(s, decode_step=True)))
     with pytest.raises(InputError, match="decode step engine is TensorRT's"):
         memory(cfg, get_device("cpu"), Settings(precision="fp32", decode_step=True))

@@ -370,13 +370,29 @@ def suggest(cfg: TraceConfig, device: Device, s: Settings) -> list[dict[str, Any
 
 
 def plan(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
-    """Memory plan, floors and suggestions: what ``trace-rt plan`` prints."""
-    return {
+    """Memory plan, floors and suggestions: what ``trace-rt plan`` prints.
+
+    ``without_decode_step``: with the decode step engine counted, the margin without it
+    (``export trt --no-step``), since it is the one item a build can drop as it stands.
+    """
+    mem = memory(cfg, device, s)
+    out = {
         "device": device.to_dict(),
-        "memory": memory(cfg, device, s),
+        "memory": mem,
         "floor_ms": floors(cfg, device, s),
         "suggestions": suggest(cfg, device, s),
     }
+    if s.decode_step:
+        built = s.built
+        if built is not None:
+            kept = {g: n for g, n in built.engine_bytes.items() if g != "decoder_step"}
+            built = replace(built, engine_bytes=kept)
+        alone = memory(cfg, device, replace(s, decode_step=False, built=built))
+        out["without_decode_step"] = {
+            "fits": alone["fits"],
+            "margin_gb": round(alone["margin_bytes"] / 1e9, 2),
+        }
+    return out
 
 
 def render(result: dict[str, Any]) -> str:
@@ -416,6 +432,13 @@ def render(result: dict[str, Any]) -> str:
         f"GB usable ({100 * mem['margin_fraction']:.0f}%; a plan fits with >= "
         f"{100 * MARGIN:.0f}% left)"
     )
+    alone = result.get("without_decode_step")
+    if alone is not None and not mem["fits"]:
+        lines.append(
+            f"without the decode step engine (export trt --no-step): "
+            f"{'fits' if alone['fits'] else 'does not fit either'}, "
+            f"{alone['margin_gb']:+.2f} GB left"
+        )
     lines += ["", "floor latency (roofline, data-sheet peaks; real runs are slower):"]
     for stage in ("vision", "projector", "prefill", "ttft", "decode_step", "end_to_end"):
         lines.append(f"  {stage:<14}{fl[stage]:>12.1f} ms")
