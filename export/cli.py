@@ -162,6 +162,13 @@ def _add_trt_parser(sub: argparse._SubParsersAction) -> None:
         help="do not build the decode step `export step` recorded (default: build it, "
         "quantised like the decoder, so one CUDA graph serves every decode step)",
     )
+    t.add_argument(
+        "--fixed-past",
+        action="store_true",
+        help="build the decoder itself from the decode step graph (prefill and decode over "
+        "the fixed past): one engine, one copy of the weights, one CUDA graph for every "
+        "step; one sequence (--max-batch 1). For memory-tight boards",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress display")
     s = sub.add_parser(
         "step",
@@ -244,6 +251,7 @@ def _trt(args: argparse.Namespace) -> None:
         decoder_variant=args.decoder_variant,
         checkpoint=args.checkpoint,
         step=not args.no_step,
+        fixed_past=args.fixed_past,
         progress=not args.no_progress,
     )
     for graph, rec in section["engines"].items():

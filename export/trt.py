@@ -183,6 +183,7 @@ def build_engines(
     graphs: Sequence[str] = GRAPH_NAMES,
     checkpoint: str | Path | None = None,
     step: bool = True,
+    fixed_past: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Build the three engines for artifact directory *out*; returns the manifest section.
@@ -210,6 +211,10 @@ def build_engines(
             *checkpoint*), quantised like the decoder for a QDQ variant; recorded as
             ``engines["decoder_step"]``, it lets the backend serve every decode step with
             one CUDA graph. Without a checkpoint this needs no torch. False: no step.
+        fixed_past: build the decoder itself from the recorded step graph (prefill and
+            decode profiles over the fixed past, ``engines["decoder"]["fixed"]``): one
+            engine, so one copy of the decoder's weights, and one CUDA graph for every
+            decode step; one sequence (``max_batch`` 1).
         progress: show a progress display.
     """
     out = Path(out)
@@ -233,6 +238,9 @@ def build_engines(
             make_step(checkpoint, out, limits.max_seq)
             manifest = load_manifest(out, verify="size")
         step_file = step_onnx(manifest, out, limits.max_seq, plans[DECODER].variant)
+    if fixed_past:
+        _check_fixed_past(step_file, limits, out, graphs)
+        plans[DECODER], step_file = replace(plans[DECODER], onnx=step_file), None
     gpu = _gpu_info()
     (out / tm.ENGINE_DIR).mkdir(exist_ok=True)
     cache_file = out / tm.ENGINE_DIR / f"timing-{_slug(gpu['name'])}-trt{trt.__version__}.cache"
@@ -247,6 +255,10 @@ def build_engines(
             bar.update(task, completed=i, description=f"{name}: parse + build")
             plan, spec = plans.get(name, plans[DECODER]), specs.get(name, specs[DECODER])
             profiles = profiles_from_spec(spec, limits)
+            if name == DECODER and fixed_past:
+                from export.trt_step import fixed_past_profiles
+
+                profiles = fixed_past_profiles(spec, limits)
             t0 = time.perf_counter()
             if name == tm.STEP:  # the decoder's I/O at fixed shapes (export/trt_step.py)
                 from export.trt_step import step_profile
@@ -261,6 +273,8 @@ def build_engines(
             engines[name] = _engine_record(out, rel, plan, profiles, time.perf_counter() - t0)
             if name == tm.STEP:
                 engines[name]["fixed"] = {"seq": 1, "past": limits.max_seq - 1}
+            elif name == DECODER and fixed_past:
+                engines[name]["fixed"] = {"past": limits.max_seq - 1}
         bar.update(task, completed=len(todo), description="manifest")
         section = {
             "format": tm.FORMAT,
@@ -276,6 +290,20 @@ def build_engines(
         }
         tm.write_section(out, section)
     return section
+
+
+def _check_fixed_past(step_file: str | None, limits: Limits, out: Path, graphs: Any) -> None:
+    """A fixed-past build needs the recorded step graph and one sequence."""
+    if DECODER not in graphs:
+        raise TensorRTBuildError("--fixed-past builds the decoder: include it in the graphs")
+    if step_file is None:
+        raise TensorRTBuildError(
+            f"--fixed-past builds the decoder from the decode step graph: make it with "
+            f"`python -m export step {out} --checkpoint CKPT --max-seq {limits.max_seq}` "
+            "(or pass --checkpoint)"
+        )
+    if limits.max_batch != 1:
+        raise TensorRTBuildError("--fixed-past decodes one sequence: pass --max-batch 1")
 
 
 def _precision(precision: str | None, decoder_variant: str | None, export_dtype: str) -> str:

@@ -36,7 +36,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from export.trt import Profile, TensorRTBuildError
+from export.trt import Limits, Profile, TensorRTBuildError
 from trace_rt.graphs import (
     BATCH_DIM,
     DECODER,
@@ -71,6 +71,24 @@ def step_profile(spec: GraphSpec, max_seq: int) -> Profile:
     return Profile("decode", shapes)
 
 
+def fixed_past_profiles(spec: GraphSpec, limits: Limits) -> list[Profile]:
+    """The fixed-past decoder's profiles (``export trt --fixed-past``): ``prefill`` (seq
+    as :meth:`Limits.ranges` gives it) and ``decode`` (seq 1), both over the fixed
+    ``max_seq - 1`` past slots, batch 1."""
+    past = (limits.max_seq - 1,) * 3
+    out = []
+    for phase in ("prefill", "decode"):
+        ranges = {**limits.ranges(phase), "past": past, BATCH_DIM: (1, 1, 1)}
+        shapes = {}
+        for t in spec.inputs:
+            lo, opt, hi = (
+                tuple(ranges[d][i] if isinstance(d, str) else d for d in t.shape) for i in range(3)
+            )
+            shapes[t.name] = (lo, opt, hi)
+        out.append(Profile(phase, shapes))
+    return out
+
+
 def write_step_onnx(checkpoint: str | Path, out: str | Path, max_seq: int, opset: int) -> str:
     """Re-export the decode step from *checkpoint* into artifact *out*; returns its file.
 
@@ -88,10 +106,14 @@ def write_step_onnx(checkpoint: str | Path, out: str | Path, max_seq: int, opset
     spec = manifest_specs(manifest)[DECODER]
     roles = decoder_roles(spec)
     model = load_model(Path(checkpoint), dtype=manifest["export"]["dtype"])
-    proto = export_static_decoder(model, roles, with_past=True, opset=opset)
-    proto.doc_string = "trace-rt fixed-shape decode step for TensorRT"
-    _fix_dims(proto, step_dims(spec, max_seq))
-    _finish(proto, out / STEP_ONNX, static=True)
+    # seq stays symbolic: the same graph runs a decode step (seq 1) or, as the fixed-past
+    # decoder (`export trt --fixed-past`), a prefill over the masked cache.
+    proto = export_static_decoder(model, roles, with_past=True, opset=opset, dynamic_seq=True)
+    proto.doc_string = "trace-rt fixed-past decoder (decode step) for TensorRT"
+    dims = step_dims(spec, max_seq)
+    del dims[roles.seq_dim]
+    _fix_dims(proto, dims)
+    _finish(proto, out / STEP_ONNX, static=False)
     return STEP_ONNX
 
 

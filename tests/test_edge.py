@@ -61,8 +61,8 @@ def edge_python(request) -> tuple[str, tuple[int, int] | None]:
 
 def test_edge_path_imports_no_torch(edge_art, clip_video, edge_python):
     # What a Jetson runs: run (onnxruntime), plan, watch over a file, `python -m export
-    # trt --int4` (with the int4 decode step) and the TensorRT backend (on the CPU
-    # stand-ins for tensorrt and cuda-python).
+    # trt --int4` (with the int4 decode step, then --fixed-past) and the TensorRT backend
+    # (on the CPU stand-ins for tensorrt and cuda-python).
     code = f"""
 import json
 from trace_rt.cli import main
@@ -81,6 +81,11 @@ pipe = Pipeline.from_dir({str(edge_art)!r}, 'tensorrt', device='cuda')
 assert pipe.backend.step is not None
 pipe.run({str(clip_video)!r}, 'dvc', gen=GenerationConfig(max_new_tokens=4))
 assert pipe.backend.step.graph is not None
+# The memory-tight form: the step graph as the one decoder engine.
+assert export_main(['trt', {str(edge_art)!r}, '--int4', '--max-batch', '1', '--fixed-past']) == 0
+pipe = Pipeline.from_dir({str(edge_art)!r}, 'tensorrt', device='cuda')
+assert pipe.backend.fixed_past
+pipe.run({str(clip_video)!r}, 'dvc', gen=GenerationConfig(max_new_tokens=4))
 bad = sorted(m for m, mod in sys.modules.items() if mod is not None and (
     m.split('.')[0] in ('torch', 'transformers') or m == 'safetensors.torch'))
 print(json.dumps([bad, list(sys.version_info[:2])]), file=sys.stderr)

@@ -151,9 +151,22 @@ def test_decode_step_engine_is_a_second_copy_of_the_decoder(tiny_art, tmp_path):
     assert step["counted_bytes"] == pytest.approx(plain["counted_bytes"] + w + act)
     assert plain["fits"] and not step["fits"]
     result = plan(cfg, nx, replace(s, decode_step=True))
-    assert result["without_decode_step"] == {"fits": True, "margin_gb": 3.21}
+    assert result["without_decode_step"]["fits"] is True
+    assert result["without_decode_step"]["margin_gb"] == 3.21
     assert "without the decode step engine (export trt --no-step): fits" in render(result)
     assert "without_decode_step" not in plan(cfg, nx, s)
+    # The fixed-past decoder (export trt --fixed-past): one decoder engine that is its own
+    # step; its prefill scores 1472 queries against 1471 masked + 1472 new keys and writes
+    # its new rows to a buffer of the cache's size first.
+    assert result["without_decode_step"]["fixed_past"] == {"fits": True, "margin_gb": 2.46}
+    fixed = memory(cfg, nx, replace(s, fixed_past=True))
+    assert "weights: decoder step" not in fixed["items"]
+    n, kv_pos = 1472, 2 * 32 * 8 * 128 * 2
+    extra = 32 * n * (n - 1) * 8  # the masked keys' scores and softmax, fp32
+    assert fixed["items"]["activations: decoder"] == plain["items"]["activations: decoder"] + extra
+    assert fixed["items"]["activations: decoder prefill rows"] == n * kv_pos
+    with pytest.raises(InputError, match="fixed-past decoder is its own decode step"):
+        memory(cfg, nx, replace(s, fixed_past=True, decode_step=True))
     assert all(x["frames"] < 64 for x in suggest(cfg, nx, replace(s, decode_step=True)))
     with pytest.raises(InputError, match="decode step engine is TensorRT's"):
         memory(cfg, get_device("cpu"), Settings(precision="fp32", decode_step=True))
@@ -224,6 +237,14 @@ def test_built_engines_plan_what_the_backend_allocates(tiny_art, tmp_path):
     assert got["items"]["kv cache"] == m["items"]["kv cache"]
     out = cli("--precision", "int4")
     assert out.returncode == 2 and "the engines are fp32, without the decode step" in out.stderr
+    # A fixed-past build is planned as one: its decoder record says so.
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["tensorrt"]["engines"]["decoder"]["fixed"] = {"past": 511}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    assert built_engines(art).fixed_past
+    out = cli("--frames", "4", "--max-new-tokens", "16", "--json")
+    assert json.loads(out.stdout)["memory"]["settings"]["fixed_past"] is True
+    assert "activations: decoder prefill rows" in json.loads(out.stdout)["memory"]["items"]
 
 
 def _measured_peak_rss(model: str, video: str, frames: int, tokens: int) -> float:

@@ -199,3 +199,68 @@ def test_backend_refuses_step_of_another_variant(fake_trt, int4_art, tmp_path):
     (art / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match=r"decode step built from decoder variant None"):
         TensorRTBackend(art, device="cuda", verify="size")
+
+
+def test_fixed_past_decoder_one_engine(fake_trt, int4_art, clip_video, tmp_path):
+    """`export trt --fixed-past`: the step graph is the decoder (prefill and decode over the
+    fixed past), no second engine; tokens and logits are onnxruntime's int4-qdq decoder's,
+    prefixes (the video cache) included, with one CUDA graph for every decode step."""
+    import numpy as np
+
+    from export.cli import main
+    from export.trt import build_engines
+    from trace_rt.backends import load_backend
+    from trace_rt.generate import GenerationConfig
+    from trace_rt.pipeline import Pipeline
+    from trace_rt.tokens import Head
+
+    art = tmp_path / "art"
+    shutil.copytree(int4_art, art)
+    with pytest.raises(TensorRTBuildError, match="--max-batch 1"):
+        build_engines(art, precision="int4", fixed_past=True, progress=False)
+    with pytest.raises(TensorRTBuildError, match="--fixed-past builds the decoder from"):
+        build_engines(art, precision="int4", max_batch=1, step=False, fixed_past=True)
+    args = ["trt", str(art), "--int4", "--max-batch", "1", "--fixed-past", "--no-progress"]
+    assert main(args) == 0
+    section = _manifest(art)["tensorrt"]
+    dec = section["engines"][DECODER]
+    assert tm.STEP not in section["engines"]
+    assert (dec["onnx"], dec["variant"], dec["fixed"]) == (
+        "decoder_step.int4.qdq.onnx",
+        "int4-qdq",
+        {"past": MAX_SEQ - 1},
+    )
+    prefill, decode = dec["profiles"]
+    assert (prefill["name"], decode["name"]) == ("prefill", "decode")
+    assert prefill["shapes"]["position_ids"]["max"] == [1, MAX_SEQ]
+    assert decode["shapes"]["position_ids"]["max"] == [1, 1]
+    assert {s["min"][0] for n, s in prefill["shapes"].items() if n.startswith("past_")} == {383}
+
+    pipe = Pipeline.from_dir(art, "tensorrt", device="cuda")
+    ref = Pipeline.from_dir(art, "onnxruntime", cache_dir=False, decoder_variant="int4-qdq")
+    assert pipe.backend.fixed_past and pipe.backend.step is not None
+    for task, gen in [
+        ("dvc", GenerationConfig(max_new_tokens=20)),
+        ("mr", GenerationConfig(max_new_tokens=20, temperature=1.0, seed=2)),
+    ]:
+        query = QUERY if task == "mr" else None
+        got = pipe.run(clip_video, task, query=query, gen=gen)["token_ids"]
+        assert got == ref.run(clip_video, task, query=query, gen=gen)["token_ids"], task
+    assert len(fake_trt.live_graphs) == 1 and pipe.backend.past_graphs.graphs == {}
+
+    # Step level, with a saved prefix run over again (stale rows past it stay masked).
+    trt_b = load_backend("tensorrt", art, device="cuda")
+    ort_b = load_backend("onnxruntime", art, cache_dir=False, decoder_variant="int4-qdq")
+    c = ort_b.config
+    video = np.random.default_rng(1).standard_normal((9, c.hidden_size)).astype(ort_b.dtype)
+    prompt = [1, 733, -201, 28705, 13, 5, 6]
+    prefixes = [b.save_prefix(prompt, video) for b in (trt_b, ort_b)]
+    for _ in range(2):
+        for b, prefix in zip((trt_b, ort_b), prefixes, strict=True):
+            b.prefill(prompt, None, Head.TEXT, prefix=prefix)
+        for token, head in [(32005, Head.TIME), (1234, Head.SCORE), (32016, Head.TEXT)]:
+            got, want = trt_b.decode_step(token, head), ort_b.decode_step(token, head)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    want = ort_b.prefill(prompt, video, Head.TEXT)
+    np.testing.assert_allclose(trt_b.prefill(prompt, video, Head.TEXT), want, atol=1e-4)
+    trt_b.close()

@@ -19,19 +19,25 @@ def plan_command(args: argparse.Namespace) -> int:
 
     device = get_device(args.device, gbps=args.peak_gbps, tflops=args.peak_tflops)
     step, precision, built = args.decode_step, args.precision, None
+    fixed = args.fixed_past
     if args.model is not None:
         cfg = TraceConfig.from_dir(args.model)
         built = built_engines(args.model) if device.gpu else None
         if built is not None:  # what was built decides; a contrary flag is a mistake
             has_step = "decoder_step" in built.engine_bytes
-            if precision not in (None, built.precision) or step not in (None, has_step):
+            if (
+                precision not in (None, built.precision)
+                or step not in (None, has_step)
+                or fixed not in (None, built.fixed_past)
+            ):
+                kind = "fixed-past" if built.fixed_past else "with" if has_step else "without"
                 raise InputError(
-                    f"{args.model}: the engines are {built.precision}, "
-                    f"{'with' if has_step else 'without'} the decode step; plan without "
-                    "--precision/--decode-step, or rebuild with `python -m export trt`"
+                    f"{args.model}: the engines are {built.precision}, {kind} the decode step"
+                    "; plan without --precision/--decode-step/--fixed-past, or rebuild with "
+                    "`python -m export trt`"
                 )
-            step, precision = has_step, built.precision
-        elif step is None:
+            step, precision, fixed = has_step, built.precision, built.fixed_past
+        elif step is None and not fixed:
             step = _has_decode_step(args.model)
     else:
         try:
@@ -50,6 +56,7 @@ def plan_command(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         source_size=source,
         decode_step=bool(step) and device.gpu,
+        fixed_past=bool(fixed),
         built=built,
     )
     result = plan(cfg, device, settings)
@@ -106,6 +113,13 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="count the TensorRT decode step engine (one CUDA graph per step; a second copy "
         "of the decoder's weights). Default: when --model has one (`export step`)",
+    )
+    p.add_argument(
+        "--fixed-past",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a fixed-past decoder (`export trt --fixed-past`: the step graph is the one "
+        "decoder engine; its prefill scores the whole cache). Default: as --model was built",
     )
     p.add_argument("--peak-gbps", type=float, help="cpu: bandwidth instead of measuring it")
     p.add_argument("--peak-tflops", type=float, help="cpu: FLOP rate instead of measuring it")

@@ -97,6 +97,7 @@ class Built:
     precision: str
     itemsize: int
     engine_bytes: dict[str, int]
+    fixed_past: bool = False
 
 
 def built_engines(model_dir: str | Path) -> Built | None:
@@ -117,6 +118,7 @@ def built_engines(model_dir: str | Path) -> Built | None:
         precision=precision,
         itemsize=4 if manifest["export"]["dtype"] == "fp32" else 2,
         engine_bytes={g: int(rec["bytes"]) for g, rec in section["engines"].items()},
+        fixed_past="fixed" in section["engines"].get("decoder", {}),
     )
 
 
@@ -130,6 +132,7 @@ class Settings:
     concurrency: int = 1
     source_size: tuple[int, int] = SOURCE_SIZE
     decode_step: bool = False  # the fixed-shape decode step engine (TensorRT, export step)
+    fixed_past: bool = False  # the decoder engine is the step graph (export trt --fixed-past)
     built: Built | None = None  # engines already built: plan what the backend allocates
 
     def check(self, device: Device) -> None:
@@ -139,8 +142,10 @@ class Settings:
             raise InputError("fp32 is the CPU backend's precision; on a GPU use fp16/int8/int4")
         if self.precision == "fp16" and not device.gpu:
             raise InputError("the CPU backend runs fp32, int8 or int4 decoders, not fp16")
-        if self.decode_step and not device.gpu:
+        if (self.decode_step or self.fixed_past) and not device.gpu:
             raise InputError("the decode step engine is TensorRT's (a GPU); not on cpu")
+        if self.decode_step and self.fixed_past:
+            raise InputError("a fixed-past decoder is its own decode step: not both")
         for name in ("frames", "max_new_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1")
@@ -203,9 +208,15 @@ def weights(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, float]:
 
 
 def activations(
-    cfg: TraceConfig, device: Device, frames: int, positions: int, itemsize: int | None = None
+    cfg: TraceConfig,
+    device: Device,
+    frames: int,
+    positions: int,
+    itemsize: int | None = None,
+    fixed_past: bool = False,
 ) -> dict[str, float]:
-    """Largest working set of each engine (one layer at a time, scores materialised)."""
+    """Largest working set of each engine (one layer at a time, scores materialised); a
+    fixed-past decoder's prefill also scores every query against the whole masked cache."""
     it = itemsize or float_itemsize(device)
     v = cfg.vision
     t = v.num_patches + 1
@@ -218,7 +229,8 @@ def activations(
     h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.attn_head_dim
     n = positions
     decoder = n * (4 * h + 2 * kv + 3 * cfg.intermediate_size) * it
-    decoder += cfg.num_attention_heads * n * n * 8  # fp32 scores and softmax
+    keys = 2 * n - 1 if fixed_past else n
+    decoder += cfg.num_attention_heads * n * keys * 8  # fp32 scores and softmax
     decoder += cfg.ids.size * 4  # every head's logits, fp32
     return {"vision_encoder": vision, "projector": projector, "decoder": decoder}
 
@@ -259,13 +271,15 @@ def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
             exceeds.append(f"{s.frames} frames > the engines' --max-frames {b.max_frames}")
         if context > b.max_seq:
             exceeds.append(f"{context} positions > the engines' --max-seq {b.max_seq}")
-    act = activations(cfg, device, frames, positions, it)
+    act = activations(cfg, device, frames, positions, it, s.fixed_past)
     if s.decode_step:
         act["decoder step"] = step_activations(cfg, device, positions, it)
     if s.built is not None:
         kv = positions * kv_bytes_per_position(cfg, it)
     else:
         kv = kv_positions(cfg, device, prompt, context) * kv_bytes_per_position(cfg, it)
+    if s.fixed_past:  # where the prefill writes its new rows before they go to the cache
+        act["decoder prefill rows"] = positions * kv_bytes_per_position(cfg, it)
     video = video_buffers(cfg, s)
     n = s.concurrency
     graphs = sum(v for k, v in w.items() if k != "embeddings (host)")
@@ -291,6 +305,7 @@ def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
             "concurrency": n,
             "source_size": list(s.source_size),
             "decode_step": s.decode_step,
+            "fixed_past": s.fixed_past,
         },
         "positions": {"prompt": prompt, "context": context},
         "items": {
@@ -373,7 +388,8 @@ def plan(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
     """Memory plan, floors and suggestions: what ``trace-rt plan`` prints.
 
     ``without_decode_step``: with the decode step engine counted, the margin without it
-    (``export trt --no-step``), since it is the one item a build can drop as it stands.
+    (``export trt --no-step``) and, before a build, with ``--fixed-past`` instead (one
+    decoder engine that is its own step).
     """
     mem = memory(cfg, device, s)
     out = {
@@ -392,6 +408,12 @@ def plan(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
             "fits": alone["fits"],
             "margin_gb": round(alone["margin_bytes"] / 1e9, 2),
         }
+        if s.built is None:
+            fixed = memory(cfg, device, replace(s, decode_step=False, fixed_past=True))
+            out["without_decode_step"]["fixed_past"] = {
+                "fits": fixed["fits"],
+                "margin_gb": round(fixed["margin_bytes"] / 1e9, 2),
+            }
     return out
 
 
@@ -407,7 +429,8 @@ def render(result: dict[str, Any]) -> str:
         f"{s['precision']}, {s['frames']} frames, {s['max_new_tokens']} new tokens, "
         f"{s['concurrency']} instance(s): context {mem['positions']['context']} positions "
         f"(prompt {mem['positions']['prompt']})"
-        + (", with the decode step engine" if s["decode_step"] else ""),
+        + (", with the decode step engine" if s["decode_step"] else "")
+        + (", fixed-past decoder" if s["fixed_past"] else ""),
         "",
         f"{'memory':<36}{'GB':>10}",
     ]
@@ -439,6 +462,13 @@ def render(result: dict[str, Any]) -> str:
             f"{'fits' if alone['fits'] else 'does not fit either'}, "
             f"{alone['margin_gb']:+.2f} GB left"
         )
+        fixed = alone.get("fixed_past")
+        if fixed is not None:
+            lines.append(
+                f"a fixed-past decoder instead (export trt --fixed-past, one CUDA graph per "
+                f"step too): {'fits' if fixed['fits'] else 'does not fit'}, "
+                f"{fixed['margin_gb']:+.2f} GB left"
+            )
     lines += ["", "floor latency (roofline, data-sheet peaks; real runs are slower):"]
     for stage in ("vision", "projector", "prefill", "ttft", "decode_step", "end_to_end"):
         lines.append(f"  {stage:<14}{fl[stage]:>12.1f} ms")
