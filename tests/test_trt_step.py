@@ -2,8 +2,9 @@
 
 ``python -m export step`` (torch) writes the step and quantises it like each QDQ decoder
 variant; ``python -m export trt --int4`` (no torch: a Jetson) builds it beside the int4
-decoder; the TensorRT backend then serves every decode step with one CUDA graph. Through
-the CPU stand-ins (tests/fake_tensorrt.py): TensorRT itself has not built these graphs.
+decoder, or with ``--fixed-past`` as the decoder itself; the TensorRT backend then serves
+every decode step with one CUDA graph. Through the CPU stand-ins (tests/fake_tensorrt.py);
+the ``gpu`` test builds them with TensorRT (written, not yet run: no GPU here).
 """
 
 from __future__ import annotations
@@ -264,3 +265,32 @@ def test_fixed_past_decoder_one_engine(fake_trt, int4_art, clip_video, tmp_path)
     want = ort_b.prefill(prompt, video, Head.TEXT)
     np.testing.assert_allclose(trt_b.prefill(prompt, video, Head.TEXT), want, atol=1e-4)
     trt_b.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fixed_past", [False, True])
+def test_int4_step_on_tensorrt(tiny_ckpt, clip_video, tmp_path, fixed_past):
+    """Real TensorRT (written, not yet run: no GPU here): the int4 decode step, beside the
+    decoder or as the fixed-past decoder, gives onnxruntime's int4-qdq tokens."""
+    pytest.importorskip("tensorrt")
+    pytest.importorskip("cuda")
+    from export import export_onnx
+    from export.quantize import quantize_artifact
+    from export.trt import build_engines
+    from export.trt_step import make_step
+    from trace_rt.generate import GenerationConfig
+    from trace_rt.pipeline import Pipeline
+
+    art = export_onnx(tiny_ckpt, tmp_path / "art", progress=False)
+    quantize_artifact(art, 4, forms=["qdq"])
+    make_step(tiny_ckpt, art, 256)
+    build_engines(art, precision="int4", max_batch=1, fixed_past=fixed_past, progress=False)
+    pipe = Pipeline.from_dir(art, "tensorrt", device="cuda")
+    ref = Pipeline.from_dir(art, "onnxruntime", cache_dir=False, decoder_variant="int4-qdq")
+    assert pipe.backend.step is not None and pipe.backend.fixed_past == fixed_past
+    gen = GenerationConfig(max_new_tokens=24)
+    for task in ("dvc", "mr"):
+        query = QUERY if task == "mr" else None
+        got = pipe.run(clip_video, task, query=query, gen=gen)["token_ids"]
+        assert got == ref.run(clip_video, task, query=query, gen=gen)["token_ids"], task
+    assert pipe.backend.step.graph is not None
