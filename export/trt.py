@@ -162,7 +162,7 @@ def profiles_from_spec(spec: GraphSpec, limits: Limits) -> list[Profile]:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class BuildPlan:
     """How one graph is built: from which ONNX file, typed how, with which flags."""
 
     onnx: str
@@ -230,16 +230,10 @@ def build_engines(
         max_seq = (manifest.get("decode_step") or {}).get("max_seq")
     limits = _limits(TraceConfig.from_dir(out), max_frames, max_seq, max_batch)
     plans = _plans(trt, out, manifest, precision, export_dtype, decoder_variant)
-    step_file = None
-    if step and DECODER in graphs:
-        from export.trt_step import make_step, step_onnx
+    from export.trt_step import engine_plan, step_file_for_build
 
-        if checkpoint is not None:
-            make_step(checkpoint, out, limits.max_seq)
-            manifest = load_manifest(out, verify="size")
-        step_file = step_onnx(manifest, out, limits.max_seq, plans[DECODER].variant)
-    if fixed_past:
-        _check_fixed_past(step_file, limits, out, graphs)
+    step_file = step_file_for_build(out, plans, limits, graphs, checkpoint, step, fixed_past)
+    if fixed_past:  # the step graph is the decoder: no engine of its own
         plans[DECODER], step_file = replace(plans[DECODER], onnx=step_file), None
     gpu = _gpu_info()
     (out / tm.ENGINE_DIR).mkdir(exist_ok=True)
@@ -253,17 +247,10 @@ def build_engines(
         task = bar.add_task("", total=len(todo))
         for i, name in enumerate(todo):
             bar.update(task, completed=i, description=f"{name}: parse + build")
-            plan, spec = plans.get(name, plans[DECODER]), specs.get(name, specs[DECODER])
-            profiles = profiles_from_spec(spec, limits)
-            if name == DECODER and fixed_past:
-                from export.trt_step import fixed_past_profiles
-
-                profiles = fixed_past_profiles(spec, limits)
+            plan, spec, profiles, fixed = engine_plan(
+                name, plans, specs, limits, step_file, fixed_past
+            )
             t0 = time.perf_counter()
-            if name == tm.STEP:  # the decoder's I/O at fixed shapes (export/trt_step.py)
-                from export.trt_step import step_profile
-
-                plan, profiles = replace(plan, onnx=step_file), [step_profile(spec, limits.max_seq)]
             blob, cache = _build_one(
                 trt, logger, out / plan.onnx, spec, plan, profiles, cache, workspace_gb
             )
@@ -271,10 +258,8 @@ def build_engines(
             replace_bytes(out / rel, blob)  # a new file: a repository may link the old one
             replace_bytes(cache_file, cache)  # after every graph: a later failure keeps it
             engines[name] = _engine_record(out, rel, plan, profiles, time.perf_counter() - t0)
-            if name == tm.STEP:
-                engines[name]["fixed"] = {"seq": 1, "past": limits.max_seq - 1}
-            elif name == DECODER and fixed_past:
-                engines[name]["fixed"] = {"past": limits.max_seq - 1}
+            if fixed is not None:
+                engines[name]["fixed"] = fixed
         bar.update(task, completed=len(todo), description="manifest")
         section = {
             "format": tm.FORMAT,
@@ -290,20 +275,6 @@ def build_engines(
         }
         tm.write_section(out, section)
     return section
-
-
-def _check_fixed_past(step_file: str | None, limits: Limits, out: Path, graphs: Any) -> None:
-    """A fixed-past build needs the recorded step graph and one sequence."""
-    if DECODER not in graphs:
-        raise TensorRTBuildError("--fixed-past builds the decoder: include it in the graphs")
-    if step_file is None:
-        raise TensorRTBuildError(
-            f"--fixed-past builds the decoder from the decode step graph: make it with "
-            f"`python -m export step {out} --checkpoint CKPT --max-seq {limits.max_seq}` "
-            "(or pass --checkpoint)"
-        )
-    if limits.max_batch != 1:
-        raise TensorRTBuildError("--fixed-past decodes one sequence: pass --max-batch 1")
 
 
 def _precision(precision: str | None, decoder_variant: str | None, export_dtype: str) -> str:
@@ -344,7 +315,7 @@ def _progress(title: str, enabled: bool) -> Progress:
 
 
 def _engine_record(
-    out: Path, rel: str, plan: _Plan, profiles: list[Profile], build_s: float
+    out: Path, rel: str, plan: BuildPlan, profiles: list[Profile], build_s: float
 ) -> dict[str, Any]:
     """The manifest's record of one built engine."""
     return {
@@ -391,7 +362,7 @@ def _plans(
     precision: str,
     export_dtype: str,
     variant: str | None,
-) -> dict[str, _Plan]:
+) -> dict[str, BuildPlan]:
     """Per graph: source file and typing. Strong typing whenever the ONNX types suffice."""
     weak_flag = {"fp16": "FP16", "bf16": "BF16"}
     plans = {}
@@ -399,10 +370,10 @@ def _plans(
         onnx_file = manifest["graphs"][name]["file"]
         if name == DECODER and (precision in QUANTISED or variant):
             vname, onnx_file = _variant(out, manifest, precision, variant)
-            plans[name] = _Plan(onnx_file, True, (), vname)  # the QDQ nodes set precisions
+            plans[name] = BuildPlan(onnx_file, True, (), vname)  # the QDQ nodes set precisions
         elif precision in (export_dtype, *QUANTISED):
             # Quantised builds keep the unquantised graphs at the export dtype.
-            plans[name] = _Plan(onnx_file, True, ())
+            plans[name] = BuildPlan(onnx_file, True, ())
         else:
             flag = weak_flag.get(precision)
             if flag is None or not hasattr(trt.BuilderFlag, flag):
@@ -411,7 +382,7 @@ def _plans(
                     f"which TensorRT {trt.__version__} does not have; export the graphs at "
                     f"{precision} instead (python -m export onnx CKPT OUT --dtype {precision})"
                 )
-            plans[name] = _Plan(onnx_file, False, (flag,))
+            plans[name] = BuildPlan(onnx_file, False, (flag,))
     return plans
 
 
@@ -459,7 +430,7 @@ def _build_one(
     logger: Any,
     onnx_path: Path,
     spec: GraphSpec,
-    plan: _Plan,
+    plan: BuildPlan,
     profiles: list[Profile],
     cache: bytes,
     workspace_gb: float | None,

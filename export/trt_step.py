@@ -33,10 +33,13 @@ Two halves, so that the board that builds the engines needs no torch:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from export.trt import Limits, Profile, TensorRTBuildError
+from export.trt import BuildPlan, Limits, Profile, TensorRTBuildError, profiles_from_spec
+from trace_rt.backends import tensorrt_manifest as tm
 from trace_rt.graphs import (
     BATCH_DIM,
     DECODER,
@@ -213,6 +216,63 @@ def step_onnx(manifest: dict[str, Any], out: Path, max_seq: int, variant: str | 
         if not path.is_file() or path.stat().st_size != f["bytes"]:
             raise TensorRTBuildError(f"{out}: {rel} is missing or changed; {redo}")
     return rec["file"]
+
+
+def step_file_for_build(
+    out: Path,
+    plans: dict[str, BuildPlan],
+    limits: Limits,
+    graphs: Sequence[str],
+    checkpoint: str | Path | None,
+    step: bool,
+    fixed_past: bool,
+) -> str | None:
+    """The recorded decode step graph to build (made first from *checkpoint* if given),
+    in the decoder's variant; None when there is none or it is not wanted."""
+    step_file = None
+    if step and DECODER in graphs:
+        if checkpoint is not None:
+            make_step(checkpoint, out, limits.max_seq)
+        manifest = load_manifest(out, verify="size")
+        step_file = step_onnx(manifest, out, limits.max_seq, plans[DECODER].variant)
+    if fixed_past:
+        _check_fixed_past(step_file, limits, out, graphs)
+    return step_file
+
+
+def engine_plan(
+    name: str,
+    plans: dict[str, BuildPlan],
+    specs: dict[str, GraphSpec],
+    limits: Limits,
+    step_file: str | None,
+    fixed_past: bool,
+) -> tuple[BuildPlan, GraphSpec, list[Profile], dict[str, int] | None]:
+    """(plan, I/O spec, profiles, fixed dims to record) of engine *name*: a graph, the
+    decode step (the decoder's I/O, seq 1 over the fixed past) or the fixed-past decoder."""
+    spec, past = specs.get(name, specs[DECODER]), limits.max_seq - 1
+    if name == tm.STEP:
+        plan = replace(plans[DECODER], onnx=step_file)
+        return plan, spec, [step_profile(spec, limits.max_seq)], {"seq": 1, "past": past}
+    if name == DECODER and fixed_past:
+        return plans[name], spec, fixed_past_profiles(spec, limits), {"past": past}
+    return plans[name], spec, profiles_from_spec(spec, limits), None
+
+
+def _check_fixed_past(
+    step_file: str | None, limits: Limits, out: Path, graphs: Sequence[str]
+) -> None:
+    """A fixed-past build needs the recorded step graph and one sequence."""
+    if DECODER not in graphs:
+        raise TensorRTBuildError("--fixed-past builds the decoder: include it in the graphs")
+    if step_file is None:
+        raise TensorRTBuildError(
+            f"--fixed-past builds the decoder from the decode step graph: make it with "
+            f"`python -m export step {out} --checkpoint CKPT --max-seq {limits.max_seq}` "
+            "(or pass --checkpoint)"
+        )
+    if limits.max_batch != 1:
+        raise TensorRTBuildError("--fixed-past decodes one sequence: pass --max-batch 1")
 
 
 def qdq_variants(manifest: dict[str, Any]) -> list[str]:
