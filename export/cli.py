@@ -176,7 +176,8 @@ def _add_trt_parser(sub: argparse._SubParsersAction) -> None:
         description="Re-export CKPT's decoder as one decode step over a fixed past of "
         "MAX_SEQ - 1 masked slots (past length as data) into OUT, quantised like each of "
         "OUT's QDQ decoder variants, and record it in the manifest. Needs torch and onnx; "
-        "`python -m export trt OUT` then builds it where only TensorRT is installed (a Jetson).",
+        "`python -m export trt OUT` then builds it where only TensorRT is installed (a Jetson), "
+        "beside the decoder or, with --fixed-past, as the decoder itself.",
     )
     s.add_argument("out", type=Path, help="artifact directory written by `python -m export onnx`")
     s.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint OUT came from")
