@@ -165,6 +165,15 @@ def test_decode_step_engine_is_a_second_copy_of_the_decoder(tiny_art, tmp_path):
     extra = 32 * n * (n - 1) * 8  # the masked keys' scores and softmax, fp32
     assert fixed["items"]["activations: decoder"] == plain["items"]["activations: decoder"] + extra
     assert fixed["items"]["activations: decoder prefill rows"] == n * kv_pos
+    # Floors: a fixed-past step scores and reads the whole cache (1472 positions) at every
+    # step; the fixed-past prefill also scores the 1471 masked slots.
+    for cand in (replace(s, decode_step=True), replace(s, fixed_past=True)):
+        fl = floors(cfg, nx, cand)
+        assert fl["decode_step"] == pytest.approx(1e3 * (w + n * kv_pos) / 102.4e9, rel=1e-3)
+    base = floors(cfg, nx, s)["inputs"]["prefill_gflop"]
+    more = floors(cfg, nx, replace(s, fixed_past=True))["inputs"]["prefill_gflop"]
+    q = 32 * 128
+    assert more - base == pytest.approx(32 * 2 * 2 * q * 960 * 1471 / 1e9)
     with pytest.raises(InputError, match="fixed-past decoder is its own decode step"):
         memory(cfg, nx, replace(s, fixed_past=True, decode_step=True))
     assert all(x["frames"] < 64 for x in suggest(cfg, nx, replace(s, decode_step=True)))

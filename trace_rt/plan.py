@@ -345,9 +345,17 @@ def floors(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
         decode_steps=s.max_new_tokens,
         itemsize=it,
         weight_bytes=weights(cfg, device, s)["decoder"],
+        # A fixed-past step reads the whole cache at every step (past slots = max_seq - 1).
+        fixed_past=_cache_positions(cfg, s) - 1 if s.decode_step or s.fixed_past else None,
+        masked_prefill=s.fixed_past,
     )
     out["decode_tokens_per_s"] = 1e3 / out["decode_step"] if out["decode_step"] else None
     return out
+
+
+def _cache_positions(cfg: TraceConfig, s: Settings) -> int:
+    """The TensorRT cache's positions: the build's --max-seq, else the request's context."""
+    return s.built.max_seq if s.built is not None else context_positions(cfg, s)[1]
 
 
 def suggest(cfg: TraceConfig, device: Device, s: Settings) -> list[dict[str, Any]]:
