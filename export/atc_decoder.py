@@ -75,18 +75,25 @@ _EXAMPLE_SEQ, _EXAMPLE_PAST = 3, 5
 
 
 def export_static_decoder(
-    model: TraceModel, roles: DecoderRoles, *, with_past: bool, opset: int
+    model: TraceModel,
+    roles: DecoderRoles,
+    *,
+    with_past: bool,
+    opset: int,
+    dynamic_seq: bool = False,
 ) -> onnx.ModelProto:
     """Trace the prefill (``with_past=False``) or decode-step variant; returns its proto.
 
     The variable dim stays symbolic (the spec's seq dim for prefill, its past dim for
     the decode step, whose seq is 1); the caller fixes it, or keeps it for
-    ``--dynamic_dims`` gears.
+    ``--dynamic_dims`` gears. ``dynamic_seq`` (with a past): the seq dim stays symbolic
+    too, traced with several new positions, so the graph also runs a prefill over the
+    masked past (TensorRT's fixed-past decoder, export/trt_step.py).
     """
     cfg = model.config
     dt = next(model.parameters()).dtype
     g = torch.Generator().manual_seed(0)
-    seq = 1 if with_past else _EXAMPLE_SEQ
+    seq = 1 if with_past and not dynamic_seq else _EXAMPLE_SEQ
     start = _EXAMPLE_PAST if with_past else 0  # a step right after a full example past
     args: list[Tensor] = [
         torch.randn(1, seq, cfg.hidden_size, generator=g).to(dt),
@@ -103,6 +110,9 @@ def export_static_decoder(
                 args.append(torch.randn(shape, generator=g).to(dt))
                 inputs.append(spec.name)
                 axes[spec.name] = {roles.past_axis: roles.past_dim}
+        if dynamic_seq:
+            axes |= {name: {1: roles.seq_dim} for name in inputs[:2]}
+            axes |= {name: {roles.new_axis: roles.seq_dim} for name in outputs[1:]}
     else:
         axes = {name: {1: roles.seq_dim} for name in inputs}
         axes |= {name: {roles.new_axis: roles.seq_dim} for name in outputs[1:]}

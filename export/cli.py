@@ -153,10 +153,40 @@ def _add_trt_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--checkpoint",
         type=Path,
-        help="the checkpoint OUT was exported from: also build the fixed-shape decode step "
-        "(past length as data), so one CUDA graph serves every decode step",
+        help="the checkpoint OUT was exported from: (re)make the fixed-shape decode step "
+        "first, as `export step` does (needs torch)",
+    )
+    t.add_argument(
+        "--no-step",
+        action="store_true",
+        help="do not build the decode step `export step` recorded (default: build it, "
+        "quantised like the decoder, so one CUDA graph serves every decode step)",
+    )
+    t.add_argument(
+        "--fixed-past",
+        action="store_true",
+        help="build the decoder itself from the decode step graph (prefill and decode over "
+        "the fixed past): one engine, one copy of the weights, one CUDA graph for every "
+        "step; one sequence (--max-batch 1). For memory-tight boards",
     )
     t.add_argument("--no-progress", action="store_true", help="no progress display")
+    s = sub.add_parser(
+        "step",
+        help="write the fixed-shape decode step `export trt` builds (one CUDA graph per step)",
+        description="Re-export CKPT's decoder as one decode step over a fixed past of "
+        "MAX_SEQ - 1 masked slots (past length as data) into OUT, quantised like each of "
+        "OUT's QDQ decoder variants, and record it in the manifest. Needs torch and onnx; "
+        "`python -m export trt OUT` then builds it where only TensorRT is installed (a Jetson), "
+        "beside the decoder or, with --fixed-past, as the decoder itself.",
+    )
+    s.add_argument("out", type=Path, help="artifact directory written by `python -m export onnx`")
+    s.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint OUT came from")
+    s.add_argument(
+        "--max-seq",
+        type=int,
+        required=True,
+        help="the context `export trt --max-seq` will build (the step's past is MAX_SEQ - 1)",
+    )
 
 
 def _onnx(args: argparse.Namespace) -> None:
@@ -221,10 +251,27 @@ def _trt(args: argparse.Namespace) -> None:
         workspace_gb=args.workspace_gb,
         decoder_variant=args.decoder_variant,
         checkpoint=args.checkpoint,
+        step=not args.no_step,
+        fixed_past=args.fixed_past,
         progress=not args.no_progress,
     )
     for graph, rec in section["engines"].items():
         print(f"wrote {args.out / rec['file']} ({graph}, {rec['build_s']} s)")
+    step = section["engines"].get("decoder_step")
+    if step is not None:
+        print(
+            f"note: the decode step engine holds its own copy of the decoder's weights "
+            f"({step['bytes'] / 1e9:.2f} GB); where memory is tight (`trace-rt plan`), "
+            "rebuild with --no-step"
+        )
+
+
+def _step(args: argparse.Namespace) -> None:
+    from export.trt_step import make_step
+
+    rec = make_step(args.checkpoint, args.out, args.max_seq)
+    for file in [rec["file"], *(v["file"] for v in rec["variants"].values())]:
+        print(f"wrote {args.out / file}")
 
 
 def _atc(args: argparse.Namespace) -> None:
@@ -238,6 +285,7 @@ COMMANDS = {
     "quantize": _quantize,
     "optimize": _optimize,
     "trt": _trt,
+    "step": _step,
     "atc": _atc,
     "hf-llm": _hf_llm,
 }

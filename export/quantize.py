@@ -184,6 +184,10 @@ def quantize_artifact(
             "tools": {"onnxruntime": ort.__version__, "onnx": onnx.__version__},
         }
     _update_manifest(root, records)
+    if "qdq" in forms and "decode_step" in load_manifest(root, verify="size"):
+        from export.trt_step import quantize_step  # the step TensorRT builds, quantised alike
+
+        quantize_step(root, variant_name(bits, "qdq"))
     return records
 
 

@@ -162,7 +162,7 @@ def profiles_from_spec(spec: GraphSpec, limits: Limits) -> list[Profile]:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class BuildPlan:
     """How one graph is built: from which ONNX file, typed how, with which flags."""
 
     onnx: str
@@ -182,6 +182,8 @@ def build_engines(
     decoder_variant: str | None = None,
     graphs: Sequence[str] = GRAPH_NAMES,
     checkpoint: str | Path | None = None,
+    step: bool = True,
+    fixed_past: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Build the three engines for artifact directory *out*; returns the manifest section.
@@ -203,9 +205,16 @@ def build_engines(
         graphs: build only these; the engines of the others are kept from the manifest
             when they were built with the same TensorRT, GPU, precision and limits (lets a
             time-boxed GPU run build and measure the cheap engines first).
-        checkpoint: the checkpoint *out* was exported from: also build the fixed-shape
-            decode step (:mod:`export.trt_step`, recorded as ``engines["decoder_step"]``),
-            which lets the backend serve every decode step with one CUDA graph.
+        checkpoint: the checkpoint *out* was exported from: (re)make the fixed-shape decode
+            step first (:func:`export.trt_step.make_step`; needs torch and onnx).
+        step: build the decode step the artifact records (``python -m export step``, or
+            *checkpoint*), quantised like the decoder for a QDQ variant; recorded as
+            ``engines["decoder_step"]``, it lets the backend serve every decode step with
+            one CUDA graph. Without a checkpoint this needs no torch. False: no step.
+        fixed_past: build the decoder itself from the recorded step graph (prefill and
+            decode profiles over the fixed past, ``engines["decoder"]["fixed"]``): one
+            engine, so one copy of the decoder's weights, and one CUDA graph for every
+            decode step; one sequence (``max_batch`` 1).
         progress: show a progress display.
     """
     out = Path(out)
@@ -217,8 +226,15 @@ def build_engines(
         raise TensorRTBuildError(f"unknown graphs {unknown}; use {list(GRAPH_NAMES)}")
     trt = _import_tensorrt()
     specs = manifest_specs(manifest)
+    if max_seq is None and step and checkpoint is None:  # the recorded step's context
+        max_seq = (manifest.get("decode_step") or {}).get("max_seq")
     limits = _limits(TraceConfig.from_dir(out), max_frames, max_seq, max_batch)
     plans = _plans(trt, out, manifest, precision, export_dtype, decoder_variant)
+    from export.trt_step import engine_plan, step_file_for_build
+
+    step_file = step_file_for_build(out, plans, limits, graphs, checkpoint, step, fixed_past)
+    if fixed_past:  # the step graph is the decoder: no engine of its own
+        plans[DECODER], step_file = replace(plans[DECODER], onnx=step_file), None
     gpu = _gpu_info()
     (out / tm.ENGINE_DIR).mkdir(exist_ok=True)
     cache_file = out / tm.ENGINE_DIR / f"timing-{_slug(gpu['name'])}-trt{trt.__version__}.cache"
@@ -227,26 +243,14 @@ def build_engines(
     engines = _kept_engines(manifest, trt.__version__, gpu, precision, limits, graphs)
     t_all = time.perf_counter()
     with _progress(f"export trt {out.name} ({precision}, {gpu['name']})", progress) as bar:
-        todo = [g for g in GRAPH_NAMES if g in graphs]
-        step = checkpoint is not None and DECODER in todo
-        if step and plans[DECODER].variant:
-            raise TensorRTBuildError(
-                "--checkpoint re-exports the decode step unquantised; it cannot go with a "
-                "quantised decoder variant"
-            )
-        if step:
-            todo.append(tm.STEP)
+        todo = [g for g in GRAPH_NAMES if g in graphs] + ([tm.STEP] if step_file else [])
         task = bar.add_task("", total=len(todo))
         for i, name in enumerate(todo):
             bar.update(task, completed=i, description=f"{name}: parse + build")
-            plan, spec = plans.get(name, plans[DECODER]), specs.get(name, specs[DECODER])
-            profiles = profiles_from_spec(spec, limits)
+            plan, spec, profiles, fixed = engine_plan(
+                name, plans, specs, limits, step_file, fixed_past
+            )
             t0 = time.perf_counter()
-            if name == tm.STEP:  # the decoder's I/O at fixed shapes, from the checkpoint
-                from export.trt_step import step_profile, write_step_onnx
-
-                onnx_file = write_step_onnx(checkpoint, out, limits.max_seq, _onnx_opset(out))
-                plan, profiles = replace(plan, onnx=onnx_file), [step_profile(spec, limits.max_seq)]
             blob, cache = _build_one(
                 trt, logger, out / plan.onnx, spec, plan, profiles, cache, workspace_gb
             )
@@ -254,8 +258,8 @@ def build_engines(
             replace_bytes(out / rel, blob)  # a new file: a repository may link the old one
             replace_bytes(cache_file, cache)  # after every graph: a later failure keeps it
             engines[name] = _engine_record(out, rel, plan, profiles, time.perf_counter() - t0)
-            if name == tm.STEP:
-                engines[name]["fixed"] = {"seq": 1, "past": limits.max_seq - 1}
+            if fixed is not None:
+                engines[name]["fixed"] = fixed
         bar.update(task, completed=len(todo), description="manifest")
         section = {
             "format": tm.FORMAT,
@@ -271,11 +275,6 @@ def build_engines(
         }
         tm.write_section(out, section)
     return section
-
-
-def _onnx_opset(out: Path) -> int:
-    """The opset the artifact's graphs were exported with (the step re-export matches it)."""
-    return int(load_manifest(out, verify="size")["export"].get("opset", 17))
 
 
 def _precision(precision: str | None, decoder_variant: str | None, export_dtype: str) -> str:
@@ -316,7 +315,7 @@ def _progress(title: str, enabled: bool) -> Progress:
 
 
 def _engine_record(
-    out: Path, rel: str, plan: _Plan, profiles: list[Profile], build_s: float
+    out: Path, rel: str, plan: BuildPlan, profiles: list[Profile], build_s: float
 ) -> dict[str, Any]:
     """The manifest's record of one built engine."""
     return {
@@ -363,7 +362,7 @@ def _plans(
     precision: str,
     export_dtype: str,
     variant: str | None,
-) -> dict[str, _Plan]:
+) -> dict[str, BuildPlan]:
     """Per graph: source file and typing. Strong typing whenever the ONNX types suffice."""
     weak_flag = {"fp16": "FP16", "bf16": "BF16"}
     plans = {}
@@ -371,10 +370,10 @@ def _plans(
         onnx_file = manifest["graphs"][name]["file"]
         if name == DECODER and (precision in QUANTISED or variant):
             vname, onnx_file = _variant(out, manifest, precision, variant)
-            plans[name] = _Plan(onnx_file, True, (), vname)  # the QDQ nodes set precisions
+            plans[name] = BuildPlan(onnx_file, True, (), vname)  # the QDQ nodes set precisions
         elif precision in (export_dtype, *QUANTISED):
             # Quantised builds keep the unquantised graphs at the export dtype.
-            plans[name] = _Plan(onnx_file, True, ())
+            plans[name] = BuildPlan(onnx_file, True, ())
         else:
             flag = weak_flag.get(precision)
             if flag is None or not hasattr(trt.BuilderFlag, flag):
@@ -383,7 +382,7 @@ def _plans(
                     f"which TensorRT {trt.__version__} does not have; export the graphs at "
                     f"{precision} instead (python -m export onnx CKPT OUT --dtype {precision})"
                 )
-            plans[name] = _Plan(onnx_file, False, (flag,))
+            plans[name] = BuildPlan(onnx_file, False, (flag,))
     return plans
 
 
@@ -431,7 +430,7 @@ def _build_one(
     logger: Any,
     onnx_path: Path,
     spec: GraphSpec,
-    plan: _Plan,
+    plan: BuildPlan,
     profiles: list[Profile],
     cache: bytes,
     workspace_gb: float | None,

@@ -22,26 +22,47 @@ BLOCK = (
 )
 
 
-def _child(code: str) -> subprocess.CompletedProcess:
+# JetPack 6's Python: a 3.10 venv with the edge install (deploy/jetson/py310.sh makes it).
+PY310 = Path(
+    os.environ.get("TRACE_RT_EDGE_PYTHON")
+    or Path.home() / ".cache" / "trace-rt" / "py310-edge" / "bin" / "python"
+)
+
+
+def _child(code: str, python: str = sys.executable) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-c", BLOCK + code], capture_output=True, text=True, env=env, cwd=REPO
+        [python, "-c", BLOCK + code], capture_output=True, text=True, env=env, cwd=REPO
     )
 
 
 @pytest.fixture(scope="module")
 def edge_art(tiny_ckpt, tmp_path_factory) -> Path:
     from export import export_onnx
-    from tests.fake_tensorrt import fake_engines
+    from export.quantize import quantize_artifact
+    from export.trt_step import make_step
 
+    # What a workstation hands the board: graphs, the int4 QDQ decoder and the decode step.
     art = export_onnx(tiny_ckpt, tmp_path_factory.mktemp("edge") / "art", progress=False)
-    fake_engines(art, max_frames=8, max_seq=512)
+    quantize_artifact(art, 4, forms=["qdq"])
+    make_step(tiny_ckpt, art, 512)
     return art
 
 
-def test_edge_path_imports_no_torch(edge_art, clip_video):
+@pytest.fixture(params=["host", "py310"])
+def edge_python(request) -> tuple[str, tuple[int, int] | None]:
+    """(interpreter, the version it must be): this venv's, and the Python 3.10 edge venv."""
+    if request.param == "host":
+        return sys.executable, None
+    if not PY310.is_file():
+        pytest.skip(f"no Python 3.10 edge venv at {PY310}: bash deploy/jetson/py310.sh")
+    return str(PY310), (3, 10)
+
+
+def test_edge_path_imports_no_torch(edge_art, clip_video, edge_python):
     # What a Jetson runs: run (onnxruntime), plan, watch over a file, `python -m export
-    # trt` and the TensorRT backend (on the CPU stand-ins for tensorrt and cuda-python).
+    # trt --int4` (with the int4 decode step, then --fixed-past) and the TensorRT backend
+    # (on the CPU stand-ins for tensorrt and cuda-python).
     code = f"""
 import json
 from trace_rt.cli import main
@@ -53,18 +74,28 @@ assert main(['watch', {str(clip_video)!r}, '--model', {str(edge_art)!r}, '--wind
 from tests.fake_tensorrt import make_modules
 sys.modules.update(make_modules())
 from export.cli import main as export_main  # engines are built on the device
-assert export_main(['trt', {str(edge_art)!r}, '--max-seq', '512']) == 0
+assert export_main(['trt', {str(edge_art)!r}, '--int4', '--max-batch', '1']) == 0
 from trace_rt.pipeline import Pipeline
 from trace_rt.generate import GenerationConfig
-Pipeline.from_dir({str(edge_art)!r}, 'tensorrt', device='cuda').run(
-    {str(clip_video)!r}, 'dvc', gen=GenerationConfig(max_new_tokens=4))
+pipe = Pipeline.from_dir({str(edge_art)!r}, 'tensorrt', device='cuda')
+assert pipe.backend.step is not None
+pipe.run({str(clip_video)!r}, 'dvc', gen=GenerationConfig(max_new_tokens=4))
+assert pipe.backend.step.graph is not None
+# The memory-tight form: the step graph as the one decoder engine.
+assert export_main(['trt', {str(edge_art)!r}, '--int4', '--max-batch', '1', '--fixed-past']) == 0
+pipe = Pipeline.from_dir({str(edge_art)!r}, 'tensorrt', device='cuda')
+assert pipe.backend.fixed_past
+pipe.run({str(clip_video)!r}, 'dvc', gen=GenerationConfig(max_new_tokens=4))
 bad = sorted(m for m, mod in sys.modules.items() if mod is not None and (
     m.split('.')[0] in ('torch', 'transformers') or m == 'safetensors.torch'))
-print(json.dumps(bad), file=sys.stderr)
+print(json.dumps([bad, list(sys.version_info[:2])]), file=sys.stderr)
 """
-    out = _child(code)
+    python, version = edge_python
+    out = _child(code, python)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stderr.strip().splitlines()[-1]) == []
+    bad, ran = json.loads(out.stderr.strip().splitlines()[-1])
+    assert bad == []
+    assert version is None or tuple(ran) == version
 
 
 @pytest.mark.slow

@@ -133,6 +133,129 @@ def test_cli_plan():
     assert out.returncode == 2 and "unknown preset 'nope'" in out.stderr
 
 
+def test_decode_step_engine_is_a_second_copy_of_the_decoder(tiny_art, tmp_path):
+    """The TensorRT decode step (one CUDA graph per step) is an engine of its own: the plan
+    counts its weights again; on an Orin NX it turns trace-7b int4 at 64 frames from
+    fitting into not fitting."""
+    cfg = load_preset("trace-7b")
+    nx = DEVICES["orin-nx-16gb"]
+    s = Settings(precision="int4", frames=64, max_new_tokens=512)
+    plain, step = memory(cfg, nx, s), memory(cfg, nx, replace(s, decode_step=True))
+    w = weights(cfg, nx, s)["decoder"]
+    assert step["items"]["weights: decoder step"] == w
+    # One query over the whole context: heads x positions fp32 scores, one row of
+    # activations, the logits.
+    act = step["items"]["activations: decoder step"]
+    row = (4 * 4096 + 2 * 1024 + 3 * 14336) * 2
+    assert act == row + 32 * 1472 * 8 + 32027 * 4
+    assert step["counted_bytes"] == pytest.approx(plain["counted_bytes"] + w + act)
+    assert plain["fits"] and not step["fits"]
+    result = plan(cfg, nx, replace(s, decode_step=True))
+    assert result["without_decode_step"]["fits"] is True
+    assert result["without_decode_step"]["margin_gb"] == 3.21
+    assert "without the decode step engine (export trt --no-step): fits" in render(result)
+    assert "without_decode_step" not in plan(cfg, nx, s)
+    # The fixed-past decoder (export trt --fixed-past): one decoder engine that is its own
+    # step; its prefill scores 1472 queries against 1471 masked + 1472 new keys and writes
+    # its new rows to a buffer of the cache's size first.
+    assert result["without_decode_step"]["fixed_past"] == {"fits": True, "margin_gb": 2.46}
+    fixed = memory(cfg, nx, replace(s, fixed_past=True))
+    assert "weights: decoder step" not in fixed["items"]
+    n, kv_pos = 1472, 2 * 32 * 8 * 128 * 2
+    extra = 32 * n * (n - 1) * 8  # the masked keys' scores and softmax, fp32
+    assert fixed["items"]["activations: decoder"] == plain["items"]["activations: decoder"] + extra
+    assert fixed["items"]["activations: decoder prefill rows"] == n * kv_pos
+    # Floors: a fixed-past step scores and reads the whole cache (1472 positions) at every
+    # step; the fixed-past prefill also scores the 1471 masked slots.
+    for cand in (replace(s, decode_step=True), replace(s, fixed_past=True)):
+        fl = floors(cfg, nx, cand)
+        assert fl["decode_step"] == pytest.approx(1e3 * (w + n * kv_pos) / 102.4e9, rel=1e-3)
+    base = floors(cfg, nx, s)["inputs"]["prefill_gflop"]
+    more = floors(cfg, nx, replace(s, fixed_past=True))["inputs"]["prefill_gflop"]
+    q = 32 * 128
+    assert more - base == pytest.approx(32 * 2 * 2 * q * 960 * 1471 / 1e9)
+    with pytest.raises(InputError, match="fixed-past decoder is its own decode step"):
+        memory(cfg, nx, replace(s, fixed_past=True, decode_step=True))
+    assert all(x["frames"] < 64 for x in suggest(cfg, nx, replace(s, decode_step=True)))
+    with pytest.raises(InputError, match="decode step engine is TensorRT's"):
+        memory(cfg, get_device("cpu"), Settings(precision="fp32", decode_step=True))
+    # The CLI counts it when the artifact has one (`export step`), or when asked.
+    import shutil
+
+    art = shutil.copytree(tiny_art, tmp_path / "art")
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["decode_step"] = {"max_seq": 384}  # what `python -m export step` records
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    for model, args, want in [
+        (tiny_art, (), False),
+        (art, (), True),
+        (art, ("--no-decode-step",), False),
+        (tiny_art, ("--decode-step",), True),
+    ]:
+        out = subprocess.run(
+            [sys.executable, "-m", "trace_rt", "plan", "--model", str(model), "--device",
+             "orin-nx-16gb", "--json", *args],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        items = json.loads(out.stdout)["memory"]["items"]
+        assert ("weights: decoder step" in items) is want, (model, args)
+
+
+def test_built_engines_plan_what_the_backend_allocates(tiny_art, tmp_path):
+    """With engines built, the plan counts what the TensorRT backend allocates at load: the
+    engine files, a KV pool and activations for the build's limits, not the request's."""
+    import shutil
+
+    from tests.fake_tensorrt import fake_engines
+    from trace_rt.bench.floor import kv_bytes_per_position
+    from trace_rt.config import TraceConfig
+    from trace_rt.plan import activations, built_engines
+
+    art = shutil.copytree(tiny_art, tmp_path / "art")
+    assert built_engines(art) is None
+    fake_engines(art, max_frames=8, max_seq=512)
+    built = built_engines(art)
+    section = json.loads((art / "manifest.json").read_text())["tensorrt"]
+    assert (built.max_frames, built.max_seq, built.precision, built.itemsize) == (8, 512, "fp32", 4)
+    cfg, agx = TraceConfig.from_dir(art), DEVICES["agx-orin-32gb"]
+    s = Settings(precision="fp32", frames=4, max_new_tokens=16, built=built)
+    m = memory(cfg, agx, s)
+    assert m["items"]["weights: decoder"] == section["engines"]["decoder"]["bytes"]
+    assert m["items"]["kv cache"] == 512 * kv_bytes_per_position(cfg, 4)  # not the context
+    assert m["positions"]["context"] < 512
+    assert m["items"]["activations: decoder"] == activations(cfg, agx, 8, 512, 4)["decoder"]
+    assert m["fits"] and m["exceeds_engines"] == []
+    # A request the engines cannot take does not fit, whatever the memory.
+    big = memory(cfg, agx, replace(s, frames=16, max_new_tokens=600))
+    assert not big["fits"] and len(big["exceeds_engines"]) == 2
+    text = render(plan(cfg, agx, replace(s, frames=16)))
+    assert "16 frames > the engines' --max-frames 8" in text
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "trace_rt", "plan", "--model", str(art),
+                               "--device", "agx-orin-32gb", *args],
+                              capture_output=True, text=True)  # fmt: skip
+
+    out = cli("--frames", "4", "--json")  # 512 new tokens: past the engines' context
+    assert out.returncode == 1 and "632 positions > the engines' --max-seq 512" in out.stdout
+    out = cli("--frames", "4", "--max-new-tokens", "16", "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)["memory"]
+    assert got["weights_from"] == "engine files" and got["settings"]["precision"] == "fp32"
+    assert got["items"]["kv cache"] == m["items"]["kv cache"]
+    out = cli("--precision", "int4")
+    assert out.returncode == 2 and "the engines are fp32, without the decode step" in out.stderr
+    # A fixed-past build is planned as one: its decoder record says so.
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["tensorrt"]["engines"]["decoder"]["fixed"] = {"past": 511}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    assert built_engines(art).fixed_past
+    out = cli("--frames", "4", "--max-new-tokens", "16", "--json")
+    assert json.loads(out.stdout)["memory"]["settings"]["fixed_past"] is True
+    assert "activations: decoder prefill rows" in json.loads(out.stdout)["memory"]["items"]
+
+
 def _measured_peak_rss(model: str, video: str, frames: int, tokens: int) -> float:
     """Peak RSS (bytes) of a fresh process serving one request with onnxruntime on CPU."""
     code = (

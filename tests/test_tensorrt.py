@@ -800,8 +800,8 @@ def test_step_engine_logits(fake_trt, step_art):
 
 
 def test_fake_build_step_then_run(fake_trt, tiny_ckpt, tmp_path, clip_video):
-    """`export trt --checkpoint`: the step is built (through the stand-in builder, which
-    checks its fixed profile against the parsed network) and run with one graph."""
+    """`export trt --checkpoint`: the step is made, recorded and built (through the stand-in
+    builder, which checks its fixed profile against the parsed network), run with one graph."""
     import tensorrt
 
     from export import export_onnx
@@ -826,8 +826,14 @@ def test_fake_build_step_then_run(fake_trt, tiny_ckpt, tmp_path, clip_video):
     want = Pipeline.from_dir(art, "onnxruntime", cache_dir=False).run(clip_video, "dvc", gen=gen)
     assert got == [want["token_ids"]] * 2
     assert len(fake_trt.live_graphs) == 1 and pipe.backend.past_graphs.graphs == {}
-    # A decoder rebuilt without the checkpoint drops the old step (it goes with the decoder).
+    # A decoder rebuilt without the checkpoint rebuilds the step the manifest records (no
+    # torch needed); with step=False it drops the old one (the step goes with the decoder).
     again = build_engines(art, max_seq=384, max_batch=2, graphs=["decoder"], progress=False)
+    assert again["engines"][tm.STEP]["onnx"] == "decoder_step.onnx"
+    assert len(tensorrt.Builder.built) == 6
+    again = build_engines(
+        art, max_seq=384, max_batch=2, graphs=["decoder"], step=False, progress=False
+    )
     assert tm.STEP not in again["engines"] and "vision_encoder" in again["engines"]
     assert Pipeline.from_dir(art, "tensorrt", device="cuda").backend.step is None
 

@@ -1,6 +1,7 @@
 """``trace-rt watch``: windows of a live source equal ``trace-rt run`` on the same cut.
 
-The live source is a generated video streamed over a local TCP socket (127.0.0.1 only);
+The live source is a generated video streamed over a local TCP socket or HTTP (127.0.0.1
+only);
 it is intra-only H.264 in MPEG-TS, so a cut made by copying packets decodes to exactly the
 frames the stream delivered and the comparison can be exact.
 """
@@ -127,6 +128,50 @@ def test_tcp_stream_windows_equal_run_on_cuts(art, stream_file, tmp_path, task):
         ]
         assert [e["timestamps"] for e in w["stream_events"]] == shifted
         assert w["wall_clock"].endswith("+00:00") and w["latency_s"] >= 0
+
+
+def test_http_stream_windows_equal_run_on_cuts(art, stream_file, tmp_path):
+    # A live HTTP stream (no Content-Length: it ends when the server closes) on 127.0.0.1.
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from trace_rt.pipeline import Pipeline
+    from trace_rt.watch import run_watch
+
+    data = stream_file.read_bytes()
+
+    class Live(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp2t")
+            self.end_headers()
+            for i in range(0, len(data), 4096):
+                self.wfile.write(data[i : i + 4096])
+            self.close_connection = True
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Live)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        pipe = Pipeline.from_dir(art, "onnxruntime", cache_dir=False, resize="exact")
+        lines: list[dict] = []
+        url = f"http://127.0.0.1:{server.server_address[1]}/live.ts"
+        status = run_watch(url, _local_infer(pipe, "dvc", None), window=2.0, stride=2.0,
+                           n_frames=4, drop=False, emit=lines.append)  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    windows = [x for x in lines if "window" in x]
+    # FFmpeg ends a body without a length with an I/O error after its last frame: the
+    # windows complete by then are still answered (the last, [4, 6), was lost before).
+    assert status["end"].startswith("the stream failed") and "Input/output" in status["end"]
+    assert (status["windows"], status["dropped"]) == (3, 0)
+    for w in windows:
+        cut = _cut(stream_file, tmp_path / f"h{w['window']}.ts", w["stream_start"],
+                   w["stream_end"])  # fmt: skip
+        want = pipe.run(cut, "dvc", frames=4, gen=GEN)
+        assert (w["token_ids"], w["frame_times"]) == (want["token_ids"], want["frame_times"])
 
 
 def test_stream_that_ends_or_stalls(art, stream_file):

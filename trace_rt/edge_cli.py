@@ -14,32 +14,65 @@ def plan_command(args: argparse.Namespace) -> int:
     """``trace-rt plan``: memory plan, floor latencies and fitting settings for a device."""
     from trace_rt.config import TraceConfig
     from trace_rt.devices import get_device
-    from trace_rt.plan import Settings, plan, render
+    from trace_rt.plan import Settings, built_engines, plan, render
     from trace_rt.presets import load_preset
 
+    device = get_device(args.device, gbps=args.peak_gbps, tflops=args.peak_tflops)
+    step, precision, built = args.decode_step, args.precision, None
+    fixed = args.fixed_past
     if args.model is not None:
         cfg = TraceConfig.from_dir(args.model)
+        built = built_engines(args.model) if device.gpu else None
+        if built is not None:  # what was built decides; a contrary flag is a mistake
+            has_step = "decoder_step" in built.engine_bytes
+            if (
+                precision not in (None, built.precision)
+                or step not in (None, has_step)
+                or fixed not in (None, built.fixed_past)
+            ):
+                kind = "fixed-past" if built.fixed_past else "with" if has_step else "without"
+                raise InputError(
+                    f"{args.model}: the engines are {built.precision}, {kind} the decode step"
+                    "; plan without --precision/--decode-step/--fixed-past, or rebuild with "
+                    "`python -m export trt`"
+                )
+            step, precision, fixed = has_step, built.precision, built.fixed_past
+        elif step is None and not fixed:
+            step = _has_decode_step(args.model)
     else:
         try:
             cfg = load_preset(args.preset)
         except ValueError as e:
             raise InputError(str(e)) from None
-    device = get_device(args.device, gbps=args.peak_gbps, tflops=args.peak_tflops)
     height, _, width = (args.source_size or "720x1280").partition("x")
     try:
         source = (int(height), int(width))
     except ValueError:
         raise InputError(f"--source-size HxW, e.g. 720x1280; got {args.source_size!r}") from None
     settings = Settings(
-        precision=args.precision or ("int4" if device.gpu else "fp32"),
+        precision=precision or ("int4" if device.gpu else "fp32"),
         frames=args.frames or cfg.num_frames,
         max_new_tokens=args.max_new_tokens,
         concurrency=args.concurrency,
         source_size=source,
+        decode_step=bool(step) and device.gpu,
+        fixed_past=bool(fixed),
+        built=built,
     )
     result = plan(cfg, device, settings)
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0 if result["memory"]["fits"] else 1
+
+
+def _has_decode_step(model: Path) -> bool:
+    """Whether *model* (an artifact directory) has the fixed-shape decode step, made by
+    ``python -m export step`` or built by ``export trt``."""
+    try:
+        manifest = json.loads((Path(model) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    engines = (manifest.get("tensorrt") or {}).get("engines", {})
+    return "decode_step" in manifest or "decoder_step" in engines
 
 
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +85,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
         description="Memory per item (weights per graph, KV cache, activations and TensorRT "
         "workspace, video buffers, runtime), whether it fits with a 10%% margin, the floor "
         "latency of each stage from the device's bandwidth and FLOP rate, and the best "
-        "settings that fit. Exit status 0: fits; 1: does not fit.",
+        "settings that fit. For an artifact with TensorRT engines (on a GPU device): what "
+        "the backend allocates for them (engine files, KV and activations at the build's "
+        "--max-seq/--max-frames). Exit status 0: fits; 1: does not fit.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="checkpoint or artifact directory")
@@ -72,6 +107,20 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512, help="token budget (512)")
     p.add_argument("--concurrency", type=int, default=1, help="pipeline instances (1)")
     p.add_argument("--source-size", metavar="HxW", help="decoded video size (720x1280)")
+    p.add_argument(
+        "--decode-step",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="count the TensorRT decode step engine (one CUDA graph per step; a second copy "
+        "of the decoder's weights). Default: when --model has one (`export step`)",
+    )
+    p.add_argument(
+        "--fixed-past",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a fixed-past decoder (`export trt --fixed-past`: the step graph is the one "
+        "decoder engine; its prefill scores the whole cache). Default: as --model was built",
+    )
     p.add_argument("--peak-gbps", type=float, help="cpu: bandwidth instead of measuring it")
     p.add_argument("--peak-tflops", type=float, help="cpu: FLOP rate instead of measuring it")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -32,7 +32,9 @@ benchmarks report) with the device's data-sheet bandwidth and FLOP rate.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from trace_rt.bench.floor import (
@@ -49,6 +51,8 @@ from trace_rt.devices import Device
 from trace_rt.errors import InputError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+_ENGINE_ITEMS = {"decoder_step": "decoder step"}  # engine name -> plan item
+_ENGINE_ORDER = ["vision_encoder", "projector", "decoder", "decoder_step"]
 INT4_BLOCK = 32  # export quantize's default block size
 MARGIN = 0.10  # of usable memory kept free
 PROMPT_TEXT_TOKENS = 64  # system text + question around the video block (typical)
@@ -74,6 +78,51 @@ SOURCE_SIZE = (720, 1280)  # height, width of the decoded video (720p)
 
 
 @dataclass(frozen=True)
+class Built:
+    """TensorRT engines ``python -m export trt`` built into an artifact directory.
+
+    The backend allocates for the engines, not for the request: a KV pool of ``max_seq``
+    positions and each engine's activation memory for its largest profile (``max_frames``
+    frames, ``max_seq`` positions), and it loads the engine files' weights.
+
+    Attributes:
+        max_frames, max_seq: the build's limits (``manifest["tensorrt"]["limits"]``).
+        precision: the build's decoder precision, as the plan names it.
+        itemsize: bytes of the engines' float tensors (the export's dtype).
+        engine_bytes: engine file size per graph (``decoder_step`` too, if built).
+    """
+
+    max_frames: int
+    max_seq: int
+    precision: str
+    itemsize: int
+    engine_bytes: dict[str, int]
+    fixed_past: bool = False
+
+
+def built_engines(model_dir: str | Path) -> Built | None:
+    """The TensorRT build recorded in *model_dir*'s manifest; None without one."""
+    try:
+        manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    section = manifest.get("tensorrt")
+    if not section:
+        return None
+    limits = section["limits"]
+    # bf16 weighs what fp16 does, fp8 (weight-only) what int8 does.
+    precision = {"bf16": "fp16", "fp8": "int8"}.get(section["precision"], section["precision"])
+    return Built(
+        max_frames=int(limits["max_frames"]),
+        max_seq=int(limits["max_seq"]),
+        precision=precision,
+        itemsize=4 if manifest["export"]["dtype"] == "fp32" else 2,
+        engine_bytes={g: int(rec["bytes"]) for g, rec in section["engines"].items()},
+        fixed_past="fixed" in section["engines"].get("decoder", {}),
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     """What a request needs: precision, frames, new tokens, instances, video size."""
 
@@ -82,14 +131,21 @@ class Settings:
     max_new_tokens: int = 512
     concurrency: int = 1
     source_size: tuple[int, int] = SOURCE_SIZE
+    decode_step: bool = False  # the fixed-shape decode step engine (TensorRT, export step)
+    fixed_past: bool = False  # the decoder engine is the step graph (export trt --fixed-past)
+    built: Built | None = None  # engines already built: plan what the backend allocates
 
     def check(self, device: Device) -> None:
         if self.precision not in PRECISIONS:
             raise InputError(f"unknown precision {self.precision!r}; use one of {PRECISIONS}")
-        if self.precision == "fp32" and device.gpu:
+        if self.precision == "fp32" and device.gpu and self.built is None:
             raise InputError("fp32 is the CPU backend's precision; on a GPU use fp16/int8/int4")
         if self.precision == "fp16" and not device.gpu:
             raise InputError("the CPU backend runs fp32, int8 or int4 decoders, not fp16")
+        if (self.decode_step or self.fixed_past) and not device.gpu:
+            raise InputError("the decode step engine is TensorRT's (a GPU); not on cpu")
+        if self.decode_step and self.fixed_past:
+            raise InputError("a fixed-past decoder is its own decode step: not both")
         for name in ("frames", "max_new_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1")
@@ -138,17 +194,30 @@ def weights(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, float]:
     linear = layers - norms
     decoder = linear * linear_bytes_per_weight(s.precision)
     decoder += (norms + cfg.hidden_size + head_params(cfg)) * it
-    return {
+    out = {
         "vision_encoder": vision_params(cfg) * it,
         "projector": projector_cost(cfg, 0, it).bytes,  # frames=0: the weights alone
         "decoder": decoder,
-        "embeddings (host)": cfg.ids.size * cfg.hidden_size * it,
     }
+    if s.decode_step:
+        # An engine of its own, quantised like the decoder: TensorRT engines do not share
+        # weights, so the one-graph decode step holds a second copy of the decoder's.
+        out["decoder step"] = decoder
+    out["embeddings (host)"] = cfg.ids.size * cfg.hidden_size * it
+    return out
 
 
-def activations(cfg: TraceConfig, device: Device, frames: int, positions: int) -> dict[str, float]:
-    """Largest working set of each engine (one layer at a time, scores materialised)."""
-    it = float_itemsize(device)
+def activations(
+    cfg: TraceConfig,
+    device: Device,
+    frames: int,
+    positions: int,
+    itemsize: int | None = None,
+    fixed_past: bool = False,
+) -> dict[str, float]:
+    """Largest working set of each engine (one layer at a time, scores materialised); a
+    fixed-past decoder's prefill also scores every query against the whole masked cache."""
+    it = itemsize or float_itemsize(device)
     v = cfg.vision
     t = v.num_patches + 1
     vision = frames * (t * (5 * v.hidden_size + v.intermediate_size) * it)
@@ -160,9 +229,20 @@ def activations(cfg: TraceConfig, device: Device, frames: int, positions: int) -
     h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.attn_head_dim
     n = positions
     decoder = n * (4 * h + 2 * kv + 3 * cfg.intermediate_size) * it
-    decoder += cfg.num_attention_heads * n * n * 8  # fp32 scores and softmax
+    keys = 2 * n - 1 if fixed_past else n
+    decoder += cfg.num_attention_heads * n * keys * 8  # fp32 scores and softmax
     decoder += cfg.ids.size * 4  # every head's logits, fp32
     return {"vision_encoder": vision, "projector": projector, "decoder": decoder}
+
+
+def step_activations(
+    cfg: TraceConfig, device: Device, positions: int, itemsize: int | None = None
+) -> float:
+    """The decode step engine's working set: one query over the whole (masked) cache."""
+    it = itemsize or float_itemsize(device)
+    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.attn_head_dim
+    row = (4 * h + 2 * kv + 3 * cfg.intermediate_size) * it
+    return row + cfg.num_attention_heads * positions * 8 + cfg.ids.size * 4
 
 
 def video_buffers(cfg: TraceConfig, s: Settings) -> float:
@@ -180,11 +260,29 @@ def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
     prompt, context = context_positions(cfg, s)
     it = float_itemsize(device)
     w = weights(cfg, device, s)
-    act = activations(cfg, device, s.frames, context)
-    kv = kv_positions(cfg, device, prompt, context) * kv_bytes_per_position(cfg, it)
+    frames, positions, exceeds = s.frames, context, []
+    if s.built is not None:  # allocated for the engines' limits, whatever the request
+        b = s.built
+        it, frames, positions = b.itemsize, b.max_frames, b.max_seq
+        order = sorted(b.engine_bytes, key=lambda g: [*_ENGINE_ORDER, g].index(g))
+        w = {_ENGINE_ITEMS.get(g, g): float(b.engine_bytes[g]) for g in order}
+        w["embeddings (host)"] = cfg.ids.size * cfg.hidden_size * it
+        if s.frames > b.max_frames:
+            exceeds.append(f"{s.frames} frames > the engines' --max-frames {b.max_frames}")
+        if context > b.max_seq:
+            exceeds.append(f"{context} positions > the engines' --max-seq {b.max_seq}")
+    act = activations(cfg, device, frames, positions, it, s.fixed_past)
+    if s.decode_step:
+        act["decoder step"] = step_activations(cfg, device, positions, it)
+    if s.built is not None:
+        kv = positions * kv_bytes_per_position(cfg, it)
+    else:
+        kv = kv_positions(cfg, device, prompt, context) * kv_bytes_per_position(cfg, it)
+    if s.fixed_past:  # where the prefill writes its new rows before they go to the cache
+        act["decoder prefill rows"] = positions * kv_bytes_per_position(cfg, it)
     video = video_buffers(cfg, s)
     n = s.concurrency
-    graphs = w["vision_encoder"] + w["projector"] + w["decoder"]
+    graphs = sum(v for k, v in w.items() if k != "embeddings (host)")
     per_instance_device = graphs + kv + sum(act.values())
     per_instance_host = w["embeddings (host)"] + video
     runtime = device.host_runtime_bytes or HOST_RUNTIME_BYTES
@@ -206,6 +304,8 @@ def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
             "max_new_tokens": s.max_new_tokens,
             "concurrency": n,
             "source_size": list(s.source_size),
+            "decode_step": s.decode_step,
+            "fixed_past": s.fixed_past,
         },
         "positions": {"prompt": prompt, "context": context},
         "items": {
@@ -224,7 +324,9 @@ def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
         "host_bytes": host_bytes,
         "counted_bytes": need,
         "usable_bytes": usable,
-        "fits": need <= usable * (1 - MARGIN),
+        "weights_from": "engine files" if s.built is not None else "arithmetic",
+        "exceeds_engines": exceeds,
+        "fits": need <= usable * (1 - MARGIN) and not exceeds,
         "margin_bytes": usable - need,
         "margin_fraction": (usable - need) / usable,
     }
@@ -243,9 +345,17 @@ def floors(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
         decode_steps=s.max_new_tokens,
         itemsize=it,
         weight_bytes=weights(cfg, device, s)["decoder"],
+        # A fixed-past step reads the whole cache at every step (past slots = max_seq - 1).
+        fixed_past=_cache_positions(cfg, s) - 1 if s.decode_step or s.fixed_past else None,
+        masked_prefill=s.fixed_past,
     )
     out["decode_tokens_per_s"] = 1e3 / out["decode_step"] if out["decode_step"] else None
     return out
+
+
+def _cache_positions(cfg: TraceConfig, s: Settings) -> int:
+    """The TensorRT cache's positions: the build's --max-seq, else the request's context."""
+    return s.built.max_seq if s.built is not None else context_positions(cfg, s)[1]
 
 
 def suggest(cfg: TraceConfig, device: Device, s: Settings) -> list[dict[str, Any]]:
@@ -254,6 +364,7 @@ def suggest(cfg: TraceConfig, device: Device, s: Settings) -> list[dict[str, Any
     Frames matter most to a temporal-grounding model, precision next (fp16 > int8 > int4),
     the token budget last (dense captions of a long video need a few hundred).
     """
+    s = replace(s, built=None)  # settings to build with: the arithmetic, not these engines
     precisions = ("fp16", "int8", "int4") if device.gpu else ("fp32", "int8", "int4")
     frames = {f for f in (s.frames, 128, 96, 64, 48, 32, 16, 8, 4) if f <= s.frames}
     tokens = {t for t in (s.max_new_tokens, 512, 256, 128) if t <= s.max_new_tokens}
@@ -282,13 +393,36 @@ def suggest(cfg: TraceConfig, device: Device, s: Settings) -> list[dict[str, Any
 
 
 def plan(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
-    """Memory plan, floors and suggestions: what ``trace-rt plan`` prints."""
-    return {
+    """Memory plan, floors and suggestions: what ``trace-rt plan`` prints.
+
+    ``without_decode_step``: with the decode step engine counted, the margin without it
+    (``export trt --no-step``) and, before a build, with ``--fixed-past`` instead (one
+    decoder engine that is its own step).
+    """
+    mem = memory(cfg, device, s)
+    out = {
         "device": device.to_dict(),
-        "memory": memory(cfg, device, s),
+        "memory": mem,
         "floor_ms": floors(cfg, device, s),
         "suggestions": suggest(cfg, device, s),
     }
+    if s.decode_step:
+        built = s.built
+        if built is not None:
+            kept = {g: n for g, n in built.engine_bytes.items() if g != "decoder_step"}
+            built = replace(built, engine_bytes=kept)
+        alone = memory(cfg, device, replace(s, decode_step=False, built=built))
+        out["without_decode_step"] = {
+            "fits": alone["fits"],
+            "margin_gb": round(alone["margin_bytes"] / 1e9, 2),
+        }
+        if s.built is None:
+            fixed = memory(cfg, device, replace(s, decode_step=False, fixed_past=True))
+            out["without_decode_step"]["fixed_past"] = {
+                "fits": fixed["fits"],
+                "margin_gb": round(fixed["margin_bytes"] / 1e9, 2),
+            }
+    return out
 
 
 def render(result: dict[str, Any]) -> str:
@@ -302,7 +436,9 @@ def render(result: dict[str, Any]) -> str:
         f"{dev['gbps']:g} GB/s, {dev['tflops']:g} TFLOP/s  [{dev['source']}]",
         f"{s['precision']}, {s['frames']} frames, {s['max_new_tokens']} new tokens, "
         f"{s['concurrency']} instance(s): context {mem['positions']['context']} positions "
-        f"(prompt {mem['positions']['prompt']})",
+        f"(prompt {mem['positions']['prompt']})"
+        + (", with the decode step engine" if s["decode_step"] else "")
+        + (", fixed-past decoder" if s["fixed_past"] else ""),
         "",
         f"{'memory':<36}{'GB':>10}",
     ]
@@ -315,12 +451,32 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"{'host total':<36}{mem['host_bytes'] / gb:>10.3f}")
     counted = "device + host (unified)" if dev["unified"] else "device"
     lines.append(f"{'counted: ' + counted:<36}{mem['counted_bytes'] / gb:>10.3f}")
+    if mem["weights_from"] == "engine files":
+        lines.append("(weights: the built engines' files; KV and activations: their limits)")
+    for reason in mem["exceeds_engines"]:
+        lines.append(f"DOES NOT RUN on these engines: {reason}; rebuild with `export trt`")
     verdict = "FITS" if mem["fits"] else "DOES NOT FIT"
+    if mem["exceeds_engines"]:
+        verdict = "DOES NOT FIT the engines' limits; memory"
     lines.append(
         f"{verdict}: {mem['margin_bytes'] / gb:+.2f} GB left of {mem['usable_bytes'] / gb:.2f} "
         f"GB usable ({100 * mem['margin_fraction']:.0f}%; a plan fits with >= "
         f"{100 * MARGIN:.0f}% left)"
     )
+    alone = result.get("without_decode_step")
+    if alone is not None and not mem["fits"]:
+        lines.append(
+            f"without the decode step engine (export trt --no-step): "
+            f"{'fits' if alone['fits'] else 'does not fit either'}, "
+            f"{alone['margin_gb']:+.2f} GB left"
+        )
+        fixed = alone.get("fixed_past")
+        if fixed is not None:
+            lines.append(
+                f"a fixed-past decoder instead (export trt --fixed-past, one CUDA graph per "
+                f"step too): {'fits' if fixed['fits'] else 'does not fit'}, "
+                f"{fixed['margin_gb']:+.2f} GB left"
+            )
     lines += ["", "floor latency (roofline, data-sheet peaks; real runs are slower):"]
     for stage in ("vision", "projector", "prefill", "ttft", "decode_step", "end_to_end"):
         lines.append(f"  {stage:<14}{fl[stage]:>12.1f} ms")

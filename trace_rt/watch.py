@@ -115,8 +115,15 @@ def open_source(source: str, timeout: float) -> Any:
         raise SourceError(f"cannot open {source}: {e}") from None
 
 
-def decoded_frames(container: Any, realtime: bool) -> Iterator[tuple[float, np.ndarray]]:
-    """(stream time in s from the first frame, RGB frame) in presentation order."""
+def decoded_frames(
+    container: Any, realtime: bool, failures: list[SourceError] | None = None
+) -> Iterator[tuple[float, np.ndarray]]:
+    """(stream time in s from the first frame, RGB frame) in presentation order.
+
+    A read error raises :class:`SourceError`, or with *failures* is appended there and
+    ends the frames, so that the windows already complete are still answered (an HTTP
+    stream without a length ends with an I/O error after its last frame).
+    """
     import av
 
     stream = next((s for s in container.streams if s.type == "video"), None)
@@ -135,7 +142,10 @@ def decoded_frames(container: Any, realtime: bool) -> Iterator[tuple[float, np.n
                 time.sleep(max(0.0, wall0 + t - time.monotonic()))
             yield t, frame.to_ndarray(format="rgb24")
     except av.error.FFmpegError as e:
-        raise SourceError(f"the stream failed: {e}") from None
+        failure = SourceError(f"the stream failed: {e}")
+        if failures is None:
+            raise failure from None
+        failures.append(failure)
 
 
 def stream_rate(container: Any) -> float | None:
@@ -229,8 +239,9 @@ def run_watch(
     status: dict[str, Any] = {"end": "stream ended", "windows": 0, "dropped": 0}
 
     def reader() -> None:
+        failures: list[SourceError] = []
         try:
-            frames = decoded_frames(container, realtime)
+            frames = decoded_frames(container, realtime, failures)
             for w in windows_of(frames, window=window, stride=stride, n_frames=n_frames, fps=fps):
                 if stop.is_set():
                     break
@@ -247,6 +258,8 @@ def run_watch(
                         done.put(w)
                 else:
                     done.put(w)
+            if failures:
+                status["end"] = str(failures[0])
         except SourceError as e:
             status["end"] = str(e)
         finally:

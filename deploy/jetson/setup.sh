@@ -13,7 +13,8 @@
 #     runtime's own dependencies (numpy<2, PyAV, sentencepiece, rich) from PyPI.
 # Then build the engines on this board (they are tied to the GPU and TensorRT version):
 #   python -m export trt ARTIFACTS --int4      # or --fp16; ARTIFACTS from `export onnx`
-#   (int4 needs `python -m export quantize ARTIFACTS --int4` first, on any machine)
+#   (int4 needs `python -m export quantize ARTIFACTS --int4` first, and the one-graph
+#   decode step `python -m export step ...`, both on a machine with onnx/torch)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 VENV=${VENV:-$REPO/.venv-edge}
@@ -60,3 +61,5 @@ except ImportError:
 print(f"trace-rt {trace_rt.__version__}: {trt}; {ort}")
 PY
 echo "ready: source $VENV/bin/activate; trace-rt plan --model ARTIFACTS --device orin-nx-16gb"
+# The install maps the trace_rt package only; the export package runs from the checkout.
+echo "engines: cd $REPO && python -m export trt ARTIFACTS --int4 --max-batch 1 [--fixed-past]"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +60,11 @@ CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 # Cache positions reserved past the prompt at prefill (grown by doubling beyond that).
 PREFILL_HEADROOM = 1024
+# onnxruntime before 1.32 dies with SIGFPE running the decoder over an empty past (every
+# prefill) once MatmulTransposeFusion has folded its transposes into FusedMatMul: seen on
+# an AVX-512 x86-64 CPU with 1.23.2 (the last release with Python 3.10 wheels, JetPack 6's
+# Python), 1.24.1, 1.27.0 and 1.30.0; 1.32.0 runs it. Those versions skip that one fusion.
+FIXED_EMPTY_PAST = (1, 32)
 
 
 class OnnxRuntimeBackend:
@@ -359,7 +365,7 @@ class OnnxRuntimeBackend:
             so = self._options(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
             so.optimized_model_filepath = str(tmp)
             try:
-                first = ort.InferenceSession(str(path), so, providers=self.providers)
+                first = ort.InferenceSession(str(path), so, **self._session_args(spec))
                 del first  # free its weights before the real session loads
                 tmp.replace(cached)
             except Exception as e:  # onnxruntime's errors derive from Exception only
@@ -375,11 +381,18 @@ class OnnxRuntimeBackend:
         src = cached if cached is not None and cached.is_file() else path
         so = self._options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         try:
-            sess = ort.InferenceSession(str(src), so, providers=self.providers)
+            sess = ort.InferenceSession(str(src), so, **self._session_args(spec))
         except Exception as e:  # onnxruntime's Fail/InvalidGraph/... derive from Exception
             raise CheckpointError(f"{path}: onnxruntime cannot load it ({e})") from e
         _check_io(sess, spec, path)
         return sess
+
+    def _session_args(self, spec: GraphSpec) -> dict[str, Any]:
+        """Providers, and the fusions this onnxruntime must skip for *spec*."""
+        args: dict[str, Any] = {"providers": self.providers}
+        if spec.name == DECODER and ort_version() < FIXED_EMPTY_PAST:
+            args["disabled_optimizers"] = ["MatmulTransposeFusion"]
+        return args
 
     def _options(self, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
         so = ort.SessionOptions()
@@ -438,8 +451,16 @@ class OnnxRuntimeBackend:
             return None
         sha = self.manifest["files"][spec.file]["sha256"][:16]
         ep = self.providers[0] if isinstance(self.providers[0], str) else self.providers[0][0]
-        key = f"{spec.name}-{sha}-{ep}-ort{ort.__version__}-{platform.machine()}.onnx"
+        # Graphs cached before a fusion was turned off still hold it: the key names them.
+        off = "".join(f"-no{o}" for o in self._session_args(spec).get("disabled_optimizers", []))
+        key = f"{spec.name}-{sha}-{ep}-ort{ort.__version__}{off}-{platform.machine()}.onnx"
         return self._cache_dir / key
+
+
+def ort_version() -> tuple[int, int]:
+    """(major, minor) of the installed onnxruntime (``1.23.2`` -> (1, 23))."""
+    major, minor = re.findall(r"\d+", ort.__version__)[:2]
+    return int(major), int(minor)
 
 
 def _ptr(arr: np.ndarray) -> int:

@@ -26,18 +26,18 @@ Addresses must be 256-byte aligned (:mod:`~trace_rt.backends.tensorrt_exec`): po
 are copied into an aligned ``position_ids`` buffer rather than bound as a slice of a
 device ``arange``; new K/V at a misaligned position go through the pool's staging buffer.
 
-CUDA graphs. With one slot and the fixed-shape decode step (``engines["decoder_step"]``,
-built by ``export trt --checkpoint``, export/trt_step.py): its past is the whole cache but
-the last row, masked inside the engine by ``position_ids``, so every decode step has the
-same shapes and addresses; one graph is captured at the first decode step and replayed by
-every later step and request (new K/V land in an aligned row, copied into place after
-each step). Prefill stays on the dynamic decoder. Otherwise (no step engine, or several
-slots: the step engine is built for batch 1) a decode step's shapes depend on its past
-length P, and graphs are kept per P (:class:`~trace_rt.backends.tensorrt_exec.PastGraphs`),
-each with its own execution context, all sharing one activation-memory block. With one
-slot the step's output address depends on P too; with several it is the fixed ``new``
-buffer, and the per-slot scatter copies run after the graph, outside it. ``cuda_graphs=N``
-bounds how many are kept, ``0`` turns them off; a failed capture warns and turns them off.
+CUDA graphs. With one slot and a fixed-past graph (export/trt_step.py: the past is the
+whole cache but the last row, masked inside the engine by ``position_ids``), every decode
+step has the same shapes and addresses, so one graph, captured at the first step, serves
+every step and request (new K/V land in an aligned row, copied into place after each
+step). That graph is either the decode step engine (``engines["decoder_step"]``, beside
+the dynamic decoder, which runs prefill: a second copy of the weights) or, built with
+``export trt --fixed-past``, the decoder itself, whose prefill also runs over the masked
+cache (new rows to the pool's ``fixed`` buffer, then into place). Otherwise a step's
+shapes depend on its past length P and graphs are kept per P
+(:class:`~trace_rt.backends.tensorrt_exec.PastGraphs`), each with its own context, all
+sharing one activation-memory block. ``cuda_graphs=N`` bounds how many are kept, ``0``
+turns graphs off; a failed capture warns and turns them off.
 
 Profiles: prefill (batch 1), ``decode`` (batch 1, the one-slot path, tuned for one row)
 and, in engines built with ``--max-batch`` > 1, ``decode_batch`` (batch up to max_batch,
@@ -67,14 +67,13 @@ from trace_rt.backends.tensorrt_exec import (
     ITEMSIZE,
     PastGraphs,
     StepEngine,
+    bind,
     execute,
     load_engine,
     memory_size,
     set_address,
-    set_shape,
     user_managed_context,
 )
-from trace_rt.backends.tensorrt_exec import shape_of as _shape
 from trace_rt.backends.tensorrt_kv import ALIGN, DeviceKVPool, kv_tensors
 from trace_rt.backends.tensorrt_video import DeviceVideo, VideoEngines
 from trace_rt.config import TraceConfig
@@ -146,6 +145,9 @@ class TensorRTBackend:
                 "--max-batch N` for more"
             )
         self.max_sequences = max_sequences
+        # A fixed-past decoder (`export trt --fixed-past`): prefill and decode steps both
+        # run the step graph over the whole cache; one engine, one copy of the weights.
+        self.fixed_past = "fixed" in self.section["engines"][DECODER]
         tm.verify_engines(self.section, self.model_dir, verify)
         cuda_rt.set_device(self.device_id)
         self.gpu = cuda_rt.device_info(self.device_id)
@@ -280,7 +282,7 @@ class TensorRTBackend:
             self.video.free()
         for buf in [*self._buffers.values(), self._arange, self._scratch]:
             buf.free()
-        if self.step is not None:
+        if self._step_scratch is not None:
             self._step_scratch.free()
 
     # ---- decoder runs -----------------------------------------------------------------
@@ -289,9 +291,14 @@ class TensorRTBackend:
         sequence over the ``seq`` buffer's first *start* (a loaded prefix), into *slot*."""
         self._positions_from(start, t)
         ctx = self._contexts[f"{DECODER}.prefill"]
-        self._bind_one(ctx, start, t)
-        execute(ctx, self.stream, DECODER)
-        self.kv.unstage(start, t)
+        if self.fixed_past:
+            self._bind_fixed(ctx, t)
+            execute(ctx, self.stream, DECODER)
+            self.kv.place(start, t)
+        else:
+            self._bind_one(ctx, start, t)
+            execute(ctx, self.stream, DECODER)
+            self.kv.unstage(start, t)
         self.kv.commit(slot, start + t)
         self.kv.lengths[slot] = start + t
 
@@ -342,23 +349,21 @@ class TensorRTBackend:
 
     def _bind_one(self, ctx: Any, past: int, seq: int) -> None:
         """One sequence: past = the ``seq`` buffer's first *past*, new rows after it."""
-        dims = {"past": past, "seq": seq, BATCH_DIM: 1}
-        for t in self._plain_inputs:
-            set_shape(ctx, t.name, _shape(t, dims), DECODER)
-        for i, kv in enumerate(self.kv.tensors):
-            set_shape(ctx, kv.past, _shape(kv.spec, dims), DECODER)
-            set_address(ctx, kv.past, self.kv.seq_at(i))
-            set_address(ctx, kv.out, self.kv.out_at(i, past))
+        kv = [(t, self.kv.seq_at(i), self.kv.out_at(i, past)) for i, t in enumerate(self._kv)]
+        bind(ctx, self._plain_inputs, kv, {"past": past, "seq": seq, BATCH_DIM: 1}, DECODER)
+
+    def _bind_fixed(self, ctx: Any, seq: int) -> None:
+        """A fixed-past prefill: past = the whole pool (masked by position), new rows out
+        to the pool's ``fixed`` buffer."""
+        kv = [(t, self.kv.past(i), self.kv.fixed_at(i)) for i, t in enumerate(self._kv)]
+        dims = {"past": self.max_seq - 1, "seq": seq, BATCH_DIM: 1}
+        bind(ctx, self._plain_inputs, kv, dims, DECODER)
 
     def _bind_batch(self, ctx: Any, past: int) -> None:
         """Every slot: past = the pool's first *past* positions, new rows into ``new``."""
+        kv = [(t, self.kv.past(i), self.kv.new_at(i)) for i, t in enumerate(self._kv)]
         dims = {"past": past, "seq": 1, BATCH_DIM: self.max_sequences}
-        for t in self._plain_inputs:
-            set_shape(ctx, t.name, _shape(t, dims), DECODER)
-        for i, kv in enumerate(self.kv.tensors):
-            set_shape(ctx, kv.past, _shape(kv.spec, dims), DECODER)
-            set_address(ctx, kv.past, self.kv.past(i))
-            set_address(ctx, kv.out, self.kv.new_at(i))
+        bind(ctx, self._plain_inputs, kv, dims, DECODER)
 
     # ---- inputs -------------------------------------------------------------------------
     def _check_length(self, n: int) -> None:
@@ -406,7 +411,10 @@ class TensorRTBackend:
             )
         tensors, self._kv_row_shape, row_bytes = kv_tensors(spec, self._embeds, self._positions)
         s, hidden = self.max_sequences, self.config.hidden_size
-        self.kv = DeviceKVPool(tensors, s, self.max_seq, row_bytes, self.dtype, self.stream)
+        self.kv = DeviceKVPool(
+            tensors, s, self.max_seq, row_bytes, self.dtype, self.stream, self.fixed_past
+        )
+        self._kv = self.kv.tensors
         # The prefix whose K/V the one-sequence buffer's first positions hold (a prefill
         # from position 0 overwrites them; decode steps and later prefixed prefills write
         # only after them): a cached question right after another on the same video, or
@@ -437,9 +445,13 @@ class TensorRTBackend:
         self.stream.synchronize()
 
     def _setup_step(self) -> StepEngine | None:
-        """The fixed-shape decode step (``engines["decoder_step"]``), when the build has one
-        and the pool has one slot (the step is built for batch 1)."""
-        rec = self.section["engines"].get(tm.STEP)
+        """The fixed-shape decode step (``engines["decoder_step"]``, or the fixed-past
+        decoder's ``decode`` profile), when the build has one and the pool has one slot
+        (the step is built for batch 1)."""
+        self._step_scratch = None
+        rec = self.section["engines"].get(DECODER if self.fixed_past else tm.STEP)
+        if self.fixed_past and self.max_sequences > 1:
+            raise InputError("a fixed-past decoder (export trt --fixed-past) runs one sequence")
         if rec is None or self.max_sequences > 1:
             return None
         if rec.get("fixed", {}).get("past") != self.max_seq - 1:
@@ -447,9 +459,23 @@ class TensorRTBackend:
                 f"{rec['file']}: decode step fixed to {rec.get('fixed')}, the build's max_seq "
                 f"is {self.max_seq}; rebuild with `python -m export trt {self.model_dir}`"
             )
+        if self.fixed_past:  # its decode profile over the decoder's activation memory
+            ctx = user_managed_context(self.engines[DECODER], self._scratch, _USER_MANAGED)
+            return self._step_engine(ctx, rec)
+        # Prefill runs the decoder engine, decode steps the step engine: one set of weights.
+        decoder_variant = self.section["engines"][DECODER].get("variant")
+        if rec.get("variant") != decoder_variant:
+            raise CheckpointError(
+                f"{rec['file']}: decode step built from decoder variant {rec.get('variant')!r}, "
+                f"the decoder engine from {decoder_variant!r}; rebuild both with "
+                f"`python -m export trt {self.model_dir}`"
+            )
         engine = self._engine(tm.STEP, DECODER)
         self._step_scratch = self._alloc(memory_size(engine))
         ctx = user_managed_context(engine, self._step_scratch, _USER_MANAGED)
+        return self._step_engine(ctx, rec)
+
+    def _step_engine(self, ctx: Any, rec: dict[str, Any]) -> StepEngine:
         if not ctx.set_optimization_profile_async(
             tm.profile_index(rec, "decode"), self.stream.handle
         ):

@@ -18,7 +18,7 @@ from typing import Any
 
 from trace_rt.backends import cuda_rt
 from trace_rt.backends import tensorrt_manifest as tm
-from trace_rt.backends.tensorrt_kv import ALIGN, DeviceKVPool
+from trace_rt.backends.tensorrt_kv import ALIGN, DeviceKVPool, KVTensor
 from trace_rt.errors import CheckpointError, InputError
 from trace_rt.graphs import BATCH_DIM, GraphSpec, TensorSpec
 
@@ -44,6 +44,23 @@ def set_address(ctx: Any, name: str, ptr: int) -> None:
             f"TensorRT refused address {ptr:#x} for tensor {name!r}"
             + (f" (not {ALIGN}-byte aligned)" if ptr % ALIGN else "")
         )
+
+
+def bind(
+    ctx: Any,
+    plain: list[TensorSpec],
+    kv: list[tuple[KVTensor, int, int]],
+    dims: dict[str, int],
+    graph: str,
+) -> None:
+    """Shapes for *dims* of the *plain* inputs and the cache tensors, and each cache
+    tensor's ``(tensor, past address, output address)`` in *kv*."""
+    for t in plain:
+        set_shape(ctx, t.name, shape_of(t, dims), graph)
+    for t, past, out in kv:
+        set_shape(ctx, t.past, shape_of(t.spec, dims), graph)
+        set_address(ctx, t.past, past)
+        set_address(ctx, t.out, out)
 
 
 def execute(ctx: Any, stream: cuda_rt.Stream, graph: str) -> None:
@@ -190,14 +207,10 @@ class StepEngine:
         self.ctx, self.kv, self.graphs = ctx, kv, graphs
         self.graph: cuda_rt.Graph | None = None
         dims = {"past": kv.max_seq - 1, "seq": 1, BATCH_DIM: 1}
-        for t in plain_inputs:
-            set_shape(ctx, t.name, shape_of(t, dims), self.NAME)
         for name, ptr in addresses.items():
             set_address(ctx, name, ptr)
-        for i, t in enumerate(kv.tensors):
-            set_shape(ctx, t.past, shape_of(t.spec, dims), self.NAME)
-            set_address(ctx, t.past, kv.past(i))
-            set_address(ctx, t.out, kv.new_at(i))
+        rows = [(t, kv.past(i), kv.new_at(i)) for i, t in enumerate(kv.tensors)]
+        bind(ctx, plain_inputs, rows, dims, self.NAME)
 
     def run(self) -> None:
         """One step (inputs already in the decoder's buffers): replayed, or run and then

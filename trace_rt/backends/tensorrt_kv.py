@@ -17,6 +17,8 @@ Buffers (every base 256-byte aligned, as TensorRT requires of tensor addresses):
 - ``new``: a batch step's new rows ``[1, slots, kv, hd]`` per tensor (also the
   fixed-shape step engine's output), scattered into each stepped slot's next position:
   one 2D copy per slot, covering every tensor.
+- ``fixed``: only for a fixed-past decoder (``export trt --fixed-past``): a prefill's
+  new rows, copied into the pool after the run (its past input is the whole pool).
 - ``stage``: only when a position's bytes (``kv * hd * itemsize``) are not a multiple of
   256 (small models; the 7B model's are 2 KiB): new rows at a position whose address is
   misaligned are written here, then copied into place after the run.
@@ -93,6 +95,8 @@ class DeviceKVPool:
         row_bytes: bytes of one position of one sequence (``kv * hd * itemsize``).
         dtype: the host dtype of prefix copies (bf16: uint16 bit patterns).
         stream: the backend's stream.
+        fixed_out: allocate ``fixed``, where a fixed-past decoder's prefill writes its new
+            rows (its past input is the whole pool, which it must not also write).
     """
 
     def __init__(
@@ -103,6 +107,7 @@ class DeviceKVPool:
         row_bytes: int,
         dtype: np.dtype,
         stream: cuda_rt.Stream,
+        fixed_out: bool = False,
     ):
         self.tensors, self.slots, self.max_seq = list(tensors), slots, max_seq
         self.row_bytes, self.dtype, self.stream = row_bytes, np.dtype(dtype), stream
@@ -119,6 +124,7 @@ class DeviceKVPool:
         self.new_stride = aligned(self.pos_bytes)
         self.new = cuda_rt.DeviceBuffer(n * self.new_stride)
         self.stage = cuda_rt.DeviceBuffer(n * self.seq_stride) if row_bytes % ALIGN else None
+        self.fixed = cuda_rt.DeviceBuffer(n * self.seq_stride) if fixed_out else None
         # Zero-filled: a batch step reads every slot's rows below P, and a masked row still
         # meets 0 * value in the attention, so they must be finite (cudaMalloc's aren't).
         cuda_rt.memset(self.pool.ptr, 0, self.pool.nbytes, stream)
@@ -146,7 +152,19 @@ class DeviceKVPool:
             return self.stage.ptr + t * self.seq_stride
         return self.seq_at(t, start)
 
+    def fixed_at(self, t: int) -> int:
+        """Where a fixed-past prefill writes tensor *t*'s new rows (``fixed_out``)."""
+        return self.fixed.ptr + t * self.seq_stride
+
     # ---- copies ----------------------------------------------------------------------
+    def place(self, start: int, rows: int) -> None:
+        """After a fixed-past prefill: its *rows* new rows into positions start.. of the
+        one-sequence buffer (one 2D copy for every tensor)."""
+        cuda_rt.copy_2d(
+            self.seq_at(0, start), self.seq_stride, self.fixed.ptr, self.seq_stride,
+            rows * self.row_bytes, len(self.tensors), self.stream,
+        )  # fmt: skip
+
     def unstage(self, start: int, rows: int) -> None:
         """After a run at misaligned *start*: its *rows* new rows into place (one copy)."""
         if self.staged(start):
@@ -210,6 +228,6 @@ class DeviceKVPool:
         return out
 
     def free(self) -> None:
-        for buf in (self.pool, self.seq, self.new, self.stage):
+        for buf in (self.pool, self.seq, self.new, self.stage, self.fixed):
             if buf is not None:
                 buf.free()

@@ -41,7 +41,7 @@ MIN_TENSORRT = (10, 3)
 FORMAT = 1
 ENGINE_DIR = "tensorrt"
 # The fixed-shape decode step (export/trt_step.py): the decoder's I/O, past fixed to
-# max_seq - 1 slots, past length as data; absent in builds without `--checkpoint`.
+# max_seq - 1 slots, past length as data; absent in builds without `export step`.
 STEP = "decoder_step"
 
 

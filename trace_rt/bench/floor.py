@@ -108,14 +108,17 @@ def projector_cost(cfg: TraceConfig, frames: int, itemsize: int) -> Cost:
     return Cost(flops, (weights + moved) * itemsize)
 
 
-def prefill_cost(cfg: TraceConfig, positions: int, itemsize: int) -> Cost:
-    """*positions* tokens from an empty cache; heads for the last position only."""
+def prefill_cost(cfg: TraceConfig, positions: int, itemsize: int, masked: int = 0) -> Cost:
+    """*positions* tokens from an empty cache; heads for the last position only. *masked*:
+    cache slots every query also scores and reads though masked (a fixed-past graph)."""
     n, layers = positions, cfg.num_hidden_layers
     q = cfg.num_attention_heads * cfg.attn_head_dim
     linear = 2 * n * layers * decoder_layer_params(cfg)
     attention = layers * 2 * 2 * q * n * (n + 1) / 2  # causal: half of QK^T and AV
+    attention += layers * 2 * 2 * q * n * masked
     flops = linear + attention + 2 * head_params(cfg)
-    moved = decoder_params(cfg) * itemsize + n * kv_bytes_per_position(cfg, itemsize)
+    kv = kv_bytes_per_position(cfg, itemsize)
+    moved = decoder_params(cfg) * itemsize + (n + masked) * kv
     return Cost(flops, moved)
 
 
@@ -137,6 +140,8 @@ def stage_floors(
     decode_steps: int,
     itemsize: int = 4,
     weight_bytes: float | None = None,
+    fixed_past: int | None = None,
+    masked_prefill: bool = False,
 ) -> dict[str, Any]:
     """Floor in ms of every stage (None for ``video``: decoding has no model-derived floor).
 
@@ -146,12 +151,16 @@ def stage_floors(
             positions cached (the prefill's, and the first token).
         itemsize: bytes per weight/activation of the backend's compute dtype.
         weight_bytes: bytes of decoder weights if not params x itemsize (quantised).
+        fixed_past: cache slots of a fixed-past decode step (TensorRT's one-graph step):
+            every step scores and reads all of them, whatever its position.
+        masked_prefill: the prefill runs over those slots too (a fixed-past decoder).
     """
     vision = vision_cost(cfg, frames, itemsize).floor_ms(peaks)
     projector = projector_cost(cfg, frames, itemsize).floor_ms(peaks)
-    prefill = prefill_cost(cfg, prompt_positions, itemsize).floor_ms(peaks)
+    masked = fixed_past if fixed_past and masked_prefill else 0
+    prefill = prefill_cost(cfg, prompt_positions, itemsize, masked).floor_ms(peaks)
     steps = [
-        decode_cost(cfg, prompt_positions + i, itemsize, weight_bytes).floor_ms(peaks)
+        decode_cost(cfg, fixed_past or prompt_positions + i, itemsize, weight_bytes).floor_ms(peaks)
         for i in range(decode_steps)
     ]
     step = sum(steps) / len(steps) if steps else 0.0
@@ -172,7 +181,7 @@ def stage_floors(
             "decode_step_min_ms": steps[0] if steps else None,  # the first, cheapest step
             "itemsize": itemsize,
             "vision_gflop": vision_cost(cfg, frames, itemsize).flops / 1e9,
-            "prefill_gflop": prefill_cost(cfg, prompt_positions, itemsize).flops / 1e9,
+            "prefill_gflop": prefill_cost(cfg, prompt_positions, itemsize, masked).flops / 1e9,
         },
     }
 
