@@ -337,20 +337,22 @@ def run_all(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     repo, videos = prepare(tmp, args.preset, args.artifacts, args.videos)
     uptime = [_uptime()]
     results = []
-    for routing in args.routings:
-        results.append(
-            measure(repo, tmp / f"run-{routing}", routing, videos, replicas=args.replicas,
-                    questions=args.questions, clients=args.clients,
-                    max_new_tokens=args.max_new_tokens)
-        )  # fmt: skip
-        uptime.append(_uptime())
+    # Rounds alternate the order (hash, rr; rr, hash; ...) so that a change in the machine's
+    # load during the run does not favour one routing.
+    for i in range(args.rounds):
+        for routing in args.routings if i % 2 == 0 else args.routings[::-1]:
+            r = measure(repo, tmp / f"run-{routing}-{i}", routing, videos,
+                        replicas=args.replicas, questions=args.questions,
+                        clients=args.clients, max_new_tokens=args.max_new_tokens)  # fmt: skip
+            results.append({"round": i + 1, **r})
+            uptime.append(f"after {routing} (round {i + 1}): {_uptime()}")
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": {
             "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
-            "uptime": uptime,  # before, and after each routing
+            "uptime": uptime,  # before, and after each routing of each round
         },
         "model": str(args.artifacts) if args.artifacts else f"random-weight `{args.preset}`",
         "workload": {
@@ -363,7 +365,27 @@ def run_all(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         },
         "note": args.note,
         "results": results,
+        "summary": summary(results),
     }
+
+
+def summary(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per routing over all rounds: hits, misses, hit rate, answered requests per second of
+    replay (all rounds' answers over all rounds' wall time)."""
+    out = {}
+    for routing in dict.fromkeys(r["routing"] for r in results):
+        rs = [r for r in results if r["routing"] == routing]
+        hits, misses = sum(r["cache_hits"] for r in rs), sum(r["cache_misses"] for r in rs)
+        out[routing] = {
+            "rounds": len(rs),
+            "cache_hits": hits,
+            "cache_misses": misses,
+            "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
+            "req_per_s": round(sum(r["ok"] for r in rs) / sum(r["wall_s"] for r in rs), 3),
+            "latency_p50_s_rounds": [r["latency_p50_s"] for r in rs],
+            "latency_p90_s_rounds": [r["latency_p90_s"] for r in rs],
+        }
+    return out
 
 
 def _uptime() -> str:
@@ -376,32 +398,44 @@ def _uptime() -> str:
 def markdown(data: dict[str, Any]) -> str:
     w, m = data["workload"], data["machine"]
     rows = [
-        "| routing | hit rate | hits / misses (from placement) | req/s | p50 s | p90 s "
+        "| round | routing | hit rate | hits / misses (from placement) | req/s | p50 s | p90 s "
         "| failed / retried | requests per replica |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in data["results"]:
         spread = ", ".join(str(p["requests"]) for p in r["per_replica"])
         rows.append(
-            f"| {r['routing']} | {r['hit_rate']:.1%} | {r['cache_hits']} / {r['cache_misses']} "
-            f"({r['misses_from_placement']}) | {r['req_per_s']:.3f} | {r['latency_p50_s']:.2f} "
-            f"| {r['latency_p90_s']:.2f} | {len(r['failed'])} / {r['retries']} | {spread} |"
+            f"| {r['round']} | {r['routing']} | {r['hit_rate']:.1%} | {r['cache_hits']} / "
+            f"{r['cache_misses']} ({r['misses_from_placement']}) | {r['req_per_s']:.3f} "
+            f"| {r['latency_p50_s']:.2f} | {r['latency_p90_s']:.2f} "
+            f"| {len(r['failed'])} / {r['retries']} | {spread} |"
+        )
+    total = ["| routing | hit rate | hits / misses | req/s (all rounds) |", "|---|---:|---:|---:|"]
+    for routing, t in data["summary"].items():
+        total.append(
+            f"| {routing} | {t['hit_rate']:.1%} | {t['cache_hits']} / {t['cache_misses']} "
+            f"| {t['req_per_s']:.3f} |"
         )
     uptimes = "\n".join(f"- `{u}`" for u in m["uptime"])
     return f"""# Replicas behind nginx: video cache with hash routing vs round-robin
 
-{data["date_utc"]}, {m["processor"]}, {m["cpus"]} CPUs, Python {m["python"]};
-model: {data["model"]}; `python -m benchmarks.routing_cache`.
+{data["date_utc"]}, {m["processor"]}, {m["cpus"]} CPUs, Python {m["python"]}; model:
+{data["model"]}; `python -m benchmarks.routing_cache`.
 
-Workload: {w["replicas"]} `trace-rt serve` replicas behind nginx (`deploy/local/cluster.sh`),
-{w["videos"]} videos x {w["questions_per_video"]} follow-up questions
-({", ".join(w["questions"])}) asked in turn per video, {w["clients"]} clients sharing the
-videos, {w["max_new_tokens"]} new tokens per answer (EOS ignored), the video's bytes sent
-every time. One fresh cluster per routing, run one after the other on the same repository.
-Hits and misses are the replicas' `trace_video_cache_*_total` counters; "from placement" is
-the misses nginx's access log predicts (one per video and replica reached).
+Workload: {w["replicas"]} `trace-rt serve` replicas behind nginx (`deploy/local/cluster.sh`);
+{w["videos"]} videos, each asked {w["questions_per_video"]} follow-up questions
+({", ".join(w["questions"])}) one after another; {w["clients"]} clients share the videos;
+{w["max_new_tokens"]} new tokens per answer (EOS ignored); the video's bytes are sent with
+every question. A fresh cluster for each routing in each round, on the same repository;
+rounds alternate the order. Hits and misses are the replicas' own
+`trace_video_cache_*_total` counters; "from placement" is the number of misses that nginx's
+access log predicts (one per video and replica it reached).
 
 {chr(10).join(rows)}
+
+All rounds:
+
+{chr(10).join(total)}
 
 `uptime` before the run and after each routing:
 {uptimes}
@@ -419,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--questions", type=int, default=4, help="questions per video")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=1, help="rounds, alternating the order")
     p.add_argument("--routings", nargs="+", default=list(ROUTINGS), choices=ROUTINGS)
     p.add_argument("--note", default="", help="a line for the report (the machine's load)")
     p.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
