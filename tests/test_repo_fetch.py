@@ -367,3 +367,10 @@ def test_serve_a_repository_from_its_url(built, clip_video, tmp_path):
             proc.wait()
         web.shutdown()
         web.server_close()
+
+
+def test_a_cache_that_is_a_file_is_named(served, tmp_path):
+    url, _ = served
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FetchError, match=r"cannot write the repository cache .*file"):
+        fetch_repository(url, tmp_path / "file")

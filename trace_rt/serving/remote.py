@@ -262,9 +262,15 @@ def fetch_repository(
         _check_sizes(final, files)
         say(f"repository {url}: cached in {final}")
         return final
-    cache.mkdir(parents=True, exist_ok=True)
-    _remove_stale(cache)
-    staging = Path(tempfile.mkdtemp(prefix=f".partial-{key}-{os.getpid()}-", dir=cache))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        _remove_stale(cache)
+        staging = Path(tempfile.mkdtemp(prefix=f".partial-{key}-{os.getpid()}-", dir=cache))
+    except OSError as e:
+        raise FetchError(
+            f"cannot write the repository cache {cache}: {e.strerror} (--cache-dir or "
+            f"${CACHE_ENV} names another)"
+        ) from None
     try:
         staging.chmod(0o755)  # mkdtemp's 0700 would hide it from a server run as another user
         total = sum(r["bytes"] for r in files.values())
@@ -277,6 +283,9 @@ def fetch_repository(
             if not (final / INDEX_FILE).is_file():
                 raise
             shutil.rmtree(staging, ignore_errors=True)  # another process placed it first
+    except OSError as e:  # the cache's disk: full, read-only, ...
+        shutil.rmtree(staging, ignore_errors=True)
+        raise FetchError(f"writing {url} into {cache} failed: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
