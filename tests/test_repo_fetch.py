@@ -374,3 +374,28 @@ def test_a_cache_that_is_a_file_is_named(served, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(FetchError, match=r"cannot write the repository cache .*file"):
         fetch_repository(url, tmp_path / "file")
+
+
+def test_concurrent_fetches_of_one_repository_place_it_once(served, tmp_path):
+    """Replicas starting together on one cache: each downloads, one rename wins, the
+    others find the entry in place and drop their copies."""
+    url, src = served
+    got: list[Path] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(3)
+
+    def fetch() -> None:
+        start.wait()
+        try:
+            got.append(fetch_repository(url, tmp_path / "cache"))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(got) == 3 and len(set(got)) == 1
+    assert tree(got[0]) == tree(src)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [got[0].name]
