@@ -148,6 +148,23 @@ def test_script_refuses_bad_arguments(tmp_path):
     assert done.returncode == 1 and "nginx: stopped" in done.stdout
 
 
+def test_a_repository_url_goes_to_the_replicas(tmp_path):
+    # Nothing listens on port 9: each replica's fetch fails, naming the URL, and the
+    # script stops what it started.
+    env = {**os.environ, "NGINX_BIN": NGINX, "PYTHONPATH": str(ROOT)}
+    env["TRACE_RT_CACHE"] = str(tmp_path / "cache")
+    url = "http://127.0.0.1:9/repo"
+    base = free_block(11)
+    args = ["start", url, "--replicas", "1", "--base-port", str(base), "--port", str(base + 10)]
+    done = subprocess.run(
+        ["bash", str(SCRIPT), *args, "--dir", str(tmp_path / "run")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"cannot reach {url}/repository.json" in done.stderr
+    assert "start failed; stopping what started" in done.stderr
+
+
 def test_kill_a_replica_mid_run_every_request_answered_once(repo, videos, tmp_path):
     from trace_rt.serving.routing import RoutedClient, video_id
 
