@@ -27,6 +27,7 @@ TORCH_FREE = [
     "trace_rt.serving.engine_thread",
     "trace_rt.serving.jobs",
     "trace_rt.serving.metrics",
+    "trace_rt.serving.remote",
     "triton_repo.build",
 ]
 

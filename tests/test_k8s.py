@@ -21,7 +21,7 @@ kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (dev
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 K8S_VERSION = "1.37.0"
-OVERLAYS = ["overlays/cpu", "overlays/gpu", "overlays/gpu-s3"]
+OVERLAYS = ["overlays/cpu", "overlays/gpu", "overlays/gpu-s3", "overlays/cpu-s3"]
 BUILTIN = {"Deployment", "Service", "PersistentVolumeClaim", "HorizontalPodAutoscaler"}
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with kustomize) not found")
@@ -120,11 +120,31 @@ def test_deployment_probes_ports_and_wiring(overlay):
     )
     assert claims == rendered
     repo = next(e["value"] for e in c["env"] if e["name"] == "MODEL_REPOSITORY")
-    if claims:
-        assert any(repo.startswith(m["mountPath"]) for m in c["volumeMounts"])
-    else:
-        assert repo.startswith("s3://")
-        assert {"secretRef": {"name": "trace-rt-s3"}} in c["envFrom"]
+    assert any(repo.startswith(m["mountPath"]) for m in c["volumeMounts"])
+    if not claims:
+        check_fetched_repository(pod, c, repo)
+
+
+def check_fetched_repository(pod: dict, c: dict, repo: str) -> None:
+    """Object storage: an init container fetches the repository into the pod's own volume
+    and links the server's --model-repository path to it, with our own parser's flags."""
+    from trace_rt.cli import build_parser
+
+    (init,) = pod["initContainers"]
+    assert init["image"] == c["image"]  # the overlay's image, trace-rt inside
+    assert init["command"] == ["trace-rt", "fetch-repo"]
+    assert {"secretRef": {"name": "trace-rt-s3"}} in init["envFrom"]
+    url = next(e["value"] for e in init["env"] if e["name"] == "MODEL_URL")
+    assert url.startswith("s3://")
+    argv = [a.replace("$(MODEL_URL)", url) for a in init["args"]]
+    args = build_parser().parse_args(["fetch-repo", *argv])
+    assert str(args.link) == repo  # the path the server reads is the verified copy
+    (mount,) = init["volumeMounts"]
+    assert args.cache_dir == Path(mount["mountPath"]) and not mount.get("readOnly")
+    vol = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert "emptyDir" in vol
+    assert any(m["name"] == mount["name"] and repo.startswith(m["mountPath"])
+               for m in c["volumeMounts"])  # fmt: skip
 
 
 @needs_kubectl
@@ -197,6 +217,7 @@ def test_dockerfiles_install_the_runtime_without_torch():
     gpu = (ROOT / "deploy" / "docker" / "Dockerfile.gpu").read_text()
     cpu = (ROOT / "deploy" / "docker" / "Dockerfile.cpu").read_text()
     assert "FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}-py3" in gpu
-    assert '".[tensorrt]"' in gpu and '".[serve]"' in cpu
+    # s3: `trace-rt fetch-repo` in the object-storage component's init container.
+    assert '".[tensorrt,s3]"' in gpu and '".[serve,s3]"' in cpu
     for text in (gpu, cpu):
         assert "torch leaked" in text and "COPY trace_rt ./trace_rt" in text

@@ -109,6 +109,15 @@ class Cluster:
         done = self.sh("stop", "--dir", str(self.run), timeout=120)
         assert done.returncode == 0, done.stderr
 
+    def wait_log(self, n: int, timeout: float = 10.0) -> list[dict]:
+        """nginx's access log once it holds *n* stream lines (or *timeout* s have passed):
+        nginx writes a stream's line after the stream has closed, just after the client
+        saw its answer."""
+        deadline = time.monotonic() + timeout
+        while len(log := self.log()) < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return log
+
     def log(self) -> list[dict]:
         """nginx's access log: one dict per proxied stream request."""
         out = []
@@ -139,6 +148,23 @@ def test_script_refuses_bad_arguments(tmp_path):
     assert done.returncode == 1 and "nginx: stopped" in done.stdout
 
 
+def test_a_repository_url_goes_to_the_replicas(tmp_path):
+    # Nothing listens on port 9: each replica's fetch fails, naming the URL, and the
+    # script stops what it started.
+    env = {**os.environ, "NGINX_BIN": NGINX, "PYTHONPATH": str(ROOT)}
+    env["TRACE_RT_CACHE"] = str(tmp_path / "cache")
+    url = "http://127.0.0.1:9/repo"
+    base = free_block(11)
+    args = ["start", url, "--replicas", "1", "--base-port", str(base), "--port", str(base + 10)]
+    done = subprocess.run(
+        ["bash", str(SCRIPT), *args, "--dir", str(tmp_path / "run")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"cannot reach {url}/repository.json" in done.stderr
+    assert "start failed; stopping what started" in done.stderr
+
+
 def test_kill_a_replica_mid_run_every_request_answered_once(repo, videos, tmp_path):
     from trace_rt.serving.routing import RoutedClient, video_id
 
@@ -149,12 +175,7 @@ def test_kill_a_replica_mid_run_every_request_answered_once(repo, videos, tmp_pa
         with RoutedClient(url) as c:
             for v in videos:
                 assert c.infer(v, max_new_tokens=4)["stop_reason"] in ("eos", "max_new_tokens")
-        # nginx logs a stream once it has closed, just after the client saw its answer.
-        deadline = time.monotonic() + 10
-        home = {e["video"]: e["upstream"] for e in cl.log()}
-        while set(home) != set(ids.values()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-            home = {e["video"]: e["upstream"] for e in cl.log()}
+        home = {e["video"]: e["upstream"] for e in cl.wait_log(len(videos))}
         assert set(home) == set(ids.values())
         assert len(set(home.values())) >= 2, "hash routing should use several replicas"
         # Then 2 more questions per video, all at once, and one replica killed mid-run.
@@ -189,11 +210,7 @@ def test_kill_a_replica_mid_run_every_request_answered_once(repo, videos, tmp_pa
         assert retries, "the kill should have caught requests in flight"
         assert len(retries) == len(set(retries))  # once each
         # nginx writes a stream's line once it has closed: wait for all of them.
-        want_lines = len(videos) + len(work) + len(retries)
-        deadline = time.monotonic() + 10
-        while len(cl.log()) < want_lines and time.monotonic() < deadline:
-            time.sleep(0.1)
-        log = cl.log()[len(videos) :]
+        log = cl.wait_log(len(videos) + len(work) + len(retries))[len(videos) :]
         ok = [e for e in log if e["status"] == "200" and e["grpc"] == "0"]
         failed = [e for e in log if e not in ok]
         assert len(ok) == len(work)  # the server side agrees: no request answered twice
@@ -221,5 +238,6 @@ def test_round_robin_spreads_a_videos_questions(repo, videos, tmp_path):
         with RoutedClient(f"127.0.0.1:{cl.port}") as c:
             for _ in range(4):
                 c.infer(videos[0], max_new_tokens=2)
-        ups = [e["upstream"] for e in cl.log()]
+        log = cl.wait_log(4)
+        ups = [e["upstream"] for e in log]
         assert len(ups) == 4 and len(set(ups)) == 2  # the same video on both replicas

@@ -14,6 +14,7 @@ from trace_rt.edge_cli import add_plan_parser, add_watch_parser, plan_command, w
 from trace_rt.errors import InputError
 from trace_rt.prompts import CUSTOM_TASK
 from trace_rt.run_api import run, run_many, run_questions
+from trace_rt.serving.remote import add_fetch_parser, add_repository_args, fetch_command
 
 TASK_HELP = (
     "dvc: dense video captioning; mr: moment retrieval (needs --query); "
@@ -23,7 +24,7 @@ TASK_HELP = (
 
 
 def serve(
-    repo: Path,
+    repo: str | Path,
     *,
     host: str = "127.0.0.1",
     grpc_port: int = 8001,
@@ -34,13 +35,16 @@ def serve(
     admin_key: str | None = None,
     log_format: str = "text",
     drain_timeout: float = 30.0,
+    cache_dir: Path | None = None,
 ) -> int:
-    """``trace-rt serve``: run tritonserver on *repo* until Ctrl-C (or SIGTERM: drained,
+    """``trace-rt serve``: run tritonserver on *repo* (a directory, or a URL fetched into
+    *cache_dir* first: :mod:`trace_rt.serving.remote`) until Ctrl-C (or SIGTERM: drained,
     see :mod:`trace_rt.serving.podlog`)."""
     import math
     import signal
 
     from trace_rt.serving.podlog import LogFollower, ServeLog, drain
+    from trace_rt.serving.remote import resolve_repository
     from trace_rt.serving.server import (
         ADMIN_HEADER,
         ADMIN_KEY_ENV,
@@ -51,6 +55,8 @@ def serve(
     )
 
     admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV) or None
+    log = ServeLog(log_format)
+    repo = resolve_repository(repo, cache_dir, log=log)
     server = TritonServer(
         repo,
         host=host,
@@ -61,7 +67,6 @@ def serve(
         admin_key=admin_key,
         exit_timeout=max(1, math.ceil(drain_timeout)),
     )
-    log = ServeLog(log_format)
     follower = LogFollower(server.log_file, log) if log.json else None
     if not is_loopback(host):
         log(
@@ -257,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         "repository from `python -m triton_repo build`, wait until every model is ready, "
         "print the endpoints and serve until Ctrl-C.",
     )
-    p.add_argument("--repo", required=True, type=Path, help="the model repository")
+    add_repository_args(p)
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -321,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)
     add_watch_parser(sub)
     add_batch_parser(sub)
+    add_fetch_parser(sub)
     _add_eval_parser(sub)
     return parser
 
@@ -439,6 +445,7 @@ def _serve_command(args: argparse.Namespace) -> int:
         admin_key=args.admin_key,
         log_format=args.log_format,
         drain_timeout=args.drain_timeout,
+        cache_dir=args.cache_dir,
     )
 
 
@@ -470,6 +477,7 @@ COMMANDS = {
     "plan": plan_command,
     "watch": watch_command,
     "batch": batch_command,
+    "fetch-repo": fetch_command,
 }
 
 

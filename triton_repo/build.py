@@ -12,6 +12,8 @@ Layout written (tensor names from the artifact manifest and trace_rt.serving.pro
       trace_pipeline/1/serving.json limits and modes (ServingSettings)
       trace_pipeline/1/artifacts/   the artifact directory (hard links where possible;
                                     every file's sha256 checked against the manifest)
+      repository.json               every file's size and sha256: the repository can be
+                                    copied to a URL (trace-rt serve --repo s3://...)
 
 Every size comes from the artifact's manifest and config; nothing is guessed.
 """
@@ -48,6 +50,7 @@ from trace_rt.serving.protocol import (
     ServingTensor,
     pipeline_inputs,
 )
+from trace_rt.serving.remote import write_index
 
 MODELS_DIR = Path(__file__).parent / "models"
 GRAPH_JSON = "graph.json"
@@ -147,7 +150,22 @@ def build_repository(
         shutil.rmtree(out, ignore_errors=True)  # no repository that looks ready
         raise
     (out / MARKER).write_text(json.dumps({"artifacts": str(src), "backend": backend}) + "\n")
+    _write_index(out, specs, files, manifest)
     return out
+
+
+def _write_index(out: Path, specs: dict[str, GraphSpec], files: list[str], manifest: dict) -> None:
+    """``repository.json`` (every file's size and sha256), so that the repository can be
+    served from a URL (``trace-rt serve --repo s3://...``). The artifact files and graph
+    copies were just checked against the manifest: their hashes are not computed again."""
+    known = {
+        f"{TRACE_PIPELINE}/1/{ARTIFACTS_DIR}/{rel}": rec["sha256"]
+        for rel, rec in manifest["files"].items()
+    }
+    for name in (VISION_ENCODER, PROJECTOR):
+        for rel in _graph_files(files, specs[name]):
+            known[f"{name}/1/{rel}"] = manifest["files"][rel]["sha256"]
+    write_index(out, known)
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,11 @@
 #   deploy/local/cluster.sh status [--dir RUN]
 #   deploy/local/cluster.sh stop [--dir RUN]
 #
-# Clients talk gRPC to 127.0.0.1:P (default 8101). With --routing hash (the default) nginx
-# sends every request carrying the same `x-video-id` header to the same replica (consistent
-# hashing), so a video's follow-up questions find its cache; round-robin spreads requests.
+# REPO is a directory or a URL (s3://, https://: each replica fetches it, checked, into
+# one cache, $TRACE_RT_CACHE). Clients talk gRPC to 127.0.0.1:P (default 8101). With
+# --routing hash (the default) nginx sends every request carrying the same `x-video-id`
+# header to the same replica (consistent hashing), so a video's follow-up questions find
+# its cache; round-robin spreads requests.
 # Replica i listens on B+10i (gRPC), B+10i+1 (HTTP), B+10i+2 (metrics); B defaults to 18000.
 # Environment: TRACE_RT (the trace-rt command; default .venv/bin/trace-rt, else on PATH),
 # NGINX_BIN (default nginx; nginx itself reads $NGINX), READY_TIMEOUT (seconds per replica,
@@ -77,7 +79,10 @@ stop_all() {
 }
 
 start_all() {
-  [ -d "$repo" ] || die "model repository $repo not found (python -m triton_repo build ...)"
+  # A URL (s3://, https://) is fetched by each replica's `trace-rt serve` into one cache.
+  if ! [[ "$repo" =~ ^[a-z][a-z0-9+.-]*:// ]]; then
+    [ -d "$repo" ] || die "model repository $repo not found (python -m triton_repo build ...)"
+  fi
   command -v "$nginx" >/dev/null || die "nginx not found (apt-get install -y nginx-light)"
   case "$routing" in
     hash) balance='hash $http_x_video_id consistent;' ;;
