@@ -125,9 +125,13 @@ class OnnxRuntimeBackend:
         if missing:
             raise CheckpointError(f"{self.model_dir}: manifest lists no graph {missing}")
         self.decoder_variant, rec = pick_variant(
-            self.manifest, self.model_dir, self.name, decoder_variant, exact=exact_variant,
+            self.manifest,
+            self.model_dir,
+            self.name,
+            decoder_variant,
+            exact=exact_variant,
             verify=verify,
-        )  # fmt: skip
+        )
         if rec is not None:
             self._use_decoder_variant(rec)
         scheme = self.manifest["export"].get("kv_cache")
