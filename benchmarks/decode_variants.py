@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -28,7 +29,15 @@ from export.quantize import quantize_artifact
 from trace_rt.graphs import DECODER, load_manifest
 
 BLOCK_SIZES = (32, 64, 128)  # int4 blocks compared (32: the default, llama.cpp's Q4_0)
-PAIRS = (("portable", "fused"), ("int8", "fused-int8"), ("int4", "fused-int4"))
+PAIRS = (
+    ("portable", "fused"),
+    ("int8", "fused-int8"),
+    ("int4", "fused-int4"),
+    # onnxruntime's RotaryEmbedding on top of the fused graph (export/contrib.py)
+    ("fused", "contrib"),
+    ("fused-int8", "contrib-int8"),
+    ("fused-int4", "contrib-int4"),
+)
 
 
 def make_variants(art: Path) -> list[str]:
@@ -40,13 +49,15 @@ def make_variants(art: Path) -> list[str]:
         quantize_artifact(art, 8, forms=("nbits",))
     if "fused-int4" not in have:
         optimize_artifact(art, (None, 4, 8))
+    if "contrib-int4" not in have:
+        optimize_artifact(art, (None, 4, 8), forms=("contrib",))
     for b in BLOCK_SIZES[1:]:
         if f"fused-int4-b{b}" not in have:
             optimize_artifact(art, (4,), block_size=b, tag=f"-b{b}")
     if "fused-int4-lm" not in have:
         optimize_artifact(art, (4,), lm_head=True, tag="-lm")
     extra = [f"fused-int4-b{b}" for b in BLOCK_SIZES[1:]] + ["fused-int4-lm"]
-    return [v for pair in PAIRS for v in pair] + extra
+    return list(dict.fromkeys(v for pair in PAIRS for v in pair)) + extra
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    p.add_argument(
+        "--only", help="comma-separated variants to time (default: all it makes); more rounds fit"
+    )
     args = p.parse_args(argv)
     variants = make_variants(args.artifact)
+    if args.only:
+        variants = [v for v in variants if v in args.only.split(",")]
+    load = [os.getloadavg()]
     t0 = time.time()
     p50 = time_decode(
         args.artifact,
@@ -68,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps,
         threads=args.threads,
     )
+    load.append(os.getloadavg())
     ratios = {
-        f"{a}/{b}": {h: round(p50[a][h] / p50[b][h], 3) for h in ("text", "time")} for a, b in PAIRS
+        f"{a}/{b}": {h: round(p50[a][h] / p50[b][h], 3) for h in ("text", "time")}
+        for a, b in PAIRS
+        if a in p50 and b in p50
     }
     result = {
         "past": args.past,
@@ -79,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "p50_ms": p50,
         "ratios": ratios,
         "seconds": round(time.time() - t0, 1),
+        "load_average_1_5_15": {"start": load[0], "end": load[1]},
         "onnxruntime": ort.__version__,
         "machine": platform.machine(),
     }

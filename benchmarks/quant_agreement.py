@@ -170,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             "onnxruntime",
             cache_dir=False,
             threads=args.threads,
-            decoder_variant=None if n == FP32 else n,
+            # Each variant by its own name (after `export optimize`, plain "int4" would
+            # mean the fastest int4 form); fp32 is decoder.onnx itself.
+            decoder_variant="portable" if n == FP32 else n,
+            exact_variant=True,
         )
         for n in names
     }

@@ -99,9 +99,11 @@ def _add_optimize_parser(sub: argparse._SubParsersAction) -> None:
         help="add onnxruntime-specific fused decoder variants (packed matmuls, gated lm_head)",
         description="Write decoder.fused.onnx (and with --int4/--int8 decoder.fused.int{4,8}"
         ".onnx, MatMulNBits) into OUT: the portable decoder rewritten for onnxruntime with "
-        "the same I/O (export/fuse.py). Then time a decode step of the portable and fused "
-        "graphs on this machine and record the faster as onnxruntime's default decoder "
-        "in the manifest (`--backend onnxruntime` loads it unless --quant names another).",
+        "the same I/O (export/fuse.py). Then time a decode step of each precision's graphs "
+        "(portable/int4/int8 against their fused forms) in one run on this machine and record "
+        "the fastest in the manifest: the float one as onnxruntime's default decoder "
+        "(`--backend onnxruntime` loads it unless --quant names another), the others as what "
+        "--quant int4/int8 and the onnxruntime-int4/int8 backends run.",
     )
     o.add_argument("out", type=Path, help="artifact directory written by `python -m export onnx`")
     o.add_argument("--int4", action="store_true", help="also a fused int4 (MatMulNBits) variant")
@@ -115,9 +117,15 @@ def _add_optimize_parser(sub: argparse._SubParsersAction) -> None:
     )
     o.add_argument("--lm-head", action="store_true", help="quantise lm_head too (default: keep)")
     o.add_argument(
+        "--contrib",
+        action="store_true",
+        help="also contrib variants (decoder.contrib*.onnx: fused + onnxruntime's "
+        "RotaryEmbedding op), timed against the others",
+    )
+    o.add_argument(
         "--no-measure",
         action="store_true",
-        help="make fused the default without timing it against the portable graph",
+        help="make the fused forms the defaults without timing them against the others",
     )
 
 
@@ -227,16 +235,22 @@ def _hf_llm(args: argparse.Namespace) -> None:
 
 
 def _optimize(args: argparse.Namespace) -> None:
-    from export.fuse import optimize_artifact, record_default
+    from export.decode_timing import record_default
+    from export.fuse import optimize_artifact
 
     bits = (None, *(b for b, on in ((4, args.int4), (8, args.int8)) if on))
-    records = optimize_artifact(args.out, bits, block_size=args.block_size, lm_head=args.lm_head)
+    forms = ("fused", "contrib") if args.contrib else ("fused",)
+    records = optimize_artifact(
+        args.out, bits, block_size=args.block_size, lm_head=args.lm_head, forms=forms
+    )
     for name, rec in records.items():
         print(f"wrote {args.out / rec['file']} (variant {name})")
     chosen, timing = record_default(args.out, measure=not args.no_measure)
     for name, t in timing.items():
         print(f"decode step {name}: text head {t['text']} ms, time head {t['time']} ms (p50)")
-    print(f"onnxruntime's default decoder: {chosen}")
+    print(f"onnxruntime's default decoder: {chosen.pop('decoder')}")
+    for precision, name in chosen.items():
+        print(f"--quant {precision} (and onnxruntime-{precision}) runs: {name}")
 
 
 def _trt(args: argparse.Namespace) -> None:

@@ -11,6 +11,8 @@ name               file                         form
 ``fused``          ``decoder.fused.onnx``       fp32/fp16 as exported, rewritten
 ``fused-int4``     ``decoder.fused.int4.onnx``  the same, then MatMulNBits (int4)
 ``fused-int8``     ``decoder.fused.int8.onnx``  the same, then MatMulNBits (int8)
+``contrib[-intN]`` ``decoder.contrib[.intN]``   ``fused`` + onnxruntime's RotaryEmbedding
+                   ``.onnx``                    (``--contrib``; export/contrib.py)
 =================  ===========================  ==========================================
 
 Rewrites, and why:
@@ -45,15 +47,16 @@ Rewrites, and why:
 
 Quantised forms pack first, then quantise (one MatMulNBits per packed weight; blocks run
 along K, which packing does not change), then gate the head (quantised or not, per
-``lm_head``). The backend picks the manifest's ``defaults.onnxruntime.decoder`` variant
-when none is asked for; ``optimize`` sets it to ``fused`` (same precision as the
-portable graph) when its measured decode steps (text head + time head p50s) are
-faster (``--no-measure``: set it unmeasured).
+``lm_head``). Then :func:`export.decode_timing.record_default` times, in one run, each
+precision's candidates (the portable graph or plain ``int4``/``int8`` variant against
+its fused and contrib forms) and records the fastest: the float one as
+``defaults.onnxruntime.decoder`` (what the backend runs when nothing is asked), the
+quantised ones under ``defaults.onnxruntime.decoder_by_precision`` (what ``--quant
+int4`` and the ``onnxruntime-int4`` backend run: :func:`trace_rt.variants.resolve_variant`).
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -63,7 +66,6 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from export.files import write_json
 from export.quantize import (
     DEFAULT_ACCURACY_LEVEL,
     DEFAULT_BLOCK_SIZE,
@@ -76,20 +78,23 @@ from export.quantize import (
     _update_manifest,
     select_weights,
 )
+from trace_rt.config import TraceConfig
 from trace_rt.errors import InputError
-from trace_rt.graphs import DECODER, EXTERNAL_DATA_THRESHOLD, MANIFEST_FILE, load_manifest
-from trace_rt.variants import PORTABLE, TEXT_HEAD_INPUT
+from trace_rt.graphs import DECODER, EXTERNAL_DATA_THRESHOLD, load_manifest
+from trace_rt.variants import TEXT_HEAD_INPUT
 
 FUSED = "fused"
+CONTRIB = "contrib"  # fused + onnxruntime's RotaryEmbedding (export/contrib.py)
+FORMS = (FUSED, CONTRIB)
 REWRITES = ("packed-matmul", "static-shapes", "text-head-if")
 
 
-def fused_name(bits: int | None, tag: str = "") -> str:
-    return FUSED if bits is None else f"{FUSED}-int{bits}{tag}"
+def fused_name(bits: int | None, tag: str = "", form: str = FUSED) -> str:
+    return form if bits is None else f"{form}-int{bits}{tag}"
 
 
-def fused_file(bits: int | None, tag: str = "") -> str:
-    return f"{DECODER}.{FUSED}.onnx" if bits is None else f"{DECODER}.{FUSED}.int{bits}{tag}.onnx"
+def fused_file(bits: int | None, tag: str = "", form: str = FUSED) -> str:
+    return f"{DECODER}.{form}.onnx" if bits is None else f"{DECODER}.{form}.int{bits}{tag}.onnx"
 
 
 def optimize_artifact(
@@ -100,6 +105,7 @@ def optimize_artifact(
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     lm_head: bool = False,
     tag: str = "",
+    forms: tuple[str, ...] = (FUSED,),
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> dict[str, dict[str, Any]]:
     """Write *artifact*'s fused decoder variants (None: float, 4/8: MatMulNBits).
@@ -110,48 +116,75 @@ def optimize_artifact(
         block_size, accuracy_level, lm_head: as ``python -m export quantize``.
         tag: appended to quantised variants' names and files (e.g. ``-b64`` when
             comparing block sizes).
+        forms: ``fused`` and/or ``contrib`` (the same, with onnxruntime's
+            ``RotaryEmbedding``: export/contrib.py).
 
     Returns:
         {variant name: manifest record}.
     """
     if unknown := [b for b in bits if b not in (None, 4, 8)]:
         raise InputError(f"fused variants are float (None), 4 or 8 bits, not {unknown}")
+    if bad := [f for f in forms if f not in FORMS]:
+        raise InputError(f"unknown decoder form(s) {bad}; known: {', '.join(FORMS)}")
     root = Path(artifact)
     manifest = load_manifest(root)
     src_file = manifest["graphs"][DECODER]["file"]
     source = {"file": src_file, "sha256": manifest["files"][src_file]["sha256"]}
     records: dict[str, dict[str, Any]] = {}
-    for b in bits:
-        model = onnx.load(str(root / src_file))
-        packed = pack_matmuls(model)
-        fold_shapes(model)
-        head_out = text_head_output(model)
-        rec: dict[str, Any] = {"form": FUSED, "runtime": "onnxruntime", "also_runs_on": []}
-        if b is not None:
-            chosen, kept, lm = select_weights(model, lm_head=lm_head)
-            model = _to_matmulnbits(model, chosen, b, block_size, accuracy_level)
-            rec |= _describe("nbits", b, block_size) | {
-                "bits": b,
-                "weight_type": f"int{b}",
-                "accuracy_level": accuracy_level or None,
-                "weights": {"lm_head": lm, "quantized": sorted(chosen), "kept": sorted(kept)},
+    for form in forms:
+        for b in bits:
+            rec = _rewrite(root, src_file, form, b, block_size, accuracy_level, lm_head)
+            name, file = fused_name(b, tag, form), fused_file(b, tag, form)
+            records[name] = rec | {
+                "file": file,
+                "files": _save(rec.pop("model"), root, file, external_data_threshold),
+                "source": source,
             }
-        gate_text_head(model, head_out)
-        name, file = fused_name(b, tag), fused_file(b, tag)
-        files = _save(model, root, file, external_data_threshold)
-        records[name] = rec | {
-            "file": file,
-            "files": files,
-            "source": source,
-            "scheme": rec.get("scheme", FUSED),
-            "rewrites": list(REWRITES),
-            "packed": packed,
-            "extra_inputs": [{"name": TEXT_HEAD_INPUT, "dtype": "bool", "shape": []}],
-            "opset": _opset(model),
-            "tools": {"onnxruntime": ort.__version__, "onnx": onnx.__version__},
-        }
     _update_manifest(root, records)
     return records
+
+
+def _rewrite(
+    root: Path,
+    src_file: str,
+    form: str,
+    bits: int | None,
+    block_size: int,
+    accuracy_level: int,
+    lm_head: bool,
+) -> dict[str, Any]:
+    """One variant's graph (under ``"model"``) and the rest of its manifest record."""
+    model = onnx.load(str(root / src_file))
+    packed = pack_matmuls(model)
+    fold_shapes(model)
+    rewrites = list(REWRITES)
+    if form == CONTRIB:
+        from export.contrib import use_rotary_embedding
+
+        use_rotary_embedding(model, TraceConfig.from_dir(root).max_position_embeddings)
+        _drop_dead(model.graph)  # the exported per-step cos/sin computation
+        rewrites.append("rotary-embedding")
+    head_out = text_head_output(model)
+    rec: dict[str, Any] = {"form": form, "runtime": "onnxruntime", "also_runs_on": []}
+    if bits is not None:
+        chosen, kept, lm = select_weights(model, lm_head=lm_head)
+        model = _to_matmulnbits(model, chosen, bits, block_size, accuracy_level)
+        rec |= _describe("nbits", bits, block_size) | {
+            "bits": bits,
+            "weight_type": f"int{bits}",
+            "accuracy_level": accuracy_level or None,
+            "weights": {"lm_head": lm, "quantized": sorted(chosen), "kept": sorted(kept)},
+        }
+    gate_text_head(model, head_out)
+    return rec | {
+        "model": model,
+        "scheme": rec.get("scheme", form),
+        "rewrites": rewrites,
+        "packed": packed,
+        "extra_inputs": [{"name": TEXT_HEAD_INPUT, "dtype": "bool", "shape": []}],
+        "opset": _opset(model),
+        "tools": {"onnxruntime": ort.__version__, "onnx": onnx.__version__},
+    }
 
 
 # ---- packed projections ---------------------------------------------------------------
@@ -310,33 +343,6 @@ def _elem_type(model: onnx.ModelProto, name: str) -> int:
     if node.op_type == "MatMul":
         return inits[node.input[1]].data_type
     return inits[node.input[2]].data_type  # MatMulNBits: scales carry the float type
-
-
-# ---- the default onnxruntime decoder ----------------------------------------------------
-def record_default(
-    artifact: str | Path, *, measure: bool = True, past: int = 400
-) -> tuple[str, dict[str, dict[str, float]]]:
-    """Time the portable and ``fused`` decoders and record the faster as onnxruntime's
-    default (``manifest["defaults"]["onnxruntime"]["decoder"]``); returns (chosen, timing).
-
-    Only the float ``fused`` competes: a default must not change the precision a user
-    gets without asking (quantised variants stay opt-in, ``--quant``).
-    """
-    from export.decode_timing import time_decode
-
-    root = Path(artifact)
-    timing = time_decode(root, [PORTABLE, FUSED], past=past) if measure else {}
-    # A text step and a time step each: fused skips lm_head in the second, so the sum
-    # weighs that in rather than hinging on the text step alone (a near tie).
-    faster = not timing or sum(timing[FUSED].values()) < sum(timing[PORTABLE].values())
-    chosen = FUSED if faster else PORTABLE
-    path = root / MANIFEST_FILE
-    manifest = json.loads(path.read_text())
-    defaults = manifest.setdefault("defaults", {}).setdefault("onnxruntime", {})
-    defaults[DECODER] = chosen
-    defaults["measured"] = {"past": past, "p50_ms": timing} if timing else None
-    write_json(path, manifest)
-    return chosen, timing
 
 
 # ---- static shapes --------------------------------------------------------------------

@@ -172,6 +172,46 @@ def test_reexport_leaves_a_built_repository_alone(tiny_ckpts, clip_video, tmp_pa
     assert fresh.run(clip_video, "dvc", gen=gen)["token_ids"] == first
 
 
+def test_links_the_decoder_variant_the_runtime_picks(artifact, tmp_path):
+    """After `export optimize`, trace_pipeline gets the manifest's default decoder (the
+    rule the backend applies, trace_rt.variants.pick_variant) and no other variant."""
+    import shutil
+    import warnings
+
+    from export.decode_timing import record_default
+    from export.fuse import optimize_artifact
+    from trace_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    optimize_artifact(art, (None, 4))
+    record_default(art, measure=False)  # fused; int4 -> fused-int4
+    repo = build_repository(art, tmp_path / "repo", progress=False)
+    served = repo / "trace_pipeline" / "1" / "artifacts"
+    decoders = sorted(p.name for p in served.glob("decoder*.onnx"))
+    assert decoders == ["decoder.fused.onnx", "decoder.onnx"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback: the default's file is there
+        backend = OnnxRuntimeBackend(served, cache_dir=False, video_graphs=False)
+    assert backend.decoder_variant == "fused"
+    # A damaged variant file is caught by the build's sha256 check of what it linked.
+    _flip_byte(art / "decoder.fused.onnx")
+    with pytest.raises(CheckpointError, match=r"decoder\.fused\.onnx does not match"):
+        build_repository(art, tmp_path / "repo2", progress=False)
+    assert not (tmp_path / "repo2").exists()
+    # The portable graph as the default: no variant file at all.
+    m = json.loads((art / "manifest.json").read_text())
+    m["defaults"]["onnxruntime"]["decoder"] = "portable"
+    (art / "manifest.json").write_text(json.dumps(m))
+    repo = build_repository(art, tmp_path / "repo3", progress=False)
+    served = repo / "trace_pipeline" / "1" / "artifacts"
+    assert not list(served.glob("decoder.*.onnx"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # portable is no variant to look for
+        backend = OnnxRuntimeBackend(served, cache_dir=False, video_graphs=False)
+    assert backend.decoder_variant is None
+
+
 def _flip_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -196,9 +196,10 @@ def _add_run_parser(sub: argparse._SubParsersAction, backends: list[str]) -> Non
         "--quant",
         metavar="VARIANT",
         help="onnxruntime: run a decoder variant made by `python -m export quantize` "
-        "(int4, int8, int4-qdq, int8-qdq) or `python -m export optimize` (fused, "
-        "fused-int4, fused-int8); `portable`: decoder.onnx even where the manifest names "
-        "a faster default",
+        "(int4, int8, int4-qdq, int8-qdq) or `python -m export optimize` (fused, contrib, "
+        "fused-int4, ...); int4/int8 run the fastest variant of that precision where "
+        "`optimize` measured one (e.g. fused-int4); `portable`: decoder.onnx even where "
+        "the manifest names a faster default",
     )
     p.add_argument(
         "--device",

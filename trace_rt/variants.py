@@ -11,6 +11,7 @@ Torch-free (the serving image imports it).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,10 @@ TEXT_HEAD_INPUT = "text_head"
 PORTABLE = "portable"
 
 
+# defaults[runtime] key of the measured-fastest decoder per quantised precision.
+BY_PRECISION = "decoder_by_precision"
+
+
 def default_variant(manifest: dict[str, Any], runtime: str, graph: str = DECODER) -> str | None:
     """The variant *runtime* loads for *graph* when none is asked for (None: the graph).
 
@@ -81,3 +86,75 @@ def default_variant(manifest: dict[str, Any], runtime: str, graph: str = DECODER
     when its measured decode step beats the portable graph's.
     """
     return manifest.get("defaults", {}).get(runtime, {}).get(graph)
+
+
+def resolve_variant(
+    manifest: dict[str, Any], runtime: str, asked: str | None = None, *, exact: bool = False
+) -> str | None:
+    """The decoder variant *runtime* runs when *asked* for one; None: ``decoder.onnx``.
+
+    The one rule, shared by the backends and the Triton repository build:
+
+    - None: the manifest's default for *runtime* (:func:`default_variant`);
+    - ``portable``: ``decoder.onnx`` itself;
+    - a precision that ``python -m export optimize`` measured (``int4``, ``int8``): the
+      fastest variant of it, recorded in ``defaults[runtime]["decoder_by_precision"]``
+      (``fused-int4`` when packing beat ``int4``, else ``int4`` itself);
+    - any other name (or any name with *exact*): that variant.
+    """
+    if asked is None:
+        asked = default_variant(manifest, runtime)  # optimize may record ``portable``
+        if asked is None or asked == PORTABLE:
+            return None
+        return asked
+    if asked == PORTABLE:
+        return None
+    if exact:
+        return asked
+    return manifest.get("defaults", {}).get(runtime, {}).get(BY_PRECISION, {}).get(asked, asked)
+
+
+def pick_variant(
+    manifest: dict[str, Any],
+    model_dir: str | Path,
+    runtime: str,
+    asked: str | None = None,
+    *,
+    exact: bool = False,
+    verify: str = "sha256",
+) -> tuple[str | None, dict[str, Any] | None]:
+    """(name, checked manifest record) of the decoder *runtime* runs for *asked*
+    (:func:`resolve_variant`); (None, None): ``decoder.onnx``.
+
+    A default is a speed-up, not a requirement: when the variant a default names has lost
+    its files (a copy of the artifact that carries only some), the asked variant itself
+    (or ``decoder.onnx`` when none was asked for) runs instead, with a warning. A variant
+    asked for by its exact name must be there.
+
+    Raises:
+        CheckpointError: the asked variant is unknown or its files do not check out.
+    """
+    name = resolve_variant(manifest, runtime, asked, exact=exact)
+    if name is None:
+        return None, None
+    try:
+        return name, load_variant(manifest, model_dir, name, DECODER, verify)
+    except CheckpointError as e:
+        if name == asked:  # asked for by its own name: no substitute
+            raise
+        warnings.warn(f"{e}; running {asked or 'decoder.onnx'}", RuntimeWarning, stacklevel=3)
+    if asked is None:
+        return None, None
+    return asked, load_variant(manifest, model_dir, asked, DECODER, verify)
+
+
+def variant_precision(manifest: dict[str, Any], name: str | None) -> str | None:
+    """``int4``/``int8``/``fp8`` for a quantised decoder variant, None for a float one (or
+    for ``decoder.onnx``): what its weights compute in, from its record, not its name."""
+    if name is None:
+        return None
+    rec = manifest.get("variants", {}).get(DECODER, {}).get(name, {})
+    wt = rec.get("weight_type")
+    if wt is None:
+        return None
+    return "fp8" if str(wt).startswith("float8") else str(wt)

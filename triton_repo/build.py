@@ -11,7 +11,11 @@ Layout written (tensor names from the artifact manifest and trace_rt.serving.pro
       trace_pipeline/1/model.py     the decoding loop (trace_rt.generate)
       trace_pipeline/1/serving.json limits and modes (ServingSettings)
       trace_pipeline/1/artifacts/   the artifact directory (hard links where possible;
-                                    every file's sha256 checked against the manifest)
+                                    every file's sha256 checked against the manifest),
+                                    of its decoder variants only the one the backend
+                                    runs (trace_rt.variants.pick_variant: the
+                                    manifest's default, e.g. ``fused`` after
+                                    ``python -m export optimize``)
       repository.json               every file's size and sha256: the repository can be
                                     copied to a URL (trace-rt serve --repo s3://...)
 
@@ -51,6 +55,7 @@ from trace_rt.serving.protocol import (
     pipeline_inputs,
 )
 from trace_rt.serving.remote import write_index
+from trace_rt.variants import load_variant, pick_variant
 
 MODELS_DIR = Path(__file__).parent / "models"
 GRAPH_JSON = "graph.json"
@@ -140,12 +145,17 @@ def build_repository(
         _graph_model(out, src, spec, files, engines, instances, max_batch, threads)
         _written(out / spec.name, progress)
     kv = KVBudget.of(cfg, specs[DECODER], max_sequences)
-    _pipeline_model(out, src, cfg, settings, instances, max_batch_frames, kv)
+    # The decoder the pipeline will run, by the runtime's own rule; other variants' files
+    # (GBs each on the 7B) stay out of the repository.
+    variant, _ = pick_variant(manifest, src, backend, verify="size")
+    skip = _unused_variant_files(manifest, variant)
+    _pipeline_model(out, src, cfg, settings, instances, max_batch_frames, kv, skip)
     _written(out / TRACE_PIPELINE, progress)
     if progress:
         print(f"{TRACE_PIPELINE}: {kv.describe()} per instance", flush=True)
+        print(f"{TRACE_PIPELINE}: decoder {_describe_variant(manifest, variant)}", flush=True)
     try:
-        _verify_copies(out, specs, files, engines, manifest)
+        _verify_copies(out, specs, files, engines, manifest, variant)
     except CheckpointError:
         shutil.rmtree(out, ignore_errors=True)  # no repository that looks ready
         raise
@@ -206,8 +216,10 @@ def _verify_copies(
     files: list[str],
     engines: dict[str, str],
     manifest: dict,
+    variant: str | None = None,
 ) -> None:
-    """Check the repository's own copies (links) of the artifact files by sha256.
+    """Check the repository's own copies (links) of the artifact files by sha256 (with
+    the decoder *variant*'s, when the pipeline runs one).
 
     Hashing what was linked, after linking, leaves no window in which the artifact
     directory can change unnoticed (a half-written export, a file edited in place): a
@@ -223,6 +235,8 @@ def _verify_copies(
     section = tm.read_section(manifest, art) if engines else {}
     if engines:
         tm.verify_engines(section, art, "sha256")
+    if variant is not None:
+        load_variant(linked, art, variant, DECODER, verify="sha256")
     for name in (VISION_ENCODER, PROJECTOR):
         version = out / name / "1"
         if engines:
@@ -239,6 +253,19 @@ def _verify_copies(
                     f"{rel} does not match its sha256 in {MANIFEST_FILE}; the artifact "
                     "directory is inconsistent (re-export it)"
                 )
+
+
+def _unused_variant_files(manifest: dict, variant: str | None) -> set[str]:
+    """Files of the decoder variants other than *variant* (none of the graphs' own)."""
+    records = manifest.get("variants", {}).get(DECODER, {})
+    unused = {f for name, rec in records.items() if name != variant for f in rec["files"]}
+    return unused - set(manifest["files"]) - set(records.get(variant, {}).get("files", {}))
+
+
+def _describe_variant(manifest: dict, variant: str | None) -> str:
+    if variant is None:
+        return manifest["graphs"][DECODER]["file"]
+    return f"{manifest['variants'][DECODER][variant]['file']} (variant {variant})"
 
 
 def _written(model: Path, progress: bool) -> None:
@@ -374,12 +401,14 @@ def _pipeline_model(
     instances: int,
     max_batch_frames: int,
     kv: KVBudget,
+    skip: set[str],
 ) -> None:
     version = out / TRACE_PIPELINE / "1"
     version.mkdir(parents=True)
     for f in sorted(src.rglob("*")):
         rel = f.relative_to(src)
-        if f.is_file() and not rel.parts[0].startswith("."):  # no .ort_cache
+        # No .ort_cache, no decoder variant the pipeline will not load.
+        if f.is_file() and not rel.parts[0].startswith(".") and rel.as_posix() not in skip:
             _link_or_copy(f, version / ARTIFACTS_DIR / rel)
     shutil.copy2(MODELS_DIR / "trace_pipeline.py", version / "model.py")
     settings.save(version)

@@ -54,7 +54,7 @@ from trace_rt.graphs import (
     manifest_specs,
 )
 from trace_rt.tokens import VIDEO_PLACEHOLDER_ID, Head, head_base, head_size
-from trace_rt.variants import PORTABLE, TEXT_HEAD_INPUT, default_variant, load_variant
+from trace_rt.variants import TEXT_HEAD_INPUT, pick_variant
 
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
@@ -84,15 +84,20 @@ class OnnxRuntimeBackend:
             against the manifest at load.
         decoder_variant: run a decoder variant instead of ``decoder.onnx``: quantised
             (``python -m export quantize``: ``int4``, ``int8``, ``int4-qdq``, ...) or
-            onnxruntime-specific (``python -m export optimize``: ``fused``,
-            ``fused-int4``, ...), the manifest's ``variants``. None: the manifest's
-            default for onnxruntime (``defaults``, set by ``optimize`` when measured
-            faster), else ``decoder.onnx``; ``portable``: ``decoder.onnx`` regardless.
+            onnxruntime-specific (``python -m export optimize``: ``fused``, ``contrib``,
+            ``fused-int4``, ...), the manifest's ``variants``. A precision ``optimize``
+            measured (``int4``, ``int8``) names the fastest variant of it, as recorded
+            (``fused-int4`` rather than ``int4`` when it measured faster). None: the
+            manifest's default for onnxruntime (``defaults``, set by ``optimize`` when
+            measured faster), else ``decoder.onnx``; ``portable``: ``decoder.onnx``
+            regardless. The rule: :func:`trace_rt.variants.resolve_variant`.
         video_graphs: load the vision encoder and projector too (False: decoder only,
             for a server whose encoders run as their own models).
         max_sequences: KV slots, i.e. sequences one decode step can advance together. A
             step computes every slot's row (ragged lengths are masked, not skipped), so
             size it to the expected concurrency: 1 for one request at a time.
+        exact_variant: take *decoder_variant* as a variant's own name, never as a
+            precision (``int4`` is then the unfused ``decoder.int4.onnx``; for timing it).
     """
 
     name = "onnxruntime"
@@ -107,6 +112,7 @@ class OnnxRuntimeBackend:
         decoder_variant: str | None = None,
         video_graphs: bool = True,
         max_sequences: int = 1,
+        exact_variant: bool = False,
     ):
         check_pool_size(max_sequences)
         self.max_sequences = max_sequences
@@ -124,11 +130,16 @@ class OnnxRuntimeBackend:
         missing = [g for g in GRAPH_NAMES if g not in self.specs]
         if missing:
             raise CheckpointError(f"{self.model_dir}: manifest lists no graph {missing}")
-        self.decoder_variant = None if decoder_variant == PORTABLE else decoder_variant
-        if self.decoder_variant is not None:
-            self._use_decoder_variant(self.decoder_variant, verify)
-        elif decoder_variant is None:
-            self._use_default_variant(verify)
+        self.decoder_variant, rec = pick_variant(
+            self.manifest,
+            self.model_dir,
+            self.name,
+            decoder_variant,
+            exact=exact_variant,
+            verify=verify,
+        )
+        if rec is not None:
+            self._use_decoder_variant(rec)
         scheme = self.manifest["export"].get("kv_cache")
         if scheme != KV_CACHE:
             raise CheckpointError(
@@ -405,30 +416,13 @@ class OnnxRuntimeBackend:
         so.log_severity_level = 3  # errors only; fusion notices are noise here
         return so
 
-    def _use_default_variant(self, verify: str) -> None:
-        """The manifest's default decoder for onnxruntime, if any and if its files are here.
-
-        A default is a speed-up, not a requirement: a copy of the artifact that carries
-        only ``manifest["files"]`` (a model repository linking the graphs) runs
-        ``decoder.onnx``, with a warning, rather than failing.
-        """
-        name = default_variant(self.manifest, self.name)
-        if name is None:
-            return
-        try:
-            self._use_decoder_variant(name, verify)
-        except CheckpointError as e:
-            _warn_once(f"default-variant:{self.model_dir}", f"{e}; running decoder.onnx")
-            return
-        self.decoder_variant = name
-
-    def _use_decoder_variant(self, name: str, verify: str) -> None:
-        """Load the decoder from variant *name*'s file (same I/O as ``decoder.onnx``).
+    def _use_decoder_variant(self, rec: dict[str, Any]) -> None:
+        """Load the decoder from a variant's file (*rec*: its checked manifest record; same
+        I/O as ``decoder.onnx`` plus its ``extra_inputs``).
 
         The variant's files are merged into this backend's copy of the manifest, so the
         session and graph-cache code see the variant as the decoder it runs.
         """
-        rec = load_variant(self.manifest, self.model_dir, name, DECODER, verify)
         spec = self.specs[DECODER]
         extra = tuple(TensorSpec.from_dict(t) for t in rec.get("extra_inputs", ()))
         self.specs[DECODER] = dataclasses.replace(

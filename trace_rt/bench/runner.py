@@ -45,6 +45,7 @@ from trace_rt.generate import GenerationConfig, generate
 from trace_rt.pipeline import Pipeline
 from trace_rt.prompts import PromptSet
 from trace_rt.tokenizer import TextTokenizer
+from trace_rt.variants import variant_precision
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -221,13 +222,19 @@ def _peer_request(pipe: Pipeline, req: Request) -> Callable[[], dict[str, Any]]:
 
 def precision_of(backend: Any, spec: BackendSpec) -> str:
     """What the backend's decoder computes in: a peer's own ``precision``, a quantised
-    variant's name (int4/int8), else its float dtype (fp32/fp16/bf16)."""
+    variant's weight type (int4/int8, from its manifest record: ``fused-int4`` is int4,
+    ``fused`` its graph's float type), else its float dtype (fp32/fp16/bf16)."""
     declared = getattr(backend, "precision", None)
     if isinstance(declared, str):
         return declared
-    variant = spec.options.get("decoder_variant") or getattr(backend, "decoder_variant", None)
-    if isinstance(variant, str):
-        return variant.split(".")[0]
+    variant = getattr(backend, "decoder_variant", None)
+    manifest = getattr(backend, "manifest", None)
+    if isinstance(variant, str) and isinstance(manifest, dict):
+        quantised = variant_precision(manifest, variant)
+        if quantised is not None:
+            return quantised
+    elif isinstance(asked := spec.options.get("decoder_variant"), str):
+        return asked.split(".")[0]  # a backend without a manifest: the name it was given
     dtype = str(getattr(backend, "dtype", "float32"))
     for key, name in (("bfloat16", "bf16"), ("float16", "fp16"), ("float32", "fp32")):
         if key in dtype:
