@@ -82,7 +82,9 @@ def test_oversized_payload_is_refused_and_its_memory_returns(server, clip_video)
             c.infer(payload, task="dvc", max_new_tokens=4)
         refused_s = time.perf_counter() - t0
     del payload
-    deadline = time.monotonic() + 10
+    # The memory must come back, not within a set time: a loaded CI machine (nice 19
+    # beside other jobs) once took over 10 s.
+    deadline = time.monotonic() + 40
     while (after := _memory_mb(server.proc.pid)) > base + 16 and time.monotonic() < deadline:
         time.sleep(0.2)
     # Before: tritonserver kept ~1.5x the payload, and shared memory (counted in the
