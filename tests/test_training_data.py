@@ -149,6 +149,30 @@ def test_dataset_and_collator(synth, tok):
         assert (batch.labels[:, i, m:] == IGNORE).all()
 
 
+def test_frame_cache_decodes_each_video_once(synth, tok, monkeypatch):
+    root, _ = synth
+    samples = load_split(root / "train.json")
+    plain = GroundingDataset(samples, CFG, tok, num_frames=4)
+    cached = GroundingDataset(samples, CFG, tok, num_frames=4, cache_frames=True)
+    import training.dataset as dataset_mod
+
+    opened = []
+    real = dataset_mod.load_video
+    monkeypatch.setattr(dataset_mod, "load_video", lambda p, *a, **k: opened.append(p) or
+                        real(p, *a, **k))  # fmt: skip
+    for epoch in (0, 1):
+        for i in range(len(samples)):
+            a, b = plain.get(i, epoch), cached.get(i, epoch)
+            assert a.frame_times.tolist() == b.frame_times.tolist()
+            assert np.array_equal(a.pixel_values.numpy(), b.pixel_values.numpy())
+            assert a.input_ids.tolist() == b.input_ids.tolist()
+    videos = {s.video for s in samples}
+    # plain: every get decodes; cached: each video once, whatever its number of samples.
+    assert len(opened) == 2 * len(samples) + len(videos) and len(videos) < len(samples)
+    with pytest.raises(ValueError, match="cache_frames needs sampling 'uniform'"):
+        GroundingDataset(samples, CFG, tok, sampling="rand", cache_frames=True)
+
+
 def _write(path, samples):
     path.write_text(json.dumps({"format": "trace-rt-train/1", "samples": samples}))
     return path

@@ -206,6 +206,10 @@ class GroundingDataset:
             a warning naming it.
         seed: random frame picks are a function of (seed, epoch, sample index): resumable.
         probe_workers: processes probing the videos at start-up (0: this one).
+        cache_frames: keep each video's sampled frames in memory after its first decode
+            (``uniform`` sampling only: then they never change). Costs F x 3 x H x W
+            float32 per video, per data-loader process; for small sets, where decoding
+            the same frames every epoch would cost more than the model's steps.
     """
 
     def __init__(
@@ -224,6 +228,7 @@ class GroundingDataset:
         on_bad: str = "fail",
         seed: int = 0,
         probe_workers: int = 0,
+        cache_frames: bool = False,
     ):
         for name, value, allowed in (("sampling", sampling, SAMPLING),
                                      ("snap_times", snap_times, SNAP),
@@ -236,6 +241,10 @@ class GroundingDataset:
         self.template, self.prompts = template, prompts or PromptSet.load()
         self.answer_space = answer_space
         self.on_bad, self.seed = on_bad, seed
+        if cache_frames and sampling != "uniform":
+            raise ValueError(f"cache_frames needs sampling 'uniform' (got {sampling!r}): "
+                             "other samplings pick new frames every epoch")  # fmt: skip
+        self._cache: dict[Path, tuple[np.ndarray, np.ndarray]] | None = {} if cache_frames else None
         self.samples = self._checked(samples, probe_workers)
         if not self.samples:
             raise ValueError("no usable training samples")
@@ -286,12 +295,16 @@ class GroundingDataset:
             with Image.open(s.image) as im:
                 px = preprocess_frames(np.asarray(im.convert("RGB"))[None], pp)
             return np.repeat(px, self.num_frames, axis=0), np.zeros(self.num_frames)
+        if self._cache is not None and s.video in self._cache:
+            return self._cache[s.video]
         v = load_video(
             s.video,
             self.num_frames,
             transform=lambda rgb: preprocess_frame(rgb, pp),
             sampler=lambda n, _fps: frame_indices(n, self.num_frames, self.sampling, rng),
         )
+        if self._cache is not None:
+            self._cache[s.video] = (v.frames, v.times)
         return v.frames, v.times
 
     def get(self, index: int, epoch: int = 0) -> Example:

@@ -101,6 +101,8 @@ class TrainConfig:
         parallel: ``ddp`` (replicated weights) or ``fsdp`` (FSDP2 ``fully_shard``: weights,
             gradients and optimiser state sharded across processes, for the 7B).
         num_workers: data-loader worker processes decoding the sampled frames.
+        cache_frames: decode each video's frames once and keep them in memory (``uniform``
+            sampling only; each data-loader process keeps its own copy): small sets on CPU.
         out_of_range: ``fail`` or ``snap`` for targets past a video's end (module doc).
         dtype: ``fp32`` or ``bf16`` (autocast; master weights and optimiser stay fp32).
         num_frames: frames per video (None: the checkpoint's ``num_frames``).
@@ -150,6 +152,7 @@ class TrainConfig:
     device: str = "auto"
     parallel: str = "ddp"
     num_workers: int = 0
+    cache_frames: bool = False
     log_every: int = 10
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -179,6 +182,8 @@ class TrainConfig:
             raise ValueError("global_batch must be at least 1")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError("epochs must be positive")
+        if self.cache_frames and self.sampling != "uniform":
+            raise ValueError("cache_frames needs sampling: uniform (the frames never change)")
         if self.num_workers < 0:
             raise ValueError("num_workers must be 0 or more")
         if self.on_bad_sample not in ("fail", "skip"):

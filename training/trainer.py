@@ -283,6 +283,7 @@ def _setup(rc, samples, out, dist, device, init, preset, resume) -> _Run:
         on_bad=rc.on_bad_sample,
         seed=rc.seed,
         probe_workers=rc.num_workers,
+        cache_frames=rc.cache_frames,
     )
     rc = rc.resolved(len(dataset), dist.world)
     model.to(device)
