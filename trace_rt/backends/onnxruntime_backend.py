@@ -123,6 +123,8 @@ class OnnxRuntimeBackend:
             self._use_decoder_variant(self.decoder_variant, verify)
         elif decoder_variant is None:
             self._use_default_variant(verify)
+        if self.decoder_variant is None:
+            _check_portable_decoder(self.manifest, self.model_dir)
         scheme = self.manifest["export"].get("kv_cache")
         if scheme != KV_CACHE:
             raise CheckpointError(
@@ -405,6 +407,8 @@ class OnnxRuntimeBackend:
         try:
             self._use_decoder_variant(name, verify)
         except CheckpointError as e:
+            if not self.manifest["graphs"][DECODER].get("files", True):
+                raise  # no decoder.onnx to fall back to (a layer-streamed export)
             _warn_once(f"default-variant:{self.model_dir}", f"{e}; running decoder.onnx")
             return
         self.decoder_variant = name
@@ -507,6 +511,19 @@ def _cache_dir(model_dir: Path, option: str | Path | bool | None) -> Path | None
         "every load (name a cache_dir, or pass cache_dir=False to silence this)",
     )
     return None
+
+
+def _check_portable_decoder(manifest: dict[str, Any], model_dir: Path) -> None:
+    """A layer-streamed export with only quantised decoders has no ``decoder.onnx``
+    (``export/stream.py``): say so instead of failing to open the file."""
+    if manifest["graphs"][DECODER].get("files", True):
+        return
+    have = ", ".join(sorted(manifest.get("variants", {}).get(DECODER, {}))) or "none"
+    raise CheckpointError(
+        f"{model_dir}: this artifact has no fp32 decoder.onnx (exported layer-streamed with "
+        f"only quantised decoders: {have}); run one with --quant NAME, or re-export with "
+        "`python -m export onnx CKPT OUT --stream --decoders fp32,...`"
+    )
 
 
 def _check_io(sess: ort.InferenceSession, spec: GraphSpec, path: Path) -> None:
