@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +40,23 @@ import onnx
 import onnxruntime as ort
 import torch
 from safetensors import safe_open
-from torch import Tensor, nn
+from torch import Tensor
 
 from export import quantize
 from export.stitch import ALIGN, GraphWriter, spec_value_infos
+from export.stream_pieces import (
+    LAYER_KV,
+    SHARED,
+    LayerTemplate,
+    trace_head,
+    trace_layer,
+    trace_prologue,
+)
 from trace_rt.bench.machine import peak_rss_mb, reset_peak_rss
 from trace_rt.config import TraceConfig, resolve_vision_tower_dir
 from trace_rt.errors import CheckpointError, InputError
 from trace_rt.graphs import DECODER, kv_names
 from trace_rt.model.checkpoint import INDEX_FILE, VISION_PREFIX, WEIGHTS_FILE, weight_files
-from trace_rt.model.decode import decode_logits, decode_setup, layer_step
 from trace_rt.model.mistral import DecoderLayer
 from trace_rt.model.trace import TraceModel
 
@@ -57,7 +65,6 @@ DECODER_KINDS = (FP32, "int4", "int8")
 LAYER_PREFIX = "model.layers."
 # A whole-model fp32 export holds the model, the traced graph and its serialised copy.
 WHOLE_EXPORT_FACTOR = 3.0
-_EX = {"seq": 3, "batch": 2, "past": 5}  # tracing sizes: distinct, > 1 (export/wrappers.py)
 
 
 # ---- when to stream ----------------------------------------------------------------------
@@ -175,112 +182,6 @@ def load_layer(reader: ShardReader, cfg: TraceConfig, i: int) -> DecoderLayer:
     return layer.eval()
 
 
-# ---- the pieces, traced ----------------------------------------------------------------
-class Prologue(nn.Module):
-    def __init__(self, cfg: TraceConfig):
-        super().__init__()
-        self.cfg = cfg
-
-    def forward(self, inputs_embeds: Tensor, position_ids: Tensor, past_k0: Tensor):
-        return decode_setup(self.cfg, inputs_embeds, position_ids, past_k0)
-
-
-class LayerPiece(nn.Module):
-    def __init__(self, layer: DecoderLayer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x, cos, sin, causal, valid, past_k, past_v):
-        return layer_step(self.layer, x, cos, sin, causal, past_k, past_v, valid)
-
-
-class Head(nn.Module):
-    def __init__(self, shell: TraceModel):
-        super().__init__()
-        self.shell = shell
-
-    def forward(self, x: Tensor) -> Tensor:
-        return decode_logits(self.shell, x)
-
-
-_SHARED = ["rope_cos", "rope_sin", "causal_mask", "past_mask"]
-
-
-def _trace(module: nn.Module, args: tuple, names_in, names_out, axes, opset) -> onnx.ModelProto:
-    import io
-    import warnings
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer notes on shape ints, as in onnx_export
-        torch.onnx.export(
-            module,
-            args,
-            buf,
-            input_names=names_in,
-            output_names=names_out,
-            dynamic_axes=axes,
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    return onnx.load_from_string(buf.getvalue())
-
-
-def _examples(cfg: TraceConfig) -> dict[str, Tensor]:
-    g = torch.Generator().manual_seed(0)
-    t, b, p = _EX["seq"], _EX["batch"], _EX["past"]
-    kv, hd, h = cfg.num_key_value_heads, cfg.attn_head_dim, cfg.hidden_size
-    emb = torch.randn(b, t, h, generator=g)
-    pos = torch.arange(b)[:, None].clamp(max=p) + p - b + 1 + torch.arange(t)[None]
-    past = torch.randn(p, b, kv, hd, generator=g)
-    return {"emb": emb, "pos": pos, "past": past}
-
-
-def trace_prologue(cfg: TraceConfig, opset: int) -> onnx.ModelProto:
-    ex = _examples(cfg)
-    axes = {
-        "inputs_embeds": {0: "batch", 1: "seq"},
-        "position_ids": {0: "batch", 1: "seq"},
-        "past_key.0": {0: "past", 1: "batch"},
-    }
-    return _trace(
-        Prologue(cfg),
-        (ex["emb"], ex["pos"], ex["past"]),
-        ["inputs_embeds", "position_ids", "past_key.0"],
-        ["hidden.0", *_SHARED],
-        axes,
-        opset,
-    )
-
-
-def trace_layer(layer: DecoderLayer, cfg: TraceConfig, i: int, opset: int) -> onnx.ModelProto:
-    ex = _examples(cfg)
-    x, cos, sin, causal, valid = decode_setup(cfg, ex["emb"], ex["pos"], ex["past"])
-    pk, pv, nk, nv = kv_names(i)
-    past_axes = {0: "past", 1: "batch"}
-    axes = {
-        "x": {0: "seq", 1: "batch"},
-        "rope_cos": {0: "seq", 1: "batch"},
-        "rope_sin": {0: "seq", 1: "batch"},
-        "causal_mask": {0: "seq", 1: "seq"},
-        "past_mask": {0: "batch", 1: "past"},
-        pk: past_axes,
-        pv: past_axes,
-        "x_out": {0: "seq", 1: "batch"},
-        nk: {0: "seq", 1: "batch"},
-        nv: {0: "seq", 1: "batch"},
-    }
-    args = (x, cos, sin, causal, valid, ex["past"], ex["past"].flip(0))
-    return _trace(LayerPiece(layer), args, ["x", *_SHARED, pk, pv], ["x_out", nk, nv], axes, opset)
-
-
-def trace_head(shell: TraceModel, opset: int) -> onnx.ModelProto:
-    h = torch.randn(_EX["seq"], _EX["batch"], shell.config.hidden_size)
-    axes = {"x": {0: "seq", 1: "batch"}, "logits": {0: "batch"}}
-    return _trace(Head(shell), (h,), ["x"], ["logits"], axes, opset)
-
-
 def quantized(piece: onnx.ModelProto, bits: int, opts: dict[str, Any], *, head: bool):
     """A copy of *piece* with its weighted MatMuls (a head graph's: per ``select_weights``)
     as MatMulNBits; returns (model, quantised node names, kept node names)."""
@@ -382,13 +283,15 @@ def export_streamed(
     specs = graph_specs(cfg, FP32)
     opts = {"block_size": block_size, "accuracy_level": accuracy_level, "lm_head": lm_head}
     meter = Meter()
-    names = ["hash checkpoint", "load shell", *(g for g in specs if g != DECODER)]
+    names = ["start hashing", "load shell", *(g for g in specs if g != DECODER)]
     names += ["embeddings", *steps(cfg), "manifest"]
     title = f"export onnx --stream {checkpoint.name} ({', '.join(decoders)})"
     with _steps(title, names, progress) as step, _staging(out) as stage:
         step()
-        meter.start("hash checkpoint")
-        source = _hash_tree(checkpoint)
+        meter.start("start hashing")
+        # sha256 of 15 GB of shards: in a thread (hashlib releases the GIL) alongside the rest
+        hasher = ThreadPoolExecutor(1)
+        hashed = hasher.submit(_timed, _hash_tree, checkpoint)
         step()
         meter.start("load shell")
         reader = ShardReader(checkpoint, cfg)
@@ -425,14 +328,20 @@ def export_streamed(
 
         n = cfg.num_hidden_layers
         step()
-        meter.start("prologue")
-        io = dict.fromkeys(["inputs_embeds", "position_ids", "past_key.0", "hidden.0", *_SHARED])
+        meter.start("prologue, layer template")
+        template, why = LayerTemplate.try_make(cfg, opset)
+        layer_graphs = "one traced template, each layer's weights substituted"
+        if template is None:
+            layer_graphs = f"each layer traced ({why})"
+        io = dict.fromkeys(["inputs_embeds", "position_ids", "past_key.0", "hidden.0", *SHARED])
         add(trace_prologue(cfg, opset), "prologue/", {k: k for k in io}, False)
         for i in range(n):
             step()
             meter.start(f"layer {i}")
-            piece = trace_layer(load_layer(reader, cfg, i), cfg, i, opset)
-            io = {k: k for k in (*_SHARED, *kv_names(i))}
+            layer = load_layer(reader, cfg, i)
+            piece = template.build(layer) if template else trace_layer(layer, cfg, opset)
+            del layer
+            io = {k: k for k in SHARED} | dict(zip(LAYER_KV, kv_names(i), strict=True))
             add(piece, f"layers.{i}/", io | {"x": f"hidden.{i}", "x_out": f"hidden.{i + 1}"}, False)
             del piece
         step()
@@ -446,6 +355,8 @@ def export_streamed(
         }
         step()
         meter.start("publish")
+        source, hash_s = hashed.result()
+        hasher.shutdown()
         _remove_derived(out)
         _remove_stale(out, stage)
         publish_tree(stage, out)
@@ -471,11 +382,21 @@ def export_streamed(
         if FP32 not in writers:
             first = next(k for k in DECODER_KINDS if k in writers)
             manifest.setdefault("defaults", {}).setdefault("onnxruntime", {})[DECODER] = first
-        manifest["export"]["stream"] = {"reason": reason, "decoders": list(decoders)}
+        manifest["export"]["stream"] = {
+            "reason": reason,
+            "decoders": list(decoders),
+            "layer_graphs": layer_graphs,
+            "hash_checkpoint_s": hash_s,
+        }
         manifest["export"]["stream"] |= meter.summary()
         write_json(out / MANIFEST_FILE, manifest)
         step()
     return out
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    return fn(*args), round(time.perf_counter() - t, 1)
 
 
 def _variant_record(
