@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-STAGES = ("checkpoint", "export", "load", "run", "peers", "report")
+STAGES = ("checkpoint", "export", "load", "run", "plan", "peers", "report")
 GiB = 2**30
 DECODERS = ("int4", "int8")
 REF_FILES = ("config.json", "tokenizer.model", "clip_vision")  # what the peers' bench reads
@@ -74,15 +74,16 @@ def needs(stage: str, cfg, work: Path, keep: bool = False) -> dict[str, float]:
     shell_fp32 = 4 * (p["vision"] + 2 * p["emb"])
     have_ckpt = (work / "ckpt" / "config.json").is_file()
     q = {"int4": 0.5 + 2 / 32, "int8": 1 + 2 / 32}
-    int4_bytes = q["int4"] * p["layers"] + 4 * p["emb"]
+    dec = {d: q[d] * p["layers"] + 4 * p["emb"] for d in DECODERS}  # + fp32 heads
     return {
         "checkpoint": {"disk": 0 if have_ckpt else 2 * total, "memory": 4.5 * GiB},
         "export": {
             "disk": 0 if (work / "art" / "manifest.json").is_file() else art,
             "memory": shell_fp32 + 5 * layer_fp32 + 1 * GiB,
         },
-        "load": {"disk": 0, "memory": (q["int8"] * p["layers"] + 4 * p["emb"]) * 1.3 + GiB},
-        "run": {"disk": 0, "memory": int4_bytes * 1.2 + 2 * shell_fp32 + 2 * GiB},
+        # a session peaks at ~1.85x its decoder's bytes while MatMulNBits prepacks (small)
+        "load": {"disk": 0, "memory": LOAD_FACTOR * dec["int8"] + GiB},
+        "run": {"disk": 0, "memory": run_memory(cfg, "int4")},
         # the HF copy while the checkpoint is there; then (its shards deleted) the bf16
         # GGUF, then (the HF copy deleted) Q4_0 + Q8_0; with --keep all of them at once
         "peers": {
@@ -91,6 +92,19 @@ def needs(stage: str, cfg, work: Path, keep: bool = False) -> dict[str, float]:
         },
         "report": {"disk": 0, "memory": 0},
     }[stage]
+
+
+LOAD_FACTOR = 1.9
+
+
+def run_memory(cfg, decoder: str, measured_mb: float | None = None) -> float:
+    """A bench process: the decoder session at its load peak (*measured_mb* by the load
+    stage, else estimated), the vision tower and projector (fp32, prepacked: ~2x), the
+    embeddings, the KV cache, the runtime."""
+    p = params(cfg)
+    q = {"int4": 0.5 + 2 / 32, "int8": 1 + 2 / 32}[decoder]
+    session = measured_mb * 2**20 if measured_mb else LOAD_FACTOR * (q * p["layers"] + 4 * p["emb"])
+    return session + 2 * 4 * p["vision"] + 4 * p["emb"] + 1.5 * GiB
 
 
 def available_memory() -> int:
@@ -188,26 +202,75 @@ def stage_export(a, work: Path, log: Path) -> dict[str, Any]:
 
 def stage_load(a, work: Path, log: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for variant in DECODERS:
-        for mode in ("default", "no-prepack"):
-            cmd = py("-m", "benchmarks.trace7b_load", str(work / "art"), variant, mode)
-            proc = run(cmd, log, env_with_repo())
-            line = log.read_text().strip().splitlines()[-1]
-            out[f"{variant}/{mode}"] = json.loads(line) | {"process": proc}
+    # int8 without prepacking is left out: it runs ~5-10x slower per step (measured on
+    # small) and its load is the int4 one's story again
+    for variant, mode in (("int4", "default"), ("int4", "no-prepack"), ("int8", "default")):
+        cmd = py("-m", "benchmarks.trace7b_load", str(work / "art"), variant, mode)
+        proc = run(cmd, log, env_with_repo())
+        line = log.read_text().strip().splitlines()[-1]
+        out[f"{variant}/{mode}"] = json.loads(line) | {"process": proc}
     return out
 
 
-def stage_run(a, work: Path, log: Path) -> dict[str, Any]:
+def bench(model: Path, backends: str, frames: int, a, js: Path, log: Path, env=None) -> dict:
+    """One ``python -m trace_rt.bench`` invocation (one request, no warm-up) into *js*; the
+    machine's peaks are measured by the first invocation and reused by the later ones."""
+    cmd = py("-m", "trace_rt.bench", "--model", str(model), "--backends", backends)
+    cmd += ["--frames", str(frames), "--decode-steps", str(a.decode_steps)]
+    cmd += ["--warmup", "0", "--runs", "1", "--json", str(js)]
+    if a.peaks:
+        cmd += ["--peak-gbps", str(a.peaks["gbps"]), "--peak-tflops", str(a.peaks["tflops"])]
+    out = run(cmd, log, env or env_with_repo())
+    if not a.peaks:
+        a.peaks = json.loads(js.read_text())["config"]["peaks"]
+    return out
+
+
+def pairs(a, kinds: tuple[str, str]) -> list[tuple[str, int]]:
+    """(backend, frames) to run: the 4-bit one at every frame count, the 8-bit one at
+    ``--int8-frames``."""
+    return [(kinds[0], f) for f in a.frames] + [(kinds[1], f) for f in a.int8_frames]
+
+
+def stage_run(a, work: Path, log: Path, figures: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    backends = ",".join(f"onnxruntime-{d}" for d in DECODERS)
-    for frames in a.frames:
-        js = work / f"bench-ours-{frames}.json"
+    for backend, frames in pairs(a, tuple(f"onnxruntime-{d}" for d in DECODERS)):
+        js = work / f"bench-{backend}-{frames}.json"
+        dec = backend.rsplit("-", 1)[1]
+        loaded = figures.get("load", {}).get(f"{dec}/default", {}).get("peak_rss_load_mb")
+        need, have = run_memory(a.cfg, dec, loaded), available_memory()
+        if not js.is_file() and need > have:  # the int8 one at 7B, on a busy machine
+            out[f"{backend}/{frames}"] = {
+                "skipped": f"needs about {need / GiB:.1f} GiB, {have / GiB:.1f} GiB available"
+            }
+            continue
         if not js.is_file():
-            cmd = py("-m", "trace_rt.bench", "--model", str(work / "art"), "--backends", backends)
-            cmd += ["--frames", str(frames), "--decode-steps", str(a.decode_steps)]
-            cmd += ["--warmup", "0", "--runs", "1", "--json", str(js)]
-            out[str(frames)] = run(cmd, log, env_with_repo())
-        out[f"{frames}/bench"] = str(js)
+            out[f"{backend}/{frames}"] = bench(work / "art", backend, frames, a, js, log)
+        out.setdefault("bench", []).append(str(js))
+    return out
+
+
+def stage_plan(a, work: Path, log: Path) -> dict[str, Any]:
+    """``trace-rt plan`` for each measured (decoder, frames), with this machine's measured
+    peaks and the bench's request (its video size, its token budget): what it predicts."""
+    out: dict[str, Any] = {}
+    for backend, frames in pairs(a, tuple(f"onnxruntime-{d}" for d in DECODERS)):
+        cmd = py("-m", "trace_rt", "plan", "--preset", a.preset, "--device", "cpu")
+        cmd += ["--frames", str(frames), "--precision", backend.rsplit("-", 1)[1]]
+        cmd += ["--max-new-tokens", str(a.decode_steps + 1), "--source-size", "240x320"]
+        if a.peaks:
+            cmd += ["--peak-gbps", str(a.peaks["gbps"]), "--peak-tflops", str(a.peaks["tflops"])]
+        proc = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env_with_repo())
+        if proc.returncode not in (0, 1):  # 1: does not fit (still a prediction)
+            raise RuntimeError(f"trace-rt plan failed: {proc.stderr.strip()[-300:]}")
+        plan = json.loads(proc.stdout)
+        out[f"{backend}/{frames}"] = {
+            "host_bytes": plan["memory"]["host_bytes"],
+            "items": plan["memory"]["items"],
+            "floor_ms": {k: v for k, v in plan["floor_ms"].items() if k != "inputs"},
+            "decoder_weight_bytes": plan["floor_ms"]["inputs"]["decoder_weight_bytes"],
+            "command": " ".join(cmd[1:]),
+        }
     return out
 
 
@@ -244,16 +307,20 @@ def stage_peers(a, work: Path, log: Path, figures: dict[str, Any]) -> dict[str, 
         remove(bf16, a.keep, figures)
     out["bytes"] = {t: g.stat().st_size for t, g in ggufs.items()}
     plugins = "q4=benchmarks.trace7b_load:GgufQ4_0,q8=benchmarks.trace7b_load:GgufQ8_0"
-    for frames in a.frames:
-        js = work / f"bench-peers-{frames}.json"
+    env = env_with_repo() | {"TRACE_RT_BENCH_PLUGINS": plugins}
+    for backend, frames in pairs(a, ("q4", "q8")):
+        js = work / f"bench-{backend}-{frames}.json"
         if not js.is_file():
-            cmd = py("-m", "trace_rt.bench", "--model", str(ref), "--backends", "q4,q8")
-            cmd += ["--frames", str(frames), "--decode-steps", str(a.decode_steps)]
-            cmd += ["--warmup", "0", "--runs", "1", "--json", str(js)]
-            env = env_with_repo() | {"TRACE_RT_BENCH_PLUGINS": plugins}
-            out[str(frames)] = run(cmd, log, env)
-        out[f"{frames}/bench"] = str(js)
+            out[f"{backend}/{frames}"] = bench(ref, backend, frames, a, js, log, env)
+        out.setdefault("bench", []).append(str(js))
     return out
+
+
+def figures_peaks(work: Path) -> dict[str, Any] | None:
+    """The peaks an earlier invocation measured (its first bench JSON), to reuse."""
+    for js in sorted(work.glob("bench-*.json")):
+        return json.loads(js.read_text())["config"]["peaks"]
+    return None
 
 
 # ---- driver ----------------------------------------------------------------------------
@@ -262,18 +329,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="trace-7b", help="model preset (CI: small)")
     p.add_argument("--work", type=Path, default=Path("/work/t7b"), help="working directory")
     p.add_argument("--frames", default="16,32", help="frame counts of the dvc requests")
+    p.add_argument(
+        "--int8-frames", default=None, help="frame counts for int8 and Q8_0 (default: --frames)"
+    )
     p.add_argument("--decode-steps", type=int, default=64, help="decode steps per request")
     p.add_argument("--stages", default=",".join(STAGES), help="which stages, in order")
     p.add_argument("--keep", action="store_true", help="keep the multi-GB intermediates")
     p.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     a = p.parse_args(argv)
     a.frames = [int(f) for f in a.frames.split(",")]
+    int8 = a.frames if a.int8_frames is None else a.int8_frames.split(",")
+    a.int8_frames = [int(f) for f in int8 if str(f).strip()]
+    a.peaks = figures_peaks(a.work)
     stages = [s.strip() for s in a.stages.split(",") if s.strip()]
     if unknown := set(stages) - set(STAGES):
         p.error(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
     from training.presets import load_preset
 
-    cfg = load_preset(a.preset)
+    cfg = a.cfg = load_preset(a.preset)
     a.work.mkdir(parents=True, exist_ok=True)
     fig_path, log = a.work / "figures.json", a.work / "chain.log"
     figures = json.loads(fig_path.read_text()) if fig_path.is_file() else {}
@@ -283,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             need = preflight(stage, cfg, a.work, a.keep)
             print(f"[{time.strftime('%H:%M:%S')}] {stage} (needs {need}) ...", flush=True)
             before = {"load": uptime(), "free_disk_gib": free_gib(a.work)}
-            if stage == "peers":
-                result = stage_peers(a, a.work, log, figures)
+            if stage in ("peers", "run"):
+                result = globals()[f"stage_{stage}"](a, a.work, log, figures)
             elif stage == "report":
                 from benchmarks.trace7b_report import write_report
 

@@ -23,20 +23,21 @@ def collect(figures: dict[str, Any]) -> dict[str, Any]:
     """figures.json plus, per frame count, the bench's per-backend figures (samples off)."""
     out = dict(figures)
     runs: dict[str, Any] = {}
-    for frames in figures.get("frames", []):
-        rows: dict[str, Any] = {}
-        machine = None
-        for stage in ("run", "peers"):
-            bench = _bench(figures.get(stage, {}).get(f"{frames}/bench"))
+    names = {"q4": "llama.cpp Q4_0", "q8": "llama.cpp Q8_0"}
+    for stage in ("run", "peers"):
+        for path in figures.get(stage, {}).get("bench", []):
+            bench = _bench(path)
             if bench is None:
                 continue
-            machine = machine or bench["machine"]
+            frames = str(bench["config"]["frames"])
+            run = runs.setdefault(frames, {"machine": bench["machine"], "backends": {}})
             for name, b in bench["backends"].items():
                 stages = {
                     k: {m: v.get(m) for m in ("p50_ms", "p90_ms", "floor_ms", "vs_floor")}
                     for k, v in b["stages"].items()
                 }
-                rows[name] = {
+                run["backends"][name] = {
+                    "label": names.get(name, name),
                     "stages": stages,
                     "peak_rss_mb": b.get("peak_rss_mb"),
                     "load_s": b.get("load_s"),
@@ -48,10 +49,9 @@ def collect(figures: dict[str, Any]) -> dict[str, Any]:
                     "peaks": bench["config"]["peaks"] | {"details": None},
                     "invocation_load": bench["invocations"][0]["load"],
                 }
-        if rows:
-            runs[str(frames)] = {"machine": machine, "backends": rows}
     out["runs"] = runs
     out["targets"] = targets(runs)
+    out["plan_vs_measured"] = plan_vs_measured(figures.get("plan", {}), runs)
     return out
 
 
@@ -86,6 +86,43 @@ def targets(runs: dict[str, Any]) -> list[dict[str, Any]]:
             out.append(
                 {"frames": int(frames), "target": what, "ours_ms": value, "ref_ms": ref}
                 | {"ratio": ratio, "met": met}
+            )
+    return out
+
+
+PLAN_TOLERANCE = 0.15
+
+
+def plan_vs_measured(plan: dict[str, Any], runs: dict[str, Any]) -> list[dict[str, Any]]:
+    """``trace-rt plan``'s predictions against the bench: memory (its host bytes vs the
+    request's peak RSS), decoder weight bytes, decode-step floor."""
+    out = []
+    for key, p in plan.items():
+        if "/" not in key:
+            continue
+        backend, frames = key.split("/")
+        row = runs.get(frames, {}).get("backends", {}).get(backend)
+        if row is None:
+            continue
+        measured = {
+            "peak_rss_bytes": (row["peak_rss_mb"] or 0) * 2**20,
+            "decoder_weight_bytes": (row["floor_inputs"] or {}).get("decoder_weight_bytes"),
+            "decode_step_floor_ms": _ms(row, "decode_step", "floor_ms"),
+            "decode_step_p50_ms": _ms(row, "decode_step"),
+        }
+        predicted = {
+            "peak_rss_bytes": p["host_bytes"],
+            "decoder_weight_bytes": p["decoder_weight_bytes"],
+            "decode_step_floor_ms": p["floor_ms"].get("decode_step"),
+            "decode_step_p50_ms": p["floor_ms"].get("decode_step"),
+        }
+        for what, m in measured.items():
+            pr = predicted[what]
+            err = None if not m or pr is None else round(pr / m - 1, 3)
+            out.append(
+                {"backend": backend, "frames": int(frames), "quantity": what}
+                | {"plan": pr, "measured": m, "plan_error": err}
+                | {"within_15pct": None if err is None else abs(err) <= PLAN_TOLERANCE}
             )
     return out
 
@@ -127,7 +164,33 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {t['frames']} | {t['target']} | {t['ours_ms']} | {t['ref_ms']} | "
             f"{t['ratio']} | {t['met']} |"
         )
+    lines += _plan_md(doc.get("plan_vs_measured", []))
     return "\n".join(lines) + "\n"
+
+
+def _plan_md(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    out = ["", "## trace-rt plan vs measured", ""]
+    out += [
+        "(`decode_step_p50_ms`: the plan gives a floor, not a latency; listed to show the gap.)"
+    ]
+    out += ["", "| backend | frames | quantity | plan | measured | plan error | within 15% |"]
+    out += ["|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(
+            f"| {r['backend']} | {r['frames']} | {r['quantity']} | {_num(r['plan'])} | "
+            f"{_num(r['measured'])} | {r['plan_error']} | {r['within_15pct']} |"
+        )
+    return out
+
+
+def _num(x: Any) -> str:
+    if isinstance(x, float) and x > 1e6:
+        return f"{x / 2**30:.2f} GiB"
+    if isinstance(x, int) and x > 1e6:
+        return f"{x / 2**30:.2f} GiB"
+    return str(round(x, 1) if isinstance(x, float) else x)
 
 
 def _export_md(f: dict[str, Any] | None) -> list[str]:
@@ -174,13 +237,14 @@ def _run_md(frames: str, run: dict[str, Any]) -> list[str]:
         head + " | decode p50 | decode p90 | step floor | vs floor | end to end | peak RSS MB |"
     ]
     out += ["|" + "---|" * (len(STAGE_COLS) + 8)]
-    for name, r in run["backends"].items():
+    for r in run["backends"].values():
         cells = [str(_ms(r, s) if _ms(r, s) is not None else "-") for s in STAGE_COLS]
         dec = r["stages"].get("decode_step", {})
         out.append(
-            f"| {name} | {r['prompt_positions']} | " + " | ".join(cells) + " | "
+            f"| {r['label']} | {r['prompt_positions']} | " + " | ".join(cells) + " | "
             f"{dec.get('p50_ms')} | {dec.get('p90_ms')} | {dec.get('floor_ms')} | "
-            f"{dec.get('vs_floor')} | {_ms(r, 'end_to_end')} | {r['peak_rss_mb']} |"
+            f"{dec.get('vs_floor')} | {_ms(r, 'end_to_end')} | {r['peak_rss_mb']} | "
+            f"{r['invocation_load'].get('others_cores')} |"
         )
     peaks = next(iter(run["backends"].values()))["peaks"]
     out += ["", f"Measured peaks: {peaks['gbps']} GB/s, {peaks['tflops']} TFLOP/s (fp32)."]

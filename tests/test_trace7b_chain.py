@@ -35,12 +35,12 @@ def test_refuses_when_memory_is_short(tmp_path, monkeypatch, capsys):
 def test_chain_end_to_end_on_tiny(tmp_path):
     """Every stage on `tiny` (peers only where llama-cpp-python and its converter are
     installed): figures saved per stage, intermediates removed, the dated report written."""
-    stages = ["checkpoint", "export", "load", "run", "report"]
+    stages = ["checkpoint", "export", "load", "run", "plan", "report"]
     try:
         from benchmarks.peers.llamacpp import _llama_cpp, converter
 
         converter(_llama_cpp().__version__)
-        stages.insert(4, "peers")
+        stages.insert(5, "peers")
     except ImportError:
         pass
     work, results = tmp_path / "w", tmp_path / "results"
@@ -49,7 +49,7 @@ def test_chain_end_to_end_on_tiny(tmp_path):
     fig = json.loads((work / "figures.json").read_text())
     assert fig["export"]["stream"]["decoders"] == ["int4", "int8"]
     assert fig["export"]["peak_rss_mb"] > 0 and fig["checkpoint"]["bytes"] > 0
-    assert {"int4/default", "int8/no-prepack"} <= set(fig["load"])
+    assert {"int4/default", "int4/no-prepack", "int8/default"} <= set(fig["load"])
     assert fig["load"]["int4/default"]["peak_rss_load_mb"] > 0
     assert not (work / "art").exists()  # removed once the run stage was done
     assert str(work / "art") in fig["removed"]
@@ -59,6 +59,8 @@ def test_chain_end_to_end_on_tiny(tmp_path):
     assert {"onnxruntime-int4", "onnxruntime-int8"} <= set(rows)
     step = rows["onnxruntime-int4"]["stages"]["decode_step"]
     assert step["p50_ms"] > 0 and step["floor_ms"] > 0
+    plan = {r["quantity"]: r for r in doc["plan_vs_measured"] if r["backend"].endswith("int4")}
+    assert plan["peak_rss_bytes"]["measured"] > 0 and plan["peak_rss_bytes"]["plan"] > 0
     md = js.with_suffix(".md").read_text()
     assert "## One dvc request, 2 frames" in md and "## Targets" in md
     if "peers" in stages:
