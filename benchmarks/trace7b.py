@@ -90,6 +90,7 @@ def needs(stage: str, cfg, work: Path, keep: bool = False) -> dict[str, float]:
             "disk": llm_bf16 * (2.9 if keep else 1.0),
             "memory": (q["int8"] * p["layers"] + 2 * p["emb"]) * 1.1 + 2 * GiB,
         },
+        "plan": {"disk": 0, "memory": 0.5 * GiB},
         "report": {"disk": 0, "memory": 0},
     }[stage]
 
@@ -364,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
                 result = {"files": [str(f) for f in write_report(figures, a.work, a.results)]}
             else:
                 result = globals()[f"stage_{stage}"](a, a.work, log)
+            if result.get("skipped"):  # done by an earlier invocation: keep its figures
+                result = {
+                    k: v for k, v in figures.get(stage, {}).items() if k != "skipped"
+                } | result
             if stage == "run":
                 remove(a.work / "art", a.keep, figures)  # nothing later reads it
             figures[stage] = result | {

@@ -52,6 +52,7 @@ def collect(figures: dict[str, Any]) -> dict[str, Any]:
     out["runs"] = runs
     out["targets"] = targets(runs)
     out["plan_vs_measured"] = plan_vs_measured(figures.get("plan", {}), runs)
+    out["int4_vs_int8_tokens"] = agreement(runs)
     return out
 
 
@@ -87,6 +88,23 @@ def targets(runs: dict[str, Any]) -> list[dict[str, Any]]:
                 {"frames": int(frames), "target": what, "ours_ms": value, "ref_ms": ref}
                 | {"ratio": ratio, "met": met}
             )
+    return out
+
+
+def agreement(runs: dict[str, Any]) -> dict[str, Any]:
+    """int4 vs int8 greedy tokens of the same request (no fp32 reference at this size:
+    see benchmarks/README.md): the common prefix and the fraction of equal positions."""
+    out = {}
+    for frames, run in runs.items():
+        b = run["backends"]
+        t4 = (b.get("onnxruntime-int4") or {}).get("token_ids")
+        t8 = (b.get("onnxruntime-int8") or {}).get("token_ids")
+        if not t4 or not t8:
+            continue
+        n = min(len(t4), len(t8))
+        prefix = next((i for i in range(n) if t4[i] != t8[i]), n)
+        same = sum(x == y for x, y in zip(t4[:n], t8[:n], strict=True))
+        out[frames] = {"tokens": n, "common_prefix": prefix, "equal_fraction": round(same / n, 3)}
     return out
 
 
@@ -165,6 +183,13 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{t['ratio']} | {t['met']} |"
         )
     lines += _plan_md(doc.get("plan_vs_measured", []))
+    if doc.get("int4_vs_int8_tokens"):
+        lines += ["", "## int4 vs int8 tokens (same request; no fp32 reference at this size)", ""]
+        for frames, a in doc["int4_vs_int8_tokens"].items():
+            lines.append(
+                f"- {frames} frames: {a['tokens']} tokens, common prefix {a['common_prefix']}, "
+                f"equal at {a['equal_fraction']:.0%} of positions"
+            )
     return "\n".join(lines) + "\n"
 
 
