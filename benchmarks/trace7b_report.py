@@ -167,8 +167,14 @@ def markdown(doc: dict[str, Any]) -> str:
         rss = f.get("peak_rss_mb", "")
         if s == "export" and "stream" in f:
             secs, rss = f["stream"]["seconds"], f["stream"]["peak_rss_mb"]
+        if f.get("skipped"):  # done by an earlier invocation: this one's load says nothing
+            lines.append(f"| {s} | {secs} | {rss} | (earlier run) | | |")
+            continue
+        parts = [v.get("process", v) for v in f.values() if isinstance(v, dict)]
+        secs = secs or sum(v.get("seconds", 0) for v in parts)
+        rss = rss or max((v.get("peak_rss_mb", 0) for v in parts), default="")
         lines.append(
-            f"| {s} | {secs} | {rss} | {f['before']['load']} | {f['after']['load']} | "
+            f"| {s} | {round(secs, 1)} | {rss} | {f['before']['load']} | {f['after']['load']} | "
             f"{f['after']['free_disk_gib']} |"
         )
     lines += _export_md(doc.get("export"))
@@ -259,9 +265,10 @@ def _run_md(frames: str, run: dict[str, Any]) -> list[str]:
     out = ["", f"## One dvc request, {frames} frames (ms; decode step p50/p90)", ""]
     head = "| backend | positions | " + " | ".join(STAGE_COLS)
     out += [
-        head + " | decode p50 | decode p90 | step floor | vs floor | end to end | peak RSS MB |"
+        head + " | decode p50 | decode p90 | step floor | vs floor | end to end | peak RSS MB "
+        "| others' cores busy |"
     ]
-    out += ["|" + "---|" * (len(STAGE_COLS) + 8)]
+    out += ["|" + "---|" * (len(STAGE_COLS) + 9)]
     for r in run["backends"].values():
         cells = [str(_ms(r, s) if _ms(r, s) is not None else "-") for s in STAGE_COLS]
         dec = r["stages"].get("decode_step", {})
