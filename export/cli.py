@@ -201,7 +201,7 @@ def _onnx(args: argparse.Namespace) -> None:
     if not decoders or set(decoders) - set(kinds):
         raise InputError(f"--decoders takes some of {', '.join(kinds)}, got {args.decoders!r}")
     stream, reason = args.stream, None
-    if stream is None and args.dtype == "fp32":
+    if stream is None and args.dtype == "fp32" and args.checkpoint.is_dir():
         from export.stream import stream_reason
         from trace_rt.config import TraceConfig
 
