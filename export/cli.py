@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from trace_rt.cliutil import Parser, run_command
+from trace_rt.errors import InputError
 
 PROG = "python -m export"
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     # onnx_export.DEFAULT_OPSET, not imported here: that module loads torch.
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (TensorRT 10 parses 9..20)")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
+    _add_stream_args(p)
 
     q = sub.add_parser(
         "quantize",
@@ -91,6 +93,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_atc_parser(sub)
     return parser
+
+
+def _add_stream_args(p: argparse.ArgumentParser) -> None:
+    stream = p.add_mutually_exclusive_group()
+    stream.add_argument(
+        "--stream",
+        action="store_true",
+        default=None,
+        help="export layer by layer from the safetensors shards, never holding the model in "
+        "fp32 (default: chosen when the whole model would not fit in memory)",
+    )
+    stream.add_argument(
+        "--no-stream", dest="stream", action="store_false", help="export the whole model at once"
+    )
+    p.add_argument(
+        "--decoders",
+        default="fp32",
+        help="comma-separated decoders to write: fp32 (decoder.onnx), int4, int8 (MatMulNBits "
+        "variants, as `quantize --forms nbits`); without fp32 there is no decoder.onnx "
+        "(default: fp32)",
+    )
+    p.add_argument(
+        "--block-size", type=int, choices=[16, 32, 64, 128, 256], default=32, help="int4/int8 block"
+    )
+    p.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=[0, 1, 2, 3, 4],
+        default=4,
+        help="MatMulNBits compute type (4: int8 activations)",
+    )
+    p.add_argument(
+        "--lm-head", action="store_true", help="quantise lm_head too (default: keep it fp32)"
+    )
 
 
 def _add_optimize_parser(sub: argparse._SubParsersAction) -> None:
@@ -198,6 +234,40 @@ def _add_trt_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _onnx(args: argparse.Namespace) -> None:
+    decoders = tuple(d.strip() for d in args.decoders.split(",") if d.strip())
+    kinds = ("fp32", "int4", "int8")
+    if not decoders or set(decoders) - set(kinds):
+        raise InputError(f"--decoders takes some of {', '.join(kinds)}, got {args.decoders!r}")
+    stream, reason = args.stream, None
+    if stream is None and args.dtype == "fp32" and args.checkpoint.is_dir():
+        from export.stream import stream_reason
+        from trace_rt.config import TraceConfig
+
+        reason = stream_reason(TraceConfig.from_dir(args.checkpoint))
+        stream = reason is not None
+        if reason:
+            print(reason)
+    if stream:
+        if args.dtype != "fp32":
+            raise InputError(f"--stream exports fp32 graphs (+ int4/int8), not {args.dtype}")
+        from export.stream import export_streamed
+
+        out = export_streamed(
+            args.checkpoint,
+            args.out,
+            decoders=decoders,
+            opset=args.opset,
+            block_size=args.block_size,
+            accuracy_level=args.accuracy_level,
+            lm_head=args.lm_head,
+            progress=not args.no_progress,
+            reason=reason or "--stream",
+        )
+        _print_stream_figures(out)
+        print(f"wrote {out}")
+        return
+    if "fp32" not in decoders:
+        raise InputError("a whole-model export always writes decoder.onnx: add fp32 or --stream")
     from export.onnx_export import export_onnx
 
     out = export_onnx(
@@ -207,7 +277,28 @@ def _onnx(args: argparse.Namespace) -> None:
         opset=args.opset,
         progress=not args.no_progress,
     )
+    for bits in (4, 8):
+        if f"int{bits}" in decoders:
+            from export.quantize import quantize_artifact
+
+            quantize_artifact(
+                out,
+                bits,
+                block_size=args.block_size,
+                accuracy_level=args.accuracy_level,
+                lm_head=args.lm_head,
+                forms=("nbits",),
+            )
     print(f"wrote {out}")
+
+
+def _print_stream_figures(out: Path) -> None:
+    import json
+
+    from trace_rt.graphs import MANIFEST_FILE
+
+    fig = json.loads((out / MANIFEST_FILE).read_text())["export"]["stream"]
+    print(f"layer-streamed export: {fig['seconds']} s, peak RSS {fig['peak_rss_mb']} MB")
 
 
 def _quantize(args: argparse.Namespace) -> None:

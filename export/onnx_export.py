@@ -157,8 +157,10 @@ def _manifest(
     dtype: str,
     opset: int,
     out: Path,
+    skip: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """``manifest.json``: specs, config, id space, settings and every file's sha256."""
+    """``manifest.json``: specs, config, id space, settings and every file's sha256
+    (except *skip*: variant files, recorded with their variant)."""
     return {
         "format": MANIFEST_FORMAT,
         "config": model.config.replace(mm_vision_tower=CLIP_DIR).to_dict()
@@ -184,7 +186,10 @@ def _manifest(
         "files": {
             str(p.relative_to(out)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
             for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != MANIFEST_FILE and not _hidden(p.relative_to(out))
+            if p.is_file()
+            and p.name != MANIFEST_FILE
+            and not _hidden(p.relative_to(out))
+            and str(p.relative_to(out)) not in skip
         },
     }
 

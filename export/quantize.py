@@ -148,6 +148,12 @@ def quantize_artifact(
     root = Path(artifact)
     manifest = load_manifest(root)
     src_file = manifest["graphs"][DECODER]["file"]
+    if src_file not in manifest["files"]:
+        raise InputError(
+            f"{root}: no fp32 {src_file} to quantise (a layer-streamed export without it); "
+            "streamed exports quantise as they go: `python -m export onnx CKPT OUT --stream "
+            "--decoders int4,int8`"
+        )
     source = {"file": src_file, "sha256": manifest["files"][src_file]["sha256"]}
     records: dict[str, dict[str, Any]] = {}
     for form in forms:

@@ -136,16 +136,32 @@ def pick_variant(
     """
     name = resolve_variant(manifest, runtime, asked, exact=exact)
     if name is None:
+        _check_portable(manifest, model_dir)
         return None, None
     try:
         return name, load_variant(manifest, model_dir, name, DECODER, verify)
     except CheckpointError as e:
         if name == asked:  # asked for by its own name: no substitute
             raise
+        if asked is None:
+            _check_portable(manifest, model_dir)  # nothing to fall back to: the cause
         warnings.warn(f"{e}; running {asked or 'decoder.onnx'}", RuntimeWarning, stacklevel=3)
     if asked is None:
         return None, None
     return asked, load_variant(manifest, model_dir, asked, DECODER, verify)
+
+
+def _check_portable(manifest: dict[str, Any], model_dir: str | Path) -> None:
+    """A layer-streamed export with only quantised decoders has no ``decoder.onnx``
+    (``export/stream.py``): say so instead of failing to open the file."""
+    if manifest["graphs"][DECODER].get("files", True):
+        return
+    have = ", ".join(sorted(manifest.get("variants", {}).get(DECODER, {}))) or "none"
+    raise CheckpointError(
+        f"{model_dir}: this artifact has no fp32 decoder.onnx (exported layer-streamed with "
+        f"only quantised decoders: {have}); run one with --quant NAME, or re-export with "
+        "`python -m export onnx CKPT OUT --stream --decoders fp32,...`"
+    )
 
 
 def variant_precision(manifest: dict[str, Any], name: str | None) -> str | None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from trace_rt.config import TraceConfig
 from trace_rt.model.mistral import Attention, DecoderLayer, apply_rope, rope_tables
 from trace_rt.model.trace import TraceModel
 
@@ -55,26 +56,62 @@ def decode_with_past(
         (logits ``[B, V]`` f32 of each row's last position, every head side by side in
         the unified id order; new K/V per layer, K then V, ``[T, B, kv, hd]``).
     """
-    cfg = model.config
+    x, cos, sin, causal, valid = decode_setup(
+        model.config, inputs_embeds, position_ids, past[0] if past is not None else None, valid
+    )
+    new_kv: list[Tensor] = []
+    for i, layer in enumerate(model.model.layers):
+        pk, pv = (past[2 * i], past[2 * i + 1]) if past is not None else (None, None)
+        x, k, v = layer_step(layer, x, cos, sin, causal, pk, pv, valid)
+        new_kv += [k, v]
+    return decode_logits(model, x), new_kv  # [B, V] f32
+
+
+def decode_setup(
+    cfg: TraceConfig,
+    inputs_embeds: Tensor,
+    position_ids: Tensor,
+    past_k0: Tensor | None,
+    valid: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """What every layer of a step shares: (x [T, B, H], cos, sin [T, B, hd], causal [T, T],
+    valid [B, P] or None). *past_k0* (any layer's past K) only gives the past length P.
+
+    Split from :func:`decode_with_past` so a layer-streamed export (``export/stream.py``)
+    traces the same math one piece at a time.
+    """
     b, t, _ = inputs_embeds.shape
     pos_pm = position_ids.transpose(0, 1)  # [T, B]
     cos, sin = rope_tables(cfg.attn_head_dim, pos_pm.reshape(-1), cfg.rope_theta)
     cos, sin = cos.view(t, b, -1), sin.view(t, b, -1)  # [T, B, hd] each
     idx = torch.arange(t, device=inputs_embeds.device)
     causal = idx[:, None] >= idx[None, :]  # [T, T]: new query t sees new key j <= t
-    if past is not None and valid is None:
-        slots = torch.arange(past[0].shape[0], device=inputs_embeds.device)
+    if past_k0 is not None and valid is None:
+        slots = torch.arange(past_k0.shape[0], device=inputs_embeds.device)
         valid = slots[None, :] < position_ids[:, :1]  # [B, P]
     x = inputs_embeds.transpose(0, 1)  # [T, B, H]: position-major all the way through
-    new_kv: list[Tensor] = []
-    for i, layer in enumerate(model.model.layers):
-        pk, pv = (past[2 * i], past[2 * i + 1]) if past is not None else (None, None)
-        a, k, v = decoder_attention(layer, x, cos, sin, causal, pk, pv, valid)
-        new_kv += [k, v]
-        x = x + a
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    hidden = model.model.norm(x[-1])  # [B, H]: only each row's last position is read
-    return model.all_logits(hidden), new_kv  # [B, V] f32
+    return x, cos, sin, causal, valid
+
+
+def layer_step(
+    layer: DecoderLayer,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    causal: Tensor,
+    past_k: Tensor | None,
+    past_v: Tensor | None,
+    valid: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One decoder layer of a step: (x out [T, B, H], new K, new V [T, B, kv, hd])."""
+    a, k, v = decoder_attention(layer, x, cos, sin, causal, past_k, past_v, valid)
+    x = x + a
+    return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
+
+
+def decode_logits(model: TraceModel, x: Tensor) -> Tensor:
+    """Final norm and every head on each row's last position: x [T, B, H] -> [B, V] f32."""
+    return model.all_logits(model.model.norm(x[-1]))  # only the last position is read
 
 
 def decoder_attention(
