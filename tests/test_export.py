@@ -369,9 +369,9 @@ def test_optimised_graph_cache(artifacts, tmp_path):
 def test_graph_cache_write_failure(artifacts, tmp_path, monkeypatch):
     """A cache that cannot be written: an error when the directory was named, else one
     warning naming the reason, and the graphs optimised in memory."""
-    import trace_rt.backends.onnxruntime_backend as ob
+    import trace_rt.backends.ort_session as ors
 
-    monkeypatch.setattr(ob, "_WARNED", set())
+    monkeypatch.setattr(ors, "WARNED", set())
     cache = tmp_path / "cache"
     OnnxRuntimeBackend(artifacts["fp32"], cache_dir=cache)
     names = sorted(p.name for p in cache.iterdir())

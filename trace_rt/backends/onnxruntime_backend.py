@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import re
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,8 +34,15 @@ from trace_rt.backends.base import (
     split_prompt,
 )
 from trace_rt.backends.ort_kv import KVPool
+from trace_rt.backends.ort_session import (
+    cache_dir_for,
+    check_io,
+    ort_version,
+    providers_for,
+    warn_once,
+)
 from trace_rt.config import TraceConfig
-from trace_rt.errors import CheckpointError, DeviceError, InputError, PromptTooLongError
+from trace_rt.errors import CheckpointError, InputError, PromptTooLongError
 from trace_rt.graphs import (
     BF16,
     DECODER,
@@ -56,8 +61,6 @@ from trace_rt.graphs import (
 from trace_rt.tokens import VIDEO_PLACEHOLDER_ID, Head, head_base, head_size
 from trace_rt.variants import TEXT_HEAD_INPUT, pick_variant
 
-CPU_EP = "CPUExecutionProvider"
-CUDA_EP = "CUDAExecutionProvider"
 # Cache positions reserved past the prompt at prefill (grown by doubling beyond that).
 PREFILL_HEADROOM = 1024
 # onnxruntime before 1.32 dies with SIGFPE running the decoder over an empty past (every
@@ -146,9 +149,9 @@ class OnnxRuntimeBackend:
                 f"{self.model_dir}: decoder KV-cache scheme {scheme!r}, this runtime needs "
                 f"{KV_CACHE!r}; re-export the checkpoint with `python -m export onnx`"
             )
-        self.providers, self.device_type, self.device_id = _providers(device)
+        self.providers, self.device_type, self.device_id = providers_for(device)
         self.threads = threads
-        self._cache_dir = _cache_dir(self.model_dir, cache_dir)
+        self._cache_dir = cache_dir_for(self.model_dir, cache_dir)
         self._cache_asked = cache_dir not in (None, True, False)  # a directory was named
         graphs = GRAPH_NAMES if video_graphs else (DECODER,)
         self.sessions = {g: self._session(self.specs[g]) for g in graphs}
@@ -385,7 +388,7 @@ class OnnxRuntimeBackend:
                 if self._cache_asked:
                     raise InputError(f"cache_dir {self._cache_dir}: {reason}") from e
                 # The default cache is a convenience: optimise in memory, and say so once.
-                _warn_once(self._cache_dir, f"{reason}; graphs are optimised at every load")
+                warn_once(self._cache_dir, f"{reason}; graphs are optimised at every load")
                 cached = None
         # EXTENDED fusions are in the cached file; ALL adds the layout passes, which
         # depend on the CPU and therefore are redone at each load.
@@ -395,7 +398,7 @@ class OnnxRuntimeBackend:
             sess = ort.InferenceSession(str(src), so, **self._session_args(spec))
         except Exception as e:  # onnxruntime's Fail/InvalidGraph/... derive from Exception
             raise CheckpointError(f"{path}: onnxruntime cannot load it ({e})") from e
-        _check_io(sess, spec, path)
+        check_io(sess, spec, path)
         return sess
 
     def _session_args(self, spec: GraphSpec) -> dict[str, Any]:
@@ -451,85 +454,6 @@ class OnnxRuntimeBackend:
         return self._cache_dir / key
 
 
-def ort_version() -> tuple[int, int]:
-    """(major, minor) of the installed onnxruntime (``1.23.2`` -> (1, 23))."""
-    major, minor = re.findall(r"\d+", ort.__version__)[:2]
-    return int(major), int(minor)
-
-
 def _ptr(arr: np.ndarray) -> int:
     assert arr.flags.c_contiguous
     return arr.ctypes.data
-
-
-def _providers(device: str) -> tuple[list[Any], str, int]:
-    """(providers, OrtValue device type, device id) for a ``--device`` string."""
-    available = ort.get_available_providers()
-    kind, _, index = device.partition(":")
-    if kind == "auto":
-        kind = "cuda" if CUDA_EP in available else "cpu"
-    if kind == "cpu":
-        return [CPU_EP], "cpu", 0
-    if kind == "cuda":
-        if CUDA_EP not in available:
-            raise DeviceError(
-                f"--device {device} needs onnxruntime's CUDA execution provider "
-                f"(pip install onnxruntime-gpu); this onnxruntime has {available}"
-            )
-        dev = int(index or 0)
-        return [(CUDA_EP, {"device_id": dev}), CPU_EP], "cuda", dev
-    raise InputError(f"unknown device {device!r}; use cpu, cuda[:N] or auto")
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(key: Path | str | None, message: str) -> None:
-    """A RuntimeWarning for *key* (a cache directory), once per process."""
-    if str(key) not in _WARNED:
-        _WARNED.add(str(key))
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _cache_dir(model_dir: Path, option: str | Path | bool | None) -> Path | None:
-    """The optimised-graph cache directory: the one named (which must be usable), else the
-    first writable default; None if caching is off or no default is writable (warned)."""
-    if option is False:
-        return None
-    if option not in (None, True):
-        d = Path(option)
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"cache_dir {d}: cannot create it ({e})") from e
-        if not os.access(d, os.W_OK):
-            raise InputError(f"cache_dir {d}: not writable")
-        return d
-    candidates = [model_dir / ".ort_cache", Path.home() / ".cache" / "trace-rt" / "ort"]
-    problems = []
-    for d in candidates:
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            problems.append(f"{d}: {e}")
-            continue
-        if os.access(d, os.W_OK):
-            return d
-        problems.append(f"{d}: not writable")
-    _warn_once(
-        "no-cache-dir",
-        f"no writable optimised-graph cache ({'; '.join(problems)}); graphs are optimised at "
-        "every load (name a cache_dir, or pass cache_dir=False to silence this)",
-    )
-    return None
-
-
-def _check_io(sess: ort.InferenceSession, spec: GraphSpec, path: Path) -> None:
-    """The graph's inputs/outputs must be the spec's (catches a graph from another export)."""
-    got_in = [i.name for i in sess.get_inputs()]
-    got_out = [o.name for o in sess.get_outputs()]
-    if got_in != spec.input_names or got_out != spec.output_names:
-        raise CheckpointError(
-            f"{path}: inputs {got_in} / outputs {got_out} differ from the manifest's "
-            f"{spec.input_names} / {spec.output_names}"
-        )
