@@ -132,6 +132,7 @@ class LocalCluster:
             raise
         if done.returncode != 0:
             raise RuntimeError(f"cluster.sh start failed:\n{done.stdout}{done.stderr}")
+        self.started = done.stdout  # "replica N ready: gRPC HOST:PORT (pid P)" lines
         return self
 
     def __exit__(self, *exc: object) -> None:

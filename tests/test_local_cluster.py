@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -21,38 +19,17 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.routing_cache import LocalCluster, find_nginx, free_block
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "deploy" / "local" / "cluster.sh"
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+NGINX = find_nginx()
 INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(NGINX is None, reason="nginx not installed (apt-get install nginx-light)"),
 ]
-
-
-def free_block(n: int) -> int:
-    """A base port B with B .. B+n-1 all free."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1] // 100 * 100
-        if base + n > 65000:
-            continue
-        try:
-            socks = []
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free block of ports")
 
 
 @pytest.fixture(scope="module")
@@ -76,31 +53,19 @@ def videos(tmp_path_factory) -> list[Path]:
     ]
 
 
-class Cluster:
-    def __init__(self, repo: Path, run: Path, routing: str, replicas: int = 3):
-        base = free_block(10 * replicas + 1)
-        self.run, self.port = run, base + 10 * replicas
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "NGINX_BIN": NGINX}
-        self.args = [str(repo), "--replicas", str(replicas), "--port", str(self.port)]
-        self.args += ["--base-port", str(base), "--routing", routing, "--dir", str(run)]
+class Cluster(LocalCluster):
+    """The benchmark's cluster, plus what the tests look at: each replica's index and pid
+    by gRPC port, and a clean stop."""
 
-    def sh(self, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["bash", str(SCRIPT), *args], env=self.env, capture_output=True, text=True,
-            timeout=timeout,
-        )  # fmt: skip
+    def __init__(self, repo: Path, run: Path, routing: str, replicas: int = 3):
+        super().__init__(repo, run, routing, replicas)
 
     def __enter__(self) -> Cluster:
-        try:
-            done = self.sh("start", *self.args)
-        except subprocess.TimeoutExpired:
-            self.sh("stop", "--dir", str(self.run), timeout=120)
-            raise
-        assert done.returncode == 0, done.stdout + done.stderr
-        self.replicas = {
+        super().__enter__()
+        self.pids = {
             int(m[2]): (int(m[1]), int(m[3]))  # grpc port -> (index, pid)
             for m in re.finditer(
-                r"replica (\d+) ready: gRPC 127.0.0.1:(\d+) \(pid (\d+)\)", done.stdout
+                r"replica (\d+) ready: gRPC 127.0.0.1:(\d+) \(pid (\d+)\)", self.started
             )
         }
         return self
@@ -110,22 +75,7 @@ class Cluster:
         assert done.returncode == 0, done.stderr
 
     def wait_log(self, n: int, timeout: float = 10.0) -> list[dict]:
-        """nginx's access log once it holds *n* stream lines (or *timeout* s have passed):
-        nginx writes a stream's line after the stream has closed, just after the client
-        saw its answer."""
-        deadline = time.monotonic() + timeout
-        while len(log := self.log()) < n and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return log
-
-    def log(self) -> list[dict]:
-        """nginx's access log: one dict per proxied stream request."""
-        out = []
-        for line in (self.run / "nginx-access.log").read_text().splitlines():
-            f = dict(kv.split("=", 1) for kv in line.split()[2:])
-            if line.split()[1] == INFER:
-                out.append(f)
-        return out
+        return self.access_log(n, timeout)
 
 
 def test_script_refuses_bad_arguments(tmp_path):
@@ -180,7 +130,7 @@ def test_kill_a_replica_mid_run_every_request_answered_once(repo, videos, tmp_pa
         assert len(set(home.values())) >= 2, "hash routing should use several replicas"
         # Then 2 more questions per video, all at once, and one replica killed mid-run.
         victim_port = Counter(home.values()).most_common(1)[0][0]
-        victim = cl.replicas[int(victim_port.rsplit(":", 1)[1])]
+        victim = cl.pids[int(victim_port.rsplit(":", 1)[1])]
         results: dict[int, list] = defaultdict(list)
         retries: list[int] = []
         lock = threading.Lock()
