@@ -75,8 +75,10 @@ def test_concurrency_levels_are_reported_and_consistent(engine_doc):
     assert levels[0]["one_at_a_time"]["latency_ms"] == levels[2]["one_at_a_time"]["latency_ms"][:1]
     b1 = conc["batch1_step"]  # alternating pairs on one backend, not the per-stage table
     assert b1["pairs"] == doc["config"]["runs"] and b1["engine_ms"] > 0
-    # ratio is rounded to 1e-4: on tiny (sub-ms steps) that is more than rel 1e-3.
-    assert b1["ratio"] == pytest.approx(b1["engine_ms"] / b1["single_request_ms"], abs=1e-4)
+    # The steps are rounded to 1 us and the ratio to 1e-4; on tiny (sub-ms steps) that
+    # alone moves the ratio by tenths of a percent: check the interval the rounding allows.
+    e, s = b1["engine_ms"], b1["single_request_ms"]
+    assert (e - 5e-4) / (s + 5e-4) - 1e-4 <= b1["ratio"] <= (e + 5e-4) / (s - 5e-4) + 1e-4
     assert b1["pair_ratio_min"] <= b1["pair_ratio_max"]
     assert "alternating pairs on one warmed backend" in md
     load = section["load"]["onnxruntime"]  # the machine while the section ran
