@@ -149,7 +149,14 @@ def test_kill_a_replica_mid_run_every_request_answered_once(repo, videos, tmp_pa
         for t in threads:
             t.start()
         time.sleep(1.5)
-        os.kill(victim[1], signal.SIGKILL)  # trace-rt serve; its tritonserver dies with it
+        # The replica dies as a crashed container does: trace-rt serve's process group
+        # and its tritonserver's (a session of its own), Python backend stub included.
+        # Killing serve alone left the stub running here, where init does not reap the
+        # dead tritonserver (the stub polls its parent's pid, which the zombie still holds).
+        kids = subprocess.run(["pgrep", "-P", str(victim[1])], capture_output=True, text=True)
+        groups = {os.getpgid(p) for p in (victim[1], *map(int, kids.stdout.split()))}
+        for pgid in groups:
+            os.killpg(pgid, signal.SIGKILL)
         for t in threads:
             t.join(timeout=300)
         assert not any(t.is_alive() for t in threads)
