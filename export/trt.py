@@ -151,14 +151,19 @@ def profiles_from_spec(spec: GraphSpec, limits: Limits) -> list[Profile]:
         unknown = sorted(symbolic - set(ranges))
         if unknown:
             raise ValueError(f"{spec.name}: no profile range for symbolic dims {unknown}")
-        shapes = {}
-        for t in spec.inputs:
-            lo, opt, hi = (
-                tuple(ranges[d][i] if isinstance(d, str) else d for d in t.shape) for i in range(3)
-            )
-            shapes[t.name] = (lo, opt, hi)
-        out.append(Profile(phase, shapes))
+        out.append(profile_of(phase, spec, ranges))
     return out
+
+
+def profile_of(phase: str, spec: GraphSpec, ranges: dict[str, tuple[int, int, int]]) -> Profile:
+    """*phase*'s profile: each input's (min, opt, max) shape, symbolic dims from *ranges*."""
+    shapes = {}
+    for t in spec.inputs:
+        lo, opt, hi = (
+            tuple(ranges[d][i] if isinstance(d, str) else d for d in t.shape) for i in range(3)
+        )
+        shapes[t.name] = (lo, opt, hi)
+    return Profile(phase, shapes)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from export.trt import BuildPlan, Limits, Profile, TensorRTBuildError, profiles_from_spec
+from export.trt import (
+    BuildPlan,
+    Limits,
+    Profile,
+    TensorRTBuildError,
+    profile_of,
+    profiles_from_spec,
+)
 from trace_rt.backends import tensorrt_manifest as tm
 from trace_rt.graphs import (
     BATCH_DIM,
@@ -67,11 +74,7 @@ def step_dims(spec: GraphSpec, max_seq: int) -> dict[str, int]:
 def step_profile(spec: GraphSpec, max_seq: int) -> Profile:
     """The step engine's one profile (``decode``): every input at its fixed shape."""
     dims = step_dims(spec, max_seq)
-    shapes = {}
-    for t in spec.inputs:
-        shape = tuple(dims[d] if isinstance(d, str) else d for d in t.shape)
-        shapes[t.name] = (shape, shape, shape)
-    return Profile("decode", shapes)
+    return profile_of("decode", spec, {d: (n, n, n) for d, n in dims.items()})
 
 
 def fixed_past_profiles(spec: GraphSpec, limits: Limits) -> list[Profile]:
@@ -82,13 +85,7 @@ def fixed_past_profiles(spec: GraphSpec, limits: Limits) -> list[Profile]:
     out = []
     for phase in ("prefill", "decode"):
         ranges = {**limits.ranges(phase), "past": past, BATCH_DIM: (1, 1, 1)}
-        shapes = {}
-        for t in spec.inputs:
-            lo, opt, hi = (
-                tuple(ranges[d][i] if isinstance(d, str) else d for d in t.shape) for i in range(3)
-            )
-            shapes[t.name] = (lo, opt, hi)
-        out.append(Profile(phase, shapes))
+        out.append(profile_of(phase, spec, ranges))
     return out
 
 
