@@ -33,7 +33,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,10 +211,22 @@ def load_split(
     items = raw.get("samples") if isinstance(raw, dict) else raw
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected {{'samples': [...]}} or a list of samples")
+    return collect_samples(items, lambda item, i: parse_sample(item, path.parent, i), on_bad, path)
+
+
+def collect_samples(
+    items: list[Any], parse: Callable[[Any, int], Sample], on_bad: str, path: Path
+) -> list[Sample]:
+    """*parse* of each item (with its index), bad ones and repeated ids reported per
+    *on_bad* and skipped.
+
+    Raises:
+        ValueError: no item gave a usable sample.
+    """
     samples, seen = [], set()
     for i, item in enumerate(items):
         try:
-            s = parse_sample(item, path.parent, i)
+            s = parse(item, i)
             if s.id in seen:
                 raise BadSampleError(s.id, "duplicate id")
         except BadSampleError as e:

@@ -32,7 +32,7 @@ from typing import Any
 
 from trace_rt.prompts import CUSTOM_TASK
 from trace_rt.tokens import MAX_TIMESTAMP
-from training.data import MAX_SCORE, BadSampleError, EventTarget, Sample, report_bad
+from training.data import MAX_SCORE, BadSampleError, EventTarget, Sample, collect_samples
 from training.render import IMAGE, VIDEO, Turns
 
 
@@ -139,17 +139,6 @@ def parse_release(
     if not is_release_json(raw):
         raise ValueError(f"{path}: expected a list of records with 'conversations'")
     folder = Path(data_folder) if data_folder is not None else path.parent
-    samples, seen = [], set()
-    for i, item in enumerate(raw):
-        try:
-            s = parse_record(item, folder, i, path.name)
-            if s.id in seen:
-                raise BadSampleError(s.id, "duplicate id")
-        except BadSampleError as e:
-            report_bad(e, on_bad)
-            continue
-        seen.add(s.id)
-        samples.append(s)
-    if not samples:
-        raise ValueError(f"{path}: no usable samples")
-    return samples
+    return collect_samples(
+        raw, lambda item, i: parse_record(item, folder, i, path.name), on_bad, path
+    )
