@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from export import export_onnx
+from tests.engine_runs import run_batched, solo_tokens
 from trace_rt.backends import load_backend
 from trace_rt.backends.base import KVPrefix
 from trace_rt.engine import Engine, GenerationConfig, Sequence, VideoCache
 from trace_rt.engine.cache import content_hash, model_fingerprint, video_key
 from trace_rt.errors import InputError
-from trace_rt.generate import generate
 from trace_rt.pipeline import Pipeline, Question
 from trace_rt.tokens import Head
 
@@ -52,39 +52,19 @@ def requests(model_dirs, clip_video):
     return out
 
 
-def _solo(backend, prep, gen) -> list[int]:
-    video = backend.encode_video(prep.pixel_values, prep.time_ids)
-    return generate(
-        backend, prep.prompt_ids, video, gen, duration=prep.clip.duration,
-        frame_times=prep.clip.times,
-    ).token_ids  # fmt: skip
-
-
 @pytest.mark.parametrize(("name", "slots"), [("torch", 3), ("onnxruntime", 3), ("onnxruntime", 8)])
-def test_batched_equals_solo(name, slots, model_dirs, requests):
+def test_batched_equalssolo_tokens(name, slots, model_dirs, requests):
     solo_backend = load_backend(name, model_dirs[name])
-    want = [_solo(solo_backend, prep, gen) for prep, gen in requests]
+    want = [solo_tokens(solo_backend, prep, gen) for prep, gen in requests]
     assert len({tuple(w) for w in want}) == len(want)  # the requests really differ
     # Three slots for five sequences: two wait, then join as others leave mid-batch.
     # Eight: the onnxruntime pool widens 1 -> 2 -> 4 -> 8 columns as they are admitted and
     # narrows as they finish, moving sequences between columns mid-decode.
     backend = load_backend(name, model_dirs[name], max_sequences=slots)
-    engine = Engine(backend)
-    seqs = [
-        Sequence(
-            prep.prompt_ids,
-            backend.encode_video(prep.pixel_values, prep.time_ids),
-            gen,
-            duration=prep.clip.duration,
-            frame_times=prep.clip.times,
-        )
-        for prep, gen in requests
-    ]
-    engine.run(seqs)
-    assert [s.error for s in seqs] == [None] * len(seqs)
-    assert [s.tokens for s in seqs] == want
+    got, engine = run_batched(backend, requests)
+    assert got == want
     assert max(engine.stats.batch_sizes) == min(slots, 5) and min(engine.stats.batch_sizes) < 3
-    assert engine.stats.prefills == len(seqs) and not engine.running
+    assert engine.stats.prefills == len(requests) and not engine.running
     if name == "onnxruntime":
         assert backend.kv.width == 1 and not backend.kv.cols  # narrowed back when idle
 
@@ -192,7 +172,8 @@ def test_keys_hash_content_and_settings(clip_video):
 def test_a_failing_sequence_leaves_the_batch_intact(model_dirs, requests):
     backend = load_backend("onnxruntime", model_dirs["onnxruntime"], max_sequences=3)
     want = [
-        _solo(load_backend("onnxruntime", model_dirs["onnxruntime"]), p, g) for p, g in requests[:2]
+        solo_tokens(load_backend("onnxruntime", model_dirs["onnxruntime"]), p, g)
+        for p, g in requests[:2]
     ]
 
     def explode(token):

@@ -23,13 +23,13 @@ from export import export_onnx
 from export.decode_timing import record_default
 from export.fuse import optimize_artifact
 from export.quantize import quantize_artifact
+from tests.engine_runs import run_batched, solo_tokens
 from trace_rt.backends import load_backend
 from trace_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
 from trace_rt.bench.plugins import BackendSpec
 from trace_rt.bench.runner import precision_of
-from trace_rt.engine import Engine, GenerationConfig, Sequence, VideoCache
+from trace_rt.engine import GenerationConfig, VideoCache
 from trace_rt.errors import CheckpointError
-from trace_rt.generate import generate
 from trace_rt.graphs import DECODER, MANIFEST_FILE, load_manifest, manifest_specs, sha256_file
 from trace_rt.pipeline import Pipeline, Question
 from trace_rt.tokens import VIDEO_PLACEHOLDER_ID, Head
@@ -237,24 +237,12 @@ def test_batched_equals_solo_with_fused(art, clip_video, variant):
     ]
     preps = [(pipe.prepare(clip_video, t, query=q, frames=f, gen=g), g) for t, q, f, g in specs]
     solo = load_backend("onnxruntime", art, cache_dir=False, decoder_variant=variant)
-    want = [_solo(solo, prep, gen) for prep, gen in preps]
+    want = [solo_tokens(solo, prep, gen) for prep, gen in preps]
     backend = load_backend(
         "onnxruntime", art, cache_dir=False, decoder_variant=variant, max_sequences=3
     )
-    seqs = [
-        Sequence(
-            prep.prompt_ids,
-            backend.encode_video(prep.pixel_values, prep.time_ids),
-            gen,
-            duration=prep.clip.duration,
-            frame_times=prep.clip.times,
-        )
-        for prep, gen in preps
-    ]
-    engine = Engine(backend)
-    engine.run(seqs)
-    assert [s.error for s in seqs] == [None] * len(seqs)
-    assert [s.tokens for s in seqs] == want
+    got, engine = run_batched(backend, preps)
+    assert got == want
     assert max(engine.stats.batch_sizes) == 3
 
 
@@ -269,15 +257,6 @@ def test_text_head_skipped_only_without_text_rows(art):
     for head in (Head.TIME, Head.TEXT, Head.SCORE):
         got, want = b.decode_step(5, head), ref.decode_step(5, head)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-
-
-def _solo(backend, prep, gen) -> list[int]:
-    video = backend.encode_video(prep.pixel_values, prep.time_ids)
-    out = generate(
-        backend, prep.prompt_ids, video, gen, duration=prep.clip.duration,
-        frame_times=prep.clip.times,
-    )  # fmt: skip
-    return out.token_ids
 
 
 def test_cli_writes_measures_and_records(art, tmp_path):

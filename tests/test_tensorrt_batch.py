@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from export import export_onnx
+from tests.engine_runs import run_batched, solo_tokens
 from trace_rt.backends import load_backend
-from trace_rt.engine import Engine, GenerationConfig, Sequence, VideoCache
+from trace_rt.engine import GenerationConfig, VideoCache
 from trace_rt.errors import InputError
-from trace_rt.generate import generate
 from trace_rt.pipeline import Pipeline, Question
 from trace_rt.tokens import Head
 
@@ -66,42 +66,17 @@ def requests(art, clip_video):
     ]
 
 
-def _solo(backend, prep, gen) -> list[int]:
-    video = backend.encode_video(prep.pixel_values, prep.time_ids)
-    return generate(
-        backend, prep.prompt_ids, video, gen, duration=prep.clip.duration,
-        frame_times=prep.clip.times,
-    ).token_ids  # fmt: skip
-
-
-def _batched(backend, requests) -> tuple[list[list[int]], Engine]:
-    engine = Engine(backend)
-    seqs = [
-        Sequence(
-            prep.prompt_ids,
-            backend.encode_video(prep.pixel_values, prep.time_ids),  # all alive at once
-            gen,
-            duration=prep.clip.duration,
-            frame_times=prep.clip.times,
-        )
-        for prep, gen in requests
-    ]
-    engine.run(seqs)
-    assert [s.error for s in seqs] == [None] * len(seqs)
-    return [s.tokens for s in seqs], engine
-
-
-def test_batched_equals_solo(fake_trt, art, requests):
+def test_batched_equalssolo_tokens(fake_trt, art, requests):
     solo = load_backend("tensorrt", art, device="cuda")  # the fixed-shape step, one graph
-    want = [_solo(solo, prep, gen) for prep, gen in requests]
+    want = [solo_tokens(solo, prep, gen) for prep, gen in requests]
     assert solo.step is not None and solo.step.graph is not None
     assert len({tuple(w) for w in want}) == len(want)  # the requests really differ
     ort = load_backend("onnxruntime", art, cache_dir=False)
-    assert [_solo(ort, prep, gen) for prep, gen in requests] == want
+    assert [solo_tokens(ort, prep, gen) for prep, gen in requests] == want
     # Three slots for five sequences: two wait, then join as others leave mid-batch.
     plain = load_backend("tensorrt", art, device="cuda", max_sequences=SLOTS, cuda_graphs=0)
     launches = fake_trt.launches
-    got, engine = _batched(plain, requests)
+    got, engine = run_batched(plain, requests)
     assert got == want
     assert max(engine.stats.batch_sizes) == SLOTS and min(engine.stats.batch_sizes) < SLOTS
     assert engine.stats.prefills == len(requests) and not engine.running
@@ -113,12 +88,12 @@ def test_batched_cuda_graphs(fake_trt, art, requests):
     # Graphs per past length P with the batch profile: the scatter copies stay outside the
     # graph (they depend on each slot's length, P only on the longest), so replays are
     # right whichever slots step. Run 1 sees each P, run 2 captures, run 3 replays.
-    want = _batched(
+    want = run_batched(
         load_backend("tensorrt", art, device="cuda", max_sequences=SLOTS, cuda_graphs=0), requests
     )[0]
     backend = load_backend("tensorrt", art, device="cuda", max_sequences=SLOTS, cuda_graphs=512)
     for _ in range(3):
-        assert _batched(backend, requests)[0] == want
+        assert run_batched(backend, requests)[0] == want
     assert backend.past_graphs.graphs and fake_trt.launches > 0
 
 
