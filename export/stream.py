@@ -98,13 +98,16 @@ def stream_reason(cfg: TraceConfig) -> str | None:
 
 def artifact_bytes(cfg: TraceConfig, decoders: tuple[str, ...]) -> int:
     """Estimated bytes of the artifact: fp32 shell graphs and embeddings, plus each decoder
-    (its linear weights at 4, ~0.56 or ~1.06 bytes each with block scales; heads fp32)."""
+    (its linear weights at 4, 0.625 or 1.125 bytes each with fp32 block scales, as
+    MatMulNBits stores them; heads fp32)."""
+    from trace_rt.plan import linear_bytes_per_weight
+
     total = fp32_bytes(cfg)
     layers = fp32_bytes(cfg.replace(num_hidden_layers=1)) - fp32_bytes(
         cfg.replace(num_hidden_layers=0)
     )
     body = layers // 4 * cfg.num_hidden_layers  # decoder-layer parameters
-    per = {FP32: 4.0, "int4": 0.5 + 2 / 32, "int8": 1.0 + 2 / 32}
+    per = {d: linear_bytes_per_weight("fp32" if d == FP32 else d) for d in decoders}
     heads = 4 * cfg.ids.size * cfg.hidden_size  # fp32 in every decoder (counted once in total)
     pad = 8 * ALIGN * cfg.num_hidden_layers  # external-data alignment
     return int(total - 4 * body - heads + sum(body * per[d] + heads + pad for d in decoders))

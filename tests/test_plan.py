@@ -39,6 +39,24 @@ def test_trace7b_arithmetic_by_hand():
     assert int4["decoder"] == linear * 0.5625 + 2 * (32 * 2 * 4096 + 4096 + heads)
     assert round(int4["decoder"] / 1e9, 3) == 4.189
     assert int4["embeddings (host)"] == 32027 * 4096 * 2  # unified ids x hidden, fp16
+    # CPU: MatMulNBits keeps a scale per 32 weights in the graph's fp32 (int4 0.625 B, int8
+    # 1.125 B per weight), norms and heads fp32: the trace-7b export wrote 4,892,094,466
+    # bytes of int4 decoder and 8,381,755,518 of int8 (benchmarks/results/trace7b-*.md).
+    cpu = Device("cpu", 24, 20, True, 10, 0.1, False, "test", 75e6)
+    floats = 4 * (32 * 2 * 4096 + 4096 + heads)
+    for precision, per, written in (("int4", 0.625, 4_892_094_466), ("int8", 1.125, 8_381_755_518)):
+        w = weights(cfg, cpu, Settings(precision=precision))["decoder"]
+        assert w == linear * per + floats
+        assert abs(w / written - 1) < 0.001  # the files add names and external-data padding
+        # Loaded, MatMulNBits also holds a block sum and a copy of the scale per block (fp32
+        # each; the file's scales stay mapped): trace-7b's int4 session measured RssAnon
+        # 5,549 MiB = packed data + 2 x 832 MiB + lm_head 500 MiB (+ 49 baseline).
+        items = memory(cfg, cpu, Settings(precision=precision, frames=16))["items"]
+        assert items["weights: decoder, prepacked blocks"] == linear / 32 * 8
+    fp32 = memory(cfg, cpu, Settings(precision="fp32", frames=16))["items"]
+    assert "weights: decoder, prepacked blocks" not in fp32
+    gpu = memory(cfg, H100, Settings(precision="int4", frames=16))["items"]
+    assert "weights: decoder, prepacked blocks" not in gpu
     m = memory(cfg, H100, Settings(precision="int4", frames=128, max_new_tokens=512))
     # 128 frames x (8 slots + 6 time tokens) + 64 text = 1856; + 512 new = 2368 positions,
     # each 2 (K, V) x 32 layers x 8 KV heads x 128 x 2 B = 128 KiB.

@@ -5,10 +5,12 @@ N`` runs N instances, as ``triton_repo build --instances N`` does: each loads it
 backend, so everything but the process's runtime is counted N times):
 
 - **weights per graph**: vision encoder and projector at the float precision (fp16 on GPUs,
-  fp32 on the CPU); decoder linear layers at ``--precision`` (int8: 1 byte + a per-channel
-  scale; int4: half a byte + an fp16 scale per block of 32, the ``int4-qdq`` variant); its
-  heads, norms at the float precision (``export quantize`` keeps them); the embedding table
-  in host memory (the backends embed ids on the host).
+  fp32 on the CPU); decoder linear layers at ``--precision``, scales included: on GPUs the
+  QDQ forms TensorRT builds from (int8: 1 byte + a per-channel scale; int4: half a byte +
+  an fp16 scale per block of 32), on the CPU onnxruntime's MatMulNBits (1 or half a byte +
+  a scale per block of 32 in the graph's float type, fp32: 12.5% on top of int4's bytes);
+  its heads, norms at the float precision (``export quantize`` keeps them); the embedding
+  table in host memory (the backends embed ids on the host).
 - **KV cache**: K and V of every position of the context (prompt + video block + new tokens)
   at the float precision; the backends preallocate it for the whole context.
 - **activations + TensorRT workspace**: what an engine's execution context holds for its
@@ -19,6 +21,14 @@ backend, so everything but the process's runtime is counted N times):
   decoded and scaled, float32 as pixel values; :mod:`trace_rt.video.convert`).
 - **runtime**: the process (Python, numpy, PyAV, onnxruntime or TensorRT and CUDA libraries)
   and, on a GPU, the CUDA context with TensorRT's and cuBLAS's handles.
+- **onnxruntime's prepacking** (CPU): a MatMulNBits weight at accuracy level 4 is held as
+  the kernel's packed copy (the quantised data, its block scales and a block sum per
+  block for the int8 dot products) while the graph's own scales stay mapped from the
+  file: two more fp32 values per block than the file holds (+0.25 B per weight at
+  blocks of 32). Measured at trace-7b (benchmarks/results/trace7b-*.md, "Session
+  loading": RssAnon/RssFile of a session) within 0.2% for int4 and int8. Loading also
+  holds ``lm_head`` (fp32) twice while packing it, before any activation exists: a
+  transient smaller than the activations, so not counted.
 
 On a Jetson (unified memory) all of it counts against the memory the OS leaves; on a
 discrete GPU the device part counts against the GPU's memory (host memory is reported);
@@ -53,8 +63,9 @@ from trace_rt.errors import InputError
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 _ENGINE_ITEMS = {"decoder_step": "decoder step"}  # engine name -> plan item
 _ENGINE_ORDER = ["vision_encoder", "projector", "decoder", "decoder_step"]
-INT4_BLOCK = 32  # export quantize's default block size
+BLOCK = 32  # export quantize's default block size (int4, and MatMulNBits int8)
 MARGIN = 0.10  # of usable memory kept free
+PREPACK_EXTRA_PER_BLOCK = 2 * 4  # MatMulNBits at accuracy level 4: block sum + scale copy
 PROMPT_TEXT_TOKENS = 64  # system text + question around the video block (typical)
 # Process baselines, measured on x86-64 (Debian 12, Python 3.11, onnxruntime 1.2x,
 # 2026-11-30) with `tiny`, whose weights are negligible: RSS after importing trace_rt.pipeline
@@ -156,13 +167,16 @@ def float_itemsize(device: Device) -> int:
     return 2 if device.gpu else 4
 
 
-def linear_bytes_per_weight(precision: str) -> float:
-    """Bytes per decoder linear weight, scales included."""
+def linear_bytes_per_weight(precision: str, gpu: bool = False) -> float:
+    """Bytes per decoder linear weight, scales included: a scale per block of
+    :data:`BLOCK` in the float type (MatMulNBits on the CPU: fp32; TensorRT's int4 QDQ on
+    a GPU: fp16); TensorRT's int8 has one scale per output channel (negligible)."""
+    scale = (2 if gpu else 4) / BLOCK
     return {
         "fp32": 4.0,
         "fp16": 2.0,
-        "int8": 1.0,  # one scale per output channel: negligible
-        "int4": 0.5 + 2 / INT4_BLOCK,  # an fp16 scale per block
+        "int8": 1.0 if gpu else 1.0 + scale,
+        "int4": 0.5 + scale,
     }[precision]
 
 
@@ -192,7 +206,7 @@ def weights(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, float]:
     layers = cfg.num_hidden_layers * decoder_layer_params(cfg)
     norms = 2 * cfg.hidden_size * cfg.num_hidden_layers  # RMSNorm weights stay float
     linear = layers - norms
-    decoder = linear * linear_bytes_per_weight(s.precision)
+    decoder = linear * linear_bytes_per_weight(s.precision, device.gpu)
     decoder += (norms + cfg.hidden_size + head_params(cfg)) * it
     out = {
         "vision_encoder": vision_params(cfg) * it,
@@ -245,6 +259,16 @@ def step_activations(
     return row + cfg.num_attention_heads * positions * 8 + cfg.ids.size * 4
 
 
+def prepacked_bytes(cfg: TraceConfig, precision: str) -> float:
+    """What an onnxruntime CPU session holds beyond its decoder file's bytes (module
+    docstring): MatMulNBits' packed block scales and block sums; none for fp32."""
+    if precision not in ("int4", "int8"):
+        return 0.0
+    layers = cfg.num_hidden_layers * decoder_layer_params(cfg)
+    linear = layers - 2 * cfg.hidden_size * cfg.num_hidden_layers
+    return linear / BLOCK * PREPACK_EXTRA_PER_BLOCK
+
+
 def video_buffers(cfg: TraceConfig, s: Settings) -> float:
     """The video stage: the decoder's frames in flight at the source size (references and
     frame threads, ~8 YUV 4:2:0 frames), then each sampled frame at model size (uint8 as
@@ -283,7 +307,8 @@ def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
     video = video_buffers(cfg, s)
     n = s.concurrency
     graphs = sum(v for k, v in w.items() if k != "embeddings (host)")
-    per_instance_device = graphs + kv + sum(act.values())
+    packed = 0.0 if device.gpu else prepacked_bytes(cfg, s.precision)
+    per_instance_device = graphs + packed + kv + sum(act.values())
     per_instance_host = w["embeddings (host)"] + video
     runtime = device.host_runtime_bytes or HOST_RUNTIME_BYTES
     if device.gpu:
@@ -310,6 +335,7 @@ def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
         "positions": {"prompt": prompt, "context": context},
         "items": {
             **{f"weights: {k}": v for k, v in w.items()},
+            **({"weights: decoder, prepacked blocks": packed} if packed else {}),
             "kv cache": kv,
             **{f"activations: {k}": v for k, v in act.items()},
             "video buffers (host)": video,
