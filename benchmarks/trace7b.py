@@ -24,6 +24,10 @@ Stages:
   decoding, the real tokenizer and prompts, task ``dvc``) with ``onnxruntime-int4`` and
   ``-int8`` at each frame count: per-stage times, decode steps p50/p90, peak RSS, and the
   floors from this machine's measured bandwidth.
+- ``reference``: the same requests through the torch model (``trace_rt/model``, held to HF
+  transformers by the parity tests) in bf16 on the checkpoint: the greedy tokens the int4
+  and int8 decoders are compared with. bf16 because it is the release's dtype and the only
+  whole-model reference that fits: fp32 weights (30 GB) exceed this machine's memory.
 - ``peers``: the checkpoint's LLM as an HF directory (``python -m export hf-llm``, bf16),
   a bf16 GGUF from llama.cpp's own converter, Q4_0 and Q8_0 from it with
   ``llama_model_quantize``; then the bench's llama.cpp peers on the same prompt lengths.
@@ -43,7 +47,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-STAGES = ("checkpoint", "export", "load", "run", "plan", "peers", "report")
+from trace_rt.plan import linear_bytes_per_weight
+
+STAGES = ("checkpoint", "export", "load", "run", "reference", "plan", "peers", "report")
 GiB = 2**30
 DECODERS = ("int4", "int8")
 REF_FILES = ("config.json", "tokenizer.model", "clip_vision")  # what the peers' bench reads
@@ -73,7 +79,7 @@ def needs(stage: str, cfg, work: Path, keep: bool = False) -> dict[str, float]:
     layer_fp32 = 4 * p["layers"] / cfg.num_hidden_layers
     shell_fp32 = 4 * (p["vision"] + 2 * p["emb"])
     have_ckpt = (work / "ckpt" / "config.json").is_file()
-    q = {"int4": 0.5 + 2 / 32, "int8": 1 + 2 / 32}
+    q = {d: linear_bytes_per_weight(d) for d in DECODERS}  # MatMulNBits, fp32 block scales
     dec = {d: q[d] * p["layers"] + 4 * p["emb"] for d in DECODERS}  # + fp32 heads
     return {
         "checkpoint": {"disk": 0 if have_ckpt else 2 * total, "memory": 4.5 * GiB},
@@ -90,6 +96,8 @@ def needs(stage: str, cfg, work: Path, keep: bool = False) -> dict[str, float]:
             "disk": llm_bf16 * (2.9 if keep else 1.0),
             "memory": (q["int8"] * p["layers"] + 2 * p["emb"]) * 1.1 + 2 * GiB,
         },
+        # bf16 weights held once (loaded straight in their dtype), activations, runtime
+        "reference": {"disk": 0, "memory": 2 * total + 2 * GiB},
         "plan": {"disk": 0, "memory": 0.5 * GiB},
         "report": {"disk": 0, "memory": 0},
     }[stage]
@@ -103,7 +111,7 @@ def run_memory(cfg, decoder: str, measured_mb: float | None = None) -> float:
     stage, else estimated), the vision tower and projector (fp32, prepacked: ~2x), the
     embeddings, the KV cache, the runtime."""
     p = params(cfg)
-    q = {"int4": 0.5 + 2 / 32, "int8": 1 + 2 / 32}[decoder]
+    q = linear_bytes_per_weight(decoder)
     session = measured_mb * 2**20 if measured_mb else LOAD_FACTOR * (q * p["layers"] + 4 * p["emb"])
     return session + 2 * 4 * p["vision"] + 4 * p["emb"] + 1.5 * GiB
 
@@ -213,10 +221,12 @@ def stage_load(a, work: Path, log: Path) -> dict[str, Any]:
     return out
 
 
-def bench(model: Path, backends: str, frames: int, a, js: Path, log: Path, env=None) -> dict:
+def bench(
+    model: Path, backends: str, frames: int, a, js: Path, log: Path, env=None, extra=()
+) -> dict:
     """One ``python -m trace_rt.bench`` invocation (one request, no warm-up) into *js*; the
     machine's peaks are measured by the first invocation and reused by the later ones."""
-    cmd = py("-m", "trace_rt.bench", "--model", str(model), "--backends", backends)
+    cmd = py("-m", "trace_rt.bench", "--model", str(model), "--backends", backends, *extra)
     cmd += ["--frames", str(frames), "--decode-steps", str(a.decode_steps)]
     cmd += ["--warmup", "0", "--runs", "1", "--json", str(js)]
     if a.peaks:
@@ -247,6 +257,20 @@ def stage_run(a, work: Path, log: Path, figures: dict[str, Any]) -> dict[str, An
             continue
         if not js.is_file():
             out[f"{backend}/{frames}"] = bench(work / "art", backend, frames, a, js, log)
+        out.setdefault("bench", []).append(str(js))
+    return out
+
+
+def stage_reference(a, work: Path, log: Path) -> dict[str, Any]:
+    """The torch model in bf16 on the checkpoint, the same ``dvc`` request at each frame
+    count the quantised decoders ran: its tokens are the agreement reference."""
+    out: dict[str, Any] = {}
+    for frames in sorted(set(a.frames) | set(a.int8_frames)):
+        js = work / f"bench-torch-bf16-{frames}.json"
+        if not js.is_file():
+            extra = ("--device", "cpu", "--dtype", "bf16")
+            ckpt = work / "ckpt"
+            out[f"torch-bf16/{frames}"] = bench(ckpt, "torch", frames, a, js, log, extra=extra)
         out.setdefault("bench", []).append(str(js))
     return out
 

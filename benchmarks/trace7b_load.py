@@ -27,9 +27,11 @@ from benchmarks.peers.llamacpp import LlamaCppQ4_0, LlamaCppQ8_0, _llama_cpp, cp
 from trace_rt.bench.machine import peak_rss_mb, reset_peak_rss
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory (``VmRSS``; ``RssAnon``: allocated, e.g. prepacked
+    weights; ``RssFile``: pages of mapped files, e.g. memory-mapped external data)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return round(int(line.split()[1]) / 1024, 1)
     return float("nan")
 
@@ -56,6 +58,7 @@ def load_check(art: Path, variant: str, mode: str) -> dict:
     sess = ort.InferenceSession(str(art / rec["file"]), so, providers=["CPUExecutionProvider"])
     load_s = time.perf_counter() - t
     peak, settled = peak_rss_mb(), rss_mb()
+    anon, mapped = rss_mb("RssAnon"), rss_mb("RssFile")
     kv, hd = cfg.num_key_value_heads, cfg.attn_head_dim
     feeds = {
         "inputs_embeds": np.zeros((1, 1, cfg.hidden_size), np.float32),
@@ -77,6 +80,8 @@ def load_check(art: Path, variant: str, mode: str) -> dict:
         "rss_before_mb": base,
         "peak_rss_load_mb": peak,
         "rss_loaded_mb": settled,
+        "rss_anon_loaded_mb": anon,
+        "rss_file_loaded_mb": mapped,
         "peak_rss_mb": peak_rss_mb(),
         "step_ms_p50": round(statistics.median(times[1:]), 1),
         "steps_timed": len(times) - 1,

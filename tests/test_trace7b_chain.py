@@ -35,12 +35,12 @@ def test_refuses_when_memory_is_short(tmp_path, monkeypatch, capsys):
 def test_chain_end_to_end_on_tiny(tmp_path):
     """Every stage on `tiny` (peers only where llama-cpp-python and its converter are
     installed): figures saved per stage, intermediates removed, the dated report written."""
-    stages = ["checkpoint", "export", "load", "run", "plan", "report"]
+    stages = ["checkpoint", "export", "load", "run", "reference", "plan", "report"]
     try:
         from benchmarks.peers.llamacpp import _llama_cpp, converter
 
         converter(_llama_cpp().__version__)
-        stages.insert(5, "peers")
+        stages.insert(6, "peers")
     except ImportError:
         pass
     work, results = tmp_path / "w", tmp_path / "results"
@@ -61,8 +61,18 @@ def test_chain_end_to_end_on_tiny(tmp_path):
     assert step["p50_ms"] > 0 and step["floor_ms"] > 0
     plan = {r["quantity"]: r for r in doc["plan_vs_measured"] if r["backend"].endswith("int4")}
     assert plan["peak_rss_bytes"]["measured"] > 0 and plan["peak_rss_bytes"]["plan"] > 0
+    assert rows["torch"]["label"] == "torch bf16" and rows["torch"]["token_ids"]
+    pairs = {(a["ours"], a["reference"]) for a in doc["token_agreement"]["2"]}
+    assert pairs == {
+        ("onnxruntime-int4", "torch bf16"),
+        ("onnxruntime-int8", "torch bf16"),
+        ("onnxruntime-int4", "onnxruntime-int8"),
+    }
+    for a in doc["token_agreement"]["2"]:
+        assert 0 <= a["common_prefix"] <= a["tokens"] and 0 <= a["equal_fraction"] <= 1
     md = js.with_suffix(".md").read_text()
     assert "## One dvc request, 2 frames" in md and "## Targets" in md
+    assert "## Token agreement" in md
     if "peers" in stages:
         assert {"q4", "q8"} <= set(rows)
         assert rows["q4"]["prompt_positions"] == rows["onnxruntime-int4"]["prompt_positions"]
