@@ -128,6 +128,11 @@ def optimize_artifact(
         raise InputError(f"unknown decoder form(s) {bad}; known: {', '.join(FORMS)}")
     root = Path(artifact)
     manifest = load_manifest(root)
+    if not manifest["graphs"][DECODER].get("files"):  # layer-streamed: quantised only
+        from export.fuse_nbits import optimize_quantised
+
+        return optimize_quantised(root, manifest, bits, forms, tag, external_data_threshold,
+                                  block_size, accuracy_level, lm_head)  # fmt: skip
     src_file = manifest["graphs"][DECODER]["file"]
     source = {"file": src_file, "sha256": manifest["files"][src_file]["sha256"]}
     records: dict[str, dict[str, Any]] = {}

@@ -46,7 +46,12 @@ def load_variant(
         )
     rec = variants[name]
     src = rec["source"]
-    if manifest["files"].get(src["file"], {}).get("sha256") != src["sha256"]:
+    # The source is the graph's own file, or (a fused form of a layer-streamed artifact's
+    # quantised decoder) another variant's.
+    files = dict(manifest["files"])
+    for other in variants.values():
+        files |= other.get("files", {})
+    if files.get(src["file"], {}).get("sha256") != src["sha256"]:
         raise CheckpointError(
             f"{root}: {rec['file']} was made from another {src['file']} than this "
             f"artifact's (re-run `python -m export quantize {root}`)"
