@@ -1,7 +1,13 @@
 """Greedy-token agreement and decode speed of the quantised decoders vs fp32 (onnxruntime).
 
 ``python -m benchmarks.quant_agreement --preset small [--workdir DIR] [--tokens 64]
-[--block-size 32] [--out benchmarks/results/quant-agreement-small-cpu.md]``
+[--block-size 32] [--lm-head] [--variants a,b,...]
+[--out benchmarks/results/quant-agreement-small-cpu.md]``
+
+``--lm-head`` adds the onnxruntime defaults' form (``python -m export optimize --contrib``:
+``contrib-int4``/``contrib-int8``, lm_head kept in fp32) beside the same with lm_head
+quantised too (``contrib-int4-lm``/``contrib-int8-lm``): the measurement behind the
+choice of quantising lm_head or not. ``--variants`` runs only those (fp32 always runs).
 
 Makes (or reuses) a random-weight checkpoint of the preset, its artifact directory and the
 int4/int8 variants (``python -m export quantize``), then runs a fixed set of inputs (3
@@ -62,9 +68,11 @@ class Stats:
     prefill_ms: list[float] = field(default_factory=list)
 
 
-def prepare(preset: str, workdir: Path, block_size: int, seed: int) -> Path:
-    """Checkpoint -> artifact -> int4/int8 variants, each step skipped when present."""
+def prepare(preset: str, workdir: Path, block_size: int, seed: int, lm_head: bool = False) -> Path:
+    """Checkpoint -> artifact -> int4/int8 variants, each step skipped when present; with
+    *lm_head*, the contrib forms with lm_head kept and quantised (tag ``-lm``)."""
     from export import export_onnx
+    from export.fuse import CONTRIB, optimize_artifact
     from export.quantize import quantize_artifact
     from trace_rt.graphs import load_manifest
     from training.make_checkpoint import make_checkpoint
@@ -79,6 +87,13 @@ def prepare(preset: str, workdir: Path, block_size: int, seed: int) -> Path:
         quantize_artifact(art, 4, block_size=block_size)
     if not {"int8", "int8-qdq", "int8-dynamic"} <= have:
         quantize_artifact(art, 8, block_size=block_size, forms=("nbits", "qdq", "dynamic"))
+    if lm_head:
+        for quantise_lm, tag in ((False, ""), (True, "-lm")):
+            if not {f"{CONTRIB}-int4{tag}", f"{CONTRIB}-int8{tag}"} <= have:
+                optimize_artifact(
+                    art, (4, 8), block_size=block_size, lm_head=quantise_lm, tag=tag,
+                    forms=(CONTRIB,),
+                )  # fmt: skip
     return art
 
 
@@ -135,11 +150,15 @@ def step_latency(
             feeds[t["name"]] = np.full(shape, past, np.int64)
         else:
             feeds[t["name"]] = rng.standard_normal(shape).astype(t["dtype"])
+    extra = {  # the fused forms' text_head flag: a text-head step (lm_head runs)
+        n: {x["name"]: np.array(True) for x in variants.get(n, {}).get("extra_inputs", [])}
+        for n in names
+    }
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(reps + 2):
         for n, sess in sessions.items():
             t0 = time.perf_counter()
-            sess.run(None, feeds)
+            sess.run(None, {**feeds, **extra[n]})
             if i >= 2:  # the first runs allocate and tune
                 times[n].append((time.perf_counter() - t0) * 1e3)
     return times
@@ -154,16 +173,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="checkpoint seed")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads")
     ap.add_argument("--out", type=Path, help="write the markdown report here")
+    ap.add_argument(
+        "--lm-head", action="store_true", help="also contrib-int4/8 with lm_head kept and quantised"
+    )
+    ap.add_argument("--variants", help="comma-separated variants to run (default: all)")
     ap.add_argument("--step-past", type=int, default=300, help="cache length, step timing")
     ap.add_argument("--step-reps", type=int, default=30, help="repetitions, step timing")
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    art = prepare(args.preset, args.workdir, args.block_size, args.seed)
+    art = prepare(args.preset, args.workdir, args.block_size, args.seed, args.lm_head)
     videos = write_videos(args.workdir)
     from trace_rt.graphs import load_manifest
 
     manifest = load_manifest(art, verify="size")
     names = [FP32, *variant_names(manifest)]
+    if args.variants:
+        wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+        if unknown := sorted(set(wanted) - set(names)):
+            ap.error(f"unknown variants {unknown}; this artifact has {names}")
+        names = [FP32, *[n for n in wanted if n != FP32]]
     pipes = {
         n: Pipeline.from_dir(
             art,
@@ -252,6 +280,8 @@ def render(
     for n, s in stats.items():
         rec = variants.get(n, {})
         form = "fp32" if n == FP32 else f"{rec['scheme']} int{rec['bits']}"
+        if rec.get("weights", {}).get("lm_head") is True:  # quantised too
+            form += ", lm_head too"
         ms = statistics.median(s.decode_ms)
         forced = f"{np.mean(s.forced):.3f}" if s.forced else "1"
         err = f"{np.mean(s.rel_err):.2e}" if s.rel_err else "0"
@@ -272,11 +302,15 @@ def render(
             f"- machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), "
             f"onnxruntime {ort.__version__} CPU EP, threads: {args.threads or 'default'}",
             f"- command: `python -m benchmarks.quant_agreement --preset {args.preset} "
-            f"--tokens {args.tokens} --block-size {args.block_size} --out {args.out}`",
+            f"--tokens {args.tokens} --block-size {args.block_size}"
+            + (" --lm-head" if args.lm_head else "")
+            + (f" --variants {args.variants}" if args.variants else "")
+            + f" --out {args.out}`",
             f"- inputs: {runs_ref} = 3 synthetic videos (tests/media.py) x dvc/mr/vhd, "
             f"{args.tokens} greedy tokens each, random-weight checkpoint (seed {args.seed})",
             f"- variant settings: {json.dumps(settings)}; heads (lm_head, time, score, sync) "
-            f"in fp32; wall time {secs:.0f} s; load average at the end "
+            f"in fp32 unless the form says `lm_head too`; wall time {secs:.0f} s; "
+            "load average at the end "
             f"{os.getloadavg()[0]:.1f} (a shared machine: timings are rough)",
             "",
             *lines,
