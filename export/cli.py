@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from trace_rt.cliutil import Parser, run_command
@@ -329,7 +330,14 @@ def _optimize(args: argparse.Namespace) -> None:
     from export.decode_timing import record_default
     from export.fuse import optimize_artifact
 
-    bits = (None, *(b for b, on in ((4, args.int4), (8, args.int8)) if on))
+    quantised = tuple(b for b, on in ((4, args.int4), (8, args.int8)) if on)
+    # A layer-streamed artifact has no float decoder: only its quantised forms are made.
+    bits = ((None,) if _has_float_decoder(args.out) else ()) + quantised
+    if not bits:
+        raise InputError(
+            f"{args.out} has no float decoder (a layer-streamed export): name the quantised "
+            "decoders to fuse, --int4 and/or --int8"
+        )
     forms = ("fused", "contrib") if args.contrib else ("fused",)
     records = optimize_artifact(
         args.out, bits, block_size=args.block_size, lm_head=args.lm_head, forms=forms
@@ -342,6 +350,16 @@ def _optimize(args: argparse.Namespace) -> None:
     print(f"onnxruntime's default decoder: {chosen.pop('decoder')}")
     for precision, name in chosen.items():
         print(f"--quant {precision} (and onnxruntime-{precision}) runs: {name}")
+
+
+def _has_float_decoder(out: Path) -> bool:
+    from trace_rt.graphs import DECODER, MANIFEST_FILE
+
+    try:
+        manifest = json.loads((out / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return True  # optimize_artifact reports the missing or broken manifest
+    return bool(manifest["graphs"][DECODER].get("files"))
 
 
 def _trt(args: argparse.Namespace) -> None:

@@ -118,7 +118,13 @@ def record_default(
     chosen = {k: pick(v) for k, v in groups.items()}
     manifest = json.loads(path.read_text())
     defaults = manifest.setdefault("defaults", {}).setdefault("onnxruntime", {})
-    defaults[DECODER] = chosen.pop("float", PORTABLE)
+    before = defaults.get(DECODER)
+    if "float" in chosen:
+        defaults[DECODER] = chosen.pop("float")
+    elif before in chosen:  # a layer-streamed artifact's default is a quantised decoder
+        defaults[DECODER] = chosen[before]
+    else:
+        defaults.setdefault(DECODER, PORTABLE)
     defaults[BY_PRECISION] = chosen
     defaults["measured"] = {"past": past, "p50_ms": timing} if timing else None
     write_json(path, manifest)

@@ -72,7 +72,10 @@ def save_onnx(
     data first). A stale ``<name>.data`` of an earlier, larger graph is removed.
     """
     data = path.with_name(path.name + ".data")
-    if proto.ByteSize() <= threshold:
+    # The weights' bytes first: protobuf's ByteSize() encodes the whole message, which for
+    # a 7B graph in memory means gigabytes more (and fails past 2 GB).
+    weights = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if weights <= threshold and proto.ByteSize() <= threshold:
         buf = io.BytesIO()
         onnx.save_model(proto, buf)
         replace_bytes(path, buf.getvalue())

@@ -398,20 +398,27 @@ def fold_shapes(model: onnx.ModelProto) -> int:
 
 
 def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of *model* whose 2-D float initializers are typed graph inputs instead."""
-    inits = list(model.graph.initializer)
-    model.graph.ClearField("initializer")
-    out = onnx.ModelProto()
-    try:
-        out.CopyFrom(model)
-    finally:
-        model.graph.initializer.extend(inits)
-    for t in inits:
-        if t.data_type in _FLOATS and len(t.dims) == 2:
+    """A copy of *model* whose weights (2-D float initializers, and any of more than
+    :data:`_SHAPE_CONSTANT_MAX` elements: a quantised graph's packed ``B``) are typed
+    graph inputs instead; shape arithmetic only ever evaluates small int tensors."""
+    # Field by field, never touching model.graph.initializer: clearing and refilling it
+    # would copy every weight (protobuf's extend copies).
+    out = onnx.ModelProto(ir_version=model.ir_version)
+    out.opset_import.extend(model.opset_import)
+    g = model.graph
+    out.graph.name = g.name
+    for name in ("node", "input", "output", "value_info"):
+        getattr(out.graph, name).extend(getattr(g, name))
+    for t in g.initializer:
+        big = int(np.prod(t.dims, dtype=np.int64)) > _SHAPE_CONSTANT_MAX
+        if big or (t.data_type in _FLOATS and len(t.dims) == 2):
             out.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, t.dims))
         else:
-            out.graph.initializer.append(t)
+            out.graph.initializer.add().CopyFrom(t)
     return out
+
+
+_SHAPE_CONSTANT_MAX = 4096
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
@@ -455,9 +462,15 @@ def _drop_dead(g: onnx.GraphProto) -> None:
         g.ClearField("node")
         g.node.extend(live)
     used = {i for n in g.node for i in _reads(n)}
-    inits = [t for t in g.initializer if t.name in used]
-    g.ClearField("initializer")
-    g.initializer.extend(inits)
+    remove_initializers(g, {t.name for t in g.initializer if t.name not in used})
+
+
+def remove_initializers(g: onnx.GraphProto, names: set[str]) -> None:
+    """Delete initializers in place: rebuilding the field would copy every tensor kept (a
+    7B's weights held twice)."""
+    for i in reversed(range(len(g.initializer))):
+        if g.initializer[i].name in names:
+            del g.initializer[i]
 
 
 def _reads(n: onnx.NodeProto) -> list[str]:

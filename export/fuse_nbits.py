@@ -37,6 +37,7 @@ from export.fuse import (
     fused_file,
     fused_name,
     gate_text_head,
+    remove_initializers,
 )
 from export.quantize import _heads, _opset, _save, _update_manifest
 from trace_rt.errors import InputError
@@ -105,7 +106,6 @@ def pack_matmulnbits(model: onnx.ModelProto) -> list[list[str]]:
         groups[key].append(n)
     replace: dict[int, list[onnx.NodeProto]] = {}
     drop: set[str] = set()
-    new_inits: list[onnx.TensorProto] = []
     done: list[list[str]] = []
     position = {id(n): i for i, n in enumerate(g.node)}
     for (x, k, bits, block, level), nodes in groups.items():
@@ -115,9 +115,11 @@ def pack_matmulnbits(model: onnx.ModelProto) -> list[list[str]]:
         b = np.concatenate([numpy_helper.to_array(weights[n.input[1]]) for n in nodes], axis=0)
         s = np.concatenate([numpy_helper.to_array(weights[n.input[2]]) for n in nodes], axis=0)
         widths = [_attrs(n)["N"] for n in nodes]
-        b_t = numpy_helper.from_array(b, f"{base}.packed_B")  # [sum N, blocks, blob]
-        s_t = numpy_helper.from_array(s, f"{base}.packed_scales")  # [sum N, blocks]
-        sizes = numpy_helper.from_array(np.array(widths, np.int64), f"{base}.packed_split")
+        # Added in place: extending the field with new tensors would copy them.
+        b_t = _add(g, numpy_helper.from_array(b, f"{base}.packed_B"))  # [sum N, blocks, blob]
+        s_t = _add(g, numpy_helper.from_array(s, f"{base}.packed_scales"))  # [sum N, blocks]
+        del b, s
+        sizes = _add(g, numpy_helper.from_array(np.array(widths, np.int64), f"{base}.packed_split"))
         y = f"{base}.packed_out"
         mm = helper.make_node(
             NBITS,
@@ -135,22 +137,30 @@ def pack_matmulnbits(model: onnx.ModelProto) -> list[list[str]]:
             "Split", [y, sizes.name], [n.output[0] for n in nodes], name=f"{base}.split", axis=-1
         )
         replace[min(position[id(n)] for n in nodes)] = [mm, split]
-        for n in nodes:
-            drop.add(n.name)
-            drop.update(n.input[1:])
-        new_inits += [b_t, s_t, sizes]
+        drop.update(n.name for n in nodes)
+        consumed = {w for n in nodes for w in n.input[1:]}
+        for w in consumed:
+            del weights[w]  # no reference left, so the removed tensors' memory goes now
+        remove_initializers(g, consumed)
         done.append([n.input[1] for n in nodes])
     nodes_out: list[onnx.NodeProto] = []
     for i, n in enumerate(g.node):
         nodes_out += replace.get(i, [])
         if n.name not in drop:
             nodes_out.append(n)
-    kept = [t for t in g.initializer if t.name not in drop]
     g.ClearField("node")
     g.node.extend(nodes_out)
-    g.ClearField("initializer")
-    g.initializer.extend(kept + new_inits)
     return done
+
+
+def _add(g: onnx.GraphProto, t: onnx.TensorProto) -> onnx.TensorProto:
+    """Move *t* into *g*'s initializers (swapping buffers, no copy); returns the stored one."""
+    stored = g.initializer.add()
+    stored.name, stored.data_type = t.name, t.data_type
+    stored.dims.extend(t.dims)
+    stored.raw_data = t.raw_data
+    t.ClearField("raw_data")
+    return stored
 
 
 def check_settings(source: dict[str, Any], block_size: int, accuracy_level: int, lm_head: bool):

@@ -92,3 +92,37 @@ def test_refusals_name_the_problem(streamed):
         optimize_artifact(streamed, (4,), lm_head=True)
     with pytest.raises(InputError, match="block-size 32, not 64"):
         optimize_artifact(streamed, (4,), block_size=64)
+
+
+def test_default_becomes_the_fused_form(streamed, tmp_path):
+    """The streamed artifact's default (its first quantised decoder, ``int4``) becomes that
+    precision's fused form; no float default is invented (there is no decoder.onnx)."""
+    import shutil
+
+    from export.decode_timing import record_default
+    from trace_rt.variants import resolve_variant
+
+    art = tmp_path / "a"
+    shutil.copytree(streamed, art)
+    chosen, timing = record_default(art, measure=False)
+    assert timing == {} and chosen == {
+        "decoder": "fused-int4",
+        "int4": "fused-int4",
+        "int8": "fused-int8",
+    }
+    manifest = json.loads((art / MANIFEST_FILE).read_text())
+    assert resolve_variant(manifest, "onnxruntime") == "fused-int4"
+    assert resolve_variant(manifest, "onnxruntime", "int8") == "fused-int8"
+
+
+def test_cli_asks_for_the_quantised_decoders(streamed):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "export", "optimize", str(streamed), "--no-measure"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "no float decoder" in proc.stderr and "--int4 and/or --int8" in proc.stderr
