@@ -166,11 +166,11 @@ def markdown(doc: dict[str, Any]) -> str:
             f"onnxruntime {m['libraries'].get('onnxruntime')}, torch "
             f"{m['libraries'].get('torch')}; git {m['git']['commit'][:10]}.",
         ]
-    lines += ["", "Load average (1, 5, 15 min) before/after each stage: other helpers' tests"]
-    lines += ["ran on the same 2 cores, so every time below is inflated by contention.", ""]
+    lines += ["", "Load average (1, 5, 15 min) before/after each stage; the request tables give"]
+    lines += ["the cores other processes kept busy during each request (0 on a quiet machine).", ""]
     lines += ["| stage | seconds | peak RSS MB | load before | load after | free disk after GiB |"]
     lines += ["|---|---|---|---|---|---|"]
-    for s in ("checkpoint", "export", "load", "run", "peers"):
+    for s in ("checkpoint", "export", "load", "run", "reference", "peers"):
         f = doc.get(s)
         if not f:
             continue
@@ -272,12 +272,13 @@ def _load_md(f: dict[str, Any] | None) -> list[str]:
         return []
     out = ["", "## Session loading (one decoder per process)", ""]
     out += ["| decoder | options | load s | weights MB | peak RSS at load MB | RSS loaded MB "]
-    out[-1] += "| step ms (past 0) |"
-    out += ["|---|---|---|---|---|---|---|"]
+    out[-1] += "| of it allocated / file-mapped MB | step ms (past 0) |"
+    out += ["|---|---|---|---|---|---|---|---|"]
     for r in (v for k, v in f.items() if "/" in k):
+        split = f"{r.get('rss_anon_loaded_mb', '-')} / {r.get('rss_file_loaded_mb', '-')}"
         out.append(
             f"| {r['variant']} | {r['mode']} | {r['load_s']} | {r['weights_mb']} | "
-            f"{r['peak_rss_load_mb']} | {r['rss_loaded_mb']} | {r['step_ms_p50']} |"
+            f"{r['peak_rss_load_mb']} | {r['rss_loaded_mb']} | {split} | {r['step_ms_p50']} |"
         )
     return out
 
