@@ -220,6 +220,7 @@ def pack_matmuls(model: onnx.ModelProto) -> list[list[str]]:
             groups[(n.input[0], w.dims[0])].append(n)
     replace: dict[int, list[onnx.NodeProto]] = {}
     drop: set[str] = set()
+    consumed: set[str] = set()
     new_inits: list[TensorProto] = []
     done: list[list[str]] = []
     for (x, _), nodes in groups.items():
@@ -244,22 +245,26 @@ def pack_matmuls(model: onnx.ModelProto) -> list[list[str]]:
         # input is ready there, and later members' consumers come after.
         first = min(id_pos(g, n) for n in nodes)
         replace[first] = [mm, split]
-        for n in nodes:
-            drop.add(n.name)
-            drop.add(n.input[1])
+        drop.update(n.name for n in nodes)
+        consumed.update(n.input[1] for n in nodes)
         new_inits += [packed_w, sizes]
         done.append([n.input[1] for n in nodes])
+    splice_nodes(g, replace, drop)
+    remove_initializers(g, consumed)
+    g.initializer.extend(new_inits)
+    return done
+
+
+def splice_nodes(g: onnx.GraphProto, replace: dict[int, list[onnx.NodeProto]], drop: set[str]):
+    """Insert ``replace[i]`` before the node at position *i*; leave out the nodes named in
+    *drop* (the order stays topological: a packed node takes its first member's place)."""
     nodes_out: list[onnx.NodeProto] = []
     for i, n in enumerate(g.node):
         nodes_out += replace.get(i, [])
         if n.name not in drop:
             nodes_out.append(n)
-    kept = [t for t in g.initializer if t.name not in drop]
     g.ClearField("node")
     g.node.extend(nodes_out)
-    g.ClearField("initializer")
-    g.initializer.extend(kept + new_inits)
-    return done
 
 
 def id_pos(g: onnx.GraphProto, node: onnx.NodeProto) -> int:

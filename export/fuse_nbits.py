@@ -38,6 +38,7 @@ from export.fuse import (
     fused_name,
     gate_text_head,
     remove_initializers,
+    splice_nodes,
 )
 from export.quantize import _heads, _opset, _save, _update_manifest
 from trace_rt.errors import InputError
@@ -143,13 +144,7 @@ def pack_matmulnbits(model: onnx.ModelProto) -> list[list[str]]:
             del weights[w]  # no reference left, so the removed tensors' memory goes now
         remove_initializers(g, consumed)
         done.append([n.input[1] for n in nodes])
-    nodes_out: list[onnx.NodeProto] = []
-    for i, n in enumerate(g.node):
-        nodes_out += replace.get(i, [])
-        if n.name not in drop:
-            nodes_out.append(n)
-    g.ClearField("node")
-    g.node.extend(nodes_out)
+    splice_nodes(g, replace, drop)
     return done
 
 
