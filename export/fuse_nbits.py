@@ -149,7 +149,8 @@ def pack_matmulnbits(model: onnx.ModelProto) -> list[list[str]]:
 
 
 def _add(g: onnx.GraphProto, t: onnx.TensorProto) -> onnx.TensorProto:
-    """Move *t* into *g*'s initializers (swapping buffers, no copy); returns the stored one."""
+    """Move *t* into *g*'s initializers (its bytes copied once, then freed in *t*; appending
+    the message would copy it and keep both); returns the stored one."""
     stored = g.initializer.add()
     stored.name, stored.data_type = t.name, t.data_type
     stored.dims.extend(t.dims)
@@ -182,7 +183,9 @@ def optimize_quantised(
     forms: tuple[str, ...],
     tag: str,
     external_data_threshold: int,
-    *settings: Any,
+    block_size: int,
+    accuracy_level: int,
+    lm_head: bool,
 ) -> dict[str, dict[str, Any]]:
     """The fused forms of an artifact with no float decoder, from its MatMulNBits
     variants (export/fuse_nbits.py)."""
@@ -200,7 +203,7 @@ def optimize_quantised(
                 f"{root} has no int{b} MatMulNBits decoder to fuse; export it with "
                 f"`python -m export onnx CKPT {root} --stream --decoders int{b}`"
             )
-        check_settings(src, *settings)
+        check_settings(src, block_size, accuracy_level, lm_head)
         model = onnx.load(str(root / src["file"]))
         head_out = text_head_output(model)
         packed = pack_matmulnbits(model)
