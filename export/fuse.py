@@ -81,12 +81,13 @@ from export.quantize import (
 from trace_rt.config import TraceConfig
 from trace_rt.errors import InputError
 from trace_rt.graphs import DECODER, EXTERNAL_DATA_THRESHOLD, load_manifest
-from trace_rt.variants import TEXT_HEAD_INPUT
+from trace_rt.variants import TEXT_HEAD_INPUT, has_portable_decoder
 
 FUSED = "fused"
 CONTRIB = "contrib"  # fused + onnxruntime's RotaryEmbedding (export/contrib.py)
 FORMS = (FUSED, CONTRIB)
 REWRITES = ("packed-matmul", "static-shapes", "text-head-if")
+NBITS = "MatMulNBits"
 
 
 def fused_name(bits: int | None, tag: str = "", form: str = FUSED) -> str:
@@ -128,7 +129,7 @@ def optimize_artifact(
         raise InputError(f"unknown decoder form(s) {bad}; known: {', '.join(FORMS)}")
     root = Path(artifact)
     manifest = load_manifest(root)
-    if not manifest["graphs"][DECODER].get("files"):  # layer-streamed: quantised only
+    if not has_portable_decoder(manifest):  # layer-streamed: quantised decoders only
         from export.fuse_nbits import optimize_quantised
 
         return optimize_quantised(root, manifest, bits, forms, tag, external_data_threshold,
@@ -275,17 +276,30 @@ _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 # ---- the text head behind an If -------------------------------------------------------
-def text_head_output(model: onnx.ModelProto) -> str:
-    """The tensor ``lm_head`` writes (the widest head; found before quantisation renames
-    its node, kept after because quantisers keep output names)."""
-    select_weights(model, lm_head=False)  # names every weighted MatMul
+def weighted_nodes(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """MatMuls with a constant 2-D weight and MatMulNBits nodes, by name (an unnamed or
+    repeated name becomes ``<name or op>__<position>``, as :func:`select_weights` names)."""
     g = model.graph
     weights = {t.name: t for t in g.initializer}
-    weighted = {n.name: n for n in g.node if n.op_type == "MatMul" and n.input[1] in weights}
-    heads = _heads(g, weighted)
+    out: dict[str, onnx.NodeProto] = {}
+    for i, n in enumerate(g.node):
+        if n.op_type == NBITS or (
+            n.op_type == "MatMul" and n.input[1] in weights and len(weights[n.input[1]].dims) == 2
+        ):
+            if not n.name or n.name in out:
+                n.name = f"{n.name or n.op_type}__{i}"
+            out[n.name] = n
+    return out
+
+
+def text_head_output(model: onnx.ModelProto) -> str:
+    """The tensor ``lm_head`` writes: the widest head feeding the logits, float or
+    MatMulNBits (quantisers keep output names, so it is found before or after)."""
+    weighted = weighted_nodes(model)
+    heads = _heads(model.graph, weighted)
     if not heads:
         raise InputError(f"the decoder graph has no weighted head feeding {LOGITS!r}")
-    lm = max(heads, key=lambda n: weights[weighted[n].input[1]].dims[1])
+    lm = max(heads, key=lambda n: _head_width(model, weighted[n]))
     return weighted[lm].output[0]
 
 

@@ -32,6 +32,7 @@ from onnx import helper, numpy_helper
 
 from export.fuse import (
     FUSED,
+    NBITS,
     REWRITES,
     fold_shapes,
     fused_file,
@@ -39,50 +40,20 @@ from export.fuse import (
     gate_text_head,
     remove_initializers,
     splice_nodes,
+    text_head_output,
+    weighted_nodes,
 )
 from export.quantize import _heads, _opset, _save, _update_manifest
 from trace_rt.errors import InputError
 from trace_rt.graphs import DECODER
 from trace_rt.variants import TEXT_HEAD_INPUT
 
-NBITS = "MatMulNBits"
 # The source variant's record carries over (quantisation scheme, weights) but for these.
 NOT_INHERITED = {"file", "files", "source", "form", "runtime", "also_runs_on", "opset", "tools"}
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, int]:
     return {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
-
-
-def weighted_nodes(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    """MatMuls with a constant 2-D weight and MatMulNBits nodes, by (unique) name."""
-    g = model.graph
-    weights = {t.name: t for t in g.initializer}
-    out: dict[str, onnx.NodeProto] = {}
-    for i, n in enumerate(g.node):
-        if n.op_type == NBITS or (
-            n.op_type == "MatMul" and n.input[1] in weights and len(weights[n.input[1]].dims) == 2
-        ):
-            if not n.name or n.name in out:
-                n.name = f"{n.name or n.op_type}__{i}"
-            out[n.name] = n
-    return out
-
-
-def text_head_output(model: onnx.ModelProto) -> str:
-    """The tensor ``lm_head`` writes: the widest head feeding the logits, float or not."""
-    g = model.graph
-    weights = {t.name: t for t in g.initializer}
-    weighted = weighted_nodes(model)
-    heads = _heads(g, weighted)
-    if not heads:
-        raise InputError("the decoder graph has no weighted head feeding the logits")
-
-    def width(name: str) -> int:
-        n = weighted[name]
-        return _attrs(n)["N"] if n.op_type == NBITS else int(weights[n.input[1]].dims[1])
-
-    return weighted[max(heads, key=width)].output[0]
 
 
 def pack_matmulnbits(model: onnx.ModelProto) -> list[list[str]]:
