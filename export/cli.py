@@ -12,6 +12,10 @@ from trace_rt.errors import InputError
 PROG = "python -m export"
 
 
+# export.quantize's BLOCK_SIZES and defaults, not imported here: it loads onnx and onnxruntime.
+BLOCK_SIZES = [16, 32, 64, 128, 256]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="Export a TRACE checkpoint to deployable graphs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,21 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         const="fp8",
         help="float8 E4M3FN weights per output channel (QDQ form only, for TensorRT)",
     )
-    q.add_argument(
-        "--block-size",
-        type=int,
-        choices=[16, 32, 64, 128, 256],
-        default=32,
-        help="weights per quantisation block (int4; MatMulNBits and QDQ)",
-    )
-    q.add_argument(
-        "--accuracy-level",
-        type=int,
-        choices=[0, 1, 2, 3, 4],
-        default=4,
-        help="MatMulNBits compute type (4: int8 activations, fastest on CPU; 0: unset)",
-    )
-    q.add_argument("--lm-head", action="store_true", help="quantise lm_head too (default: keep)")
+    _add_quant_settings(q)
     q.add_argument(
         "--forms",
         default=None,
@@ -115,16 +105,26 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
         "variants, as `quantize --forms nbits`); without fp32 there is no decoder.onnx "
         "(default: fp32)",
     )
+    _add_quant_settings(p)
+
+
+def _add_quant_settings(p: argparse.ArgumentParser, accuracy_level: bool = True) -> None:
+    """The quantiser's settings, the same in every command that quantises."""
     p.add_argument(
-        "--block-size", type=int, choices=[16, 32, 64, 128, 256], default=32, help="int4/int8 block"
-    )
-    p.add_argument(
-        "--accuracy-level",
+        "--block-size",
         type=int,
-        choices=[0, 1, 2, 3, 4],
-        default=4,
-        help="MatMulNBits compute type (4: int8 activations)",
+        choices=BLOCK_SIZES,
+        default=32,
+        help="weights per quantisation block (int4: MatMulNBits and QDQ; int8: MatMulNBits)",
     )
+    if accuracy_level:
+        p.add_argument(
+            "--accuracy-level",
+            type=int,
+            choices=[0, 1, 2, 3, 4],
+            default=4,
+            help="MatMulNBits compute type (4: int8 activations, fastest on CPU; 0: unset)",
+        )
     p.add_argument(
         "--lm-head", action="store_true", help="quantise lm_head too (default: keep it fp32)"
     )
@@ -145,14 +145,7 @@ def _add_optimize_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("out", type=Path, help="artifact directory written by `python -m export onnx`")
     o.add_argument("--int4", action="store_true", help="also a fused int4 (MatMulNBits) variant")
     o.add_argument("--int8", action="store_true", help="also a fused int8 (MatMulNBits) variant")
-    o.add_argument(
-        "--block-size",
-        type=int,
-        choices=[16, 32, 64, 128, 256],
-        default=32,
-        help="weights per int4/int8 quantisation block",
-    )
-    o.add_argument("--lm-head", action="store_true", help="quantise lm_head too (default: keep)")
+    _add_quant_settings(o, accuracy_level=False)
     o.add_argument(
         "--contrib",
         action="store_true",
@@ -353,13 +346,14 @@ def _optimize(args: argparse.Namespace) -> None:
 
 
 def _has_float_decoder(out: Path) -> bool:
-    from trace_rt.graphs import DECODER, MANIFEST_FILE
+    from trace_rt.graphs import MANIFEST_FILE
+    from trace_rt.variants import has_portable_decoder
 
     try:
         manifest = json.loads((out / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
         return True  # optimize_artifact reports the missing or broken manifest
-    return bool(manifest["graphs"][DECODER].get("files"))
+    return has_portable_decoder(manifest)
 
 
 def _trt(args: argparse.Namespace) -> None:

@@ -81,6 +81,7 @@ from trace_rt.graphs import (
     load_manifest,
     sha256_file,
 )
+from trace_rt.variants import has_portable_decoder
 
 # Smaller blocks: less error for a little more scale storage (32 is llama.cpp's Q4_0 block).
 DEFAULT_BLOCK_SIZE = 32
@@ -148,7 +149,7 @@ def quantize_artifact(
     root = Path(artifact)
     manifest = load_manifest(root)
     src_file = manifest["graphs"][DECODER]["file"]
-    if src_file not in manifest["files"]:
+    if not has_portable_decoder(manifest):
         raise InputError(
             f"{root}: no fp32 {src_file} to quantise (a layer-streamed export without it); "
             "streamed exports quantise as they go: `python -m export onnx CKPT OUT --stream "

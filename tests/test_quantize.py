@@ -344,3 +344,15 @@ def test_reexport_drops_stale_variants(tiny_ckpt, tmp_path):
     manifest = _manifest(out)
     assert "variants" not in manifest
     assert not any(f.startswith("decoder.") and f != "decoder.onnx" for f in manifest["files"])
+
+
+def test_cli_quant_settings_match_the_quantiser():
+    """The CLI lists the quantiser's block sizes and defaults without importing it."""
+    from export import cli, quantize
+
+    assert tuple(cli.BLOCK_SIZES) == quantize.BLOCK_SIZES
+    for command in (["quantize", "OUT", "--int4"], ["onnx", "CKPT", "OUT"], ["optimize", "OUT"]):
+        args = cli.build_parser().parse_args(command)
+        assert args.block_size == quantize.DEFAULT_BLOCK_SIZE and args.lm_head is False
+        if command[0] != "optimize":
+            assert args.accuracy_level == quantize.DEFAULT_ACCURACY_LEVEL

@@ -156,10 +156,15 @@ def pick_variant(
     return asked, load_variant(manifest, model_dir, asked, DECODER, verify)
 
 
+def has_portable_decoder(manifest: dict[str, Any]) -> bool:
+    """Whether the artifact has ``decoder.onnx``: a layer-streamed export with only
+    quantised decoders (``export/stream.py``) records the decoder's spec with no files."""
+    return bool(manifest["graphs"][DECODER].get("files", True))
+
+
 def _check_portable(manifest: dict[str, Any], model_dir: str | Path) -> None:
-    """A layer-streamed export with only quantised decoders has no ``decoder.onnx``
-    (``export/stream.py``): say so instead of failing to open the file."""
-    if manifest["graphs"][DECODER].get("files", True):
+    """Say that there is no ``decoder.onnx`` instead of failing to open the file."""
+    if has_portable_decoder(manifest):
         return
     have = ", ".join(sorted(manifest.get("variants", {}).get(DECODER, {}))) or "none"
     raise CheckpointError(
