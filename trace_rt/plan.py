@@ -180,6 +180,13 @@ def linear_bytes_per_weight(precision: str, gpu: bool = False) -> float:
     }[precision]
 
 
+def linear_params(cfg: TraceConfig) -> int:
+    """Weights of the decoder layers' linear projections (what quantisation touches): the
+    layers' parameters less their two RMSNorm weights each."""
+    layer = decoder_layer_params(cfg) - 2 * cfg.hidden_size
+    return cfg.num_hidden_layers * layer
+
+
 def context_positions(cfg: TraceConfig, s: Settings) -> tuple[int, int]:
     """(prompt positions, whole context) for *s*: the video block, text, new tokens."""
     prompt = s.frames * cfg.tokens_per_frame + PROMPT_TEXT_TOKENS
@@ -203,10 +210,8 @@ def kv_positions(cfg: TraceConfig, device: Device, prompt: int, context: int) ->
 def weights(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, float]:
     """Bytes of each graph's weights, and the host embedding table."""
     it = float_itemsize(device)
-    layers = cfg.num_hidden_layers * decoder_layer_params(cfg)
     norms = 2 * cfg.hidden_size * cfg.num_hidden_layers  # RMSNorm weights stay float
-    linear = layers - norms
-    decoder = linear * linear_bytes_per_weight(s.precision, device.gpu)
+    decoder = linear_params(cfg) * linear_bytes_per_weight(s.precision, device.gpu)
     decoder += (norms + cfg.hidden_size + head_params(cfg)) * it
     out = {
         "vision_encoder": vision_params(cfg) * it,
@@ -264,9 +269,7 @@ def prepacked_bytes(cfg: TraceConfig, precision: str) -> float:
     docstring): MatMulNBits' packed block scales and block sums; none for fp32."""
     if precision not in ("int4", "int8"):
         return 0.0
-    layers = cfg.num_hidden_layers * decoder_layer_params(cfg)
-    linear = layers - 2 * cfg.hidden_size * cfg.num_hidden_layers
-    return linear / BLOCK * PREPACK_EXTRA_PER_BLOCK
+    return linear_params(cfg) / BLOCK * PREPACK_EXTRA_PER_BLOCK
 
 
 def video_buffers(cfg: TraceConfig, s: Settings) -> float:
