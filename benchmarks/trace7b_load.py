@@ -24,16 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.peers.llamacpp import LlamaCppQ4_0, LlamaCppQ8_0, _llama_cpp, cpu_threads
-from trace_rt.bench.machine import peak_rss_mb, reset_peak_rss
+from trace_rt.bench.machine import peak_rss_mb, reset_peak_rss, status_mb
 
 
 def rss_mb(field: str = "VmRSS") -> float:
     """This process's resident memory (``VmRSS``; ``RssAnon``: allocated, e.g. prepacked
     weights; ``RssFile``: pages of mapped files, e.g. memory-mapped external data)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
+    mb = status_mb(field)
+    return float("nan") if mb is None else round(mb, 1)
 
 
 def load_check(art: Path, variant: str, mode: str) -> dict:

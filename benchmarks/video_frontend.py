@@ -28,14 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from trace_rt.bench.machine import status_mb
 from trace_rt.config import _CLIP_L_336, PreprocessConfig
 
 CFG = PreprocessConfig.from_dict(_CLIP_L_336["preprocess"], pad_to_square=True)
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(x.split()[1]) / 1024 for x in f if x.startswith(key + ":"))
 
 
 def child(video: str, frames: int, resize: str, runs: int, save: str | None) -> dict:
@@ -50,11 +46,11 @@ def child(video: str, frames: int, resize: str, runs: int, save: str | None) -> 
 
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current RSS: imports are not counted
-    base = _status_mb("VmRSS")
+    base = status_mb("VmRSS")
     t = time.perf_counter()
     clip, px = video_inputs(video, frames, CFG, resize, limits=limits)
     first = (time.perf_counter() - t) * 1e3
-    peak = _status_mb("VmHWM") - base
+    peak = status_mb("VmHWM") - base
     if save:
         np.save(save, clip.frames)
     del clip, px

@@ -145,11 +145,19 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def status_mb(field: str) -> float | None:
+    """A memory field of ``/proc/self/status`` in MB (``VmRSS``, ``VmHWM``, ``RssAnon``:
+    allocated, ``RssFile``: mapped files); None where there is no such field."""
+    for line in _read("/proc/self/status").splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 def peak_rss_mb() -> float:
     """Peak resident set since the last reset (VmHWM), else the lifetime peak."""
-    for line in _read("/proc/self/status").splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
+    if (hwm := status_mb("VmHWM")) is not None:
+        return round(hwm, 1)
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(kb / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
