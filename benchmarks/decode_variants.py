@@ -1,15 +1,17 @@
-"""Decode-step p50 of an artifact's decoder variants: portable vs fused, fp32/int8/int4.
+"""Prefill and decode-step p50 of an artifact's decoder variants: portable vs fused,
+fp32/int8/int4, MatMulNBits int8 vs int8 with activations quantised per token.
 
     python -m benchmarks.decode_variants ART [--past 400] [--threads 1] [--out FILE.json]
 
 Makes the variants it times (``python -m export quantize`` / ``optimize`` forms; int4 at
 several block sizes, and with ``lm_head`` quantised), then times them with
-:func:`export.decode_timing.time_decode`: one process, every variant's backend loaded,
-single decode steps at ~``--past`` positions taken one variant after another in
-alternating order, so a loaded machine's drift falls on all alike. Reports p50 per
-variant in the text head (lm_head runs) and the time head (the fused graphs skip it),
-and the portable/fused ratio at each precision: on a shared machine the absolute figures
-move with the load, the ratios much less.
+:func:`export.decode_timing.time_decode`: each variant in its own process (one decoder
+loaded, as the runtime runs it), a prefill and single decode steps at ~``--past``
+positions, variants one after another in two passes (forward, then backward), so a
+loaded machine's drift falls on all alike. Reports p50 per variant of a prefill of
+``--past`` positions, of a step in the text head (lm_head runs) and in the time head
+(the fused graphs skip it), and the ratios of the pairs below: on a shared machine the
+absolute figures move with the load, the ratios much less.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ PAIRS = (
     ("fused", "contrib"),
     ("fused-int8", "contrib-int8"),
     ("fused-int4", "contrib-int4"),
+    # MatMulNBits int8 vs int8 x int8 with per-token activation scales (export/w8a8.py)
+    ("contrib-int8", "contrib-int8-dynamic"),
 )
 
 
@@ -51,6 +55,8 @@ def make_variants(art: Path) -> list[str]:
         optimize_artifact(art, (None, 4, 8))
     if "contrib-int4" not in have:
         optimize_artifact(art, (None, 4, 8), forms=("contrib",))
+    if "contrib-int8-dynamic" not in have:
+        optimize_artifact(art, (), forms=("contrib",), int8_dynamic=True)
     for b in BLOCK_SIZES[1:]:
         if f"fused-int4-b{b}" not in have:
             optimize_artifact(art, (4,), block_size=b, tag=f"-b{b}")
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     load.append(os.getloadavg())
     ratios = {
-        f"{a}/{b}": {h: round(p50[a][h] / p50[b][h], 3) for h in ("text", "time")}
+        f"{a}/{b}": {h: round(p50[a][h] / p50[b][h], 3) for h in ("prefill", "text", "time")}
         for a, b in PAIRS
         if a in p50 and b in p50
     }

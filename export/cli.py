@@ -136,15 +136,22 @@ def _add_optimize_parser(sub: argparse._SubParsersAction) -> None:
         help="add onnxruntime-specific fused decoder variants (packed matmuls, gated lm_head)",
         description="Write decoder.fused.onnx (and with --int4/--int8 decoder.fused.int{4,8}"
         ".onnx, MatMulNBits) into OUT: the portable decoder rewritten for onnxruntime with "
-        "the same I/O (export/fuse.py). Then time a decode step of each precision's graphs "
-        "(portable/int4/int8 against their fused forms) in one run on this machine and record "
-        "the fastest in the manifest: the float one as onnxruntime's default decoder "
-        "(`--backend onnxruntime` loads it unless --quant names another), the others as what "
-        "--quant int4/int8 and the onnxruntime-int4/int8 backends run.",
+        "the same I/O (export/fuse.py). Then time a prefill and a decode step of each "
+        "precision's graphs (portable/int4/int8 against their fused forms), each in its own "
+        "process on this machine, and record the fastest request in the manifest: the float "
+        "one as onnxruntime's default decoder (`--backend onnxruntime` loads it unless "
+        "--quant names another), the others as what --quant int4/int8 and the "
+        "onnxruntime-int4/int8 backends run.",
     )
     o.add_argument("out", type=Path, help="artifact directory written by `python -m export onnx`")
     o.add_argument("--int4", action="store_true", help="also a fused int4 (MatMulNBits) variant")
     o.add_argument("--int8", action="store_true", help="also a fused int8 (MatMulNBits) variant")
+    o.add_argument(
+        "--int8-dynamic",
+        action="store_true",
+        help="also fused int8 variants with activations quantised per token (MatMulInteger, "
+        "export/w8a8.py; faster prefill on x86), timed against MatMulNBits int8",
+    )
     _add_quant_settings(o, accuracy_level=False)
     o.add_argument(
         "--contrib",
@@ -333,13 +340,21 @@ def _optimize(args: argparse.Namespace) -> None:
         )
     forms = ("fused", "contrib") if args.contrib else ("fused",)
     records = optimize_artifact(
-        args.out, bits, block_size=args.block_size, lm_head=args.lm_head, forms=forms
+        args.out,
+        bits,
+        block_size=args.block_size,
+        lm_head=args.lm_head,
+        forms=forms,
+        int8_dynamic=args.int8_dynamic,
     )
     for name, rec in records.items():
         print(f"wrote {args.out / rec['file']} (variant {name})")
     chosen, timing = record_default(args.out, measure=not args.no_measure)
     for name, t in timing.items():
-        print(f"decode step {name}: text head {t['text']} ms, time head {t['time']} ms (p50)")
+        print(
+            f"{name}: prefill {t['prefill']} ms, decode step: text head {t['text']} ms, "
+            f"time head {t['time']} ms (p50)"
+        )
     print(f"onnxruntime's default decoder: {chosen.pop('decoder')}")
     for precision, name in chosen.items():
         print(f"--quant {precision} (and onnxruntime-{precision}) runs: {name}")

@@ -1,18 +1,31 @@
-"""Decode-step timing of an artifact's decoder variants, alternating in one process.
+"""Prefill and decode-step timing of an artifact's decoder variants, each in its own
+process.
 
 Used by ``python -m export optimize`` (:func:`record_default`: which variant onnxruntime
 runs by default, and for ``int4``/``int8``) and by ``benchmarks/decode_variants.py`` (the
-recorded comparison). Each round
-prefills every variant's backend to the same past length, then times single decode
-steps (the backend's own ``decode_step``: KV pool binding included) in the text head and
-in the time head, one step of each variant in turn (order alternating), so that a loaded
-machine's drift lands on all of them alike. Figures are medians over rounds and steps.
+recorded comparison). A worker process (``python -m export.decode_timing``) loads one
+variant's decoder, as the runtime would, and per round prefills it to the same past
+length (timed), then times single decode steps (the backend's own ``decode_step``: KV
+pool binding included) in the text head and in the time head. Variants run one after
+another in two passes, forward then backward, so that a loaded machine's drift lands on
+all of them alike; figures are medians over both passes' rounds and steps.
+
+Why one process per variant: onnxruntime's intra-op workers spin for a while after each
+run, and with every variant's session in one process the idle sessions' spinning
+workers took the CPUs from the one being timed. Measured on `small`, 2 cores, 12
+variants loaded at once: the dynamic int8 prefill at 333 ms against 185 ms alone, which
+hid its lead over MatMulNBits (369 ms). Turning spinning off in one process removes that
+but charges every op a worker wake-up the runtime does not pay. One process at a time
+also holds one decoder in memory, not all of them.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,13 +33,17 @@ from typing import Any
 import numpy as np
 
 from export.files import write_json
-from export.fuse import CONTRIB, FUSED, fused_name
+from export.fuse import CONTRIB, DYNAMIC, FUSED, fused_name
 from trace_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
 from trace_rt.graphs import DECODER, MANIFEST_FILE
 from trace_rt.tokens import VIDEO_PLACEHOLDER_ID, Head, head_base
 from trace_rt.variants import BY_PRECISION, PORTABLE, variant_names
 
 HEADS = (Head.TEXT, Head.TIME)
+# A default is picked by the time of one request: a prefill of the timed length plus this
+# many decode steps (the bench's default request), so a variant that decodes a little
+# slower but prefills much faster can win.
+REQUEST_STEPS = 64
 
 
 def time_decode(
@@ -38,50 +55,99 @@ def time_decode(
     steps: int = 8,
     threads: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{variant: {"text": p50 ms, "time": p50 ms}} of one decode step at ~*past* positions.
+    """{variant: {"prefill": p50 ms, "text": p50 ms, "time": p50 ms}}: a prefill of ~*past*
+    positions and one decode step after it, in the text and the time head.
 
     Names are exact (``int4`` is ``decoder.int4.onnx``, not the fastest int4);
-    ``portable`` names ``decoder.onnx`` itself.
+    ``portable`` names ``decoder.onnx`` itself. *rounds* are split over the two passes
+    (at least one each).
     """
-    backends = {
-        v: OnnxRuntimeBackend(
-            artifact, decoder_variant=v, exact_variant=True, video_graphs=False, threads=threads
-        )
-        for v in variants
+    per_pass = max(1, (rounds + 1) // 2)
+    samples: dict[str, dict[str, list[float]]] = {
+        v: {k: [] for k in ("prefill", *KEYS)} for v in variants
     }
-    cfg = next(iter(backends.values())).config
+    for order in (variants, variants[::-1]):
+        for v in order:
+            got = _worker(artifact, v, past=past, rounds=per_pass, steps=steps, threads=threads)
+            for k, xs in got.items():
+                samples[v][k] += xs
+    return {
+        v: {k: round(statistics.median(xs), 3) for k, xs in s.items()} for v, s in samples.items()
+    }
+
+
+KEYS = tuple(h.name.lower() for h in HEADS)
+
+
+def _worker(artifact: str | Path, variant: str, **kw: Any) -> dict[str, list[float]]:
+    """Run :func:`time_one` in a fresh process; its samples."""
+    args = [sys.executable, "-m", "export.decode_timing", str(artifact), variant]
+    for k, v in kw.items():
+        if v is not None:
+            args += [f"--{k}", str(v)]
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(
+            f"timing {variant} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}"
+        )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def time_one(
+    artifact: str | Path,
+    variant: str,
+    *,
+    past: int = 400,
+    rounds: int = 3,
+    steps: int = 8,
+    threads: int | None = None,
+) -> dict[str, list[float]]:
+    """Samples (ms) of one variant in this process: ``prefill``, ``text``, ``time``.
+    A first round warms up (allocations, first-run paths) and is not kept."""
+    be = OnnxRuntimeBackend(
+        artifact, decoder_variant=variant, exact_variant=True, video_graphs=False, threads=threads
+    )
+    cfg = be.config
     rng = np.random.default_rng(0)
     video = (rng.standard_normal((past - 2, cfg.hidden_size)) * 0.02).astype(np.float32)
     prompt = [1, VIDEO_PLACEHOLDER_ID, 2]
-    samples: dict[str, dict[Head, list[float]]] = {v: {h: [] for h in HEADS} for v in variants}
-    for r in range(rounds + 1):  # round 0 warms up (allocations, first-run paths)
+    out: dict[str, list[float]] = {k: [] for k in ("prefill", *KEYS)}
+    for r in range(rounds + 1):
         for head in HEADS:
-            for be in backends.values():
-                be.prefill(prompt, video, head)
+            t0 = time.perf_counter()
+            be.prefill(prompt, video, head)
+            if r:
+                out["prefill"].append((time.perf_counter() - t0) * 1e3)
             token = head_base(cfg.ids, head)
-            for s in range(steps):
-                # Step by step, in alternating order: neighbouring samples of different
-                # variants see the same machine load.
-                for v in variants if (r + s) % 2 else variants[::-1]:
-                    t0 = time.perf_counter()
-                    backends[v].decode_step(token, head)
-                    if r:
-                        samples[v][head].append((time.perf_counter() - t0) * 1e3)
-    return {
-        v: {h.name.lower(): round(statistics.median(s[h]), 3) for h in HEADS}
-        for v, s in samples.items()
-    }
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                be.decode_step(token, head)
+                if r:
+                    out[head.name.lower()].append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def request_ms(timing: dict[str, float]) -> float:
+    """One request's time from :func:`time_decode`'s figures: a prefill and
+    :data:`REQUEST_STEPS` steps, half in each head (the rewritten forms skip lm_head in
+    time-head steps, so both count)."""
+    step = (timing["text"] + timing["time"]) / 2
+    return timing.get("prefill", 0.0) + REQUEST_STEPS * step
 
 
 # ---- the default onnxruntime decoder ----------------------------------------------------
 def default_candidates(manifest: dict[str, Any]) -> dict[str, list[str]]:
     """Per precision (``float``: the graph's own, ``int4``, ``int8``), the decoders that
     compete for its default: the portable graph or plain quantised variant, then the
-    ``fused`` and ``contrib`` forms of it that the manifest has (untagged ones only)."""
+    ``fused`` and ``contrib`` forms of it that the manifest has (untagged ones only), and
+    for int8 the dynamic (per-token activation) forms too."""
     have = set(variant_names(manifest))
     groups = {"float": [PORTABLE, *(f for f in (FUSED, CONTRIB) if f in have)]}
     for b in (4, 8):
         names = [f"int{b}", fused_name(b), fused_name(b, form=CONTRIB)]
+        if b == 8:  # activations quantised per token (export/w8a8.py)
+            d = f"-{DYNAMIC}"
+            names += [f"int8{d}", fused_name(8, d), fused_name(8, d, form=CONTRIB)]
         groups[f"int{b}"] = [n for n in names if n in have]
     plain = {"float": PORTABLE, "int4": "int4", "int8": "int8"}
     # Only groups where a rewritten form is there: otherwise the plain name already runs.
@@ -110,9 +176,7 @@ def record_default(
 
     def pick(names: list[str]) -> str:
         if all(n in timing for n in names):
-            # A text step and a time step each: the rewritten forms skip lm_head in the
-            # second, so the sum weighs that in rather than hinging on the text step alone.
-            return min(names, key=lambda n: sum(timing[n].values()))
+            return min(names, key=lambda n: request_ms(timing[n]))
         return next((n for n in names if n.startswith(FUSED)), names[-1])
 
     chosen = {k: pick(v) for k, v in groups.items()}
@@ -129,3 +193,24 @@ def record_default(
     defaults["measured"] = {"past": past, "p50_ms": timing} if timing else None
     write_json(path, manifest)
     return {DECODER: defaults[DECODER], **chosen}, timing
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The worker: one variant's samples as one JSON line on stdout."""
+    p = argparse.ArgumentParser(prog="python -m export.decode_timing", description=main.__doc__)
+    p.add_argument("artifact", type=Path)
+    p.add_argument("variant")
+    p.add_argument("--past", type=int, default=400)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--threads", type=int)
+    a = p.parse_args(argv)
+    got = time_one(
+        a.artifact, a.variant, past=a.past, rounds=a.rounds, steps=a.steps, threads=a.threads
+    )
+    print(json.dumps(got))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

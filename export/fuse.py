@@ -46,10 +46,11 @@ Rewrites, and why:
   onnxruntime version.
 
 Quantised forms pack first, then quantise (one MatMulNBits per packed weight; blocks run
-along K, which packing does not change), then gate the head (quantised or not, per
+along K, which packing does not change; or, ``int8_dynamic``, int8 per output channel x
+activations per token: export/w8a8.py), then gate the head (quantised or not, per
 ``lm_head``). Then :func:`export.decode_timing.record_default` times, in one run, each
 precision's candidates (the portable graph or plain ``int4``/``int8`` variant against
-its fused and contrib forms) and records the fastest: the float one as
+its fused and contrib forms) and records the fastest request: the float one as
 ``defaults.onnxruntime.decoder`` (what the backend runs when nothing is asked), the
 quantised ones under ``defaults.onnxruntime.decoder_by_precision`` (what ``--quant
 int4`` and the ``onnxruntime-int4`` backend run: :func:`trace_rt.variants.resolve_variant`).
@@ -78,6 +79,7 @@ from export.quantize import (
     _update_manifest,
     select_weights,
 )
+from export.w8a8 import to_w8a8
 from trace_rt.config import TraceConfig
 from trace_rt.errors import InputError
 from trace_rt.graphs import DECODER, EXTERNAL_DATA_THRESHOLD, load_manifest
@@ -88,6 +90,7 @@ CONTRIB = "contrib"  # fused + onnxruntime's RotaryEmbedding (export/contrib.py)
 FORMS = (FUSED, CONTRIB)
 REWRITES = ("packed-matmul", "static-shapes", "text-head-if")
 NBITS = "MatMulNBits"
+DYNAMIC = "dynamic"  # int8 x int8 with activations quantised per token (export/w8a8.py)
 
 
 def fused_name(bits: int | None, tag: str = "", form: str = FUSED) -> str:
@@ -107,6 +110,7 @@ def optimize_artifact(
     lm_head: bool = False,
     tag: str = "",
     forms: tuple[str, ...] = (FUSED,),
+    int8_dynamic: bool = False,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> dict[str, dict[str, Any]]:
     """Write *artifact*'s fused decoder variants (None: float, 4/8: MatMulNBits).
@@ -119,6 +123,9 @@ def optimize_artifact(
             comparing block sizes).
         forms: ``fused`` and/or ``contrib`` (the same, with onnxruntime's
             ``RotaryEmbedding``: export/contrib.py).
+        int8_dynamic: also each form's ``-int8-dynamic`` variant: int8 weights per
+            output channel, activations quantised per token (MatMulInteger,
+            export/w8a8.py), which prefills faster than MatMulNBits on x86.
 
     Returns:
         {variant name: manifest record}.
@@ -129,7 +136,17 @@ def optimize_artifact(
         raise InputError(f"unknown decoder form(s) {bad}; known: {', '.join(FORMS)}")
     root = Path(artifact)
     manifest = load_manifest(root)
+    if int8_dynamic and lm_head:
+        raise InputError(
+            "the dynamic int8 form keeps lm_head in fp32: its quantised head would run "
+            "outside the text-head gate (drop --lm-head or the dynamic form)"
+        )
     if not has_portable_decoder(manifest):  # layer-streamed: quantised decoders only
+        if int8_dynamic:
+            raise InputError(
+                f"{root}: the dynamic int8 form is made from the fp32 decoder, which a "
+                "layer-streamed export does not keep"
+            )
         from export.fuse_nbits import optimize_quantised
 
         return optimize_quantised(root, manifest, bits, forms, tag, external_data_threshold,
@@ -137,10 +154,12 @@ def optimize_artifact(
     src_file = manifest["graphs"][DECODER]["file"]
     source = {"file": src_file, "sha256": manifest["files"][src_file]["sha256"]}
     records: dict[str, dict[str, Any]] = {}
+    kinds = [(b, NBITS) for b in bits] + ([(8, DYNAMIC)] if int8_dynamic else [])
     for form in forms:
-        for b in bits:
-            rec = _rewrite(root, src_file, form, b, block_size, accuracy_level, lm_head)
-            name, file = fused_name(b, tag, form), fused_file(b, tag, form)
+        for b, kernel in kinds:
+            rec = _rewrite(root, src_file, form, b, block_size, accuracy_level, lm_head, kernel)
+            t = f"-{DYNAMIC}{tag}" if kernel == DYNAMIC else tag
+            name, file = fused_name(b, t, form), fused_file(b, t, form)
             records[name] = rec | {
                 "file": file,
                 "files": _save(rec.pop("model"), root, file, external_data_threshold),
@@ -158,6 +177,7 @@ def _rewrite(
     block_size: int,
     accuracy_level: int,
     lm_head: bool,
+    kernel: str = NBITS,
 ) -> dict[str, Any]:
     """One variant's graph (under ``"model"``) and the rest of its manifest record."""
     model = onnx.load(str(root / src_file))
@@ -174,11 +194,14 @@ def _rewrite(
     rec: dict[str, Any] = {"form": form, "runtime": "onnxruntime", "also_runs_on": []}
     if bits is not None:
         chosen, kept, lm = select_weights(model, lm_head=lm_head)
-        model = _to_matmulnbits(model, chosen, bits, block_size, accuracy_level)
-        rec |= _describe("nbits", bits, block_size) | {
+        if kernel == DYNAMIC:
+            model = to_w8a8(model, chosen)
+        else:
+            model = _to_matmulnbits(model, chosen, bits, block_size, accuracy_level)
+        rec |= _describe("dynamic" if kernel == DYNAMIC else "nbits", bits, block_size) | {
             "bits": bits,
             "weight_type": f"int{bits}",
-            "accuracy_level": accuracy_level or None,
+            "accuracy_level": (accuracy_level or None) if kernel == NBITS else None,
             "weights": {"lm_head": lm, "quantized": sorted(chosen), "kept": sorted(kept)},
         }
     gate_text_head(model, head_out)

@@ -39,12 +39,15 @@ Choices, and why:
   int4 decode step of `small` took 15 ms at level 4 vs 32 ms at level 0 (fp32 compute),
   and int8 29 ms vs 376 ms (no fast fp32 kernel for 8 bits). ``--accuracy-level 0``
   trades that speed for float activations.
-- **int8 for onnxruntime** is MatMulNBits with ``bits=8``. ``quantize_dynamic``'s
-  MatMulInteger (form ``dynamic``, opt-in) measured ~10% faster per decode step and ~1.6x
-  faster at prefill on that CPU, but quantises activations per tensor (larger logit
-  error: 5.8e-2 vs 3.6e-2 relative on `small`) and is a CPU-oriented path, while
-  MatMulNBits is the same int4/int8 op on the CPU and CUDA EPs. Numbers:
-  benchmarks/results/quant-agreement-small-cpu.md.
+- **int8 for onnxruntime** is MatMulNBits with ``bits=8`` by default. Form ``dynamic``
+  (opt-in here; ``python -m export optimize --int8-dynamic`` makes its fused forms and
+  times them against MatMulNBits for the int8 default) is int8 weights per output channel
+  x activations quantised per token at run time, through MatMulInteger (export/w8a8.py).
+  On the 2-core AVX-512 CPU its M > 1 kernel is much faster than MatMulNBits', so it
+  prefills faster; it is a CPU-oriented path (MatMulNBits is the same op on the CPU and
+  CUDA EPs). It replaced ``quantize_dynamic``'s per-tensor activation scale, which was
+  both slower and less accurate. Numbers: benchmarks/results/quant-agreement-small-cpu.md
+  and int8-dynamic-small-cpu-2026-11-30.md.
 - **QDQ granularity.** int4 is blocked along K (``axis=0, block_size``: ONNX opset 21,
   which is also where the INT4 tensor type appears, so that variant is converted to
   opset 21); int8 is per output channel (``axis=1``), the granularity TensorRT's int8
@@ -72,7 +75,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
+from export import w8a8
 from export.files import save_onnx, write_json
+from export.w8a8 import to_w8a8
 from trace_rt.errors import InputError
 from trace_rt.graphs import (
     DECODER,
@@ -132,7 +137,8 @@ def quantize_artifact(
             4 int8 activations).
         lm_head: quantise the text head too (default: keep every head in full precision).
         forms: ``nbits`` (MatMulNBits, onnxruntime), ``qdq`` (TensorRT) and, int8 only,
-            ``dynamic`` (``quantize_dynamic``'s MatMulInteger, for comparison); default
+            ``dynamic`` (MatMulInteger, activations quantised per token: export/w8a8.py);
+            default
             ``nbits`` and ``qdq`` (``qdq`` for fp8).
     """
     if bits not in (4, 8, FP8):
@@ -164,7 +170,7 @@ def quantize_artifact(
             model = _to_matmulnbits(model, chosen, bits, block_size, accuracy_level)
             done, level = chosen, accuracy_level or None
         elif form == "dynamic":
-            model = _to_dynamic(model, kept)
+            model = to_w8a8(model, chosen)
             done, level = chosen, None
         else:
             model, done = _to_qdq(model, chosen, bits, block_size)
@@ -213,17 +219,7 @@ def _describe(form: str, bits: Bits, block_size: int) -> dict[str, Any]:
             "algorithm": "rtn",
         }
     if form == "dynamic":
-        return {
-            "scheme": "dynamic",
-            "op": "DynamicQuantizeLinear+MatMulInteger",
-            "runtime": "onnxruntime",
-            "also_runs_on": [],
-            "granularity": "channel",
-            "block_size": None,
-            "axis": "N",
-            "symmetric": True,
-            "algorithm": "rtn (weights); activations quantised per tensor at run time",
-        }
+        return w8a8.describe()
     return {
         "scheme": "QDQ",
         "op": "DequantizeLinear+MatMul",
@@ -309,35 +305,6 @@ def _to_matmulnbits(
     )
     q.process()
     return q.model.model
-
-
-def _to_dynamic(model: onnx.ModelProto, kept: list[str]) -> onnx.ModelProto:
-    """int8 weights per output channel, activations quantised per tensor at run time."""
-    import tempfile
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # quantize_dynamic logs every node (INFO) and a pre-processing hint (WARNING) on the
-    # root logger; neither is actionable here.
-    root_logger = logging.getLogger()
-    level = root_logger.level
-    root_logger.setLevel(logging.ERROR)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:  # quantize_dynamic works on files only
-            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-            onnx.save_model(model, str(src), save_as_external_data=True, location="in.onnx.data")
-            quantize_dynamic(
-                src,
-                dst,
-                weight_type=QuantType.QInt8,
-                per_channel=True,
-                op_types_to_quantize=["MatMul"],
-                nodes_to_exclude=kept,
-                use_external_data_format=True,
-            )
-            return onnx.load(str(dst))
-    finally:
-        root_logger.setLevel(level)
 
 
 # ---- QDQ (TensorRT) ------------------------------------------------------------------
