@@ -366,6 +366,21 @@ def test_optimised_graph_cache(artifacts, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_only_the_decoder_spins(artifacts):
+    """The vision and projector sessions run once per request and must not leave spinning
+    workers behind for the prefill that follows; the decoder (small ops) keeps spinning."""
+    b = OnnxRuntimeBackend(artifacts["fp32"], cache_dir=False)
+    key = "session.intra_op.allow_spinning"
+    spins = {
+        g: s.get_session_options().get_session_config_entry(key) if g != DECODER else None
+        for g, s in b.sessions.items()
+    }
+    assert set(spins) == {*GRAPH_NAMES}
+    assert all(v == "0" for g, v in spins.items() if g != DECODER)
+    with pytest.raises(RuntimeError):  # never set: onnxruntime's default (spinning on)
+        b.sessions[DECODER].get_session_options().get_session_config_entry(key)
+
+
 def test_graph_cache_write_failure(artifacts, tmp_path, monkeypatch):
     """A cache that cannot be written: an error when the directory was named, else one
     warning naming the reason, and the graphs optimised in memory."""
