@@ -107,14 +107,18 @@ def test_peaks_are_the_fastest_of_every_kernel_measured():
     assert (p.gbps, d["bandwidth"]) == (max(bw.values()), max(bw, key=bw.get))
     assert (p.tflops, d["compute"]) == (max(fl.values()), max(fl, key=fl.get))
     # ... also over invocations: each kernel's best, then the best kernel.
-    a = peaks.peaks_from_kernels({"read": 10.0, "copy": 30.0}, {"mm": 0.1, "ort": 0.3})
-    b = peaks.peaks_from_kernels({"read": 40.0, "copy": 20.0}, {"mm": 0.2, "ort": 0.1})
+    # The int8 peak: onnxruntime's MatMulInteger, the best size.
+    i8 = d["int8_kernels_tops"]
+    assert {"onnxruntime_matmulinteger_512"} <= i8.keys() and all(v > 0 for v in i8.values())
+    assert (p.int8_tops, d["int8"]) == (max(i8.values()), max(i8, key=i8.get))
+    a = peaks.peaks_from_kernels({"read": 10.0, "copy": 30.0}, {"mm": 0.1, "ort": 0.3}, {"i": 0.5})
+    b = peaks.peaks_from_kernels({"read": 40.0, "copy": 20.0}, {"mm": 0.2, "ort": 0.1}, {"i": 0.9})
     best = peaks.best_of([a, b])
-    assert (best.gbps, best.tflops) == (40.0, 0.3)
+    assert (best.gbps, best.tflops, best.int8_tops) == (40.0, 0.3, 0.9)
     assert best.details["bandwidth_kernels_gbps"] == {"read": 40.0, "copy": 30.0}
     assert best.details["by_invocation"] == [
-        {"gbps": 30.0, "tflops": 0.3},
-        {"gbps": 40.0, "tflops": 0.2},
+        {"gbps": 30.0, "tflops": 0.3, "int8_tops": 0.5},
+        {"gbps": 40.0, "tflops": 0.2, "int8_tops": 0.9},
     ]
     given = peaks.resolve_peaks(13.0, 0.2)
     assert (given.gbps, given.tflops, given.source) == (13.0, 0.2, "given")
@@ -144,6 +148,15 @@ def test_floors_on_tiny_follow_the_peaks_by_hand():
     )
     step0 = (4 * floor.decoder_params(cfg) + (positions + 1) * 512) / (p.gbps * 1e9) * 1e3
     assert f["inputs"]["decode_step_min_ms"] == pytest.approx(step0)
+    # A quantised decoder: the layers' linear work at the int8 peak, the rest as before.
+    q = floor.stage_floors(
+        cfg, p, frames=frames, prompt_positions=positions, decode_steps=2, int8=True
+    )
+    compute = (attn + heads) / (p.tflops * 1e12) + lin / (p.int8_tops * 1e12)
+    assert q["prefill"] == pytest.approx(1e3 * max(compute, pre_bytes / (p.gbps * 1e9)))
+    assert q["inputs"]["prefill_int8"] and q["inputs"]["prefill_gflop"] == pytest.approx(
+        pre_flops / 1e9
+    )
 
 
 # ---- backend resolution -------------------------------------------------------------------

@@ -16,7 +16,10 @@ Counting conventions (documented in benchmarks/README.md):
 - decode reads every decoder weight (all layers, the final norm and all four heads: the
   exported decoder computes every head, as the release does) plus K and V of every
   position already in the cache; embedding tables are not counted (one row per token);
-- vision runs the CLIP layers up to the selected one (``vision_layers_used``).
+- vision runs the CLIP layers up to the selected one (``vision_layers_used``);
+- a quantised decoder's (int4/int8) linear layers compute in int8 (MatMulNBits at
+  accuracy level 4, MatMulInteger, llama.cpp's quantised dot products), so the prefill's
+  linear work counts at the measured int8 peak; attention and the heads stay float.
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ from trace_rt.config import TraceConfig
 
 @dataclass(frozen=True)
 class Peaks:
-    """The device's achievable peaks: memory bandwidth (GB/s = 1e9 B/s) and TFLOP/s."""
+    """The device's achievable peaks: memory bandwidth (GB/s = 1e9 B/s), float32 TFLOP/s
+    and, where measured, int8 TOP/s (None: not measured; int8 work then counts at the
+    float peak, and the report says so)."""
 
     gbps: float
     tflops: float
     source: str  # "measured" or "given"
     details: dict[str, Any] | None = None
+    int8_tops: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,14 +49,17 @@ class Peaks:
 
 @dataclass(frozen=True)
 class Cost:
-    """Work of one stage: FLOPs and bytes of memory traffic."""
+    """Work of one stage: float FLOPs, int8 operations and bytes of memory traffic."""
 
     flops: float
     bytes: float
+    int8_ops: float = 0.0
 
     def floor_ms(self, peaks: Peaks) -> float:
         """Roofline minimum in ms: the larger of compute time and memory time."""
-        return 1e3 * max(self.flops / (peaks.tflops * 1e12), self.bytes / (peaks.gbps * 1e9))
+        compute = self.flops / (peaks.tflops * 1e12)
+        compute += self.int8_ops / ((peaks.int8_tops or peaks.tflops) * 1e12)
+        return 1e3 * max(compute, self.bytes / (peaks.gbps * 1e9))
 
 
 # ---- parameter counts ----------------------------------------------------------------
@@ -108,18 +117,21 @@ def projector_cost(cfg: TraceConfig, frames: int, itemsize: int) -> Cost:
     return Cost(flops, (weights + moved) * itemsize)
 
 
-def prefill_cost(cfg: TraceConfig, positions: int, itemsize: int, masked: int = 0) -> Cost:
+def prefill_cost(
+    cfg: TraceConfig, positions: int, itemsize: int, masked: int = 0, int8: bool = False
+) -> Cost:
     """*positions* tokens from an empty cache; heads for the last position only. *masked*:
-    cache slots every query also scores and reads though masked (a fixed-past graph)."""
+    cache slots every query also scores and reads though masked (a fixed-past graph).
+    *int8*: the decoder layers' linear work is int8 (a quantised decoder)."""
     n, layers = positions, cfg.num_hidden_layers
     q = cfg.num_attention_heads * cfg.attn_head_dim
     linear = 2 * n * layers * decoder_layer_params(cfg)
     attention = layers * 2 * 2 * q * n * (n + 1) / 2  # causal: half of QK^T and AV
     attention += layers * 2 * 2 * q * n * masked
-    flops = linear + attention + 2 * head_params(cfg)
+    flops = attention + 2 * head_params(cfg) + (0 if int8 else linear)
     kv = kv_bytes_per_position(cfg, itemsize)
     moved = decoder_params(cfg) * itemsize + (n + masked) * kv
-    return Cost(flops, moved)
+    return Cost(flops, moved, linear if int8 else 0.0)
 
 
 def decode_cost(cfg: TraceConfig, past: int, itemsize: int, weight_bytes: float | None) -> Cost:
@@ -142,6 +154,7 @@ def stage_floors(
     weight_bytes: float | None = None,
     fixed_past: int | None = None,
     masked_prefill: bool = False,
+    int8: bool = False,
 ) -> dict[str, Any]:
     """Floor in ms of every stage (None for ``video``: decoding has no model-derived floor).
 
@@ -154,11 +167,14 @@ def stage_floors(
         fixed_past: cache slots of a fixed-past decode step (TensorRT's one-graph step):
             every step scores and reads all of them, whatever its position.
         masked_prefill: the prefill runs over those slots too (a fixed-past decoder).
+        int8: the decoder's linear layers compute in int8 (quantised weights with int8
+            activations): the prefill's linear work counts at the int8 peak.
     """
     vision = vision_cost(cfg, frames, itemsize).floor_ms(peaks)
     projector = projector_cost(cfg, frames, itemsize).floor_ms(peaks)
     masked = fixed_past if fixed_past and masked_prefill else 0
-    prefill = prefill_cost(cfg, prompt_positions, itemsize, masked).floor_ms(peaks)
+    pre = prefill_cost(cfg, prompt_positions, itemsize, masked, int8)
+    prefill = pre.floor_ms(peaks)
     steps = [
         decode_cost(cfg, fixed_past or prompt_positions + i, itemsize, weight_bytes).floor_ms(peaks)
         for i in range(decode_steps)
@@ -181,7 +197,8 @@ def stage_floors(
             "decode_step_min_ms": steps[0] if steps else None,  # the first, cheapest step
             "itemsize": itemsize,
             "vision_gflop": vision_cost(cfg, frames, itemsize).flops / 1e9,
-            "prefill_gflop": prefill_cost(cfg, prompt_positions, itemsize, masked).flops / 1e9,
+            "prefill_gflop": (pre.flops + pre.int8_ops) / 1e9,
+            "prefill_int8": int8,
         },
     }
 

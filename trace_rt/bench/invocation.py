@@ -54,7 +54,8 @@ def run_invocation(
     peaks = peaks_mod.resolve_peaks(
         args.peak_gbps, args.peak_tflops, args.device, quick=args.quick_peaks
     )
-    console.print(f"peaks ({peaks.source}): {peaks.gbps} GB/s, {peaks.tflops} TFLOP/s")
+    int8 = f", int8 {peaks.int8_tops} TOP/s" if peaks.int8_tops else ""
+    console.print(f"peaks ({peaks.source}): {peaks.gbps} GB/s, {peaks.tflops} TFLOP/s{int8}")
     active = [s for s in specs if s.name not in skipped]
     out = Invocation({}, peaks, {})
     loads = _run_all(active, skipped, args, cfg, request, peaks, console, server, out)
@@ -62,7 +63,7 @@ def run_invocation(
         "index": k,
         "started_utc": window.started_utc,
         "load": window.close(),
-        "peaks": {"gbps": peaks.gbps, "tflops": peaks.tflops},
+        "peaks": {"gbps": peaks.gbps, "tflops": peaks.tflops, "int8_tops": peaks.int8_tops},
         "backends": loads,
     }
     return out

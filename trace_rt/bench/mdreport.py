@@ -36,15 +36,27 @@ def _header(report: dict[str, Any]) -> list[str]:
         f"{', ' + str(c.get('repeat_gap_s')) + ' s apart' if repeat > 1 else ''}, each "
         f"{c['warmup']} warmup + {c['runs']} measured runs per backend, backends one after "
         "another",
-        f"- peaks ({peaks['source']}): {peaks['gbps']} GB/s, {peaks['tflops']} TFLOP/s",
+        f"- peaks ({peaks['source']}): {peaks['gbps']} GB/s, {peaks['tflops']} TFLOP/s"
+        + (f", int8 {peaks['int8_tops']} TOP/s" if peaks.get("int8_tops") else ""),
     ]
     if kernels:
         d = peaks["details"]
         fl = d.get("compute_kernels_tflops", {})
+        i8 = d.get("int8_kernels_tops", {})
+        int8 = f"; int8 {', '.join(f'{k} {v}' for k, v in i8.items())}" if i8 else ""
         lines.append(
             f"  (fastest of: bandwidth {', '.join(f'{k} {v}' for k, v in kernels.items())}; "
-            f"compute {', '.join(f'{k} {v}' for k, v in fl.items())}; best per kernel over "
-            f"the invocations; set by `{d['bandwidth']}` and `{d['compute']}`)"
+            f"compute {', '.join(f'{k} {v}' for k, v in fl.items())}{int8}; best per kernel "
+            f"over the invocations; set by `{d['bandwidth']}` and `{d['compute']}`"
+            + (f" and `{d['int8']}`" if d.get("int8") else "")
+            + ")"
+        )
+    variants = {
+        n: e["decoder_variant"] for n, e in report["backends"].items() if e.get("decoder_variant")
+    }
+    if variants:
+        lines.append(
+            "- decoder variants run: " + ", ".join(f"{n} `{v}`" for n, v in variants.items())
         )
     if c.get("note"):
         lines.append(f"- note: {c['note']}")

@@ -9,7 +9,12 @@ kernels, not one library's take on one size:
   write, triad-like); and, when onnxruntime is installed, ``onnxruntime_gemv`` (a 1-row
   MatMul over a large weight matrix: what a decode step does, weight bytes counted);
 - compute (TFLOP/s, float32): a square matmul at several sizes through numpy's BLAS and,
-  when onnxruntime and onnx are installed, onnxruntime's MatMul (MLAS), 2n³ FLOPs each.
+  when onnxruntime and onnx are installed, onnxruntime's MatMul (MLAS), 2n³ FLOPs each;
+- int8 compute (TOP/s, with onnxruntime): ``MatMulInteger`` (uint8 x int8, MLAS's QGEMM)
+  at the same sizes. Quantised decoders (and llama.cpp's Q8_0/Q4_0) multiply in int8, which
+  on AVX-512 VNNI runs several times faster than float32, so their linear layers get this
+  peak (:func:`trace_rt.bench.floor.stage_floors`); otherwise an int8 prefill "beats" a
+  float32 floor.
 
 Each kernel is best-of-k; the peak is the maximum over kernels. Every kernel's figure is
 kept (``Peaks.details``) so a report can show which one set the peak. onnxruntime and
@@ -99,6 +104,37 @@ def _ort_matmul(rows: int, k: int, n: int) -> Callable[[], Any]:
     return lambda: sess.run(None, {"x": x})
 
 
+def _ort_matmul_integer(n: int) -> Callable[[], Any]:
+    """A session computing ``MatMulInteger(x_u8, W_s8)`` for n x n operands, and its run."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "W"], ["y"])],
+        "peak_int8",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])],
+        initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 8)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.integers(0, 256, (n, n), dtype=np.uint8)
+    return lambda: sess.run(None, {"x": x})
+
+
+def int8_kernels(sizes: tuple[int, ...], repeats: int) -> dict[str, float]:
+    """TOP/s of onnxruntime's MatMulInteger (uint8 x int8) for each n in *sizes*."""
+    return {
+        f"onnxruntime_matmulinteger_{n}": round(
+            2 * n**3 / _best(_ort_matmul_integer(n), repeats) / 1e12, 5
+        )
+        for n in sizes
+    }
+
+
 def onnxruntime_kernels(
     sizes: tuple[int, ...], gemv_mbytes: int, repeats: int
 ) -> tuple[dict[str, float], dict[str, float]]:
@@ -119,29 +155,38 @@ def measure_host_peaks(quick: bool = False) -> Peaks:
     bw = bandwidth_kernels(mbytes)
     fl = compute_kernels(sizes)
     skipped = {}
+    i8: dict[str, float] = {}
     try:
         ort_bw, ort_fl = onnxruntime_kernels(sizes, mbytes // 2, repeats=3)
         bw.update(ort_bw)
         fl.update(ort_fl)
+        i8 = int8_kernels(sizes, repeats=3)
     except ImportError as e:  # onnxruntime/onnx are optional for the bench
         skipped["onnxruntime"] = f"not measured: {e}"
-    return peaks_from_kernels(bw, fl, skipped=skipped, threads=cpu_threads())
+    return peaks_from_kernels(bw, fl, i8, skipped=skipped, threads=cpu_threads())
 
 
 def peaks_from_kernels(
-    bandwidth: dict[str, float], compute: dict[str, float], **extra: Any
+    bandwidth: dict[str, float],
+    compute: dict[str, float],
+    int8: dict[str, float] | None = None,
+    **extra: Any,
 ) -> Peaks:
     """The peaks as the maximum over measured kernels, naming the winners."""
     best_bw = max(bandwidth, key=bandwidth.__getitem__)
     best_fl = max(compute, key=compute.__getitem__)
+    best_i8 = max(int8, key=int8.__getitem__) if int8 else None
     details = {
         "bandwidth": best_bw,
         "compute": best_fl,
+        "int8": best_i8,
         "bandwidth_kernels_gbps": dict(bandwidth),
         "compute_kernels_tflops": dict(compute),
+        "int8_kernels_tops": dict(int8 or {}),
         **extra,
     }
-    return Peaks(bandwidth[best_bw], compute[best_fl], "measured", details)
+    i8_peak = int8[best_i8] if int8 and best_i8 else None
+    return Peaks(bandwidth[best_bw], compute[best_fl], "measured", details, i8_peak)
 
 
 def best_of(measured: list[Peaks]) -> Peaks:
@@ -151,13 +196,18 @@ def best_of(measured: list[Peaks]) -> Peaks:
         return measured[0] if len(measured) == 1 else max(measured, key=lambda p: p.gbps)
     bw: dict[str, float] = {}
     fl: dict[str, float] = {}
+    i8: dict[str, float] = {}
     for p in measured:
         for k, v in p.details["bandwidth_kernels_gbps"].items():
             bw[k] = max(bw.get(k, 0.0), v)
         for k, v in p.details["compute_kernels_tflops"].items():
             fl[k] = max(fl.get(k, 0.0), v)
-    out = peaks_from_kernels(bw, fl, skipped=measured[0].details.get("skipped", {}))
-    out.details["by_invocation"] = [{"gbps": p.gbps, "tflops": p.tflops} for p in measured]
+        for k, v in p.details.get("int8_kernels_tops", {}).items():
+            i8[k] = max(i8.get(k, 0.0), v)
+    out = peaks_from_kernels(bw, fl, i8, skipped=measured[0].details.get("skipped", {}))
+    out.details["by_invocation"] = [
+        {"gbps": p.gbps, "tflops": p.tflops, "int8_tops": p.int8_tops} for p in measured
+    ]
     return out
 
 
@@ -214,4 +264,5 @@ def resolve_peaks(
         tflops if tflops is not None else measured.tflops,
         "given+measured",
         measured.details,
+        measured.int8_tops,
     )

@@ -81,6 +81,7 @@ def backend_entry(
         decode_steps=decode_steps,
         itemsize=run.itemsize,
         weight_bytes=run.weight_bytes,
+        int8=run.precision in ("int8", "int4"),
     )
     stages: dict[str, Any] = {}
     for stage in STAGES:
@@ -109,6 +110,7 @@ def backend_entry(
         "floor_inputs": floors["inputs"],
         "token_ids": run.token_ids,
         "precision": run.precision,
+        "decoder_variant": run.decoder_variant,
         "peer": run.peer,
     }
 

@@ -86,6 +86,7 @@ class BackendRun:
     itemsize: int = 4
     options: dict[str, Any] = field(default_factory=dict)
     precision: str | None = None  # fp32 / fp16 / bf16 / int8 / int4: peers are compared by it
+    decoder_variant: str | None = None  # the artifact's decoder variant that ran, if any
     peer: bool = False  # an engine running the LLM alone (trace_rt.bench.peer)
 
 
@@ -130,6 +131,8 @@ def run_backend(
     out.staged = isinstance(backend, StagedVideoEncoder)
     out.weight_bytes, out.itemsize = _decoder_bytes(backend)
     out.precision = precision_of(backend, spec)
+    variant = getattr(backend, "decoder_variant", None)
+    out.decoder_variant = variant if isinstance(variant, str) else None
     out.peer = is_peer(backend)
     try:
         request_once = _peer_request(pipe, request) if out.peer else None
