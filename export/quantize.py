@@ -45,9 +45,10 @@ Choices, and why:
   x activations quantised per token at run time, through MatMulInteger (export/w8a8.py).
   On the 2-core AVX-512 CPU its M > 1 kernel is much faster than MatMulNBits', so it
   prefills faster; it is a CPU-oriented path (MatMulNBits is the same op on the CPU and
-  CUDA EPs). It replaced ``quantize_dynamic``'s per-tensor activation scale, which was
-  both slower and less accurate. Numbers: benchmarks/results/quant-agreement-small-cpu.md
-  and int8-dynamic-small-cpu-2026-11-30.md.
+  CUDA EPs). It replaced ``quantize_dynamic``'s per-tensor activation scale (one scale
+  for the whole prompt, set by its largest activation; export/w8a8.py says why that
+  matters for trained weights and what per-token costs). Numbers:
+  benchmarks/results/int8-dynamic-small-cpu-2026-11-30.md.
 - **QDQ granularity.** int4 is blocked along K (``axis=0, block_size``: ONNX opset 21,
   which is also where the INT4 tensor type appears, so that variant is converted to
   opset 21); int8 is per output channel (``axis=1``), the granularity TensorRT's int8

@@ -4,23 +4,35 @@ Each chosen ``y = x @ W`` (x ``[..., K]`` float32, W ``[K, N]`` constant) become
 
     s   = max(|x|, over K) / 127                      # [..., 1]   one scale per row (token)
     xq  = Cast<uint8>(Round(x / s + 128))             # [..., K]   in 1..255, zero point 128
-    y   = Cast<float>(MatMulInteger(xq, Wq, 128)) * s * sw   # [..., N]
+    y   = MatMulIntegerToFloat(xq, Wq, 1, sw, 128) * s           # [..., N]
 
 with ``Wq = rint(W / sw)`` int8 in -127..127 and ``sw = max(|W|, over K) / 127`` per output
 column. Why this shape:
 
 - **Per token, not per tensor.** onnxruntime's ``quantize_dynamic`` (DynamicQuantizeLinear)
-  takes one scale for the whole activation; over a 400-position prefill one large row
-  coarsens every other row's grid. Measured on `small`'s 385 x 768 x 3072 MLP matmul, 2
-  cores: per-token error 1.1e-2 vs 1.4e-2 relative, and 8.1 vs 9.2 ms.
+  takes one scale for the whole activation, set by its largest value anywhere in the
+  prompt; trained LLMs have a few positions whose activations are orders of magnitude
+  larger than the rest (the first token's, "attention sinks"), which would leave every
+  other position a handful of levels. Per token, each row keeps its own range. It costs
+  time: on `small`'s 385 x 768 x 3072 MLP matmul (2 cores, quiet) 3.3 ms against 2.4 ms
+  for DynamicQuantizeLinear's per-tensor path (fused into one kernel), error 1.1e-2 vs
+  1.4e-2 relative on Gaussian inputs. Random weights have no such outliers, so the token
+  agreement measured on `small` is the same for both.
+- **The scales in the GEMM's epilogue.** ``MatMulIntegerToFloat`` (onnxruntime's contrib
+  op) converts the int32 sums and applies the per-column weight scale inside the kernel
+  (its activation scale is a scalar, so it gets 1 and the per-row scale is one ``Mul``
+  after): two element-wise passes over ``[..., N]`` fewer than MatMulInteger + Cast + Mul,
+  and two nodes fewer per matmul for the decode step, which is overhead-bound.
 - **uint8 activations with zero point 128.** MLAS's fast x86 path (VNNI / AVX2
   ``vpmaddubsw``) is u8 x s8; an int8 x int8 MatMulInteger measured 7x slower. A symmetric
   grid shifted by 128 keeps the zero point exact and the same for every row, so it stays
   the scalar MatMulInteger wants, and the row scale is applied after the integer product.
 - **Against MatMulNBits int8** (blocks of 32 along K, accuracy level 4): the same int8
-  compute in onnxruntime 1.32, but its M > 1 kernel ran at ~120 GFLOP/s where
-  MatMulInteger ran at ~220 on that matmul (prefill), so the prefill of an int8 decoder is
-  the gain; the decode step (M = 1) is a GEMV either way.
+  compute in onnxruntime 1.32, but its M > 1 kernel took 6.4 ms on that matmul where this
+  form took 3.3, so the prefill of an int8 decoder is the gain; the decode step (M = 1) is
+  a GEMV either way. MatMulNBits' finer blocks give smaller logit errors on `small` (3.6e-2
+  vs 6.2e-2 relative) with the same or better token agreement for this form
+  (benchmarks/results/int8-dynamic-small-cpu-2026-11-30.md).
 
 Rows of zeros (padding) get a floor on the scale instead of a division by zero. Weights
 whose K differs from the activation's are not touched (not a linear layer).
@@ -37,13 +49,15 @@ from trace_rt.errors import InputError
 QMAX = 127
 ZERO_POINT = 128
 SCALE_FLOOR = 1e-12  # a row of zeros quantises to the zero point, not NaN
+MS_DOMAIN = "com.microsoft"
 
 
 def describe() -> dict:
     """The manifest's description of this scheme (``python -m export quantize``'s record)."""
     return {
         "scheme": "dynamic",
-        "op": "MatMulInteger (uint8 activations, zero point 128; int8 weights)",
+        "op": "com.microsoft::MatMulIntegerToFloat (uint8 activations, zero point 128; int8 "
+        "weights)",
         "runtime": "onnxruntime",
         "also_runs_on": [],
         "granularity": "channel",
@@ -68,7 +82,10 @@ def to_w8a8(model: onnx.ModelProto, chosen: list[str]) -> onnx.ModelProto:
         numpy_helper.from_array(np.array(ZERO_POINT, np.float32), "w8a8_zp_f"),
         numpy_helper.from_array(np.array(ZERO_POINT, np.uint8), "w8a8_zp"),
         numpy_helper.from_array(np.array(SCALE_FLOOR, np.float32), "w8a8_floor"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "w8a8_one"),
     ]
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     if opset >= 18:  # ReduceMax's axes became an input
         consts.append(numpy_helper.from_array(np.array([-1], np.int64), "w8a8_axes"))
     quantised: dict[str, tuple[str, str]] = {}  # activation -> (uint8 tensor, row scale)
@@ -97,11 +114,13 @@ def to_w8a8(model: onnx.ModelProto, chosen: list[str]) -> onnx.ModelProto:
         p, y = node.name, node.output[0]
         nodes += [
             helper.make_node(
-                "MatMulInteger", [xq, f"{w_name}_int8", "w8a8_zp"], [f"{p}_i32"], name=f"{p}_mmi"
+                "MatMulIntegerToFloat",
+                [xq, f"{w_name}_int8", "w8a8_one", f"{w_name}_scale", "w8a8_zp"],
+                [f"{p}_ws"],
+                name=f"{p}_mmi",
+                domain=MS_DOMAIN,
             ),
-            helper.make_node("Cast", [f"{p}_i32"], [f"{p}_f32"], name=f"{p}_cast", to=1),
-            helper.make_node("Mul", [f"{p}_f32", s], [f"{p}_xs"], name=f"{p}_rs"),
-            helper.make_node("Mul", [f"{p}_xs", f"{w_name}_scale"], [y], name=f"{p}_ws"),
+            helper.make_node("Mul", [f"{p}_ws", s], [y], name=f"{p}_rs"),
         ]
         users[w_name] -= 1
         if users[w_name] == 0:

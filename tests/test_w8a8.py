@@ -78,7 +78,7 @@ def test_graph_computes_the_scheme(opset):
     x[1, 2] = 0  # a padding row
     model = to_w8a8(_one_matmul(w, opset), ["mm"])
     assert "w" not in {t.name for t in model.graph.initializer}
-    assert {n.op_type for n in model.graph.node} >= {"MatMulInteger", "ReduceMax", "Round"}
+    assert {n.op_type for n in model.graph.node} >= {"MatMulIntegerToFloat", "ReduceMax", "Round"}
     (got,) = _run(model, {"x": x})
 
     s = np.maximum(np.abs(x).max(-1, keepdims=True), 1e-12) / 127  # [b, s, 1]
@@ -104,15 +104,15 @@ def test_recorded_with_same_io(art):
         assert rec["accuracy_level"] is None and rec["granularity"] == "channel"
         g = onnx.load(str(art / rec["file"]), load_external_data=False).graph
         ops = {n.op_type for n in g.node}
-        assert "MatMulInteger" in ops and "MatMulNBits" not in ops, name
+        assert "MatMulIntegerToFloat" in ops and "MatMulNBits" not in ops, name
         want = [t.name for t in spec.inputs] + ([TEXT_HEAD_INPUT] if name != DYNAMIC[0] else [])
         assert [i.name for i in g.input] == want
         assert [o.name for o in g.output] == [t.name for t in spec.outputs]
-    # Packing kept: 4 MatMulIntegers per layer in the fused forms, 7 in the plain one.
+    # Packing kept: 4 integer matmuls per layer in the fused forms, 7 in the plain one.
     layers = m["config"]["num_hidden_layers"]
     count = {
         n: sum(
-            x.op_type == "MatMulInteger"
+            x.op_type == "MatMulIntegerToFloat"
             for x in onnx.load(str(art / variants[n]["file"]), load_external_data=False).graph.node
         )
         for n in DYNAMIC
