@@ -390,6 +390,12 @@ def test_bench_runs_the_peers_on_tiny(tiny_ckpt, tiny_artifact, tmp_path, monkey
     ours = doc["backends"]["onnxruntime"]
     assert ours["precision"] == "fp32" and not ours["peer"]
     assert doc["backends"]["onnxruntime-int4"]["precision"] == "int4"
+    # Which decoder ran is recorded (pooled over invocations) and named in the markdown.
+    assert (ours["decoder_variant"], doc["backends"]["onnxruntime-int4"]["decoder_variant"]) == (
+        None,
+        "int4",
+    )
+    assert "decoder variants run: onnxruntime-int4 `int4`" in (out / "p.md").read_text()
     precision = {n: doc["backends"][n]["precision"] for n in ran}
     for name in ran:
         b = doc["backends"][name]

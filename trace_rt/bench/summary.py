@@ -61,7 +61,7 @@ def merge_runs(runs: Sequence[BackendRun]) -> BackendRun:
         last.frames,
     )
     out.staged, out.weight_bytes, out.itemsize = last.staged, last.weight_bytes, last.itemsize
-    out.precision, out.peer = last.precision, last.peer
+    out.precision, out.peer, out.decoder_variant = last.precision, last.peer, last.decoder_variant
     rss = [r.peak_rss_mb for r in runs if r.peak_rss_mb is not None]
     out.peak_rss_mb = max(rss) if rss else None
     out.peak_rss_method = last.peak_rss_method
