@@ -304,6 +304,26 @@ def test_processes_share_each_global_batch():
     assert by_epoch == {0: list(range(12)), 1: list(range(12))}
 
 
+def test_group_by_video_keeps_a_clip_together():
+    """Groups are permuted whole: each epoch still covers every sample once, and a
+    group's samples are consecutive in the stream (so they share a batch unless one
+    straddles a batch's end)."""
+    from training.trainer import Dist, micro_batches
+
+    groups = [[0, 1], [2], [3, 4, 5], [6, 7], [8], [9, 10, 11]]
+    rc = TrainConfig.from_dict({**RECIPE, "batch_size": 3, "group_by_video": True})
+    stream = [x for step in range(8) for mb in micro_batches(12, rc, Dist(), step, groups)
+              for x in mb]  # fmt: skip
+    for e in (0, 1):
+        order = [i for i, ep in stream if ep == e]
+        assert sorted(order) == list(range(12))
+        for g in groups:
+            at = order.index(g[0])
+            assert order[at : at + len(g)] == g
+    plain = [x for mb in micro_batches(12, rc, Dist(), 0) for x in mb]
+    assert plain != stream[:3]  # the same seed, another order: the grouping is used
+
+
 def test_trim_log_drops_later_steps_and_a_cut_line(tmp_path):
     from training.trainer import trim_log
 

@@ -29,11 +29,15 @@ class Dist:
         return self.rank == 0
 
 
-def micro_batches(n: int, rc: TrainConfig, dist: Dist, step: int) -> Iterator[list[tuple]]:
+def micro_batches(
+    n: int, rc: TrainConfig, dist: Dist, step: int, groups: list[list[int]] | None = None
+) -> Iterator[list[tuple]]:
     """The (index, epoch) lists of this process's micro-batches for optimiser *step*.
 
     The stream of samples is epoch-wise permutations seeded by (seed, epoch); global
     micro-batch k covers stream positions [k*B*W, (k+1)*B*W) and rank r takes its B.
+    With *groups* (lists of sample indices covering 0..n-1), the groups are permuted
+    instead and each keeps its samples together in the stream.
     """
     bw = rc.batch_size * dist.world
     perms: dict[int, np.ndarray] = {}
@@ -44,9 +48,23 @@ def micro_batches(n: int, rc: TrainConfig, dist: Dist, step: int) -> Iterator[li
         for p in range(first, first + rc.batch_size):
             epoch = p // n
             if epoch not in perms:
-                perms[epoch] = np.random.default_rng((rc.seed, epoch)).permutation(n)
+                perms[epoch] = _permutation(n, groups, np.random.default_rng((rc.seed, epoch)))
             out.append((int(perms[epoch][p % n]), epoch))
         yield out
+
+
+def _permutation(n: int, groups: list[list[int]] | None, rng: np.random.Generator) -> np.ndarray:
+    if groups is None:
+        return rng.permutation(n)
+    return np.concatenate([np.asarray(groups[g], np.int64) for g in rng.permutation(len(groups))])
+
+
+def video_groups(dataset: GroundingDataset) -> list[list[int]]:
+    """Sample indices grouped by video (first appearance order)."""
+    by_video: dict[str, list[int]] = {}
+    for i, s in enumerate(dataset.samples):
+        by_video.setdefault(str(s.video), []).append(i)
+    return list(by_video.values())
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -55,13 +73,14 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __init__(self, dataset: GroundingDataset, rc: TrainConfig, dist: Dist):
         self.dataset, self.rc, self.dist = dataset, rc, dist
+        self.groups = video_groups(dataset) if rc.group_by_video else None
 
     def __len__(self) -> int:
         return self.rc.max_steps * self.rc.grad_accum
 
     def __getitem__(self, k: int) -> Batch:
         step, m = divmod(k, self.rc.grad_accum)
-        items = list(micro_batches(len(self.dataset), self.rc, self.dist, step))[m]
+        items = list(micro_batches(len(self.dataset), self.rc, self.dist, step, self.groups))[m]
         return collate([self.dataset.get(i, e) for i, e in items])
 
 

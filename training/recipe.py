@@ -103,6 +103,10 @@ class TrainConfig:
         num_workers: data-loader worker processes decoding the sampled frames.
         cache_frames: decode each video's frames once and keep them in memory (``uniform``
             sampling only; each data-loader process keeps its own copy): small sets on CPU.
+        group_by_video: keep the samples of one video next to each other in the data
+            order (a group's samples land in the same batch unless it straddles one's
+            end): a clip's queries for its different events are then contrasted in one
+            step (the synthetic hard case).
         out_of_range: ``fail`` or ``snap`` for targets past a video's end (module doc).
         dtype: ``fp32`` or ``bf16`` (autocast; master weights and optimiser stay fp32).
         num_frames: frames per video (None: the checkpoint's ``num_frames``).
@@ -153,6 +157,7 @@ class TrainConfig:
     parallel: str = "ddp"
     num_workers: int = 0
     cache_frames: bool = False
+    group_by_video: bool = False
     log_every: int = 10
     save_every: int = 0
     keep_checkpoints: int = 2
