@@ -3,8 +3,12 @@ batched on one engine: the comparison the engine tests make on every backend."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from trace_rt.backends import load_backend
 from trace_rt.engine import Engine, Sequence
-from trace_rt.generate import generate
+from trace_rt.generate import GenerationConfig, generate
+from trace_rt.pipeline import Pipeline
 
 
 def solo_tokens(backend, prep, gen) -> list[int]:
@@ -33,3 +37,24 @@ def run_batched(backend, requests) -> tuple[list[list[int]], Engine]:
     engine.run(seqs)
     assert [s.error for s in seqs] == [None] * len(seqs)
     return [s.tokens for s in seqs], engine
+
+
+def check_batched_equals_solo(art: Path, variant: str, video: Path, query: str) -> None:
+    """Four mixed requests (tasks, frames, sampling, constrained) through *art*'s decoder
+    *variant*: three at a time on one engine give each request's solo tokens."""
+    pipe = Pipeline.from_dir(art, "onnxruntime", cache_dir=False, decoder_variant=variant)
+    specs = [
+        ("dvc", None, 8, GenerationConfig(max_new_tokens=30, ignore_eos=True)),
+        ("mr", query, 4, GenerationConfig(max_new_tokens=12, temperature=1.0, seed=5)),
+        ("vhd", "the blue square", 6, GenerationConfig(max_new_tokens=20, seed=9)),
+        ("mr", "near the end", 8, GenerationConfig(max_new_tokens=7, constrained=True)),
+    ]
+    preps = [(pipe.prepare(video, t, query=q, frames=f, gen=g), g) for t, q, f, g in specs]
+    solo = load_backend("onnxruntime", art, cache_dir=False, decoder_variant=variant)
+    want = [solo_tokens(solo, prep, gen) for prep, gen in preps]
+    backend = load_backend(
+        "onnxruntime", art, cache_dir=False, decoder_variant=variant, max_sequences=3
+    )
+    got, engine = run_batched(backend, preps)
+    assert got == want
+    assert max(engine.stats.batch_sizes) == 3

@@ -23,7 +23,7 @@ from export import export_onnx
 from export.decode_timing import record_default, request_ms
 from export.fuse import optimize_artifact
 from export.quantize import quantize_artifact
-from tests.engine_runs import run_batched, solo_tokens
+from tests.engine_runs import check_batched_equals_solo
 from trace_rt.backends import load_backend
 from trace_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
 from trace_rt.bench.plugins import BackendSpec
@@ -228,22 +228,7 @@ def test_default_variant_and_explicit_choice(art, tmp_path):
 
 @pytest.mark.parametrize("variant", ["fused", "contrib"])
 def test_batched_equals_solo_with_fused(art, clip_video, variant):
-    pipe = Pipeline.from_dir(art, "onnxruntime", cache_dir=False, decoder_variant=variant)
-    specs = [
-        ("dvc", None, 8, GenerationConfig(max_new_tokens=30, ignore_eos=True)),
-        ("mr", QUERY, 4, GenerationConfig(max_new_tokens=12, temperature=1.0, seed=5)),
-        ("vhd", "the blue square", 6, GenerationConfig(max_new_tokens=20, seed=9)),
-        ("mr", "near the end", 8, GenerationConfig(max_new_tokens=7, constrained=True)),
-    ]
-    preps = [(pipe.prepare(clip_video, t, query=q, frames=f, gen=g), g) for t, q, f, g in specs]
-    solo = load_backend("onnxruntime", art, cache_dir=False, decoder_variant=variant)
-    want = [solo_tokens(solo, prep, gen) for prep, gen in preps]
-    backend = load_backend(
-        "onnxruntime", art, cache_dir=False, decoder_variant=variant, max_sequences=3
-    )
-    got, engine = run_batched(backend, preps)
-    assert got == want
-    assert max(engine.stats.batch_sizes) == 3
+    check_batched_equals_solo(art, variant, clip_video, QUERY)
 
 
 def test_text_head_skipped_only_without_text_rows(art):

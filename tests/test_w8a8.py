@@ -27,10 +27,8 @@ from export.decode_timing import default_candidates, record_default, request_ms
 from export.fuse import optimize_artifact
 from export.quantize import quantize_artifact
 from export.w8a8 import to_w8a8
-from tests.engine_runs import run_batched, solo_tokens
+from tests.engine_runs import check_batched_equals_solo
 from tests.test_quantize import QUERY, agrees_with_fp32
-from trace_rt.backends import load_backend
-from trace_rt.engine import GenerationConfig
 from trace_rt.errors import InputError
 from trace_rt.graphs import DECODER, MANIFEST_FILE, load_manifest, manifest_specs
 from trace_rt.pipeline import Pipeline
@@ -151,22 +149,7 @@ def test_greedy_run_agrees_with_fp32(art, clip_video, variant):
 
 
 def test_batched_equals_solo(art, clip_video):
-    variant = "contrib-int8-dynamic"
-    pipe = Pipeline.from_dir(art, "onnxruntime", cache_dir=False, decoder_variant=variant)
-    specs = [
-        ("dvc", None, 8, GenerationConfig(max_new_tokens=30, ignore_eos=True)),
-        ("mr", QUERY, 4, GenerationConfig(max_new_tokens=12, temperature=1.0, seed=5)),
-        ("vhd", "the blue square", 6, GenerationConfig(max_new_tokens=20, seed=9)),
-    ]
-    preps = [(pipe.prepare(clip_video, t, query=q, frames=f, gen=g), g) for t, q, f, g in specs]
-    solo = load_backend("onnxruntime", art, cache_dir=False, decoder_variant=variant)
-    want = [solo_tokens(solo, prep, gen) for prep, gen in preps]
-    backend = load_backend(
-        "onnxruntime", art, cache_dir=False, decoder_variant=variant, max_sequences=3
-    )
-    got, engine = run_batched(backend, preps)
-    assert got == want
-    assert max(engine.stats.batch_sizes) == 3
+    check_batched_equals_solo(art, "contrib-int8-dynamic", clip_video, QUERY)
 
 
 def test_default_counts_the_prefill(art, tmp_path):

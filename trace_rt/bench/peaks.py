@@ -81,48 +81,38 @@ def compute_kernels(
     return out
 
 
-def _ort_matmul(rows: int, k: int, n: int) -> Callable[[], Any]:
-    """A session computing ``x @ W`` (W a constant initializer), and its run with x fed."""
-    import onnx  # lazily: the bench runs without them; the kernels are then skipped
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+def _ort_one_node(op: str, x: np.ndarray, w: np.ndarray) -> Callable[[], Any]:
+    """A session computing ``op(x, W)`` (W a constant initializer), and its run with x fed."""
+    import onnxruntime as ort  # lazily: the bench runs without them; kernels are then skipped
+    from onnx import helper, numpy_helper
+    from onnx.helper import np_dtype_to_tensor_dtype as onnx_type
 
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.random((k, n), dtype=np.float32), "W")
+    out = np.int32 if op == "MatMulInteger" else np.float32
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [helper.make_node(op, ["x", "W"], ["y"])],
         "peak",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, n])],
-        initializer=[w],
+        [helper.make_tensor_value_info("x", onnx_type(x.dtype), list(x.shape))],
+        [helper.make_tensor_value_info("y", onnx_type(np.dtype(out)), [x.shape[0], w.shape[1]])],
+        initializer=[numpy_helper.from_array(w, "W")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, 8)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = rng.random((rows, k), dtype=np.float32)
-    del onnx
     return lambda: sess.run(None, {"x": x})
+
+
+def _ort_matmul(rows: int, k: int, n: int) -> Callable[[], Any]:
+    """float32 ``x [rows, k] @ W [k, n]`` through onnxruntime's MatMul."""
+    rng = np.random.default_rng(0)
+    w = rng.random((k, n), dtype=np.float32)
+    return _ort_one_node("MatMul", rng.random((rows, k), dtype=np.float32), w)
 
 
 def _ort_matmul_integer(n: int) -> Callable[[], Any]:
-    """A session computing ``MatMulInteger(x_u8, W_s8)`` for n x n operands, and its run."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
+    """``MatMulInteger(x_u8, W_s8)`` for n x n operands."""
     rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "W")
-    graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["x", "W"], ["y"])],
-        "peak_int8",
-        [helper.make_tensor_value_info("x", TensorProto.UINT8, [n, n])],
-        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])],
-        initializer=[w],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = min(model.ir_version, 8)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = rng.integers(0, 256, (n, n), dtype=np.uint8)
-    return lambda: sess.run(None, {"x": x})
+    w = rng.integers(-127, 128, (n, n), dtype=np.int8)
+    return _ort_one_node("MatMulInteger", rng.integers(0, 256, (n, n), dtype=np.uint8), w)
 
 
 def int8_kernels(sizes: tuple[int, ...], repeats: int) -> dict[str, float]:
