@@ -10,7 +10,7 @@ fp32 decoder would be 28 GB) has MatMulNBits variants but no ``decoder.onnx`` fo
   weights concatenated along ``N``, plus a ``Split``. ``B`` is ``[N, blocks, blob]`` and
   the scales ``[N, blocks]``: each output row has its own blocks and scales, so stacking
   rows is exact (the packed node computes bit for bit what the separate ones did).
-- **Static shapes** (:func:`export.fuse.fold_shapes`, weights left out of the inference).
+- **Static shapes** (:func:`export.static_shapes.fold_shapes`, weights left out of the inference).
 - **The active head only** (:func:`export.fuse.gate_text_head`): ``lm_head``, fp32 or
   MatMulNBits, runs inside an ``If`` on the ``text_head`` input.
 
@@ -34,16 +34,15 @@ from export.fuse import (
     FUSED,
     NBITS,
     REWRITES,
-    fold_shapes,
     fused_file,
     fused_name,
     gate_text_head,
-    remove_initializers,
     splice_nodes,
     text_head_output,
     weighted_nodes,
 )
 from export.quantize import _heads, _opset, _save, _update_manifest
+from export.static_shapes import fold_shapes, remove_initializers
 from trace_rt.errors import InputError
 from trace_rt.graphs import DECODER
 from trace_rt.variants import TEXT_HEAD_INPUT
