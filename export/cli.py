@@ -149,8 +149,9 @@ def _add_optimize_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument(
         "--int8-dynamic",
         action="store_true",
-        help="also fused int8 variants with activations quantised per token (MatMulInteger, "
-        "export/w8a8.py; faster prefill on x86), timed against MatMulNBits int8",
+        help="also fused int8 variants with activations quantised per token "
+        "(MatMulIntegerToFloat, export/w8a8.py; faster prefill on x86), timed against "
+        "MatMulNBits int8",
     )
     _add_quant_settings(o, accuracy_level=False)
     o.add_argument(

@@ -126,7 +126,7 @@ def optimize_artifact(
         forms: ``fused`` and/or ``contrib`` (the same, with onnxruntime's
             ``RotaryEmbedding``: export/contrib.py).
         int8_dynamic: also each form's ``-int8-dynamic`` variant: int8 weights per
-            output channel, activations quantised per token (MatMulInteger,
+            output channel, activations quantised per token (MatMulIntegerToFloat,
             export/w8a8.py), which prefills faster than MatMulNBits on x86.
 
     Returns:

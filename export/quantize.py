@@ -152,7 +152,7 @@ def quantize_artifact(
     if unknown := set(forms) - set(FORMS):
         raise InputError(f"unknown forms {sorted(unknown)}; use {FORMS}")
     if bits == 4 and "dynamic" in forms:
-        raise InputError("the dynamic (MatMulInteger) form is int8 only")
+        raise InputError("the dynamic (per-token int8 activation) form is int8 only")
     root = Path(artifact)
     manifest = load_manifest(root)
     src_file = manifest["graphs"][DECODER]["file"]

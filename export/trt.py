@@ -396,8 +396,9 @@ def _variant(
 ) -> tuple[str, str]:
     """(name, ONNX file) of the QDQ decoder variant (``python -m export quantize``) to build.
 
-    Only the ``qdq`` form parses in TensorRT: MatMulNBits is an onnxruntime contrib op and
-    the ``dynamic`` form's MatMulInteger is not in TensorRT's ONNX op set.
+    Only the ``qdq`` form parses in TensorRT: MatMulNBits and the ``dynamic`` form's
+    MatMulIntegerToFloat are onnxruntime contrib ops (and MatMulInteger is not in
+    TensorRT's ONNX op set either).
     """
     from trace_rt.variants import load_variant, variant_names
 
