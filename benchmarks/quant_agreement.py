@@ -20,7 +20,10 @@ compared under the same machine state. Reported per variant:
   the exact-match rate over inputs;
 - teacher-forced top-1 agreement: the variant fed fp32's tokens, so one early flip does
   not hide every later position, and the logits' relative error on that path;
-- decode ms per token and prefill ms (medians over inputs).
+- decode ms per token and prefill ms (medians over inputs; every variant's pipeline is
+  alive in one process, so these are rough);
+- each variant alone in its own process (:mod:`export.decode_timing`): p50 of a prefill
+  and of a decode step in the text and the time head, the figures to read for speed.
 
 Random weights are a weak proxy for real accuracy: their logits have no learned margins,
 so a flip here says little about a trained model and agreement here does not promise it.
@@ -126,42 +129,17 @@ def teacher_forced(pipe: Pipeline, video: Path, prompt_ids: list[int], tokens: l
     return logits, heads
 
 
-def step_latency(
-    art: Path, manifest: dict[str, Any], names: list[str], past: int, reps: int
-) -> dict[str, list[float]]:
-    """ms of one decoder step (1 new position after *past*) per graph, run round-robin.
+def step_latency(art: Path, names: list[str], past: int, rounds: int) -> dict[str, dict]:
+    """p50 ms of a prefill of ~*past* positions and of one decode step after it (text and
+    time head) per variant, each timed in its own process
+    (:func:`export.decode_timing.time_decode`): with every variant's session in one process,
+    the idle sessions' spinning workers take the CPUs from the one being timed."""
+    from export.decode_timing import time_decode
+    from trace_rt.variants import PORTABLE
 
-    Plain sessions fed from the manifest's I/O spec (any symbolic dim but the sequence is
-    *past*), so this isolates the decoder from the pipeline; round-robin and the minimum
-    over *reps* make it robust to other load on a shared machine.
-    """
-    spec = manifest["graphs"]["decoder"]
-    variants = manifest.get("variants", {}).get("decoder", {})
-    rng = np.random.default_rng(0)
-    sessions, feeds = {}, {}
-    for n in names:
-        file = spec["file"] if n == FP32 else variants[n]["file"]
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sessions[n] = ort.InferenceSession(str(art / file), so, providers=["CPUExecutionProvider"])
-    for t in spec["inputs"]:
-        shape = [d if isinstance(d, int) else 1 if d == "seq" else past for d in t["shape"]]
-        if t["dtype"] == "int64":
-            feeds[t["name"]] = np.full(shape, past, np.int64)
-        else:
-            feeds[t["name"]] = rng.standard_normal(shape).astype(t["dtype"])
-    extra = {  # the fused forms' text_head flag: a text-head step (lm_head runs)
-        n: {x["name"]: np.array(True) for x in variants.get(n, {}).get("extra_inputs", [])}
-        for n in names
-    }
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(reps + 2):
-        for n, sess in sessions.items():
-            t0 = time.perf_counter()
-            sess.run(None, {**feeds, **extra[n]})
-            if i >= 2:  # the first runs allocate and tune
-                times[n].append((time.perf_counter() - t0) * 1e3)
-    return times
+    timed = time_decode(art, [PORTABLE if n == FP32 else n for n in names], past=past,
+                        rounds=rounds)  # fmt: skip
+    return {n: timed[PORTABLE if n == FP32 else n] for n in names}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         "--lm-head", action="store_true", help="also contrib-int4/8 with lm_head kept and quantised"
     )
     ap.add_argument("--variants", help="comma-separated variants to run (default: all)")
-    ap.add_argument("--step-past", type=int, default=300, help="cache length, step timing")
-    ap.add_argument("--step-reps", type=int, default=30, help="repetitions, step timing")
+    ap.add_argument("--step-past", type=int, default=300, help="prompt length, step timing")
+    ap.add_argument("--step-reps", type=int, default=6, help="rounds, step timing")
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     art = prepare(args.preset, args.workdir, args.block_size, args.seed, args.lm_head)
@@ -249,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
             print(f"{video.name} {task}: {len(ref)} fp32 tokens", flush=True)
-    steps = step_latency(art, manifest, names, args.step_past, args.step_reps)
+    steps = step_latency(art, names, args.step_past, args.step_reps)
     report = render(args, art, manifest, stats, steps, time.time() - t0, len(videos) * 3)
     print(report)
     if args.out:
@@ -263,7 +241,7 @@ def render(
     art: Path,
     manifest: dict[str, Any],
     stats: dict[str, Stats],
-    steps: dict[str, list[float]],
+    steps: dict[str, dict],
     secs: float,
     runs_ref: int,
 ) -> str:
@@ -320,7 +298,8 @@ def render(
             "forced top-1 = argmax agreement when fed fp32's tokens; logit rel. err = mean "
             "over those steps of max|variant - fp32| / max|fp32| of the active head; max abs. "
             "err = mean of max|variant - fp32| (logit units); decode ms/tok and prefill ms are "
-            "medians over inputs.",
+            "medians over inputs, timed with every variant's pipeline alive in one process "
+            "(rough: read speed from the per-process table below).",
             "",
             f"fp32's own margin between its top-1 and top-2 logit is small on random weights: "
             f"median {np.median(stats[FP32].margin):.3f}, 10th percentile "
@@ -328,14 +307,15 @@ def render(
             "errors above: most flips are near ties, and since greedy decoding on random "
             "weights loops on one id, one flipped state repeats across many positions.",
             "",
-            f"Decoder step alone (1 position after {args.step_past} cached; plain sessions, "
-            f"round-robin over variants, {args.step_reps} reps; ms):",
+            f"Each variant alone, in its own process (prefill of {args.step_past} positions, "
+            f"then single steps; {args.step_reps} rounds over two passes; p50 ms; "
+            "`export.decode_timing.time_decode`):",
             "",
-            "| variant | min | median | speed-up (min) |",
-            "|---|---|---|---|",
+            "| variant | prefill | step, text head | step, time head | step speed-up |",
+            "|---|---|---|---|---|",
             *[
-                f"| {n} | {min(t):.1f} | {statistics.median(t):.1f} | "
-                f"{min(steps[FP32]) / min(t):.2f}x |"
+                f"| {n} | {t['prefill']:.1f} | {t['text']:.2f} | {t['time']:.2f} | "
+                f"{(steps[FP32]['text'] + steps[FP32]['time']) / (t['text'] + t['time']):.2f}x |"
                 for n, t in steps.items()
             ],
             "",

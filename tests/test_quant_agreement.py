@@ -17,3 +17,12 @@ def test_lm_head_variants_reported(tmp_path):
     assert {"fp32", "int4", "contrib-int4", "contrib-int4-lm"} <= set(rows)
     assert "lm_head too" in rows["contrib-int4-lm"] and "lm_head too" not in rows["contrib-int4"]
     assert "int8" not in rows  # --variants: only those (and fp32) ran
+    # Speed: each variant alone in its own process (prefill, text step, time step).
+    text = out.read_text()
+    table = text[text.index("Each variant alone, in its own process") :].splitlines()
+    rows_ = [ln for ln in table if ln.startswith("| ") and "---" not in ln]
+    timed = {ln.split("|")[1].strip(): ln for ln in rows_}
+    assert {"fp32", "int4", "contrib-int4", "contrib-int4-lm"} <= set(timed)
+    for name in ("fp32", "contrib-int4"):
+        cells = [c.strip() for c in timed[name].split("|")[2:-1]]
+        assert len(cells) == 4 and all(float(c.rstrip("x")) > 0 for c in cells), cells
