@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -85,7 +86,13 @@ def _worker(artifact: str | Path, variant: str, **kw: Any) -> dict[str, list[flo
     for k, v in kw.items():
         if v is not None:
             args += [f"--{k}", str(v)]
-    done = subprocess.run(args, capture_output=True, text=True)
+    # The worker imports `export` as this process did, wherever the caller's cwd is.
+    root = str(Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(args, capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(
             f"timing {variant} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}"
