@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds,
         steps=args.steps,
         threads=args.threads,
+        progress=lambda m: print(m, file=sys.stderr),
     )
     load.append(os.getloadavg())
     ratios = {

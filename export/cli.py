@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from trace_rt.cliutil import Parser, run_command
@@ -350,7 +351,9 @@ def _optimize(args: argparse.Namespace) -> None:
     )
     for name, rec in records.items():
         print(f"wrote {args.out / rec['file']} (variant {name})")
-    chosen, timing = record_default(args.out, measure=not args.no_measure)
+    chosen, timing = record_default(
+        args.out, measure=not args.no_measure, progress=lambda m: print(m, file=sys.stderr)
+    )
     for name, t in timing.items():
         print(
             f"{name}: prefill {t['prefill']} ms, decode step: text head {t['text']} ms, "

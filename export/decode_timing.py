@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,20 +56,25 @@ def time_decode(
     rounds: int = 5,
     steps: int = 8,
     threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """{variant: {"prefill": p50 ms, "text": p50 ms, "time": p50 ms}}: a prefill of ~*past*
     positions and one decode step after it, in the text and the time head.
 
     Names are exact (``int4`` is ``decoder.int4.onnx``, not the fastest int4);
     ``portable`` names ``decoder.onnx`` itself. *rounds* are split over the two passes
-    (at least one each).
+    (at least one each). *progress* gets a line before each worker starts.
     """
     per_pass = max(1, (rounds + 1) // 2)
     samples: dict[str, dict[str, list[float]]] = {
         v: {k: [] for k in ("prefill", *KEYS)} for v in variants
     }
+    done, total = 0, 2 * len(variants)
     for order in (variants, variants[::-1]):
         for v in order:
+            done += 1
+            if progress is not None:
+                progress(f"timing {v} ({done}/{total}: prefill {past} positions, then steps)")
             got = _worker(artifact, v, past=past, rounds=per_pass, steps=steps, threads=threads)
             for k, xs in got.items():
                 samples[v][k] += xs
@@ -162,7 +168,11 @@ def default_candidates(manifest: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def record_default(
-    artifact: str | Path, *, measure: bool = True, past: int = 400
+    artifact: str | Path,
+    *,
+    measure: bool = True,
+    past: int = 400,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
     """Time each precision's candidates (:func:`default_candidates`), all in one run, and
     record the fastest: the float one as onnxruntime's default decoder
@@ -179,7 +189,7 @@ def record_default(
     path = root / MANIFEST_FILE
     groups = default_candidates(json.loads(path.read_text()))
     timed = [n for names in groups.values() if len(names) > 1 for n in names]
-    timing = time_decode(root, timed, past=past) if measure and timed else {}
+    timing = time_decode(root, timed, past=past, progress=progress) if measure and timed else {}
 
     def pick(names: list[str]) -> str:
         if all(n in timing for n in names):

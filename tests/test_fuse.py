@@ -254,6 +254,7 @@ def test_cli_writes_measures_and_records(art, tmp_path):
         check=True,
     )
     assert "variant fused-int4" in done.stdout and "onnxruntime's default decoder" in done.stdout
+    assert "timing fused-int4 (" in done.stderr  # progress while the workers run
     assert "--quant int4 (and onnxruntime-int4) runs:" in done.stdout
     m = json.loads((copy / MANIFEST_FILE).read_text())
     defaults = m["defaults"]["onnxruntime"]
