@@ -24,7 +24,7 @@ column. Why this shape:
   after): two element-wise passes over ``[..., N]`` fewer than MatMulInteger + Cast + Mul,
   and two nodes fewer per matmul for the decode step, which is overhead-bound.
 - **uint8 activations with zero point 128.** MLAS's fast x86 path (VNNI / AVX2
-  ``vpmaddubsw``) is u8 x s8; an int8 x int8 MatMulInteger measured 7x slower. A symmetric
+  ``vpmaddubsw``) is u8 x s8; an int8 x int8 MatMulInteger took 28 ms on that matmul. A symmetric
   grid shifted by 128 keeps the zero point exact and the same for every row, so it stays
   the scalar MatMulInteger wants, and the row scale is applied after the integer product.
 - **Against MatMulNBits int8** (blocks of 32 along K, accuracy level 4): the same int8
@@ -34,8 +34,9 @@ column. Why this shape:
   vs 6.2e-2 relative) with the same or better token agreement for this form
   (benchmarks/results/int8-dynamic-small-cpu-2026-11-30.md).
 
-Rows of zeros (padding) get a floor on the scale instead of a division by zero. Weights
-whose K differs from the activation's are not touched (not a linear layer).
+Rows of zeros (padding) get a floor on the scale instead of a division by zero. Which
+MatMuls are rewritten is the caller's choice (``export.quantize.select_weights``: every
+decoder linear layer, the heads kept).
 """
 
 from __future__ import annotations
