@@ -13,7 +13,10 @@ column. Why this shape:
   takes one scale for the whole activation, set by its largest value anywhere in the
   prompt; trained LLMs have a few positions whose activations are orders of magnitude
   larger than the rest (the first token's, "attention sinks"), which would leave every
-  other position a handful of levels. Per token, each row keeps its own range. It costs
+  other position a handful of levels. Per token, each row keeps its own range, and a
+  row's result does not depend on which other rows share its run: a prefix from the
+  prefix cache and a batched decode step give what a whole prefill and a solo step give
+  (tests/test_w8a8.py), which a per-tensor scale would not guarantee. It costs
   time: on `small`'s 385 x 768 x 3072 MLP matmul (2 cores, quiet) 3.3 ms against 2.4 ms
   for DynamicQuantizeLinear's per-tensor path (fused into one kernel), error 1.1e-2 vs
   1.4e-2 relative on Gaussian inputs. Random weights have no such outliers, so the token
