@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from trace_rt.backends import load_backend
-from trace_rt.engine import Engine, Sequence
+from trace_rt.engine import Engine, Sequence, VideoCache
 from trace_rt.generate import GenerationConfig, generate
-from trace_rt.pipeline import Pipeline
+from trace_rt.pipeline import Pipeline, Question
 
 
 def solo_tokens(backend, prep, gen) -> list[int]:
@@ -58,3 +58,17 @@ def check_batched_equals_solo(art: Path, variant: str, video: Path, query: str) 
     got, engine = run_batched(backend, preps)
     assert got == want
     assert max(engine.stats.batch_sizes) == 3
+
+
+def check_cached_prefix_equals_uncached(art: Path, variant: str, video: Path, query: str) -> None:
+    """Two questions on one video, the second's video prefix from the prefix cache: the
+    tokens of each equal a whole prefill of it alone with *art*'s decoder *variant*."""
+    gen = GenerationConfig(max_new_tokens=16, ignore_eos=True)
+    queries = [query, "the blue square"]
+    opts = {"cache_dir": False, "decoder_variant": variant}
+    solo = Pipeline.from_dir(art, "onnxruntime", **opts)
+    want = [solo.run(video, "mr", query=q, frames=6, gen=gen)["token_ids"] for q in queries]
+    pipe = Pipeline.from_dir(art, "onnxruntime", max_sequences=2, video_cache=VideoCache(), **opts)
+    got = pipe.run_many(video, [Question("mr", q) for q in queries], frames=6, gen=gen)
+    assert [r["token_ids"] for r in got] == want
+    assert [r["cache"]["prefix"] for r in got] == [False, True]

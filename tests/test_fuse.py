@@ -23,15 +23,15 @@ from export import export_onnx
 from export.decode_timing import record_default, request_ms
 from export.fuse import optimize_artifact
 from export.quantize import quantize_artifact
-from tests.engine_runs import check_batched_equals_solo
+from tests.engine_runs import check_batched_equals_solo, check_cached_prefix_equals_uncached
 from trace_rt.backends import load_backend
 from trace_rt.backends.onnxruntime_backend import OnnxRuntimeBackend
 from trace_rt.bench.plugins import BackendSpec
 from trace_rt.bench.runner import precision_of
-from trace_rt.engine import GenerationConfig, VideoCache
+from trace_rt.engine import GenerationConfig
 from trace_rt.errors import CheckpointError
 from trace_rt.graphs import DECODER, MANIFEST_FILE, load_manifest, manifest_specs, sha256_file
-from trace_rt.pipeline import Pipeline, Question
+from trace_rt.pipeline import Pipeline
 from trace_rt.tokens import VIDEO_PLACEHOLDER_ID, Head
 from trace_rt.variants import TEXT_HEAD_INPUT
 
@@ -295,12 +295,4 @@ def test_fp16_fused_within_tolerance(tiny_ckpts, tmp_path):
 @pytest.mark.parametrize("variant", ["fused", "contrib"])
 def test_cached_prefix_equals_uncached_with_fused(art, clip_video, variant):
     """The prefix cache's save_prefix runs without lm_head; later prompts must not mind."""
-    gen = GenerationConfig(max_new_tokens=16, ignore_eos=True)
-    queries = [QUERY, "the blue square"]
-    opts = {"cache_dir": False, "decoder_variant": variant}
-    solo = Pipeline.from_dir(art, "onnxruntime", **opts)
-    want = [solo.run(clip_video, "mr", query=q, frames=6, gen=gen)["token_ids"] for q in queries]
-    pipe = Pipeline.from_dir(art, "onnxruntime", max_sequences=2, video_cache=VideoCache(), **opts)
-    got = pipe.run_many(clip_video, [Question("mr", q) for q in queries], frames=6, gen=gen)
-    assert [r["token_ids"] for r in got] == want
-    assert [r["cache"]["prefix"] for r in got] == [False, True]
+    check_cached_prefix_equals_uncached(art, variant, clip_video, QUERY)

@@ -27,12 +27,11 @@ from export.decode_timing import default_candidates, record_default, request_ms
 from export.fuse import optimize_artifact
 from export.quantize import quantize_artifact
 from export.w8a8 import to_w8a8
-from tests.engine_runs import check_batched_equals_solo
+from tests.engine_runs import check_batched_equals_solo, check_cached_prefix_equals_uncached
 from tests.test_quantize import QUERY, agrees_with_fp32
-from trace_rt.engine import GenerationConfig, VideoCache
 from trace_rt.errors import InputError
 from trace_rt.graphs import DECODER, MANIFEST_FILE, load_manifest, manifest_specs
-from trace_rt.pipeline import Pipeline, Question
+from trace_rt.pipeline import Pipeline
 from trace_rt.variants import TEXT_HEAD_INPUT
 
 DYNAMIC = ("int8-dynamic", "fused-int8-dynamic", "contrib-int8-dynamic")
@@ -157,15 +156,7 @@ def test_cached_prefix_equals_uncached(art, clip_video):
     """Per-token scales keep a row's quantisation independent of the rows prefilled with
     it, so a prompt whose video prefix comes from the prefix cache gets the same tokens as
     one prefilled whole (a per-tensor scale would depend on the whole chunk)."""
-    gen = GenerationConfig(max_new_tokens=16, ignore_eos=True)
-    queries = [QUERY, "the blue square"]
-    opts = {"cache_dir": False, "decoder_variant": "contrib-int8-dynamic"}
-    solo = Pipeline.from_dir(art, "onnxruntime", **opts)
-    want = [solo.run(clip_video, "mr", query=q, frames=6, gen=gen)["token_ids"] for q in queries]
-    pipe = Pipeline.from_dir(art, "onnxruntime", max_sequences=2, video_cache=VideoCache(), **opts)
-    got = pipe.run_many(clip_video, [Question("mr", q) for q in queries], frames=6, gen=gen)
-    assert [r["token_ids"] for r in got] == want
-    assert [r["cache"]["prefix"] for r in got] == [False, True]
+    check_cached_prefix_equals_uncached(art, "contrib-int8-dynamic", clip_video, QUERY)
 
 
 def test_default_counts_the_prefill(art, tmp_path):
