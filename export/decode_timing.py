@@ -42,6 +42,7 @@ from trace_rt.tokens import VIDEO_PLACEHOLDER_ID, Head, head_base
 from trace_rt.variants import BY_PRECISION, PORTABLE, variant_names
 
 HEADS = (Head.TEXT, Head.TIME)
+KEYS = tuple(h.name.lower() for h in HEADS)  # the step figures, by head
 # A default is picked by the time of one request: a prefill of the timed length plus this
 # many decode steps (the bench's default request), so a variant that decodes a little
 # slower but prefills much faster can win.
@@ -81,9 +82,6 @@ def time_decode(
     return {
         v: {k: round(statistics.median(xs), 3) for k, xs in s.items()} for v, s in samples.items()
     }
-
-
-KEYS = tuple(h.name.lower() for h in HEADS)
 
 
 def _worker(artifact: str | Path, variant: str, **kw: Any) -> dict[str, list[float]]:
@@ -145,7 +143,7 @@ def request_ms(timing: dict[str, float]) -> float:
     :data:`REQUEST_STEPS` steps, half in each head (the rewritten forms skip lm_head in
     time-head steps, so both count)."""
     step = (timing["text"] + timing["time"]) / 2
-    return timing.get("prefill", 0.0) + REQUEST_STEPS * step
+    return timing["prefill"] + REQUEST_STEPS * step
 
 
 # ---- the default onnxruntime decoder ----------------------------------------------------

@@ -92,7 +92,9 @@ CONTRIB = "contrib"  # fused + onnxruntime's RotaryEmbedding (export/contrib.py)
 FORMS = (FUSED, CONTRIB)
 REWRITES = ("packed-matmul", "static-shapes", "text-head-if")
 NBITS = "MatMulNBits"
-DYNAMIC = "dynamic"  # int8 x int8 with activations quantised per token (export/w8a8.py)
+# export.quantize's form name (and the variants' tag) for int8 x int8 with activations
+# quantised per token (export/w8a8.py); the other kernel is its "nbits" (MatMulNBits).
+DYNAMIC = "dynamic"
 
 
 def fused_name(bits: int | None, tag: str = "", form: str = FUSED) -> str:
@@ -156,7 +158,7 @@ def optimize_artifact(
     src_file = manifest["graphs"][DECODER]["file"]
     source = {"file": src_file, "sha256": manifest["files"][src_file]["sha256"]}
     records: dict[str, dict[str, Any]] = {}
-    kinds = [(b, NBITS) for b in bits] + ([(8, DYNAMIC)] if int8_dynamic else [])
+    kinds = [(b, "nbits") for b in bits] + ([(8, DYNAMIC)] if int8_dynamic else [])
     for form in forms:
         for b, kernel in kinds:
             rec = _rewrite(root, src_file, form, b, block_size, accuracy_level, lm_head, kernel)
@@ -179,9 +181,10 @@ def _rewrite(
     block_size: int,
     accuracy_level: int,
     lm_head: bool,
-    kernel: str = NBITS,
+    kernel: str = "nbits",
 ) -> dict[str, Any]:
-    """One variant's graph (under ``"model"``) and the rest of its manifest record."""
+    """One variant's graph (under ``"model"``) and the rest of its manifest record;
+    *kernel* is export.quantize's form for the quantised layers (``nbits`` or ``dynamic``)."""
     model = onnx.load(str(root / src_file))
     packed = pack_matmuls(model)
     fold_shapes(model)
@@ -200,10 +203,10 @@ def _rewrite(
             model = to_w8a8(model, chosen)
         else:
             model = _to_matmulnbits(model, chosen, bits, block_size, accuracy_level)
-        rec |= _describe("dynamic" if kernel == DYNAMIC else "nbits", bits, block_size) | {
+        rec |= _describe(kernel, bits, block_size) | {
             "bits": bits,
             "weight_type": f"int{bits}",
-            "accuracy_level": (accuracy_level or None) if kernel == NBITS else None,
+            "accuracy_level": (accuracy_level or None) if kernel == "nbits" else None,
             "weights": {"lm_head": lm, "quantized": sorted(chosen), "kept": sorted(kept)},
         }
     gate_text_head(model, head_out)

@@ -42,7 +42,8 @@ Choices, and why:
 - **int8 for onnxruntime** is MatMulNBits with ``bits=8`` by default. Form ``dynamic``
   (opt-in here; ``python -m export optimize --int8-dynamic`` makes its fused forms and
   times them against MatMulNBits for the int8 default) is int8 weights per output channel
-  x activations quantised per token at run time, through MatMulInteger (export/w8a8.py).
+  x activations quantised per token at run time, through MatMulIntegerToFloat
+  (export/w8a8.py).
   On the 2-core AVX-512 CPU its M > 1 kernel is much faster than MatMulNBits', so it
   prefills faster; it is a CPU-oriented path (MatMulNBits is the same op on the CPU and
   CUDA EPs). It replaced ``quantize_dynamic``'s per-tensor activation scale (one scale
@@ -78,7 +79,6 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from export import w8a8
 from export.files import save_onnx, write_json
-from export.w8a8 import to_w8a8
 from trace_rt.errors import InputError
 from trace_rt.graphs import (
     DECODER,
@@ -138,9 +138,8 @@ def quantize_artifact(
             4 int8 activations).
         lm_head: quantise the text head too (default: keep every head in full precision).
         forms: ``nbits`` (MatMulNBits, onnxruntime), ``qdq`` (TensorRT) and, int8 only,
-            ``dynamic`` (MatMulInteger, activations quantised per token: export/w8a8.py);
-            default
-            ``nbits`` and ``qdq`` (``qdq`` for fp8).
+            ``dynamic`` (int8 x int8, activations quantised per token: export/w8a8.py);
+            default ``nbits`` and ``qdq`` (``qdq`` for fp8).
     """
     if bits not in (4, 8, FP8):
         raise InputError(f"bits must be 4, 8 or {FP8!r}, got {bits!r}")
@@ -171,7 +170,7 @@ def quantize_artifact(
             model = _to_matmulnbits(model, chosen, bits, block_size, accuracy_level)
             done, level = chosen, accuracy_level or None
         elif form == "dynamic":
-            model = to_w8a8(model, chosen)
+            model = w8a8.to_w8a8(model, chosen)
             done, level = chosen, None
         else:
             model, done = _to_qdq(model, chosen, bits, block_size)

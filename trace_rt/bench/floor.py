@@ -34,8 +34,8 @@ from trace_rt.config import TraceConfig
 @dataclass(frozen=True)
 class Peaks:
     """The device's achievable peaks: memory bandwidth (GB/s = 1e9 B/s), float32 TFLOP/s
-    and, where measured, int8 TOP/s (None: not measured; int8 work then counts at the
-    float peak, and the report says so)."""
+    and, where measured, int8 TOP/s (None: given peaks, CUDA, or no onnxruntime; int8 work
+    then counts at the float peak, as before the int8 peak existed)."""
 
     gbps: float
     tflops: float

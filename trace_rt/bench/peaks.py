@@ -175,7 +175,7 @@ def peaks_from_kernels(
         "int8_kernels_tops": dict(int8 or {}),
         **extra,
     }
-    i8_peak = int8[best_i8] if int8 and best_i8 else None
+    i8_peak = int8[best_i8] if best_i8 else None
     return Peaks(bandwidth[best_bw], compute[best_fl], "measured", details, i8_peak)
 
 
@@ -184,17 +184,16 @@ def best_of(measured: list[Peaks]) -> Peaks:
     the peaks from those; the per-invocation peaks are kept in ``details``."""
     if len(measured) == 1 or any(p.details is None for p in measured):
         return measured[0] if len(measured) == 1 else max(measured, key=lambda p: p.gbps)
-    bw: dict[str, float] = {}
-    fl: dict[str, float] = {}
-    i8: dict[str, float] = {}
-    for p in measured:
-        for k, v in p.details["bandwidth_kernels_gbps"].items():
-            bw[k] = max(bw.get(k, 0.0), v)
-        for k, v in p.details["compute_kernels_tflops"].items():
-            fl[k] = max(fl.get(k, 0.0), v)
-        for k, v in p.details.get("int8_kernels_tops", {}).items():
-            i8[k] = max(i8.get(k, 0.0), v)
-    out = peaks_from_kernels(bw, fl, i8, skipped=measured[0].details.get("skipped", {}))
+
+    def best(key: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for p in measured:
+            for k, v in p.details[key].items():
+                out[k] = max(out.get(k, 0.0), v)
+        return out
+
+    kinds = ("bandwidth_kernels_gbps", "compute_kernels_tflops", "int8_kernels_tops")
+    out = peaks_from_kernels(*map(best, kinds), skipped=measured[0].details.get("skipped", {}))
     out.details["by_invocation"] = [
         {"gbps": p.gbps, "tflops": p.tflops, "int8_tops": p.int8_tops} for p in measured
     ]
