@@ -5,9 +5,9 @@
 [--out benchmarks/results/quant-agreement-small-cpu.md]``
 
 ``--lm-head`` adds the onnxruntime defaults' form (``python -m export optimize --contrib``:
-``contrib-int4``/``contrib-int8``, lm_head kept in fp32) beside the same with lm_head
-quantised too (``contrib-int4-lm``/``contrib-int8-lm``): the measurement behind the
-choice of quantising lm_head or not. ``--variants`` runs only those (fp32 always runs).
+``contrib-int4``/``contrib-int8``/``contrib-int8-dynamic``, lm_head kept in fp32) beside
+the same with lm_head quantised alike (``-lm``) and in int8 (``-lm8``): the measurement
+behind the choice of how to store lm_head. ``--variants`` runs only those (fp32 always runs).
 
 Makes (or reuses) a random-weight checkpoint of the preset, its artifact directory and the
 int4/int8 variants (``python -m export quantize``), then runs a fixed set of inputs (3
@@ -73,7 +73,8 @@ class Stats:
 
 def prepare(preset: str, workdir: Path, block_size: int, seed: int, lm_head: bool = False) -> Path:
     """Checkpoint -> artifact -> int4/int8 variants, each step skipped when present; with
-    *lm_head*, the contrib forms with lm_head kept and quantised (tag ``-lm``)."""
+    *lm_head*, the contrib forms with lm_head kept, quantised alike (tag ``-lm``) and in
+    int8 (``-lm8``)."""
     from export import export_onnx
     from export.fuse import CONTRIB, optimize_artifact
     from export.quantize import quantize_artifact
@@ -91,11 +92,11 @@ def prepare(preset: str, workdir: Path, block_size: int, seed: int, lm_head: boo
     if not {"int8", "int8-qdq", "int8-dynamic"} <= have:
         quantize_artifact(art, 8, block_size=block_size, forms=("nbits", "qdq", "dynamic"))
     if lm_head:
-        for quantise_lm, tag in ((False, ""), (True, "-lm")):
-            if not {f"{CONTRIB}-int4{tag}", f"{CONTRIB}-int8{tag}"} <= have:
+        for quantise_lm, tag in ((False, ""), (True, "-lm"), (8, "-lm8")):
+            if not {f"{CONTRIB}-int4{tag}", f"{CONTRIB}-int8-dynamic{tag}"} <= have:
                 optimize_artifact(
                     art, (4, 8), block_size=block_size, lm_head=quantise_lm, tag=tag,
-                    forms=(CONTRIB,),
+                    forms=(CONTRIB,), int8_dynamic=True,
                 )  # fmt: skip
     return art
 
@@ -152,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads")
     ap.add_argument("--out", type=Path, help="write the markdown report here")
     ap.add_argument(
-        "--lm-head", action="store_true", help="also contrib-int4/8 with lm_head kept and quantised"
+        "--lm-head",
+        action="store_true",
+        help="also the contrib forms with lm_head kept, quantised alike and in int8",
     )
     ap.add_argument("--variants", help="comma-separated variants to run (default: all)")
     ap.add_argument("--step-past", type=int, default=300, help="prompt length, step timing")
@@ -258,8 +261,10 @@ def render(
     for n, s in stats.items():
         rec = variants.get(n, {})
         form = "fp32" if n == FP32 else f"{rec['scheme']} int{rec['bits']}"
-        if rec.get("weights", {}).get("lm_head") is True:  # quantised too
-            form += ", lm_head too"
+        w = rec.get("weights", {})
+        if w.get("lm_head") is True:  # quantised too
+            head = w.get("lm_head_bits", rec["bits"])
+            form += ", lm_head too" if head == rec["bits"] else f", lm_head int{head}"
         ms = statistics.median(s.decode_ms)
         forced = f"{np.mean(s.forced):.3f}" if s.forced else "1"
         err = f"{np.mean(s.rel_err):.2e}" if s.rel_err else "0"

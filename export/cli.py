@@ -127,8 +127,24 @@ def _add_quant_settings(p: argparse.ArgumentParser, accuracy_level: bool = True)
             help="MatMulNBits compute type (4: int8 activations, fastest on CPU; 0: unset)",
         )
     p.add_argument(
-        "--lm-head", action="store_true", help="quantise lm_head too (default: keep it fp32)"
+        "--lm-head",
+        nargs="?",
+        const="same",
+        default="fp32",
+        type=_lm_head_arg,
+        metavar="{fp32,same,int8,int4}",
+        help="how to store lm_head, the text head: fp32 (kept; the default), same (quantised "
+        "like the layers; also what a bare --lm-head means), int8 or int4 (that width "
+        "whatever the layers' width: MatMulNBits, or QDQ in TensorRT's form)",
     )
+
+
+def _lm_head_arg(value: str) -> bool | int:
+    """``--lm-head``'s value as export.quantize takes it (False, True, 8 or 4)."""
+    choices: dict[str, bool | int] = {"fp32": False, "same": True, "int8": 8, "int4": 4}
+    if value not in choices:
+        raise argparse.ArgumentTypeError(f"{value!r}: choose from {', '.join(choices)}")
+    return choices[value]
 
 
 def _add_optimize_parser(sub: argparse._SubParsersAction) -> None:

@@ -41,7 +41,7 @@ from export.fuse import (
     text_head_output,
     weighted_nodes,
 )
-from export.quantize import _heads, _opset, _save, _update_manifest
+from export.quantize import _heads, _opset, _save, _update_manifest, head_bits
 from export.static_shapes import fold_shapes, remove_initializers
 from trace_rt.errors import InputError
 from trace_rt.graphs import DECODER
@@ -129,13 +129,20 @@ def _add(g: onnx.GraphProto, t: onnx.TensorProto) -> onnx.TensorProto:
     return stored
 
 
-def check_settings(source: dict[str, Any], block_size: int, accuracy_level: int, lm_head: bool):
+def check_settings(
+    source: dict[str, Any], block_size: int, accuracy_level: int, lm_head: bool | int
+):
     """Refuse settings the quantised source does not have (no float weights to redo it)."""
     name = source.get("file", "the quantised decoder")
+    bits = source.get("bits")
+    w = source.get("weights", {})
     have = {
         "--block-size": (source.get("block_size"), block_size),
         "--accuracy-level": (source.get("accuracy_level") or 0, accuracy_level),
-        "--lm-head": (bool(source.get("weights", {}).get("lm_head")), lm_head),
+        "--lm-head": (
+            _head(w.get("lm_head_bits", bits if w.get("lm_head") else None)),
+            _head(head_bits(lm_head, bits)),
+        ),
     }
     for flag, (src, asked) in have.items():
         if src != asked:
@@ -144,6 +151,10 @@ def check_settings(source: dict[str, Any], block_size: int, accuracy_level: int,
                 "artifact has no float decoder to quantise again, so its fused forms keep "
                 f"the source's settings (leave {flag} out, or re-export with it)"
             )
+
+
+def _head(bits: int | None) -> str:
+    return "fp32" if bits is None else f"int{bits}"
 
 
 def optimize_quantised(
@@ -155,7 +166,7 @@ def optimize_quantised(
     external_data_threshold: int,
     block_size: int,
     accuracy_level: int,
-    lm_head: bool,
+    lm_head: bool | int,
 ) -> dict[str, dict[str, Any]]:
     """The fused forms of an artifact with no float decoder, from its MatMulNBits
     variants (export/fuse_nbits.py)."""

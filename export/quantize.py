@@ -124,7 +124,7 @@ def quantize_artifact(
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
-    lm_head: bool = False,
+    lm_head: bool | int = False,
     forms: Iterable[str] | None = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> dict[str, dict[str, Any]]:
@@ -136,7 +136,8 @@ def quantize_artifact(
         block_size: weights per quantisation block along K (int4 and MatMulNBits int8).
         accuracy_level: MatMulNBits compute precision (0 = unset, 1 fp32, 2 fp16, 3 bf16,
             4 int8 activations).
-        lm_head: quantise the text head too (default: keep every head in full precision).
+        lm_head: quantise the text head too: ``True`` at *bits*, ``8``/``4`` as
+            MatMulNBits at that width (default ``False``: every head in full precision).
         forms: ``nbits`` (MatMulNBits, onnxruntime), ``qdq`` (TensorRT) and, int8 only,
             ``dynamic`` (int8 x int8, activations quantised per token: export/w8a8.py);
             default ``nbits`` and ``qdq`` (``qdq`` for fp8).
@@ -163,18 +164,15 @@ def quantize_artifact(
         )
     source = {"file": src_file, "sha256": manifest["files"][src_file]["sha256"]}
     records: dict[str, dict[str, Any]] = {}
+    lm_bits = {form: head_bits(lm_head, bits, form) for form in forms}
     for form in forms:
         model = onnx.load(str(root / src_file))  # each form rewrites its own copy in place
-        chosen, kept, lm = select_weights(model, lm_head=lm_head)
-        if form == "nbits":
-            model = _to_matmulnbits(model, chosen, bits, block_size, accuracy_level)
-            done, level = chosen, accuracy_level or None
-        elif form == "dynamic":
-            model = w8a8.to_w8a8(model, chosen)
-            done, level = chosen, None
-        else:
-            model, done = _to_qdq(model, chosen, bits, block_size)
-            kept, level = sorted({*kept, *(set(chosen) - set(done))}), None
+        chosen, kept, lm = select_weights(model, lm_head=lm_bits[form] is not None)
+        model, done = quantise_nodes(
+            model, chosen, lm, form, bits, lm_bits[form], block_size, accuracy_level
+        )
+        kept = sorted({*kept, *(set(chosen) - set(done))})
+        level = (accuracy_level or None) if form == "nbits" else None
         name, file = variant_name(bits, form), variant_file(bits, form)
         files = _save(model, root, file, external_data_threshold)
         records[name] = {
@@ -187,13 +185,7 @@ def quantize_artifact(
             "weight_type": "float8e4m3fn" if bits == FP8 else f"int{bits}",
             "accuracy_level": level,
             "opset": _opset(model),
-            "weights": {
-                "rule": "MatMuls with a constant 2-D weight, except the heads feeding logits"
-                + (" other than lm_head" if lm_head else ""),
-                "lm_head": lm,
-                "quantized": sorted(done),
-                "kept": sorted(kept),
-            },
+            "weights": weights_record(done, kept, lm_bits[form] if lm else None),
             "tools": {"onnxruntime": ort.__version__, "onnx": onnx.__version__},
         }
     _update_manifest(root, records)
@@ -234,8 +226,69 @@ def _describe(form: str, bits: Bits, block_size: int) -> dict[str, Any]:
 
 
 # ---- which weights -------------------------------------------------------------------
-def select_weights(model: onnx.ModelProto, *, lm_head: bool) -> tuple[list[str], list[str], bool]:
-    """(MatMul nodes to quantise, weighted MatMuls kept, whether lm_head is quantised).
+def head_bits(lm_head: bool | int | None, bits: Bits, form: str = "nbits") -> Bits | None:
+    """How a *bits* variant of *form* quantises ``lm_head``: None keeps it in float.
+
+    ``lm_head``: False/None (keep), True (the variant's own width and form), 8 or 4
+    (MatMulNBits at that width; QDQ for the TensorRT form, which has no MatMulNBits).
+    """
+    if lm_head is None or lm_head is False:
+        return None
+    if lm_head is True:
+        if form == "dynamic":
+            return 8  # one MatMulNBits node: the fused forms gate the head as one node
+        return bits
+    if lm_head not in (4, 8) or isinstance(lm_head, bool):
+        raise InputError(f"lm_head: False (kept), True (quantised alike), 8 or 4; not {lm_head!r}")
+    if bits == FP8:
+        raise InputError("an fp8 variant quantises lm_head to fp8 or not at all (lm_head=True)")
+    return lm_head
+
+
+def quantise_nodes(
+    model: onnx.ModelProto,
+    chosen: list[str],
+    lm: str | None,
+    form: str,
+    bits: Bits,
+    lm_bits: Bits | None,
+    block_size: int,
+    level: int,
+) -> tuple[onnx.ModelProto, list[str]]:
+    """Quantise *chosen* in *form*, the text head *lm* (one of them, or None) at
+    *lm_bits*; returns (model, the nodes quantised)."""
+    body = [n for n in chosen if n != lm]
+    if form == "nbits":
+        model, done = _to_matmulnbits(model, body, bits, block_size, level), body
+    elif form == "dynamic":
+        model, done = w8a8.to_w8a8(model, body), body
+    else:
+        model, done = _to_qdq(model, body, bits, block_size)
+    if lm is not None and lm_bits is not None:
+        if form == "qdq":  # TensorRT has no MatMulNBits
+            model, head = _to_qdq(model, [lm], lm_bits, block_size)
+        else:  # the dynamic form's head too: one node, which the text-head gate can hold
+            model, head = _to_matmulnbits(model, [lm], lm_bits, block_size, level or 4), [lm]
+        done = [*done, *head]
+    return model, done
+
+
+def weights_record(done: list[str], kept: list[str], lm_bits: Bits | None) -> dict[str, Any]:
+    """The manifest's ``weights`` entry of a quantised variant."""
+    return {
+        "rule": "MatMuls with a constant 2-D weight, except the heads feeding logits"
+        + (" other than lm_head" if lm_bits is not None else ""),
+        "lm_head": lm_bits is not None,
+        "lm_head_bits": lm_bits,
+        "quantized": sorted(done),
+        "kept": sorted(kept),
+    }
+
+
+def select_weights(
+    model: onnx.ModelProto, *, lm_head: bool
+) -> tuple[list[str], list[str], str | None]:
+    """(MatMul nodes to quantise, weighted MatMuls kept, lm_head's node if quantised).
 
     Unnamed MatMuls get a name (the quantiser addresses nodes by name).
     """
@@ -258,7 +311,7 @@ def select_weights(model: onnx.ModelProto, *, lm_head: bool) -> tuple[list[str],
         lm = max(heads, key=lambda n: weights[weighted[n].input[1]].dims[1])
     chosen = [n for n in weighted if n not in heads or (lm_head and n == lm)]
     kept = [n for n in weighted if n not in chosen]
-    return chosen, kept, bool(lm_head and lm)
+    return chosen, kept, (lm if lm_head and lm else None)
 
 
 def _heads(g: onnx.GraphProto, weighted: dict[str, onnx.NodeProto]) -> set[str]:

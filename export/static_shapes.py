@@ -20,7 +20,9 @@ from export.quantize import _FLOATS
 
 def fold_shapes(model: onnx.ModelProto) -> int:
     """Constant shape arithmetic -> initializers, Reshape targets -> constants (0 / -1
-    where a dim is symbolic); returns how many tensors were replaced."""
+    where a dim is symbolic), then the shape arithmetic left (what depends on the batch
+    or the past length) computed once instead of once per layer (:func:`share_shapes`);
+    returns how many tensors were replaced."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     g = model.graph
@@ -61,7 +63,81 @@ def fold_shapes(model: onnx.ModelProto) -> int:
     g.node.extend(kept)
     g.initializer.extend(new.values())
     _drop_dead(g)
+    share_shapes(g, shapes)
     return len(new)
+
+
+def share_shapes(g: onnx.GraphProto, shapes: dict[str, list[int | str | None]]) -> int:
+    """Compute each distinct piece of shape arithmetic once; returns the nodes removed.
+
+    What fold_shapes cannot make constant depends on a symbolic dim (the batch, the past
+    length), and the exporter recomputes it in every layer from that layer's tensors:
+    ``Shape(past_key.i)``, the attention mask from ``position_ids`` and the past length,
+    each Reshape's batch dim. A decode step is dominated by per-node overhead (export/
+    fuse.py), and this is ~10 nodes per layer. Two ``Shape`` nodes whose inputs have the
+    same symbolic shape (by *shapes*: every dim known) give the same tensor, so all read
+    the first; then equal nodes over equal inputs (equal small constants included) are
+    merged, front to back, which folds each layer's copy of the chain into one.
+    """
+    before = len(g.node)
+    alias: dict[str, str] = {}
+    const_key: dict[tuple, str] = {}
+    overridable = {i.name for i in g.input}  # an initializer fed as an input is not constant
+    for t in g.initializer:  # small constants: equal values become one name
+        if t.name not in overridable and int(np.prod(t.dims)) <= _SHARED_CONSTANT_MAX:
+            key = (t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes())
+            alias[t.name] = const_key.setdefault(key, t.name)
+    outputs = {o.name for o in g.output}
+    seen: dict[tuple, onnx.NodeProto] = {}
+    kept: list[onnx.NodeProto] = []
+    for n in g.node:
+        for j, i in enumerate(n.input):
+            n.input[j] = alias.get(i, i)
+        key = _node_key(n, shapes)
+        first = seen.get(key) if key is not None else None
+        if first is not None and not outputs.intersection(n.output):
+            alias.update(zip(n.output, first.output, strict=True))
+            continue
+        if key is not None:
+            seen[key] = n
+        kept.append(n)
+    for n in kept:  # subgraphs (the text-head If) read outer names too
+        _rename_in_subgraphs(n, alias)
+    g.ClearField("node")
+    g.node.extend(kept)
+    _drop_dead(g)
+    return before - len(g.node)
+
+
+_SHARED_CONSTANT_MAX = 64
+# Ops whose output is a function of their inputs and attributes alone (and cheap to key).
+_PURE = {
+    "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Range", "Less", "Greater",
+    "LessOrEqual", "GreaterOrEqual", "Equal", "Not", "And", "Or", "Where", "Cast", "Add", "Sub",
+    "Mul", "Div", "Neg", "Expand", "ConstantOfShape", "Reshape", "Transpose", "Min", "Max",
+    "Identity",
+}  # fmt: skip
+
+
+def _node_key(n: onnx.NodeProto, shapes: dict[str, list[int | str | None]]) -> tuple | None:
+    if n.domain not in ("", "ai.onnx") or n.op_type not in _PURE:
+        return None
+    attrs = tuple(sorted(a.SerializeToString() for a in n.attribute))
+    if n.op_type == "Shape":
+        dims = shapes.get(n.input[0])
+        if not dims or any(d is None for d in dims):
+            return None
+        return ("Shape", tuple(dims), attrs)
+    return (n.op_type, tuple(n.input), attrs)
+
+
+def _rename_in_subgraphs(n: onnx.NodeProto, alias: dict[str, str]) -> None:
+    for a in n.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            for sub in a.g.node:
+                for j, i in enumerate(sub.input):
+                    sub.input[j] = alias.get(i, i)
+                _rename_in_subgraphs(sub, alias)
 
 
 def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -190,11 +190,13 @@ def quantized(piece: onnx.ModelProto, bits: int, opts: dict[str, Any], *, head: 
     as MatMulNBits; returns (model, quantised node names, kept node names)."""
     m = onnx.ModelProto()
     m.CopyFrom(piece)
-    chosen, kept, _ = quantize.select_weights(m, lm_head=opts["lm_head"])
+    lm_bits = quantize.head_bits(opts["lm_head"], bits)
+    chosen, kept, lm = quantize.select_weights(m, lm_head=lm_bits is not None)
     if not head:  # a layer has no heads: every weighted MatMul is a decoder linear
-        chosen, kept = chosen + kept, []
+        chosen, kept, lm = chosen + kept, [], None
     if chosen:
-        m = quantize._to_matmulnbits(m, chosen, bits, opts["block_size"], opts["accuracy_level"])
+        level, block = opts["accuracy_level"], opts["block_size"]
+        m, chosen = quantize.quantise_nodes(m, chosen, lm, "nbits", bits, lm_bits, block, level)
     return m, chosen, kept
 
 
@@ -247,7 +249,7 @@ def export_streamed(
     opset: int = 17,
     block_size: int = quantize.DEFAULT_BLOCK_SIZE,
     accuracy_level: int = quantize.DEFAULT_ACCURACY_LEVEL,
-    lm_head: bool = False,
+    lm_head: bool | int = False,
     progress: bool = True,
     reason: str | None = None,
 ) -> Path:
@@ -423,13 +425,7 @@ def _variant_record(
         "weight_type": f"int{bits}",
         "accuracy_level": level or None,
         "opset": opts["opset"],
-        "weights": {
-            "rule": "MatMuls with a constant 2-D weight, except the heads feeding logits"
-            + (" other than lm_head" if opts["lm_head"] else ""),
-            "lm_head": bool(opts["lm_head"]),
-            "quantized": sorted(done),
-            "kept": sorted(kept),
-        },
+        "weights": quantize.weights_record(done, kept, quantize.head_bits(opts["lm_head"], bits)),
         "tools": tool_versions(),
         "layer_streamed": True,
     }

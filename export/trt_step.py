@@ -150,7 +150,7 @@ def quantize_step(out: str | Path, name: str) -> dict[str, Any]:
     variant's record (also written to the manifest)."""
     import onnx
 
-    from export.quantize import _save, _to_qdq, select_weights, variant_file
+    from export.quantize import _save, quantise_nodes, select_weights, variant_file
 
     out = Path(out)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
@@ -160,8 +160,11 @@ def quantize_step(out: str | Path, name: str) -> dict[str, Any]:
         raise TensorRTBuildError(f"decoder variant {name!r} is not a QDQ (TensorRT) variant")
     bits = _BITS[rec["weight_type"]]
     model = onnx.load(str(out / step["file"]))
-    chosen, _, _ = select_weights(model, lm_head=bool(rec["weights"]["lm_head"]))
-    model, done = _to_qdq(model, chosen, bits, int(rec.get("block_size") or 32))
+    w = rec["weights"]
+    lm_bits = w.get("lm_head_bits", bits if w["lm_head"] else None)
+    chosen, _, lm = select_weights(model, lm_head=lm_bits is not None)
+    block = int(rec.get("block_size") or 32)
+    model, done = quantise_nodes(model, chosen, lm, "qdq", bits, lm_bits, block, 0)
     if len(done) != len(rec["weights"]["quantized"]):
         # The same model, selection rule and scheme must pick the same layers.
         raise TensorRTBuildError(

@@ -109,6 +109,13 @@ def test_fused_graph_is_packed_and_gated(art):
     # Reshape targets and RoPE slice bounds are constants: less shape arithmetic.
     # (tiny, 2 layers: 480 -> 351 nodes as exported).
     assert count(fused, "Shape") < count(port, "Shape") and len(fused.node) < 0.8 * len(port.node)
+    # What stays symbolic (batch, past length) is computed once, not once per layer: no two
+    # Shape nodes read tensors of the same shape, no two nodes compute the same thing.
+    shape_of = [n.input[0] for n in fused.node if n.op_type == "Shape"]
+    pasts = [i for i in shape_of if i.startswith(("past_key", "past_value"))]
+    assert len(pasts) <= 1, pasts
+    keys = [(n.op_type, tuple(n.input), str(n.attribute)) for n in fused.node if n.input]
+    assert len(keys) == len(set(keys))
     (gate,) = [n for n in fused.node if n.op_type == "If"]
     assert gate.input[0] == TEXT_HEAD_INPUT
     assert [i.name for i in fused.input] == [i.name for i in port.input] + [TEXT_HEAD_INPUT]

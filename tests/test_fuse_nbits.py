@@ -88,7 +88,7 @@ def test_refusals_name_the_problem(streamed):
         optimize_artifact(streamed, (None,))
     with pytest.raises(InputError, match="without --contrib"):
         optimize_artifact(streamed, (4,), forms=("contrib",))
-    with pytest.raises(InputError, match="lm-head False, not True"):
+    with pytest.raises(InputError, match="lm-head fp32, not int4"):
         optimize_artifact(streamed, (4,), lm_head=True)
     with pytest.raises(InputError, match="block-size 32, not 64"):
         optimize_artifact(streamed, (4,), block_size=64)

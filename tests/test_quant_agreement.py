@@ -8,14 +8,15 @@ from benchmarks import quant_agreement
 def test_lm_head_variants_reported(tmp_path):
     out = tmp_path / "report.md"
     argv = ["--preset", "tiny", "--workdir", str(tmp_path), "--tokens", "4", "--lm-head"]
-    argv += ["--variants", "int4,contrib-int4,contrib-int4-lm", "--step-reps", "2"]
+    argv += ["--variants", "int4,contrib-int4,contrib-int4-lm,contrib-int4-lm8", "--step-reps", "2"]
     assert quant_agreement.main([*argv, "--step-past", "8", "--out", str(out)]) == 0
     rows: dict[str, str] = {}
     for line in out.read_text().splitlines():  # the agreement table (the first one)
         if line.startswith("| ") and not line.startswith("| variant"):
             rows.setdefault(line.split("|")[1].strip(), line)
     assert {"fp32", "int4", "contrib-int4", "contrib-int4-lm"} <= set(rows)
-    assert "lm_head too" in rows["contrib-int4-lm"] and "lm_head too" not in rows["contrib-int4"]
+    assert "lm_head too" in rows["contrib-int4-lm"] and "lm_head" not in rows["contrib-int4"]
+    assert "lm_head int8" in rows["contrib-int4-lm8"]
     assert "int8" not in rows  # --variants: only those (and fp32) ran
     # Speed: each variant alone in its own process (prefill, text step, time step).
     text = out.read_text()

@@ -185,13 +185,40 @@ def test_qdq_ops_supported_by_tensorrt(art):
         assert not bad, f"{name} uses ops TensorRT 10 lacks: {bad}"
 
 
-def test_lm_head_option(tiny_ckpt, tmp_path):
+def test_lm_head_option(tiny_ckpt, tmp_path, clip_video):
     out = export_onnx(tiny_ckpt, tmp_path / "a", progress=False)
     rec = quantize_artifact(out, 8, forms=("qdq",), lm_head=True)["int8-qdq"]
     assert rec["weights"]["lm_head"] is True and len(rec["weights"]["kept"]) == 3
+    assert rec["weights"]["lm_head_bits"] == 8
     g = _graph(out, rec["file"])
     widths = {tuple(t.dims) for t in g.initializer if t.data_type == onnx.TensorProto.INT8}
     assert any(32000 in d for d in widths)  # the text head is int8 now
+
+    # lm_head at its own width: int4 layers with an int8 head, in both runtimes' forms.
+    recs = quantize_artifact(out, 4, lm_head=8)
+    nbits = recs["int4"]
+    assert nbits["weights"]["lm_head_bits"] == 8 and len(nbits["weights"]["kept"]) == 3
+    widths = {}
+    for n in _graph(out, nbits["file"]).node:
+        if n.op_type == "MatMulNBits":
+            a = {x.name: x.i for x in n.attribute}
+            widths[a["N"]] = widths.get(a["N"], set()) | {a["bits"]}
+    text_vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+    assert widths.pop(text_vocab) == {8} and set().union(*widths.values()) == {4}
+    qdq = _graph(out, recs["int4-qdq"]["file"])
+    head_w = {tuple(t.dims): t.data_type for t in qdq.initializer if text_vocab in t.dims}
+    assert onnx.TensorProto.INT8 in head_w.values()  # per channel, as int8's QDQ form
+
+    # The int8 head costs int8's error on the text logits, not int4's.
+    base = Pipeline.from_dir(out, "onnxruntime", cache_dir=False)
+    pipe = Pipeline.from_dir(out, "onnxruntime", cache_dir=False, decoder_variant="int4")
+    prep = pipe.prepare(clip_video, "mr", query=QUERY)
+    agrees_with_fp32(pipe, base, prep, RTOL[4], budget=8)
+
+    with pytest.raises(InputError, match="8 or 4"):
+        quantize_artifact(out, 4, lm_head=16)
+    with pytest.raises(InputError, match="fp8"):
+        quantize_artifact(out, "fp8", lm_head=8)
 
 
 def test_fp16_artifact(tiny_ckpt, tmp_path):
@@ -354,5 +381,7 @@ def test_cli_quant_settings_match_the_quantiser():
     for command in (["quantize", "OUT", "--int4"], ["onnx", "CKPT", "OUT"], ["optimize", "OUT"]):
         args = cli.build_parser().parse_args(command)
         assert args.block_size == quantize.DEFAULT_BLOCK_SIZE and args.lm_head is False
+        for flag, want in (([], False), (["--lm-head"], True), (["--lm-head", "int8"], 8)):
+            assert cli.build_parser().parse_args(command + flag).lm_head == want
         if command[0] != "optimize":
             assert args.accuracy_level == quantize.DEFAULT_ACCURACY_LEVEL

@@ -171,9 +171,29 @@ def test_default_counts_the_prefill(art, tmp_path):
     assert chosen["int8"] == "fused-int8"
 
 
+def test_int8_head(art, tmp_path, clip_video):
+    """lm_head=8 in the dynamic form: one MatMulNBits (8 bits) inside the text-head gate,
+    the layers still MatMulIntegerToFloat; text logits within int8's tolerance."""
+    copy = tmp_path / "a"
+    shutil.copytree(art, copy)
+    rec = optimize_artifact(copy, (), forms=("fused",), int8_dynamic=True, lm_head=8)
+    rec = rec["fused-int8-dynamic"]
+    assert rec["weights"]["lm_head_bits"] == 8
+    g = onnx.load(str(copy / rec["file"]), load_external_data=False).graph
+    gate = next(n for n in g.node if n.op_type == "If")
+    then = next(a.g for a in gate.attribute if a.name == "then_branch")
+    (head,) = then.node
+    assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8
+    assert any(n.op_type == "MatMulIntegerToFloat" for n in g.node)
+    base = Pipeline.from_dir(copy, "onnxruntime", cache_dir=False)
+    pipe = Pipeline.from_dir(
+        copy, "onnxruntime", cache_dir=False, decoder_variant="fused-int8-dynamic"
+    )
+    prep = pipe.prepare(clip_video, "mr", query=QUERY)
+    agrees_with_fp32(pipe, base, prep, RTOL, budget=8)
+
+
 def test_refusals(art, tmp_path):
-    with pytest.raises(InputError, match="keeps lm_head in fp32"):
-        optimize_artifact(art, (8,), int8_dynamic=True, lm_head=True)
     with pytest.raises(InputError, match="int8 only"):
         quantize_artifact(art, 4, forms=("dynamic",))
     fp16 = _one_matmul(np.ones((4, 4), np.float16), 17)
