@@ -396,6 +396,11 @@ def test_bench_runs_the_peers_on_tiny(tiny_ckpt, tiny_artifact, tmp_path, monkey
         "int4",
     )
     assert "decoder variants run: onnxruntime-int4 `int4`" in (out / "p.md").read_text()
+    # The head each of our decode steps ran in (lm_head runs in text steps only), replayed
+    # from the tokens: 5 steps; peers compute every logit, so they have no such split.
+    mix = ours["decode_steps_by_head"]
+    assert set(mix) == {"text", "time", "score"} and sum(mix.values()) == 5
+    assert "decode steps by head" in (out / "p.md").read_text()
     precision = {n: doc["backends"][n]["precision"] for n in ran}
     for name in ran:
         b = doc["backends"][name]
@@ -403,6 +408,7 @@ def test_bench_runs_the_peers_on_tiny(tiny_ckpt, tiny_artifact, tmp_path, monkey
         # Like for like: our prompt's positions (text + video block), our decode steps.
         assert b["prompt_positions"] == ours["prompt_positions"] and b["frames"] == 4
         assert len(b["token_ids"]) == 6 and all(0 <= t < 32000 for t in b["token_ids"])
+        assert b["decode_steps_by_head"] is None
         for stage, s in b["stages"].items():
             if stage in PEER_STAGES:
                 assert len(s["samples_ms"]) == 2 * 2 * (5 if stage == "decode_step" else 1)

@@ -58,6 +58,19 @@ def _header(report: dict[str, Any]) -> list[str]:
         lines.append(
             "- decoder variants run: " + ", ".join(f"{n} `{v}`" for n, v in variants.items())
         )
+    mix = {
+        n: e["decode_steps_by_head"]
+        for n, e in report["backends"].items()
+        if e.get("decode_steps_by_head") and any(e["decode_steps_by_head"].values())
+    }
+    if mix:
+        lines.append(
+            "- decode steps by head (the fused decoders run `lm_head` in text steps only; "
+            "peers compute every logit each step): "
+            + "; ".join(
+                f"{n} " + ", ".join(f"{h} {k}" for h, k in m.items() if k) for n, m in mix.items()
+            )
+        )
     if c.get("note"):
         lines.append(f"- note: {c['note']}")
     return lines
