@@ -250,12 +250,13 @@ def test_bench_on_tiny_writes_json_markdown_png(tiny_ckpt, tiny_artifact, tmp_pa
         assert set(b["stages"]) == set(STAGES), name
         for stage, s in b["stages"].items():
             assert {"p50_ms", "p90_ms", "p99_ms", "samples_ms"} <= s.keys()
-            want = 2 * 3 * (6 if stage == "decode_step" else 1)  # invocations x runs (x steps)
+            # invocations x runs (x steps); decode_step_text: as many steps, in the text head
+            want = 2 * 3 * (6 if stage.startswith("decode_step") else 1)
             assert len(s["samples_ms"]) == want, (name, stage)
             assert s["p50_ms"] == pytest.approx(np.percentile(s["samples_ms"], 50), abs=1e-3)
             assert s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"]
             # One p50 per invocation, from that invocation's own samples.
-            per = 3 * (6 if stage == "decode_step" else 1)
+            per = 3 * (6 if stage.startswith("decode_step") else 1)
             halves = [s["samples_ms"][:per], s["samples_ms"][per:]]
             want_p50s = [np.percentile(h, 50) for h in halves] if halves[0] else [None] * 2
             assert s["p50_by_invocation_ms"] == pytest.approx(want_p50s, abs=1e-3)
@@ -363,7 +364,7 @@ def test_bench_runs_the_peers_on_tiny(tiny_ckpt, tiny_artifact, tmp_path, monkey
     from benchmarks.peers.files import CACHE_ENV
     from export.quantize import quantize_artifact
     from trace_rt.bench.cli import main
-    from trace_rt.bench.peer import LLM_ONLY_NOTE, PEER_STAGES
+    from trace_rt.bench.peer import LLM_ONLY_NOTE, PEER_STAGES, PEER_TEXT_NOTE
 
     assert set(PEER_ENGINES) == set(PLUGINS)
     have = {n for n, m in PEER_ENGINES.items() if importlib.util.find_spec(m) is not None}
@@ -398,6 +399,11 @@ def test_bench_runs_the_peers_on_tiny(tiny_ckpt, tiny_artifact, tmp_path, monkey
     assert "decoder variants run: onnxruntime-int4 `int4`" in (out / "p.md").read_text()
     # The head each of our decode steps ran in (lm_head runs in text steps only), replayed
     # from the tokens: 5 steps; peers compute every logit, so they have no such split.
+    # Our text-head steps are held against the peers' decode steps (every logit each step).
+    vs_text = ours["speedup_vs_best_peer"]
+    if vs_text is not None:
+        assert vs_text["decode_step_text"]["value"] > 0
+    assert "text-head step vs best peer" in (out / "p.md").read_text()
     mix = ours["decode_steps_by_head"]
     assert set(mix) == {"text", "time", "score"} and sum(mix.values()) == 5
     assert "decode steps by head" in (out / "p.md").read_text()
@@ -414,7 +420,8 @@ def test_bench_runs_the_peers_on_tiny(tiny_ckpt, tiny_artifact, tmp_path, monkey
                 assert len(s["samples_ms"]) == 2 * 2 * (5 if stage == "decode_step" else 1)
                 assert s["p50_median_ms"] > 0
             else:
-                assert s["samples_ms"] == [] and s["note"] == LLM_ONLY_NOTE, (name, stage)
+                note = PEER_TEXT_NOTE if stage == "decode_step_text" else LLM_ONLY_NOTE
+                assert s["samples_ms"] == [] and s["note"] == note, (name, stage)
         # The floor counts the engine's own weights (a quantised file's real size).
         weights = b["floor_inputs"]["decoder_weight_bytes"]
         assert weights < ours["floor_inputs"]["decoder_weight_bytes"] * 1.1

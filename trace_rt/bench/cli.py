@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode steps per request, EOS ignored (default: %(default)s)",
     )
     p.add_argument(
+        "--no-text-steps",
+        dest="text_steps",
+        action="store_false",
+        help="skip decode_step_text (as many steps again, each in the text head so lm_head "
+        "runs, after one more untimed prefill per request: what to hold against a peer's "
+        "decode step)",
+    )
+    p.add_argument(
         "--warmup",
         type=int,
         default=1,
@@ -204,7 +212,9 @@ def _main(args: argparse.Namespace, console: Console, argv: list[str]) -> int:
 
     with tempfile.TemporaryDirectory(prefix="trace-rt-bench-") as tmp:
         video = args.video or synthetic_video(Path(tmp) / "synthetic.mp4")
-        request = Request(str(video), args.task, args.query, frames, args.decode_steps)
+        request = Request(
+            str(video), args.task, args.query, frames, args.decode_steps, args.text_steps
+        )
         info = machine.machine_info()
         rounds = [
             invocation.run_invocation(k, specs, skipped, args, cfg, request, console, server)
@@ -276,6 +286,7 @@ def _config(
         "plugins": args.plugin,
         "frames": frames,
         "decode_steps": args.decode_steps,
+        "text_steps": args.text_steps,
         "warmup": args.warmup,
         "runs": args.runs,
         "repeat": args.repeat,

@@ -189,6 +189,7 @@ def stage_floors(
         "prefill": prefill,
         "ttft": ttft,
         "decode_step": step,
+        "decode_step_text": step,  # the floor reads every head every step already
         "end_to_end": ttft + sum(steps),
         "inputs": {
             "decoder_weight_bytes": int(wb),

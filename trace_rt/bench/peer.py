@@ -36,6 +36,14 @@ from trace_rt.tokens import VIDEO_PLACEHOLDER_ID
 
 LLM_ONLY_NOTE = "LLM only (a peer engine: no video front end)"
 PEER_STAGES = ("prefill", "decode_step")  # what a peer shares with our backends
+# Our stages held against a peer's: each decode step of a peer computes every logit, as our
+# text-head steps do (a fused decoder skips lm_head in time and score steps).
+PEER_COMPARED = {
+    "prefill": "prefill",
+    "decode_step": "decode_step",
+    "decode_step_text": "decode_step",
+}
+PEER_TEXT_NOTE = "n/a: every decode_step of a peer computes all logits (= a text-head step)"
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 
 

@@ -20,8 +20,10 @@ COLUMNS = (
     "positions",
     "prefill ms",
     "decode step ms",
+    "text-head step ms",
     "prefill vs best peer",
     "step vs best peer",
+    "text-head step vs best peer",
     "best peer (prefill / step)",
 )
 ABOUT = (
@@ -29,7 +31,9 @@ ABOUT = (
     "positions (the request's text and video-block positions, as text ids) and the same "
     "number of greedy decode steps. ms: median over invocations of each invocation's p50 "
     "[min–max]. vs best peer: the fastest peer of the same precision's p50 / this backend's "
-    "p50 within each invocation, median [min–max] over invocations (> 1: we are faster)."
+    "p50 within each invocation, median [min–max] over invocations (> 1: we are faster). "
+    "text-head step: our decode steps with lm_head running (decode_step_text); a peer's "
+    "every step computes all logits, so its decode step is the one to hold against it."
 )
 
 
@@ -86,8 +90,10 @@ def rows(entries: dict[str, dict[str, Any]]) -> list[list[str]]:
                 str(e.get("prompt_positions") or "-"),
                 _ms(e["stages"]["prefill"]),
                 _ms(e["stages"]["decode_step"]),
+                "" if e.get("peer") else _ms(e["stages"]["decode_step_text"]),
                 "" if e.get("peer") else _vs(vs.get("prefill")),
                 "" if e.get("peer") else _vs(vs.get("decode_step")),
+                "" if e.get("peer") else _vs(vs.get("decode_step_text")),
                 best_cell,
             ]
         )
@@ -98,7 +104,7 @@ def markdown(entries: dict[str, dict[str, Any]]) -> list[str]:
     if not has_peers(entries):
         return []
     lines = ["", "## Against the peers (same prompt positions, same decode steps)", "", ABOUT]
-    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|---|---|---|" + "---:|" * 5 + "---|"]
+    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|---|---|---|" + "---:|" * 7 + "---|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows(entries)]
     return lines
 

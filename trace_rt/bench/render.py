@@ -25,6 +25,7 @@ SHORT = {  # console column headers
     "prefill": "prefill",
     "ttft": "ttft",
     "decode_step": "step",
+    "decode_step_text": "text\nstep",
     "end_to_end": "e2e",
 }
 WIDE = 150  # below this many columns the main table becomes one block per backend

@@ -42,9 +42,12 @@ Peers (:mod:`trace_rt.bench.peer`, other engines running the LLM alone) are back
 ``"peer": true``; their stages other than ``prefill`` and ``decode_step`` have no samples
 and a ``note``. Every backend has ``precision`` (fp32 / fp16 / bf16 / int8 / int4); every
 non-peer backend has ``speedup_vs_best_peer``: null without a peer at its precision, else
-per stage (``prefill``, ``decode_step``) {"value" (median over invocations of the fastest
-same-precision peer's p50 / this backend's p50, within each invocation), "spread" [min,
-max], "by_invocation", "peer" (the fastest peer, most often), "peers" (those compared)}.
+per stage (``prefill``, ``decode_step``, ``decode_step_text``: the last held against the
+peers' ``decode_step``, which computes every logit as a text-head step does) {"value"
+(median over invocations of the fastest same-precision peer's p50 / this backend's p50,
+within each invocation), "spread" [min, max], "by_invocation", "peer" (the fastest peer,
+most often), "peers" (those compared)}. Our backends also have ``decode_steps_by_head``:
+how many of the request's decode steps ran in each head.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from typing import Any
 
 from trace_rt.bench import summary
 from trace_rt.bench.floor import Peaks, stage_floors
-from trace_rt.bench.peer import LLM_ONLY_NOTE, PEER_STAGES
+from trace_rt.bench.peer import LLM_ONLY_NOTE, PEER_STAGES, PEER_TEXT_NOTE
 from trace_rt.bench.runner import BackendRun
 from trace_rt.bench.stats import STAGES, per_position, summarize, tokens_per_s
 from trace_rt.config import TraceConfig
@@ -90,7 +93,9 @@ def backend_entry(
         floor = floors[stage]
         s["floor_ms"] = round(floor, 4) if floor is not None else None
         s["vs_floor"] = round(s["p50_ms"] / floor, 3) if floor and s["p50_ms"] else None
-        if run.peer and stage not in PEER_STAGES:
+        if run.peer and stage == "decode_step_text":
+            s["note"] = PEER_TEXT_NOTE
+        elif run.peer and stage not in PEER_STAGES:
             s["note"] = LLM_ONLY_NOTE
         elif stage == "projector" and not run.staged:
             s["note"] = "this backend has no encode_frames/project split: included in vision"

@@ -15,6 +15,11 @@ stage so each stage gets its own clock:
 - ``decode_step``: time between consecutive tokens: ``backend.decode_step`` plus the
   loop's own work (sampling, head switching); one sample per step, ``--decode-steps`` of
   them per request, EOS ignored (``GenerationConfig.ignore_eos``);
+- ``decode_step_text``: the same number of steps, each in the text head (so ``lm_head``
+  runs: a fused decoder skips it in time and score steps, and random weights often
+  decode time digits only), after an untimed prefill of the same prompt; token to token,
+  the greedy pick included. A peer computes every logit each step, so this is the step
+  to hold against a peer's ``decode_step`` (``--no-text-steps`` skips it);
 - ``end_to_end``: request start to the parsed events.
 
 Decode steps return host logits, which implies a device sync, so the clocks are honest
@@ -36,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from trace_rt.backends.base import StagedVideoEncoder
 from trace_rt.bench import machine
 from trace_rt.bench.peer import is_peer, one_peer_request, peer_prompt
@@ -45,6 +52,7 @@ from trace_rt.generate import GenerationConfig, generate
 from trace_rt.pipeline import Pipeline
 from trace_rt.prompts import PromptSet
 from trace_rt.tokenizer import TextTokenizer
+from trace_rt.tokens import Head, head_base
 from trace_rt.variants import variant_precision
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -59,6 +67,7 @@ class Request:
     query: str | None = None
     frames: int | None = None
     decode_steps: int = 64
+    text_steps: bool = True  # also time decode_step_text (module docstring)
 
     @property
     def gen(self) -> GenerationConfig:
@@ -147,6 +156,8 @@ def run_backend(
                     if stage == "decode_steps":
                         out.steps_by_run.append(value)
                         out.samples.setdefault("decode_step", []).extend(value)
+                    elif stage == "decode_steps_text":
+                        out.samples.setdefault("decode_step_text", []).extend(value)
                     elif stage == "token_ids":
                         out.token_ids = value
                     elif stage in ("prompt_positions", "frames"):
@@ -206,7 +217,25 @@ def one_request(pipe: Pipeline, req: Request, staged: bool) -> dict[str, Any]:
     }
     if staged:
         sample["projector"] = (t3 - t2) * ms
+    if req.text_steps:
+        sample["decode_steps_text"] = text_head_steps(
+            backend, pipe.config.ids, prep.prompt_ids, video, req.decode_steps
+        )
     return sample
+
+
+def text_head_steps(backend, ids, prompt_ids: list[int], video: Any, n: int) -> list[float]:
+    """*n* decode steps in the text head after an untimed prefill of *prompt_ids*: ms from
+    token to token, each greedy pick included (as ``decode_step``'s loop picks)."""
+    clock, base = time.perf_counter, head_base(ids, Head.TEXT)
+    logits = backend.prefill(prompt_ids, video, Head.TEXT)
+    out: list[float] = []
+    t = clock()
+    for _ in range(n):
+        logits = backend.decode_step(base + int(np.argmax(logits)), Head.TEXT)
+        t, t0 = clock(), t
+        out.append((t - t0) * 1e3)
+    return out
 
 
 def _peer_request(pipe: Pipeline, req: Request) -> Callable[[], dict[str, Any]]:

@@ -7,7 +7,16 @@ from collections.abc import Sequence
 from typing import Any
 
 # Stages of one request, in order; the JSON contract names exactly these.
-STAGES = ("video", "vision", "projector", "prefill", "ttft", "decode_step", "end_to_end")
+STAGES = (
+    "video",
+    "vision",
+    "projector",
+    "prefill",
+    "ttft",
+    "decode_step",
+    "decode_step_text",
+    "end_to_end",
+)
 QUANTILES = (50, 90, 99)
 
 

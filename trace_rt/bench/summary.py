@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from trace_rt.bench.peer import PEER_STAGES
+from trace_rt.bench.peer import PEER_COMPARED
 from trace_rt.bench.runner import BackendRun
 from trace_rt.bench.stats import STAGES, percentile
 
@@ -145,7 +145,7 @@ def add_peer_speedups(
             entry["speedup_vs_best_peer"] = None
             continue
         out: dict[str, Any] = {}
-        for stage in PEER_STAGES:
+        for stage, theirs in PEER_COMPARED.items():
             per: list[float | None] = []
             fastest: list[str] = []
             for i, inv in enumerate(by_inv.get(name, [])):
@@ -153,7 +153,7 @@ def add_peer_speedups(
                 times = [
                     (t, p)
                     for p in same
-                    if i < len(by_inv.get(p, [])) and (t := by_inv[p][i].get(stage))
+                    if i < len(by_inv.get(p, [])) and (t := by_inv[p][i].get(theirs))
                 ]
                 if not mine or not times:
                     per.append(None)
