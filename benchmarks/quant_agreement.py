@@ -67,6 +67,8 @@ class Stats:
     rel_err: list[float] = field(default_factory=list)
     abs_err: list[float] = field(default_factory=list)
     margin: list[float] = field(default_factory=list)  # fp32's top-1 minus top-2 logit
+    text_top1: list[float] = field(default_factory=list)  # text head forced: argmax agreement
+    text_err: list[float] = field(default_factory=list)  # ... and max rel. logit error
     decode_ms: list[float] = field(default_factory=list)
     prefill_ms: list[float] = field(default_factory=list)
 
@@ -113,13 +115,32 @@ def write_videos(workdir: Path) -> list[Path]:
     return paths
 
 
-def teacher_forced(pipe: Pipeline, video: Path, prompt_ids: list[int], tokens: list[int]):
-    """The variant's per-step logits when fed *tokens* (fp32's greedy answer)."""
-    b, cfg = pipe.backend, pipe.config
+def _encode(pipe: Pipeline, video: Path):
+    cfg = pipe.config
     clip = load_video(video, cfg.num_frames)
     px = preprocess_frames(clip.frames, cfg.preprocess)
     tid = np.array([encode_timestamp(float(t)) for t in clip.times], dtype=np.int64)
-    handle = b.encode_video(px, tid)
+    return pipe.backend.encode_video(px, tid)
+
+
+def text_forced(pipe: Pipeline, video: Path, prompt_ids: list[int], n: int, tokens=None):
+    """Logits of a prefill and *n* decode steps all in the text head (``lm_head`` runs every
+    step), fed *tokens*, or without them each step's own greedy text pick (fp32's run);
+    returns (logits, the tokens fed). Random weights' greedy answers rarely leave the time
+    head, so this is where a quantised ``lm_head`` shows."""
+    b, base = pipe.backend, head_base(pipe.config.ids, Head.TEXT)
+    logits = [b.prefill(prompt_ids, _encode(pipe, video), Head.TEXT)]
+    fed: list[int] = []
+    for k in range(n):
+        fed.append(tokens[k] if tokens is not None else base + int(np.argmax(logits[-1])))
+        logits.append(b.decode_step(fed[-1], Head.TEXT))
+    return logits, fed
+
+
+def teacher_forced(pipe: Pipeline, video: Path, prompt_ids: list[int], tokens: list[int]):
+    """The variant's per-step logits when fed *tokens* (fp32's greedy answer)."""
+    b, cfg = pipe.backend, pipe.config
+    handle = _encode(pipe, video)
     head = Head.TIME
     logits = [b.prefill(prompt_ids, handle, head)]
     heads = [head]
@@ -197,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = {n: p.run(video, task, query=query, gen=gen) for n, p in pipes.items()}
             ref = runs[FP32]["token_ids"]
             ref_logits, heads = teacher_forced(pipes[FP32], video, runs[FP32]["prompt_ids"], ref)
+            prompt = runs[FP32]["prompt_ids"]
+            text_ref, text_fed = text_forced(pipes[FP32], video, prompt, args.tokens - 1)
             for n, r in runs.items():
                 s, got = stats[n], r["token_ids"]
                 n_tok = len(got)
@@ -217,6 +240,19 @@ def main(argv: list[str] | None = None) -> int:
                     for x, h, t in zip(lg, heads, ref, strict=True)
                 ]
                 s.forced.append(sum(hits) / len(ref))
+                lt, _ = text_forced(pipes[n], video, prompt, args.tokens - 1, text_fed)
+                agree = [np.argmax(x) == np.argmax(y) for x, y in zip(lt, text_ref, strict=True)]
+                s.text_top1.append(float(np.mean(agree)))
+                s.text_err.append(
+                    float(
+                        np.mean(
+                            [
+                                np.abs(x - y).max() / np.abs(y).max()
+                                for x, y in zip(lt, text_ref, strict=True)
+                            ]
+                        )
+                    )
+                )
                 diffs = [np.abs(x - y).max() for x, y in zip(lg, ref_logits, strict=True)]
                 s.abs_err.append(float(np.mean(diffs)))
                 s.rel_err.append(
@@ -255,8 +291,9 @@ def render(
     base_ms = statistics.median(stats[FP32].decode_ms)
     lines = [
         "| variant | form | decoder MB | prefix agr. | overall agr. | exact | forced top-1 "
-        "| logit rel. err | max abs. err | decode ms/tok | speed-up | prefill ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| logit rel. err | max abs. err | text top-1 | text logit err | decode ms/tok "
+        "| speed-up | prefill ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, s in stats.items():
         rec = variants.get(n, {})
@@ -269,10 +306,12 @@ def render(
         forced = f"{np.mean(s.forced):.3f}" if s.forced else "1"
         err = f"{np.mean(s.rel_err):.2e}" if s.rel_err else "0"
         abs_err = f"{np.mean(s.abs_err):.3f}" if s.abs_err else "0"
+        t1 = f"{np.mean(s.text_top1):.3f}" if s.text_top1 else "1"
+        t_err = f"{np.mean(s.text_err):.2e}" if s.text_err else "0"
         lines.append(
             f"| {n} | {form} | {size[n] / 1e6:.0f} | {np.mean(s.prefix):.3f} | "
             f"{np.mean(s.overall):.3f} | {sum(s.exact)}/{len(s.exact)} | {forced} | {err} | "
-            f"{abs_err} | "
+            f"{abs_err} | {t1} | {t_err} | "
             f"{ms:.1f} | {base_ms / ms:.2f}x | {statistics.median(s.prefill_ms):.0f} |"
         )
     some = next(iter(variants.values()), {})
@@ -302,7 +341,10 @@ def render(
             "agr. = positions equal / fp32 length; exact = inputs with identical tokens; "
             "forced top-1 = argmax agreement when fed fp32's tokens; logit rel. err = mean "
             "over those steps of max|variant - fp32| / max|fp32| of the active head; max abs. "
-            "err = mean of max|variant - fp32| (logit units); decode ms/tok and prefill ms are "
+            "err = mean of max|variant - fp32| (logit units); text top-1 / text logit err = the "
+            "same with every step in the text head (a prefill and tokens-1 steps fed fp32's "
+            "own greedy text picks), where lm_head runs each step; decode ms/tok and prefill "
+            "ms are "
             "medians over inputs, timed with every variant's pipeline alive in one process "
             "(rough: read speed from the per-process table below).",
             "",

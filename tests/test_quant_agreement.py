@@ -17,6 +17,12 @@ def test_lm_head_variants_reported(tmp_path):
     assert {"fp32", "int4", "contrib-int4", "contrib-int4-lm"} <= set(rows)
     assert "lm_head too" in rows["contrib-int4-lm"] and "lm_head" not in rows["contrib-int4"]
     assert "lm_head int8" in rows["contrib-int4-lm8"]
+    # Text-head forced agreement (lm_head runs every step), for every variant: int8's head
+    # errs less than int4's on the same text logits.
+    header = next(ln for ln in out.read_text().splitlines() if ln.startswith("| variant |"))
+    col = [c.strip() for c in header.split("|")].index("text logit err")
+    err = {n: float(r.split("|")[col]) for n, r in rows.items() if n.startswith("contrib")}
+    assert 0 < err["contrib-int4-lm8"] < err["contrib-int4-lm"]
     assert "int8" not in rows  # --variants: only those (and fp32) ran
     # Speed: each variant alone in its own process (prefill, text step, time step).
     text = out.read_text()
