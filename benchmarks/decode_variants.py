@@ -4,7 +4,8 @@ fp32/int8/int4, MatMulNBits int8 vs int8 with activations quantised per token.
     python -m benchmarks.decode_variants ART [--past 400] [--threads 1] [--out FILE.json]
 
 Makes the variants it times (``python -m export quantize`` / ``optimize`` forms; int4 at
-several block sizes, and with ``lm_head`` quantised), then times them with
+several block sizes, with ``lm_head`` in int8 as optimize makes it by default, in fp32
+(``-lm32``) and in int4 (``-lm``)), then times them with
 :func:`export.decode_timing.time_decode`: each variant in its own process (one decoder
 loaded, as the runtime runs it), a prefill and single decode steps at ~``--past``
 positions, variants one after another in two passes (forward, then backward), so a
@@ -42,6 +43,8 @@ PAIRS = (
     ("fused-int4", "contrib-int4"),
     # MatMulNBits int8 vs int8 x int8 with per-token activation scales (export/w8a8.py)
     ("contrib-int8", "contrib-int8-dynamic"),
+    # lm_head in fp32 vs in int8 (optimize's default, export/fuse.py DEFAULT_LM_HEAD)
+    ("fused-int4-lm32", "fused-int4"),
 )
 
 
@@ -63,6 +66,8 @@ def make_variants(art: Path) -> list[str]:
             optimize_artifact(art, (4,), block_size=b, tag=f"-b{b}")
     if "fused-int4-lm" not in have:
         optimize_artifact(art, (4,), lm_head=True, tag="-lm")
+    if "fused-int4-lm32" not in have:
+        optimize_artifact(art, (4,), lm_head=False, tag="-lm32")
     extra = [f"fused-int4-b{b}" for b in BLOCK_SIZES[1:]] + ["fused-int4-lm"]
     return list(dict.fromkeys(v for pair in PAIRS for v in pair)) + extra
 

@@ -109,8 +109,11 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
     _add_quant_settings(p)
 
 
-def _add_quant_settings(p: argparse.ArgumentParser, accuracy_level: bool = True) -> None:
-    """The quantiser's settings, the same in every command that quantises."""
+def _add_quant_settings(
+    p: argparse.ArgumentParser, accuracy_level: bool = True, optimize: bool = False
+) -> None:
+    """The quantiser's settings, the same in every command that quantises (*optimize*:
+    ``lm_head`` defaults to int8 there, the source's choice on a layer-streamed artifact)."""
     p.add_argument(
         "--block-size",
         type=int,
@@ -130,10 +133,18 @@ def _add_quant_settings(p: argparse.ArgumentParser, accuracy_level: bool = True)
         "--lm-head",
         nargs="?",
         const="same",
-        default="fp32",
+        default=None if optimize else False,
         type=_lm_head_arg,
         metavar="{fp32,same,int8,int4}",
-        help="how to store lm_head, the text head: fp32 (kept; the default), same (quantised "
+        help="how to store lm_head, the text head: "
+        + (
+            "int8 (the default here: measured to cost no agreement the layers' quantisation "
+            "does not already cost; on a layer-streamed artifact the default keeps what its "
+            "export chose), fp32, "
+            if optimize
+            else "fp32 (kept; the default), "
+        )
+        + "same (quantised "
         "like the layers; also what a bare --lm-head means), int8 or int4 (that width "
         "whatever the layers' width: MatMulNBits, or QDQ in TensorRT's form)",
     )
@@ -170,7 +181,7 @@ def _add_optimize_parser(sub: argparse._SubParsersAction) -> None:
         "(MatMulIntegerToFloat, export/w8a8.py; faster prefill on x86), timed against "
         "MatMulNBits int8",
     )
-    _add_quant_settings(o, accuracy_level=False)
+    _add_quant_settings(o, accuracy_level=False, optimize=True)
     o.add_argument(
         "--contrib",
         action="store_true",

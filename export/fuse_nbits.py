@@ -130,20 +130,20 @@ def _add(g: onnx.GraphProto, t: onnx.TensorProto) -> onnx.TensorProto:
 
 
 def check_settings(
-    source: dict[str, Any], block_size: int, accuracy_level: int, lm_head: bool | int
+    source: dict[str, Any], block_size: int, accuracy_level: int, lm_head: bool | int | None
 ):
-    """Refuse settings the quantised source does not have (no float weights to redo it)."""
+    """Refuse settings the quantised source does not have (no float weights to redo it);
+    *lm_head* None: whatever the source did."""
     name = source.get("file", "the quantised decoder")
     bits = source.get("bits")
     w = source.get("weights", {})
     have = {
         "--block-size": (source.get("block_size"), block_size),
         "--accuracy-level": (source.get("accuracy_level") or 0, accuracy_level),
-        "--lm-head": (
-            _head(w.get("lm_head_bits", bits if w.get("lm_head") else None)),
-            _head(head_bits(lm_head, bits)),
-        ),
     }
+    if lm_head is not None:
+        src_head = w.get("lm_head_bits", bits if w.get("lm_head") else None)
+        have["--lm-head"] = (_head(src_head), _head(head_bits(lm_head, bits)))
     for flag, (src, asked) in have.items():
         if src != asked:
             raise InputError(
@@ -166,7 +166,7 @@ def optimize_quantised(
     external_data_threshold: int,
     block_size: int,
     accuracy_level: int,
-    lm_head: bool | int,
+    lm_head: bool | int | None,
 ) -> dict[str, dict[str, Any]]:
     """The fused forms of an artifact with no float decoder, from its MatMulNBits
     variants (export/fuse_nbits.py)."""

@@ -43,7 +43,9 @@ QUERY = "a red circle moves left"
 def art(tiny_ckpts, tmp_path_factory) -> Path:
     out = export_onnx(tiny_ckpts[2], tmp_path_factory.mktemp("fuse") / "a", progress=False)
     optimize_artifact(out, (None, 4, 8), forms=("fused", "contrib"))
-    quantize_artifact(out, 4, forms=("nbits",))
+    # The plain int4 variant with the same int8 lm_head (optimize's default): the fused one
+    # must compute exactly its weights.
+    quantize_artifact(out, 4, forms=("nbits",), lm_head=8)
     return out
 
 
@@ -122,10 +124,11 @@ def test_fused_graph_is_packed_and_gated(art):
     assert [o.name for o in fused.output] == [o.name for o in port.output]
     q4 = onnx.load(str(art / "decoder.fused.int4.onnx")).graph
     assert count(q4, "MatMulNBits") == 4 * layers  # packed qkv, o, packed gate/up, down
-    # lm_head kept in fp32 (the default), inside the If.
+    # lm_head in int8 (optimize's default: fuse.DEFAULT_LM_HEAD), inside the If.
     (gate4,) = [n for n in q4.node if n.op_type == "If"]
     then = next(a.g for a in gate4.attribute if a.name == "then_branch")
-    assert [n.op_type for n in then.node] == ["MatMul"]
+    assert [n.op_type for n in then.node] == ["MatMulNBits"]
+    assert {a.name: a.i for a in then.node[0].attribute}["bits"] == 8
 
 
 def test_contrib_graph_uses_rotary_embedding(art):

@@ -380,8 +380,11 @@ def test_cli_quant_settings_match_the_quantiser():
     assert tuple(cli.BLOCK_SIZES) == quantize.BLOCK_SIZES
     for command in (["quantize", "OUT", "--int4"], ["onnx", "CKPT", "OUT"], ["optimize", "OUT"]):
         args = cli.build_parser().parse_args(command)
-        assert args.block_size == quantize.DEFAULT_BLOCK_SIZE and args.lm_head is False
-        for flag, want in (([], False), (["--lm-head"], True), (["--lm-head", "int8"], 8)):
+        assert args.block_size == quantize.DEFAULT_BLOCK_SIZE
+        # optimize: None = int8 (fuse.DEFAULT_LM_HEAD), or a streamed source's own choice
+        assert args.lm_head is (None if command[0] == "optimize" else False)
+        default = None if command[0] == "optimize" else False
+        for flag, want in (([], default), (["--lm-head"], True), (["--lm-head", "int8"], 8)):
             assert cli.build_parser().parse_args(command + flag).lm_head == want
         if command[0] != "optimize":
             assert args.accuracy_level == quantize.DEFAULT_ACCURACY_LEVEL
