@@ -41,7 +41,8 @@ Rewrites, and why:
   past length: ``Shape(past_key.i)``, the attention mask) is computed once instead of
   once per layer (:func:`export.static_shapes.share_shapes`). On `small` (12 layers),
   after onnxruntime's own optimisation of each graph: 938 nodes portable, 723 fused
-  before that sharing; ``contrib-int4`` 587 -> 455.
+  before that sharing; ``contrib-int4`` 587 -> 455 (a simpler graph; its step time
+  moved within noise, benchmarks/results/peers-small-cpu-2026-11-30-text-steps.md).
 - **RMSNorm.** Left to onnxruntime: at ``ORT_ENABLE_EXTENDED`` (the backend's cached
   level) it already fuses the exported norm into ``SimplifiedLayerNormalization`` and the
   residual add + norm into ``SkipSimplifiedLayerNormalization`` (tested in
