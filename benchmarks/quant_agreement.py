@@ -123,6 +123,13 @@ def _encode(pipe: Pipeline, video: Path):
     return pipe.backend.encode_video(px, tid)
 
 
+def mean_rel_err(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    """Mean over steps of max|got - want| / max|want| (each step's own scale)."""
+    return float(
+        np.mean([np.abs(x - y).max() / np.abs(y).max() for x, y in zip(got, want, strict=True)])
+    )
+
+
 def text_forced(pipe: Pipeline, video: Path, prompt_ids: list[int], n: int, tokens=None):
     """Logits of a prefill and *n* decode steps all in the text head (``lm_head`` runs every
     step), fed *tokens*, or without them each step's own greedy text pick (fp32's run);
@@ -243,28 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                 lt, _ = text_forced(pipes[n], video, prompt, args.tokens - 1, text_fed)
                 agree = [np.argmax(x) == np.argmax(y) for x, y in zip(lt, text_ref, strict=True)]
                 s.text_top1.append(float(np.mean(agree)))
-                s.text_err.append(
-                    float(
-                        np.mean(
-                            [
-                                np.abs(x - y).max() / np.abs(y).max()
-                                for x, y in zip(lt, text_ref, strict=True)
-                            ]
-                        )
-                    )
-                )
+                s.text_err.append(mean_rel_err(lt, text_ref))
                 diffs = [np.abs(x - y).max() for x, y in zip(lg, ref_logits, strict=True)]
                 s.abs_err.append(float(np.mean(diffs)))
-                s.rel_err.append(
-                    float(
-                        np.mean(
-                            [
-                                np.abs(x - y).max() / np.abs(y).max()
-                                for x, y in zip(lg, ref_logits, strict=True)
-                            ]
-                        )
-                    )
-                )
+                s.rel_err.append(mean_rel_err(lg, ref_logits))
             print(f"{video.name} {task}: {len(ref)} fp32 tokens", flush=True)
     steps = step_latency(art, names, args.step_past, args.step_reps)
     report = render(args, art, manifest, stats, steps, time.time() - t0, len(videos) * 3)
