@@ -9,7 +9,8 @@ several block sizes, with ``lm_head`` in int8 as optimize makes it by default, i
 :func:`export.decode_timing.time_decode`: each variant in its own process (one decoder
 loaded, as the runtime runs it), a prefill and single decode steps at ~``--past``
 positions, variants one after another in two passes (forward, then backward), so a
-loaded machine's drift falls on all alike. Reports p50 per variant of a prefill of
+loaded machine's drift falls on all alike. Reports p50 per variant (the faster of its two
+worker processes': the VM's per-process speed modes, ``time_decode``) of a prefill of
 ``--past`` positions, of a step in the text head (lm_head runs) and in the time head
 (the fused graphs skip it), and the ratios of the pairs below: on a shared machine the
 absolute figures move with the load, the ratios much less.

@@ -344,7 +344,8 @@ def render(
             "weights loops on one id, one flipped state repeats across many positions.",
             "",
             f"Each variant alone, in its own process (prefill of {args.step_past} positions, "
-            f"then single steps; {args.step_reps} rounds over two passes; p50 ms; "
+            f"then single steps; {args.step_reps} rounds over two worker processes; the faster "
+            "worker's p50, ms; "
             "`export.decode_timing.time_decode`):",
             "",
             "| variant | prefill | step, text head | step, time head | step speed-up |",
