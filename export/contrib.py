@@ -13,8 +13,9 @@ What was not done, and why: onnxruntime's fused attention ops (``GroupQueryAtten
 hd]``), while the graphs' contract (trace_rt/graphs.py) and the backend's pool are
 position-major ``[P, B, kv, hd]``; feeding them would mean a transposed copy of the whole
 past per layer per step (what position-major exists to avoid) or a second pool layout in
-the backend. ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` are
-already made by onnxruntime's own optimiser from the exported RMSNorm (tests/test_fuse.py).
+the backend. ``SimplifiedLayerNormalization`` is already made by onnxruntime's own
+optimiser from the exported RMSNorm (tests/test_fuse.py; the residual add stays outside
+it: export/fuse.py).
 """
 
 from __future__ import annotations

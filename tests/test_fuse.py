@@ -131,6 +131,22 @@ def test_fused_graph_is_packed_and_gated(art):
     assert {a.name: a.i for a in then.node[0].attribute}["bits"] == 8
 
 
+def test_onnxruntime_fuses_every_rmsnorm(art, tmp_path):
+    """export/fuse.py leaves RMSNorm to onnxruntime: at the backend's level every exported
+    norm (two per layer and the final one) must become SimplifiedLayerNormalization."""
+    layers = json.loads((art / "config.json").read_text())["num_hidden_layers"]
+    for name in ("decoder.fused.onnx", "decoder.contrib.int4.onnx"):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(tmp_path / name)
+        so.log_severity_level = 3
+        ort.InferenceSession(str(art / name), so, providers=["CPUExecutionProvider"])
+        g = onnx.load(str(tmp_path / name), load_external_data=False).graph
+        norms = sum(n.op_type == "SimplifiedLayerNormalization" for n in g.node)
+        assert norms == 2 * layers + 1, (name, norms)
+        assert not any(n.op_type in ("ReduceMean", "Sqrt", "Pow") for n in g.node), name
+
+
 def test_contrib_graph_uses_rotary_embedding(art):
     """Each layer's q and k rotation is one RotaryEmbedding; the exported rotate_half
     (Neg) and the per-step cos/sin computation are gone; the rest is the fused graph."""
