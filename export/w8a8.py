@@ -37,6 +37,13 @@ column. Why this shape:
   vs 6.2e-2 relative) with the same or better token agreement for this form
   (benchmarks/results/int8-dynamic-small-cpu-2026-11-30.md).
 
+- **Eight nodes per quantised activation** (``Abs``, ``ReduceMax``, ``Max``, ``Div``,
+  ``Div``, ``Add``, ``Round``, ``Cast``), shared by the matmuls reading it. Tried instead:
+  opset 21's blocked ``QuantizeLinear`` (one block per row, int8 output, no zero point)
+  into an int8 x int8 ``MatMulIntegerToFloat``, five nodes: bit-identical at M = 1, but
+  1.3 ms against 0.045-0.07 ms for one 768 x 3072 GEMV, 27 ms against 2.5 ms at M = 385
+  (onnxruntime 1.32, 2-core AVX-512 CPU); the u8 grid stays.
+
 Rows of zeros (padding) get a floor on the scale instead of a division by zero. Which
 MatMuls are rewritten is the caller's choice (``export.quantize.select_weights``: every
 decoder linear layer, the heads kept).
