@@ -47,7 +47,7 @@ import onnxruntime as ort
 from trace_rt.generate import GenerationConfig
 from trace_rt.pipeline import Pipeline
 from trace_rt.preprocess import preprocess_frames
-from trace_rt.tokens import Head, encode_timestamp, head_base, next_head
+from trace_rt.tokens import Head, encode_timestamp, head_base, heads_along
 from trace_rt.variants import variant_names
 from trace_rt.video import load_video
 
@@ -146,15 +146,10 @@ def text_forced(pipe: Pipeline, video: Path, prompt_ids: list[int], n: int, toke
 
 def teacher_forced(pipe: Pipeline, video: Path, prompt_ids: list[int], tokens: list[int]):
     """The variant's per-step logits when fed *tokens* (fp32's greedy answer)."""
-    b, cfg = pipe.backend, pipe.config
-    handle = _encode(pipe, video)
-    head = Head.TIME
-    logits = [b.prefill(prompt_ids, handle, head)]
-    heads = [head]
-    for tok in tokens[:-1]:
-        head = next_head(cfg.ids, head, tok)
-        logits.append(b.decode_step(tok, head))
-        heads.append(head)
+    b = pipe.backend
+    heads = heads_along(pipe.config.ids, tokens)
+    logits = [b.prefill(prompt_ids, _encode(pipe, video), heads[0])]
+    logits += [b.decode_step(tok, h) for tok, h in zip(tokens[:-1], heads[1:], strict=True)]
     return logits, heads
 
 
@@ -273,6 +268,8 @@ def render(
     secs: float,
     runs_ref: int,
 ) -> str:
+    from export.quantize import recorded_head_bits
+
     variants = manifest.get("variants", {}).get("decoder", {})
     size = {FP32: (art / manifest["graphs"]["decoder"]["file"]).stat().st_size}
     for n, rec in variants.items():
@@ -287,9 +284,8 @@ def render(
     for n, s in stats.items():
         rec = variants.get(n, {})
         form = "fp32" if n == FP32 else f"{rec['scheme']} int{rec['bits']}"
-        w = rec.get("weights", {})
-        if w.get("lm_head") is True:  # quantised too
-            head = w.get("lm_head_bits", rec["bits"])
+        head = recorded_head_bits(rec.get("weights", {}), rec.get("bits"))
+        if head is not None:  # quantised too
             form += ", lm_head too" if head == rec["bits"] else f", lm_head int{head}"
         ms = statistics.median(s.decode_ms)
         forced = f"{np.mean(s.forced):.3f}" if s.forced else "1"

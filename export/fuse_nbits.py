@@ -41,7 +41,14 @@ from export.fuse import (
     text_head_output,
     weighted_nodes,
 )
-from export.quantize import _heads, _opset, _save, _update_manifest, head_bits
+from export.quantize import (
+    _heads,
+    _opset,
+    _save,
+    _update_manifest,
+    head_bits,
+    recorded_head_bits,
+)
 from export.static_shapes import fold_shapes, remove_initializers
 from trace_rt.errors import InputError
 from trace_rt.graphs import DECODER
@@ -136,13 +143,12 @@ def check_settings(
     *lm_head* None: whatever the source did."""
     name = source.get("file", "the quantised decoder")
     bits = source.get("bits")
-    w = source.get("weights", {})
     have = {
         "--block-size": (source.get("block_size"), block_size),
         "--accuracy-level": (source.get("accuracy_level") or 0, accuracy_level),
     }
     if lm_head is not None:
-        src_head = w.get("lm_head_bits", bits if w.get("lm_head") else None)
+        src_head = recorded_head_bits(source.get("weights", {}), bits)
         have["--lm-head"] = (_head(src_head), _head(head_bits(lm_head, bits)))
     for flag, (src, asked) in have.items():
         if src != asked:

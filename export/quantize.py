@@ -238,7 +238,7 @@ def head_bits(lm_head: bool | int | None, bits: Bits, form: str = "nbits") -> Bi
         if form == "dynamic":
             return 8  # one MatMulNBits node: the fused forms gate the head as one node
         return bits
-    if lm_head not in (4, 8) or isinstance(lm_head, bool):
+    if lm_head not in (4, 8):
         raise InputError(f"lm_head: False (kept), True (quantised alike), 8 or 4; not {lm_head!r}")
     if bits == FP8:
         raise InputError("an fp8 variant quantises lm_head to fp8 or not at all (lm_head=True)")
@@ -271,6 +271,12 @@ def quantise_nodes(
             model, head = _to_matmulnbits(model, [lm], lm_bits, block_size, level or 4), [lm]
         done = [*done, *head]
     return model, done
+
+
+def recorded_head_bits(weights: dict[str, Any], bits: Bits) -> Bits | None:
+    """How a *bits* variant's manifest ``weights`` entry says ``lm_head`` was stored (None:
+    float); records from before ``lm_head_bits`` only say whether it was quantised alike."""
+    return weights.get("lm_head_bits", bits if weights.get("lm_head") else None)
 
 
 def weights_record(done: list[str], kept: list[str], lm_bits: Bits | None) -> dict[str, Any]:

@@ -150,7 +150,13 @@ def quantize_step(out: str | Path, name: str) -> dict[str, Any]:
     variant's record (also written to the manifest)."""
     import onnx
 
-    from export.quantize import _save, quantise_nodes, select_weights, variant_file
+    from export.quantize import (
+        _save,
+        quantise_nodes,
+        recorded_head_bits,
+        select_weights,
+        variant_file,
+    )
 
     out = Path(out)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
@@ -160,8 +166,7 @@ def quantize_step(out: str | Path, name: str) -> dict[str, Any]:
         raise TensorRTBuildError(f"decoder variant {name!r} is not a QDQ (TensorRT) variant")
     bits = _BITS[rec["weight_type"]]
     model = onnx.load(str(out / step["file"]))
-    w = rec["weights"]
-    lm_bits = w.get("lm_head_bits", bits if w["lm_head"] else None)
+    lm_bits = recorded_head_bits(rec["weights"], bits)
     chosen, _, lm = select_weights(model, lm_head=lm_bits is not None)
     block = int(rec.get("block_size") or 32)
     model, done = quantise_nodes(model, chosen, lm, "qdq", bits, lm_bits, block, 0)

@@ -20,6 +20,7 @@ from trace_rt.tokens import (
     Head,
     encode_values,
     head_base,
+    heads_along,
 )
 
 IDS = IdSpace(32000, 13, 13)
@@ -56,6 +57,15 @@ def raw(head: Head, text: str) -> list[int]:
 
 def caption(tok: TextTokenizer, text: str) -> list[int]:
     return [*tok.encode(text), XS]
+
+
+def test_heads_along() -> None:
+    """Each token's head, replayed from the time head: a <sync> hands over after itself."""
+    t, s_, x = head_base(IDS, Head.TIME) + 3, head_base(IDS, Head.SCORE) + 4, 845
+    stream = [t, TS, s_, SS, x, x, XS, t]
+    want = ["TIME", "TIME", "SCORE", "SCORE", "TEXT", "TEXT", "TEXT", "TIME"]
+    assert [h.name for h in heads_along(IDS, stream)] == want
+    assert heads_along(IDS, []) == [Head.TIME]  # the prefill's, with no tokens
 
 
 def test_stream_helpers() -> None:

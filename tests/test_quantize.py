@@ -20,7 +20,7 @@ from trace_rt.errors import CheckpointError, InputError
 from trace_rt.generate import GenerationConfig
 from trace_rt.graphs import DECODER, MANIFEST_FILE, load_manifest, sha256_file
 from trace_rt.pipeline import Pipeline
-from trace_rt.tokens import Head, next_head
+from trace_rt.tokens import Head, heads_along
 
 TRT_OPS = Path(__file__).parents[1] / "export" / "trt_ops.txt"
 QUERY = "a red circle moves left"
@@ -101,13 +101,10 @@ def teacher_forced(pipe: Pipeline, prep, tokens: list[int]) -> tuple[list[np.nda
     """The pipeline backend's logits at each of *tokens*' steps, fed *tokens* (not its own
     picks), with the head each step ran in."""
     b = pipe.backend
-    head = Head.TIME  # the prompt ends with the text <sync>
+    heads = heads_along(pipe.config.ids, tokens)
     video = b.encode_video(prep.pixel_values, prep.time_ids)
-    heads, out = [head], [b.prefill(prep.prompt_ids, video, head)]
-    for tok in tokens[:-1]:
-        head = next_head(pipe.config.ids, head, tok)
-        heads.append(head)
-        out.append(b.decode_step(tok, head))
+    out = [b.prefill(prep.prompt_ids, video, heads[0])]
+    out += [b.decode_step(tok, h) for tok, h in zip(tokens[:-1], heads[1:], strict=True)]
     return out, heads
 
 

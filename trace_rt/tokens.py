@@ -8,6 +8,7 @@ a score ``format(s, '0>3.1f')``; both formats are those of the released code.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 
 from trace_rt.config import IdSpace
 
@@ -102,3 +103,14 @@ def next_head(ids: IdSpace, head: Head, token_id: int) -> Head:
     if token_id == ids.text_sync:
         return Head.TIME
     return head
+
+
+def heads_along(ids: IdSpace, token_ids: Sequence[int]) -> list[Head]:
+    """The head each of *token_ids* was chosen from, replaying :func:`next_head` from the
+    time head, where generation starts (the prompt ends with the text ``<sync>``): entry k
+    is the head the prefill (k = 0) or the decode step fed token k-1 ran in (at least the
+    prefill's, for no tokens)."""
+    heads = [Head.TIME]
+    for tok in token_ids[:-1]:
+        heads.append(next_head(ids, heads[-1], tok))
+    return heads

@@ -60,7 +60,7 @@ from trace_rt.bench.peer import LLM_ONLY_NOTE, PEER_STAGES, PEER_TEXT_NOTE
 from trace_rt.bench.runner import BackendRun
 from trace_rt.bench.stats import STAGES, per_position, summarize, tokens_per_s
 from trace_rt.config import TraceConfig
-from trace_rt.tokens import Head, next_head
+from trace_rt.tokens import Head, heads_along
 
 REFERENCE = "reference"
 # The issue's CPU targets for `small` (recorded, not asserted): (backend, metric, op, bound).
@@ -125,11 +125,9 @@ def backend_entry(
 def steps_by_head(token_ids: list[int], cfg: TraceConfig) -> dict[str, int]:
     """How many of a request's decode steps ran in each head: a fused decoder runs
     ``lm_head`` (32000 rows) only in text steps, so the step's cost depends on the mix;
-    random weights often decode time digits only. Step k feeds token k-1 in the head that
-    token k is chosen from (generation starts in the time head: trace_rt/engine/sequence.py)."""
-    head, counts = Head.TIME, {h.name.lower(): 0 for h in Head}
-    for tok in token_ids[:-1]:
-        head = next_head(cfg.ids, head, tok)
+    random weights often decode time digits only."""
+    counts = {h.name.lower(): 0 for h in Head}
+    for head in heads_along(cfg.ids, token_ids)[1:]:  # [0]: the prefill's
         counts[head.name.lower()] += 1
     return counts
 
