@@ -62,8 +62,7 @@ def fold_shapes(model: onnx.ModelProto) -> int:
     g.ClearField("node")
     g.node.extend(kept)
     g.initializer.extend(new.values())
-    _drop_dead(g)
-    share_shapes(g, shapes)
+    share_shapes(g, shapes)  # which ends with the dead-node sweep for both passes
     return len(new)
 
 
