@@ -268,7 +268,7 @@ def render(
     secs: float,
     runs_ref: int,
 ) -> str:
-    from export.quantize import recorded_head_bits
+    from trace_rt.variants import recorded_head_bits
 
     variants = manifest.get("variants", {}).get("decoder", {})
     size = {FP32: (art / manifest["graphs"]["decoder"]["file"]).stat().st_size}

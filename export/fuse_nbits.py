@@ -47,12 +47,11 @@ from export.quantize import (
     _save,
     _update_manifest,
     head_bits,
-    recorded_head_bits,
 )
 from export.static_shapes import fold_shapes, remove_initializers
 from trace_rt.errors import InputError
 from trace_rt.graphs import DECODER
-from trace_rt.variants import TEXT_HEAD_INPUT
+from trace_rt.variants import TEXT_HEAD_INPUT, recorded_head_bits
 
 # The source variant's record carries over (quantisation scheme, weights) but for these.
 NOT_INHERITED = {"file", "files", "source", "form", "runtime", "also_runs_on", "opset", "tools"}

@@ -273,12 +273,6 @@ def quantise_nodes(
     return model, done
 
 
-def recorded_head_bits(weights: dict[str, Any], bits: Bits) -> Bits | None:
-    """How a *bits* variant's manifest ``weights`` entry says ``lm_head`` was stored (None:
-    float); records from before ``lm_head_bits`` only say whether it was quantised alike."""
-    return weights.get("lm_head_bits", bits if weights.get("lm_head") else None)
-
-
 def weights_record(done: list[str], kept: list[str], lm_bits: Bits | None) -> dict[str, Any]:
     """The manifest's ``weights`` entry of a quantised variant."""
     return {

@@ -153,10 +153,10 @@ def quantize_step(out: str | Path, name: str) -> dict[str, Any]:
     from export.quantize import (
         _save,
         quantise_nodes,
-        recorded_head_bits,
         select_weights,
         variant_file,
     )
+    from trace_rt.variants import recorded_head_bits
 
     out = Path(out)
     manifest = json.loads((out / MANIFEST_FILE).read_text())

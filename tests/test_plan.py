@@ -17,8 +17,9 @@ from trace_rt.devices import (
     get_device,
     runtime_baseline_bytes,
 )
+from trace_rt.edge_cli import render_plan as render
 from trace_rt.errors import InputError
-from trace_rt.plan import MARGIN, Settings, floors, memory, plan, render, suggest, weights
+from trace_rt.plan import MARGIN, Settings, floors, memory, plan, suggest, weights
 from trace_rt.presets import load_preset
 
 H100 = DEVICES["h100-80gb"]
@@ -330,3 +331,56 @@ def test_planned_vs_measured_rss_small(tmp_path, clip_video):
     ckpt = make_checkpoint(tmp_path / "small", "small", seed=0, progress=False)
     art = export_onnx(ckpt, tmp_path / "art", progress=False)
     _check_planned_vs_measured(art, clip_video, frames=16, tokens=32)
+
+
+def test_quantised_lm_head_by_hand():
+    # trace-7b int4 on the CPU with lm_head in int8 (`export optimize`'s default): the head's
+    # 4096 x 32000 weights at MatMulNBits' 1.125 B instead of fp32's 4 B, and prepacked too.
+    cfg = load_preset("trace-7b")
+    cpu = Device("cpu", 24, 20, True, 10, 0.1, False, "test", 75e6)
+    lm = 4096 * 32000
+    plain = Settings(precision="int4", frames=16)
+    head8 = replace(plain, lm_head="int8")
+    w, w8 = weights(cfg, cpu, plain)["decoder"], weights(cfg, cpu, head8)["decoder"]
+    assert w - w8 == lm * (4 - 1.125)
+    packed = memory(cfg, cpu, head8)["items"]["weights: decoder, prepacked blocks"]
+    assert packed - memory(cfg, cpu, plain)["items"]["weights: decoder, prepacked blocks"] == (
+        lm / 32 * 8
+    )
+    assert floors(cfg, cpu, head8)["decode_step"] < floors(cfg, cpu, plain)["decode_step"]
+    # A float decoder has no quantised head; suggestions keep it for int8/int4 only.
+    with pytest.raises(InputError, match="belongs to an int8 or int4 decoder"):
+        memory(cfg, cpu, replace(head8, precision="fp32"))
+    with pytest.raises(InputError, match="unknown lm_head precision"):
+        memory(cfg, cpu, replace(head8, lm_head="fp8"))
+    assert suggest(cfg, cpu, replace(head8, frames=128))
+
+
+def test_plan_reads_the_artifacts_lm_head(tiny_art, tmp_path):
+    """An artifact's int4 decoder made with an int8 lm_head is planned with it, and its
+    planned bytes are the variant file's."""
+    import shutil
+
+    from export.quantize import quantize_artifact
+
+    art = shutil.copytree(tiny_art, tmp_path / "art")
+    quantize_artifact(art, 4, forms=("nbits",), lm_head=8)
+
+    def cli(*args: str) -> dict:
+        out = subprocess.run([sys.executable, "-m", "trace_rt", "plan", "--model", str(art),
+                              "--device", "cpu", "--peak-gbps", "10", "--peak-tflops", "0.1",
+                              "--json", *args], capture_output=True, text=True)  # fmt: skip
+        assert out.returncode in (0, 1), out.stderr
+        return json.loads(out.stdout)["memory"]
+
+    got = cli("--precision", "int4")
+    assert got["settings"]["lm_head"] == "int8"
+    planned = got["items"]["weights: decoder"]
+    written = (art / "decoder.int4.onnx").stat().st_size
+    assert abs(planned / written - 1) < 0.05, (planned, written)  # names and graph overhead
+    assert cli("--precision", "int4", "--lm-head", "float")["settings"]["lm_head"] is None
+    assert cli("--precision", "fp32")["settings"]["lm_head"] is None
+    out = subprocess.run([sys.executable, "-m", "trace_rt", "plan", "--model", str(art), "--device",
+                          "cpu", "--peak-gbps", "10", "--peak-tflops", "0.1", "--lm-head", "int8"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 2 and "belongs to an int8 or int4 decoder, not fp32" in out.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from trace_rt.errors import InputError
 
@@ -14,7 +15,7 @@ def plan_command(args: argparse.Namespace) -> int:
     """``trace-rt plan``: memory plan, floor latencies and fitting settings for a device."""
     from trace_rt.config import TraceConfig
     from trace_rt.devices import get_device
-    from trace_rt.plan import Settings, built_engines, plan, render
+    from trace_rt.plan import Settings, built_engines, plan
     from trace_rt.presets import load_preset
 
     device = get_device(args.device, gbps=args.peak_gbps, tflops=args.peak_tflops)
@@ -49,8 +50,12 @@ def plan_command(args: argparse.Namespace) -> int:
         source = (int(height), int(width))
     except ValueError:
         raise InputError(f"--source-size HxW, e.g. 720x1280; got {args.source_size!r}") from None
+    precision = precision or ("int4" if device.gpu else "fp32")
+    lm_head = args.lm_head
+    if lm_head is None and args.model is not None and built is None and not device.gpu:
+        lm_head = _artifact_lm_head(args.model, precision)
     settings = Settings(
-        precision=precision or ("int4" if device.gpu else "fp32"),
+        precision=precision,
         frames=args.frames or cfg.num_frames,
         max_new_tokens=args.max_new_tokens,
         concurrency=args.concurrency,
@@ -58,10 +63,26 @@ def plan_command(args: argparse.Namespace) -> int:
         decode_step=bool(step) and device.gpu,
         fixed_past=bool(fixed),
         built=built,
+        lm_head=None if lm_head == "float" else lm_head,
     )
     result = plan(cfg, device, settings)
-    print(json.dumps(result, indent=2) if args.json else render(result))
+    print(json.dumps(result, indent=2) if args.json else render_plan(result))
     return 0 if result["memory"]["fits"] else 1
+
+
+def _artifact_lm_head(model: Path, precision: str) -> str | None:
+    """How the decoder the onnxruntime backend runs for *precision* in *model* (an artifact
+    directory) holds ``lm_head``: ``int8``/``int4``, or None (float, or not an artifact)."""
+    from trace_rt.variants import lm_head_bits, resolve_variant
+
+    if precision not in ("int8", "int4"):
+        return None
+    try:
+        manifest = json.loads((Path(model) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    bits = lm_head_bits(manifest, resolve_variant(manifest, "onnxruntime", precision))
+    return None if bits is None else f"int{bits}"
 
 
 def _has_decode_step(model: Path) -> bool:
@@ -75,9 +96,81 @@ def _has_decode_step(model: Path) -> bool:
     return "decode_step" in manifest or "decoder_step" in engines
 
 
+def render_plan(result: dict[str, Any]) -> str:
+    """The plan (:func:`trace_rt.plan.plan`) as text: memory table, verdict, floors,
+    suggestions."""
+    from trace_rt.plan import MARGIN
+
+    dev, mem, fl = result["device"], result["memory"], result["floor_ms"]
+    s = mem["settings"]
+    gb = 1e9
+    lines = [
+        f"{dev['name']}: {dev['memory_gb']:g} GB ({dev['usable_gb']:g} GB usable"
+        f"{', unified CPU+GPU memory' if dev['unified'] and dev['gpu'] else ''}), "
+        f"{dev['gbps']:g} GB/s, {dev['tflops']:g} TFLOP/s  [{dev['source']}]",
+        f"{s['precision']}, {s['frames']} frames, {s['max_new_tokens']} new tokens, "
+        f"{s['concurrency']} instance(s): context {mem['positions']['context']} positions "
+        f"(prompt {mem['positions']['prompt']})"
+        + (", with the decode step engine" if s["decode_step"] else "")
+        + (", fixed-past decoder" if s["fixed_past"] else "")
+        + (f", lm_head {s['lm_head']}" if s.get("lm_head") else ""),
+        "",
+        f"{'memory':<36}{'GB':>10}",
+    ]
+    for name, value in mem["items"].items():
+        lines.append(f"  {name:<34}{value / gb:>10.3f}")
+    if mem["per_instance_items_times"] > 1:
+        lines.append(f"  (all but the process runtime x {mem['per_instance_items_times']})")
+    if dev["gpu"]:
+        lines.append(f"{'device total':<36}{mem['device_bytes'] / gb:>10.3f}")
+        lines.append(f"{'host total':<36}{mem['host_bytes'] / gb:>10.3f}")
+    counted = "device + host (unified)" if dev["unified"] else "device"
+    lines.append(f"{'counted: ' + counted:<36}{mem['counted_bytes'] / gb:>10.3f}")
+    if mem["weights_from"] == "engine files":
+        lines.append("(weights: the built engines' files; KV and activations: their limits)")
+    for reason in mem["exceeds_engines"]:
+        lines.append(f"DOES NOT RUN on these engines: {reason}; rebuild with `export trt`")
+    verdict = "FITS" if mem["fits"] else "DOES NOT FIT"
+    if mem["exceeds_engines"]:
+        verdict = "DOES NOT FIT the engines' limits; memory"
+    lines.append(
+        f"{verdict}: {mem['margin_bytes'] / gb:+.2f} GB left of {mem['usable_bytes'] / gb:.2f} "
+        f"GB usable ({100 * mem['margin_fraction']:.0f}%; a plan fits with >= "
+        f"{100 * MARGIN:.0f}% left)"
+    )
+    alone = result.get("without_decode_step")
+    if alone is not None and not mem["fits"]:
+        lines.append(
+            f"without the decode step engine (export trt --no-step): "
+            f"{'fits' if alone['fits'] else 'does not fit either'}, "
+            f"{alone['margin_gb']:+.2f} GB left"
+        )
+        fixed = alone.get("fixed_past")
+        if fixed is not None:
+            lines.append(
+                f"a fixed-past decoder instead (export trt --fixed-past, one CUDA graph per "
+                f"step too): {'fits' if fixed['fits'] else 'does not fit'}, "
+                f"{fixed['margin_gb']:+.2f} GB left"
+            )
+    lines += ["", "floor latency (roofline, data-sheet peaks; real runs are slower):"]
+    for stage in ("vision", "projector", "prefill", "ttft", "decode_step", "end_to_end"):
+        lines.append(f"  {stage:<14}{fl[stage]:>12.1f} ms")
+    lines.append(f"  {'decode':<14}{fl['decode_tokens_per_s']:>12.1f} tokens/s at most")
+    lines += ["", "settings that fit (per precision, the most frames then tokens; best first):"]
+    if not result["suggestions"]:
+        lines.append("  none: this model does not fit this device at any setting tried")
+    for sug in result["suggestions"]:
+        lines.append(
+            f"  {sug['precision']:<5} {sug['frames']:>4} frames {sug['max_new_tokens']:>5} tokens"
+            f"  {sug['counted_gb']:>7.2f} GB ({sug['margin_gb']:+.2f} left)"
+            f"  <= {sug['decode_tokens_per_s_floor']:.0f} tok/s"
+        )
+    return "\n".join(lines)
+
+
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     from trace_rt.devices import DEVICES
-    from trace_rt.plan import PRECISIONS
+    from trace_rt.plan import LM_HEAD_PRECISIONS, PRECISIONS
 
     p = sub.add_parser(
         "plan",
@@ -103,6 +196,12 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
         "--precision",
         choices=PRECISIONS,
         help="decoder weights (default: int4 on GPUs and Jetsons, fp32 on cpu)",
+    )
+    p.add_argument(
+        "--lm-head",
+        choices=["float", *LM_HEAD_PRECISIONS],
+        help="lm_head of an int8/int4 decoder (`export quantize --lm-head`; `export optimize` "
+        "makes int8). Default: as the artifact's decoder for --precision holds it, else float",
     )
     p.add_argument("--max-new-tokens", type=int, default=512, help="token budget (512)")
     p.add_argument("--concurrency", type=int, default=1, help="pipeline instances (1)")

@@ -9,8 +9,10 @@ backend, so everything but the process's runtime is counted N times):
   QDQ forms TensorRT builds from (int8: 1 byte + a per-channel scale; int4: half a byte +
   an fp16 scale per block of 32), on the CPU onnxruntime's MatMulNBits (1 or half a byte +
   a scale per block of 32 in the graph's float type, fp32: 12.5% on top of int4's bytes);
-  its heads, norms at the float precision (``export quantize`` keeps them); the embedding
-  table in host memory (the backends embed ids on the host).
+  its heads, norms at the float precision (``export quantize`` keeps them), except
+  ``lm_head`` when a quantised decoder holds it at ``--lm-head`` (``export quantize
+  --lm-head``, ``export optimize``'s int8 default: read from an artifact's variant); the
+  embedding table in host memory (the backends embed ids on the host).
 - **KV cache**: K and V of every position of the context (prompt + video block + new tokens)
   at the float precision; the backends preallocate it for the whole context.
 - **activations + TensorRT workspace**: what an engine's execution context holds for its
@@ -25,10 +27,11 @@ backend, so everything but the process's runtime is counted N times):
   the kernel's packed copy (the quantised data, its block scales and a block sum per
   block for the int8 dot products) while the graph's own scales stay mapped from the
   file: two more fp32 values per block than the file holds (+0.25 B per weight at
-  blocks of 32). Measured at trace-7b (benchmarks/results/trace7b-*.md, "Session
-  loading": RssAnon/RssFile of a session) within 0.2% for int4 and int8. Loading also
-  holds ``lm_head`` (fp32) twice while packing it, before any activation exists: a
-  transient smaller than the activations, so not counted.
+  blocks of 32; a quantised ``lm_head`` too). Measured at trace-7b
+  (benchmarks/results/trace7b-*.md, "Session loading": RssAnon/RssFile of a session)
+  within 0.2% for int4 and int8. Loading also holds an fp32 ``lm_head`` twice while
+  packing it, before any activation exists: a transient smaller than the activations, so
+  not counted.
 
 On a Jetson (unified memory) all of it counts against the memory the OS leaves; on a
 discrete GPU the device part counts against the GPU's memory (host memory is reported);
@@ -61,6 +64,7 @@ from trace_rt.devices import Device
 from trace_rt.errors import InputError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+LM_HEAD_PRECISIONS = ("int8", "int4")  # a quantised decoder's lm_head (None: float)
 _ENGINE_ITEMS = {"decoder_step": "decoder step"}  # engine name -> plan item
 _ENGINE_ORDER = ["vision_encoder", "projector", "decoder", "decoder_step"]
 BLOCK = 32  # export quantize's default block size (int4, and MatMulNBits int8)
@@ -145,6 +149,7 @@ class Settings:
     decode_step: bool = False  # the fixed-shape decode step engine (TensorRT, export step)
     fixed_past: bool = False  # the decoder engine is the step graph (export trt --fixed-past)
     built: Built | None = None  # engines already built: plan what the backend allocates
+    lm_head: str | None = None  # a quantised decoder's lm_head: int8, int4 (None: float)
 
     def check(self, device: Device) -> None:
         if self.precision not in PRECISIONS:
@@ -157,6 +162,16 @@ class Settings:
             raise InputError("the decode step engine is TensorRT's (a GPU); not on cpu")
         if self.decode_step and self.fixed_past:
             raise InputError("a fixed-past decoder is its own decode step: not both")
+        if self.lm_head is not None:
+            if self.lm_head not in LM_HEAD_PRECISIONS:
+                raise InputError(
+                    f"unknown lm_head precision {self.lm_head!r}; use one of "
+                    f"{LM_HEAD_PRECISIONS} (or leave it float)"
+                )
+            if self.precision not in ("int8", "int4"):
+                raise InputError(
+                    f"a quantised lm_head belongs to an int8 or int4 decoder, not {self.precision}"
+                )
         for name in ("frames", "max_new_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1")
@@ -207,12 +222,20 @@ def kv_positions(cfg: TraceConfig, device: Device, prompt: int, context: int) ->
     return capacity
 
 
+def lm_head_params(cfg: TraceConfig) -> int:
+    return cfg.hidden_size * cfg.vocab_size
+
+
 def weights(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, float]:
     """Bytes of each graph's weights, and the host embedding table."""
     it = float_itemsize(device)
     norms = 2 * cfg.hidden_size * cfg.num_hidden_layers  # RMSNorm weights stay float
     decoder = linear_params(cfg) * linear_bytes_per_weight(s.precision, device.gpu)
-    decoder += (norms + cfg.hidden_size + head_params(cfg)) * it
+    floats = norms + cfg.hidden_size + head_params(cfg)
+    if s.lm_head is not None:
+        floats -= lm_head_params(cfg)
+        decoder += lm_head_params(cfg) * linear_bytes_per_weight(s.lm_head, device.gpu)
+    decoder += floats * it
     out = {
         "vision_encoder": vision_params(cfg) * it,
         "projector": projector_cost(cfg, 0, it).bytes,  # frames=0: the weights alone
@@ -264,12 +287,13 @@ def step_activations(
     return row + cfg.num_attention_heads * positions * 8 + cfg.ids.size * 4
 
 
-def prepacked_bytes(cfg: TraceConfig, precision: str) -> float:
+def prepacked_bytes(cfg: TraceConfig, precision: str, lm_head: str | None = None) -> float:
     """What an onnxruntime CPU session holds beyond its decoder file's bytes (module
     docstring): MatMulNBits' packed block scales and block sums; none for fp32."""
     if precision not in ("int4", "int8"):
         return 0.0
-    return linear_params(cfg) / BLOCK * PREPACK_EXTRA_PER_BLOCK
+    packed = linear_params(cfg) + (lm_head_params(cfg) if lm_head is not None else 0)
+    return packed / BLOCK * PREPACK_EXTRA_PER_BLOCK
 
 
 def video_buffers(cfg: TraceConfig, s: Settings) -> float:
@@ -310,7 +334,7 @@ def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
     video = video_buffers(cfg, s)
     n = s.concurrency
     graphs = sum(v for k, v in w.items() if k != "embeddings (host)")
-    packed = 0.0 if device.gpu else prepacked_bytes(cfg, s.precision)
+    packed = 0.0 if device.gpu else prepacked_bytes(cfg, s.precision, s.lm_head)
     per_instance_device = graphs + packed + kv + sum(act.values())
     per_instance_host = w["embeddings (host)"] + video
     runtime = device.host_runtime_bytes or HOST_RUNTIME_BYTES
@@ -334,6 +358,7 @@ def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
             "source_size": list(s.source_size),
             "decode_step": s.decode_step,
             "fixed_past": s.fixed_past,
+            "lm_head": s.lm_head,
         },
         "positions": {"prompt": prompt, "context": context},
         "items": {
@@ -400,7 +425,8 @@ def suggest(cfg: TraceConfig, device: Device, s: Settings) -> list[dict[str, Any
     found = []
     for rank, precision in enumerate(precisions):
         for f, t in itertools.product(sorted(frames, reverse=True), sorted(tokens, reverse=True)):
-            cand = replace(s, precision=precision, frames=f, max_new_tokens=t)
+            head = s.lm_head if precision in LM_HEAD_PRECISIONS else None
+            cand = replace(s, precision=precision, frames=f, max_new_tokens=t, lm_head=head)
             m = memory(cfg, device, cand)
             if m["fits"]:
                 found.append(
@@ -452,71 +478,3 @@ def plan(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
                 "margin_gb": round(fixed["margin_bytes"] / 1e9, 2),
             }
     return out
-
-
-def render(result: dict[str, Any]) -> str:
-    """The plan as text: memory table, verdict, floors, suggestions."""
-    dev, mem, fl = result["device"], result["memory"], result["floor_ms"]
-    s = mem["settings"]
-    gb = 1e9
-    lines = [
-        f"{dev['name']}: {dev['memory_gb']:g} GB ({dev['usable_gb']:g} GB usable"
-        f"{', unified CPU+GPU memory' if dev['unified'] and dev['gpu'] else ''}), "
-        f"{dev['gbps']:g} GB/s, {dev['tflops']:g} TFLOP/s  [{dev['source']}]",
-        f"{s['precision']}, {s['frames']} frames, {s['max_new_tokens']} new tokens, "
-        f"{s['concurrency']} instance(s): context {mem['positions']['context']} positions "
-        f"(prompt {mem['positions']['prompt']})"
-        + (", with the decode step engine" if s["decode_step"] else "")
-        + (", fixed-past decoder" if s["fixed_past"] else ""),
-        "",
-        f"{'memory':<36}{'GB':>10}",
-    ]
-    for name, value in mem["items"].items():
-        lines.append(f"  {name:<34}{value / gb:>10.3f}")
-    if mem["per_instance_items_times"] > 1:
-        lines.append(f"  (all but the process runtime x {mem['per_instance_items_times']})")
-    if dev["gpu"]:
-        lines.append(f"{'device total':<36}{mem['device_bytes'] / gb:>10.3f}")
-        lines.append(f"{'host total':<36}{mem['host_bytes'] / gb:>10.3f}")
-    counted = "device + host (unified)" if dev["unified"] else "device"
-    lines.append(f"{'counted: ' + counted:<36}{mem['counted_bytes'] / gb:>10.3f}")
-    if mem["weights_from"] == "engine files":
-        lines.append("(weights: the built engines' files; KV and activations: their limits)")
-    for reason in mem["exceeds_engines"]:
-        lines.append(f"DOES NOT RUN on these engines: {reason}; rebuild with `export trt`")
-    verdict = "FITS" if mem["fits"] else "DOES NOT FIT"
-    if mem["exceeds_engines"]:
-        verdict = "DOES NOT FIT the engines' limits; memory"
-    lines.append(
-        f"{verdict}: {mem['margin_bytes'] / gb:+.2f} GB left of {mem['usable_bytes'] / gb:.2f} "
-        f"GB usable ({100 * mem['margin_fraction']:.0f}%; a plan fits with >= "
-        f"{100 * MARGIN:.0f}% left)"
-    )
-    alone = result.get("without_decode_step")
-    if alone is not None and not mem["fits"]:
-        lines.append(
-            f"without the decode step engine (export trt --no-step): "
-            f"{'fits' if alone['fits'] else 'does not fit either'}, "
-            f"{alone['margin_gb']:+.2f} GB left"
-        )
-        fixed = alone.get("fixed_past")
-        if fixed is not None:
-            lines.append(
-                f"a fixed-past decoder instead (export trt --fixed-past, one CUDA graph per "
-                f"step too): {'fits' if fixed['fits'] else 'does not fit'}, "
-                f"{fixed['margin_gb']:+.2f} GB left"
-            )
-    lines += ["", "floor latency (roofline, data-sheet peaks; real runs are slower):"]
-    for stage in ("vision", "projector", "prefill", "ttft", "decode_step", "end_to_end"):
-        lines.append(f"  {stage:<14}{fl[stage]:>12.1f} ms")
-    lines.append(f"  {'decode':<14}{fl['decode_tokens_per_s']:>12.1f} tokens/s at most")
-    lines += ["", "settings that fit (per precision, the most frames then tokens; best first):"]
-    if not result["suggestions"]:
-        lines.append("  none: this model does not fit this device at any setting tried")
-    for sug in result["suggestions"]:
-        lines.append(
-            f"  {sug['precision']:<5} {sug['frames']:>4} frames {sug['max_new_tokens']:>5} tokens"
-            f"  {sug['counted_gb']:>7.2f} GB ({sug['margin_gb']:+.2f} left)"
-            f"  <= {sug['decode_tokens_per_s_floor']:.0f} tok/s"
-        )
-    return "\n".join(lines)

@@ -184,3 +184,17 @@ def variant_precision(manifest: dict[str, Any], name: str | None) -> str | None:
     if wt is None:
         return None
     return "fp8" if str(wt).startswith("float8") else str(wt)
+
+
+def recorded_head_bits(weights: dict[str, Any], bits: int | None) -> int | None:
+    """How a *bits* variant's manifest ``weights`` entry says ``lm_head`` was stored (None:
+    float); records from before ``lm_head_bits`` only say whether it was quantised alike."""
+    return weights.get("lm_head_bits", bits if weights.get("lm_head") else None)
+
+
+def lm_head_bits(manifest: dict[str, Any], name: str | None) -> int | None:
+    """Bits of ``lm_head`` in decoder variant *name* (None: float, as in ``decoder.onnx``)."""
+    if name is None:
+        return None
+    rec = manifest.get("variants", {}).get(DECODER, {}).get(name, {})
+    return recorded_head_bits(rec.get("weights", {}), rec.get("bits"))
