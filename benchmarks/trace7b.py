@@ -3,6 +3,7 @@ int8 decoders) -> session loading -> ``dvc`` requests -> llama.cpp peers -> a da
 
     python -m benchmarks.trace7b [--preset trace-7b] [--work DIR] [--frames 16,32]
         [--decode-steps 64] [--stages checkpoint,export,load,run,peers,report] [--keep]
+        [--lm-head float|int8|int4]
 
 Every stage runs as its own process (its peak RSS is that process's, from ``wait4``), and
 its figures are saved to ``WORK/figures.json`` as soon as it ends, so a run stopped halfway
@@ -196,7 +197,10 @@ def stage_export(a, work: Path, log: Path) -> dict[str, Any]:
     art = work / "art"
     if not (art / "manifest.json").is_file():
         cmd = py("-m", "export", "onnx", str(work / "ckpt"), str(art), "--stream")
-        out = run([*cmd, "--decoders", ",".join(DECODERS), "--no-progress"], log, env_with_repo())
+        cmd += ["--decoders", ",".join(DECODERS), "--no-progress"]
+        if a.lm_head != "float":
+            cmd += ["--lm-head", a.lm_head]
+        out = run(cmd, log, env_with_repo())
     else:
         out = {"skipped": "exists"}
     m = json.loads((art / "manifest.json").read_text())
@@ -256,7 +260,12 @@ def stage_run(a, work: Path, log: Path, figures: dict[str, Any]) -> dict[str, An
             }
             continue
         if not js.is_file():
-            out[f"{backend}/{frames}"] = bench(work / "art", backend, frames, a, js, log)
+            # The streamed decoders compute lm_head at every step, so their decode_step is
+            # already the text-head step: the bench's extra text-step prefill (~20 s at 7B)
+            # would measure it again.
+            out[f"{backend}/{frames}"] = bench(
+                work / "art", backend, frames, a, js, log, extra=("--no-text-steps",)
+            )
         out.setdefault("bench", []).append(str(js))
     return out
 
@@ -283,6 +292,7 @@ def stage_plan(a, work: Path, log: Path) -> dict[str, Any]:
         cmd = py("-m", "trace_rt", "plan", "--preset", a.preset, "--device", "cpu")
         cmd += ["--frames", str(frames), "--precision", backend.rsplit("-", 1)[1]]
         cmd += ["--max-new-tokens", str(a.decode_steps + 1), "--source-size", "240x320"]
+        cmd += ["--lm-head", a.lm_head]
         if a.peaks:
             cmd += ["--peak-gbps", str(a.peaks["gbps"]), "--peak-tflops", str(a.peaks["tflops"])]
         proc = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env_with_repo())
@@ -360,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-steps", type=int, default=64, help="decode steps per request")
     p.add_argument("--stages", default=",".join(STAGES), help="which stages, in order")
     p.add_argument("--keep", action="store_true", help="keep the multi-GB intermediates")
+    p.add_argument(
+        "--lm-head",
+        choices=("float", "int8", "int4"),
+        default="float",
+        help="lm_head of the int4/int8 decoders (export onnx --stream --lm-head; float: fp32, "
+        "the streamed export's default). llama.cpp's Q4_0/Q8_0 hold theirs in Q6_K/Q8_0",
+    )
     p.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     a = p.parse_args(argv)
     a.frames = [int(f) for f in a.frames.split(",")]
@@ -376,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     fig_path, log = a.work / "figures.json", a.work / "chain.log"
     figures = json.loads(fig_path.read_text()) if fig_path.is_file() else {}
     figures |= {"preset": a.preset, "frames": a.frames, "decode_steps": a.decode_steps}
+    figures["lm_head"] = a.lm_head
     try:
         for stage in stages:
             need = preflight(stage, cfg, a.work, a.keep)

@@ -159,6 +159,8 @@ def plan_vs_measured(plan: dict[str, Any], runs: dict[str, Any]) -> list[dict[st
 def markdown(doc: dict[str, Any]) -> str:
     lines = [f"# trace-7b end to end on one CPU machine ({doc['date']})", ""]
     lines += [f"Made by `{doc['command']}` (benchmarks/trace7b.py). Preset `{doc['preset']}`."]
+    head = doc.get("lm_head", "float")
+    lines += [f"The int4/int8 decoders hold lm_head in {'fp32' if head == 'float' else head}."]
     m = next((r["machine"] for r in doc["runs"].values() if r.get("machine")), None)
     if m:
         lines += [
@@ -310,6 +312,7 @@ def write_report(figures: dict[str, Any], work: Path, results: Path) -> list[Pat
     doc = collect(figures) | {
         "date": date,
         "command": figures.get("command", "python -m benchmarks.trace7b"),
+        "lm_head": figures.get("lm_head", "float"),  # of the int4/int8 decoders
     }
     results.mkdir(parents=True, exist_ok=True)
     stem = results / f"trace7b-{figures['preset']}-cpu-{date}"

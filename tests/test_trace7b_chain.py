@@ -45,9 +45,11 @@ def test_chain_end_to_end_on_tiny(tmp_path):
         pass
     work, results = tmp_path / "w", tmp_path / "results"
     argv = ["--preset", "tiny", "--work", str(work), "--frames", "2", "--decode-steps", "3"]
+    argv += ["--lm-head", "int8"]  # llama.cpp's peers quantise theirs too
     assert trace7b.main([*argv, "--stages", ",".join(stages), "--results", str(results)]) == 0
     fig = json.loads((work / "figures.json").read_text())
     assert fig["export"]["stream"]["decoders"] == ["int4", "int8"]
+    assert fig["lm_head"] == "int8" and fig["export"]["files"]["int4"] > 0
     assert fig["export"]["peak_rss_mb"] > 0 and fig["checkpoint"]["bytes"] > 0
     assert {"int4/default", "int4/no-prepack", "int8/default"} <= set(fig["load"])
     assert fig["load"]["int4/default"]["peak_rss_load_mb"] > 0
@@ -61,6 +63,12 @@ def test_chain_end_to_end_on_tiny(tmp_path):
     assert step["p50_ms"] > 0 and step["floor_ms"] > 0
     plan = {r["quantity"]: r for r in doc["plan_vs_measured"] if r["backend"].endswith("int4")}
     assert plan["peak_rss_bytes"]["measured"] > 0 and plan["peak_rss_bytes"]["plan"] > 0
+    # The plan was told the head's width. The streamed files hold the planned bytes plus
+    # external-data alignment (~1.4 MB of padding over tiny's ~40 tensors, nothing at 7B);
+    # with an fp32 head (8.2 MB at tiny) the plan would exceed the files.
+    weights = plan["decoder_weight_bytes"]
+    assert 0.5 * weights["measured"] < weights["plan"] <= weights["measured"], weights
+    assert rows["onnxruntime-int4"]["stages"]["decode_step_text"]["p50_ms"] is None  # not timed
     assert rows["torch"]["label"] == "torch bf16" and rows["torch"]["token_ids"]
     pairs = {(a["ours"], a["reference"]) for a in doc["token_agreement"]["2"]}
     assert pairs == {
@@ -71,6 +79,7 @@ def test_chain_end_to_end_on_tiny(tmp_path):
     for a in doc["token_agreement"]["2"]:
         assert 0 <= a["common_prefix"] <= a["tokens"] and 0 <= a["equal_fraction"] <= 1
     md = js.with_suffix(".md").read_text()
+    assert "The int4/int8 decoders hold lm_head in int8." in md
     assert "## One dvc request, 2 frames" in md and "## Targets" in md
     assert "## Token agreement" in md
     if "peers" in stages:
