@@ -11,7 +11,8 @@ keeps what it measured; a stage whose outputs exist is not redone. Before each s
 preflight compares what it needs (disk for its files, memory for its largest process)
 with what is free and stops with both numbers when short. Multi-GB intermediates are
 deleted as soon as nothing later needs them (the artifact after ``run``, the checkpoint's
-shards and the HF/bf16-GGUF copies during ``peers``) unless ``--keep``.
+shards and the HF/bf16-GGUF copies during ``peers``, the Q4_0/Q8_0 GGUFs once benched)
+unless ``--keep``.
 
 Stages:
 
@@ -322,6 +323,9 @@ def stage_peers(a, work: Path, log: Path, figures: dict[str, Any]) -> dict[str, 
         if src.exists() and not dst.exists():
             (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dst)
     ggufs = {t: ref / f"model-{t}.gguf" for t in ("Q4_0", "Q8_0")}
+    benches = {(b, f): work / f"bench-{b}-{f}.json" for b, f in pairs(a, ("q4", "q8"))}
+    if all(js.is_file() for js in benches.values()):  # benched, GGUFs gone: nothing to redo
+        return {"skipped": "benched", "bench": [str(js) for js in benches.values()]}
     if not all(g.is_file() for g in ggufs.values()):
         remove(work / "art", a.keep, figures)  # the bench of ours is done by now
         bf16 = work / "model-BF16.gguf"
@@ -343,11 +347,12 @@ def stage_peers(a, work: Path, log: Path, figures: dict[str, Any]) -> dict[str, 
     out["bytes"] = {t: g.stat().st_size for t, g in ggufs.items()}
     plugins = "q4=benchmarks.trace7b_load:GgufQ4_0,q8=benchmarks.trace7b_load:GgufQ8_0"
     env = env_with_repo() | {"TRACE_RT_BENCH_PLUGINS": plugins}
-    for backend, frames in pairs(a, ("q4", "q8")):
-        js = work / f"bench-{backend}-{frames}.json"
+    for (backend, frames), js in benches.items():
         if not js.is_file():
             out[f"{backend}/{frames}"] = bench(ref, backend, frames, a, js, log, env)
         out.setdefault("bench", []).append(str(js))
+    for g in ggufs.values():  # 11 GB at 7B; the bench JSONs are what later stages read
+        remove(g, a.keep, figures)
     return out
 
 

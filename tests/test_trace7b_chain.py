@@ -78,6 +78,7 @@ def test_chain_end_to_end_on_tiny(tmp_path):
     }
     for a in doc["token_agreement"]["2"]:
         assert 0 <= a["common_prefix"] <= a["tokens"] and 0 <= a["equal_fraction"] <= 1
+    fig_after = json.loads((work / "figures.json").read_text())
     md = js.with_suffix(".md").read_text()
     assert "The int4/int8 decoders hold lm_head in int8." in md
     assert "## One dvc request, 2 frames" in md and "## Targets" in md
@@ -85,7 +86,8 @@ def test_chain_end_to_end_on_tiny(tmp_path):
     if "peers" in stages:
         assert {"q4", "q8"} <= set(rows)
         assert rows["q4"]["prompt_positions"] == rows["onnxruntime-int4"]["prompt_positions"]
-        assert not list(work.glob("*.gguf")) and not (work / "hf-llm").exists()
+        assert not list(work.rglob("*.gguf")) and not (work / "hf-llm").exists()
+        assert str(work / "peer-ref" / "model-Q4_0.gguf") in fig_after["removed"]
         met = [t["met"] for t in doc["targets"]]
         assert len(met) == 4 and all(m is not None for m in met)
 
