@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trace_rt.plan import linear_bytes_per_weight
+from trace_rt.plan import LM_HEAD_PRECISIONS, linear_bytes_per_weight
 
 STAGES = ("checkpoint", "export", "load", "run", "reference", "plan", "peers", "report")
 GiB = 2**30
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the multi-GB intermediates")
     p.add_argument(
         "--lm-head",
-        choices=("float", "int8", "int4"),
+        choices=("float", *LM_HEAD_PRECISIONS),
         default="float",
         help="lm_head of the int4/int8 decoders (export onnx --stream --lm-head; float: fp32, "
         "the streamed export's default). llama.cpp's Q4_0/Q8_0 hold theirs in Q6_K/Q8_0",

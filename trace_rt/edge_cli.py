@@ -15,12 +15,13 @@ def plan_command(args: argparse.Namespace) -> int:
     """``trace-rt plan``: memory plan, floor latencies and fitting settings for a device."""
     from trace_rt.config import TraceConfig
     from trace_rt.devices import get_device
-    from trace_rt.plan import Settings, built_engines, plan
+    from trace_rt.plan import Settings, built_engines, manifest_records, plan
     from trace_rt.presets import load_preset
 
     device = get_device(args.device, gbps=args.peak_gbps, tflops=args.peak_tflops)
     step, precision, built = args.decode_step, args.precision, None
     fixed = args.fixed_past
+    manifest = manifest_records(args.model) if args.model is not None else {}
     if args.model is not None:
         cfg = TraceConfig.from_dir(args.model)
         built = built_engines(args.model) if device.gpu else None
@@ -39,7 +40,7 @@ def plan_command(args: argparse.Namespace) -> int:
                 )
             step, precision, fixed = has_step, built.precision, built.fixed_past
         elif step is None and not fixed:
-            step = _has_decode_step(args.model)
+            step = _has_decode_step(manifest)
     else:
         try:
             cfg = load_preset(args.preset)
@@ -52,8 +53,8 @@ def plan_command(args: argparse.Namespace) -> int:
         raise InputError(f"--source-size HxW, e.g. 720x1280; got {args.source_size!r}") from None
     precision = precision or ("int4" if device.gpu else "fp32")
     lm_head = args.lm_head
-    if lm_head is None and args.model is not None and built is None and not device.gpu:
-        lm_head = _artifact_lm_head(args.model, precision)
+    if lm_head is None and built is None and not device.gpu:
+        lm_head = _artifact_lm_head(manifest, precision)
     settings = Settings(
         precision=precision,
         frames=args.frames or cfg.num_frames,
@@ -70,28 +71,21 @@ def plan_command(args: argparse.Namespace) -> int:
     return 0 if result["memory"]["fits"] else 1
 
 
-def _artifact_lm_head(model: Path, precision: str) -> str | None:
-    """How the decoder the onnxruntime backend runs for *precision* in *model* (an artifact
-    directory) holds ``lm_head``: ``int8``/``int4``, or None (float, or not an artifact)."""
+def _artifact_lm_head(manifest: dict[str, Any], precision: str) -> str | None:
+    """How the decoder the onnxruntime backend runs for *precision* in an artifact (its
+    *manifest*) holds ``lm_head``: ``int8``/``int4``, or None (float, or no artifact)."""
+    from trace_rt.plan import LM_HEAD_PRECISIONS
     from trace_rt.variants import lm_head_bits, resolve_variant
 
-    if precision not in ("int8", "int4"):
-        return None
-    try:
-        manifest = json.loads((Path(model) / "manifest.json").read_text())
-    except (OSError, ValueError):
+    if precision not in LM_HEAD_PRECISIONS:
         return None
     bits = lm_head_bits(manifest, resolve_variant(manifest, "onnxruntime", precision))
     return None if bits is None else f"int{bits}"
 
 
-def _has_decode_step(model: Path) -> bool:
-    """Whether *model* (an artifact directory) has the fixed-shape decode step, made by
+def _has_decode_step(manifest: dict[str, Any]) -> bool:
+    """Whether an artifact (its *manifest*) has the fixed-shape decode step, made by
     ``python -m export step`` or built by ``export trt``."""
-    try:
-        manifest = json.loads((Path(model) / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
     engines = (manifest.get("tensorrt") or {}).get("engines", {})
     return "decode_step" in manifest or "decoder_step" in engines
 

@@ -115,12 +115,18 @@ class Built:
     fixed_past: bool = False
 
 
+def manifest_records(model_dir: str | Path) -> dict[str, Any]:
+    """*model_dir*'s manifest as recorded ({} for a checkpoint, or none readable): what the
+    plan reads of an artifact, with no check of its files (loading hashes them)."""
+    try:
+        return json.loads((Path(model_dir) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def built_engines(model_dir: str | Path) -> Built | None:
     """The TensorRT build recorded in *model_dir*'s manifest; None without one."""
-    try:
-        manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
+    manifest = manifest_records(model_dir)
     section = manifest.get("tensorrt")
     if not section:
         return None
@@ -168,7 +174,7 @@ class Settings:
                     f"unknown lm_head precision {self.lm_head!r}; use one of "
                     f"{LM_HEAD_PRECISIONS} (or leave it float)"
                 )
-            if self.precision not in ("int8", "int4"):
+            if self.precision not in LM_HEAD_PRECISIONS:
                 raise InputError(
                     f"a quantised lm_head belongs to an int8 or int4 decoder, not {self.precision}"
                 )
