@@ -384,3 +384,20 @@ def test_plan_reads_the_artifacts_lm_head(tiny_art, tmp_path):
                           "cpu", "--peak-gbps", "10", "--peak-tflops", "0.1", "--lm-head", "int8"],
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 2 and "belongs to an int8 or int4 decoder, not fp32" in out.stderr
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not json", b"[1, 2]", b"null"])
+def test_unreadable_manifest_is_planned_as_a_checkpoint(tiny_ckpt, tmp_path, content):
+    """A --model directory whose manifest.json is garbage plans from its config alone."""
+    import shutil
+
+    from trace_rt.plan import built_engines, manifest_records
+
+    model = shutil.copytree(tiny_ckpt, tmp_path / "m")
+    (model / "manifest.json").write_bytes(content)
+    assert manifest_records(model) == {} and built_engines(model) is None
+    args = ["--device", "cpu", "--peak-gbps", "10", "--peak-tflops", "0.1", "--precision", "int4"]
+    out = subprocess.run([sys.executable, "-m", "trace_rt", "plan", "--model", str(model), *args,
+                          "--json"], capture_output=True, text=True)  # fmt: skip
+    assert out.returncode in (0, 1), out.stderr
+    assert json.loads(out.stdout)["memory"]["settings"]["lm_head"] is None

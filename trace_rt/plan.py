@@ -119,9 +119,10 @@ def manifest_records(model_dir: str | Path) -> dict[str, Any]:
     """*model_dir*'s manifest as recorded ({} for a checkpoint, or none readable): what the
     plan reads of an artifact, with no check of its files (loading hashes them)."""
     try:
-        return json.loads((Path(model_dir) / "manifest.json").read_text())
+        manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
     except (OSError, ValueError):
         return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def built_engines(model_dir: str | Path) -> Built | None:
