@@ -167,13 +167,20 @@ def test_kill_a_replica_mid_run_every_request_answered_once(repo, videos, tmp_pa
         assert retries, "the kill should have caught requests in flight"
         assert len(retries) == len(set(retries))  # once each
         # nginx writes a stream's line once it has closed: wait for all of them.
-        log = cl.wait_log(len(videos) + len(work) + len(retries))[len(videos) :]
+        log = cl.wait_log(len(videos) + len(work) + len(retries), timeout=60)[len(videos) :]
+        shown = "nginx's lines:\n" + "\n".join(map(str, log))
         ok = [e for e in log if e["status"] == "200" and e["grpc"] == "0"]
         failed = [e for e in log if e not in ok]
-        assert len(ok) == len(work)  # the server side agrees: no request answered twice
-        assert len(failed) == len(retries)
-        assert {e["upstream"] for e in failed} == {victim_port}
-        assert all(e["status"] == "502" for e in failed)
+        # One line per request plus one per client retry: nginx resent nothing itself.
+        assert len(log) == len(work) + len(retries), shown
+        assert len(ok) <= len(work), shown  # the server side agrees: none answered twice
+        # Every failure is the victim's: a 502 when the kill came before the stream's first
+        # response; a 200 without gRPC status when it came later, mid-stream (the client
+        # retries) or after the final response but before the trailers (the client has its
+        # answer and does not retry: the CI run of stop 26 caught this one).
+        assert {e["upstream"] for e in failed} == {victim_port}, shown
+        assert all(e["status"] == "502" or e["grpc"] == "-" for e in failed), shown
+        assert sum(e["status"] == "502" for e in failed) <= len(retries), shown
         # Consistent hashing: videos of the survivors stayed where they were; the victim's
         # answered only what finished before it was killed (logged before its first 502).
         killed_at = log.index(failed[0])
