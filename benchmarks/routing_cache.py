@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import queue
+import re
 import shutil
 import socket
 import subprocess
@@ -46,6 +47,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "deploy" / "local" / "cluster.sh"
 INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
+# key=value fields of deploy/local/nginx.conf.in's log line; a value runs to the next key.
+LOG_FIELD = re.compile(r"(\w+)=(.*?)(?= \w+=|$)")
 ROUTINGS = ("hash", "round-robin")
 # The questions of a session, cycled: (task, query/question).
 QUESTIONS = [
@@ -146,9 +149,10 @@ class LocalCluster:
         while True:
             out = []
             for line in (self.run / "nginx-access.log").read_text().splitlines():
-                parts = line.split()
-                if len(parts) > 2 and parts[1] == INFER:
-                    out.append(dict(kv.split("=", 1) for kv in parts[2:]))
+                parts = line.split(" ", 2)
+                if len(parts) == 3 and parts[1] == INFER:
+                    # A value may hold spaces: nginx's own retry logs "upstream=a, b".
+                    out.append(dict(LOG_FIELD.findall(parts[2])))
             if len(out) >= n or time.monotonic() > deadline:
                 return out
             time.sleep(0.1)
@@ -275,9 +279,11 @@ def measure(
     misses = int(sum(p["misses"] for p in per))
     ok_lines = [e for e in log if e["status"] == "200" and e.get("grpc") == "0"]
     placed: dict[int, Counter] = defaultdict(Counter)
+    served: Counter = Counter()
     for e in ok_lines:
-        placed[ids.get(e["video"], -1)][e["upstream"]] += 1
-    served = Counter(e["upstream"] for e in ok_lines)
+        last = e["upstream"].rsplit(", ", 1)[-1]  # nginx's own retry lists every one it tried
+        placed[ids.get(e["video"], -1)][last] += 1
+        served[last] += 1
     lat = [r.latency_s for r in rep.records if r.ok]
     n_ok = len(lat)
     return {
