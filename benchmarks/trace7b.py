@@ -3,7 +3,7 @@ int8 decoders) -> session loading -> ``dvc`` requests -> llama.cpp peers -> a da
 
     python -m benchmarks.trace7b [--preset trace-7b] [--work DIR] [--frames 16,32]
         [--decode-steps 64] [--stages checkpoint,export,load,run,peers,report] [--keep]
-        [--lm-head float|int8|int4]
+        [--lm-head float|int8|int4] [--block-size 32|64|128]
 
 Every stage runs as its own process (its peak RSS is that process's, from ``wait4``), and
 its figures are saved to ``WORK/figures.json`` as soon as it ends, so a run stopped halfway
@@ -201,6 +201,7 @@ def stage_export(a, work: Path, log: Path) -> dict[str, Any]:
         cmd += ["--decoders", ",".join(DECODERS), "--no-progress"]
         if a.lm_head != "float":
             cmd += ["--lm-head", a.lm_head]
+        cmd += ["--block-size", str(a.block_size)]
         out = run(cmd, log, env_with_repo())
     else:
         out = {"skipped": "exists"}
@@ -293,7 +294,7 @@ def stage_plan(a, work: Path, log: Path) -> dict[str, Any]:
         cmd = py("-m", "trace_rt", "plan", "--preset", a.preset, "--device", "cpu")
         cmd += ["--frames", str(frames), "--precision", backend.rsplit("-", 1)[1]]
         cmd += ["--max-new-tokens", str(a.decode_steps + 1), "--source-size", "240x320"]
-        cmd += ["--lm-head", a.lm_head]
+        cmd += ["--lm-head", a.lm_head, "--block-size", str(a.block_size)]
         if a.peaks:
             cmd += ["--peak-gbps", str(a.peaks["gbps"]), "--peak-tflops", str(a.peaks["tflops"])]
         proc = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env_with_repo())
@@ -382,6 +383,14 @@ def main(argv: list[str] | None = None) -> int:
         help="lm_head of the int4/int8 decoders (export onnx --stream --lm-head; float: fp32, "
         "the streamed export's default). llama.cpp's Q4_0/Q8_0 hold theirs in Q6_K/Q8_0",
     )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        choices=(32, 64, 128),
+        default=32,
+        help="weights per quantisation block of the int4/int8 decoders (export onnx --stream "
+        "--block-size; 32, llama.cpp Q4_0's and Q8_0's)",
+    )
     p.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     a = p.parse_args(argv)
     a.frames = [int(f) for f in a.frames.split(",")]
@@ -399,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = json.loads(fig_path.read_text()) if fig_path.is_file() else {}
     figures |= {"preset": a.preset, "frames": a.frames, "decode_steps": a.decode_steps}
     figures["lm_head"] = a.lm_head
+    figures["block_size"] = a.block_size
     try:
         for stage in stages:
             need = preflight(stage, cfg, a.work, a.keep)

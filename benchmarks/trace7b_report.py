@@ -160,7 +160,10 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"# trace-7b end to end on one CPU machine ({doc['date']})", ""]
     lines += [f"Made by `{doc['command']}` (benchmarks/trace7b.py). Preset `{doc['preset']}`."]
     head = doc.get("lm_head", "float")
-    lines += [f"The int4/int8 decoders hold lm_head in {'fp32' if head == 'float' else head}."]
+    lines += [
+        f"The int4/int8 decoders hold lm_head in {'fp32' if head == 'float' else head}, "
+        f"blocks of {doc.get('block_size', 32)} weights."
+    ]
     m = next((r["machine"] for r in doc["runs"].values() if r.get("machine")), None)
     if m:
         lines += [
@@ -313,9 +316,14 @@ def write_report(figures: dict[str, Any], work: Path, results: Path) -> list[Pat
         "date": date,
         "command": figures.get("command", "python -m benchmarks.trace7b"),
         "lm_head": figures.get("lm_head", "float"),  # of the int4/int8 decoders
+        "block_size": figures.get("block_size", 32),
     }
     results.mkdir(parents=True, exist_ok=True)
-    stem = results / f"trace7b-{figures['preset']}-cpu-{date}"
+    # Settings other than the defaults name the record, so that it does not replace the
+    # day's default run.
+    tag = "" if doc["lm_head"] == "float" else f"-lm-head-{doc['lm_head']}"
+    tag += "" if doc["block_size"] == 32 else f"-b{doc['block_size']}"
+    stem = results / f"trace7b-{figures['preset']}-cpu-{date}{tag}"
     js, md = stem.with_suffix(".json"), stem.with_suffix(".md")
     js.write_text(json.dumps(doc, indent=1) + "\n")
     md.write_text(markdown(doc))

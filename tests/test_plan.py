@@ -19,7 +19,16 @@ from trace_rt.devices import (
 )
 from trace_rt.edge_cli import render_plan as render
 from trace_rt.errors import InputError
-from trace_rt.plan import MARGIN, Settings, floors, memory, plan, suggest, weights
+from trace_rt.plan import (
+    MARGIN,
+    Settings,
+    floors,
+    linear_params,
+    memory,
+    plan,
+    suggest,
+    weights,
+)
 from trace_rt.presets import load_preset
 
 H100 = DEVICES["h100-80gb"]
@@ -384,6 +393,51 @@ def test_plan_reads_the_artifacts_lm_head(tiny_art, tmp_path):
                           "cpu", "--peak-gbps", "10", "--peak-tflops", "0.1", "--lm-head", "int8"],
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 2 and "belongs to an int8 or int4 decoder, not fp32" in out.stderr
+
+
+def test_block_size_by_hand():
+    # trace-7b int4 on the CPU at blocks of 128 instead of 32: a quarter of the fp32 scales
+    # in the file (4 B per block) and of the prepacked extras (8 B per block).
+    cfg = load_preset("trace-7b")
+    cpu = Device("cpu", 24, 20, True, 10, 0.1, False, "test", 75e6)
+    b32 = Settings(precision="int4", frames=16, lm_head="int8")
+    b128 = replace(b32, block_size=128)
+    linear = linear_params(cfg) + 4096 * 32000  # the layers' and the int8 lm_head's
+    w32, w128 = weights(cfg, cpu, b32)["decoder"], weights(cfg, cpu, b128)["decoder"]
+    assert w32 - w128 == pytest.approx(linear * (4 / 32 - 4 / 128))
+    item = "weights: decoder, prepacked blocks"
+    assert memory(cfg, cpu, b128)["items"][item] == pytest.approx(linear / 128 * 8)
+    assert floors(cfg, cpu, b128)["decode_step"] < floors(cfg, cpu, b32)["decode_step"]
+    with pytest.raises(InputError, match="block size must be one of"):
+        memory(cfg, cpu, replace(b32, block_size=48))
+
+
+def test_plan_reads_the_artifacts_block_size(tiny_art, tmp_path):
+    """An artifact quantised at blocks of 128 is planned at 128 (its file's bytes) unless
+    --block-size says otherwise."""
+    import shutil
+
+    from export.quantize import quantize_artifact
+
+    art = shutil.copytree(tiny_art, tmp_path / "art")
+    quantize_artifact(art, 4, forms=("nbits",), block_size=128)
+
+    def cli(*args: str) -> dict:
+        out = subprocess.run([sys.executable, "-m", "trace_rt", "plan", "--model", str(art),
+                              "--device", "cpu", "--peak-gbps", "10", "--peak-tflops", "0.1",
+                              "--precision", "int4", "--json", *args],
+                             capture_output=True, text=True)  # fmt: skip
+        assert out.returncode in (0, 1), out.stderr
+        return json.loads(out.stdout)["memory"]
+
+    got = cli()
+    assert got["settings"]["block_size"] == 128
+    planned = got["items"]["weights: decoder"]
+    written = (art / "decoder.int4.onnx").stat().st_size
+    assert abs(planned / written - 1) < 0.05, (planned, written)
+    forced = cli("--block-size", "32")
+    assert forced["settings"]["block_size"] == 32
+    assert forced["items"]["weights: decoder"] > planned
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe not json", b"[1, 2]", b"null"])

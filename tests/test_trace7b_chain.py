@@ -46,16 +46,18 @@ def test_chain_end_to_end_on_tiny(tmp_path):
     work, results = tmp_path / "w", tmp_path / "results"
     argv = ["--preset", "tiny", "--work", str(work), "--frames", "2", "--decode-steps", "3"]
     argv += ["--lm-head", "int8"]  # llama.cpp's peers quantise theirs too
+    argv += ["--block-size", "64"]  # the plan must be told: its bytes are checked below
     assert trace7b.main([*argv, "--stages", ",".join(stages), "--results", str(results)]) == 0
     fig = json.loads((work / "figures.json").read_text())
     assert fig["export"]["stream"]["decoders"] == ["int4", "int8"]
     assert fig["lm_head"] == "int8" and fig["export"]["files"]["int4"] > 0
+    assert fig["block_size"] == 64
     assert fig["export"]["peak_rss_mb"] > 0 and fig["checkpoint"]["bytes"] > 0
     assert {"int4/default", "int4/no-prepack", "int8/default"} <= set(fig["load"])
     assert fig["load"]["int4/default"]["peak_rss_load_mb"] > 0
     assert not (work / "art").exists()  # removed once the run stage was done
     assert str(work / "art") in fig["removed"]
-    [js] = results.glob("trace7b-tiny-cpu-*.json")
+    [js] = results.glob("trace7b-tiny-cpu-*-lm-head-int8-b64.json")  # not the default run's name
     doc = json.loads(js.read_text())
     rows = doc["runs"]["2"]["backends"]
     assert {"onnxruntime-int4", "onnxruntime-int8"} <= set(rows)
@@ -80,7 +82,7 @@ def test_chain_end_to_end_on_tiny(tmp_path):
         assert 0 <= a["common_prefix"] <= a["tokens"] and 0 <= a["equal_fraction"] <= 1
     fig_after = json.loads((work / "figures.json").read_text())
     md = js.with_suffix(".md").read_text()
-    assert "The int4/int8 decoders hold lm_head in int8." in md
+    assert "The int4/int8 decoders hold lm_head in int8, blocks of 64 weights." in md
     assert "## One dvc request, 2 frames" in md and "## Targets" in md
     assert "## Token agreement" in md
     if "peers" in stages:

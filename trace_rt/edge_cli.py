@@ -15,7 +15,7 @@ def plan_command(args: argparse.Namespace) -> int:
     """``trace-rt plan``: memory plan, floor latencies and fitting settings for a device."""
     from trace_rt.config import TraceConfig
     from trace_rt.devices import get_device
-    from trace_rt.plan import Settings, built_engines, manifest_records, plan
+    from trace_rt.plan import BLOCK, Settings, built_engines, manifest_records, plan
     from trace_rt.presets import load_preset
 
     device = get_device(args.device, gbps=args.peak_gbps, tflops=args.peak_tflops)
@@ -52,9 +52,12 @@ def plan_command(args: argparse.Namespace) -> int:
     except ValueError:
         raise InputError(f"--source-size HxW, e.g. 720x1280; got {args.source_size!r}") from None
     precision = precision or ("int4" if device.gpu else "fp32")
-    lm_head = args.lm_head
-    if lm_head is None and built is None and not device.gpu:
-        lm_head = _artifact_lm_head(manifest, precision)
+    lm_head, block = args.lm_head, args.block_size
+    if built is None and not device.gpu:
+        if lm_head is None:
+            lm_head = _artifact_lm_head(manifest, precision)
+        if block is None:
+            block = _artifact_block_size(manifest, precision)
     settings = Settings(
         precision=precision,
         frames=args.frames or cfg.num_frames,
@@ -65,6 +68,7 @@ def plan_command(args: argparse.Namespace) -> int:
         fixed_past=bool(fixed),
         built=built,
         lm_head=None if lm_head == "float" else lm_head,
+        block_size=block or BLOCK,
     )
     result = plan(cfg, device, settings)
     print(json.dumps(result, indent=2) if args.json else render_plan(result))
@@ -81,6 +85,20 @@ def _artifact_lm_head(manifest: dict[str, Any], precision: str) -> str | None:
         return None
     bits = lm_head_bits(manifest, resolve_variant(manifest, "onnxruntime", precision))
     return None if bits is None else f"int{bits}"
+
+
+def _artifact_block_size(manifest: dict[str, Any], precision: str) -> int | None:
+    """Weights per quantisation block of the decoder the onnxruntime backend runs for
+    *precision* in an artifact (its *manifest*); None when it has no blocks or no artifact."""
+    from trace_rt.graphs import DECODER
+    from trace_rt.plan import LM_HEAD_PRECISIONS
+    from trace_rt.variants import resolve_variant
+
+    if precision not in LM_HEAD_PRECISIONS:
+        return None
+    name = resolve_variant(manifest, "onnxruntime", precision)
+    rec = manifest.get("variants", {}).get(DECODER, {}).get(name or "", {})
+    return rec.get("block_size")
 
 
 def _has_decode_step(manifest: dict[str, Any]) -> bool:
@@ -107,7 +125,8 @@ def render_plan(result: dict[str, Any]) -> str:
         f"(prompt {mem['positions']['prompt']})"
         + (", with the decode step engine" if s["decode_step"] else "")
         + (", fixed-past decoder" if s["fixed_past"] else "")
-        + (f", lm_head {s['lm_head']}" if s.get("lm_head") else ""),
+        + (f", lm_head {s['lm_head']}" if s.get("lm_head") else "")
+        + (f", blocks of {s['block_size']}" if s["precision"] in ("int4", "int8") else ""),
         "",
         f"{'memory':<36}{'GB':>10}",
     ]
@@ -164,7 +183,7 @@ def render_plan(result: dict[str, Any]) -> str:
 
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     from trace_rt.devices import DEVICES
-    from trace_rt.plan import LM_HEAD_PRECISIONS, PRECISIONS
+    from trace_rt.plan import BLOCK_SIZES, LM_HEAD_PRECISIONS, PRECISIONS
 
     p = sub.add_parser(
         "plan",
@@ -196,6 +215,13 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
         choices=["float", *LM_HEAD_PRECISIONS],
         help="lm_head of an int8/int4 decoder (`export quantize --lm-head`; `export optimize` "
         "makes int8). Default: as the artifact's decoder for --precision holds it, else float",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        choices=BLOCK_SIZES,
+        help="weights per quantisation block of an int4/int8 decoder (`export quantize "
+        "--block-size`). Default: the artifact's decoder for --precision, else 32",
     )
     p.add_argument("--max-new-tokens", type=int, default=512, help="token budget (512)")
     p.add_argument("--concurrency", type=int, default=1, help="pipeline instances (1)")

@@ -7,8 +7,9 @@ backend, so everything but the process's runtime is counted N times):
 - **weights per graph**: vision encoder and projector at the float precision (fp16 on GPUs,
   fp32 on the CPU); decoder linear layers at ``--precision``, scales included: on GPUs the
   QDQ forms TensorRT builds from (int8: 1 byte + a per-channel scale; int4: half a byte +
-  an fp16 scale per block of 32), on the CPU onnxruntime's MatMulNBits (1 or half a byte +
-  a scale per block of 32 in the graph's float type, fp32: 12.5% on top of int4's bytes);
+  an fp16 scale per block), on the CPU onnxruntime's MatMulNBits (1 or half a byte + a
+  scale per block in the graph's float type, fp32: 12.5% on top of int4's bytes at blocks
+  of 32); blocks of ``--block-size`` weights (default: the artifact's, else 32);
   its heads, norms at the float precision (``export quantize`` keeps them), except
   ``lm_head`` when a quantised decoder holds it at ``--lm-head`` (``export quantize
   --lm-head``, ``export optimize``'s int8 default: read from an artifact's variant); the
@@ -68,6 +69,7 @@ LM_HEAD_PRECISIONS = ("int8", "int4")  # a quantised decoder's lm_head (None: fl
 _ENGINE_ITEMS = {"decoder_step": "decoder step"}  # engine name -> plan item
 _ENGINE_ORDER = ["vision_encoder", "projector", "decoder", "decoder_step"]
 BLOCK = 32  # export quantize's default block size (int4, and MatMulNBits int8)
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # export quantize's choices
 MARGIN = 0.10  # of usable memory kept free
 PREPACK_EXTRA_PER_BLOCK = 2 * 4  # MatMulNBits at accuracy level 4: block sum + scale copy
 PROMPT_TEXT_TOKENS = 64  # system text + question around the video block (typical)
@@ -157,6 +159,7 @@ class Settings:
     fixed_past: bool = False  # the decoder engine is the step graph (export trt --fixed-past)
     built: Built | None = None  # engines already built: plan what the backend allocates
     lm_head: str | None = None  # a quantised decoder's lm_head: int8, int4 (None: float)
+    block_size: int = BLOCK  # weights per quantisation block (int4; MatMulNBits int8)
 
     def check(self, device: Device) -> None:
         if self.precision not in PRECISIONS:
@@ -179,6 +182,8 @@ class Settings:
                 raise InputError(
                     f"a quantised lm_head belongs to an int8 or int4 decoder, not {self.precision}"
                 )
+        if self.block_size not in BLOCK_SIZES:
+            raise InputError(f"block size must be one of {BLOCK_SIZES}, got {self.block_size}")
         for name in ("frames", "max_new_tokens", "concurrency"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1")
@@ -189,11 +194,11 @@ def float_itemsize(device: Device) -> int:
     return 2 if device.gpu else 4
 
 
-def linear_bytes_per_weight(precision: str, gpu: bool = False) -> float:
-    """Bytes per decoder linear weight, scales included: a scale per block of
-    :data:`BLOCK` in the float type (MatMulNBits on the CPU: fp32; TensorRT's int4 QDQ on
-    a GPU: fp16); TensorRT's int8 has one scale per output channel (negligible)."""
-    scale = (2 if gpu else 4) / BLOCK
+def linear_bytes_per_weight(precision: str, gpu: bool = False, block: int = BLOCK) -> float:
+    """Bytes per decoder linear weight, scales included: a scale per *block* weights in
+    the float type (MatMulNBits on the CPU: fp32; TensorRT's int4 QDQ on a GPU: fp16);
+    TensorRT's int8 has one scale per output channel (negligible)."""
+    scale = (2 if gpu else 4) / block
     return {
         "fp32": 4.0,
         "fp16": 2.0,
@@ -237,11 +242,12 @@ def weights(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, float]:
     """Bytes of each graph's weights, and the host embedding table."""
     it = float_itemsize(device)
     norms = 2 * cfg.hidden_size * cfg.num_hidden_layers  # RMSNorm weights stay float
-    decoder = linear_params(cfg) * linear_bytes_per_weight(s.precision, device.gpu)
+    decoder = linear_params(cfg) * linear_bytes_per_weight(s.precision, device.gpu, s.block_size)
     floats = norms + cfg.hidden_size + head_params(cfg)
     if s.lm_head is not None:
         floats -= lm_head_params(cfg)
-        decoder += lm_head_params(cfg) * linear_bytes_per_weight(s.lm_head, device.gpu)
+        head = linear_bytes_per_weight(s.lm_head, device.gpu, s.block_size)
+        decoder += lm_head_params(cfg) * head
     decoder += floats * it
     out = {
         "vision_encoder": vision_params(cfg) * it,
@@ -294,13 +300,15 @@ def step_activations(
     return row + cfg.num_attention_heads * positions * 8 + cfg.ids.size * 4
 
 
-def prepacked_bytes(cfg: TraceConfig, precision: str, lm_head: str | None = None) -> float:
+def prepacked_bytes(
+    cfg: TraceConfig, precision: str, lm_head: str | None = None, block: int = BLOCK
+) -> float:
     """What an onnxruntime CPU session holds beyond its decoder file's bytes (module
     docstring): MatMulNBits' packed block scales and block sums; none for fp32."""
     if precision not in ("int4", "int8"):
         return 0.0
     packed = linear_params(cfg) + (lm_head_params(cfg) if lm_head is not None else 0)
-    return packed / BLOCK * PREPACK_EXTRA_PER_BLOCK
+    return packed / block * PREPACK_EXTRA_PER_BLOCK
 
 
 def video_buffers(cfg: TraceConfig, s: Settings) -> float:
@@ -341,7 +349,7 @@ def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
     video = video_buffers(cfg, s)
     n = s.concurrency
     graphs = sum(v for k, v in w.items() if k != "embeddings (host)")
-    packed = 0.0 if device.gpu else prepacked_bytes(cfg, s.precision, s.lm_head)
+    packed = 0.0 if device.gpu else prepacked_bytes(cfg, s.precision, s.lm_head, s.block_size)
     per_instance_device = graphs + packed + kv + sum(act.values())
     per_instance_host = w["embeddings (host)"] + video
     runtime = device.host_runtime_bytes or HOST_RUNTIME_BYTES
@@ -366,6 +374,7 @@ def memory(cfg: TraceConfig, device: Device, s: Settings) -> dict[str, Any]:
             "decode_step": s.decode_step,
             "fixed_past": s.fixed_past,
             "lm_head": s.lm_head,
+            "block_size": s.block_size,
         },
         "positions": {"prompt": prompt, "context": context},
         "items": {
