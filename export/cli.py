@@ -193,6 +193,13 @@ def _add_optimize_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="make the fused forms the defaults without timing them against the others",
     )
+    o.add_argument(
+        "--tag",
+        default="",
+        help="appended to the quantised variants' names and files (e.g. -b128): forms made "
+        "to compare settings, never made a default; the bench runs one as "
+        "onnxruntime@fused-int4-b128",
+    )
 
 
 def _add_trt_parser(sub: argparse._SubParsersAction) -> None:
@@ -375,6 +382,7 @@ def _optimize(args: argparse.Namespace) -> None:
         lm_head=args.lm_head,
         forms=forms,
         int8_dynamic=args.int8_dynamic,
+        tag=args.tag,
     )
     for name, rec in records.items():
         print(f"wrote {args.out / rec['file']} (variant {name})")

@@ -170,6 +170,14 @@ def test_plugins_and_model_dirs(tmp_path, monkeypatch):
     assert specs[0].plugin and specs[0].target.endswith(":ReferenceBackend")
     assert specs[1].options == {"decoder_variant": "int4"}
     assert not skipped
+    # NAME@VARIANT: that decoder variant by its own name (export optimize --tag's forms).
+    [spec], _ = plugins.resolve(["onnxruntime-int4@fused-int4-b128"], [])
+    assert spec.options == {"decoder_variant": "fused-int4-b128", "exact_variant": True}
+    assert spec.model_format() == "artifact"
+    with pytest.raises(ValueError, match="name a decoder variant"):
+        plugins.resolve(["onnxruntime@"], [])
+    with pytest.raises(ValueError, match="unknown backend"):
+        plugins.resolve(["torch@int4"], [])
     with pytest.raises(ValueError, match="unknown backend"):
         plugins.resolve(["nope"], [])
     with pytest.raises(ValueError, match="NAME=module:Class"):
@@ -375,7 +383,7 @@ def test_bench_runs_the_peers_on_tiny(tiny_ckpt, tiny_artifact, tmp_path, monkey
     quantize_artifact(art, 4)
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "peers-cache"))
     out = tmp_path / "p"
-    names = ["onnxruntime", "onnxruntime-int4", *PLUGINS]
+    names = ["onnxruntime", "onnxruntime-int4", "onnxruntime@int4", *PLUGINS]
     argv = ["--model", str(tiny_ckpt), "--artifacts", str(art), "--plugin", "benchmarks.peers"]
     argv += ["--backends", ",".join(names), "--frames", "4", "--decode-steps", "5"]
     argv += ["--warmup", "1", "--runs", "2", "--repeat", "2", "--quick-peaks"]
@@ -397,6 +405,8 @@ def test_bench_runs_the_peers_on_tiny(tiny_ckpt, tiny_artifact, tmp_path, monkey
         "int4",
     )
     assert "decoder variants run: onnxruntime-int4 `int4`" in (out / "p.md").read_text()
+    named = doc["backends"]["onnxruntime@int4"]  # a variant asked for by name
+    assert (named["decoder_variant"], named["precision"]) == ("int4", "int4")
     # The head each of our decode steps ran in (lm_head runs in text steps only), replayed
     # from the tokens: 5 steps; peers compute every logit, so they have no such split.
     # Our text-head steps are held against the peers' decode steps (every logit each step).

@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--backends",
         default=DEFAULT_BACKENDS,
         help="comma-separated: reference, torch, onnxruntime, onnxruntime-int4, "
-        "onnxruntime-int8, tensorrt, triton, or a --plugin name (default: %(default)s)",
+        "onnxruntime-int8, tensorrt, triton, or a --plugin name; onnxruntime@VARIANT runs "
+        "that decoder variant of the artifact, e.g. onnxruntime@fused-int4-b128 (`export "
+        "optimize --tag`) (default: %(default)s)",
     )
     p.add_argument(
         "--plugin",

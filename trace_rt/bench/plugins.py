@@ -108,8 +108,15 @@ def resolve(names: list[str], plugin_specs: list[str]) -> tuple[list[BackendSpec
     specs: list[BackendSpec] = []
     skipped: dict[str, str] = {}
     for name in names:
+        base, at, variant = name.partition("@")
         if name in plugins:  # a plugin may also replace a built-in name
             specs.append(BackendSpec(name, plugins[name], plugin=True))
+        elif at and base in BACKENDS and base.startswith("onnxruntime"):
+            if not variant:
+                raise ValueError(f"backend {name!r}: name a decoder variant after '@'")
+            exact = {"decoder_variant": variant, "exact_variant": True}  # the variant's own name
+            options = BACKEND_OPTIONS.get(base, {}) | exact
+            specs.append(BackendSpec(name, BACKENDS[base], options))
         elif name in BACKENDS:
             specs.append(BackendSpec(name, BACKENDS[name], dict(BACKEND_OPTIONS.get(name, {}))))
         elif name in SERVER_BACKENDS:
