@@ -196,9 +196,9 @@ def _add_optimize_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument(
         "--tag",
         default="",
-        help="appended to the quantised variants' names and files (e.g. -b128): forms made "
-        "to compare settings, never made a default; the bench runs one as "
-        "onnxruntime@fused-int4-b128",
+        help="appended after a dash to the quantised variants' names and files (--tag b128: "
+        "fused-int4-b128): forms made to compare settings, never made a default; the bench "
+        "runs one as onnxruntime@fused-int4-b128",
     )
 
 
@@ -382,7 +382,7 @@ def _optimize(args: argparse.Namespace) -> None:
         lm_head=args.lm_head,
         forms=forms,
         int8_dynamic=args.int8_dynamic,
-        tag=args.tag,
+        tag=f"-{args.tag.lstrip('-')}" if args.tag else "",
     )
     for name, rec in records.items():
         print(f"wrote {args.out / rec['file']} (variant {name})")

@@ -299,6 +299,22 @@ def test_cli_writes_measures_and_records(art, tmp_path):
     assert defaults["decoder_by_precision"] == chosen
 
 
+def test_cli_tag_makes_forms_to_compare_never_defaults(art, tmp_path):
+    copy = tmp_path / "a"
+    shutil.copytree(art, copy)
+    done = subprocess.run(
+        [sys.executable, "-m", "export", "optimize", str(copy), "--int4", "--block-size", "64",
+         "--tag", "b64", "--no-measure"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "variant fused-int4-b64" in done.stdout
+    m = json.loads((copy / MANIFEST_FILE).read_text())
+    rec = m["variants"][DECODER]["fused-int4-b64"]
+    assert rec["file"] == "decoder.fused.int4-b64.onnx" and rec["block_size"] == 64
+    assert m["variants"][DECODER]["fused-int4"]["block_size"] == 32  # untouched
+    assert m["defaults"]["onnxruntime"]["decoder_by_precision"]["int4"] == "fused-int4"
+
+
 def test_fp16_fused_within_tolerance(tiny_ckpts, tmp_path):
     """An fp16 export fuses too (packing sums in another order: fp16 rounding only; the
     contrib form's cos/sin table is fp16, as the exported graph casts its own)."""
