@@ -2,7 +2,7 @@
 this machine at a preset's shapes, to set beside the whole step the bench measures.
 
     python -m benchmarks.nbits_step [--preset trace-7b] [--bits 4] [--block 32]
-        [--lm-head none,fp32,int8,int4] [--threads N] [--runs 15] [--json FILE]
+        [--lm-head none,fp32,int8,int4] [--threads N] [--runs 15] [--json FILE] [--error]
 
 For each ``--lm-head`` choice one graph: every layer's q, k, v, o, gate, up and down
 projections as ``com.microsoft::MatMulNBits`` at ``--bits`` (random weights in the
@@ -16,6 +16,12 @@ p50 and min of ``--runs`` steps after 3 warm-ups, and the weight bytes over the 
 
 If the whole step (``python -m trace_rt.bench`` / ``benchmarks.trace7b``) is about this
 figure, the rest of the graph costs little and the kernel sets the pace.
+
+``--error`` measures what the speed costs instead: one ``gate`` projection of the preset
+(hidden x intermediate, Gaussian weights), quantised by the export's own path
+(``export.quantize``: symmetric RTN at ``--bits`` and ``--block``, accuracy level 4), run
+on 64 Gaussian rows; reported: the output's relative RMS and max error against fp32.
+Gaussian weights have no outlier channels, so real weights lose more at large blocks.
 """
 
 from __future__ import annotations
@@ -126,6 +132,38 @@ def time_one(preset: str, bits: int, block: int, head: str, threads: int, runs: 
     }
 
 
+def layer_error(preset: str, bits: int, block: int) -> dict:
+    """Relative output error of one quantised ``gate`` projection (module docstring)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.quantize import _to_matmulnbits
+    from trace_rt.presets import load_preset
+
+    cfg = load_preset(preset)
+    k, n = cfg.hidden_size, cfg.intermediate_size
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((k, n), dtype=np.float32) * np.float32(0.02)
+    x = rng.standard_normal((64, k), dtype=np.float32)
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="gate")
+    graph = helper.make_graph(
+        [node],
+        "gate",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    quantised = _to_matmulnbits(model, ["gate"], bits, block, 4)
+    sess = ort.InferenceSession(quantised.SerializeToString(), providers=["CPUExecutionProvider"])
+    got, want = sess.run(None, {"x": x})[0], x @ w
+    return {
+        "block": block,
+        "rel_rms_error": round(float(np.sqrt(((got - want) ** 2).mean() / (want**2).mean())), 5),
+        "rel_max_error": round(float(np.abs(got - want).max() / np.abs(want).max()), 5),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.nbits_step", description=__doc__)
     p.add_argument("--preset", default="trace-7b", help="shapes of this preset (trace-7b)")
@@ -135,8 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
     p.add_argument("--runs", type=int, default=15, help="timed steps per choice (15)")
     p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument(
+        "--error", action="store_true", help="one layer's quantisation error instead of speed"
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)  # a worker: time this choice, print JSON
     a = p.parse_args(argv)
+    if a.error:
+        r = layer_error(a.preset, a.bits, a.block)
+        print(
+            f"{a.preset} gate int{a.bits} b{a.block}: relative RMS error {r['rel_rms_error']}, "
+            f"max {r['rel_max_error']}"
+        )
+        if a.json:
+            a.json.write_text(json.dumps({"preset": a.preset, "bits": a.bits, **r}) + "\n")
+        return 0
     if a.one:
         print(json.dumps(time_one(a.preset, a.bits, a.block, a.one, a.threads, a.runs)))
         return 0

@@ -35,3 +35,16 @@ def test_unknown_head_is_refused(capsys):
         nbits_step.main(["--preset", "tiny", "--lm-head", "bf16"])
     assert e.value.code == 2
     assert "unknown ['bf16']" in capsys.readouterr().err
+
+
+def test_layer_error_grows_with_the_block(tmp_path):
+    # small's gate (768 x 2048), Gaussian weights at 4 bits: about 8.6% relative RMS error
+    # at blocks of 32 (a 4-bit grid spread over each block's largest weight), more as blocks
+    # grow (tiny's hidden size, 64, would make blocks of 128 the same as 64).
+    errors = [nbits_step.layer_error("small", 4, b)["rel_rms_error"] for b in (32, 64, 128)]
+    assert 0.05 < errors[0] < errors[1] < errors[2] < 0.15, errors
+    assert nbits_step.layer_error("small", 8, 32)["rel_rms_error"] < errors[0] / 10
+    out = tmp_path / "e.json"
+    argv = ["--preset", "small", "--error", "--block", "64", "--json", str(out)]
+    assert nbits_step.main(argv) == 0
+    assert json.loads(out.read_text())["rel_rms_error"] == errors[1]
