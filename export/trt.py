@@ -37,10 +37,10 @@ from trace_rt.backends import tensorrt_manifest as tm
 from trace_rt.config import TraceConfig
 from trace_rt.errors import CheckpointError, TraceError
 from trace_rt.graphs import DECODER, GRAPH_NAMES, GraphSpec, load_manifest, manifest_specs
+from trace_rt.prompts import PROMPT_TEXT_TOKENS
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
 QUANTISED = ("fp8", "int8", "int4")  # need explicit (QDQ) quantisation: a decoder variant
-PROMPT_TOKENS = 64  # text around the video block in a typical prompt (opt prefill length)
 # Sequences one decode step advances by default (--max-batch): a server's continuous
 # batching wants several; the KV pool the backend allocates is max_sequences x max_seq.
 DEFAULT_MAX_BATCH = 8
@@ -93,7 +93,7 @@ class Limits:
         """
         n, s = self.max_frames, self.max_seq
         frames = (1, max(1, n // 2), n)
-        opt_prompt = min(s, max(1, (n // 2) * self.tokens_per_frame + PROMPT_TOKENS))
+        opt_prompt = min(s, max(1, (n // 2) * self.tokens_per_frame + PROMPT_TEXT_TOKENS))
         if phase in ("decode", "decode_batch"):
             b = self.max_batch if phase == "decode_batch" else 1
             return {

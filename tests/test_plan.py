@@ -68,15 +68,15 @@ def test_trace7b_arithmetic_by_hand():
     gpu = memory(cfg, H100, Settings(precision="int4", frames=16))["items"]
     assert "weights: decoder, prepacked blocks" not in gpu
     m = memory(cfg, H100, Settings(precision="int4", frames=128, max_new_tokens=512))
-    # 128 frames x (8 slots + 6 time tokens) + 64 text = 1856; + 512 new = 2368 positions,
-    # each 2 (K, V) x 32 layers x 8 KV heads x 128 x 2 B = 128 KiB.
-    assert m["positions"] == {"prompt": 1856, "context": 2368}
-    assert m["items"]["kv cache"] == 2368 * 131072
+    # 128 frames x (8 slots + 6 time tokens) + 161 text (the dvc prompt) = 1953; + 512 new
+    # = 2465 positions, each 2 (K, V) x 32 layers x 8 KV heads x 128 x 2 B = 128 KiB.
+    assert m["positions"] == {"prompt": 1953, "context": 2465}
+    assert m["items"]["kv cache"] == 2465 * 131072
     # Discrete GPU: device memory counts; the host side is reported, not counted.
     assert m["counted_bytes"] == m["device_bytes"] and not H100.unified
     # Decode floor: int4 weights + the KV of the whole prompt, read once per token.
     fl = floors(cfg, H100, Settings(precision="int4", frames=128, max_new_tokens=1))
-    step_bytes = int4["decoder"] + (1856 + 1) * 131072
+    step_bytes = int4["decoder"] + (1953 + 1) * 131072
     assert fl["decode_step"] == pytest.approx(1e3 * step_bytes / 3350e9, rel=1e-3)
 
 
@@ -175,33 +175,33 @@ def test_decode_step_engine_is_a_second_copy_of_the_decoder(tiny_art, tmp_path):
     # activations, the logits.
     act = step["items"]["activations: decoder step"]
     row = (4 * 4096 + 2 * 1024 + 3 * 14336) * 2
-    assert act == row + 32 * 1472 * 8 + 32027 * 4
+    assert act == row + 32 * 1569 * 8 + 32027 * 4  # 64 x 14 + 161 + 512 positions
     assert step["counted_bytes"] == pytest.approx(plain["counted_bytes"] + w + act)
     assert plain["fits"] and not step["fits"]
     result = plan(cfg, nx, replace(s, decode_step=True))
     assert result["without_decode_step"]["fits"] is True
-    assert result["without_decode_step"]["margin_gb"] == 3.21
+    assert result["without_decode_step"]["margin_gb"] == 3.11
     assert "without the decode step engine (export trt --no-step): fits" in render(result)
     assert "without_decode_step" not in plan(cfg, nx, s)
     # The fixed-past decoder (export trt --fixed-past): one decoder engine that is its own
-    # step; its prefill scores 1472 queries against 1471 masked + 1472 new keys and writes
+    # step; its prefill scores 1569 queries against 1568 masked + 1569 new keys and writes
     # its new rows to a buffer of the cache's size first.
-    assert result["without_decode_step"]["fixed_past"] == {"fits": True, "margin_gb": 2.46}
+    assert result["without_decode_step"]["fixed_past"] == {"fits": True, "margin_gb": 2.27}
     fixed = memory(cfg, nx, replace(s, fixed_past=True))
     assert "weights: decoder step" not in fixed["items"]
-    n, kv_pos = 1472, 2 * 32 * 8 * 128 * 2
+    n, kv_pos = 1569, 2 * 32 * 8 * 128 * 2
     extra = 32 * n * (n - 1) * 8  # the masked keys' scores and softmax, fp32
     assert fixed["items"]["activations: decoder"] == plain["items"]["activations: decoder"] + extra
     assert fixed["items"]["activations: decoder prefill rows"] == n * kv_pos
-    # Floors: a fixed-past step scores and reads the whole cache (1472 positions) at every
-    # step; the fixed-past prefill also scores the 1471 masked slots.
+    # Floors: a fixed-past step scores and reads the whole cache (1569 positions) at every
+    # step; the fixed-past prefill also scores the 1568 masked slots.
     for cand in (replace(s, decode_step=True), replace(s, fixed_past=True)):
         fl = floors(cfg, nx, cand)
         assert fl["decode_step"] == pytest.approx(1e3 * (w + n * kv_pos) / 102.4e9, rel=1e-3)
     base = floors(cfg, nx, s)["inputs"]["prefill_gflop"]
     more = floors(cfg, nx, replace(s, fixed_past=True))["inputs"]["prefill_gflop"]
     q = 32 * 128
-    assert more - base == pytest.approx(32 * 2 * 2 * q * 960 * 1471 / 1e9)
+    assert more - base == pytest.approx(32 * 2 * 2 * q * 1057 * 1568 / 1e9)  # prompt x masked
     with pytest.raises(InputError, match="fixed-past decoder is its own decode step"):
         memory(cfg, nx, replace(s, fixed_past=True, decode_step=True))
     assert all(x["frames"] < 64 for x in suggest(cfg, nx, replace(s, decode_step=True)))
@@ -266,7 +266,7 @@ def test_built_engines_plan_what_the_backend_allocates(tiny_art, tmp_path):
                               capture_output=True, text=True)  # fmt: skip
 
     out = cli("--frames", "4", "--json")  # 512 new tokens: past the engines' context
-    assert out.returncode == 1 and "632 positions > the engines' --max-seq 512" in out.stdout
+    assert out.returncode == 1 and "729 positions > the engines' --max-seq 512" in out.stdout
     out = cli("--frames", "4", "--max-new-tokens", "16", "--json")
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)["memory"]

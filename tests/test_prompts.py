@@ -15,6 +15,7 @@ from trace_rt.config import IdSpace
 from trace_rt.errors import InputError
 from trace_rt.prompts import (
     DEFAULT_PROMPTS_FILE,
+    PROMPT_TEXT_TOKENS,
     TASKS,
     PromptSet,
     build_prompt,
@@ -156,6 +157,15 @@ def test_prompt_ids_facts(tok: TextTokenizer) -> None:
         assert ids[v + 1 : v + 3] == [28705, 13]
         assert ids[-1] == IDS.text_sync == 32000 and ids.count(32000) == 1
         assert ids[-5:-1] == [733, 28748, 16289, 28793]  # " [/INST]" before <sync>
+
+
+def test_typical_prompt_length(tok: TextTokenizer) -> None:
+    # What the plan and TensorRT's opt prefill length assume beside the video block: the
+    # dvc prompt in the default template, exactly; a query adds its own tokens.
+    text = len(prompt_ids("dvc", tok=tok, ids=IDS)) - 1  # less the video placeholder
+    assert text == PROMPT_TEXT_TOKENS
+    mr = len(prompt_ids("mr", query="a man cuts onions", tok=tok, ids=IDS)) - 1
+    assert PROMPT_TEXT_TOKENS < mr < PROMPT_TEXT_TOKENS + 30
 
 
 def test_whole_string_encoding_differs(tok: TextTokenizer) -> None:

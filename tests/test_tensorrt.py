@@ -69,7 +69,7 @@ def test_profiles_tiny():
     assert limits.ranges("prefill")["past"] == (0, 0, 255)
     assert limits.ranges("decode")["past"] == (0, 128, 255)
     # opt prefill = the video block of N/2 frames + a short prompt
-    assert limits.ranges("prefill")["seq"] == (1, 4 * cfg.tokens_per_frame + 64, 256)
+    assert limits.ranges("prefill")["seq"] == (1, 4 * cfg.tokens_per_frame + 161, 256)
     # Batching: a third profile; prefill and the one-row decode stay at batch 1.
     batched = Limits(max_frames=8, max_seq=256, tokens_per_frame=cfg.tokens_per_frame, max_batch=4)
     profiles = profiles_from_spec(specs[DECODER], batched)
@@ -97,7 +97,7 @@ def test_profiles_7b():
     axis = next(i for i, d in enumerate(kv[0].shape) if d == "past")
     assert profiles[1].shapes[kv[0].name][2][axis] == 4095
     assert profiles[0].to_dict()["shapes"]["inputs_embeds"] == {
-        "min": [1, 1, 4096], "opt": [1, 64 * 14 + 64, 4096], "max": [1, 4096, 4096],
+        "min": [1, 1, 4096], "opt": [1, 64 * 14 + 161, 4096], "max": [1, 4096, 4096],
     }  # fmt: skip
 
 

@@ -63,6 +63,7 @@ from trace_rt.bench.floor import (
 from trace_rt.config import TraceConfig
 from trace_rt.devices import Device
 from trace_rt.errors import InputError
+from trace_rt.prompts import PROMPT_TEXT_TOKENS
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 LM_HEAD_PRECISIONS = ("int8", "int4")  # a quantised decoder's lm_head (None: float)
@@ -72,7 +73,6 @@ BLOCK = 32  # export quantize's default block size (int4, and MatMulNBits int8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # export quantize's choices
 MARGIN = 0.10  # of usable memory kept free
 PREPACK_EXTRA_PER_BLOCK = 2 * 4  # MatMulNBits at accuracy level 4: block sum + scale copy
-PROMPT_TEXT_TOKENS = 64  # system text + question around the video block (typical)
 # Process baselines, measured on x86-64 (Debian 12, Python 3.11, onnxruntime 1.2x,
 # 2026-11-30) with `tiny`, whose weights are negligible: RSS after importing trace_rt.pipeline
 # with numpy, PyAV, sentencepiece and onnxruntime (75 MB); each onnxruntime CPU session's

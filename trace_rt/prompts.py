@@ -26,6 +26,11 @@ TASKS = ("dvc", "mr", "vhd")
 QUERY_TASKS = ("mr", "vhd")
 CUSTOM_TASK = "custom"
 DEFAULT_TEMPLATE = "llama_2"
+# Positions of a typical prompt besides its video block: the dvc prompt in the default
+# template, the release's system prompt included, with the Mistral tokenizer (BOS and the
+# closing <sync> counted; mr/vhd add their query). For estimates made before a request
+# exists (trace-rt plan, TensorRT's opt prefill length); tests/test_prompts.py keeps it true.
+PROMPT_TEXT_TOKENS = 161
 VIDEO_TOKEN = "<video>"
 SYNC_TOKEN = "<sync>"
 _PLACEHOLDER_RE = re.compile(f"({re.escape(VIDEO_TOKEN)}|{re.escape(SYNC_TOKEN)})")
