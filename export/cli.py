@@ -9,12 +9,9 @@ from pathlib import Path
 
 from trace_rt.cliutil import Parser, run_command
 from trace_rt.errors import InputError
+from trace_rt.variants import BLOCK_SIZES, DEFAULT_BLOCK_SIZE
 
 PROG = "python -m export"
-
-
-# export.quantize's BLOCK_SIZES and defaults, not imported here: it loads onnx and onnxruntime.
-BLOCK_SIZES = [16, 32, 64, 128, 256]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +115,7 @@ def _add_quant_settings(
         "--block-size",
         type=int,
         choices=BLOCK_SIZES,
-        default=32,
+        default=DEFAULT_BLOCK_SIZE,
         help="weights per quantisation block (int4: MatMulNBits and QDQ; int8: MatMulNBits)",
     )
     if accuracy_level:

@@ -87,12 +87,9 @@ from trace_rt.graphs import (
     load_manifest,
     sha256_file,
 )
-from trace_rt.variants import has_portable_decoder
+from trace_rt.variants import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, has_portable_decoder
 
-# Smaller blocks: less error for a little more scale storage (32 is llama.cpp's Q4_0 block).
-DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations x int4/int8 weights (see above)
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 QDQ_INT4_OPSET = 21  # DequantizeLinear's block_size attribute and the INT4 type
 FP8_OPSET = 19  # DequantizeLinear with float8 inputs
 FP8 = "fp8"

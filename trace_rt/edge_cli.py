@@ -15,8 +15,9 @@ def plan_command(args: argparse.Namespace) -> int:
     """``trace-rt plan``: memory plan, floor latencies and fitting settings for a device."""
     from trace_rt.config import TraceConfig
     from trace_rt.devices import get_device
-    from trace_rt.plan import BLOCK, Settings, built_engines, manifest_records, plan
+    from trace_rt.plan import Settings, built_engines, manifest_records, plan
     from trace_rt.presets import load_preset
+    from trace_rt.variants import DEFAULT_BLOCK_SIZE
 
     device = get_device(args.device, gbps=args.peak_gbps, tflops=args.peak_tflops)
     step, precision, built = args.decode_step, args.precision, None
@@ -68,37 +69,38 @@ def plan_command(args: argparse.Namespace) -> int:
         fixed_past=bool(fixed),
         built=built,
         lm_head=None if lm_head == "float" else lm_head,
-        block_size=block or BLOCK,
+        block_size=block or DEFAULT_BLOCK_SIZE,
     )
     result = plan(cfg, device, settings)
     print(json.dumps(result, indent=2) if args.json else render_plan(result))
     return 0 if result["memory"]["fits"] else 1
 
 
-def _artifact_lm_head(manifest: dict[str, Any], precision: str) -> str | None:
-    """How the decoder the onnxruntime backend runs for *precision* in an artifact (its
-    *manifest*) holds ``lm_head``: ``int8``/``int4``, or None (float, or no artifact)."""
-    from trace_rt.plan import LM_HEAD_PRECISIONS
-    from trace_rt.variants import lm_head_bits, resolve_variant
-
-    if precision not in LM_HEAD_PRECISIONS:
-        return None
-    bits = lm_head_bits(manifest, resolve_variant(manifest, "onnxruntime", precision))
-    return None if bits is None else f"int{bits}"
-
-
-def _artifact_block_size(manifest: dict[str, Any], precision: str) -> int | None:
-    """Weights per quantisation block of the decoder the onnxruntime backend runs for
-    *precision* in an artifact (its *manifest*); None when it has no blocks or no artifact."""
+def _artifact_decoder(manifest: dict[str, Any], precision: str) -> dict[str, Any]:
+    """The manifest record of the decoder the onnxruntime backend runs for an int8/int4
+    *precision* in an artifact (its *manifest*); {} for other precisions or no artifact."""
     from trace_rt.graphs import DECODER
     from trace_rt.plan import LM_HEAD_PRECISIONS
     from trace_rt.variants import resolve_variant
 
     if precision not in LM_HEAD_PRECISIONS:
-        return None
+        return {}
     name = resolve_variant(manifest, "onnxruntime", precision)
-    rec = manifest.get("variants", {}).get(DECODER, {}).get(name or "", {})
-    return rec.get("block_size")
+    return manifest.get("variants", {}).get(DECODER, {}).get(name or "", {})
+
+
+def _artifact_lm_head(manifest: dict[str, Any], precision: str) -> str | None:
+    """How that decoder holds ``lm_head``: ``int8``/``int4``, or None (float, or none)."""
+    from trace_rt.variants import recorded_head_bits
+
+    rec = _artifact_decoder(manifest, precision)
+    bits = recorded_head_bits(rec.get("weights", {}), rec.get("bits"))
+    return None if bits is None else f"int{bits}"
+
+
+def _artifact_block_size(manifest: dict[str, Any], precision: str) -> int | None:
+    """That decoder's weights per quantisation block; None when it has none."""
+    return _artifact_decoder(manifest, precision).get("block_size")
 
 
 def _has_decode_step(manifest: dict[str, Any]) -> bool:
@@ -183,7 +185,8 @@ def render_plan(result: dict[str, Any]) -> str:
 
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     from trace_rt.devices import DEVICES
-    from trace_rt.plan import BLOCK_SIZES, LM_HEAD_PRECISIONS, PRECISIONS
+    from trace_rt.plan import LM_HEAD_PRECISIONS, PRECISIONS
+    from trace_rt.variants import BLOCK_SIZES
 
     p = sub.add_parser(
         "plan",

@@ -64,13 +64,12 @@ from trace_rt.config import TraceConfig
 from trace_rt.devices import Device
 from trace_rt.errors import InputError
 from trace_rt.prompts import PROMPT_TEXT_TOKENS
+from trace_rt.variants import BLOCK_SIZES, DEFAULT_BLOCK_SIZE
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 LM_HEAD_PRECISIONS = ("int8", "int4")  # a quantised decoder's lm_head (None: float)
 _ENGINE_ITEMS = {"decoder_step": "decoder step"}  # engine name -> plan item
 _ENGINE_ORDER = ["vision_encoder", "projector", "decoder", "decoder_step"]
-BLOCK = 32  # export quantize's default block size (int4, and MatMulNBits int8)
-BLOCK_SIZES = (16, 32, 64, 128, 256)  # export quantize's choices
 MARGIN = 0.10  # of usable memory kept free
 PREPACK_EXTRA_PER_BLOCK = 2 * 4  # MatMulNBits at accuracy level 4: block sum + scale copy
 # Process baselines, measured on x86-64 (Debian 12, Python 3.11, onnxruntime 1.2x,
@@ -159,7 +158,7 @@ class Settings:
     fixed_past: bool = False  # the decoder engine is the step graph (export trt --fixed-past)
     built: Built | None = None  # engines already built: plan what the backend allocates
     lm_head: str | None = None  # a quantised decoder's lm_head: int8, int4 (None: float)
-    block_size: int = BLOCK  # weights per quantisation block (int4; MatMulNBits int8)
+    block_size: int = DEFAULT_BLOCK_SIZE  # weights per quantisation block (int4, int8)
 
     def check(self, device: Device) -> None:
         if self.precision not in PRECISIONS:
@@ -194,7 +193,9 @@ def float_itemsize(device: Device) -> int:
     return 2 if device.gpu else 4
 
 
-def linear_bytes_per_weight(precision: str, gpu: bool = False, block: int = BLOCK) -> float:
+def linear_bytes_per_weight(
+    precision: str, gpu: bool = False, block: int = DEFAULT_BLOCK_SIZE
+) -> float:
     """Bytes per decoder linear weight, scales included: a scale per *block* weights in
     the float type (MatMulNBits on the CPU: fp32; TensorRT's int4 QDQ on a GPU: fp16);
     TensorRT's int8 has one scale per output channel (negligible)."""
@@ -301,7 +302,7 @@ def step_activations(
 
 
 def prepacked_bytes(
-    cfg: TraceConfig, precision: str, lm_head: str | None = None, block: int = BLOCK
+    cfg: TraceConfig, precision: str, lm_head: str | None = None, block: int = DEFAULT_BLOCK_SIZE
 ) -> float:
     """What an onnxruntime CPU session holds beyond its decoder file's bytes (module
     docstring): MatMulNBits' packed block scales and block sums; none for fp32."""

@@ -18,6 +18,13 @@ from typing import Any
 from trace_rt.errors import CheckpointError
 from trace_rt.graphs import DECODER, MANIFEST_FILE, sha256_file
 
+# Weights per quantisation block (int4; MatMulNBits int8): what `export quantize` accepts,
+# and its default (smaller blocks: less error for a little more scale storage; 32 is
+# llama.cpp's Q4_0 block). Here, not in export.quantize, so that the CLIs and the plan read
+# them without loading onnx.
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+DEFAULT_BLOCK_SIZE = 32
+
 
 def variant_names(manifest: dict[str, Any], graph: str = DECODER) -> list[str]:
     return sorted(manifest.get("variants", {}).get(graph, {}))
@@ -190,11 +197,3 @@ def recorded_head_bits(weights: dict[str, Any], bits: int | None) -> int | None:
     """How a *bits* variant's manifest ``weights`` entry says ``lm_head`` was stored (None:
     float); records from before ``lm_head_bits`` only say whether it was quantised alike."""
     return weights.get("lm_head_bits", bits if weights.get("lm_head") else None)
-
-
-def lm_head_bits(manifest: dict[str, Any], name: str | None) -> int | None:
-    """Bits of ``lm_head`` in decoder variant *name* (None: float, as in ``decoder.onnx``)."""
-    if name is None:
-        return None
-    rec = manifest.get("variants", {}).get(DECODER, {}).get(name, {})
-    return recorded_head_bits(rec.get("weights", {}), rec.get("bits"))
