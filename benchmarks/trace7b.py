@@ -3,7 +3,7 @@ int8 decoders) -> session loading -> ``dvc`` requests -> llama.cpp peers -> a da
 
     python -m benchmarks.trace7b [--preset trace-7b] [--work DIR] [--frames 16,32]
         [--decode-steps 64] [--stages checkpoint,export,load,run,peers,report] [--keep]
-        [--lm-head float|int8|int4] [--block-size 32|64|128]
+        [--lm-head float|int8|int4] [--block-size 32]
 
 Every stage runs as its own process (its peak RSS is that process's, from ``wait4``), and
 its figures are saved to ``WORK/figures.json`` as soon as it ends, so a run stopped halfway
@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from trace_rt.plan import LM_HEAD_PRECISIONS, linear_bytes_per_weight
+from trace_rt.variants import BLOCK_SIZES, DEFAULT_BLOCK_SIZE
 
 STAGES = ("checkpoint", "export", "load", "run", "reference", "plan", "peers", "report")
 GiB = 2**30
@@ -386,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--block-size",
         type=int,
-        choices=(32, 64, 128),
-        default=32,
+        choices=BLOCK_SIZES,
+        default=DEFAULT_BLOCK_SIZE,
         help="weights per quantisation block of the int4/int8 decoders (export onnx --stream "
         "--block-size; 32, llama.cpp Q4_0's and Q8_0's)",
     )

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trace_rt.variants import DEFAULT_BLOCK_SIZE
+
 STAGE_COLS = ("video", "vision", "projector", "prefill", "ttft")
 TARGET_RATIO = 1.3  # int4 decode step within 1.3x of its bandwidth floor
 
@@ -162,7 +164,7 @@ def markdown(doc: dict[str, Any]) -> str:
     head = doc.get("lm_head", "float")
     lines += [
         f"The int4/int8 decoders hold lm_head in {'fp32' if head == 'float' else head}, "
-        f"blocks of {doc.get('block_size', 32)} weights."
+        f"blocks of {doc.get('block_size', DEFAULT_BLOCK_SIZE)} weights."
     ]
     m = next((r["machine"] for r in doc["runs"].values() if r.get("machine")), None)
     if m:
@@ -316,13 +318,13 @@ def write_report(figures: dict[str, Any], work: Path, results: Path) -> list[Pat
         "date": date,
         "command": figures.get("command", "python -m benchmarks.trace7b"),
         "lm_head": figures.get("lm_head", "float"),  # of the int4/int8 decoders
-        "block_size": figures.get("block_size", 32),
+        "block_size": figures.get("block_size", DEFAULT_BLOCK_SIZE),
     }
     results.mkdir(parents=True, exist_ok=True)
     # Settings other than the defaults name the record, so that it does not replace the
     # day's default run.
     tag = "" if doc["lm_head"] == "float" else f"-lm-head-{doc['lm_head']}"
-    tag += "" if doc["block_size"] == 32 else f"-b{doc['block_size']}"
+    tag += "" if doc["block_size"] == DEFAULT_BLOCK_SIZE else f"-b{doc['block_size']}"
     stem = results / f"trace7b-{figures['preset']}-cpu-{date}{tag}"
     js, md = stem.with_suffix(".json"), stem.with_suffix(".md")
     js.write_text(json.dumps(doc, indent=1) + "\n")
