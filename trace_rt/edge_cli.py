@@ -79,14 +79,12 @@ def plan_command(args: argparse.Namespace) -> int:
 def _artifact_decoder(manifest: dict[str, Any], precision: str) -> dict[str, Any]:
     """The manifest record of the decoder the onnxruntime backend runs for an int8/int4
     *precision* in an artifact (its *manifest*); {} for other precisions or no artifact."""
-    from trace_rt.graphs import DECODER
     from trace_rt.plan import LM_HEAD_PRECISIONS
-    from trace_rt.variants import resolve_variant
+    from trace_rt.variants import resolve_variant, variant_record
 
     if precision not in LM_HEAD_PRECISIONS:
         return {}
-    name = resolve_variant(manifest, "onnxruntime", precision)
-    return manifest.get("variants", {}).get(DECODER, {}).get(name or "", {})
+    return variant_record(manifest, resolve_variant(manifest, "onnxruntime", precision))
 
 
 def _artifact_lm_head(manifest: dict[str, Any], precision: str) -> str | None:

@@ -181,13 +181,18 @@ def _check_portable(manifest: dict[str, Any], model_dir: str | Path) -> None:
     )
 
 
+def variant_record(manifest: dict[str, Any], name: str | None) -> dict[str, Any]:
+    """Decoder variant *name*'s manifest record; {} for ``decoder.onnx`` (None) or a name
+    the manifest does not have."""
+    return manifest.get("variants", {}).get(DECODER, {}).get(name, {}) if name else {}
+
+
 def variant_precision(manifest: dict[str, Any], name: str | None) -> str | None:
     """``int4``/``int8``/``fp8`` for a quantised decoder variant, None for a float one (or
     for ``decoder.onnx``): what its weights compute in, from its record, not its name."""
     if name is None:
         return None
-    rec = manifest.get("variants", {}).get(DECODER, {}).get(name, {})
-    wt = rec.get("weight_type")
+    wt = variant_record(manifest, name).get("weight_type")
     if wt is None:
         return None
     return "fp8" if str(wt).startswith("float8") else str(wt)
