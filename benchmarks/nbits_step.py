@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trace_rt.variants import BLOCK_SIZES, DEFAULT_BLOCK_SIZE
+
 HEADS = ("none", "fp32", "int8", "int4")
 WARMUP = 3
 
@@ -168,7 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.nbits_step", description=__doc__)
     p.add_argument("--preset", default="trace-7b", help="shapes of this preset (trace-7b)")
     p.add_argument("--bits", type=int, choices=(4, 8), default=4, help="layer weights (4)")
-    p.add_argument("--block", type=int, default=32, help="block size along K (32)")
+    p.add_argument(
+        "--block",
+        type=int,
+        choices=BLOCK_SIZES,
+        default=DEFAULT_BLOCK_SIZE,
+        help="block size along K (the export's default, 32)",
+    )
     p.add_argument("--lm-head", default=",".join(HEADS), help=f"choices, of {HEADS}")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
     p.add_argument("--runs", type=int, default=15, help="timed steps per choice (15)")
