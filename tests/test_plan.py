@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -342,6 +343,16 @@ def test_planned_vs_measured_rss_small(tmp_path, clip_video):
     _check_planned_vs_measured(art, clip_video, frames=16, tokens=32)
 
 
+def _cpu_plan_memory(model: Path, *args: str) -> dict:
+    """`trace-rt plan --model MODEL --device cpu --json ARGS` (fixed peaks): its memory part;
+    fits or not (exit 0 or 1), never an error."""
+    out = subprocess.run([sys.executable, "-m", "trace_rt", "plan", "--model", str(model),
+                          "--device", "cpu", "--peak-gbps", "10", "--peak-tflops", "0.1",
+                          "--json", *args], capture_output=True, text=True)  # fmt: skip
+    assert out.returncode in (0, 1), out.stderr
+    return json.loads(out.stdout)["memory"]
+
+
 def test_quantised_lm_head_by_hand():
     # trace-7b int4 on the CPU with lm_head in int8 (`export optimize`'s default): the head's
     # 4096 x 32000 weights at MatMulNBits' 1.125 B instead of fp32's 4 B, and prepacked too.
@@ -376,11 +387,7 @@ def test_plan_reads_the_artifacts_lm_head(tiny_art, tmp_path):
     quantize_artifact(art, 4, forms=("nbits",), lm_head=8)
 
     def cli(*args: str) -> dict:
-        out = subprocess.run([sys.executable, "-m", "trace_rt", "plan", "--model", str(art),
-                              "--device", "cpu", "--peak-gbps", "10", "--peak-tflops", "0.1",
-                              "--json", *args], capture_output=True, text=True)  # fmt: skip
-        assert out.returncode in (0, 1), out.stderr
-        return json.loads(out.stdout)["memory"]
+        return _cpu_plan_memory(art, *args)
 
     got = cli("--precision", "int4")
     assert got["settings"]["lm_head"] == "int8"
@@ -423,12 +430,7 @@ def test_plan_reads_the_artifacts_block_size(tiny_art, tmp_path):
     quantize_artifact(art, 4, forms=("nbits",), block_size=128)
 
     def cli(*args: str) -> dict:
-        out = subprocess.run([sys.executable, "-m", "trace_rt", "plan", "--model", str(art),
-                              "--device", "cpu", "--peak-gbps", "10", "--peak-tflops", "0.1",
-                              "--precision", "int4", "--json", *args],
-                             capture_output=True, text=True)  # fmt: skip
-        assert out.returncode in (0, 1), out.stderr
-        return json.loads(out.stdout)["memory"]
+        return _cpu_plan_memory(art, "--precision", "int4", *args)
 
     got = cli()
     assert got["settings"]["block_size"] == 128
@@ -450,8 +452,4 @@ def test_unreadable_manifest_is_planned_as_a_checkpoint(tiny_ckpt, tmp_path, con
     model = shutil.copytree(tiny_ckpt, tmp_path / "m")
     (model / "manifest.json").write_bytes(content)
     assert manifest_records(model) == {} and built_engines(model) is None
-    args = ["--device", "cpu", "--peak-gbps", "10", "--peak-tflops", "0.1", "--precision", "int4"]
-    out = subprocess.run([sys.executable, "-m", "trace_rt", "plan", "--model", str(model), *args,
-                          "--json"], capture_output=True, text=True)  # fmt: skip
-    assert out.returncode in (0, 1), out.stderr
-    assert json.loads(out.stdout)["memory"]["settings"]["lm_head"] is None
+    assert _cpu_plan_memory(model, "--precision", "int4")["settings"]["lm_head"] is None
