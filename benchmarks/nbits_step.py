@@ -2,7 +2,8 @@
 this machine at a preset's shapes, to set beside the whole step the bench measures.
 
     python -m benchmarks.nbits_step [--preset trace-7b] [--bits 4] [--block 32]
-        [--lm-head none,fp32,int8,int4] [--threads N] [--runs 15] [--json FILE] [--error]
+        [--lm-head none,fp32,int8,int4] [--threads N] [--runs 15] [--json FILE]
+        [--error [--form qdq]]
 
 For each ``--lm-head`` choice one graph: every layer's q, k, v, o, gate, up and down
 projections as ``com.microsoft::MatMulNBits`` at ``--bits`` (random weights in the
@@ -19,7 +20,8 @@ figure, the rest of the graph costs little and the kernel sets the pace.
 
 ``--error`` measures what the speed costs instead: one ``gate`` projection of the preset
 (hidden x intermediate, Gaussian weights), quantised by the export's own path
-(``export.quantize``: symmetric RTN at ``--bits`` and ``--block``, accuracy level 4), run
+(``export.quantize``: symmetric RTN at ``--bits`` and ``--block``, accuracy level 4; with
+``--form qdq`` the TensorRT form, DequantizeLinear with export/rtn.py's scales), run
 on 64 Gaussian rows; reported: the output's relative RMS and max error against fp32.
 Gaussian weights have no outlier channels, so real weights lose more at large blocks.
 """
@@ -134,12 +136,16 @@ def time_one(preset: str, bits: int, block: int, head: str, threads: int, runs: 
     }
 
 
-def layer_error(preset: str, bits: int, block: int) -> dict:
-    """Relative output error of one quantised ``gate`` projection (module docstring)."""
+def layer_error(preset: str, bits: int, block: int, form: str = "nbits") -> dict:
+    """Relative output error of one quantised ``gate`` projection (module docstring).
+
+    *form*: ``nbits`` (MatMulNBits, onnxruntime's quantiser) or ``qdq`` (DequantizeLinear,
+    the export's own searched scales: int4 blocked as *block*, int8 per column).
+    """
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.quantize import _to_matmulnbits
+    from export.quantize import _to_matmulnbits, _to_qdq
     from trace_rt.presets import load_preset
 
     cfg = load_preset(preset)
@@ -156,11 +162,15 @@ def layer_error(preset: str, bits: int, block: int) -> dict:
         initializer=[numpy_helper.from_array(w, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    quantised = _to_matmulnbits(model, ["gate"], bits, block, 4)
+    if form == "nbits":
+        quantised = _to_matmulnbits(model, ["gate"], bits, block, 4)
+    else:
+        quantised = _to_qdq(model, ["gate"], bits, block)[0]
     sess = ort.InferenceSession(quantised.SerializeToString(), providers=["CPUExecutionProvider"])
     got, want = sess.run(None, {"x": x})[0], x @ w
     return {
         "block": block,
+        "form": form,
         "rel_rms_error": round(float(np.sqrt(((got - want) ** 2).mean() / (want**2).mean())), 5),
         "rel_max_error": round(float(np.abs(got - want).max() / np.abs(want).max()), 5),
     }
@@ -184,13 +194,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--error", action="store_true", help="one layer's quantisation error instead of speed"
     )
+    p.add_argument(
+        "--form",
+        choices=("nbits", "qdq"),
+        default="nbits",
+        help="with --error: MatMulNBits (nbits) or the TensorRT QDQ form (qdq)",
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)  # a worker: time this choice, print JSON
     a = p.parse_args(argv)
     if a.error:
-        r = layer_error(a.preset, a.bits, a.block)
+        r = layer_error(a.preset, a.bits, a.block, a.form)
         print(
-            f"{a.preset} gate int{a.bits} b{a.block}: relative RMS error {r['rel_rms_error']}, "
-            f"max {r['rel_max_error']}"
+            f"{a.preset} gate {a.form} int{a.bits} b{a.block}: "
+            f"relative RMS error {r['rel_rms_error']}, max {r['rel_max_error']}"
         )
         if a.json:
             a.json.write_text(json.dumps({"preset": a.preset, "bits": a.bits, **r}) + "\n")
