@@ -4,15 +4,16 @@
 measures each clip written by :mod:`benchmarks.video_clips` (generate them first):
 
 - the video stage (:func:`trace_rt.pipeline.video_inputs`: decode, sample, scale to the
-  release's 336 x 336 input, normalise) with ``resize=fast`` and ``resize=exact``, each
-  first in a fresh process: its peak RSS above the process's baseline (VmHWM, reset after
-  the imports), and for exact its time;
-- the ffmpeg CLI doing the same job (:func:`trace_rt.bench.video.ffmpeg_baseline`) and the
-  fast stage, in ``--pairs`` back-to-back pairs;
-- how far ``fast`` is from ``exact`` (the release's numbers): uint8 levels per pixel.
+  release's 336 x 336 input, normalise) with ``resize=fast`` and ``resize=exact`` (the
+  default: the release's pixels), each first in a fresh process for its peak RSS above the
+  process's baseline (VmHWM, reset after the imports);
+- the ffmpeg CLI doing the same job (:func:`trace_rt.bench.video.ffmpeg_baseline`), then
+  both paths, in ``--rounds`` back-to-back rounds;
+- how far ``fast`` is from ``exact``: uint8 levels per pixel.
 
-The ratio is taken per back-to-back pair of runs (ffmpeg, then the stage), so a change in
-the machine's load touches both sides of it.
+Each path's ratio is taken against the ffmpeg run of its own round, so a change in the
+machine's load touches both sides of it. (Until 2026-12-01 the paired runs were the
+default path, ``exact``, reported under ``fast``.)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 
 from trace_rt.bench.machine import status_mb
 from trace_rt.config import _CLIP_L_336, PreprocessConfig
+from trace_rt.video.convert import DEFAULT_RESIZE, RESIZE_MODES
 
 CFG = PreprocessConfig.from_dict(_CLIP_L_336["preprocess"], pad_to_square=True)
 
@@ -71,34 +73,27 @@ def _run_child(video: Path, frames: int, resize: str, runs: int, save: Path | No
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(video: Path, frames: int, tmp: Path, pairs: int) -> dict:
-    """Peaks and the exact path in fresh processes; then *pairs* back-to-back (ffmpeg run,
-    stage run) pairs in this process, whose per-pair ratios share the machine's load."""
+def measure(video: Path, frames: int, tmp: Path, rounds: int) -> dict:
+    """Peaks in fresh processes; then *rounds* back-to-back (ffmpeg, fast, exact) runs in
+    this process, whose per-round ratios share the machine's load."""
     from trace_rt.bench.video import ffmpeg_baseline
     from trace_rt.pipeline import video_inputs
 
-    fast = _run_child(video, frames, "fast", 0, tmp / "fast.npy")
-    exact = _run_child(video, frames, "exact", 0, tmp / "exact.npy")
+    peaks = {m: _run_child(video, frames, m, 0, tmp / f"{m}.npy") for m in RESIZE_MODES}
     a, b = np.load(tmp / "fast.npy").astype(int), np.load(tmp / "exact.npy").astype(int)
     d = np.abs(a - b)
-    video_inputs(video, frames, CFG)  # warm: file cache, libraries
+    video_inputs(video, frames, CFG, "fast")  # warm: file cache, libraries
     ffmpeg = ffmpeg_baseline(video, CFG, frames, runs=1)  # warm, and its settings
-    ff_ms, st_ms = [], []
-    for _ in range(pairs if "ms" in ffmpeg else 0):
+    ff_ms: list[float] = []
+    ms: dict[str, list[float]] = {m: [] for m in RESIZE_MODES}
+    for _ in range(rounds if "ms" in ffmpeg else 0):
         ff_ms.append(ffmpeg_baseline(video, CFG, frames, runs=1, warmup=False)["ms"])
-        t = time.perf_counter()
-        video_inputs(video, frames, CFG)
-        st_ms.append((time.perf_counter() - t) * 1e3)
-    ratios = [s / f for s, f in zip(st_ms, ff_ms, strict=True)]
-    return {
-        "fast_ms": float(np.median(st_ms)) if st_ms else fast["first_ms"],
-        "fast_runs_ms": st_ms,
-        "fast_peak_mb": fast["peak_mb"],
-        "exact_ms": exact["first_ms"],
-        "exact_peak_mb": exact["peak_mb"],
+        for m in RESIZE_MODES:
+            t = time.perf_counter()
+            video_inputs(video, frames, CFG, m)
+            ms[m].append((time.perf_counter() - t) * 1e3)
+    out: dict = {
         "ffmpeg": {**ffmpeg, "ms": float(np.median(ff_ms)), "runs_ms": ff_ms} if ff_ms else ffmpeg,
-        "ratio": float(np.median(ratios)) if ratios else None,
-        "ratio_range": [min(ratios), max(ratios)] if ratios else None,
         "diff": {
             "max": int(d.max()),
             "mean": float(d.mean()),
@@ -106,6 +101,16 @@ def measure(video: Path, frames: int, tmp: Path, pairs: int) -> dict:
             "share_within_2": float((d <= 2).mean()),
         },
     }
+    for m in RESIZE_MODES:
+        ratios = [x / f for x, f in zip(ms[m], ff_ms, strict=True)]
+        out[m] = {
+            "ms": float(np.median(ms[m])) if ms[m] else peaks[m]["first_ms"],
+            "runs_ms": ms[m],
+            "peak_mb": peaks[m]["peak_mb"],
+            "ratio": float(np.median(ratios)) if ratios else None,
+            "ratio_range": [min(ratios), max(ratios)] if ratios else None,
+        }
+    return out
 
 
 def smooth_diffs() -> dict[str, dict]:
@@ -157,37 +162,40 @@ def _describe(video: Path) -> str:
 
 
 def markdown(results: dict[str, dict], info: dict) -> str:
+    dflt = {m: " (the default)" if m == DEFAULT_RESIZE else "" for m in RESIZE_MODES}
     lines = [
         f"# Video front end, CPU ({date.today().isoformat()})",
         "",
         f"- machine: {info['cpus']} cores; load average {info['load_start']} at the start, "
-        f"{info['load_end']} at the end (other work shared the machine)",
+        f"{info['load_end']} at the end",
         f"- {info['frames']} frames sampled as the release does, to the release's 336 x 336 "
         "input (pad to square with the CLIP mean colour, bicubic, centre crop, normalise)",
         "- stage: `trace_rt.pipeline.video_inputs` (what `Pipeline.prepare` runs); peak RSS: "
         "a fresh process's first run (VmHWM reset after the imports, minus the RSS before "
-        "it); exact: that first run's time; fast and ffmpeg: back-to-back pairs (ffmpeg run, "
-        "stage run), medians, and the median and range of the per-pair ratios",
+        "it); times: rounds of back-to-back runs (ffmpeg, fast, exact), medians, and the "
+        "median and range of the per-round ratios to that round's ffmpeg run",
         "- ffmpeg: Debian's ffmpeg CLI, same decoder threads, `select` of the same frames, "
         "`scale` bicubic + `pad` + `crop`, raw RGB to a file (command below)",
         "",
-        "| clip | fast ms | ffmpeg ms | fast / ffmpeg, median of pairs (range) | fast peak MB "
-        "| exact ms | exact peak MB | fast vs exact: max / mean / p99 levels, share within 2 |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        f"| clip | ffmpeg ms | fast ms | fast / ffmpeg | fast peak MB | exact ms{dflt['exact']} "
+        f"| exact / ffmpeg | exact peak MB | fast vs exact: max / mean / p99 levels, share "
+        "within 2 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in results.items():
         ff = r["ffmpeg"]
-        ffms = f"{ff['ms']:.0f}" if "ms" in ff else "skipped"
-        ratio = "-"
-        if r["ratio"] is not None:
-            lo, hi = r["ratio_range"]
-            ratio = f"{r['ratio']:.2f}x ({lo:.2f}-{hi:.2f})"
+        cells = [f"{name}: {r['describe']}", f"{ff['ms']:.0f}" if "ms" in ff else "skipped"]
+        for m in RESIZE_MODES:
+            ratio = "-"
+            if r[m]["ratio"] is not None:
+                lo, hi = r[m]["ratio_range"]
+                ratio = f"{r[m]['ratio']:.2f}x ({lo:.2f}-{hi:.2f})"
+            cells += [f"{r[m]['ms']:.0f}", ratio, f"{r[m]['peak_mb']:.0f}"]
         d = r["diff"]
-        lines.append(
-            f"| {name}: {r['describe']} | {r['fast_ms']:.0f} | {ffms} | {ratio} | "
-            f"{r['fast_peak_mb']:.0f} | {r['exact_ms']:.0f} | {r['exact_peak_mb']:.0f} | "
-            f"{d['max']} / {d['mean']:.2f} / {d['p99']:.0f}, {100 * d['share_within_2']:.1f}% |"
+        cells.append(
+            f"{d['max']} / {d['mean']:.2f} / {d['p99']:.0f}, {100 * d['share_within_2']:.1f}%"
         )
+        lines.append("| " + " | ".join(cells) + " |")
     smooth = info.get("smooth")
     if smooth:
         lines += [
@@ -210,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--which", default="4k,portrait,long720")
-    ap.add_argument("--pairs", type=int, default=5, help="(ffmpeg, stage) run pairs per clip")
+    ap.add_argument(
+        "--rounds", type=int, default=5, help="(ffmpeg, fast, exact) run rounds per clip"
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--resize", default="fast", help=argparse.SUPPRESS)
     ap.add_argument("--runs", type=int, default=3, help=argparse.SUPPRESS)
@@ -227,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="video-frontend-") as tmp:
         for name in args.which.split(","):
             video = args.clips / f"{name}.mp4"
-            r = measure(video, args.frames, Path(tmp), args.pairs)
+            r = measure(video, args.frames, Path(tmp), args.rounds)
             r["describe"] = _describe(video)
             results[name] = r
             print(name, json.dumps(r), file=sys.stderr)

@@ -177,6 +177,32 @@ def test_ffmpeg_baseline_does_the_same_job(videos, tmp_path, monkeypatch):
     assert bv.ffmpeg_lines(report) == [f"video stage vs ffmpeg CLI: skipped ({res['skipped']})"]
 
 
+def test_frontend_benchmark_times_each_path_as_labelled(videos, tmp_path, monkeypatch):
+    """benchmarks/video_frontend.py: each resize path's runs are that path's (until
+    2026-12-01 the default path's runs were reported as ``fast``)."""
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("no ffmpeg on PATH (Debian: apt-get install ffmpeg)")
+    import benchmarks.video_frontend as vf
+    import trace_rt.pipeline as pipeline
+
+    seen: list[str] = []
+    real = pipeline.video_inputs
+
+    def spy(video, n, pp, resize=pipeline.DEFAULT_RESIZE, **kw):
+        seen.append(resize)
+        return real(video, n, pp, resize, **kw)
+
+    monkeypatch.setattr(pipeline, "video_inputs", spy)
+    r = vf.measure(Path(videos["rotated-90"]), 4, tmp_path, rounds=2)
+    assert seen == ["fast"] + ["fast", "exact"] * 2  # warm-up, then each round's two paths
+    for m in ("fast", "exact"):
+        assert len(r[m]["runs_ms"]) == 2 and r[m]["ratio"] > 0 and r[m]["peak_mb"] > 0
+    assert r["diff"]["max"] >= 0 and len(r["ffmpeg"]["runs_ms"]) == 2
+    text = vf.markdown({"clip": {**r, "describe": "320x180"}}, {"cpus": 2, "frames": 4,
+                       "load_start": "0", "load_end": "0"})  # fmt: skip
+    assert "exact ms (the default)" in text and "| clip: 320x180 |" in text
+
+
 def test_unwanted_non_reference_frames_are_skipped_not_decoded(tmp_path, monkeypatch):
     """The benchmark clips' encoding (x264 veryfast, B-frames) at a small size: many
     non-reference pictures. Skipping the unwanted ones changes no frame and no time."""
