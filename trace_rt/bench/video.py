@@ -21,7 +21,7 @@ import numpy as np
 
 from trace_rt.config import PreprocessConfig
 from trace_rt.preprocess import layout
-from trace_rt.video.convert import quarter_turns
+from trace_rt.video.convert import DEFAULT_RESIZE, quarter_turns
 from trace_rt.video.decode import _probe, decoder_threads
 from trace_rt.video.source import Source
 
@@ -164,8 +164,10 @@ def ffmpeg_lines(report: dict[str, Any]) -> list[str]:
         return []
     if "skipped" in sec:
         return [f"video stage vs ffmpeg CLI: skipped ({sec['skipped']})"]
+    # The bench's pipelines resize as Pipeline does by default (the release's pixels).
     head = (
-        f"video stage vs ffmpeg CLI ({sec['threads']} threads, {sec['frames']} frames to "
+        f"video stage ({DEFAULT_RESIZE} resize) vs ffmpeg CLI ({sec['threads']} threads, "
+        f"{sec['frames']} frames to "
         f"{sec['size'][0]}x{sec['size'][1]} RGB: {sec['ms']:.0f} ms)"
     )
     return [
