@@ -122,21 +122,23 @@ PEAK = textwrap.dedent(
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current RSS: imports are not counted
     base = status("VmRSS")
-    clip, px = video_inputs(sys.argv[1], int(sys.argv[2]), cfg, "fast")
+    clip, px = video_inputs(sys.argv[1], int(sys.argv[2]), cfg, sys.argv[3])
     print(json.dumps({"peak_mb": status("VmHWM") - base, "shape": list(px.shape)}))
     """
 )
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
-def test_peak_memory_follows_model_size_not_source_size(tmp_path):
+@pytest.mark.parametrize("resize", ["fast", "exact"])
+def test_peak_memory_follows_model_size_not_source_size(tmp_path, resize):
     """1440p frames are 11 MB each as RGB, 0.34 MB at model size (+1.35 MB as float32
-    pixels). Sampling 16 frames instead of 2 may add the latter, never the former."""
+    pixels). Sampling 16 frames instead of 2 may add the latter, never the former (exact
+    makes one full-resolution RGB frame at a time, and frees it)."""
     video = write_video(tmp_path / "qhd.mp4", 2560, 1440, n_frames=16, gop=4)
 
     def peak(n: int) -> float:
         out = subprocess.run(
-            [sys.executable, "-c", PEAK, video, str(n)],
+            [sys.executable, "-c", PEAK, video, str(n), resize],
             capture_output=True,
             text=True,
             check=True,
