@@ -129,7 +129,8 @@ def _hpass(
             dst = out[s : s + frames_per, :, r0 : r0 + row_step]
             res = np.empty((flat.shape[0], nout))
             for o0, o1, i0, i1, dense in blocks:
-                res[:, o0:o1] = _shift_clip(flat[:, i0:i1] @ dense)
+                np.matmul(flat[:, i0:i1], dense, out=res[:, o0:o1])
+            _shift_clip(res)  # once per chunk, not per block: fewer small ufunc calls
             dst[...] = res.reshape(dst.shape)
     return out
 
@@ -149,9 +150,10 @@ def _vpass(x: np.ndarray, first: np.ndarray, kk: np.ndarray) -> np.ndarray:
     for s in range(0, n, per):
         for w0 in range(0, w, cols):
             part = x[s : s + per, :, lo:hi, w0 : w0 + cols].astype(np.float64)
-            dst = out[s : s + per, :, :, w0 : w0 + cols]
+            acc = np.empty((*part.shape[:2], len(first), part.shape[3]))
             for o0, o1, i0, i1, taps in blocks:  # taps: [rows out, rows in]
-                dst[:, :, o0:o1] = _shift_clip(np.matmul(taps, part[:, :, i0 - lo : i1 - lo]))
+                np.matmul(taps, part[:, :, i0 - lo : i1 - lo], out=acc[:, :, o0:o1])
+            out[s : s + per, :, :, w0 : w0 + cols] = _shift_clip(acc)
     return out
 
 
