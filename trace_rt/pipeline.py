@@ -31,7 +31,6 @@ from trace_rt.tokenizer import TextTokenizer
 from trace_rt.tokens import MAX_TIMESTAMP, encode_timestamp
 from trace_rt.video import DecodeLimits, SampledVideo, VideoSource, load_video
 from trace_rt.video.convert import DEFAULT_RESIZE, RESIZE_MODES, ModelFrames
-from trace_rt.video.decode import release_heap
 
 
 @dataclass(frozen=True)
@@ -452,10 +451,6 @@ def video_inputs(
         The clip (``frames`` uint8 ``[F, 3, h, w]``) and float32 ``[F, 3, h, w]`` pixels.
     """
     clip = load_video(video, n_frames, convert=ModelFrames(pp, resize), **load)
-    # The per-frame arrays load_video stacked are free now; hand their pages back before
-    # the float32 pixels are made (exact on 4K: peak 313 -> 267-275 MB; their scattered
-    # blocks had kept ~90 MB of heap from the trim at the decoder's end).
-    release_heap()
     return clip, normalize(clip.frames, pp)
 
 
