@@ -48,8 +48,8 @@ class LayerPiece(nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, x, cos, sin, causal, valid, past_k, past_v):
-        return layer_step(self.layer, x, cos, sin, causal, past_k, past_v, valid)
+    def forward(self, x, cos, sin, causal, past_bias, past_k, past_v):
+        return layer_step(self.layer, x, cos, sin, causal, past_k, past_v, past_bias)
 
 
 class Head(nn.Module):
@@ -113,7 +113,7 @@ def trace_layer(layer: DecoderLayer, cfg: TraceConfig, opset: int) -> onnx.Model
     """One layer's graph; its K/V inputs and outputs are named ``LAYER_KV`` (stitching
     maps them onto the layer's spec names)."""
     ex = _examples(cfg)
-    x, cos, sin, causal, valid = decode_setup(cfg, ex["emb"], ex["pos"], ex["past"])
+    x, cos, sin, causal, past_bias = decode_setup(cfg, ex["emb"], ex["pos"], ex["past"])
     pk, pv, nk, nv = LAYER_KV
     past_axes = {0: "past", 1: "batch"}
     axes = {
@@ -128,7 +128,7 @@ def trace_layer(layer: DecoderLayer, cfg: TraceConfig, opset: int) -> onnx.Model
         nk: {0: "seq", 1: "batch"},
         nv: {0: "seq", 1: "batch"},
     }
-    args = (x, cos, sin, causal, valid, ex["past"], ex["past"].flip(0))
+    args = (x, cos, sin, causal, past_bias, ex["past"], ex["past"].flip(0))
     return _trace(LayerPiece(layer), args, ["x", *SHARED, pk, pv], ["x_out", nk, nv], axes, opset)
 
 

@@ -298,6 +298,16 @@ def test_decoder_reads_past_in_place(artifacts, tmp_path):
                 assert attrs["transBatchB"] == 1, (name, attrs)
 
 
+def test_masks_are_made_once_not_per_layer(artifacts):
+    # The causal and past masks are additive biases built once per step
+    # (trace_rt/model/decode.py: decode_setup); a masked fill inside each layer exports
+    # as a Where over that layer's whole score matrix, ~8x slower than an Add there.
+    graph = onnx.load(str(artifacts["fp32"] / "decoder.onnx"), load_external_data=False).graph
+    layers = sum(1 for t in graph.input if t.name.startswith("past_key"))
+    wheres = [n for n in graph.node if n.op_type == "Where"]
+    assert layers >= 2 and len(wheres) <= 2, [n.name for n in wheres]
+
+
 def test_old_kv_scheme_is_rejected(artifacts, tmp_path):
     art = _copy(artifacts["fp32"], tmp_path / "old")
     m = json.loads((art / MANIFEST_FILE).read_text())
