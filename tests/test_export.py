@@ -557,3 +557,19 @@ def test_ops_supported_by_tensorrt(artifacts, bf16_artifact):
             ops = {(n.domain or "ai.onnx", n.op_type) for n in graph.node}
             bad = sorted(f"{d}::{op}" for d, op in ops if d != "ai.onnx" or op not in allowed)
             assert not bad, f"{name} ({dt}) uses ops TensorRT 10 lacks: {bad}"
+
+
+def test_decoder_ab_times_both_exports(artifacts, capsys):
+    from benchmarks.decoder_ab import main as ab_main
+
+    art = artifacts["fp32"]
+    ab_main([str(art), str(art), "decoder.onnx", "--positions", "8", "--steps", "2",
+             "--rounds", "3", "--threads", "1"])  # fmt: skip
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| `decoder.onnx`")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert float(cells[2]) > 0 and float(cells[4]) > 0  # the new/old ratios
+    with pytest.raises(SystemExit):
+        ab_main([str(art), str(art), "decoder.onnx", "--rounds", "2"])
+    with pytest.raises(SystemExit):
+        ab_main([str(art), str(art), "no-such-graph.onnx"])
