@@ -5,7 +5,10 @@ before and after a change): prefill and decode-step time, sessions alternated in
 
 Why in one process: this VM settles each new process in one of two speed modes
 (export/decode_timing.py), so two bench runs can differ by more than a change does;
-alternating the two sessions round by round in one process cancels that out. Each round
+alternating the two sessions round by round in one process cancels that out. (An idle
+session's spinning intra-op workers slow the other one's next run, export/decode_timing.py;
+the order flips every round, so each session runs second as often and both pay alike.)
+Each round
 runs a prefill of ``--positions`` positions (no past) and ``--steps`` single-position steps
 over a past of that length (text head on where the graph has the input); the first two
 rounds are warm-up. Prints old and new medians and their ratio per graph.
