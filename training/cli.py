@@ -67,6 +67,13 @@ def _add_synth_data(sub: argparse._SubParsersAction) -> None:
     sd.add_argument("--seed", type=int, default=0, help="the set is a function of the seed")
     sd.add_argument("--val-fraction", type=float, default=0.2, help="share of clips in val.json")
     sd.add_argument("--max-shapes", type=int, default=2, help="shapes per video: 1..N")
+    sd.add_argument("--min-shapes", type=int, default=1, help="at least this many shapes")
+    sd.add_argument(
+        "--frame-words",
+        action="store_true",
+        help="also write each clip's shapes as timed colour words (frame_words), which a "
+        "recipe's frame_words share shows in place of the frames",
+    )
     sd.add_argument("--fps", type=int, default=8, help="frame rate of the clips")
     sd.add_argument("--size", type=int, default=64, help="frame side in pixels")
     sd.add_argument("--min-duration", type=float, default=8.0, help="shortest clip (s)")
@@ -239,6 +246,8 @@ def _synth_data(args: argparse.Namespace) -> None:
         min_duration=args.min_duration,
         max_duration=args.max_duration,
         max_shapes=args.max_shapes,
+        min_shapes=args.min_shapes,
+        frame_words=args.frame_words,
         tasks=tuple(t for t in args.tasks.split(",") if t),
     )
     print(json.dumps({"out": args.out, "samples": make_synth_data(args.out, cfg)}))

@@ -10,7 +10,8 @@ A split file (``train.json``, ``val.json``) is::
         "query": "a red circle moves left",   # mr and vhd only
         "question": null,                     # custom only: the free question
         "events": [                           # the answer, in the structure TRACE emits
-          {"timestamps": [1.5, 4.0], "scores": [], "caption": ""}]},
+          {"timestamps": [1.5, 4.0], "scores": [], "caption": ""}],
+        "frame_words": [[1.5, 4.0, "red"]]},  # optional: words that may stand in for frames
        ...]}
 
 The user turn is not stored: it is the runtime's prompt (``trace_rt.prompts``: the
@@ -20,6 +21,12 @@ timestamps (seconds, emitted by the time head), its scores (the score head) and 
 caption (the text head); an event may leave any of them empty, as moment retrieval leaves
 the caption. ``duration`` (seconds) may be given; timestamps are checked against the
 decoded video either way.
+
+``frame_words`` (optional) are timed words, ``[start, end, word]``: what a sampled frame at
+time t shows, for every span with start <= t < end. A recipe's ``frame_words`` share
+trains on them in place of the frames' pixels (:mod:`training.dataset`): a curriculum in
+which the LLM learns to look up the query in a video block whose content it can already
+read (issue 14's synthetic hard case), before the projector learns to feed it.
 
 Problems found before training (unknown task, missing query, malformed events, duplicate
 ids) and while reading videos (missing or undecodable file, timestamps beyond the end)
@@ -84,6 +91,7 @@ class Sample:
     duration: float | None = None
     turns: Turns | None = None  # the release's own conversation (training.release_data)
     image: Path | None = None  # an image sample of the release's JSON (no video)
+    frame_words: tuple[tuple[float, float, str], ...] | None = None  # [start, end, word]
 
     def to_dict(self, root: Path | None = None) -> dict[str, Any]:
         video = self.video.resolve()  # relative to root, not to the cwd it was made in
@@ -98,6 +106,8 @@ class Sample:
         if self.duration is not None:
             d["duration"] = self.duration
         d["events"] = [e.to_dict() for e in self.events]
+        if self.frame_words is not None:
+            d["frame_words"] = [list(w) for w in self.frame_words]
         return d
 
 
@@ -142,6 +152,25 @@ def _event(sid: str, raw: Any, k: int) -> EventTarget:
     return ev
 
 
+def _frame_words(sid: str, raw: Any) -> tuple[tuple[float, float, str], ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise BadSampleError(sid, f"'frame_words' must be a list of [start, end, word]: {raw!r}")
+    out = []
+    for k, item in enumerate(raw):
+        ok = isinstance(item, list) and len(item) == 3 and isinstance(item[2], str)
+        if ok:
+            span = _number_list(sid, item[:2], f"frame_words {k} span", MAX_TIMESTAMP)
+            ok = span[0] < span[1] and bool(item[2].strip())
+        if not ok:
+            raise BadSampleError(
+                sid, f"frame_words {k} must be [start, end, word] with start < end, got {item!r}"
+            )
+        out.append((span[0], span[1], item[2].strip()))
+    return tuple(out)
+
+
 def parse_sample(raw: Any, root: Path, index: int) -> Sample:
     """Validate one sample object (everything that needs no video)."""
     sid = raw.get("id") if isinstance(raw, dict) else None
@@ -179,6 +208,7 @@ def parse_sample(raw: Any, root: Path, index: int) -> Sample:
         query=query,
         question=question if task == CUSTOM_TASK else None,
         duration=float(duration) if duration is not None else None,
+        frame_words=_frame_words(sid, raw.get("frame_words")),
     )
 
 

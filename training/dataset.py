@@ -56,6 +56,9 @@ SAMPLING = ("uniform", "rand", "jitter")
 SNAP = ("nearest", "cover", "none")
 OUT_OF_RANGE = ("fail", "snap")
 RAND_CANDIDATES = 5  # the release: linspace(lo, hi, 6)[:-1] per bin
+# What a frame's unused slots show when words stand in for its pixels: a frame with no
+# covering word then reads "nothing" in every slot.
+FRAME_WORDS_FILLER = "nothing"
 log = logging.getLogger("training.dataset")
 __all__ = ["IGNORE", "Batch", "Example", "GroundingDataset", "collate", "frame_indices"]
 
@@ -186,6 +189,7 @@ class Example:
     pixel_values: torch.Tensor  # [F, 3, H, W]
     time_ids: torch.Tensor  # [F, 6] local time ids of the frames' timestamps
     frame_times: np.ndarray
+    frame_ids: torch.Tensor | None = None  # [F, S] text ids shown in place of the pixels
 
 
 class GroundingDataset:
@@ -210,6 +214,11 @@ class GroundingDataset:
             (``uniform`` sampling only: then they never change). Costs F x 3 x H x W
             float32 per video, per data-loader process; for small sets, where decoding
             the same frames every epoch would cost more than the model's steps.
+        frame_words: the share of samples with ``frame_words`` (:mod:`training.data`) shown
+            as those words instead of their frames' pixels, drawn per (seed, epoch,
+            index). A frame's slot positions then hold the token embeddings of the words
+            whose spans cover its time, in span order, and :data:`FRAME_WORDS_FILLER` in
+            the slots left over; its time tokens are unchanged.
     """
 
     def __init__(
@@ -229,6 +238,7 @@ class GroundingDataset:
         seed: int = 0,
         probe_workers: int = 0,
         cache_frames: bool = False,
+        frame_words: float = 0.0,
     ):
         for name, value, allowed in (("sampling", sampling, SAMPLING),
                                      ("snap_times", snap_times, SNAP),
@@ -241,6 +251,9 @@ class GroundingDataset:
         self.template, self.prompts = template, prompts or PromptSet.load()
         self.answer_space = answer_space
         self.on_bad, self.seed = on_bad, seed
+        if not 0.0 <= frame_words <= 1.0:
+            raise ValueError(f"frame_words must be a share in 0..1, got {frame_words}")
+        self.frame_words = frame_words
         if cache_frames and sampling != "uniform":
             raise ValueError(f"cache_frames needs sampling 'uniform' (got {sampling!r}): "
                              "other samplings pick new frames every epoch")  # fmt: skip
@@ -316,6 +329,12 @@ class GroundingDataset:
         video_len = self.num_frames * self.cfg.tokens_per_frame
         input_ids, labels, start = expand_video(seq, labels, video_len)
         time_ids = np.array([encode_timestamp(float(t)) for t in times], dtype=np.int64)
+        frame_ids = None
+        if s.frame_words and self.frame_words > 0:
+            # A stream of its own: the frame picks above stay what they were without it.
+            pick = np.random.default_rng((self.seed, epoch, index, 1)).random()
+            if pick < self.frame_words:
+                frame_ids = self._word_ids(s.frame_words, times)
         return Example(
             s.id,
             input_ids,
@@ -324,7 +343,18 @@ class GroundingDataset:
             torch.from_numpy(np.ascontiguousarray(pixels)),
             torch.from_numpy(time_ids),
             times,
+            frame_ids,
         )
+
+    def _word_ids(self, words: tuple[tuple[float, float, str], ...], times) -> torch.Tensor:
+        """[F, S] text ids: each frame's covering words, then the filler."""
+        slots = self.cfg.mm_num_slots
+        filler = self.tok.encode(FRAME_WORDS_FILLER)
+        out = np.full((len(times), slots), filler[0], dtype=np.int64)
+        for f, t in enumerate(times):
+            ids = [i for a, b, w in words if a <= t < b for i in self.tok.encode(w)][:slots]
+            out[f, : len(ids)] = ids
+        return torch.from_numpy(out)
 
 
 @dataclass
@@ -336,6 +366,7 @@ class Batch:
     video_start: torch.Tensor  # [B]
     pixel_values: torch.Tensor  # [B, F, 3, H, W]
     time_ids: torch.Tensor  # [B, F, 6]
+    frame_ids: torch.Tensor | None = None  # [B, F, S] words in place of pixels; -1: pixels
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -346,6 +377,7 @@ class Batch:
             self.video_start.to(device),
             self.pixel_values.to(device),
             self.time_ids.to(device),
+            None if self.frame_ids is None else self.frame_ids.to(device),
         )
 
     @property
@@ -372,4 +404,16 @@ def collate(examples: Sequence[Example]) -> Batch:
         torch.tensor([e.video_start for e in examples], dtype=torch.long),
         torch.stack([e.pixel_values for e in examples]),
         torch.stack([e.time_ids for e in examples]),
+        _frame_ids(examples),
     )
+
+
+def _frame_ids(examples: Sequence[Example]) -> torch.Tensor | None:
+    shown = [e.frame_ids for e in examples if e.frame_ids is not None]
+    if not shown:
+        return None
+    out = torch.full((len(examples), *shown[0].shape), -1, dtype=torch.long)
+    for i, e in enumerate(examples):
+        if e.frame_ids is not None:
+            out[i] = e.frame_ids
+    return out

@@ -24,10 +24,22 @@ def sequence_embeddings(model: TraceModel, batch: Batch) -> Tensor:
     feats = model.encode_frames(batch.pixel_values.flatten(0, 1))  # [B*F, P, D]
     # project() lays frames out in order, so B*F frames reshape into B blocks.
     block = model.project(feats, batch.time_ids.flatten(0, 1)).view(b, -1, model.config.hidden_size)
+    if batch.frame_ids is not None:
+        block = _words_for_pixels(model, block, batch.frame_ids)
     emb = model.embed(batch.input_ids.clamp(min=0))  # video positions: a dummy id, replaced
     pos = batch.video_start[:, None] + torch.arange(block.shape[1], device=emb.device)
     index = pos[..., None].expand(-1, -1, emb.shape[-1])
     return emb.scatter(1, index, block.to(emb.dtype))
+
+
+def _words_for_pixels(model: TraceModel, block: Tensor, frame_ids: Tensor) -> Tensor:
+    """Put the word embeddings of frame_ids [B, F, S] (-1: keep the pixels' slots) on the
+    slot positions of block [B, F*(S+6), H]; the frames' time tokens stay."""
+    b, f, s = frame_ids.shape
+    frames = block.view(b, f, -1, block.shape[-1])  # [B, F, S+6, H]
+    words = model.model.embed_tokens(frame_ids.clamp(min=0)).to(block.dtype)  # [B, F, S, H]
+    slots = torch.where((frame_ids >= 0)[..., None], words, frames[:, :, :s])
+    return torch.cat([slots, frames[:, :, s:]], dim=2).flatten(1, 2)
 
 
 def head_losses(model: TraceModel, hidden: Tensor, labels: Tensor) -> dict[str, Tensor]:

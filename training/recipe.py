@@ -107,6 +107,9 @@ class TrainConfig:
             order (a group's samples land in the same batch unless it straddles one's
             end): a clip's queries for its different events are then contrasted in one
             step (the synthetic hard case).
+        frame_words: the share (0..1) of samples carrying ``frame_words`` that train on
+            those timed words in place of their frames' pixels (:mod:`training.dataset`);
+            0 (default) never does.
         out_of_range: ``fail`` or ``snap`` for targets past a video's end (module doc).
         dtype: ``fp32`` or ``bf16`` (autocast; master weights and optimiser stay fp32).
         num_frames: frames per video (None: the checkpoint's ``num_frames``).
@@ -158,6 +161,7 @@ class TrainConfig:
     num_workers: int = 0
     cache_frames: bool = False
     group_by_video: bool = False
+    frame_words: float = 0.0
     log_every: int = 10
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -189,6 +193,8 @@ class TrainConfig:
             raise ValueError("epochs must be positive")
         if self.cache_frames and self.sampling != "uniform":
             raise ValueError("cache_frames needs sampling: uniform (the frames never change)")
+        if not 0.0 <= self.frame_words <= 1.0:
+            raise ValueError(f"frame_words must be a share in 0..1, got {self.frame_words}")
         if self.num_workers < 0:
             raise ValueError("num_workers must be 0 or more")
         if self.on_bad_sample not in ("fail", "skip"):

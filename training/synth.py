@@ -10,6 +10,9 @@ known time. From those windows come, per video:
 * ``vhd`` one sample per shape: one event per 1-s clip the shape is visible in, with the
   clip's centre time and a saliency score 1.0..5.0 growing with how long it is visible.
 
+With ``frame_words`` every sample also lists its clip's shapes as timed colour words
+(``[start, end, colour]``), which a recipe may show in place of the frames.
+
 Videos are split by video into ``train.json`` and ``val.json`` (the format of
 :mod:`training.data`); ``synth.json`` keeps the ground truth of every video (windows,
 per-clip saliency) for inspection. Everything is a function of ``--seed``.
@@ -53,6 +56,10 @@ class SynthConfig:
     min_window: float = 2.0
     max_window: float = 4.5
     max_shapes: int = 2
+    min_shapes: int = 1
+    # Write each sample's shapes as timed colour words too (training.data's frame_words),
+    # for the recipes that first train the lookup on words (tiny-synthetic-lookup-words).
+    frame_words: bool = False
     tasks: tuple[str, ...] = TASKS
     clip_seconds: float = 1.0  # saliency clip length (vhd)
 
@@ -119,7 +126,7 @@ def write_synth_video(
 
 
 def _tracks(rng: np.random.Generator, duration: float, cfg: SynthConfig) -> list[ShapeTrack]:
-    n = int(rng.integers(1, cfg.max_shapes + 1))
+    n = int(rng.integers(cfg.min_shapes, cfg.max_shapes + 1))
     # Distinct colours and kinds keep every query unambiguous within its video.
     colors = rng.permutation(list(COLORS))[:n]
     kinds = rng.permutation(list(KINDS))[:n]
@@ -162,7 +169,11 @@ def _samples(vid: str, video: Path, tracks, duration: float, cfg: SynthConfig) -
                 for t, s in clip_saliency(tr, duration, cfg.clip_seconds)
             )
             out.append(Sample(f"{vid}-vhd-{j}", video, "vhd", evs, query=tr.caption))
-    return [Sample(s.id, s.video, s.task, s.events, s.query, s.question, duration) for s in out]
+    words = tuple((tr.start, tr.end, tr.color) for tr in tracks) if cfg.frame_words else None
+    return [
+        Sample(s.id, s.video, s.task, s.events, s.query, s.question, duration, frame_words=words)
+        for s in out
+    ]
 
 
 def make_synth_data(out: str | Path, cfg: SynthConfig) -> dict[str, int]:
@@ -172,6 +183,8 @@ def make_synth_data(out: str | Path, cfg: SynthConfig) -> dict[str, int]:
         raise ValueError(f"unknown synthetic tasks {sorted(bad)}; choose from {TASKS}")
     if cfg.max_shapes < 1 or cfg.max_shapes > min(len(COLORS), len(KINDS)):
         raise ValueError(f"max_shapes must be 1..{min(len(COLORS), len(KINDS))}")
+    if not 1 <= cfg.min_shapes <= cfg.max_shapes:
+        raise ValueError(f"min_shapes must be 1..max_shapes ({cfg.max_shapes})")
     if not cfg.min_window + 0.5 <= cfg.min_duration <= cfg.max_duration:
         raise ValueError("need min_window + 0.5 <= min_duration <= max_duration")
     # Absolute: the split files store video paths relative to themselves, whatever the cwd.

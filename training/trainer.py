@@ -284,6 +284,7 @@ def _setup(rc, samples, out, dist, device, init, preset, resume) -> _Run:
         seed=rc.seed,
         probe_workers=rc.num_workers,
         cache_frames=rc.cache_frames,
+        frame_words=rc.frame_words,
     )
     rc = rc.resolved(len(dataset), dist.world)
     model.to(device)
