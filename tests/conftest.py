@@ -1,10 +1,18 @@
-"""Shared fixtures: tiny checkpoints and short videos, generated once per session."""
+"""Shared fixtures: tiny checkpoints, short videos and the tokenizer, made once per session."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The default (Mistral) text tokenizer."""
+    from trace_rt.tokenizer import TextTokenizer, default_tokenizer_model
+
+    return TextTokenizer.from_file(default_tokenizer_model())
 
 
 def pytest_collection_modifyitems(config, items):

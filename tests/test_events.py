@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from trace_rt.config import IdSpace
 from trace_rt.events import Event, EventParser, first_span, highlights, parse_events
-from trace_rt.tokenizer import TextTokenizer, default_tokenizer_model
+from trace_rt.tokenizer import TextTokenizer
 from trace_rt.tokens import (
     DIGIT0,
     DOT,
@@ -26,11 +26,6 @@ from trace_rt.tokens import (
 IDS = IdSpace(32000, 13, 13)
 TS, SS, XS = IDS.time_sync, IDS.score_sync, IDS.text_sync  # 32001, 32014, 32000
 EOS = 2
-
-
-@pytest.fixture(scope="module")
-def tok() -> TextTokenizer:
-    return TextTokenizer.from_file(default_tokenizer_model())
 
 
 def times(*values: float) -> list[int]:

@@ -32,11 +32,6 @@ RAW = json.loads(DEFAULT_PROMPTS_FILE.read_text())
 SYSTEM = RAW["templates"]["llama_2"]["system"]
 
 
-@pytest.fixture(scope="module")
-def tok() -> TextTokenizer:
-    return TextTokenizer.from_file(default_tokenizer_model())
-
-
 # ---- prompt data -----------------------------------------------------------------------
 @pytest.mark.skipif(not SHARED.is_file(), reason="no shared copy of the prompts file")
 def test_packaged_file_is_verbatim_copy() -> None:

@@ -13,11 +13,6 @@ from trace_rt.errors import CheckpointError, InputError
 from trace_rt.tokenizer import TextTokenizer, default_tokenizer_model
 
 
-@pytest.fixture(scope="module")
-def tok() -> TextTokenizer:
-    return TextTokenizer.from_file(default_tokenizer_model())
-
-
 def test_default_model_is_mistral(tok: TextTokenizer) -> None:
     assert default_tokenizer_model().name == "tokenizer.model.v1"
     assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (32000, 1, 2)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from trace_rt.prompts import PromptSet, prompt_ids
-from trace_rt.tokenizer import TextTokenizer, default_tokenizer_model
+from trace_rt.tokenizer import default_tokenizer_model
 from trace_rt.tokens import VIDEO_PLACEHOLDER_ID
 from trace_rt.video import load_video
 from training.convert import convert
@@ -29,11 +29,6 @@ from training.synth import SynthConfig, make_synth_data
 
 CFG = load_preset("tiny")
 IDS = CFG.ids
-
-
-@pytest.fixture(scope="module")
-def tok() -> TextTokenizer:
-    return TextTokenizer.from_file(default_tokenizer_model())
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import torch
 
 from trace_rt.model import TraceModel
 from trace_rt.model.checkpoint import random_tensors
-from trace_rt.tokenizer import TextTokenizer, default_tokenizer_model
 from training.data import BadSampleError, load_split
 from training.dataset import FRAME_WORDS_FILLER, GroundingDataset, collate
 from training.loss import sequence_embeddings
@@ -19,11 +18,6 @@ from training.recipe import TrainConfig
 from training.synth import SynthConfig, make_synth_data
 
 CFG = load_preset("tiny")
-
-
-@pytest.fixture(scope="module")
-def tok() -> TextTokenizer:
-    return TextTokenizer.from_file(default_tokenizer_model())
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from trace_rt.tokenizer import TextTokenizer, default_tokenizer_model
+from trace_rt.tokenizer import default_tokenizer_model
 from training.data import BadSampleError, EventTarget, Sample, load_split
 from training.dataset import GroundingDataset, frame_indices, sample_turns, snapped
 from training.presets import load_preset
@@ -133,9 +133,6 @@ def release_render(human, gpt, times, scores, video_len, frame_ts):
 
 
 # ---- tests ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tok() -> TextTokenizer:
-    return TextTokenizer.from_file(default_tokenizer_model())
 
 
 def _ours(sample, tok, frame_ts, video_len):
