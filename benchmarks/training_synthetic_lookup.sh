@@ -44,9 +44,10 @@ for row in ev["predictions"]:
         closer["queried"] += a > b
         closer["other"] += b > a
 same = sum(len(v) == 2 and v[0] == v[1] for v in spans.values())
-m = ev["model_metrics"]
-print(f"{stage}: R@0.3 {m['R@0.3']:.1f} R@0.5 {m['R@0.5']:.1f} R@0.7 {m['R@0.7']:.1f} "
-      f"mIoU {m['mIoU']:.1f} on {m['queries']} queries; closer to the queried / the other "
+m = {k: "n/a" if v is None else f"{v:.1f}" if isinstance(v, float) else v
+     for k, v in ev["model_metrics"].items()}
+print(f"{stage}: R@0.3 {m['R@0.3']} R@0.5 {m['R@0.5']} R@0.7 {m['R@0.7']} "
+      f"mIoU {m['mIoU']} on {m['queries']} queries; closer to the queried / the other "
       f"shape {closer['queried']} / {closer['other']}; same span for both queries in "
       f"{same} of {len(spans)} clips")
 PY
