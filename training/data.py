@@ -159,11 +159,9 @@ def _frame_words(sid: str, raw: Any) -> tuple[tuple[float, float, str], ...] | N
         raise BadSampleError(sid, f"'frame_words' must be a list of [start, end, word]: {raw!r}")
     out = []
     for k, item in enumerate(raw):
-        ok = isinstance(item, list) and len(item) == 3 and isinstance(item[2], str)
-        if ok:
-            span = _number_list(sid, item[:2], f"frame_words {k} span", MAX_TIMESTAMP)
-            ok = span[0] < span[1] and bool(item[2].strip())
-        if not ok:
+        shaped = isinstance(item, list) and len(item) == 3 and isinstance(item[2], str)
+        span = _number_list(sid, item[:2], f"frame_words {k} span", MAX_TIMESTAMP) if shaped else ()
+        if not (span and span[0] < span[1] and item[2].strip()):
             raise BadSampleError(
                 sid, f"frame_words {k} must be [start, end, word] with start < end, got {item!r}"
             )

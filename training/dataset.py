@@ -350,9 +350,10 @@ class GroundingDataset:
         """[F, S] text ids: each frame's covering words, then the filler."""
         slots = self.cfg.mm_num_slots
         filler = self.tok.encode(FRAME_WORDS_FILLER)
+        spans = [(a, b, self.tok.encode(w)) for a, b, w in words]  # each word once, not per frame
         out = np.full((len(times), slots), filler[0], dtype=np.int64)
         for f, t in enumerate(times):
-            ids = [i for a, b, w in words if a <= t < b for i in self.tok.encode(w)][:slots]
+            ids = [i for a, b, w_ids in spans if a <= t < b for i in w_ids][:slots]
             out[f, : len(ids)] = ids
         return torch.from_numpy(out)
 

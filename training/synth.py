@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -170,10 +170,7 @@ def _samples(vid: str, video: Path, tracks, duration: float, cfg: SynthConfig) -
             )
             out.append(Sample(f"{vid}-vhd-{j}", video, "vhd", evs, query=tr.caption))
     words = tuple((tr.start, tr.end, tr.color) for tr in tracks) if cfg.frame_words else None
-    return [
-        Sample(s.id, s.video, s.task, s.events, s.query, s.question, duration, frame_words=words)
-        for s in out
-    ]
+    return [replace(s, duration=duration, frame_words=words) for s in out]
 
 
 def make_synth_data(out: str | Path, cfg: SynthConfig) -> dict[str, int]:
