@@ -214,6 +214,10 @@ def test_training_eval_uses_the_same_code(art, videos, tmp_path, capsys):
     assert train_main(["eval", str(art), "--data", str(split), "--max-new-tokens", "8"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["backend"] == "onnxruntime" and rep["rules"] == "original"  # inferred
+    assert rep["template"] == "llama_2"  # the release's evaluation
+    args = ["eval", str(art), "--data", str(split), "--max-new-tokens", "8"]
+    assert train_main([*args, "--template", "mistral_instruct"]) == 0
+    assert json.loads(capsys.readouterr().out)["template"] == "mistral_instruct"
     assert rep["whole_video_baseline"]["R@0.3 (all)"] == 100.0  # 1.5 s of 3 s: IoU 0.5
     assert train_main(["eval", str(art), "--data", str(tmp_path / "none.json")]) == 2
     assert "does not exist" in capsys.readouterr().err

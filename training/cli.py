@@ -191,6 +191,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--max-new-tokens", type=int, default=32, help="token budget per query")
     ev.add_argument("--limit", type=int, help="only the first N queries")
     ev.add_argument(
+        "--template",
+        choices=["llama_2", "mistral_instruct"],
+        default="llama_2",
+        help="chat template of the prompt: llama_2 (the release's evaluation; default) or "
+        "mistral_instruct (the release's training template, for models trained only on it)",
+    )
+    ev.add_argument(
         "--rules",
         choices=["original", "lenient"],
         default="original",
@@ -320,6 +327,7 @@ def _eval(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens,
         limit=args.limit,
         rules=args.rules,
+        template=args.template,
     )
     if args.out:
         with open(args.out, "w") as f:

@@ -37,12 +37,14 @@ def evaluate_mr(
     limit: int | None = None,
     device: str | None = None,
     rules: str = "original",
+    template: str = "llama_2",
 ) -> dict[str, Any]:
     """Metrics of the model and of the whole-video baseline, plus per-query predictions.
 
     Args:
         backend: default: inferred from *model_dir* (artifact -> onnxruntime, checkpoint
             -> torch).
+        template: the prompt's chat template (``llama_2``: the release's evaluation).
     """
     samples = [s for s in load_split(split) if s.task == "mr"]
     if limit is not None:
@@ -51,7 +53,7 @@ def evaluate_mr(
         raise ValueError(f"{split}: no moment-retrieval samples")
     backend = backend or infer_backend(model_dir)
     opts = {"device": device} if device else {}
-    pipe = Pipeline.from_dir(model_dir, backend, **opts)
+    pipe = Pipeline.from_dir(model_dir, backend, template=template, **opts)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, constrained=constrained)
     tok, ids = pipe.tokenizer, pipe.config.ids
     gts: dict[str, tuple[float, float]] = {}
@@ -81,6 +83,7 @@ def evaluate_mr(
         "backend": backend,
         "constrained": constrained,
         "rules": rules,
+        "template": template,
         "model_metrics": moment_metrics(gts, preds, sort_spans=lenient),
         "whole_video_baseline": moment_metrics(gts, base, sort_spans=lenient),
         **{
