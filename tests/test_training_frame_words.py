@@ -8,11 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+from trace_rt.backends.torch_backend import TorchBackend
 from trace_rt.model import TraceModel
 from trace_rt.model.checkpoint import random_tensors
 from training.data import BadSampleError, load_split
 from training.dataset import FRAME_WORDS_FILLER, GroundingDataset, collate
-from training.loss import sequence_embeddings
+from training.loss import (
+    TraceLoss,
+    _words_for_pixels,
+    sequence_embeddings,
+    slot_loss,
+    video_block,
+)
 from training.presets import load_preset
 from training.recipe import TrainConfig
 from training.synth import SynthConfig, make_synth_data
@@ -96,6 +103,98 @@ def test_embeddings_put_words_on_the_slots_only(words_set, tok):
     assert torch.equal(got[0, outside], ref[0, outside])
 
 
+def test_a_batch_all_in_words_skips_the_vision_tower(words_set, tok):
+    samples = load_split(words_set / "train.json")[:2]
+    model = _tiny_model(4)
+    words = GroundingDataset(samples, CFG, tok, num_frames=4, frame_words=1.0)
+    batch = collate([words.get(0), words.get(1)])
+    calls = []
+    model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    got = video_block(model, batch)
+    assert not calls
+    with torch.no_grad():  # what the pixels' block with the words put in gives
+        b, h = 2, CFG.hidden_size
+        pixels = model.project(
+            model.encode_frames(batch.pixel_values.flatten(0, 1)), batch.time_ids.flatten(0, 1)
+        ).view(b, -1, h)
+        ref = _words_for_pixels(model, pixels, batch.frame_ids)
+    assert torch.allclose(got, ref, atol=1e-6)
+    TraceLoss(model)(batch)[0].backward()
+    assert all(p.grad is None for p in model.model.vision_tower.parameters())
+    assert model.model.embed_tokens.weight.grad is not None
+
+
+def _tiny_model(frames: int) -> TraceModel:
+    with torch.device("meta"):
+        model = TraceModel(CFG.replace(num_frames=frames))
+    model.load_state_dict(dict(random_tensors(CFG, 0)), strict=True, assign=True)
+    return model
+
+
+def test_slot_targets_are_the_words_of_the_frames_shown_as_pixels(words_set, tok):
+    samples = load_split(words_set / "train.json")[:2]
+    ds = GroundingDataset(samples, CFG, tok, num_frames=4, frame_words=1.0, slot_targets=True)
+    assert ds.get(0).slot_ids is None  # shown as words: nothing to pull towards
+    ds = GroundingDataset(samples, CFG, tok, num_frames=4, slot_targets=True)
+    words = GroundingDataset(samples, CFG, tok, num_frames=4, frame_words=1.0)
+    e = ds.get(0)
+    assert e.frame_ids is None and torch.equal(e.slot_ids, words.get(0).frame_ids)
+    assert GroundingDataset(samples, CFG, tok, num_frames=4).get(0).slot_ids is None
+    batch = collate([e, GroundingDataset(samples, CFG, tok, num_frames=4).get(1)])
+    assert batch.slot_ids.shape == (2, 4, CFG.mm_num_slots) and (batch.slot_ids[1] == -1).all()
+
+
+def test_slot_loss_matches_slots_to_words_in_any_order(words_set, tok):
+    model = _tiny_model(4)
+    samples = load_split(words_set / "train.json")[:1]
+    batch = collate([GroundingDataset(samples, CFG, tok, num_frames=4, slot_targets=True).get(0)])
+    s, h = CFG.mm_num_slots, CFG.hidden_size
+    block = video_block(model, batch).detach()  # [1, 4 * (S + 6), H]
+    table = model.model.embed_tokens.weight.detach()
+    frames = block.view(1, 4, -1, h).clone()
+    rng = np.random.default_rng(0)
+    for f in range(4):  # the words, each frame's slots shuffled: nothing left to learn
+        frames[0, f, :s] = table[batch.slot_ids[0, f, rng.permutation(s)]]
+    exact = frames.flatten(1, 2).requires_grad_()
+    assert float(slot_loss(model, exact, batch.slot_ids).detach()) == pytest.approx(0.0, abs=1e-10)
+    off = exact.detach().clone()
+    off.view(1, 4, -1, h)[0, 1, 2] += 1.0  # one slot of one frame moved
+    loss = slot_loss(model, off.requires_grad_(), batch.slot_ids)
+    norm = float(table[batch.slot_ids[0]].square().sum(-1).mean())
+    assert float(loss.detach()) == pytest.approx(h / (4 * s) / norm, rel=1e-4)
+    loss.backward()
+    grad = off.grad.view(1, 4, -1, h)
+    assert grad[0, 1, 2].abs().sum() > 0 and grad.abs().sum() == grad[0, 1, 2].abs().sum()
+    # The time tokens are no target, and without targets the term is a zero.
+    assert float(slot_loss(model, block, torch.full_like(batch.slot_ids, -1))) == 0.0
+
+
+def test_slot_target_trains_the_projector_towards_the_words(words_set, tok):
+    torch.manual_seed(0)
+    model = _tiny_model(4)
+    samples = load_split(words_set / "train.json")
+    ds = GroundingDataset(samples, CFG, tok, num_frames=4, slot_targets=True)
+    batch = collate([ds.get(i) for i in range(len(samples))])
+    net = TraceLoss(model, slot_weight=1.0)
+    params = list(model.model.mm_projector.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    first = None
+    for _ in range(60):
+        _, parts = net(batch)
+        first = first if first is not None else float(parts["slots"].detach())
+        opt.zero_grad()
+        parts["slots"].backward()
+        opt.step()
+    assert float(parts["slots"].detach()) < 0.5 * first
+    assert set(parts) == {"text", "time", "score", "slots"}
+    with pytest.raises(ValueError, match="slot_target must be"):
+        TrainConfig(slot_target=-1.0)
+
+
 def test_bad_frame_words_are_named(words_set, tmp_path):
     raw = json.loads((words_set / "train.json").read_text())
     good = raw["samples"][0]
@@ -114,6 +213,35 @@ def test_bad_frame_words_are_named(words_set, tmp_path):
 
 def test_recipe_share_is_checked():
     assert TrainConfig.load("tiny-synthetic-lookup-words").frame_words == 1.0
-    assert TrainConfig.load("tiny-synthetic-lookup").frame_words == 0.5
+    b = TrainConfig.load("tiny-synthetic-lookup")  # stage B: pixels, the slot target
+    assert b.frame_words == 0.0 and b.slot_target == 1.0
+    assert set(b.trainable) == {"vision", "projector"}
     with pytest.raises(ValueError, match="frame_words must be a share"):
         TrainConfig.from_dict({"frame_words": -0.1})
+
+
+def test_words_eval_shows_each_frame_as_its_words(words_set, tiny_ckpt):
+    from benchmarks.training_words_eval import WordsBackend, _time_of, words_eval
+    from trace_rt.tokenizer import TextTokenizer
+    from trace_rt.tokens import encode_timestamp
+    from training.dataset import frame_word_ids
+
+    assert _time_of(np.array(encode_timestamp(12.5))) == 12.5
+    sample = load_split(words_set / "val.json")[0]
+    tokenizer = TextTokenizer.from_dir(tiny_ckpt)
+    backend = WordsBackend(tiny_ckpt, tokenizer)
+    backend.words = sample.frame_words
+    times = [0.25, 1.75, 3.0, 4.5]
+    time_ids = np.array([encode_timestamp(t) for t in times])
+    pixels = np.random.default_rng(0).standard_normal((4, 3, 56, 56)).astype(np.float32)
+    feats = backend.encode_frames(pixels)
+    got = backend.project(feats, time_ids).view(4, -1, CFG.hidden_size)
+    ref = TorchBackend.project(backend, feats, time_ids).view(4, -1, CFG.hidden_size)
+    s = CFG.mm_num_slots
+    ids = torch.from_numpy(frame_word_ids(sample.frame_words, times, s, tokenizer))
+    assert torch.equal(got[:, :s], backend.model.model.embed_tokens(ids).detach())
+    assert torch.equal(got[:, s:], ref[:, s:])  # the frames' own time tokens
+    report = words_eval(tiny_ckpt, words_set / "val.json")
+    n = sum(s.task == "mr" for s in load_split(words_set / "val.json"))
+    assert report["frames_shown_as"] == "frame_words"
+    assert report["model_metrics"]["queries"] == n == len(report["predictions"])

@@ -190,6 +190,7 @@ class Example:
     time_ids: torch.Tensor  # [F, 6] local time ids of the frames' timestamps
     frame_times: np.ndarray
     frame_ids: torch.Tensor | None = None  # [F, S] text ids shown in place of the pixels
+    slot_ids: torch.Tensor | None = None  # [F, S] the same words as targets for pixel slots
 
 
 class GroundingDataset:
@@ -239,6 +240,7 @@ class GroundingDataset:
         probe_workers: int = 0,
         cache_frames: bool = False,
         frame_words: float = 0.0,
+        slot_targets: bool = False,
     ):
         for name, value, allowed in (("sampling", sampling, SAMPLING),
                                      ("snap_times", snap_times, SNAP),
@@ -253,7 +255,7 @@ class GroundingDataset:
         self.on_bad, self.seed = on_bad, seed
         if not 0.0 <= frame_words <= 1.0:
             raise ValueError(f"frame_words must be a share in 0..1, got {frame_words}")
-        self.frame_words = frame_words
+        self.frame_words, self.slot_targets = frame_words, slot_targets
         if cache_frames and sampling != "uniform":
             raise ValueError(f"cache_frames needs sampling 'uniform' (got {sampling!r}): "
                              "other samplings pick new frames every epoch")  # fmt: skip
@@ -329,12 +331,14 @@ class GroundingDataset:
         video_len = self.num_frames * self.cfg.tokens_per_frame
         input_ids, labels, start = expand_video(seq, labels, video_len)
         time_ids = np.array([encode_timestamp(float(t)) for t in times], dtype=np.int64)
-        frame_ids = None
+        frame_ids = slot_ids = None
         if s.frame_words and self.frame_words > 0:
             # A stream of its own: the frame picks above stay what they were without it.
             pick = np.random.default_rng((self.seed, epoch, index, 1)).random()
             if pick < self.frame_words:
                 frame_ids = self._word_ids(s.frame_words, times)
+        if s.frame_words and self.slot_targets and frame_ids is None:
+            slot_ids = self._word_ids(s.frame_words, times)
         return Example(
             s.id,
             input_ids,
@@ -344,18 +348,25 @@ class GroundingDataset:
             torch.from_numpy(time_ids),
             times,
             frame_ids,
+            slot_ids,
         )
 
     def _word_ids(self, words: tuple[tuple[float, float, str], ...], times) -> torch.Tensor:
-        """[F, S] text ids: each frame's covering words, then the filler."""
-        slots = self.cfg.mm_num_slots
-        filler = self.tok.encode(FRAME_WORDS_FILLER)
-        spans = [(a, b, self.tok.encode(w)) for a, b, w in words]  # each word once, not per frame
-        out = np.full((len(times), slots), filler[0], dtype=np.int64)
-        for f, t in enumerate(times):
-            ids = [i for a, b, w_ids in spans if a <= t < b for i in w_ids][:slots]
-            out[f, : len(ids)] = ids
-        return torch.from_numpy(out)
+        return torch.from_numpy(frame_word_ids(words, times, self.cfg.mm_num_slots, self.tok))
+
+
+def frame_word_ids(
+    words: Sequence[tuple[float, float, str]], times: Sequence[float], slots: int, tok
+) -> np.ndarray:
+    """[F, S] text ids shown in place of frames at ``times``: each frame's covering words
+    (``start <= t < end``), then the filler; ``tok`` has ``encode(text) -> ids``."""
+    filler = tok.encode(FRAME_WORDS_FILLER)
+    spans = [(a, b, tok.encode(w)) for a, b, w in words]  # each word once, not per frame
+    out = np.full((len(times), slots), filler[0], dtype=np.int64)
+    for f, t in enumerate(times):
+        ids = [i for a, b, w_ids in spans if a <= t < b for i in w_ids][:slots]
+        out[f, : len(ids)] = ids
+    return out
 
 
 @dataclass
@@ -368,6 +379,7 @@ class Batch:
     pixel_values: torch.Tensor  # [B, F, 3, H, W]
     time_ids: torch.Tensor  # [B, F, 6]
     frame_ids: torch.Tensor | None = None  # [B, F, S] words in place of pixels; -1: pixels
+    slot_ids: torch.Tensor | None = None  # [B, F, S] word targets of pixel slots; -1: none
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -379,6 +391,7 @@ class Batch:
             self.pixel_values.to(device),
             self.time_ids.to(device),
             None if self.frame_ids is None else self.frame_ids.to(device),
+            None if self.slot_ids is None else self.slot_ids.to(device),
         )
 
     @property
@@ -405,16 +418,18 @@ def collate(examples: Sequence[Example]) -> Batch:
         torch.tensor([e.video_start for e in examples], dtype=torch.long),
         torch.stack([e.pixel_values for e in examples]),
         torch.stack([e.time_ids for e in examples]),
-        _frame_ids(examples),
+        _word_grid([e.frame_ids for e in examples]),
+        _word_grid([e.slot_ids for e in examples]),
     )
 
 
-def _frame_ids(examples: Sequence[Example]) -> torch.Tensor | None:
-    shown = [e.frame_ids for e in examples if e.frame_ids is not None]
-    if not shown:
+def _word_grid(per_example: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """Stack [F, S] word ids into [B, F, S], -1 for examples without any (None if none has)."""
+    given = [w for w in per_example if w is not None]
+    if not given:
         return None
-    out = torch.full((len(examples), *shown[0].shape), -1, dtype=torch.long)
-    for i, e in enumerate(examples):
-        if e.frame_ids is not None:
-            out[i] = e.frame_ids
+    out = torch.full((len(per_example), *given[0].shape), -1, dtype=torch.long)
+    for i, w in enumerate(per_example):
+        if w is not None:
+            out[i] = w
     return out

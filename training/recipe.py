@@ -110,6 +110,11 @@ class TrainConfig:
         frame_words: the share (0..1) of samples carrying ``frame_words`` that train on
             those timed words in place of their frames' pixels (:mod:`training.dataset`);
             0 (default) never does.
+        slot_target: weight of an extra loss that pulls each pixel-shown frame's
+            projector slots towards the embeddings of its ``frame_words`` (in any slot
+            order; :func:`training.loss.slot_loss`), so that the frames come to look to
+            the LLM like the words a ``frame_words`` stage taught it to read; 0 (default):
+            off.
         out_of_range: ``fail`` or ``snap`` for targets past a video's end (module doc).
         dtype: ``fp32`` or ``bf16`` (autocast; master weights and optimiser stay fp32).
         num_frames: frames per video (None: the checkpoint's ``num_frames``).
@@ -162,6 +167,7 @@ class TrainConfig:
     cache_frames: bool = False
     group_by_video: bool = False
     frame_words: float = 0.0
+    slot_target: float = 0.0
     log_every: int = 10
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -195,6 +201,8 @@ class TrainConfig:
             raise ValueError("cache_frames needs sampling: uniform (the frames never change)")
         if not 0.0 <= self.frame_words <= 1.0:
             raise ValueError(f"frame_words must be a share in 0..1, got {self.frame_words}")
+        if self.slot_target < 0:
+            raise ValueError(f"slot_target must be a weight >= 0, got {self.slot_target}")
         if self.num_workers < 0:
             raise ValueError("num_workers must be 0 or more")
         if self.on_bad_sample not in ("fail", "skip"):

@@ -285,10 +285,11 @@ def _setup(rc, samples, out, dist, device, init, preset, resume) -> _Run:
         probe_workers=rc.num_workers,
         cache_frames=rc.cache_frames,
         frame_words=rc.frame_words,
+        slot_targets=rc.slot_target > 0,
     )
     rc = rc.resolved(len(dataset), dist.world)
     model.to(device)
-    net: nn.Module = TraceLoss(model, rc.gradient_checkpointing)
+    net: nn.Module = TraceLoss(model, rc.gradient_checkpointing, rc.slot_target)
     fsdp = rc.parallel == "fsdp" and dist.world > 1
     if fsdp:
         net = sharded.shard(net, model)

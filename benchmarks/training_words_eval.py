@@ -1,0 +1,99 @@
+"""Moment retrieval with every frame shown as its ``frame_words`` instead of its pixels.
+
+Usage: python -m benchmarks.training_words_eval MODEL_DIR VAL_JSON [--out FILE.json]
+
+Reads how well a model trained with ``frame_words`` (training/README.md; stage A of the
+lookup curriculum, ``tiny-synthetic-lookup-words``) does the lookup on the words alone,
+before anything is moved to pixels. The evaluation is ``python -m training eval``'s own
+(:func:`training.evaluate.evaluate_mr`: the serving pipeline, torch backend, greedy, the
+original's parsing rule, the ``llama_2`` prompt), except that each frame's slot positions
+hold the token embeddings of the words covering its time, then the filler, exactly as
+the training data set puts them (:func:`training.dataset.frame_word_ids`); the time
+tokens stay the frame's own. Needs a split whose samples carry ``frame_words``
+(``synth-data --frame-words``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trace_rt.backends.torch_backend import TorchBackend
+from trace_rt.pipeline import Pipeline
+from trace_rt.tokenizer import TextTokenizer
+from trace_rt.tokens import DIGIT0, DOT
+from training.data import load_split
+from training.dataset import frame_word_ids
+from training.evaluate import evaluate_mr
+
+
+def _time_of(row: np.ndarray) -> float:
+    """A frame's 6 local time ids -> its timestamp in seconds ('0012.5' -> 12.5)."""
+    return float("".join("." if int(i) == DOT else str(int(i) - DIGIT0) for i in row))
+
+
+class WordsBackend(TorchBackend):
+    """The torch backend with each frame's slots replaced by the current video's words."""
+
+    def __init__(self, model_dir: str | Path, tokenizer: TextTokenizer):
+        super().__init__(model_dir)
+        self.tokenizer = tokenizer
+        self.words: tuple[tuple[float, float, str], ...] = ()
+
+    def project(self, features: torch.Tensor, time_ids: np.ndarray) -> torch.Tensor:
+        block = super().project(features, time_ids)  # [F*(S+6), H]
+        times = [_time_of(row) for row in np.asarray(time_ids)]
+        s = self.config.mm_num_slots
+        ids = frame_word_ids(self.words, times, s, self.tokenizer)  # [F, S]
+        frames = block.view(len(times), -1, block.shape[-1]).clone()  # [F, S+6, H]
+        with torch.no_grad():
+            table = self.model.model.embed_tokens
+            frames[:, :s] = table(torch.from_numpy(ids).to(block.device)).to(block.dtype)
+        return frames.flatten(0, 1)
+
+
+class WordsPipeline(Pipeline):
+    """Sets the backend's words from the split before each request."""
+
+    def __init__(self, backend: WordsBackend, words: dict[str, Any]):
+        super().__init__(backend, backend.tokenizer)
+        self.words = words
+
+    def run(self, video: Any, task: str | None = "dvc", **kw: Any) -> dict[str, Any]:
+        self.backend.words = self.words[str(video)]
+        return super().run(video, task, **kw)
+
+
+def words_eval(model_dir: str | Path, split: str | Path) -> dict[str, Any]:
+    """``evaluate_mr``'s report for *model_dir* on *split*, frames shown as words."""
+    words = {str(s.video): s.frame_words for s in load_split(split) if s.task == "mr"}
+    missing = [v for v, w in words.items() if w is None]
+    if missing:
+        raise ValueError(f"{split}: {len(missing)} videos have no frame_words, e.g. {missing[0]}")
+    backend = WordsBackend(model_dir, TextTokenizer.from_dir(model_dir))
+    report = evaluate_mr(model_dir, split, pipeline=WordsPipeline(backend, words))
+    report["frames_shown_as"] = "frame_words"
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="checkpoint directory (torch)")
+    ap.add_argument("split", help="split file whose samples carry frame_words")
+    ap.add_argument("--out", help="also write the full report (predictions) as JSON here")
+    args = ap.parse_args(argv)
+    report = words_eval(args.model, args.split)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    report.pop("predictions")
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
