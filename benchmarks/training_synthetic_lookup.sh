@@ -3,8 +3,10 @@
 # benchmarks/results/training-synthetic-hard-tiny-cpu.md): every clip shows two shapes, the
 # query names one. Stage A (recipe tiny-synthetic-lookup-words) learns the lookup with the
 # shapes' colour words in place of the frames; stage B (tiny-synthetic-lookup, --init A)
-# moves it to pixels. Both evaluated on pixels on the held-out queries, with the count of
-# answers closer to the queried shape's window than to the other's.
+# moves it to pixels (ninth attempt: the slot target, LLM frozen). Stage A is evaluated on
+# words (benchmarks/training_words_eval.py) and on pixels, stage B on pixels, on the
+# held-out queries, with the count of answers closer to the queried shape's window than
+# to the other's.
 # Usage: benchmarks/training_synthetic_lookup.sh [WORK]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,8 +23,11 @@ grep -E "User time|Maximum resident" "$WORK/stage-a.err"
 /usr/bin/time -v $PY -m training train --config tiny-synthetic-lookup \
     --data "$WORK/data" --out "$WORK/stage-b" --init "$WORK/stage-a" --no-progress 2> "$WORK/stage-b.err"
 grep -E "User time|Maximum resident" "$WORK/stage-b.err"
-for stage in stage-a stage-b; do
-  $PY -m training eval "$WORK/$stage" --data "$WORK/data/val.json" --out "$WORK/eval-$stage.json" >/dev/null
+$PY -m benchmarks.training_words_eval "$WORK/stage-a" "$WORK/data/val.json" \
+    --out "$WORK/eval-stage-a-words.json" >/dev/null
+$PY -m training eval "$WORK/stage-a" --data "$WORK/data/val.json" --out "$WORK/eval-stage-a.json" >/dev/null
+$PY -m training eval "$WORK/stage-b" --data "$WORK/data/val.json" --out "$WORK/eval-stage-b.json" >/dev/null
+for stage in stage-a-words stage-a stage-b; do
   $PY - "$WORK/eval-$stage.json" "$WORK/data/synth.json" "$stage" <<'PY'
 import json, sys
 from pathlib import Path
