@@ -38,6 +38,7 @@ def evaluate_mr(
     device: str | None = None,
     rules: str = "original",
     template: str = "llama_2",
+    pipeline: Pipeline | None = None,
 ) -> dict[str, Any]:
     """Metrics of the model and of the whole-video baseline, plus per-query predictions.
 
@@ -45,15 +46,20 @@ def evaluate_mr(
         backend: default: inferred from *model_dir* (artifact -> onnxruntime, checkpoint
             -> torch).
         template: the prompt's chat template (``llama_2``: the release's evaluation).
+        pipeline: answer with this pipeline instead of loading *model_dir* (*backend*,
+            *device* and *template* then come from it).
     """
     samples = [s for s in load_split(split) if s.task == "mr"]
     if limit is not None:
         samples = samples[:limit]
     if not samples:
         raise ValueError(f"{split}: no moment-retrieval samples")
-    backend = backend or infer_backend(model_dir)
-    opts = {"device": device} if device else {}
-    pipe = Pipeline.from_dir(model_dir, backend, template=template, **opts)
+    if pipeline is None:
+        backend = backend or infer_backend(model_dir)
+        opts = {"device": device} if device else {}
+        pipe = Pipeline.from_dir(model_dir, backend, template=template, **opts)
+    else:
+        pipe, backend, template = pipeline, pipeline.backend.name, pipeline.template
     gen = GenerationConfig(max_new_tokens=max_new_tokens, constrained=constrained)
     tok, ids = pipe.tokenizer, pipe.config.ids
     gts: dict[str, tuple[float, float]] = {}
