@@ -26,15 +26,16 @@ import torch
 from trace_rt.backends.torch_backend import TorchBackend
 from trace_rt.pipeline import Pipeline
 from trace_rt.tokenizer import TextTokenizer
-from trace_rt.tokens import DIGIT0, DOT
+from trace_rt.tokens import LOCAL_VOCAB
 from training.data import load_split
 from training.dataset import frame_word_ids
 from training.evaluate import evaluate_mr
+from training.loss import words_for_pixels
 
 
 def _time_of(row: np.ndarray) -> float:
     """A frame's 6 local time ids -> its timestamp in seconds ('0012.5' -> 12.5)."""
-    return float("".join("." if int(i) == DOT else str(int(i) - DIGIT0) for i in row))
+    return float("".join(LOCAL_VOCAB[int(i)] for i in row))
 
 
 class WordsBackend(TorchBackend):
@@ -48,13 +49,10 @@ class WordsBackend(TorchBackend):
     def project(self, features: torch.Tensor, time_ids: np.ndarray) -> torch.Tensor:
         block = super().project(features, time_ids)  # [F*(S+6), H]
         times = [_time_of(row) for row in np.asarray(time_ids)]
-        s = self.config.mm_num_slots
-        ids = frame_word_ids(self.words, times, s, self.tokenizer)  # [F, S]
-        frames = block.view(len(times), -1, block.shape[-1]).clone()  # [F, S+6, H]
+        ids = frame_word_ids(self.words, times, self.config.mm_num_slots, self.tokenizer)
+        frame_ids = torch.from_numpy(ids).to(block.device)[None]  # [1, F, S]
         with torch.no_grad():
-            table = self.model.model.embed_tokens
-            frames[:, :s] = table(torch.from_numpy(ids).to(block.device)).to(block.dtype)
-        return frames.flatten(0, 1)
+            return words_for_pixels(self.model, block[None], frame_ids)[0]
 
 
 class WordsPipeline(Pipeline):

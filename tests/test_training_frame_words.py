@@ -15,10 +15,10 @@ from training.data import BadSampleError, load_split
 from training.dataset import FRAME_WORDS_FILLER, GroundingDataset, collate
 from training.loss import (
     TraceLoss,
-    _words_for_pixels,
     sequence_embeddings,
     slot_loss,
     video_block,
+    words_for_pixels,
 )
 from training.presets import load_preset
 from training.recipe import TrainConfig
@@ -117,7 +117,7 @@ def test_a_batch_all_in_words_skips_the_vision_tower(words_set, tok):
         pixels = model.project(
             model.encode_frames(batch.pixel_values.flatten(0, 1)), batch.time_ids.flatten(0, 1)
         ).view(b, -1, h)
-        ref = _words_for_pixels(model, pixels, batch.frame_ids)
+        ref = words_for_pixels(model, pixels, batch.frame_ids)
     assert torch.allclose(got, ref, atol=1e-6)
     TraceLoss(model)(batch)[0].backward()
     assert all(p.grad is None for p in model.model.vision_tower.parameters())

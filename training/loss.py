@@ -34,7 +34,7 @@ def video_block(model: TraceModel, batch: Batch) -> Tensor:
     feats = model.encode_frames(batch.pixel_values.flatten(0, 1))  # [B*F, P, D]
     # project() lays frames out in order, so B*F frames reshape into B blocks.
     block = model.project(feats, batch.time_ids.flatten(0, 1)).view(b, -1, h)
-    return block if ids is None else _words_for_pixels(model, block, ids)
+    return block if ids is None else words_for_pixels(model, block, ids)
 
 
 def sequence_embeddings(model: TraceModel, batch: Batch, block: Tensor | None = None) -> Tensor:
@@ -48,7 +48,7 @@ def sequence_embeddings(model: TraceModel, batch: Batch, block: Tensor | None = 
     return emb.scatter(1, index, block.to(emb.dtype))
 
 
-def _words_for_pixels(model: TraceModel, block: Tensor, frame_ids: Tensor) -> Tensor:
+def words_for_pixels(model: TraceModel, block: Tensor, frame_ids: Tensor) -> Tensor:
     """Put the word embeddings of frame_ids [B, F, S] (-1: keep the pixels' slots) on the
     slot positions of block [B, F*(S+6), H]; the frames' time tokens stay."""
     b, f, s = frame_ids.shape
