@@ -6,11 +6,11 @@ Reads how well a model trained with ``frame_words`` (training/README.md; stage A
 lookup curriculum, ``tiny-synthetic-lookup-words``) does the lookup on the words alone,
 before anything is moved to pixels. The evaluation is ``python -m training eval``'s own
 (:func:`training.evaluate.evaluate_mr`: the serving pipeline, torch backend, greedy, the
-original's parsing rule, the ``llama_2`` prompt), except that each frame's slot positions
-hold the token embeddings of the words covering its time, then the filler, exactly as
-the training data set puts them (:func:`training.dataset.frame_word_ids`); the time
-tokens stay the frame's own. Needs a split whose samples carry ``frame_words``
-(``synth-data --frame-words``).
+original's parsing rule, the ``llama_2`` prompt in the model's own strings), except that
+each frame's slot positions hold the token embeddings of the words covering its time, then
+the filler, exactly as the training data set puts them
+(:func:`training.dataset.frame_word_ids`); the time tokens stay the frame's own. Needs a
+split whose samples carry ``frame_words`` (``synth-data --frame-words``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 
 from trace_rt.backends.torch_backend import TorchBackend
 from trace_rt.pipeline import Pipeline
+from trace_rt.prompts import PromptSet
 from trace_rt.tokenizer import TextTokenizer
 from trace_rt.tokens import LOCAL_VOCAB
 from training.data import load_split
@@ -58,8 +59,8 @@ class WordsBackend(TorchBackend):
 class WordsPipeline(Pipeline):
     """Sets the backend's words from the split before each request."""
 
-    def __init__(self, backend: WordsBackend, words: dict[str, Any]):
-        super().__init__(backend, backend.tokenizer)
+    def __init__(self, backend: WordsBackend, words: dict[str, Any], prompts: PromptSet):
+        super().__init__(backend, backend.tokenizer, prompts)
         self.words = words
 
     def run(self, video: Any, task: str | None = "dvc", **kw: Any) -> dict[str, Any]:
@@ -74,7 +75,8 @@ def words_eval(model_dir: str | Path, split: str | Path) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{split}: {len(missing)} videos have no frame_words, e.g. {missing[0]}")
     backend = WordsBackend(model_dir, TextTokenizer.from_dir(model_dir))
-    report = evaluate_mr(model_dir, split, pipeline=WordsPipeline(backend, words))
+    pipe = WordsPipeline(backend, words, PromptSet.for_model(model_dir))
+    report = evaluate_mr(model_dir, split, pipeline=pipe)
     report["frames_shown_as"] = "frame_words"
     return report
 

@@ -49,6 +49,7 @@ from trace_rt.graphs import (
 )
 from trace_rt.model.checkpoint import TOKENIZER_FILE, load_model
 from trace_rt.model.trace import TraceModel
+from trace_rt.prompts import MODEL_PROMPTS_FILE
 
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; TensorRT 10 parses opsets 9..20
 CLIP_DIR = "clip_vision"
@@ -246,11 +247,14 @@ def _export_graph(
 
 
 def _write_support_files(model: TraceModel, checkpoint: Path, out: Path, dtype: str) -> None:
-    """config.json + clip_vision/ (so TraceConfig.from_dir(out) works) and tokenizer.model."""
+    """config.json + clip_vision/ (so TraceConfig.from_dir(out) works), tokenizer.model and
+    the checkpoint's own prompt strings where it has them (``prompts.json``)."""
     cfg = model.config.replace(mm_vision_tower=CLIP_DIR, torch_dtype=FLOAT_DTYPES[dtype])
     cfg.save(out)
     save_vision_tower_config(cfg, out / CLIP_DIR)
     shutil.copyfile(checkpoint / TOKENIZER_FILE, out / TOKENIZER_FILE)  # out: the staging dir
+    if (checkpoint / MODEL_PROMPTS_FILE).is_file():
+        shutil.copyfile(checkpoint / MODEL_PROMPTS_FILE, out / MODEL_PROMPTS_FILE)
 
 
 def _id_space(model: TraceModel) -> dict[str, int]:

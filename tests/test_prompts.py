@@ -106,6 +106,23 @@ def test_user_override_file(tmp_path: Path) -> None:
     assert ps.source == str(path)
 
 
+def test_a_models_own_prompts(tmp_path: Path) -> None:
+    # Explicit file > the model's prompts.json (written by training) > the release's.
+    from trace_rt.prompts import MODEL_PROMPTS_FILE
+
+    model, other = tmp_path / "model", tmp_path / "other.json"
+    model.mkdir()
+    assert PromptSet.for_model(model).source == str(DEFAULT_PROMPTS_FILE)
+    raw = json.loads(json.dumps(RAW))
+    raw["templates"]["llama_2"]["system"] = ""
+    (model / MODEL_PROMPTS_FILE).write_text(json.dumps(raw))
+    ps = PromptSet.for_model(model)
+    assert ps.source == str(model / MODEL_PROMPTS_FILE)
+    assert build_prompt("dvc", prompts=ps).startswith("[INST] <<SYS>>\n\n<</SYS>>\n\n<video>")
+    shutil.copyfile(DEFAULT_PROMPTS_FILE, other)
+    assert PromptSet.for_model(model, other).source == str(other)
+
+
 @pytest.mark.parametrize(
     ("edit", "match"),
     [

@@ -114,6 +114,53 @@ def test_resume_past_a_rotated_checkpoint(data, tmp_path):
                                                       "tokenizer.model").read_bytes()  # fmt: skip
 
 
+def test_the_prompts_a_model_was_trained_with_travel_with_it(data, tmp_path):
+    # A recipe's prompts_file (read beside the recipe) is saved as OUT/prompts.json; a run
+    # --init from that model keeps it (also when resumed), the runtime and the exporter
+    # read it from there.
+    from export.onnx_export import _write_support_files
+    from trace_rt.model import load_model
+    from trace_rt.pipeline import Pipeline
+    from trace_rt.prompts import DEFAULT_PROMPTS_FILE, MODEL_PROMPTS_FILE
+
+    raw = json.loads(DEFAULT_PROMPTS_FILE.read_text())
+    raw["templates"]["llama_2"]["system"] = ""
+    raw["tasks"]["mr"] = "Find '{}'."
+    (tmp_path / "recipes").mkdir()
+    mine = tmp_path / "recipes" / "mine.json"
+    mine.write_text(json.dumps(raw))
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "max_steps": 2, "prompts_file": "mine.json"}))
+    rc = TrainConfig.load(recipe)
+    assert rc.prompts_file == str(mine.resolve())
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(rc, data, a, preset="tiny", progress=False)
+    assert (a / MODEL_PROMPTS_FILE).read_bytes() == mine.read_bytes()
+    mine.unlink()  # the run keeps its own copy, and resumes with it
+    assert train(rc, data, a, resume=True, progress=False)["start_step"] == 2
+    assert (a / MODEL_PROMPTS_FILE).read_text() == json.dumps(raw)
+    plain = TrainConfig.from_dict({**RECIPE, "max_steps": 2, "save_every": 1})
+    train(plain, data, b, init=a, progress=False)
+    (b / STATE_DIR / "latest").write_text("step-0000001\n")
+    (b / MODEL_PROMPTS_FILE).unlink()
+    assert train(plain, data, b, resume=True, progress=False)["start_step"] == 1
+    for d in (b, b / STATE_DIR / "step-0000002"):
+        assert json.loads((d / MODEL_PROMPTS_FILE).read_text()) == raw
+    pipe = Pipeline.from_dir(b, "torch")
+    assert pipe.prompts.source == str(b / MODEL_PROMPTS_FILE)
+    assert pipe.prompts.render(pipe.prompts.question("mr", query="q")) == (
+        "[INST] <<SYS>>\n\n<</SYS>>\n\n<video>\nFind 'q'. [/INST]<sync>"
+    )
+    _write_support_files(load_model(b), b, tmp_path / "art", "fp32")
+    assert json.loads((tmp_path / "art" / MODEL_PROMPTS_FILE).read_text()) == raw
+    # A model trained on the release's strings carries none: OUT drops an earlier copy.
+    shutil.rmtree(a / STATE_DIR)
+    train(TrainConfig.from_dict({**RECIPE, "max_steps": 1}), data, a, preset="tiny",
+          progress=False)  # fmt: skip
+    assert not (a / MODEL_PROMPTS_FILE).exists()
+    assert Pipeline.from_dir(a, "torch").prompts.source == str(DEFAULT_PROMPTS_FILE)
+
+
 KILL_IN_FINAL_SAVE = """
 import os, sys
 from pathlib import Path

@@ -229,7 +229,12 @@ def _add_run_parser(sub: argparse._SubParsersAction, backends: list[str]) -> Non
         help="chat template (default: the model card's, else llama_2, the release's "
         "evaluation prompt)",
     )
-    p.add_argument("--prompts", type=Path, help="JSON file overriding system text and questions")
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        help="JSON file of system text and questions (default: the model's own prompts.json, "
+        "where training left one, else the release's strings)",
+    )
     p.add_argument(
         "--resize",
         choices=["exact", "fast"],

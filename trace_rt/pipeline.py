@@ -112,13 +112,14 @@ class Pipeline:
         **backend_options: Any,
     ) -> Pipeline:
         """Load *model_dir* (checkpoint or artifact directory) with backend *backend*
-        (default: from the directory's kind, :func:`trace_rt.backends.default_backend`)."""
+        (default: from the directory's kind, :func:`trace_rt.backends.default_backend`).
+        Prompt strings: *prompts_file*, else the model's own (:meth:`PromptSet.for_model`)."""
         if backend is None:
             backend = default_backend(model_dir)
         return cls(
             load_backend(backend, model_dir, **backend_options),
             TextTokenizer.from_dir(model_dir),
-            PromptSet.load(prompts_file),
+            PromptSet.for_model(model_dir, prompts_file),
             template,
             video_cache,
             resize,

@@ -2,7 +2,9 @@
 
 A checkpoint answers well only to the wording it was trained on, so the strings live in
 ``trace_rt/data/trace-prompts.json`` (verbatim from the released code) and a user may
-point :meth:`PromptSet.load` at their own file with the same layout.
+point :meth:`PromptSet.load` at their own file with the same layout. A model trained with
+other strings carries them beside its weights (``prompts.json``, written by the trainer
+and copied by the exporter); :meth:`PromptSet.for_model` reads them from there.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from trace_rt.tokenizer import TextTokenizer
 from trace_rt.tokens import VIDEO_PLACEHOLDER_ID
 
 DEFAULT_PROMPTS_FILE = Path(__file__).parent / "data" / "trace-prompts.json"
+# A model's own prompt strings, beside its config.json (checkpoint or artifact directory).
+MODEL_PROMPTS_FILE = "prompts.json"
 TASKS = ("dvc", "mr", "vhd")
 QUERY_TASKS = ("mr", "vhd")
 CUSTOM_TASK = "custom"
@@ -77,6 +81,14 @@ class PromptSet:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(f"prompts file {path} is not readable JSON ({e})") from e
         return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def for_model(cls, model_dir: str | Path, path: str | Path | None = None) -> PromptSet:
+        """The prompts a model answers to: *path* when given, else the ``prompts.json`` it
+        was trained with (beside its ``config.json``), else the release's strings."""
+        if path is None and (Path(model_dir) / MODEL_PROMPTS_FILE).is_file():
+            path = Path(model_dir) / MODEL_PROMPTS_FILE
+        return cls.load(path)
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "<dict>") -> PromptSet:

@@ -7,6 +7,7 @@ Layout under the output directory OUT::
     OUT/.train/latest               name of the newest complete one
     OUT/.train/final                the step OUT's model is from
     OUT/.train/tokenizer.model      the run's tokenizer (saved from)
+    OUT/.train/prompts.json         the run's prompt strings, when not the release's
 
 A replicated (DDP) run's step checkpoint is release-format weights + ``trainer_state.pt``
 (step, optimiser, recipe, RNG), with LoRA adapters apart in ``adapter_model.safetensors``.
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from trace_rt.model import TraceModel
 from trace_rt.model.checkpoint import write_checkpoint
+from trace_rt.prompts import MODEL_PROMPTS_FILE
 from trace_rt.tokenizer import TOKENIZER_FILE
 from training import lora
 from training.recipe import TrainConfig
@@ -44,24 +46,32 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def keep_tokenizer(out: Path, tok_file: Path) -> Path:
-    """A copy of the tokenizer in ``OUT/.train/`` that the run saves from.
+def keep_file(out: Path, src: Path, name: str) -> Path:
+    """A copy of *src* as ``OUT/.train/NAME``, which the run saves from.
 
     The source may be a step checkpoint that rotation deletes (``--resume`` with
     ``keep_checkpoints: 1``), or a user's directory that changes under a long run.
     """
     root = out / STATE_DIR
     root.mkdir(parents=True, exist_ok=True)
-    kept = root / TOKENIZER_FILE
-    if tok_file.resolve() != kept.resolve():
-        tmp = root / f".{TOKENIZER_FILE}.tmp"
-        shutil.copyfile(tok_file, tmp)
+    kept = root / name
+    if src.resolve() != kept.resolve():
+        tmp = root / f".{name}.tmp"
+        shutil.copyfile(src, tmp)
         os.replace(tmp, kept)
     return kept
 
 
-def write_weights(model: TraceModel, path: Path, dtype, tok_file: Path | None) -> None:
-    """Release-format weights of *model* (LoRA adapters, if any, left out)."""
+def keep_tokenizer(out: Path, tok_file: Path) -> Path:
+    """The run's tokenizer, kept in ``OUT/.train/`` (:func:`keep_file`)."""
+    return keep_file(out, tok_file, TOKENIZER_FILE)
+
+
+def write_weights(
+    model: TraceModel, path: Path, dtype, tok_file: Path | None, prompts_file: Path | None = None
+) -> None:
+    """Release-format weights of *model* (LoRA adapters, if any, left out), with the
+    prompt strings it was trained with as ``prompts.json`` when they are not the release's."""
     dt = dtype or model.lm_head.weight.dtype
     if isinstance(dt, str):
         from trace_rt.model.checkpoint import torch_dtype
@@ -69,6 +79,8 @@ def write_weights(model: TraceModel, path: Path, dtype, tok_file: Path | None) -
         dt = torch_dtype(dt)
     tensors = ((k, v.detach()) for k, v in lora.base_state(model).items())
     write_checkpoint(model.config, path, tensors, dtype=dt, tokenizer_model=tok_file)
+    if prompts_file is not None:
+        shutil.copyfile(prompts_file, path / MODEL_PROMPTS_FILE)
     adapters = lora.adapter_state(model)
     if adapters:
         save_file(adapters, str(path / lora.ADAPTER_FILE), metadata={"format": "pt"})
@@ -97,14 +109,20 @@ def publish_step(out: Path, tmp: Path, step: int, keep: int) -> Path:
 
 
 def save_step(
-    out: Path, step: int, model: TraceModel, opt, rc: TrainConfig, tok_file: Path
+    out: Path,
+    step: int,
+    model: TraceModel,
+    opt,
+    rc: TrainConfig,
+    tok_file: Path,
+    prompts_file: Path | None = None,
 ) -> Path:
     """A resumable checkpoint of a replicated run after *step* optimiser steps."""
     root = out / STATE_DIR
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{step_name(step)}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_weights(model, tmp, torch.float32, tok_file)
+    write_weights(model, tmp, torch.float32, tok_file, prompts_file)
     state = {
         "step": step,
         "optimizer": opt.state_dict(),
@@ -124,7 +142,12 @@ def latest_step_dir(out: Path) -> Path | None:
 
 
 def save_final(
-    out: Path, model: TraceModel, dtype: str | None, tok_file: Path, step: int | None = None
+    out: Path,
+    model: TraceModel,
+    dtype: str | None,
+    tok_file: Path,
+    step: int | None = None,
+    prompts_file: Path | None = None,
 ) -> None:
     """The release-format model in OUT itself, and ``.train/final`` naming its step.
 
@@ -134,10 +157,11 @@ def save_final(
     """
     tmp = out / ".final-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_weights(model, tmp, dtype, tok_file)
+    write_weights(model, tmp, dtype, tok_file, prompts_file)
     (out / STATE_DIR / FINAL_FILE).unlink(missing_ok=True)
     (out / "config.json").unlink(missing_ok=True)
     (out / lora.ADAPTER_FILE).unlink(missing_ok=True)
+    (out / MODEL_PROMPTS_FILE).unlink(missing_ok=True)  # an earlier run's strings
     entries = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
     for p in entries:
         dst = out / p.name

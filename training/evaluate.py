@@ -90,6 +90,7 @@ def evaluate_mr(
         "constrained": constrained,
         "rules": rules,
         "template": template,
+        "prompts": pipe.prompts.source,
         "model_metrics": moment_metrics(gts, preds, sort_spans=lenient),
         "whole_video_baseline": moment_metrics(gts, base, sort_spans=lenient),
         **{

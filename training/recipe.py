@@ -131,6 +131,10 @@ class TrainConfig:
             ``[/INST]`` and the answer (``training.render.render``); false makes the
             sequence start like the runtime's inference prompt, for models trained from
             scratch and served by this runtime.
+        prompts_file: the prompt strings (system text, questions; the layout of
+            ``trace_rt/data/trace-prompts.json``, the default); a relative path is read from
+            the recipe's folder. Saved beside the trained model as ``prompts.json``, which
+            the runtime then reads, and kept by a run that starts from that model.
         lora: LoRA on the LLM's linear layers instead of training them
             (:mod:`training.lora`): ``{r, alpha, dropout, targets, merge}``.
     """
@@ -240,6 +244,9 @@ class TrainConfig:
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: a recipe is a mapping of settings")
         raw.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(raw.get("prompts_file"), str) and not Path(raw["prompts_file"]).is_absolute():
+            # Beside the recipe, as a shipped recipe keeps its prompt file.
+            raw["prompts_file"] = str((path.parent / raw["prompts_file"]).resolve())
         return cls.from_dict(raw, str(path))
 
     def resolved(self, samples: int, processes: int) -> TrainConfig:

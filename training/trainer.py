@@ -33,12 +33,13 @@ from torch import nn
 from trace_rt.errors import DeviceError
 from trace_rt.model import TraceModel, load_model
 from trace_rt.model.checkpoint import random_tensors
-from trace_rt.prompts import PromptSet
+from trace_rt.prompts import MODEL_PROMPTS_FILE, PromptSet
 from trace_rt.tokenizer import TOKENIZER_FILE, TextTokenizer, default_tokenizer_model
 from training import lora, sharded
 from training.checkpoints import (
     STATE_DIR,
     STATE_FILE,
+    keep_file,
     keep_tokenizer,
     latest_step_dir,
     load_adapters,
@@ -227,6 +228,7 @@ class _Run:
     dataset: GroundingDataset
     tok_file: Path
     start_step: int
+    prompts_file: Path | None = None  # the run's prompt strings (None: the release's)
 
     @property
     def fsdp(self) -> bool:
@@ -264,10 +266,26 @@ def _model(rc, resume_dir, init, preset) -> tuple[TraceModel, Path]:
     return model, tok_file
 
 
+def _prompts_file(rc: TrainConfig, out: Path, resume_dir: Path | None, init) -> Path | None:
+    """The prompt strings the run trains with: resuming, the run's own copy; else the
+    recipe's ``prompts_file``; else the starting checkpoint's own (``prompts.json``: a
+    model answers well only to the wording it was trained on); else the release's (None).
+    """
+    kept = out / STATE_DIR / MODEL_PROMPTS_FILE
+    if resume_dir is not None and kept.is_file():
+        return kept
+    if rc.prompts_file is not None:
+        return Path(rc.prompts_file)
+    if resume_dir is None and init is not None and (Path(init) / MODEL_PROMPTS_FILE).is_file():
+        return Path(init) / MODEL_PROMPTS_FILE
+    return None
+
+
 def _setup(rc, samples, out, dist, device, init, preset, resume) -> _Run:
     """Model, data set, optimiser and loss module; restored from OUT with *resume*."""
     resume_dir, state = _start_state(out, resume)
     model, tok_file = _model(rc, resume_dir, init, preset)
+    prompts_file = _prompts_file(rc, out, resume_dir, init)
     counts = set_trainable(model, rc.trainable)
     dataset = GroundingDataset(
         samples,
@@ -279,7 +297,7 @@ def _setup(rc, samples, out, dist, device, init, preset, resume) -> _Run:
         out_of_range=rc.out_of_range,
         template=rc.template,
         answer_space=rc.answer_space,
-        prompts=PromptSet.load(rc.prompts_file),
+        prompts=PromptSet.load(prompts_file),
         on_bad=rc.on_bad_sample,
         seed=rc.seed,
         probe_workers=rc.num_workers,
@@ -313,6 +331,8 @@ def _setup(rc, samples, out, dist, device, init, preset, resume) -> _Run:
 
         out.mkdir(parents=True, exist_ok=True)
         tok_file = keep_tokenizer(out, tok_file)
+        if prompts_file is not None:
+            prompts_file = keep_file(out, prompts_file, MODEL_PROMPTS_FILE)
         trim_log(out / LOG_FILE, start_step)
         (out / "train_recipe.yaml").write_text(yaml.safe_dump(rc.to_dict(), sort_keys=False))
         trainable = {g: n for g, n in counts.items() if n}
@@ -323,7 +343,7 @@ def _setup(rc, samples, out, dist, device, init, preset, resume) -> _Run:
         )  # fmt: skip
     else:
         tok_file = out / STATE_DIR / TOKENIZER_FILE
-    return _Run(rc, model, net, opt, dataset, tok_file, start_step)
+    return _Run(rc, model, net, opt, dataset, tok_file, start_step, prompts_file)
 
 
 def _sync_ctx(run: _Run, sync: bool):
@@ -381,7 +401,7 @@ def _save_step(run: _Run, out: Path, dist: Dist, step: int) -> None:
         sharded.save_sharded(out, step, run.net, run.opt, run.model, run.rc.to_dict(),
                              run.rc.keep_checkpoints)  # fmt: skip
     elif dist.main:
-        save_step(out, step, run.model, run.opt, run.rc, run.tok_file)
+        save_step(out, step, run.model, run.opt, run.rc, run.tok_file, run.prompts_file)
     _barrier(dist)
 
 
@@ -394,7 +414,7 @@ def _save_final(run: _Run, out: Path, dist: Dist) -> None:
     if dist.main:
         if rc.lora is not None and lora.LoraConfig.from_dict(rc.lora).merge:
             lora.merge(model)  # the run is over: fold the adapters in for the release format
-        save_final(out, model, rc.save_dtype, run.tok_file, rc.max_steps)
+        save_final(out, model, rc.save_dtype, run.tok_file, rc.max_steps, run.prompts_file)
 
 
 def _loop(rc, run: _Run, out: Path, dist: Dist, device, show: bool) -> dict[str, Any]:

@@ -105,7 +105,7 @@ class Loader:
         opts["max_sequences"] = slots
         backend = self.cls(self.model_dir, **opts)
         tok = TextTokenizer.from_dir(self.model_dir)
-        return Pipeline(backend, tok, PromptSet.load(None), video_cache=cache)
+        return Pipeline(backend, tok, PromptSet.for_model(self.model_dir), video_cache=cache)
 
 
 class _Timed:

@@ -135,7 +135,7 @@ def run_backend(
     t = time.perf_counter()
     backend = cls(model_dir, **opts)
     load_s = time.perf_counter() - t
-    pipe = Pipeline(backend, TextTokenizer.from_dir(model_dir), PromptSet.load(None))
+    pipe = Pipeline(backend, TextTokenizer.from_dir(model_dir), PromptSet.for_model(model_dir))
     out = BackendRun(spec.name, str(model_dir), round(load_s, 3), options=_jsonable(opts))
     out.staged = isinstance(backend, StagedVideoEncoder)
     out.weight_bytes, out.itemsize = _decoder_bytes(backend)
