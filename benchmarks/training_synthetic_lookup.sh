@@ -6,7 +6,9 @@
 # moves it to pixels (ninth attempt: the slot target, LLM frozen). Stage A is evaluated on
 # words (benchmarks/training_words_eval.py) and on pixels, stage B on pixels, on the
 # held-out queries, with the count of answers closer to the queried shape's window than
-# to the other's.
+# to the other's. Both recipes train with training/recipes/synthetic-prompts.json (no
+# system text: half the CPU per step); the models carry it as prompts.json, which the
+# evaluations read.
 # Usage: benchmarks/training_synthetic_lookup.sh [WORK]
 set -euo pipefail
 cd "$(dirname "$0")/.."

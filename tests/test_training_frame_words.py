@@ -220,6 +220,21 @@ def test_recipe_share_is_checked():
         TrainConfig.from_dict({"frame_words": -0.1})
 
 
+def test_lookup_recipes_train_without_the_system_text():
+    # Both stages read synthetic-prompts.json beside them: the release's strings, only the
+    # llama_2 system text empty (half the positions of a stage-A sequence).
+    from trace_rt.prompts import DEFAULT_PROMPTS_FILE, PromptSet
+
+    release = PromptSet.load(DEFAULT_PROMPTS_FILE)
+    for name in ("tiny-synthetic-lookup-words", "tiny-synthetic-lookup"):
+        ps = PromptSet.load(TrainConfig.load(name).prompts_file)
+        assert ps.templates["llama_2"].system == ""
+        assert ps.templates["llama_2"].format == release.templates["llama_2"].format
+        assert dict(ps.tasks) == dict(release.tasks)
+        assert ps.templates["mistral_instruct"] == release.templates["mistral_instruct"]
+        assert (ps.user_message, ps.after_prompt) == (release.user_message, release.after_prompt)
+
+
 def test_words_eval_shows_each_frame_as_its_words(words_set, tiny_ckpt):
     from benchmarks.training_words_eval import WordsBackend, _time_of, words_eval
     from trace_rt.tokenizer import TextTokenizer
