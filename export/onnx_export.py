@@ -49,7 +49,7 @@ from trace_rt.graphs import (
 )
 from trace_rt.model.checkpoint import TOKENIZER_FILE, load_model
 from trace_rt.model.trace import TraceModel
-from trace_rt.prompts import MODEL_PROMPTS_FILE
+from trace_rt.prompts import MODEL_PROMPTS_FILE, model_prompts_file
 
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; TensorRT 10 parses opsets 9..20
 CLIP_DIR = "clip_vision"
@@ -253,8 +253,9 @@ def _write_support_files(model: TraceModel, checkpoint: Path, out: Path, dtype: 
     cfg.save(out)
     save_vision_tower_config(cfg, out / CLIP_DIR)
     shutil.copyfile(checkpoint / TOKENIZER_FILE, out / TOKENIZER_FILE)  # out: the staging dir
-    if (checkpoint / MODEL_PROMPTS_FILE).is_file():
-        shutil.copyfile(checkpoint / MODEL_PROMPTS_FILE, out / MODEL_PROMPTS_FILE)
+    own_prompts = model_prompts_file(checkpoint)
+    if own_prompts is not None:
+        shutil.copyfile(own_prompts, out / MODEL_PROMPTS_FILE)
 
 
 def _id_space(model: TraceModel) -> dict[str, int]:

@@ -85,10 +85,8 @@ class PromptSet:
     @classmethod
     def for_model(cls, model_dir: str | Path, path: str | Path | None = None) -> PromptSet:
         """The prompts a model answers to: *path* when given, else the ``prompts.json`` it
-        was trained with (beside its ``config.json``), else the release's strings."""
-        if path is None and (Path(model_dir) / MODEL_PROMPTS_FILE).is_file():
-            path = Path(model_dir) / MODEL_PROMPTS_FILE
-        return cls.load(path)
+        was trained with (:func:`model_prompts_file`), else the release's strings."""
+        return cls.load(path if path is not None else model_prompts_file(model_dir))
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "<dict>") -> PromptSet:
@@ -204,6 +202,12 @@ def _check_text(value: Any, what: str) -> str:
         if token in value:
             raise InputError(f"{what} must not contain the placeholder {token}")
     return value
+
+
+def model_prompts_file(model_dir: str | Path) -> Path | None:
+    """The ``prompts.json`` beside a model's ``config.json``, where it has one."""
+    path = Path(model_dir) / MODEL_PROMPTS_FILE
+    return path if path.is_file() else None
 
 
 @functools.lru_cache(maxsize=1)

@@ -33,7 +33,7 @@ from torch import nn
 from trace_rt.errors import DeviceError
 from trace_rt.model import TraceModel, load_model
 from trace_rt.model.checkpoint import random_tensors
-from trace_rt.prompts import MODEL_PROMPTS_FILE, PromptSet
+from trace_rt.prompts import MODEL_PROMPTS_FILE, PromptSet, model_prompts_file
 from trace_rt.tokenizer import TOKENIZER_FILE, TextTokenizer, default_tokenizer_model
 from training import lora, sharded
 from training.checkpoints import (
@@ -276,9 +276,7 @@ def _prompts_file(rc: TrainConfig, out: Path, resume_dir: Path | None, init) -> 
         return kept
     if rc.prompts_file is not None:
         return Path(rc.prompts_file)
-    if resume_dir is None and init is not None and (Path(init) / MODEL_PROMPTS_FILE).is_file():
-        return Path(init) / MODEL_PROMPTS_FILE
-    return None
+    return model_prompts_file(init) if resume_dir is None and init is not None else None
 
 
 def _setup(rc, samples, out, dist, device, init, preset, resume) -> _Run:
