@@ -9,7 +9,9 @@ before anything is moved to pixels. The evaluation is ``python -m training eval`
 original's parsing rule, the ``llama_2`` prompt in the model's own strings), except that
 each frame's slot positions hold the token embeddings of the words covering its time, then
 the filler, exactly as the training data set puts them
-(:func:`training.dataset.frame_word_ids`); the time tokens stay the frame's own. Needs a
+(:func:`training.dataset.frame_word_ids`, in the slot layout of the model's training
+recipe, ``frame_word_slots`` in its ``train_recipe.yaml``); the time tokens stay the
+frame's own. Needs a
 split whose samples carry ``frame_words`` (``synth-data --frame-words``).
 """
 
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from trace_rt.backends.torch_backend import TorchBackend
 from trace_rt.pipeline import Pipeline
@@ -42,15 +45,19 @@ def _time_of(row: np.ndarray) -> float:
 class WordsBackend(TorchBackend):
     """The torch backend with each frame's slots replaced by the current video's words."""
 
-    def __init__(self, model_dir: str | Path, tokenizer: TextTokenizer):
+    def __init__(
+        self, model_dir: str | Path, tokenizer: TextTokenizer, layout: tuple[str, ...] = ()
+    ):
         super().__init__(model_dir)
-        self.tokenizer = tokenizer
+        self.tokenizer, self.layout = tokenizer, layout
         self.words: tuple[tuple[float, float, str], ...] = ()
 
     def project(self, features: torch.Tensor, time_ids: np.ndarray) -> torch.Tensor:
         block = super().project(features, time_ids)  # [F*(S+6), H]
         times = [_time_of(row) for row in np.asarray(time_ids)]
-        ids = frame_word_ids(self.words, times, self.config.mm_num_slots, self.tokenizer)
+        ids = frame_word_ids(
+            self.words, times, self.config.mm_num_slots, self.tokenizer, self.layout
+        )
         frame_ids = torch.from_numpy(ids).to(block.device)[None]  # [1, F, S]
         with torch.no_grad():
             return words_for_pixels(self.model, block[None], frame_ids)[0]
@@ -74,10 +81,15 @@ def words_eval(model_dir: str | Path, split: str | Path) -> dict[str, Any]:
     missing = [v for v, w in words.items() if w is None]
     if missing:
         raise ValueError(f"{split}: {len(missing)} videos have no frame_words, e.g. {missing[0]}")
-    backend = WordsBackend(model_dir, TextTokenizer.from_dir(model_dir))
+    recipe = Path(model_dir) / "train_recipe.yaml"
+    layout: tuple[str, ...] = ()
+    if recipe.is_file():
+        layout = tuple(yaml.safe_load(recipe.read_text()).get("frame_word_slots") or ())
+    backend = WordsBackend(model_dir, TextTokenizer.from_dir(model_dir), layout)
     pipe = WordsPipeline(backend, words, PromptSet.for_model(model_dir))
     report = evaluate_mr(model_dir, split, pipeline=pipe)
     report["frames_shown_as"] = "frame_words"
+    report["frame_word_slots"] = list(layout)
     return report
 
 

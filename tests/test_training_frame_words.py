@@ -260,3 +260,82 @@ def test_words_eval_shows_each_frame_as_its_words(words_set, tiny_ckpt):
     n = sum(s.task == "mr" for s in load_split(words_set / "val.json"))
     assert report["frames_shown_as"] == "frame_words"
     assert report["model_metrics"]["queries"] == n == len(report["predictions"])
+
+
+LAYOUT = ("red", "green", "blue", "yellow")
+
+
+def test_fixed_slot_layout_puts_each_word_in_its_own_slot(words_set, tok):
+    from training.dataset import frame_word_ids
+
+    samples = load_split(words_set / "train.json")
+    slots = CFG.mm_num_slots
+    ds = GroundingDataset(samples, CFG, tok, num_frames=6, frame_words=1.0,
+                          frame_word_slots=LAYOUT)  # fmt: skip
+    filler = tok.encode(FRAME_WORDS_FILLER)[0]
+    seen_second = False
+    for i, s in enumerate(samples):
+        e = ds.get(i)
+        for f, t in enumerate(e.frame_times):
+            want = [filler] * slots
+            for a, b, w in s.frame_words:
+                if a <= t < b:
+                    want[LAYOUT.index(w)] = tok.encode(w)[0]
+            assert e.frame_ids[f].tolist() == want
+            seen_second |= any(a <= t < b and LAYOUT.index(w) > 0 for a, b, w in s.frame_words)
+    assert seen_second  # not only slot 0: the layout, not span order, placed them
+    # Stage B's targets use the same layout.
+    pix = GroundingDataset(samples, CFG, tok, num_frames=6, slot_targets=True,
+                           frame_word_slots=LAYOUT)  # fmt: skip
+    assert torch.equal(pix.get(0).slot_ids, ds.get(0).frame_ids)
+    words = ((0.0, 1.0, "purple"),)
+    with pytest.raises(ValueError, match="'purple' has no slot"):
+        frame_word_ids(words, [0.5], slots, tok, LAYOUT)
+    with pytest.raises(ValueError, match="not one token"):
+        frame_word_ids(((0.0, 1.0, "xylophonist"),), [0.5], slots, tok, ("xylophonist",))
+    with pytest.raises(ValueError, match="9 words for 8 slots"):
+        GroundingDataset(samples, CFG, tok, frame_word_slots=[f"w{i}" for i in range(9)])
+    rc = TrainConfig.from_dict({"frame_word_slots": list(LAYOUT)})
+    assert rc.frame_word_slots == LAYOUT and rc.to_dict()["frame_word_slots"] == list(LAYOUT)
+    with pytest.raises(ValueError, match="repeats a word"):
+        TrainConfig(frame_word_slots=("red", "red"))
+
+
+def test_ordered_slot_loss_holds_the_layout(words_set, tok):
+    model = _tiny_model(4)
+    samples = load_split(words_set / "train.json")[:1]
+    ds = GroundingDataset(samples, CFG, tok, num_frames=4, slot_targets=True,
+                          frame_word_slots=LAYOUT)  # fmt: skip
+    batch = collate([ds.get(0)])
+    s, h = CFG.mm_num_slots, CFG.hidden_size
+    block = video_block(model, batch).detach()
+    table = model.model.embed_tokens.weight.detach()
+    frames = block.view(1, 4, -1, h).clone()
+    frames[0, :, :s] = table[batch.slot_ids[0]]
+    exact = frames.flatten(1, 2)
+    assert float(slot_loss(model, exact, batch.slot_ids, ordered=True)) == pytest.approx(
+        0, abs=1e-10
+    )
+    # The same words in other slots: nothing to the set matching, a loss in the layout.
+    swapped = frames.clone()
+    swapped[0, :, :s] = swapped[0, :, :s].flip(1)
+    swapped = swapped.flatten(1, 2)
+    assert float(slot_loss(model, swapped, batch.slot_ids)) == pytest.approx(0, abs=1e-10)
+    assert float(slot_loss(model, swapped, batch.slot_ids, ordered=True)) > 0.1
+    net = TraceLoss(model, slot_weight=1.0, ordered_slots=True)
+    assert float(net(batch)[1]["slots"].detach()) > 0
+
+
+def test_words_eval_reads_the_models_slot_layout(words_set, tiny_ckpt, tmp_path):
+    import shutil
+
+    import yaml
+
+    from benchmarks.training_words_eval import words_eval
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_ckpt, model)
+    (model / "train_recipe.yaml").write_text(yaml.safe_dump({"frame_word_slots": list(LAYOUT)}))
+    report = words_eval(model, words_set / "val.json")
+    assert report["frame_word_slots"] == list(LAYOUT)
+    assert words_eval(tiny_ckpt, words_set / "val.json")["frame_word_slots"] == []

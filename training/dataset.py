@@ -220,6 +220,9 @@ class GroundingDataset:
             index). A frame's slot positions then hold the token embeddings of the words
             whose spans cover its time, in span order, and :data:`FRAME_WORDS_FILLER` in
             the slots left over; its time tokens are unchanged.
+        frame_word_slots: a fixed slot per word (its index here) instead of span order:
+            what a projector can reproduce from pixels, where "the shape that appeared
+            first" is not visible; every frame word must be listed. Empty: span order.
     """
 
     def __init__(
@@ -241,6 +244,7 @@ class GroundingDataset:
         cache_frames: bool = False,
         frame_words: float = 0.0,
         slot_targets: bool = False,
+        frame_word_slots: Sequence[str] = (),
     ):
         for name, value, allowed in (("sampling", sampling, SAMPLING),
                                      ("snap_times", snap_times, SNAP),
@@ -256,6 +260,10 @@ class GroundingDataset:
         if not 0.0 <= frame_words <= 1.0:
             raise ValueError(f"frame_words must be a share in 0..1, got {frame_words}")
         self.frame_words, self.slot_targets = frame_words, slot_targets
+        if len(frame_word_slots) > cfg.mm_num_slots:
+            raise ValueError(f"frame_word_slots lists {len(frame_word_slots)} words for "
+                             f"{cfg.mm_num_slots} slots per frame")  # fmt: skip
+        self.frame_word_slots = tuple(frame_word_slots)
         if cache_frames and sampling != "uniform":
             raise ValueError(f"cache_frames needs sampling 'uniform' (got {sampling!r}): "
                              "other samplings pick new frames every epoch")  # fmt: skip
@@ -352,17 +360,39 @@ class GroundingDataset:
         )
 
     def _word_ids(self, words: tuple[tuple[float, float, str], ...], times) -> torch.Tensor:
-        return torch.from_numpy(frame_word_ids(words, times, self.cfg.mm_num_slots, self.tok))
+        ids = frame_word_ids(words, times, self.cfg.mm_num_slots, self.tok, self.frame_word_slots)
+        return torch.from_numpy(ids)
 
 
 def frame_word_ids(
-    words: Sequence[tuple[float, float, str]], times: Sequence[float], slots: int, tok
+    words: Sequence[tuple[float, float, str]],
+    times: Sequence[float],
+    slots: int,
+    tok,
+    layout: Sequence[str] = (),
 ) -> np.ndarray:
     """[F, S] text ids shown in place of frames at ``times``: each frame's covering words
-    (``start <= t < end``), then the filler; ``tok`` has ``encode(text) -> ids``."""
+    (``start <= t < end``), then the filler; ``tok`` has ``encode(text) -> ids``.
+
+    With ``layout`` (a list of one-token words) each word sits in its own slot, its index
+    in ``layout``, and the filler everywhere else; without it, in span order from slot 0.
+    """
     filler = tok.encode(FRAME_WORDS_FILLER)
     spans = [(a, b, tok.encode(w)) for a, b, w in words]  # each word once, not per frame
     out = np.full((len(times), slots), filler[0], dtype=np.int64)
+    if layout:
+        where = {}
+        for _, _, w in words:
+            if w not in layout:
+                raise ValueError(f"frame word {w!r} has no slot in frame_word_slots {list(layout)}")
+            if len(tok.encode(w)) != 1:
+                raise ValueError(f"frame word {w!r} is not one token; frame_word_slots needs that")
+            where[w] = layout.index(w)
+        for f, t in enumerate(times):
+            for (a, b, w_ids), (_, _, w) in zip(spans, words, strict=True):
+                if a <= t < b:
+                    out[f, where[w]] = w_ids[0]
+        return out
     for f, t in enumerate(times):
         ids = [i for a, b, w_ids in spans if a <= t < b for i in w_ids][:slots]
         out[f, : len(ids)] = ids

@@ -58,16 +58,17 @@ def words_for_pixels(model: TraceModel, block: Tensor, frame_ids: Tensor) -> Ten
     return torch.cat([slots, frames[:, :, s:]], dim=2).flatten(1, 2)
 
 
-def slot_loss(model: TraceModel, block: Tensor, slot_ids: Tensor) -> Tensor:
+def slot_loss(model: TraceModel, block: Tensor, slot_ids: Tensor, ordered: bool = False) -> Tensor:
     """How far the pixel slots of ``block`` [B, F*(S+6), H] (:func:`video_block`) are from
-    the embeddings of their frames' words ``slot_ids`` [B, F, S] (-1: no target), in any
-    slot order.
+    the embeddings of their frames' words ``slot_ids`` [B, F, S] (-1: no target).
 
-    A frame's slots are a set to the LLM, and which slot pools which shape is the
-    projector's choice, so targets are assigned to slots greedily, nearest pair first
-    (the filler word repeats, which makes an exact assignment pointless). Mean squared
-    distance, relative to the targets' mean squared norm; the embeddings are targets
-    only (no gradient into them).
+    Without ``ordered`` the targets go to slots in any order: which slot pools which
+    shape is the projector's choice, so targets are assigned to slots greedily, nearest
+    pair first (the filler word repeats, which makes an exact assignment pointless). With
+    it, slot k aims at target k (a fixed per-word layout, ``frame_word_slots``), since
+    the LLM reads the layout it learnt, positions included. Mean squared distance,
+    relative to the targets' mean squared norm; the embeddings are targets only (no
+    gradient into them).
     """
     b, f, s = slot_ids.shape
     slots = block.view(b, f, -1, block.shape[-1])[:, :, :s].flatten(0, 1)  # [N, S, H]
@@ -78,6 +79,10 @@ def slot_loss(model: TraceModel, block: Tensor, slot_ids: Tensor) -> Tensor:
         return block.sum() * 0.0
     with torch.no_grad():
         target = model.model.embed_tokens(ids).to(slots.dtype)  # [N, S, H]
+    if ordered:
+        scale = target.square().sum(-1).mean().clamp(min=1e-12)
+        return (slots - target).square().sum(-1).mean() / scale
+    with torch.no_grad():
         cost = torch.cdist(slots.detach(), target).square()  # [N, S slots, S targets]
         match = torch.empty_like(ids)  # slot -> target index
         rows = torch.arange(len(ids), device=ids.device)
@@ -117,8 +122,15 @@ class TraceLoss(nn.Module):
     """``forward(batch) -> (loss, parts)``: the heads' losses and, with ``slot_weight``,
     the slot term (:func:`slot_loss`), weighted; ``loss`` is their sum."""
 
-    def __init__(self, model: TraceModel, grad_checkpoint: bool = False, slot_weight: float = 0.0):
+    def __init__(
+        self,
+        model: TraceModel,
+        grad_checkpoint: bool = False,
+        slot_weight: float = 0.0,
+        ordered_slots: bool = False,
+    ):
         super().__init__()
+        self.ordered_slots = ordered_slots
         self.model = model
         self.grad_checkpoint = grad_checkpoint
         self.slot_weight = slot_weight
@@ -135,6 +147,10 @@ class TraceLoss(nn.Module):
         loss = sum(parts.values())
         if self.slot_weight:  # every batch, with or without targets: one graph for DDP
             ids = batch.slot_ids
-            parts["slots"] = block.sum() * 0.0 if ids is None else slot_loss(model, block, ids)
+            parts["slots"] = (
+                block.sum() * 0.0
+                if ids is None
+                else slot_loss(model, block, ids, self.ordered_slots)
+            )
             loss = loss + self.slot_weight * parts["slots"]
         return loss, parts

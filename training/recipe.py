@@ -115,6 +115,10 @@ class TrainConfig:
             order; :func:`training.loss.slot_loss`), so that the frames come to look to
             the LLM like the words a ``frame_words`` stage taught it to read; 0 (default):
             off.
+        frame_word_slots: a fixed slot for each frame word (its index in this list)
+            instead of span order (:class:`training.dataset.GroundingDataset`); with
+            ``slot_target`` the pixel slots are then pulled towards that layout slot by
+            slot. Empty (default): span order, and the slot target in any slot order.
         out_of_range: ``fail`` or ``snap`` for targets past a video's end (module doc).
         dtype: ``fp32`` or ``bf16`` (autocast; master weights and optimiser stay fp32).
         num_frames: frames per video (None: the checkpoint's ``num_frames``).
@@ -172,6 +176,7 @@ class TrainConfig:
     group_by_video: bool = False
     frame_words: float = 0.0
     slot_target: float = 0.0
+    frame_word_slots: tuple[str, ...] = ()
     log_every: int = 10
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -207,6 +212,8 @@ class TrainConfig:
             raise ValueError(f"frame_words must be a share in 0..1, got {self.frame_words}")
         if self.slot_target < 0:
             raise ValueError(f"slot_target must be a weight >= 0, got {self.slot_target}")
+        if len(set(self.frame_word_slots)) != len(self.frame_word_slots):
+            raise ValueError(f"frame_word_slots repeats a word: {list(self.frame_word_slots)}")
         if self.num_workers < 0:
             raise ValueError("num_workers must be 0 or more")
         if self.on_bad_sample not in ("fail", "skip"):
@@ -226,7 +233,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
         kw = {k: v for k, v in raw.items() if k in known}
-        for k in ("trainable", "betas", "tasks"):
+        for k in ("trainable", "betas", "tasks", "frame_word_slots"):
             if kw.get(k) is not None:
                 kw[k] = tuple(kw[k])
         return cls(**kw)
@@ -270,7 +277,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("trainable", "betas", "tasks"):
+        for k in ("trainable", "betas", "tasks", "frame_word_slots"):
             if d[k] is not None:
                 d[k] = list(d[k])
         return d

@@ -302,10 +302,13 @@ def _setup(rc, samples, out, dist, device, init, preset, resume) -> _Run:
         cache_frames=rc.cache_frames,
         frame_words=rc.frame_words,
         slot_targets=rc.slot_target > 0,
+        frame_word_slots=rc.frame_word_slots,
     )
     rc = rc.resolved(len(dataset), dist.world)
     model.to(device)
-    net: nn.Module = TraceLoss(model, rc.gradient_checkpointing, rc.slot_target)
+    net: nn.Module = TraceLoss(
+        model, rc.gradient_checkpointing, rc.slot_target, ordered_slots=bool(rc.frame_word_slots)
+    )
     fsdp = rc.parallel == "fsdp" and dist.world > 1
     if fsdp:
         net = sharded.shard(net, model)
