@@ -16,6 +16,8 @@ checkpoints under ``OUT/.train/`` (:mod:`training.checkpoints`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import logging
 import math
@@ -77,6 +79,30 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda":
         raise DeviceError("device 'cuda' requested but torch sees no CUDA device")
     return torch.device("cpu")
+
+
+def keep_freed_memory() -> bool:
+    """Keep freed blocks in the process heap instead of returning them to the OS (glibc).
+
+    Every step frees and reallocates the same large tensors (the [vocab, hidden]
+    gradients of ``embed_tokens`` and ``lm_head``: 8 MB each at ``tiny``'s width). glibc
+    unmaps such blocks on free and trims the heap top, so each step faults their pages
+    in again: ~4000 minor faults a step and ~17 % of a ``tiny`` CPU step (57.7 -> 47.2 ms
+    measured on the lookup recipe). Applies to this process; returns False where the C
+    library is not glibc (nothing changed).
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return bool(
+        mallopt(m_mmap_threshold, 32 << 20)  # glibc's ceiling for the threshold
+        and mallopt(m_trim_threshold, 1 << 30)
+        and mallopt(m_top_pad, 64 << 20)
+    )
 
 
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
@@ -199,6 +225,8 @@ def train(
     if rc.lora is not None and rc.parallel == "fsdp":
         raise ValueError("LoRA is for one device (parallel: ddp); FSDP trains full weights")
     dist, device = init_distributed(rc.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(rc.seed)
     ok = False
     try:
