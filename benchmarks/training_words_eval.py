@@ -31,6 +31,7 @@ from trace_rt.pipeline import Pipeline
 from trace_rt.prompts import PromptSet
 from trace_rt.tokenizer import TextTokenizer
 from trace_rt.tokens import LOCAL_VOCAB
+from training.checkpoints import STATE_FILE
 from training.data import load_split
 from training.dataset import frame_word_ids
 from training.evaluate import evaluate_mr
@@ -75,16 +76,25 @@ class WordsPipeline(Pipeline):
         return super().run(video, task, **kw)
 
 
+def slot_layout(model_dir: str | Path) -> tuple[str, ...]:
+    """The ``frame_word_slots`` a model was trained with: from the run's
+    ``train_recipe.yaml`` (a run's output) or ``trainer_state.pt`` (a step checkpoint)."""
+    model_dir = Path(model_dir)
+    recipe: dict[str, Any] = {}
+    if (model_dir / "train_recipe.yaml").is_file():
+        recipe = yaml.safe_load((model_dir / "train_recipe.yaml").read_text()) or {}
+    elif (model_dir / STATE_FILE).is_file():
+        recipe = torch.load(model_dir / STATE_FILE, weights_only=True).get("recipe", {})
+    return tuple(recipe.get("frame_word_slots") or ())
+
+
 def words_eval(model_dir: str | Path, split: str | Path) -> dict[str, Any]:
     """``evaluate_mr``'s report for *model_dir* on *split*, frames shown as words."""
     words = {str(s.video): s.frame_words for s in load_split(split) if s.task == "mr"}
     missing = [v for v, w in words.items() if w is None]
     if missing:
         raise ValueError(f"{split}: {len(missing)} videos have no frame_words, e.g. {missing[0]}")
-    recipe = Path(model_dir) / "train_recipe.yaml"
-    layout: tuple[str, ...] = ()
-    if recipe.is_file():
-        layout = tuple(yaml.safe_load(recipe.read_text()).get("frame_word_slots") or ())
+    layout = slot_layout(model_dir)
     backend = WordsBackend(model_dir, TextTokenizer.from_dir(model_dir), layout)
     pipe = WordsPipeline(backend, words, PromptSet.for_model(model_dir))
     report = evaluate_mr(model_dir, split, pipeline=pipe)

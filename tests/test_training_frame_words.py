@@ -331,8 +331,12 @@ def test_words_eval_reads_the_models_slot_layout(words_set, tiny_ckpt, tmp_path)
 
     import yaml
 
-    from benchmarks.training_words_eval import words_eval
+    from benchmarks.training_words_eval import slot_layout, words_eval
 
+    step = tmp_path / "step"  # a step checkpoint keeps its recipe in the trainer state
+    step.mkdir()
+    torch.save({"recipe": {"frame_word_slots": list(LAYOUT)}}, step / "trainer_state.pt")
+    assert slot_layout(step) == LAYOUT
     model = tmp_path / "m"
     shutil.copytree(tiny_ckpt, model)
     (model / "train_recipe.yaml").write_text(yaml.safe_dump({"frame_word_slots": list(LAYOUT)}))

@@ -88,6 +88,22 @@ def test_resume_gives_the_same_next_step_loss(data, tmp_path):
         train(rc, data, tmp_path / "a", preset="tiny", progress=False)
 
 
+def test_a_run_paused_with_until_resumes_into_the_same_run(data, tmp_path):
+    # Several starts can be compared at a step and the best one continued: pausing keeps
+    # the schedule of max_steps, so the continued run is the uninterrupted one.
+    rc = TrainConfig.from_dict({**RECIPE, "max_steps": 4, "sampling": "jitter"})
+    full = train(rc, data, tmp_path / "a", preset="tiny", progress=False)
+    paused = train(rc, data, tmp_path / "b", preset="tiny", progress=False, until=2)
+    assert paused["paused"] and paused["steps"] == 2
+    assert not (tmp_path / "b" / "config.json").exists()  # no final model yet
+    assert (tmp_path / "b" / STATE_DIR / "latest").read_text().strip() == "step-0000002"
+    rest = train(rc, data, tmp_path / "b", resume=True, progress=False)
+    assert paused["losses"] + rest["losses"] == pytest.approx(full["losses"], rel=1e-6, abs=1e-6)
+    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    with pytest.raises(ValueError, match="until must lie after the start step 0 and before"):
+        train(rc, data, tmp_path / "c", preset="tiny", progress=False, until=4)
+
+
 def _weights(ckpt: Path) -> dict:
     from trace_rt.model import load_model
 

@@ -146,6 +146,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--num-workers", type=int, help="override the recipe's data-loader worker processes"
     )
     tr.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
+    tr.add_argument(
+        "--until",
+        type=int,
+        metavar="STEP",
+        help="pause after STEP steps of the schedule (a step checkpoint, no final model); "
+        "--resume continues the same run, e.g. after comparing several starts at STEP",
+    )
     tr.add_argument("--device", choices=["auto", "cpu", "cuda", "npu"], help="override device")
     tr.add_argument("--dtype", choices=["fp32", "bf16"], help="override the recipe's dtype")
     tr.add_argument(
@@ -304,6 +311,7 @@ def _train(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=False if args.no_progress else None,
         data_folder=args.data_folder,
+        until=args.until,
     )
     losses = summary.pop("losses")
     if losses:

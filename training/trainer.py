@@ -215,8 +215,14 @@ def train(
     resume: bool = False,
     progress: bool | None = None,
     data_folder: str | Path | None = None,
+    until: int | None = None,
 ) -> dict[str, Any]:
-    """Train per *rc*; returns a summary (steps, first/last loss, seconds)."""
+    """Train per *rc*; returns a summary (steps, first/last loss, seconds).
+
+    *until* pauses the run after that many steps of its schedule (which stays the
+    recipe's ``max_steps``): a step checkpoint is written, not the final model, and
+    ``resume`` continues it exactly, e.g. after comparing starts at that step.
+    """
     out = Path(out)
     # A bad --data fails before anything else.
     samples = load_split(data, rc.on_bad_sample, data_folder)
@@ -232,7 +238,10 @@ def train(
     try:
         run = _setup(rc, samples, out, dist, device, init, preset, resume)
         show = dist.main and (sys.stderr.isatty() if progress is None else progress)
-        summary = _loop(run.rc, run, out, dist, device, show)
+        if until is not None and not run.start_step < until < run.rc.max_steps:
+            raise ValueError(f"until must lie after the start step {run.start_step} and "
+                             f"before max_steps {run.rc.max_steps}, got {until}")  # fmt: skip
+        summary = _loop(run.rc, run, out, dist, device, show, until)
         ok = True
         return summary
     finally:
@@ -446,15 +455,19 @@ def _save_final(run: _Run, out: Path, dist: Dist) -> None:
         save_final(out, model, rc.save_dtype, run.tok_file, rc.max_steps, run.prompts_file)
 
 
-def _loop(rc, run: _Run, out: Path, dist: Dist, device, show: bool) -> dict[str, Any]:
-    """Steps start_step..max_steps, step checkpoints, then the final model in OUT."""
+def _loop(
+    rc, run: _Run, out: Path, dist: Dist, device, show: bool, until: int | None = None
+) -> dict[str, Any]:
+    """Steps start_step..max_steps (or ..until: then only a step checkpoint), step
+    checkpoints, then the final model in OUT."""
+    stop = rc.max_steps if until is None else until
     losses: list[float] = []
     t_start = time.perf_counter()
     batches = batch_loader(run.dataset, rc, dist, run.start_step)
     with _progress(show) as bar:
         task = bar.add_task("", total=rc.max_steps, completed=run.start_step, loss=math.nan,
                             sps=0.0)  # fmt: skip
-        for step in range(run.start_step, rc.max_steps):
+        for step in range(run.start_step, stop):
             rec = _step(rc, run, dist, device, step, batches)
             losses.append(rec["loss"])
             done = rec["step"]
@@ -464,8 +477,13 @@ def _loop(rc, run: _Run, out: Path, dist: Dist, device, show: bool) -> dict[str,
                     f.write(json.dumps(rec) + "\n")
                 if not show and (done % rc.log_every == 0 or done == rc.max_steps):
                     _log_line(rec, rc.max_steps)
-            if rc.save_every and done % rc.save_every == 0 and done < rc.max_steps:
+            if rc.save_every and done % rc.save_every == 0 and done < stop:
                 _save_step(run, out, dist, done)
+    if until is not None:
+        _save_step(run, out, dist, until)
+        _barrier(dist)
+        return {"start_step": run.start_step, "steps": until, "paused": True, "losses": losses,
+                "seconds": time.perf_counter() - t_start, "processes": dist.world}  # fmt: skip
     if run.start_step < rc.max_steps:  # else: resumed a finished run, to redo OUT
         _save_step(run, out, dist, rc.max_steps)
     _save_final(run, out, dist)
