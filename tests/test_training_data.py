@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from trace_rt.prompts import PromptSet, prompt_ids
 from trace_rt.tokenizer import default_tokenizer_model
@@ -161,6 +162,9 @@ def test_frame_cache_decodes_each_video_once(synth, tok, monkeypatch):
             assert a.frame_times.tolist() == b.frame_times.tolist()
             assert np.array_equal(a.pixel_values.numpy(), b.pixel_values.numpy())
             assert a.input_ids.tolist() == b.input_ids.tolist()
+            # The second epoch's ids, labels and time ids are the first's, kept.
+            assert torch.equal(a.labels, b.labels) and torch.equal(a.time_ids, b.time_ids)
+            assert a.video_start == b.video_start
     videos = {s.video for s in samples}
     # plain: every get decodes; cached: each video once, whatever its number of samples.
     assert len(opened) == 2 * len(samples) + len(videos) and len(videos) < len(samples)

@@ -215,7 +215,9 @@ def test_recipe_share_is_checked():
     assert TrainConfig.load("tiny-synthetic-lookup-words").frame_words == 1.0
     b = TrainConfig.load("tiny-synthetic-lookup")  # stage B: pixels, the slot target
     assert b.frame_words == 0.0 and b.slot_target == 1.0
-    assert set(b.trainable) == {"vision", "projector"}
+    assert set(b.trainable) == {"vision", "projector", "llm"} and b.lr_scale == {"llm": 0.1}
+    a = TrainConfig.load("tiny-synthetic-lookup-words")
+    assert a.frame_word_slots == b.frame_word_slots == LAYOUT  # one layout for both stages
     with pytest.raises(ValueError, match="frame_words must be a share"):
         TrainConfig.from_dict({"frame_words": -0.1})
 
