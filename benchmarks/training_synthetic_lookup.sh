@@ -3,7 +3,7 @@
 # training-synthetic-hard-tiny-cpu.md, eleventh attempt): every clip shows two shapes, the
 # query names one.
 #   Stage A (recipe tiny-synthetic-lookup-words, preset tiny-lookup: `tiny` with a RoPE
-#   base of 1000) learns the lookup with each frame shown as its shapes' colour words,
+#   base of 300) learns the lookup with each frame shown as its shapes' colour words,
 #   each colour in its own slot (frame_word_slots). Whether a start learns it is a chance
 #   event that shows by step PICK_AT (3000) of its 8000, so several starts (STARTS, one
 #   per core at a time) run to PICK_AT, are compared on held-out *dev* clips (a set of

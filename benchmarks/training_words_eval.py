@@ -36,6 +36,7 @@ from training.data import load_split
 from training.dataset import frame_word_ids
 from training.evaluate import evaluate_mr
 from training.loss import words_for_pixels
+from training.trainer import RECIPE_FILE
 
 
 def _time_of(row: np.ndarray) -> float:
@@ -81,8 +82,8 @@ def slot_layout(model_dir: str | Path) -> tuple[str, ...]:
     ``train_recipe.yaml`` (a run's output) or ``trainer_state.pt`` (a step checkpoint)."""
     model_dir = Path(model_dir)
     recipe: dict[str, Any] = {}
-    if (model_dir / "train_recipe.yaml").is_file():
-        recipe = yaml.safe_load((model_dir / "train_recipe.yaml").read_text()) or {}
+    if (model_dir / RECIPE_FILE).is_file():
+        recipe = yaml.safe_load((model_dir / RECIPE_FILE).read_text()) or {}
     elif (model_dir / STATE_FILE).is_file():
         recipe = torch.load(model_dir / STATE_FILE, weights_only=True).get("recipe", {})
     return tuple(recipe.get("frame_word_slots") or ())

@@ -33,7 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import av
 import numpy as np
@@ -269,8 +269,11 @@ class GroundingDataset:
                              "other samplings pick new frames every epoch")  # fmt: skip
         self._cache: dict[Path, tuple[np.ndarray, np.ndarray]] | None = {} if cache_frames else None
         # With the frames fixed, so is each sample's rendering (its ids, labels and time
-        # ids): kept too, ~8 % of a tiny CPU step otherwise.
-        self._rendered: dict[Any, Any] | None = {} if cache_frames else None
+        # ids) and its frame words: kept too, ~8 % of a tiny CPU step otherwise.
+        self._rendered: dict[int, tuple[torch.Tensor, torch.Tensor, int, np.ndarray]] | None = (
+            {} if cache_frames else None
+        )
+        self._words: dict[int, torch.Tensor] | None = {} if cache_frames else None
         self.samples = self._checked(samples, probe_workers)
         if not self.samples:
             raise ValueError("no usable training samples")
@@ -370,12 +373,12 @@ class GroundingDataset:
     def _word_ids(
         self, index: int, words: tuple[tuple[float, float, str], ...], times
     ) -> torch.Tensor:
-        if self._rendered is not None and ("words", index) in self._rendered:
-            return self._rendered["words", index]
+        if self._words is not None and index in self._words:
+            return self._words[index]
         ids = frame_word_ids(words, times, self.cfg.mm_num_slots, self.tok, self.frame_word_slots)
         out = torch.from_numpy(ids)
-        if self._rendered is not None:
-            self._rendered["words", index] = out
+        if self._words is not None:
+            self._words[index] = out
         return out
 
 
@@ -393,23 +396,21 @@ def frame_word_ids(
     in ``layout``, and the filler everywhere else; without it, in span order from slot 0.
     """
     filler = tok.encode(FRAME_WORDS_FILLER)
-    spans = [(a, b, tok.encode(w)) for a, b, w in words]  # each word once, not per frame
+    spans = [(a, b, tok.encode(w), w) for a, b, w in words]  # each word once, not per frame
     out = np.full((len(times), slots), filler[0], dtype=np.int64)
     if layout:
-        where = {}
-        for _, _, w in words:
+        for _, _, w_ids, w in spans:
             if w not in layout:
                 raise ValueError(f"frame word {w!r} has no slot in frame_word_slots {list(layout)}")
-            if len(tok.encode(w)) != 1:
+            if len(w_ids) != 1:
                 raise ValueError(f"frame word {w!r} is not one token; frame_word_slots needs that")
-            where[w] = layout.index(w)
         for f, t in enumerate(times):
-            for (a, b, w_ids), (_, _, w) in zip(spans, words, strict=True):
+            for a, b, w_ids, w in spans:
                 if a <= t < b:
-                    out[f, where[w]] = w_ids[0]
+                    out[f, layout.index(w)] = w_ids[0]
         return out
     for f, t in enumerate(times):
-        ids = [i for a, b, w_ids in spans if a <= t < b for i in w_ids][:slots]
+        ids = [i for a, b, w_ids, _ in spans if a <= t < b for i in w_ids][:slots]
         out[f, : len(ids)] = ids
     return out
 

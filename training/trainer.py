@@ -57,6 +57,7 @@ from training.presets import load_preset
 from training.recipe import GROUPS, TrainConfig, param_group
 
 LOG_FILE = "train_log.jsonl"
+RECIPE_FILE = "train_recipe.yaml"  # the resolved recipe, beside the model
 __all__ = ["STATE_DIR", "Dist", "batch_loader", "build_model", "micro_batches", "train", "trim_log"]
 log = logging.getLogger("training")
 
@@ -372,7 +373,7 @@ def _setup(rc, samples, out, dist, device, init, preset, resume) -> _Run:
         if prompts_file is not None:
             prompts_file = keep_file(out, prompts_file, MODEL_PROMPTS_FILE)
         trim_log(out / LOG_FILE, start_step)
-        (out / "train_recipe.yaml").write_text(yaml.safe_dump(rc.to_dict(), sort_keys=False))
+        (out / RECIPE_FILE).write_text(yaml.safe_dump(rc.to_dict(), sort_keys=False))
         trainable = {g: n for g, n in counts.items() if n}
         log.info(
             "%d samples, %d processes (%s) on %s, global batch %d, trainable %s, steps %d..%d",
@@ -475,22 +476,21 @@ def _loop(
                 bar.update(task, completed=done, loss=rec["loss"], sps=rec["samples_per_s"])
                 with (out / LOG_FILE).open("a") as f:
                     f.write(json.dumps(rec) + "\n")
-                if not show and (done % rc.log_every == 0 or done == rc.max_steps):
+                if not show and (done % rc.log_every == 0 or done == stop):
                     _log_line(rec, rc.max_steps)
             if rc.save_every and done % rc.save_every == 0 and done < stop:
                 _save_step(run, out, dist, done)
     if until is not None:
-        _save_step(run, out, dist, until)
+        _save_step(run, out, dist, until)  # resumable; the final model comes at max_steps
+    else:
+        if run.start_step < rc.max_steps:  # else: resumed a finished run, to redo OUT
+            _save_step(run, out, dist, rc.max_steps)
+        _save_final(run, out, dist)
         _barrier(dist)
-        return {"start_step": run.start_step, "steps": until, "paused": True, "losses": losses,
-                "seconds": time.perf_counter() - t_start, "processes": dist.world}  # fmt: skip
-    if run.start_step < rc.max_steps:  # else: resumed a finished run, to redo OUT
-        _save_step(run, out, dist, rc.max_steps)
-    _save_final(run, out, dist)
-    _barrier(dist)
     return {
         "start_step": run.start_step,
-        "steps": rc.max_steps,
+        "steps": stop,
+        "paused": until is not None,
         "losses": losses,
         "seconds": time.perf_counter() - t_start,
         "processes": dist.world,
