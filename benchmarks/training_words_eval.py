@@ -1,11 +1,14 @@
-"""Moment retrieval with every frame shown as its ``frame_words`` instead of its pixels.
+"""Moment retrieval (or dense captions) with every frame shown as its ``frame_words``
+instead of its pixels.
 
-Usage: python -m benchmarks.training_words_eval MODEL_DIR VAL_JSON [--out FILE.json]
+Usage: python -m benchmarks.training_words_eval MODEL_DIR VAL_JSON [--task mr|dvc]
+[--out FILE.json]
 
 Reads how well a model trained with ``frame_words`` (training/README.md; stage A of the
 lookup curriculum, ``tiny-synthetic-lookup-words``) does the lookup on the words alone,
 before anything is moved to pixels. The evaluation is ``python -m training eval``'s own
-(:func:`training.evaluate.evaluate_mr`: the serving pipeline, torch backend, greedy, the
+(:func:`training.evaluate.evaluate_mr`, ``--task dvc``
+:func:`training.evaluate.evaluate_dvc`: the serving pipeline, torch backend, greedy, the
 original's parsing rule, the ``llama_2`` prompt in the model's own strings), except that
 each frame's slot positions hold the token embeddings of the words covering its time, then
 the filler, exactly as the training data set puts them
@@ -34,9 +37,11 @@ from trace_rt.tokens import LOCAL_VOCAB
 from training.checkpoints import STATE_FILE
 from training.data import load_split
 from training.dataset import frame_word_ids
-from training.evaluate import evaluate_mr
+from training.evaluate import evaluate_dvc, evaluate_mr
 from training.loss import words_for_pixels
 from training.trainer import RECIPE_FILE
+
+EVALUATE = {"mr": evaluate_mr, "dvc": evaluate_dvc}
 
 
 def _time_of(row: np.ndarray) -> float:
@@ -89,16 +94,19 @@ def slot_layout(model_dir: str | Path) -> tuple[str, ...]:
     return tuple(recipe.get("frame_word_slots") or ())
 
 
-def words_eval(model_dir: str | Path, split: str | Path) -> dict[str, Any]:
-    """``evaluate_mr``'s report for *model_dir* on *split*, frames shown as words."""
-    words = {str(s.video): s.frame_words for s in load_split(split) if s.task == "mr"}
+def words_eval(model_dir: str | Path, split: str | Path, task: str = "mr") -> dict[str, Any]:
+    """``evaluate_mr``'s (or, *task* ``dvc``, ``evaluate_dvc``'s) report for *model_dir*
+    on *split*, frames shown as words."""
+    if task not in EVALUATE:
+        raise ValueError(f"task must be one of {sorted(EVALUATE)}, got {task!r}")
+    words = {str(s.video): s.frame_words for s in load_split(split) if s.task == task}
     missing = [v for v, w in words.items() if w is None]
     if missing:
         raise ValueError(f"{split}: {len(missing)} videos have no frame_words, e.g. {missing[0]}")
     layout = slot_layout(model_dir)
     backend = WordsBackend(model_dir, TextTokenizer.from_dir(model_dir), layout)
     pipe = WordsPipeline(backend, words, PromptSet.for_model(model_dir))
-    report = evaluate_mr(model_dir, split, pipeline=pipe)
+    report = EVALUATE[task](model_dir, split, pipeline=pipe)
     report["frames_shown_as"] = "frame_words"
     report["frame_word_slots"] = list(layout)
     return report
@@ -109,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model", help="checkpoint directory (torch)")
     ap.add_argument("split", help="split file whose samples carry frame_words")
     ap.add_argument("--out", help="also write the full report (predictions) as JSON here")
+    ap.add_argument("--task", choices=sorted(EVALUATE), default="mr",
+                    help="mr (default) or dvc: training eval's dense-caption reading")  # fmt: skip
     args = ap.parse_args(argv)
-    report = words_eval(args.model, args.split)
+    report = words_eval(args.model, args.split, args.task)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     report.pop("predictions")

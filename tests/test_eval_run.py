@@ -226,6 +226,58 @@ def test_training_eval_uses_the_same_code(art, videos, tmp_path, capsys):
     assert "neither an exported artifact" in capsys.readouterr().err
 
 
+def test_training_eval_reads_dense_captions_event_by_event(art, videos, tmp_path, capsys):
+    from training.cli import main as train_main
+
+    split = tmp_path / "val.json"
+    split.write_text(json.dumps({"format": "trace-rt-train/1", "samples": [
+        {"id": "d0", "video": str(videos / "AAA.mp4"), "task": "dvc", "events": [
+            {"timestamps": [0.0, 1.0], "caption": "a red circle"},
+            {"timestamps": [1.5, 3.0], "caption": "a blue square"}]}]}))  # fmt: skip
+    out = tmp_path / "dvc.json"
+    args = ["eval", str(art), "--data", str(split), "--task", "dvc", "--max-new-tokens", "12"]
+    assert train_main([*args, "--out", str(out)]) == 0
+    m = json.loads(capsys.readouterr().out)["model_metrics"]
+    assert m["events"] == 2 and m["videos"] == 1 and m["true_events_per_video"] == 2
+    rows = json.loads(out.read_text())["predictions"]
+    assert [p["caption"] for p in rows[0]["events"]] == ["a red circle", "a blue square"]
+    assert m["events_per_video"] == len(rows[0]["pred"])
+    # A split without dense-caption samples, and mr-only options, are named.
+    mr = tmp_path / "mr.json"
+    mr.write_text(json.dumps({"format": "trace-rt-train/1", "samples": [
+        {"id": "q0", "video": str(videos / "AAA.mp4"), "task": "mr", "query": "a door opens",
+         "events": [{"timestamps": [0.5, 2.0]}]}]}))  # fmt: skip
+    assert train_main(["eval", str(art), "--data", str(mr), "--task", "dvc"]) == 2
+    assert "no 'dvc' samples" in capsys.readouterr().err
+    assert train_main([*args, "--constrained"]) == 2
+    assert "--task mr only" in capsys.readouterr().err
+
+
+def test_dense_events_are_paired_by_overlap_and_scored_by_words():
+    from training.evaluate import dense_metrics, pair_events
+
+    true = [((0.0, 2.0), "a red circle moves left"), ((3.0, 5.0), "a blue square moves up")]
+    pred = [
+        {"timestamp": [3.2, 5.0], "caption": "a blue triangle moves up."},
+        {"timestamp": [0.0, 1.9], "caption": "a red circle moves left."},
+        {"timestamp": [0.5, 4.0], "caption": "a yellow square moves down."},
+    ]
+    pairs = pair_events(true, pred)
+    assert [p["pred_caption"] for p in pairs] == [pred[1]["caption"], pred[0]["caption"]]
+    assert pairs[0]["exact"] and not pairs[1]["exact"]
+    assert pairs[1]["words"] == pytest.approx(4 / 5)  # a, blue, moves, up; not square
+    m = dense_metrics(pairs)
+    assert m["located@0.5"] == 100.0 and m["exact_captions"] == 50.0
+    assert m["caption_words"] == pytest.approx(90.0)
+    # No prediction overlapping an event: nothing paired, nothing said.
+    far = pair_events(true, [{"timestamp": [8.0, 9.0], "caption": "a red circle moves left"}])
+    assert [p["pred_caption"] for p in far] == [None, None]
+    assert dense_metrics(far) == {"events": 2, "located@0.5": 0.0, "caption_words": 0.0,
+                                  "exact_captions": 0.0}  # fmt: skip
+    with pytest.raises(ValueError, match="no true events"):
+        dense_metrics([])
+
+
 def test_training_convert_reads_the_official_files(videos, tmp_path):
     from training.convert import convert
     from training.data import load_split

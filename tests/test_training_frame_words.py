@@ -49,6 +49,30 @@ def test_synth_writes_the_tracks_as_words(words_set):
     assert SynthConfig().min_shapes == 1 and not SynthConfig().frame_words
 
 
+def test_synth_writes_kind_words_beside_the_colours(tmp_path, tiny_ckpt):
+    from benchmarks.training_words_eval import words_eval
+
+    cfg = SynthConfig(videos=2, seed=5, min_duration=4.0, max_duration=6.0, min_window=1.5,
+                      max_window=3.0, min_shapes=2, max_shapes=2, tasks=("mr", "dvc"),
+                      frame_words=True, kind_words=True)  # fmt: skip
+    make_synth_data(tmp_path / "k", cfg)
+    truth = json.loads((tmp_path / "k" / "synth.json").read_text())["videos"]
+    shapes = {t["video"].split("/")[-1]: t["shapes"] for t in truth}
+    for s in load_split(tmp_path / "k" / "train.json"):
+        sh = shapes[s.video.name]
+        assert s.frame_words == tuple((x["start"], x["end"], x["color"]) for x in sh) + tuple(
+            (x["start"], x["end"], x["kind"]) for x in sh
+        )
+    with pytest.raises(ValueError, match="kind_words adds to frame_words"):
+        make_synth_data(tmp_path / "bad", SynthConfig(videos=1, kind_words=True))
+    # Dense captions read on words: every true event of the split's dvc samples paired.
+    val = load_split(tmp_path / "k" / "val.json")
+    report = words_eval(tiny_ckpt, tmp_path / "k" / "val.json", task="dvc")
+    assert report["model_metrics"]["events"] == sum(len(s.events) for s in val if s.task == "dvc")
+    with pytest.raises(ValueError, match="task must be one of"):
+        words_eval(tiny_ckpt, tmp_path / "k" / "val.json", task="vhd")
+
+
 def test_words_take_the_slots_of_the_frames_they_cover(words_set, tok):
     samples = load_split(words_set / "train.json")
     slots = CFG.mm_num_slots

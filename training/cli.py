@@ -74,6 +74,11 @@ def _add_synth_data(sub: argparse._SubParsersAction) -> None:
         help="also write each clip's shapes as timed colour words (frame_words), which a "
         "recipe's frame_words share shows in place of the frames",
     )
+    sd.add_argument(
+        "--kind-words",
+        action="store_true",
+        help="with --frame-words: the shapes' kind words (circle, square, triangle) too",
+    )
     sd.add_argument("--fps", type=int, default=8, help="frame rate of the clips")
     sd.add_argument("--size", type=int, default=64, help="frame side in pixels")
     sd.add_argument("--min-duration", type=float, default=8.0, help="shortest clip (s)")
@@ -186,7 +191,8 @@ def _convert_checkpoint(args: argparse.Namespace) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser(
         "eval",
-        help="moment-retrieval R@0.3/0.5/0.7 and mIoU on a split (trace-rt eval's metrics)",
+        help="moment-retrieval R@0.3/0.5/0.7 and mIoU on a split (trace-rt eval's metrics), "
+        "or dense captions event by event (--task dvc)",
     )
     ev.add_argument("model", help="checkpoint or exported artifact directory")
     ev.add_argument("--data", required=True, help="split file (e.g. DATA/val.json)")
@@ -194,8 +200,18 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--backend",
         help="default: onnxruntime for an artifact directory (manifest.json), else torch",
     )
-    ev.add_argument("--constrained", action="store_true", help="well-formed numbers only")
-    ev.add_argument("--max-new-tokens", type=int, default=32, help="token budget per query")
+    ev.add_argument(
+        "--task",
+        choices=["mr", "dvc"],
+        default="mr",
+        help="mr: the split's moment-retrieval queries (default); dvc: its dense-caption "
+        "samples, each true event paired with the predicted one overlapping it most "
+        "(located@0.5, caption words, exact captions)",
+    )
+    ev.add_argument("--constrained", action="store_true", help="well-formed numbers only (mr)")
+    ev.add_argument(
+        "--max-new-tokens", type=int, help="token budget per sample (default: mr 32, dvc 96)"
+    )
     ev.add_argument("--limit", type=int, help="only the first N queries")
     ev.add_argument(
         "--template",
@@ -262,6 +278,7 @@ def _synth_data(args: argparse.Namespace) -> None:
         max_shapes=args.max_shapes,
         min_shapes=args.min_shapes,
         frame_words=args.frame_words,
+        kind_words=args.kind_words,
         tasks=tuple(t for t in args.tasks.split(",") if t),
     )
     print(json.dumps({"out": args.out, "samples": make_synth_data(args.out, cfg)}))
@@ -323,20 +340,19 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> None:
     from trace_rt.errors import InputError
-    from training.evaluate import evaluate_mr
+    from training.evaluate import evaluate_dvc, evaluate_mr
 
     if not os.path.exists(args.data):
         raise InputError(f"--data {args.data} does not exist")
-    report = evaluate_mr(
-        args.model,
-        args.data,
-        backend=args.backend,
-        constrained=args.constrained,
-        max_new_tokens=args.max_new_tokens,
-        limit=args.limit,
-        rules=args.rules,
-        template=args.template,
-    )
+    opts = dict(backend=args.backend, limit=args.limit, rules=args.rules, template=args.template)
+    if args.max_new_tokens is not None:
+        opts["max_new_tokens"] = args.max_new_tokens
+    if args.task == "dvc":
+        if args.constrained:
+            raise ValueError("--constrained applies to --task mr only")
+        report = evaluate_dvc(args.model, args.data, **opts)
+    else:
+        report = evaluate_mr(args.model, args.data, constrained=args.constrained, **opts)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

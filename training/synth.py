@@ -11,7 +11,8 @@ known time. From those windows come, per video:
   clip's centre time and a saliency score 1.0..5.0 growing with how long it is visible.
 
 With ``frame_words`` every sample also lists its clip's shapes as timed colour words
-(``[start, end, colour]``), which a recipe may show in place of the frames.
+(``[start, end, colour]``), and with ``kind_words`` their kind words as well (``[start,
+end, "circle"]``), which a recipe may show in place of the frames.
 
 Videos are split by video into ``train.json`` and ``val.json`` (the format of
 :mod:`training.data`); ``synth.json`` keeps the ground truth of every video (windows,
@@ -60,6 +61,9 @@ class SynthConfig:
     # Write each sample's shapes as timed colour words too (training.data's frame_words),
     # for the recipes that first train the lookup on words (tiny-synthetic-lookup-words).
     frame_words: bool = False
+    # With frame_words: each shape's kind word too ([start, end, "circle"]), so that a
+    # recipe's slots can show what dense captions name besides the colour.
+    kind_words: bool = False
     tasks: tuple[str, ...] = TASKS
     clip_seconds: float = 1.0  # saliency clip length (vhd)
 
@@ -169,7 +173,11 @@ def _samples(vid: str, video: Path, tracks, duration: float, cfg: SynthConfig) -
                 for t, s in clip_saliency(tr, duration, cfg.clip_seconds)
             )
             out.append(Sample(f"{vid}-vhd-{j}", video, "vhd", evs, query=tr.caption))
-    words = tuple((tr.start, tr.end, tr.color) for tr in tracks) if cfg.frame_words else None
+    words = None
+    if cfg.frame_words:
+        words = tuple((tr.start, tr.end, tr.color) for tr in tracks)
+        if cfg.kind_words:
+            words += tuple((tr.start, tr.end, tr.kind) for tr in tracks)
     return [replace(s, duration=duration, frame_words=words) for s in out]
 
 
@@ -182,6 +190,8 @@ def make_synth_data(out: str | Path, cfg: SynthConfig) -> dict[str, int]:
         raise ValueError(f"max_shapes must be 1..{min(len(COLORS), len(KINDS))}")
     if not 1 <= cfg.min_shapes <= cfg.max_shapes:
         raise ValueError(f"min_shapes must be 1..max_shapes ({cfg.max_shapes})")
+    if cfg.kind_words and not cfg.frame_words:
+        raise ValueError("kind_words adds to frame_words: ask for both")
     if not cfg.min_window + 0.5 <= cfg.min_duration <= cfg.max_duration:
         raise ValueError("need min_window + 0.5 <= min_duration <= max_duration")
     # Absolute: the split files store video paths relative to themselves, whatever the cwd.
