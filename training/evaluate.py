@@ -61,7 +61,6 @@ def evaluate_mr(
     pipe = pipeline or _pipeline(model_dir, backend, device, template)
     backend, template = pipe.backend.name, pipe.template
     gen = GenerationConfig(max_new_tokens=max_new_tokens, constrained=constrained)
-    tok, ids = pipe.tokenizer, pipe.config.ids
     gts: dict[str, tuple[float, float]] = {}
     preds: dict[str, Any] = {}
     base: dict[str, Any] = {}
@@ -69,10 +68,7 @@ def evaluate_mr(
     rows = []
     for s in samples:
         res = pipe.run(s.video, "mr", query=s.query, gen=gen)
-        rec = {
-            "release": rf.release_output(res["token_ids"], tok, ids).to_dict(),
-            "events": rf.lenient_events(res["token_ids"], tok, ids),
-        }
+        rec = _record(res["token_ids"], pipe)
         gt = (s.events[0].timestamps[0], s.events[0].timestamps[1])
         gts[s.id] = gt
         span = None if rf.is_dropped(rec, rules) else rf.to_moment(rec, rules)
@@ -115,6 +111,15 @@ def _pipeline(model_dir: str | Path, backend: str | None, device: str | None,
     opts = {"device": device} if device else {}
     return Pipeline.from_dir(model_dir, backend or infer_backend(model_dir), template=template,
                              **opts)  # fmt: skip
+
+
+def _record(token_ids: Sequence[int], pipe: Pipeline) -> dict[str, Any]:
+    """A generation as predictions.jsonl keeps it: the original's reading and ours."""
+    tok, ids = pipe.tokenizer, pipe.config.ids
+    return {
+        "release": rf.release_output(token_ids, tok, ids).to_dict(),
+        "events": rf.lenient_events(token_ids, tok, ids),
+    }
 
 
 def _iou(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -179,14 +184,9 @@ def evaluate_dvc(
     samples = _samples(split, "dvc", limit)
     pipe = pipeline or _pipeline(model_dir, backend, device, template)
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
-    tok, ids = pipe.tokenizer, pipe.config.ids
     rows, pairs, n_pred = [], [], 0
     for s in samples:
-        res = pipe.run(s.video, "dvc", gen=gen)
-        rec = {
-            "release": rf.release_output(res["token_ids"], tok, ids).to_dict(),
-            "events": rf.lenient_events(res["token_ids"], tok, ids),
-        }
+        rec = _record(pipe.run(s.video, "dvc", gen=gen)["token_ids"], pipe)
         pred = [] if rf.is_dropped(rec, rules) else rf.to_dense_events(rec, rules)
         true = [((e.timestamps[0], e.timestamps[1]), e.caption) for e in s.events]
         paired = pair_events(true, pred)
