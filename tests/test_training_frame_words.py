@@ -369,3 +369,45 @@ def test_words_eval_reads_the_models_slot_layout(words_set, tiny_ckpt, tmp_path)
     report = words_eval(model, words_set / "val.json")
     assert report["frame_word_slots"] == list(LAYOUT)
     assert words_eval(tiny_ckpt, words_set / "val.json")["frame_word_slots"] == []
+
+
+def test_slot_probe_reads_each_slot_as_its_nearest_word(words_set, tiny_ckpt, tmp_path):
+    import shutil
+
+    import yaml
+
+    from benchmarks.training_slot_probe import probe, slot_readings
+    from trace_rt.tokenizer import TextTokenizer
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_ckpt, model_dir)
+    (model_dir / "train_recipe.yaml").write_text(yaml.safe_dump({"frame_word_slots": list(LAYOUT)}))
+    report = probe(model_dir, words_set / "val.json")
+    val = load_split(words_set / "val.json")
+    assert report["clips"] == len({s.video for s in val}) and report["layout"] == list(LAYOUT)
+    # Frames showing each colour, counted from the windows at the frames the data set samples.
+    model = TraceModel(CFG).eval()
+    model.load_state_dict(dict(random_tensors(CFG, 0)), strict=True, assign=True)
+    tok = TextTokenizer.from_dir(tiny_ckpt)
+    clips = list({s.video: s for s in val}.values())
+    ds = GroundingDataset(
+        clips, CFG, tok, snap_times="cover", template="llama_2", answer_space=False,
+        slot_targets=True, frame_word_slots=LAYOUT,
+    )  # fmt: skip
+    times = [ds.get(i).frame_times for i in range(len(clips))]
+    for w in LAYOUT:
+        shown = sum(a <= t < b for s, ts in zip(clips, times, strict=True)
+                    for a, b, x in s.frame_words if x == w for t in ts)  # fmt: skip
+        assert report["slots"][w]["shown"] == shown
+        assert report["slots"][w]["frames"] == len(clips) * CFG.num_frames
+    # All candidate embeddings equal: every slot reads as the first layout word (argmin's
+    # first tie), right exactly where that word is shown, in its own slot only.
+    with torch.no_grad():
+        ids = [tok.encode(w)[0] for w in (*LAYOUT, FRAME_WORDS_FILLER)]
+        model.model.embed_tokens.weight[ids] = model.model.embed_tokens.weight[ids[-1]].clone()
+    got = slot_readings(model, ds, LAYOUT, tok)
+    assert got[LAYOUT[0]]["right"] == got[LAYOUT[0]]["found"] == got[LAYOUT[0]]["shown"]
+    assert all(got[w]["right"] == got[w]["found"] == 0 for w in LAYOUT[1:])
+    (model_dir / "train_recipe.yaml").write_text(yaml.safe_dump({"frame_word_slots": []}))
+    with pytest.raises(ValueError, match="no frame_word_slots layout"):
+        probe(model_dir, words_set / "val.json")
