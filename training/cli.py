@@ -212,7 +212,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--max-new-tokens", type=int, help="token budget per sample (default: mr 32, dvc 96)"
     )
-    ev.add_argument("--limit", type=int, help="only the first N queries")
+    ev.add_argument("--limit", type=int, help="only the first N queries (dvc: samples)")
     ev.add_argument(
         "--template",
         choices=["llama_2", "mistral_instruct"],
