@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from trace_rt.evaluation import reformat as rf
-from trace_rt.evaluation.metrics import moment_metrics
+from trace_rt.evaluation.metrics import iou_original, moment_metrics
 from trace_rt.evaluation.runner import infer_backend
 from trace_rt.generate import GenerationConfig
 from trace_rt.pipeline import Pipeline
@@ -122,12 +122,6 @@ def _record(token_ids: Sequence[int], pipe: Pipeline) -> dict[str, Any]:
     }
 
 
-def _iou(a: tuple[float, float], b: tuple[float, float]) -> float:
-    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-    union = max(a[1], b[1]) - min(a[0], b[0])
-    return inter / union if union > 0 else 0.0
-
-
 def _words(caption: str) -> set[str]:
     return set(caption.lower().replace(".", " ").replace(",", " ").split())
 
@@ -140,7 +134,7 @@ def pair_events(
     ``words``: the share of the true caption's words in the paired caption."""
     out = []
     for span, caption in true:
-        scored = [(_iou(span, tuple(p["timestamp"])), p) for p in pred]
+        scored = [(iou_original(span, tuple(p["timestamp"])), p) for p in pred]
         iou, best = max(scored, key=lambda x: x[0], default=(0.0, None))
         cap = best["caption"] if best is not None and iou > 0 else None
         want = _words(caption)
